@@ -1,0 +1,129 @@
+// Package attestor identifies the process behind a Workload API connection:
+// its peer credentials, the guard against PID reuse, and the workload
+// attestors that turn a process into selectors.
+package attestor
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"sync"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// WorkloadAttestor describes a process as selectors. Attest must be safe for
+// concurrent use and must not keep the pid: the caller checks afterwards that
+// the process is still the one that connected.
+type WorkloadAttestor interface {
+	Attest(ctx context.Context, pid int32) ([]Selector, error)
+}
+
+// PluginConfig is what a workload attestor is built from.
+type PluginConfig struct {
+	Name        string
+	Data        *conf.Section // the plugin_data block; never nil
+	Log         hclog.Logger
+	TrustDomain spiffeid.TrustDomain
+	DataDir     string
+}
+
+// Factory builds a configured attestor. Errors about plugin_data should come
+// from cfg.Data.Errorf so that they name the file, line and key.
+type Factory func(cfg PluginConfig) (WorkloadAttestor, error)
+
+var (
+	registryMu sync.RWMutex
+	registry   = map[string]Factory{}
+)
+
+// Register makes a workload attestor available under name. It is called from
+// the init function of each plugin package.
+func Register(name string, f Factory) {
+	registryMu.Lock()
+	defer registryMu.Unlock()
+	if _, dup := registry[name]; dup {
+		panic("attestor: workload attestor registered twice: " + name)
+	}
+	registry[name] = f
+}
+
+// Lookup returns the factory registered under name.
+func Lookup(name string) (Factory, bool) {
+	registryMu.RLock()
+	defer registryMu.RUnlock()
+	f, ok := registry[name]
+	return f, ok
+}
+
+// Registered lists the names of the compiled-in workload attestors.
+func Registered() []string {
+	registryMu.RLock()
+	defer registryMu.RUnlock()
+	names := make([]string, 0, len(registry))
+	for n := range registry {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Named pairs an attestor with its configured name, for logs.
+type Named struct {
+	Name     string
+	Attestor WorkloadAttestor
+}
+
+// Set runs several attestors concurrently as one.
+type Set struct {
+	attestors []Named
+	log       hclog.Logger
+}
+
+// NewSet returns a Set over the given attestors.
+func NewSet(log hclog.Logger, attestors ...Named) *Set {
+	return &Set{attestors: attestors, log: log}
+}
+
+// Attest runs every attestor at once and merges their selectors, sorted and
+// without duplicates. An attestor that fails is logged and contributes
+// nothing, as in SPIRE: the others may still identify the workload.
+func (s *Set) Attest(ctx context.Context, pid int32) ([]Selector, error) {
+	switch len(s.attestors) {
+	case 0:
+		return nil, ErrNoSelectors
+	case 1:
+		// The common case (unix only) needs no goroutine.
+		sels, err := s.attestors[0].Attestor.Attest(ctx, pid)
+		if err != nil {
+			s.log.Warn("Workload attestor failed", "attestor", s.attestors[0].Name, "pid", pid, "error", err)
+			return nil, fmt.Errorf("%w: %s: %v", ErrNoSelectors, s.attestors[0].Name, err)
+		}
+		return SortSelectors(sels), nil
+	}
+	results := make([][]Selector, len(s.attestors))
+	errs := make([]error, len(s.attestors))
+	var wg sync.WaitGroup
+	for i, a := range s.attestors {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], errs[i] = a.Attestor.Attest(ctx, pid)
+		}()
+	}
+	wg.Wait()
+	var all []Selector
+	for i, sels := range results {
+		if errs[i] != nil {
+			s.log.Warn("Workload attestor failed", "attestor", s.attestors[i].Name, "pid", pid, "error", errs[i])
+			continue
+		}
+		all = append(all, sels...)
+	}
+	if len(all) == 0 {
+		return nil, ErrNoSelectors
+	}
+	return SortSelectors(all), nil
+}
