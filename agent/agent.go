@@ -1,0 +1,201 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/conf"
+)
+
+// Plugin types as written in the config.
+const (
+	typeWorkloadAttestor  = "WorkloadAttestor"
+	typeUpstreamAuthority = "UpstreamAuthority"
+)
+
+// Agent is the node agent's state: its attestors, its upstream and the
+// cache of what the upstream delivered. The Workload API server is built on
+// top of it (see workloadapi and cmd/lanyard).
+type Agent struct {
+	log       hclog.Logger
+	cache     *Cache
+	upstream  Upstream
+	upstreamN string
+	attestors atomic.Pointer[attestor.Set]
+
+	reloadMu sync.Mutex
+	cfg      *conf.Config
+}
+
+// New builds the agent from a parsed config: it creates the data directory
+// and configures every plugin, so that a bad plugin_data fails here, at
+// start, with its file and line.
+func New(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
+	if err := EnsureDataDir(cfg.Agent.DataDir); err != nil {
+		return nil, err
+	}
+	set, err := buildAttestors(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	name, plugin, err := upstreamPlugin(cfg)
+	if err != nil {
+		return nil, err
+	}
+	factory, ok := lookupUpstream(name)
+	if !ok {
+		msg := fmt.Sprintf("unknown upstream %q (compiled in: %s)", name, strings.Join(registeredUpstreams(), ", "))
+		if plugin != nil {
+			return nil, plugin.Errorf("%s", msg)
+		}
+		return nil, errors.New(msg)
+	}
+	data := emptySection()
+	if plugin != nil {
+		data = plugin.Data
+	}
+	up, err := factory(UpstreamConfig{
+		Name:        name,
+		Data:        data,
+		Config:      cfg,
+		Log:         log.Named("upstream." + name),
+		TrustDomain: cfg.Agent.TrustDomain,
+		DataDir:     cfg.Agent.DataDir,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{log: log, upstream: up, upstreamN: name, cfg: cfg}
+	a.cache = NewCache(log.Named("cache"), up)
+	a.attestors.Store(set)
+	return a, nil
+}
+
+func emptySection() *conf.Section {
+	s, err := conf.NewSection("", "")
+	if err != nil {
+		panic(err) // an empty body always parses
+	}
+	return s
+}
+
+// upstreamPlugin picks the upstream: the configured UpstreamAuthority, the
+// SPIRE Server when server_address is set, or else the embedded CA.
+func upstreamPlugin(cfg *conf.Config) (string, *conf.Plugin, error) {
+	var found *conf.Plugin
+	for _, p := range cfg.Plugins {
+		if p.Type != typeUpstreamAuthority || !p.Enabled {
+			continue
+		}
+		if found != nil {
+			return "", nil, p.Errorf("a second UpstreamAuthority: the agent has one upstream CA (already %q)", found.Name)
+		}
+		found = p
+	}
+	switch {
+	case found != nil && cfg.Agent.ServerAddress != "" && found.Name != "spire":
+		return "", nil, found.Errorf("server_address is set, so the upstream is the SPIRE Server: remove UpstreamAuthority %q or server_address", found.Name)
+	case found != nil:
+		return found.Name, found, nil
+	case cfg.Agent.ServerAddress != "":
+		return "spire", nil, nil
+	default:
+		return "local", nil, nil
+	}
+}
+
+func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.Set, error) {
+	var named []attestor.Named
+	for _, p := range cfg.Plugins {
+		if p.Type != typeWorkloadAttestor || !p.Enabled {
+			continue
+		}
+		factory, ok := attestor.Lookup(p.Name)
+		if !ok {
+			return nil, p.Errorf("unknown workload attestor %q (compiled in: %s)", p.Name, strings.Join(attestor.Registered(), ", "))
+		}
+		wa, err := factory(attestor.PluginConfig{
+			Name:        p.Name,
+			Data:        p.Data,
+			Log:         log.Named("attestor." + p.Name),
+			TrustDomain: cfg.Agent.TrustDomain,
+			DataDir:     cfg.Agent.DataDir,
+		})
+		if err != nil {
+			return nil, err
+		}
+		named = append(named, attestor.Named{Name: p.Name, Attestor: wa})
+	}
+	if len(named) == 0 {
+		return nil, fmt.Errorf("%s: no WorkloadAttestor is configured: add one to the plugins block, e.g. WorkloadAttestor \"unix\" { plugin_data {} }", cfg.File)
+	}
+	return attestor.NewSet(log.Named("attestor"), named...), nil
+}
+
+// Cache returns the agent's cache, which the Workload API reads.
+func (a *Agent) Cache() *Cache { return a.cache }
+
+// Attest runs the configured workload attestors.
+func (a *Agent) Attest(ctx context.Context, pid int32) ([]attestor.Selector, error) {
+	return a.attestors.Load().Attest(ctx, pid)
+}
+
+// Run starts the upstream and SVID rotation and returns when ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		a.cache.RunRotation(ctx)
+	}()
+	err := a.upstream.Run(ctx, a.cache)
+	wg.Wait()
+	if err != nil && ctx.Err() == nil {
+		return fmt.Errorf("upstream %s: %w", a.upstreamN, err)
+	}
+	return nil
+}
+
+// Reload applies a new config (on SIGHUP): workload attestors and the
+// upstream's plugin_data. Settings that need a restart must be unchanged.
+// On any error nothing changes and the old config stays in force.
+func (a *Agent) Reload(cfg *conf.Config) error {
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
+	old := a.cfg.Agent
+	switch {
+	case cfg.Agent.TrustDomain != old.TrustDomain:
+		return fmt.Errorf("%s: trust_domain changed from %s to %s: that needs a restart", cfg.File, old.TrustDomain, cfg.Agent.TrustDomain)
+	case cfg.Agent.SocketPath != old.SocketPath, cfg.Agent.DataDir != old.DataDir, cfg.Agent.ServerAddress != old.ServerAddress:
+		return fmt.Errorf("%s: socket_path, data_dir and server_address need a restart to change", cfg.File)
+	}
+	set, err := buildAttestors(cfg, a.log)
+	if err != nil {
+		return err
+	}
+	name, plugin, err := upstreamPlugin(cfg)
+	if err != nil {
+		return err
+	}
+	if name != a.upstreamN {
+		return fmt.Errorf("%s: the upstream changed from %s to %s: that needs a restart", cfg.File, a.upstreamN, name)
+	}
+	if r, ok := a.upstream.(Reconfigurable); ok {
+		data := emptySection()
+		if plugin != nil {
+			data = plugin.Data
+		}
+		if err := r.Reconfigure(data); err != nil {
+			return err
+		}
+	}
+	a.attestors.Store(set)
+	a.cfg = cfg
+	return nil
+}

@@ -1,0 +1,705 @@
+package agent
+
+import (
+	"cmp"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math/big"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+)
+
+// ErrNoIdentity means no registration entry matches the caller's selectors.
+var ErrNoIdentity = errors.New("no identity issued")
+
+// ErrNotReady means the upstream has not delivered entries and bundles yet.
+var ErrNotReady = errors.New("the agent has no entries and bundles from its upstream yet")
+
+const (
+	// maxBatch is the most SVIDs signed in one upstream call (SPIRE's limit
+	// for BatchNewX509SVID).
+	maxBatch = 500
+	// mintTimeout bounds one upstream signing call. Minting runs detached
+	// from the caller that asked, so that one client hanging up does not
+	// fail the others waiting on the same SVID.
+	mintTimeout = 30 * time.Second
+	// maxJWTCache bounds the cached JWT-SVIDs.
+	maxJWTCache = 8192
+)
+
+// Cache holds the entries and bundles from the upstream and the SVIDs minted
+// for them, and tells subscribers when any of it changes. Every Workload API
+// call is answered from here, from memory.
+type Cache struct {
+	log      hclog.Logger
+	upstream Upstream
+	now      func() time.Time
+
+	mu        sync.RWMutex
+	entries   map[string]*Entry
+	index     map[attestor.Selector][]*Entry
+	local     *Bundle
+	federated map[spiffeid.TrustDomain]*Bundle
+	jwtSet    *jwtbundle.Set
+	svids     map[string]*X509SVID
+	inflight  map[string]*mintCall
+	jwts      map[jwtKey]*JWTSVID
+	subs      map[*Subscription]struct{}
+
+	haveEntries, haveBundles bool
+	ready                    chan struct{}
+	renewKick                chan struct{}
+}
+
+type mintCall struct {
+	entry *Entry
+	done  chan struct{}
+	err   error
+}
+
+type jwtKey struct {
+	entryID  string
+	audience string
+}
+
+// NewCache returns an empty cache that mints through upstream.
+func NewCache(log hclog.Logger, upstream Upstream) *Cache {
+	return &Cache{
+		log:       log,
+		upstream:  upstream,
+		now:       time.Now,
+		entries:   map[string]*Entry{},
+		index:     map[attestor.Selector][]*Entry{},
+		federated: map[spiffeid.TrustDomain]*Bundle{},
+		jwtSet:    jwtbundle.NewSet(),
+		svids:     map[string]*X509SVID{},
+		inflight:  map[string]*mintCall{},
+		jwts:      map[jwtKey]*JWTSVID{},
+		subs:      map[*Subscription]struct{}{},
+		ready:     make(chan struct{}),
+		renewKick: make(chan struct{}, 1),
+	}
+}
+
+// Ready is closed once the upstream has delivered entries and bundles.
+func (c *Cache) Ready() <-chan struct{} { return c.ready }
+
+// SetEntries replaces the registration entries. Unchanged entries keep their
+// SVIDs; removed or reshaped ones lose them.
+func (c *Cache) SetEntries(entries []*Entry) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	next := make(map[string]*Entry, len(entries))
+	changed := len(entries) != len(c.entries)
+	for _, e := range entries {
+		if old, ok := c.entries[e.ID]; ok && old.equal(e) {
+			e = old
+		} else {
+			changed = true
+		}
+		next[e.ID] = e
+	}
+	if !changed && c.haveEntries {
+		return
+	}
+	for id := range c.svids {
+		if e, ok := next[id]; !ok || !e.sameSVIDShape(c.entries[id]) {
+			delete(c.svids, id)
+		}
+	}
+	for k, jwt := range c.jwts {
+		if e, ok := next[k.entryID]; !ok || e.SPIFFEID != jwt.ID || e != c.entries[k.entryID] {
+			delete(c.jwts, k)
+		}
+	}
+	index := make(map[attestor.Selector][]*Entry, len(c.index))
+	for _, e := range next {
+		for _, s := range e.Selectors {
+			index[s] = append(index[s], e)
+		}
+	}
+	c.entries, c.index = next, index
+	c.haveEntries = true
+	c.markReadyLocked()
+	c.notifyLocked()
+}
+
+// SetBundles replaces the trust bundles. SVIDs that no longer chain to the
+// local bundle are renewed at once.
+func (c *Cache) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	changed := false
+	if c.local == nil || !c.local.Equal(local) {
+		b, err := newBundle(local)
+		if err != nil {
+			c.log.Error("Ignoring the local bundle from the upstream", "error", err)
+			return
+		}
+		jwtChanged := c.local == nil || !jwtAuthoritiesEqual(c.local.Bundle, local)
+		c.local, changed = b, true
+		if jwtChanged {
+			clear(c.jwts)
+		}
+		for _, svid := range c.svids {
+			if !b.chainsTo(svid.Chain) {
+				svid.RenewAt = time.Time{}
+				c.kickRenewal()
+			}
+		}
+	}
+	next := make(map[spiffeid.TrustDomain]*Bundle, len(federated))
+	for _, fb := range federated {
+		td := fb.TrustDomain()
+		if td == local.TrustDomain() {
+			continue
+		}
+		if old, ok := c.federated[td]; ok && old.Equal(fb) {
+			next[td] = old
+			continue
+		}
+		b, err := newBundle(fb)
+		if err != nil {
+			c.log.Error("Ignoring a federated bundle from the upstream", "trust_domain", td, "error", err)
+			continue
+		}
+		next[td], changed = b, true
+	}
+	if len(next) != len(c.federated) {
+		changed = true
+	}
+	c.federated = next
+	if changed {
+		set := jwtbundle.NewSet(c.local.JWTBundle())
+		for _, b := range c.federated {
+			set.Add(b.JWTBundle())
+		}
+		c.jwtSet = set
+	}
+	c.haveBundles = true
+	c.markReadyLocked()
+	if changed {
+		c.notifyLocked()
+	}
+}
+
+func jwtAuthoritiesEqual(a, b *spiffebundle.Bundle) bool {
+	ak, bk := a.JWTAuthorities(), b.JWTAuthorities()
+	if len(ak) != len(bk) {
+		return false
+	}
+	for kid := range ak {
+		if _, ok := bk[kid]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *Cache) markReadyLocked() {
+	if c.haveEntries && c.haveBundles {
+		select {
+		case <-c.ready:
+		default:
+			close(c.ready)
+		}
+	}
+}
+
+// Subscription is told, through C, whenever the cache changes. C holds at
+// most one pending signal: a slow reader sees one wake-up for many changes.
+type Subscription struct {
+	C     chan struct{}
+	cache *Cache
+}
+
+// Subscribe returns a new subscription; Close it when done.
+func (c *Cache) Subscribe() *Subscription {
+	s := &Subscription{C: make(chan struct{}, 1), cache: c}
+	c.mu.Lock()
+	c.subs[s] = struct{}{}
+	c.mu.Unlock()
+	return s
+}
+
+// Close ends the subscription.
+func (s *Subscription) Close() {
+	s.cache.mu.Lock()
+	delete(s.cache.subs, s)
+	s.cache.mu.Unlock()
+}
+
+func (c *Cache) notifyLocked() {
+	for s := range c.subs {
+		select {
+		case s.C <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// matchLocked returns the entries whose selectors are all among sels,
+// oldest first.
+func (c *Cache) matchLocked(sels []attestor.Selector) []*Entry {
+	var matched []*Entry
+	if len(sels) == 0 {
+		return nil
+	}
+	seen := make(map[*Entry]int, 4)
+	for _, s := range sels {
+		for _, e := range c.index[s] {
+			seen[e]++
+			if seen[e] == len(e.Selectors) {
+				matched = append(matched, e)
+			}
+		}
+	}
+	slices.SortFunc(matched, func(a, b *Entry) int {
+		return cmp.Or(cmp.Compare(a.CreatedAt, b.CreatedAt), strings.Compare(a.ID, b.ID))
+	})
+	return matched
+}
+
+// X509Snapshot is everything one FetchX509SVID message carries.
+type X509Snapshot struct {
+	SVIDs     []*X509SVID // the default identity first
+	Hints     []string    // Hints[i] belongs to SVIDs[i]
+	Local     *Bundle
+	Federated []*Bundle // sorted by trust domain
+}
+
+// Same reports whether two snapshots would produce the same message.
+func (s *X509Snapshot) Same(o *X509Snapshot) bool {
+	return s != nil && o != nil && s.Local == o.Local && slices.Equal(s.SVIDs, o.SVIDs) &&
+		slices.Equal(s.Hints, o.Hints) && slices.Equal(s.Federated, o.Federated)
+}
+
+// X509Identities returns the caller's X.509-SVIDs, minting those it does not
+// hold yet. It returns ErrNoIdentity when no entry matches.
+func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*X509Snapshot, error) {
+	if err := c.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	// Entries may change while minting; a few rounds settle it.
+	for range 3 {
+		c.mu.RLock()
+		entries := c.matchLocked(sels)
+		if len(entries) == 0 {
+			c.mu.RUnlock()
+			return nil, ErrNoIdentity
+		}
+		now := c.now()
+		var missing []*Entry
+		for _, e := range entries {
+			if svid := c.svids[e.ID]; svid == nil || !now.Before(svid.NotAfter) {
+				missing = append(missing, e)
+			}
+		}
+		if len(missing) == 0 {
+			snap := c.x509SnapshotLocked(entries)
+			c.mu.RUnlock()
+			return snap, nil
+		}
+		c.mu.RUnlock()
+		if err := c.mint(ctx, missing); err != nil {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("registration entries kept changing while their SVIDs were signed")
+}
+
+func (c *Cache) x509SnapshotLocked(entries []*Entry) *X509Snapshot {
+	snap := &X509Snapshot{
+		SVIDs: make([]*X509SVID, 0, len(entries)),
+		Hints: make([]string, 0, len(entries)),
+		Local: c.local,
+	}
+	var hints map[string]struct{}
+	for _, e := range entries {
+		if e.Hint != "" {
+			// Hints are unique in a response: the oldest entry keeps it.
+			if _, dup := hints[e.Hint]; dup {
+				continue
+			}
+			if hints == nil {
+				hints = map[string]struct{}{}
+			}
+			hints[e.Hint] = struct{}{}
+		}
+		snap.SVIDs = append(snap.SVIDs, c.svids[e.ID])
+		snap.Hints = append(snap.Hints, e.Hint)
+	}
+	snap.Federated = c.federatedForLocked(entries)
+	return snap
+}
+
+func (c *Cache) federatedForLocked(entries []*Entry) []*Bundle {
+	var out []*Bundle
+	for _, e := range entries {
+		for _, td := range e.FederatesWith {
+			if b, ok := c.federated[td]; ok && !slices.Contains(out, b) {
+				out = append(out, b)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b *Bundle) int {
+		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
+	})
+	return out
+}
+
+func (c *Cache) waitReady(ctx context.Context) error {
+	select {
+	case <-c.ready:
+		return nil
+	default:
+	}
+	select {
+	case <-c.ready:
+		return nil
+	case <-ctx.Done():
+		return ErrNotReady
+	}
+}
+
+// mint signs SVIDs for entries that have none, sharing in-flight work with
+// other callers that need the same entries.
+func (c *Cache) mint(ctx context.Context, entries []*Entry) error {
+	var mine, theirs []*mintCall
+	c.mu.Lock()
+	now := c.now()
+	for _, e := range entries {
+		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) {
+			continue
+		}
+		if call := c.inflight[e.ID]; call != nil {
+			theirs = append(theirs, call)
+			continue
+		}
+		call := &mintCall{entry: e, done: make(chan struct{})}
+		c.inflight[e.ID] = call
+		mine = append(mine, call)
+	}
+	c.mu.Unlock()
+	if len(mine) > 0 {
+		mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
+		c.mintBatch(mctx, mine)
+		cancel()
+	}
+	for _, call := range append(mine, theirs...) {
+		select {
+		case <-call.done:
+			if call.err != nil {
+				return call.err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// mintBatch signs the calls' SVIDs in batches and completes the calls.
+func (c *Cache) mintBatch(ctx context.Context, calls []*mintCall) {
+	for chunk := range slices.Chunk(calls, maxBatch) {
+		svids, errs := c.sign(ctx, chunk)
+		c.mu.Lock()
+		for i, call := range chunk {
+			call.err = errs[i]
+			if errs[i] == nil {
+				// An entry that changed meanwhile gets no SVID of its old shape.
+				if cur, ok := c.entries[call.entry.ID]; ok && cur.sameSVIDShape(call.entry) {
+					c.svids[call.entry.ID] = svids[i]
+				}
+			}
+			if c.inflight[call.entry.ID] == call {
+				delete(c.inflight, call.entry.ID)
+			}
+			close(call.done)
+		}
+		c.kickRenewal()
+		c.notifyLocked()
+		c.mu.Unlock()
+	}
+}
+
+// sign generates keys and has the upstream sign them.
+func (c *Cache) sign(ctx context.Context, calls []*mintCall) ([]*X509SVID, []error) {
+	svids := make([]*X509SVID, len(calls))
+	errs := make([]error, len(calls))
+	reqs := make([]X509Request, len(calls))
+	for i, call := range calls {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			errs[i] = fmt.Errorf("generating a key for %s: %w", call.entry.SPIFFEID, err)
+		}
+		reqs[i] = X509Request{Entry: call.entry, Key: key}
+	}
+	results, err := c.upstream.MintX509SVIDs(ctx, reqs)
+	if err == nil && len(results) != len(reqs) {
+		err = fmt.Errorf("the upstream answered %d of %d signing requests", len(results), len(reqs))
+	}
+	for i, call := range calls {
+		switch {
+		case errs[i] != nil:
+		case err != nil:
+			errs[i] = err
+		case results[i].Err != nil:
+			errs[i] = results[i].Err
+		default:
+			svids[i], errs[i] = newX509SVID(call.entry, reqs[i].Key.(*ecdsa.PrivateKey), results[i].Chain)
+		}
+		if errs[i] != nil {
+			c.log.Warn("Could not sign an X509-SVID", "spiffe_id", call.entry.SPIFFEID, "entry_id", call.entry.ID, "error", errs[i])
+		}
+	}
+	return svids, errs
+}
+
+func newX509SVID(e *Entry, key *ecdsa.PrivateKey, chain []*x509.Certificate) (*X509SVID, error) {
+	if len(chain) == 0 {
+		return nil, fmt.Errorf("the upstream returned an empty chain for %s", e.SPIFFEID)
+	}
+	leaf := chain[0]
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != e.SPIFFEID.String() {
+		return nil, fmt.Errorf("the upstream signed an SVID for %v, not %s", leaf.URIs, e.SPIFFEID)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("encoding the key of %s: %w", e.SPIFFEID, err)
+	}
+	var chainDER []byte
+	for _, cert := range chain {
+		chainDER = append(chainDER, cert.Raw...)
+	}
+	return &X509SVID{
+		EntryID:   e.ID,
+		ID:        e.SPIFFEID,
+		Chain:     chain,
+		Key:       key,
+		ChainDER:  chainDER,
+		KeyDER:    keyDER,
+		NotBefore: leaf.NotBefore,
+		NotAfter:  leaf.NotAfter,
+		RenewAt:   renewAt(leaf.NotBefore, leaf.NotAfter),
+	}, nil
+}
+
+// renewAt is the half-life of a certificate with +-10% jitter of the half,
+// as SPIRE does, so SVIDs minted together are not renewed together.
+func renewAt(notBefore, notAfter time.Time) time.Time {
+	half := notAfter.Sub(notBefore) / 2
+	jitter := time.Duration(0)
+	if span := int64(half / 5); span > 0 {
+		n, err := rand.Int(rand.Reader, big.NewInt(span))
+		if err == nil {
+			jitter = time.Duration(n.Int64()) - half/10
+		}
+	}
+	return notBefore.Add(half + jitter)
+}
+
+func (c *Cache) kickRenewal() {
+	select {
+	case c.renewKick <- struct{}{}:
+	default:
+	}
+}
+
+// RunRotation renews SVIDs as they reach their renewal time, until ctx ends.
+// A failed renewal keeps the old SVID and is retried with capped backoff.
+func (c *Cache) RunRotation(ctx context.Context) {
+	backoff := newBackoff(time.Second, 30*time.Second)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		c.mu.RLock()
+		now := c.now()
+		next := now.Add(time.Hour)
+		var due []*mintCall
+		for id, svid := range c.svids {
+			if !svid.RenewAt.After(now) {
+				if e := c.entries[id]; e != nil && c.inflight[id] == nil {
+					due = append(due, &mintCall{entry: e, done: make(chan struct{})})
+				}
+			} else if svid.RenewAt.Before(next) {
+				next = svid.RenewAt
+			}
+		}
+		c.mu.RUnlock()
+		if len(due) > 0 {
+			if c.renew(ctx, due) {
+				backoff.reset()
+				continue
+			}
+			next = now.Add(backoff.next())
+		}
+		timer.Reset(next.Sub(now))
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-c.renewKick:
+			if !timer.Stop() {
+				select {
+				case <-timer.C:
+				default:
+				}
+			}
+		}
+	}
+}
+
+// renew re-signs due SVIDs; it reports whether all succeeded.
+func (c *Cache) renew(ctx context.Context, due []*mintCall) bool {
+	c.mu.Lock()
+	calls := due[:0]
+	for _, call := range due {
+		if c.inflight[call.entry.ID] == nil {
+			c.inflight[call.entry.ID] = call
+			calls = append(calls, call)
+		}
+	}
+	c.mu.Unlock()
+	mctx, cancel := context.WithTimeout(ctx, mintTimeout)
+	defer cancel()
+	c.mintBatch(mctx, calls)
+	ok := true
+	for _, call := range calls {
+		if call.err != nil {
+			ok = false
+		}
+	}
+	if len(calls) > 0 {
+		c.log.Debug("Renewed X509-SVIDs", "count", len(calls), "all_ok", ok)
+	}
+	return ok
+}
+
+// BundleSnapshot is what one FetchX509Bundles or FetchJWTBundles message
+// carries.
+type BundleSnapshot struct {
+	Local     *Bundle
+	Federated []*Bundle
+}
+
+// Same reports whether two snapshots would produce the same message.
+func (s *BundleSnapshot) Same(o *BundleSnapshot) bool {
+	return s != nil && o != nil && s.Local == o.Local && slices.Equal(s.Federated, o.Federated)
+}
+
+// Bundles returns the bundles a caller may see: the local one and those its
+// entries federate with. A caller with no entry gets ErrNoIdentity unless
+// allowUnauthenticated, in which case it sees every bundle.
+func (c *Cache) Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
+	if err := c.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	entries := c.matchLocked(sels)
+	if len(entries) > 0 {
+		return &BundleSnapshot{Local: c.local, Federated: c.federatedForLocked(entries)}, nil
+	}
+	if !allowUnauthenticated {
+		return nil, ErrNoIdentity
+	}
+	all := make([]*Bundle, 0, len(c.federated))
+	for _, b := range c.federated {
+		all = append(all, b)
+	}
+	slices.SortFunc(all, func(a, b *Bundle) int {
+		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
+	})
+	return &BundleSnapshot{Local: c.local, Federated: all}, nil
+}
+
+// JWTSVIDs returns a JWT-SVID for audience for each of the caller's
+// identities, or only for id when it is not zero. Tokens are reused until
+// half their lifetime has passed.
+func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
+	if err := c.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	c.mu.RLock()
+	entries := c.matchLocked(sels)
+	c.mu.RUnlock()
+	if !id.IsZero() {
+		entries = slices.DeleteFunc(entries, func(e *Entry) bool { return e.SPIFFEID != id })
+	}
+	if len(entries) == 0 {
+		return nil, ErrNoIdentity
+	}
+	aud := strings.Join(audience, "\x00")
+	out := make([]*JWTSVID, 0, len(entries))
+	seen := make(map[spiffeid.ID]struct{}, len(entries))
+	for _, e := range entries {
+		// One token per identity, from its oldest entry.
+		if _, dup := seen[e.SPIFFEID]; dup {
+			continue
+		}
+		seen[e.SPIFFEID] = struct{}{}
+		key := jwtKey{entryID: e.ID, audience: aud}
+		c.mu.RLock()
+		cached := c.jwts[key]
+		c.mu.RUnlock()
+		now := c.now()
+		if cached != nil && now.Before(cached.IssuedAt.Add(cached.ExpiresAt.Sub(cached.IssuedAt)/2)) {
+			out = append(out, cached)
+			continue
+		}
+		svid, err := c.upstream.MintJWTSVID(ctx, e, audience)
+		if err != nil {
+			return nil, fmt.Errorf("signing a JWT-SVID for %s: %w", e.SPIFFEID, err)
+		}
+		svid.Hint = e.Hint
+		c.mu.Lock()
+		if c.entries[e.ID] == e {
+			if len(c.jwts) >= maxJWTCache {
+				c.pruneJWTsLocked(now)
+			}
+			c.jwts[key] = svid
+		}
+		c.mu.Unlock()
+		out = append(out, svid)
+	}
+	return out, nil
+}
+
+// pruneJWTsLocked drops expired tokens, and everything if that is not enough.
+func (c *Cache) pruneJWTsLocked(now time.Time) {
+	for k, svid := range c.jwts {
+		if !now.Before(svid.IssuedAt.Add(svid.ExpiresAt.Sub(svid.IssuedAt) / 2)) {
+			delete(c.jwts, k)
+		}
+	}
+	if len(c.jwts) >= maxJWTCache {
+		clear(c.jwts)
+	}
+}
+
+// ValidateJWTSVID checks a token against the bundle of its subject's trust
+// domain and the audience.
+func (c *Cache) ValidateJWTSVID(ctx context.Context, token, audience string) (*jwtsvid.SVID, error) {
+	if err := c.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	c.mu.RLock()
+	set := c.jwtSet
+	c.mu.RUnlock()
+	return jwtsvid.ParseAndValidate(token, set, []string{audience})
+}

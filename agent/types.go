@@ -1,0 +1,105 @@
+// Package agent runs the node agent: it starts the upstream CA, keeps the
+// registration entries and bundles it delivers, mints and renews the SVIDs
+// workloads ask for, and tells open Workload API streams when they change.
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"slices"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Entry is a registration entry: the selectors a workload must have, and the
+// identity it then gets. Entries are immutable once handed to the cache.
+type Entry struct {
+	ID            string
+	SPIFFEID      spiffeid.ID
+	Selectors     []attestor.Selector // sorted, unique
+	X509SVIDTTL   time.Duration       // 0: the upstream's default
+	JWTSVIDTTL    time.Duration       // 0: the upstream's default
+	Hint          string
+	DNSNames      []string
+	FederatesWith []spiffeid.TrustDomain
+	// CreatedAt orders entries: the oldest is a caller's default identity
+	// and wins when two entries share a hint.
+	CreatedAt int64
+	// RevisionNumber changes whenever the upstream changes the entry.
+	RevisionNumber int64
+}
+
+// sameSVIDShape reports whether an SVID minted for a may be served for b.
+func (a *Entry) sameSVIDShape(b *Entry) bool {
+	return a.ID == b.ID && a.SPIFFEID == b.SPIFFEID && a.X509SVIDTTL == b.X509SVIDTTL &&
+		slices.Equal(a.DNSNames, b.DNSNames)
+}
+
+// equal reports whether two entries are the same in every field.
+func (a *Entry) equal(b *Entry) bool {
+	return a.sameSVIDShape(b) && a.JWTSVIDTTL == b.JWTSVIDTTL && a.Hint == b.Hint &&
+		a.CreatedAt == b.CreatedAt && a.RevisionNumber == b.RevisionNumber &&
+		slices.Equal(a.Selectors, b.Selectors) && slices.Equal(a.FederatesWith, b.FederatesWith)
+}
+
+// X509SVID is a minted X.509-SVID with its private key, kept in memory in
+// the encodings the Workload API sends so that a fetch marshals nothing.
+type X509SVID struct {
+	EntryID   string
+	ID        spiffeid.ID
+	Chain     []*x509.Certificate // leaf first
+	Key       crypto.Signer
+	ChainDER  []byte // the chain's certificates, concatenated
+	KeyDER    []byte // PKCS#8
+	NotBefore time.Time
+	NotAfter  time.Time
+	RenewAt   time.Time // half-life with jitter
+}
+
+// JWTSVID is a signed JWT-SVID.
+type JWTSVID struct {
+	Token     string
+	Hint      string
+	ID        spiffeid.ID
+	Audience  []string
+	IssuedAt  time.Time
+	ExpiresAt time.Time
+}
+
+// X509Request asks the upstream to sign an X.509-SVID for an entry. The agent
+// generates the key; the upstream signs its public half.
+type X509Request struct {
+	Entry *Entry
+	Key   crypto.Signer
+}
+
+// X509Result is the answer to one X509Request: the chain, leaf first, or why
+// it could not be signed.
+type X509Result struct {
+	Chain []*x509.Certificate
+	Err   error
+}
+
+// Upstream is the CA that signs SVIDs and the source of registration entries
+// and trust bundles: the embedded local CA, or a SPIRE Server.
+type Upstream interface {
+	// Run delivers the current entries and bundles to sink as soon as it
+	// has them, and again on every change, until ctx ends.
+	Run(ctx context.Context, sink Sink) error
+	// MintX509SVIDs signs a batch; the results line up with reqs.
+	MintX509SVIDs(ctx context.Context, reqs []X509Request) ([]X509Result, error)
+	// MintJWTSVID signs a JWT-SVID for entry with the given audience.
+	MintJWTSVID(ctx context.Context, entry *Entry, audience []string) (*JWTSVID, error)
+}
+
+// Sink receives the upstream's state. Each call carries the full set.
+type Sink interface {
+	SetEntries(entries []*Entry)
+	// SetBundles sets the bundle of the agent's trust domain and those of
+	// the trust domains it federates with.
+	SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle)
+}

@@ -1,0 +1,275 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/workloadapi"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// shutdownGrace bounds how long open streams may take to finish on SIGTERM.
+const shutdownGrace = 5 * time.Second
+
+type runFlags struct {
+	config     string
+	expandEnv  bool
+	socketPath string
+	joinToken  string
+	logLevel   string
+}
+
+func parseRunFlags(name string, args []string, stderr io.Writer) (*runFlags, int, bool) {
+	f := &runFlags{}
+	fs := flag.NewFlagSet("lanyard "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&f.config, "config", "conf/agent/agent.conf", "path to the agent config file")
+	fs.BoolVar(&f.expandEnv, "expandEnv", false, "expand $VAR and ${VAR} in the config file")
+	if name == "run" {
+		fs.StringVar(&f.socketPath, "socketPath", "", "Workload API socket path (overrides agent.socket_path)")
+		fs.StringVar(&f.joinToken, "joinToken", "", "join token for SPIRE Server node attestation (overrides agent.join_token)")
+		fs.StringVar(&f.logLevel, "logLevel", "", "log level: trace, debug, info, warn, error (overrides agent.log_level)")
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, 0, false
+		}
+		return nil, 2, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "lanyard %s: unexpected argument %q\n", name, fs.Arg(0))
+		return nil, 2, false
+	}
+	return f, 0, true
+}
+
+// loadConfig loads the config and applies command-line overrides.
+func (f *runFlags) loadConfig() (*conf.Config, error) {
+	cfg, err := conf.Load(f.config, f.expandEnv)
+	if err != nil {
+		return nil, err
+	}
+	if f.socketPath != "" {
+		cfg.Agent.SocketPath = f.socketPath
+	}
+	if f.joinToken != "" {
+		cfg.Agent.JoinToken = f.joinToken
+	}
+	if f.logLevel != "" {
+		if hclog.LevelFromString(f.logLevel) == hclog.NoLevel {
+			return nil, fmt.Errorf("-logLevel %q: use trace, debug, info, warn or error", f.logLevel)
+		}
+		cfg.Agent.LogLevel = f.logLevel
+	}
+	return cfg, nil
+}
+
+func runValidate(args []string, stdout, stderr io.Writer) int {
+	f, code, ok := parseRunFlags("validate", args, stderr)
+	if !ok {
+		return code
+	}
+	cfg, err := f.loadConfig()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	// Plugins check their own plugin_data; build them against a scratch
+	// data dir so validation writes nothing where the agent keeps state.
+	scratch, err := os.MkdirTemp("", "lanyard-validate-")
+	if err != nil {
+		fmt.Fprintln(stderr, "lanyard validate:", err)
+		return 1
+	}
+	defer os.RemoveAll(scratch)
+	cfg.Agent.DataDir = scratch
+	if _, err := agent.New(cfg, hclog.NewNullLogger()); err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s: configuration is valid\n", f.config)
+	return 0
+}
+
+func newLogger(cfg *conf.Config, stderr io.Writer) (hclog.Logger, io.Closer, error) {
+	out, closer := stderr, io.Closer(nil)
+	if cfg.Agent.LogFile != "" {
+		file, err := os.OpenFile(cfg.Agent.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+		if err != nil {
+			return nil, nil, fmt.Errorf("opening log_file: %w", err)
+		}
+		out, closer = file, file
+	}
+	return hclog.New(&hclog.LoggerOptions{
+		Name:       "lanyard",
+		Level:      hclog.LevelFromString(cfg.Agent.LogLevel),
+		JSONFormat: cfg.Agent.LogFormat == "json",
+		Output:     out,
+	}), closer, nil
+}
+
+func runAgent(args []string, stderr io.Writer) int {
+	f, code, ok := parseRunFlags("run", args, stderr)
+	if !ok {
+		return code
+	}
+	cfg, err := f.loadConfig()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	log, closer, err := newLogger(cfg, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	if closer != nil {
+		defer closer.Close()
+	}
+	if err := serve(cfg, f, log); err != nil {
+		log.Error("Agent stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// serve runs the agent until SIGTERM or SIGINT, reloading on SIGHUP.
+func serve(cfg *conf.Config, f *runFlags, log hclog.Logger) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	a, err := agent.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	listener, err := agent.Listen(cfg.Agent.SocketPath)
+	if err != nil {
+		return err
+	}
+	srv := workloadapi.NewServer(workloadapi.Config{
+		Log:                           log.Named("workloadapi"),
+		Attestor:                      a,
+		Cache:                         a.Cache(),
+		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
+	})
+
+	runCtx, cancelRun := context.WithCancel(context.Background())
+	defer cancelRun()
+	agentDone := make(chan error, 1)
+	go func() { agentDone <- a.Run(runCtx) }()
+	serveDone := make(chan error, 1)
+	go func() { serveDone <- srv.GRPC.Serve(listener) }()
+	stopHealth := startHealthListener(cfg.HealthChecks, a, log)
+	defer stopHealth()
+
+	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "version", version)
+	go func() {
+		select {
+		case <-a.Cache().Ready():
+			srv.Health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+			log.Info("Agent is ready: entries and bundles are loaded")
+		case <-runCtx.Done():
+		}
+	}()
+
+	for {
+		select {
+		case <-hup:
+			next, err := f.loadConfig()
+			if err == nil {
+				err = a.Reload(next)
+			}
+			if err != nil {
+				log.Error("Reload failed; the previous config stays in force", "error", err)
+				continue
+			}
+			log.Info("Reloaded the config", "config", f.config)
+		case err := <-serveDone:
+			cancelRun()
+			<-agentDone
+			return fmt.Errorf("the Workload API server stopped: %w", err)
+		case err := <-agentDone:
+			shutdown(srv, log)
+			return err
+		case <-ctx.Done():
+			log.Info("Shutting down")
+			shutdown(srv, log)
+			cancelRun()
+			if err := <-agentDone; err != nil {
+				return err
+			}
+			log.Info("Stopped")
+			return nil
+		}
+	}
+}
+
+// shutdown stops accepting calls and lets open ones finish, within a bound:
+// Workload API streams never end by themselves, so they are cut after it.
+func shutdown(srv *workloadapi.Server, log hclog.Logger) {
+	srv.Health.Shutdown()
+	done := make(chan struct{})
+	go func() {
+		srv.GRPC.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(shutdownGrace):
+		log.Debug("Closing open streams after the shutdown grace period", "grace", shutdownGrace)
+		srv.GRPC.Stop()
+		<-done
+	}
+}
+
+// startHealthListener serves the HTTP liveness and readiness probes of the
+// health_checks block, when enabled. It returns a function that stops it.
+func startHealthListener(hc conf.HealthChecks, a *agent.Agent, log hclog.Logger) func() {
+	if !hc.ListenerEnabled {
+		return func() {}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc(hc.LivePath, func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		fmt.Fprintln(w, `{"live":true}`)
+	})
+	mux.HandleFunc(hc.ReadyPath, func(w http.ResponseWriter, _ *http.Request) {
+		select {
+		case <-a.Cache().Ready():
+			w.WriteHeader(http.StatusOK)
+			fmt.Fprintln(w, `{"ready":true}`)
+		default:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, `{"ready":false}`)
+		}
+	})
+	addr := net.JoinHostPort(hc.BindAddress, strconv.Itoa(hc.BindPort))
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("Health check listener failed", "address", addr, "error", err)
+		}
+	}()
+	log.Info("Serving health checks", "address", addr, "live_path", hc.LivePath, "ready_path", hc.ReadyPath)
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	}
+}

@@ -1,0 +1,296 @@
+// Package workloadapi serves the SPIFFE Workload API over gRPC on a Unix
+// socket, with gRPC health and reflection beside it. Every answer comes from
+// the agent's cache; the caller is identified by its peer credentials.
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"strings"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// Attestor turns a caller's PID into selectors.
+type Attestor interface {
+	Attest(ctx context.Context, pid int32) ([]attestor.Selector, error)
+}
+
+// Cache answers for identities and bundles; *agent.Cache is the real one.
+type Cache interface {
+	X509Identities(ctx context.Context, sels []attestor.Selector) (*agent.X509Snapshot, error)
+	Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*agent.BundleSnapshot, error)
+	JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
+	ValidateJWTSVID(ctx context.Context, token, audience string) (*jwtsvid.SVID, error)
+	Subscribe() *agent.Subscription
+}
+
+// Config configures the Workload API.
+type Config struct {
+	Log      hclog.Logger
+	Attestor Attestor
+	Cache    Cache
+	// AllowUnauthenticatedVerifiers lets callers with no identity fetch
+	// bundles, as spire-agent's allow_unauthenticated_verifiers does.
+	AllowUnauthenticatedVerifiers bool
+}
+
+// Server is the gRPC server with the Workload API, health and reflection.
+type Server struct {
+	GRPC   *grpc.Server
+	Health *health.Server
+}
+
+// NewServer builds the gRPC server. Health reports NOT_SERVING until the
+// agent sets it.
+func NewServer(cfg Config) *Server {
+	s := grpc.NewServer(
+		grpc.Creds(attestor.Credentials()),
+		grpc.ChainUnaryInterceptor(unaryHeaderCheck),
+		grpc.ChainStreamInterceptor(streamHeaderCheck),
+	)
+	workload.RegisterSpiffeWorkloadAPIServer(s, &handler{cfg: cfg})
+	h := health.NewServer()
+	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	healthpb.RegisterHealthServer(s, h)
+	reflection.Register(s)
+	return &Server{GRPC: s, Health: h}
+}
+
+const (
+	serviceName = "/SpiffeWorkloadAPI/"
+	headerKey   = "workload.spiffe.io"
+)
+
+// checkHeader enforces the Workload API's security header on its methods.
+// Health and reflection are exempt: probes cannot add headers.
+func checkHeader(ctx context.Context, method string) error {
+	if !strings.HasPrefix(method, serviceName) {
+		return nil
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(headerKey); len(v) != 1 || v[0] != "true" {
+		return status.Error(codes.InvalidArgument, "security header missing from request: send exactly one \"workload.spiffe.io: true\"")
+	}
+	return nil
+}
+
+func unaryHeaderCheck(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+	if err := checkHeader(ctx, info.FullMethod); err != nil {
+		return nil, err
+	}
+	return next(ctx, req)
+}
+
+func streamHeaderCheck(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, next grpc.StreamHandler) error {
+	if err := checkHeader(ss.Context(), info.FullMethod); err != nil {
+		return err
+	}
+	return next(srv, ss)
+}
+
+type handler struct {
+	workload.UnimplementedSpiffeWorkloadAPIServer
+	cfg Config
+}
+
+// attest identifies the caller. When the process that connected is gone
+// (it exited, or its PID was reused) the answer is Unauthenticated and the
+// connection is closed: nothing learned about the PID can be trusted.
+func (h *handler) attest(ctx context.Context) ([]attestor.Selector, error) {
+	caller, ok := attestor.CallerFromContext(ctx)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "could not resolve caller information: the connection carries no peer credentials")
+	}
+	sels, err := h.cfg.Attestor.Attest(ctx, caller.PID)
+	if verr := caller.Verify(); verr != nil {
+		h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "error", verr)
+		caller.CloseConn()
+		return nil, status.Errorf(codes.Unauthenticated, "could not verify the caller: %v", verr)
+	}
+	if err != nil {
+		h.cfg.Log.Warn("Workload attestation failed", "pid", caller.PID, "error", err)
+		return nil, nil
+	}
+	return sels, nil
+}
+
+// statusOf turns a cache error into the status the spec asks for.
+func statusOf(err error) error {
+	switch {
+	case errors.Is(err, agent.ErrNoIdentity):
+		return status.Error(codes.PermissionDenied, "no identity issued")
+	case errors.Is(err, agent.ErrNotReady), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
+		return status.Error(codes.Unavailable, agent.ErrNotReady.Error())
+	default:
+		return status.Errorf(codes.Unavailable, "could not sign an SVID: %v", err)
+	}
+}
+
+func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
+	ctx := stream.Context()
+	sels, err := h.attest(ctx)
+	if err != nil {
+		return err
+	}
+	sub := h.cfg.Cache.Subscribe()
+	defer sub.Close()
+	var last *agent.X509Snapshot
+	for {
+		snap, err := h.cfg.Cache.X509Identities(ctx, sels)
+		switch {
+		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
+			return statusOf(err)
+		case err != nil:
+			// Keep what the client has; the next change tries again.
+			h.cfg.Log.Warn("Could not update an X509-SVID stream", "error", err)
+		case !snap.Same(last):
+			if err := stream.Send(x509Response(snap)); err != nil {
+				return err
+			}
+			last = snap
+		}
+		select {
+		case <-sub.C:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func x509Response(snap *agent.X509Snapshot) *workload.X509SVIDResponse {
+	resp := &workload.X509SVIDResponse{Svids: make([]*workload.X509SVID, len(snap.SVIDs))}
+	for i, svid := range snap.SVIDs {
+		resp.Svids[i] = &workload.X509SVID{
+			SpiffeId:    svid.ID.String(),
+			X509Svid:    svid.ChainDER,
+			X509SvidKey: svid.KeyDER,
+			Bundle:      snap.Local.X509DER,
+			Hint:        snap.Hints[i],
+		}
+	}
+	if len(snap.Federated) > 0 {
+		resp.FederatedBundles = make(map[string][]byte, len(snap.Federated))
+		for _, b := range snap.Federated {
+			resp.FederatedBundles[b.TrustDomain().IDString()] = b.X509DER
+		}
+	}
+	return resp
+}
+
+// streamBundles runs a bundle stream: the full set first, then on change.
+func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnapshot) error) error {
+	sels, err := h.attest(ctx)
+	if err != nil {
+		return err
+	}
+	sub := h.cfg.Cache.Subscribe()
+	defer sub.Close()
+	var last *agent.BundleSnapshot
+	for {
+		snap, err := h.cfg.Cache.Bundles(ctx, sels, h.cfg.AllowUnauthenticatedVerifiers)
+		switch {
+		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
+			return statusOf(err)
+		case err != nil:
+			h.cfg.Log.Warn("Could not update a bundle stream", "error", err)
+		case !snap.Same(last):
+			if err := send(snap); err != nil {
+				return err
+			}
+			last = snap
+		}
+		select {
+		case <-sub.C:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
+	return h.streamBundles(stream.Context(), func(snap *agent.BundleSnapshot) error {
+		resp := &workload.X509BundlesResponse{Bundles: make(map[string][]byte, 1+len(snap.Federated))}
+		resp.Bundles[snap.Local.TrustDomain().IDString()] = snap.Local.X509DER
+		for _, b := range snap.Federated {
+			resp.Bundles[b.TrustDomain().IDString()] = b.X509DER
+		}
+		return stream.Send(resp)
+	})
+}
+
+func (h *handler) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
+	return h.streamBundles(stream.Context(), func(snap *agent.BundleSnapshot) error {
+		resp := &workload.JWTBundlesResponse{Bundles: make(map[string][]byte, 1+len(snap.Federated))}
+		resp.Bundles[snap.Local.TrustDomain().IDString()] = snap.Local.JWKS
+		for _, b := range snap.Federated {
+			resp.Bundles[b.TrustDomain().IDString()] = b.JWKS
+		}
+		return stream.Send(resp)
+	})
+}
+
+func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest) (*workload.JWTSVIDResponse, error) {
+	if len(req.Audience) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
+	}
+	for _, aud := range req.Audience {
+		if aud == "" {
+			return nil, status.Error(codes.InvalidArgument, "audience must not contain an empty string")
+		}
+	}
+	var id spiffeid.ID
+	if req.SpiffeId != "" {
+		var err error
+		if id, err = spiffeid.FromString(req.SpiffeId); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "invalid requested SPIFFE ID %q: %v", req.SpiffeId, err)
+		}
+	}
+	sels, err := h.attest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	svids, err := h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
+	if err != nil {
+		return nil, statusOf(err)
+	}
+	resp := &workload.JWTSVIDResponse{Svids: make([]*workload.JWTSVID, len(svids))}
+	for i, svid := range svids {
+		resp.Svids[i] = &workload.JWTSVID{SpiffeId: svid.ID.String(), Svid: svid.Token, Hint: svid.Hint}
+	}
+	return resp, nil
+}
+
+func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWTSVIDRequest) (*workload.ValidateJWTSVIDResponse, error) {
+	if req.Audience == "" {
+		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
+	}
+	if req.Svid == "" {
+		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
+	}
+	svid, err := h.cfg.Cache.ValidateJWTSVID(ctx, req.Svid, req.Audience)
+	if err != nil {
+		if errors.Is(err, agent.ErrNotReady) {
+			return nil, statusOf(err)
+		}
+		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
+	}
+	claims, err := structpb.NewStruct(svid.Claims)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "the JWT-SVID's claims cannot be represented: %v", err)
+	}
+	return &workload.ValidateJWTSVIDResponse{SpiffeId: svid.ID.String(), Claims: claims}, nil
+}
