@@ -461,7 +461,7 @@ func (c *Cache) sign(ctx context.Context, calls []*mintCall) ([]*X509SVID, []err
 		case results[i].Err != nil:
 			errs[i] = results[i].Err
 		default:
-			svids[i], errs[i] = newX509SVID(call.entry, reqs[i].Key.(*ecdsa.PrivateKey), results[i].Chain)
+			svids[i], errs[i] = newX509SVID(call.entry, reqs[i].Key.(*ecdsa.PrivateKey), results[i].Chain, c.now())
 		}
 		if errs[i] != nil {
 			c.log.Warn("Could not sign an X509-SVID", "spiffe_id", call.entry.SPIFFEID, "entry_id", call.entry.ID, "error", errs[i])
@@ -470,7 +470,7 @@ func (c *Cache) sign(ctx context.Context, calls []*mintCall) ([]*X509SVID, []err
 	return svids, errs
 }
 
-func newX509SVID(e *Entry, key *ecdsa.PrivateKey, chain []*x509.Certificate) (*X509SVID, error) {
+func newX509SVID(e *Entry, key *ecdsa.PrivateKey, chain []*x509.Certificate, now time.Time) (*X509SVID, error) {
 	if len(chain) == 0 {
 		return nil, fmt.Errorf("the upstream returned an empty chain for %s", e.SPIFFEID)
 	}
@@ -495,14 +495,20 @@ func newX509SVID(e *Entry, key *ecdsa.PrivateKey, chain []*x509.Certificate) (*X
 		KeyDER:    keyDER,
 		NotBefore: leaf.NotBefore,
 		NotAfter:  leaf.NotAfter,
-		RenewAt:   renewAt(leaf.NotBefore, leaf.NotAfter),
+		RenewAt:   renewAt(now, leaf.NotAfter),
 	}, nil
 }
 
-// renewAt is the half-life of a certificate with +-10% jitter of the half,
-// as SPIRE does, so SVIDs minted together are not renewed together.
-func renewAt(notBefore, notAfter time.Time) time.Time {
-	half := notAfter.Sub(notBefore) / 2
+// minRenewInterval keeps a certificate whose life is nearly over (capped by
+// an expiring CA) from being renewed in a tight loop.
+const minRenewInterval = 500 * time.Millisecond
+
+// renewAt is half of the remaining lifetime with +-10% jitter of the half,
+// as SPIRE does, so SVIDs minted together are not renewed together. It
+// counts from the time of minting, not from NotBefore, which signers
+// backdate to allow for clock skew.
+func renewAt(now, notAfter time.Time) time.Time {
+	half := notAfter.Sub(now) / 2
 	jitter := time.Duration(0)
 	if span := int64(half / 5); span > 0 {
 		n, err := rand.Int(rand.Reader, big.NewInt(span))
@@ -510,7 +516,7 @@ func renewAt(notBefore, notAfter time.Time) time.Time {
 			jitter = time.Duration(n.Int64()) - half/10
 		}
 	}
-	return notBefore.Add(half + jitter)
+	return now.Add(max(half+jitter, minRenewInterval))
 }
 
 func (c *Cache) kickRenewal() {

@@ -139,7 +139,19 @@ func runAgent(args []string, stderr io.Writer) int {
 	if closer != nil {
 		defer closer.Close()
 	}
-	if err := serve(cfg, f, log); err != nil {
+	// Start-up errors (a bad plugin_data, a busy socket) go to stderr as
+	// they are, so that file:line:key reads plainly.
+	a, err := agent.New(cfg, log)
+	if err != nil {
+		fmt.Fprintln(stderr, "lanyard:", err)
+		return 1
+	}
+	listener, err := agent.Listen(cfg.Agent.SocketPath)
+	if err != nil {
+		fmt.Fprintln(stderr, "lanyard:", err)
+		return 1
+	}
+	if err := serve(cfg, f, log, a, listener); err != nil {
 		log.Error("Agent stopped", "error", err)
 		return 1
 	}
@@ -147,21 +159,13 @@ func runAgent(args []string, stderr io.Writer) int {
 }
 
 // serve runs the agent until SIGTERM or SIGINT, reloading on SIGHUP.
-func serve(cfg *conf.Config, f *runFlags, log hclog.Logger) error {
+func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, listener net.Listener) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	a, err := agent.New(cfg, log)
-	if err != nil {
-		return err
-	}
-	listener, err := agent.Listen(cfg.Agent.SocketPath)
-	if err != nil {
-		return err
-	}
 	srv := workloadapi.NewServer(workloadapi.Config{
 		Log:                           log.Named("workloadapi"),
 		Attestor:                      a,

@@ -1,0 +1,47 @@
+# Lanyard: a SPIFFE Workload API node agent.
+#   make run    the agent on its embedded CA, giving the current user an identity
+#   make test   everything CI runs: lint, unit, end-to-end and interop tests, brief fuzzing
+
+GO          ?= go
+BIN         := bin/lanyard
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+FUZZTIME    ?= 10s
+# Go test packages of the main module.
+PKGS        := ./...
+
+.PHONY: all build run test lint unit fuzz interop bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/lanyard
+
+# The example config grants spiffe://example.org/user/<uid> to the user
+# running it; the socket is /tmp/lanyard/public/api.sock.
+run: build
+	LANYARD_UID=$$(id -u) ./$(BIN) run -config conf/examples/local.conf -expandEnv
+
+test: lint unit fuzz
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+	$(GO) run $(STATICCHECK) $(PKGS)
+
+unit:
+	$(GO) test -race -timeout 15m $(PKGS)
+
+# Each fuzz target runs briefly from its committed seed corpus.
+fuzz:
+	./scripts/fuzz.sh $(FUZZTIME)
+
+# Interop with a real SPIRE server and agent built from the Go module proxy.
+interop:
+	$(GO) test -race -count=1 -timeout 15m ./test/spire/... ./test/interop/...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+clean:
+	rm -rf bin .data
