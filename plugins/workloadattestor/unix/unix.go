@@ -1,0 +1,173 @@
+// Package unix is the "unix" workload attestor: it describes a process by its
+// user, groups and, optionally, its executable, with SPIRE's selectors.
+//
+// Process facts come from /proc/<pid>/status, read by this package rather
+// than through gopsutil: gopsutil's NewProcess stats /proc/<pid> and reads
+// /proc/<pid>/stat before any getter runs, and Uids, Gids and Groups each
+// re-read and fully re-parse status (plus cmdline for long names), keeping
+// the parsed fields private. One open and one read of status per
+// attestation is the point here, since this runs on every Workload API call.
+package unix
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor"
+)
+
+// PluginName is the name the attestor registers under and its selector type.
+const PluginName = "unix"
+
+func init() {
+	attestor.Register(PluginName, New)
+}
+
+// Config is the plugin_data of the unix attestor; the keys are SPIRE's.
+type Config struct {
+	// DiscoverWorkloadPath adds the unix:path and unix:sha256 selectors. It
+	// needs the agent to be able to open /proc/<pid>/exe: root, or the
+	// workload's own user.
+	DiscoverWorkloadPath bool `hcl:"discover_workload_path"`
+	// WorkloadSizeLimit bounds the executable size hashed for unix:sha256:
+	// 0 means no limit, a negative value means never hash (no sha256
+	// selector), as in SPIRE.
+	WorkloadSizeLimit int64 `hcl:"workload_size_limit"`
+}
+
+// Attestor is the unix workload attestor. It is safe for concurrent use.
+type Attestor struct {
+	cfg      Config
+	procRoot string
+	log      hclog.Logger
+	users    *idCache
+	groups   *idCache
+	hashes   *hashCache
+}
+
+// New builds the unix attestor from its plugin_data.
+func New(cfg attestor.PluginConfig) (attestor.WorkloadAttestor, error) {
+	return newAttestor(cfg)
+}
+
+func newAttestor(cfg attestor.PluginConfig) (*Attestor, error) {
+	var c Config
+	if err := cfg.Data.Decode(&c); err != nil {
+		return nil, err
+	}
+	log := cfg.Log
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	if !c.DiscoverWorkloadPath && c.WorkloadSizeLimit != 0 {
+		log.Warn("workload_size_limit has no effect unless discover_workload_path = true")
+	}
+	// HOST_PROC points at the host's /proc when the agent runs in a
+	// container, as SPIRE (through gopsutil) honours it.
+	procRoot := os.Getenv("HOST_PROC")
+	if procRoot == "" {
+		procRoot = "/proc"
+	}
+	return &Attestor{
+		cfg:      c,
+		procRoot: procRoot,
+		log:      log,
+		users:    newIDCache(lookupUser),
+		groups:   newIDCache(lookupGroup),
+		hashes:   newHashCache(maxHashEntries),
+	}, nil
+}
+
+// statusBufs holds buffers for /proc/<pid>/status, which is about 1.5 KiB
+// unless the process has many supplementary groups.
+var statusBufs = sync.Pool{New: func() any { b := make([]byte, 4096); return &b }}
+
+// Attest returns the unix selectors of pid: the effective uid and gid (as
+// SPIRE), their names when they resolve, every supplementary group, and
+// with discover_workload_path the executable's path and sha256.
+func (a *Attestor) Attest(ctx context.Context, pid int32) ([]attestor.Selector, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("pid %d is not a process id", pid)
+	}
+	pidStr := strconv.FormatInt(int64(pid), 10)
+
+	bufp := statusBufs.Get().(*[]byte)
+	defer func() {
+		if cap(*bufp) <= 64<<10 {
+			statusBufs.Put(bufp)
+		}
+	}()
+	statusPath := a.procRoot + "/" + pidStr + "/status"
+	st, err := readStatus(statusPath, bufp)
+	if err != nil {
+		return nil, procErr(pid, "reading "+statusPath, err)
+	}
+
+	sels := make([]attestor.Selector, 0, 6+2*st.numGroups())
+	u := a.users.get(st.uid)
+	sels = append(sels, sel(u.id))
+	if u.name != "" {
+		sels = append(sels, sel(u.name))
+	}
+	g := a.groups.get(st.gid)
+	sels = append(sels, sel(g.id))
+	if g.name != "" {
+		sels = append(sels, sel(g.name))
+	}
+	rest := st.groups
+	for {
+		var field []byte
+		field, rest = nextField(rest)
+		if field == nil {
+			break
+		}
+		gid, ok := parseUint32(field)
+		if !ok {
+			return nil, fmt.Errorf("pid %d: %s: bad supplementary group id %q", pid, statusPath, field)
+		}
+		sg := a.groups.get(gid)
+		sels = append(sels, sel(sg.suppID))
+		if sg.suppName != "" {
+			sels = append(sels, sel(sg.suppName))
+		}
+	}
+
+	if !a.cfg.DiscoverWorkloadPath {
+		return sels, nil
+	}
+	exe := a.procRoot + "/" + pidStr + "/exe"
+	if a.cfg.WorkloadSizeLimit < 0 {
+		path, err := readlink(exe)
+		if err != nil {
+			return nil, procErr(pid, "reading the executable path", err)
+		}
+		return append(sels, sel("path:"+path)), nil
+	}
+	path, sumValue, err := a.hashExe(ctx, pid, exe)
+	if err != nil {
+		return nil, err
+	}
+	return append(sels, sel("path:"+path), sel(sumValue)), nil
+}
+
+func sel(value string) attestor.Selector {
+	return attestor.Selector{Type: PluginName, Value: value}
+}
+
+// procErr names the pid and the step that failed, and says plainly when the
+// process is gone or the agent lacks the permission.
+func procErr(pid int32, what string, err error) error {
+	switch {
+	case errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ESRCH):
+		return fmt.Errorf("pid %d: %s: the process does not exist (it may have exited): %w", pid, what, err)
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return fmt.Errorf("pid %d: %s: permission denied: run the agent as root or as the workload's user: %w", pid, what, err)
+	}
+	return fmt.Errorf("pid %d: %s: %w", pid, what, err)
+}
