@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
@@ -73,6 +74,7 @@ func New(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 	}
 	a := &Agent{log: log, upstream: up, upstreamN: name, cfg: cfg}
 	a.cache = NewCache(log.Named("cache"), up)
+	a.cache.PersistTo(cfg.Agent.DataDir, cfg.Agent.TrustDomain)
 	a.attestors.Store(set)
 	return a, nil
 }
@@ -146,19 +148,34 @@ func (a *Agent) Attest(ctx context.Context, pid int32) ([]attestor.Selector, err
 	return a.attestors.Load().Attest(ctx, pid)
 }
 
-// Run starts the upstream and SVID rotation and returns when ctx ends.
+// Run starts the upstream, SVID rotation and the cache's persistence, and
+// returns when ctx ends. An upstream that fails is restarted with capped
+// backoff: the agent keeps serving what it has meanwhile.
 func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		a.cache.RunRotation(ctx)
 	}()
-	err := a.upstream.Run(ctx, a.cache)
-	wg.Wait()
-	if err != nil && ctx.Err() == nil {
-		return fmt.Errorf("upstream %s: %w", a.upstreamN, err)
+	go func() {
+		defer wg.Done()
+		a.cache.RunPersist(ctx)
+	}()
+	retry := NewBackoff(time.Second, 30*time.Second)
+	for ctx.Err() == nil {
+		err := a.upstream.Run(ctx, a.cache)
+		if ctx.Err() != nil {
+			break
+		}
+		wait := retry.Next()
+		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamN, "retry_in", wait.Round(time.Millisecond), "error", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
 	}
+	wg.Wait()
 	return nil
 }
 

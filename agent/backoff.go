@@ -5,19 +5,23 @@ import (
 	"time"
 )
 
-// backoff yields capped exponential delays with full jitter in [d/2, d).
-type backoff struct {
+// Backoff yields capped exponential delays with jitter in [d/2, d], for
+// retries against an upstream.
+type Backoff struct {
 	base, max, cur time.Duration
 }
 
-func newBackoff(base, max time.Duration) *backoff {
-	return &backoff{base: base, max: max, cur: base}
+// NewBackoff returns a Backoff starting at base and capped at max.
+func NewBackoff(base, max time.Duration) *Backoff {
+	return &Backoff{base: base, max: max, cur: base}
 }
 
-func (b *backoff) next() time.Duration {
+// Next returns the delay before the next try.
+func (b *Backoff) Next() time.Duration {
 	d := b.cur
 	b.cur = min(b.cur*2, b.max)
 	return d/2 + rand.N(d/2+1)
 }
 
-func (b *backoff) reset() { b.cur = b.base }
+// Reset starts over after a success.
+func (b *Backoff) Reset() { b.cur = b.base }

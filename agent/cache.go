@@ -3,6 +3,7 @@ package agent
 import (
 	"cmp"
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -63,6 +64,9 @@ type Cache struct {
 	haveEntries, haveBundles bool
 	ready                    chan struct{}
 	renewKick                chan struct{}
+
+	persistPath string // empty: not persisted
+	dirty       bool   // changed since last persisted
 }
 
 type mintCall struct {
@@ -244,6 +248,7 @@ func (s *Subscription) Close() {
 }
 
 func (c *Cache) notifyLocked() {
+	c.dirty = true
 	for s := range c.subs {
 		select {
 		case s.C <- struct{}{}:
@@ -260,7 +265,11 @@ func (c *Cache) matchLocked(sels []attestor.Selector) []*Entry {
 		return nil
 	}
 	seen := make(map[*Entry]int, 4)
-	for _, s := range sels {
+	for i, s := range sels {
+		// A repeated selector must not count twice towards an entry.
+		if slices.Contains(sels[:i], s) {
+			continue
+		}
 		for _, e := range c.index[s] {
 			seen[e]++
 			if seen[e] == len(e.Selectors) {
@@ -482,6 +491,11 @@ func newX509SVID(e *Entry, key *ecdsa.PrivateKey, chain []*x509.Certificate, now
 	if err != nil {
 		return nil, fmt.Errorf("encoding the key of %s: %w", e.SPIFFEID, err)
 	}
+	return newX509SVIDFromKey(e, key, keyDER, chain, now)
+}
+
+func newX509SVIDFromKey(e *Entry, key crypto.Signer, keyDER []byte, chain []*x509.Certificate, now time.Time) (*X509SVID, error) {
+	leaf := chain[0]
 	var chainDER []byte
 	for _, cert := range chain {
 		chainDER = append(chainDER, cert.Raw...)
@@ -529,7 +543,7 @@ func (c *Cache) kickRenewal() {
 // RunRotation renews SVIDs as they reach their renewal time, until ctx ends.
 // A failed renewal keeps the old SVID and is retried with capped backoff.
 func (c *Cache) RunRotation(ctx context.Context) {
-	backoff := newBackoff(time.Second, 30*time.Second)
+	backoff := NewBackoff(time.Second, 30*time.Second)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -549,10 +563,10 @@ func (c *Cache) RunRotation(ctx context.Context) {
 		c.mu.RUnlock()
 		if len(due) > 0 {
 			if c.renew(ctx, due) {
-				backoff.reset()
+				backoff.Reset()
 				continue
 			}
-			next = now.Add(backoff.next())
+			next = now.Add(backoff.Next())
 		}
 		timer.Reset(next.Sub(now))
 		select {

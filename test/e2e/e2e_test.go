@@ -551,3 +551,5 @@ func mustRead(t *testing.T, path string) []byte {
 	}
 	return b
 }
+
+func jwtParams(audience string) jwtsvid.Params { return jwtsvid.Params{Audience: audience} }

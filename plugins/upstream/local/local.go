@@ -8,10 +8,13 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"net/url"
+	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -61,13 +64,23 @@ type Local struct {
 	statePath string
 	now       func() time.Time
 
-	mu          sync.RWMutex
+	mu          sync.Mutex
 	settings    *settings
-	authorities []*authority // oldest first
+	fileCA      *authority   // from ca_cert_path, or nil
+	authorities []*authority // oldest first; empty while the CA is unavailable
 	active      int
 	seq         uint64
+	stamp       fileStamp     // the state file as last read or written
+	caErr       error         // why the CA is unavailable, or nil
 	changed     chan struct{} // wakes Run after a reconfigure
 }
+
+// unavailableError marks a CA state that exists but cannot be used now: the
+// agent keeps serving what it has saved and retries, rather than exiting.
+type unavailableError struct{ err error }
+
+func (e *unavailableError) Error() string { return e.err.Error() }
+func (e *unavailableError) Unwrap() error { return e.err }
 
 // New builds the local CA from its plugin_data and loads or creates its
 // authorities in the data directory.
@@ -85,7 +98,12 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		changed:   make(chan struct{}, 1),
 	}
 	if err := l.loadAuthorities(); err != nil {
-		return nil, err
+		var unavailable *unavailableError
+		if !errors.As(err, &unavailable) {
+			return nil, err
+		}
+		l.caErr = err
+		l.log.Error("The local CA cannot be loaded; saved SVIDs are served until it can", "error", err)
 	}
 	return l, nil
 }
@@ -124,21 +142,23 @@ func parseSettings(data *conf.Section, td spiffeid.TrustDomain) (*settings, erro
 	return s, nil
 }
 
-// loadAuthorities loads the CA state from the data directory, or creates it.
+// loadAuthorities loads the CA state from the data directory, or creates it
+// on the first start.
 func (l *Local) loadAuthorities() error {
-	var fileCA *authority
 	if l.settings.caCertPath != "" {
-		var err error
-		if fileCA, err = loadFileCA(l.settings.caCertPath, l.settings.caKeyPath); err != nil {
+		fileCA, err := loadFileCA(l.settings.caCertPath, l.settings.caKeyPath)
+		if err != nil {
 			return err
 		}
-		if fileCA.root.URIs != nil && len(fileCA.root.URIs) == 1 && fileCA.root.URIs[0].String() != l.td.IDString() {
+		if len(fileCA.root.URIs) == 1 && fileCA.root.URIs[0].String() != l.td.IDString() {
 			return fmt.Errorf("the CA in ca_cert_path has SPIFFE ID %s, not %s", fileCA.root.URIs[0], l.td.IDString())
 		}
+		l.fileCA = fileCA
 	}
+	fileCA := l.fileCA
 	auths, active, err := loadState(l.statePath, fileCA)
 	if err != nil {
-		return err
+		return &unavailableError{err}
 	}
 	now := l.now()
 	if len(auths) == 0 || !now.Before(auths[active].notAfter) {
@@ -151,8 +171,55 @@ func (l *Local) loadAuthorities() error {
 	} else {
 		l.log.Info("Loaded the local CA", "trust_domain", l.td, "not_after", auths[active].notAfter, "state", l.statePath)
 	}
-	l.authorities, l.active = pruneExpired(auths, active, now)
-	return saveState(l.statePath, l.authorities, l.active, fileCA != nil)
+	auths, active = pruneExpired(auths, active, now)
+	if err := l.save(auths, active); err != nil {
+		return &unavailableError{err}
+	}
+	l.authorities, l.active = auths, active
+	return nil
+}
+
+// save writes the CA state and remembers its stamp, so that ensureCA can
+// tell our own writes from someone else's.
+func (l *Local) save(auths []*authority, active int) error {
+	if err := saveState(l.statePath, auths, active, l.fileCA != nil); err != nil {
+		return err
+	}
+	st, err := statStamp(l.statePath)
+	if err != nil {
+		return err
+	}
+	l.stamp = st
+	return nil
+}
+
+// ensureCALocked makes sure the CA in memory is the one on disk: the state
+// file is the source of truth. A file that changed is reloaded; one that is
+// gone or unreadable makes the CA unavailable (signing fails, and the agent
+// serves what it has) until it is back. It is never silently replaced.
+func (l *Local) ensureCALocked() (reloaded bool, err error) {
+	st, err := statStamp(l.statePath)
+	if err == nil && l.caErr == nil && st == l.stamp {
+		return false, nil
+	}
+	if err != nil {
+		l.caErr = fmt.Errorf("the CA state %s: %w", l.statePath, err)
+		return false, l.caErr
+	}
+	auths, active, err := loadState(l.statePath, l.fileCA)
+	if err == nil && len(auths) == 0 {
+		err = fmt.Errorf("the CA state %s holds no CA", l.statePath)
+	}
+	if err != nil {
+		l.caErr = err
+		return false, err
+	}
+	if l.caErr != nil {
+		l.log.Info("The local CA is available again", "state", l.statePath)
+	}
+	l.authorities, l.active, l.stamp, l.caErr = auths, active, st, nil
+	l.seq++
+	return true, nil
 }
 
 func (l *Local) newAuthority(fileCA *authority, now time.Time) (*authority, error) {
@@ -183,12 +250,13 @@ func pruneExpired(auths []*authority, active int, now time.Time) ([]*authority, 
 	return out, newActive
 }
 
-// Run publishes entries and bundles and rotates the CA until ctx ends.
+// Run publishes entries and bundles and rotates the CA until ctx ends. While
+// the CA is unavailable it retries with capped backoff; entries are
+// published regardless, as they come from the config.
 func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
-	l.mu.RLock()
-	sink.SetEntries(l.settings.entries)
-	l.mu.RUnlock()
-	sink.SetBundles(l.bundles())
+	l.publishEntries(sink)
+	published := false
+	retry := agent.NewBackoff(time.Second, 30*time.Second)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
@@ -196,19 +264,24 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 		case <-ctx.Done():
 			return nil
 		case <-l.changed:
-			l.mu.RLock()
-			sink.SetEntries(l.settings.entries)
-			l.mu.RUnlock()
-			sink.SetBundles(l.bundles())
+			l.publishEntries(sink)
+			published = false
 		case <-timer.C:
 		}
 		next, changed, err := l.rotate()
 		if err != nil {
-			l.log.Error("Could not rotate the local CA; retrying in a minute", "error", err)
-			next = l.now().Add(time.Minute)
-		}
-		if changed {
-			sink.SetBundles(l.bundles())
+			wait := retry.Next()
+			l.log.Error("The local CA is unavailable; retrying", "retry_in", wait.Round(time.Millisecond), "error", err)
+			next = l.now().Add(wait)
+		} else {
+			retry.Reset()
+			if changed || !published {
+				local, federated, ok := l.bundles()
+				if ok {
+					sink.SetBundles(local, federated)
+					published = true
+				}
+			}
 		}
 		if !timer.Stop() {
 			select {
@@ -216,8 +289,15 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 			default:
 			}
 		}
-		timer.Reset(max(time.Until(next), 0))
+		timer.Reset(max(next.Sub(l.now()), 0))
 	}
+}
+
+func (l *Local) publishEntries(sink agent.Sink) {
+	l.mu.Lock()
+	entries := l.settings.entries
+	l.mu.Unlock()
+	sink.SetEntries(entries)
 }
 
 // rotate prepares, activates and retires authorities as they age, and
@@ -226,12 +306,12 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
+	if changed, err = l.ensureCALocked(); err != nil {
+		return now, false, err
+	}
 	active := l.authorities[l.active]
 	prepared := l.active < len(l.authorities)-1
-	var fileCA *authority
-	if l.settings.caCertPath != "" {
-		fileCA = active
-	}
+	fileCA := l.fileCA
 	if !prepared && !now.Before(active.at(prepareAt)) {
 		a, err := l.newAuthority(fileCA, now)
 		if err != nil {
@@ -251,7 +331,7 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 	changed = changed || len(l.authorities) != before
 	if changed {
 		l.seq++
-		if err := saveState(l.statePath, l.authorities, l.active, fileCA != nil); err != nil {
+		if err := l.save(l.authorities, l.active); err != nil {
 			return now, changed, err
 		}
 	}
@@ -268,10 +348,13 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 }
 
 // bundles returns the local bundle, with every unexpired authority, and the
-// configured federated bundles.
-func (l *Local) bundles() (*spiffebundle.Bundle, []*spiffebundle.Bundle) {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
+// configured federated bundles; ok is false while the CA is unavailable.
+func (l *Local) bundles() (local *spiffebundle.Bundle, federated []*spiffebundle.Bundle, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.authorities) == 0 {
+		return nil, nil, false
+	}
 	b := spiffebundle.New(l.td)
 	for _, a := range l.authorities {
 		if !b.HasX509Authority(a.root) {
@@ -280,7 +363,7 @@ func (l *Local) bundles() (*spiffebundle.Bundle, []*spiffebundle.Bundle) {
 		_ = b.AddJWTAuthority(a.jwtKID, a.jwtKey.Public())
 	}
 	b.SetSequenceNumber(l.seq)
-	return b, l.settings.federated
+	return b, l.settings.federated, true
 }
 
 // Reconfigure applies new plugin_data (on SIGHUP): entries and federated
@@ -304,12 +387,24 @@ func (l *Local) Reconfigure(data *conf.Section) error {
 	return nil
 }
 
+// activeCA returns the signing authority, checking first that the state on
+// disk has not changed or gone.
+func (l *Local) activeCA() (*authority, *settings, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, err := l.ensureCALocked(); err != nil {
+		return nil, nil, fmt.Errorf("the local CA is unavailable: %w", err)
+	}
+	return l.authorities[l.active], l.settings, nil
+}
+
 // MintX509SVIDs signs X509-SVIDs with the active CA.
 func (l *Local) MintX509SVIDs(_ context.Context, reqs []agent.X509Request) ([]agent.X509Result, error) {
-	l.mu.RLock()
-	ca := l.authorities[l.active]
-	defaultTTL := l.settings.x509TTL
-	l.mu.RUnlock()
+	ca, s, err := l.activeCA()
+	if err != nil {
+		return nil, err
+	}
+	defaultTTL := s.x509TTL
 	out := make([]agent.X509Result, len(reqs))
 	now := l.now()
 	for i, req := range reqs {
@@ -359,10 +454,11 @@ func signX509SVID(ca *authority, req agent.X509Request, defaultTTL time.Duration
 
 // MintJWTSVID signs a JWT-SVID with the active JWT key.
 func (l *Local) MintJWTSVID(_ context.Context, entry *agent.Entry, audience []string) (*agent.JWTSVID, error) {
-	l.mu.RLock()
-	ca := l.authorities[l.active]
-	ttl := l.settings.jwtTTL
-	l.mu.RUnlock()
+	ca, s, err := l.activeCA()
+	if err != nil {
+		return nil, err
+	}
+	ttl := s.jwtTTL
 	if entry.JWTSVIDTTL != 0 {
 		ttl = entry.JWTSVIDTTL
 	}
@@ -398,4 +494,23 @@ func minTime(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// fileStamp identifies a version of a file without reading it.
+type fileStamp struct {
+	ino   uint64
+	size  int64
+	mtime time.Time
+}
+
+func statStamp(path string) (fileStamp, error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return fileStamp{}, err
+	}
+	st := fileStamp{size: info.Size(), mtime: info.ModTime()}
+	if sys, ok := info.Sys().(*syscall.Stat_t); ok {
+		st.ino = sys.Ino
+	}
+	return st, nil
 }

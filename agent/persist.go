@@ -1,0 +1,297 @@
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// The cache is saved to the data directory so that an agent restarted while
+// its upstream is unreachable serves every still-valid SVID at once. The
+// file holds private keys: mode 0600, written atomically.
+const (
+	cacheFileName    = "cache.json"
+	cacheFileVersion = 1
+	// persistEvery bounds how often the file is rewritten: a burst of
+	// changes (a rotation of thousands of SVIDs) costs one write.
+	persistEvery = time.Second
+)
+
+type cacheFile struct {
+	Version     int               `json:"version"`
+	SavedAt     time.Time         `json:"saved_at"`
+	TrustDomain string            `json:"trust_domain"`
+	Entries     []storedEntry     `json:"entries"`
+	Local       json.RawMessage   `json:"local_bundle"`
+	Federated   map[string][]byte `json:"federated_bundles,omitempty"`
+	SVIDs       []storedSVID      `json:"x509_svids"`
+}
+
+type storedEntry struct {
+	ID             string        `json:"id"`
+	SPIFFEID       string        `json:"spiffe_id"`
+	Selectors      []string      `json:"selectors"`
+	X509SVIDTTL    time.Duration `json:"x509_svid_ttl,omitempty"`
+	JWTSVIDTTL     time.Duration `json:"jwt_svid_ttl,omitempty"`
+	Hint           string        `json:"hint,omitempty"`
+	DNSNames       []string      `json:"dns_names,omitempty"`
+	FederatesWith  []string      `json:"federates_with,omitempty"`
+	CreatedAt      int64         `json:"created_at"`
+	RevisionNumber int64         `json:"revision_number"`
+}
+
+type storedSVID struct {
+	EntryID string   `json:"entry_id"`
+	Chain   [][]byte `json:"chain"`
+	Key     []byte   `json:"key"`
+}
+
+// PersistTo makes the cache save itself to dir (see RunPersist) and loads
+// what an earlier run saved there. A file that cannot be used is logged with
+// what was wrong, moved aside, and the cache starts empty: the upstream
+// rebuilds it.
+func (c *Cache) PersistTo(dir string, td spiffeid.TrustDomain) {
+	c.persistPath = filepath.Join(dir, cacheFileName)
+	err := c.load(td)
+	if err == nil || errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	aside := c.persistPath + ".corrupt"
+	c.log.Error("The saved cache cannot be used; starting empty and rebuilding it from the upstream",
+		"path", c.persistPath, "moved_to", aside, "error", err)
+	if rerr := os.Rename(c.persistPath, aside); rerr != nil {
+		c.log.Error("Could not move the unusable cache aside", "path", c.persistPath, "error", rerr)
+	}
+}
+
+func (c *Cache) load(want spiffeid.TrustDomain) error {
+	data, err := os.ReadFile(c.persistPath)
+	if err != nil {
+		return err
+	}
+	var f cacheFile
+	if err := json.Unmarshal(data, &f); err != nil {
+		return fmt.Errorf("not valid JSON (%d bytes, truncated or overwritten?): %w", len(data), err)
+	}
+	if f.Version != cacheFileVersion {
+		return fmt.Errorf("format version %d, this agent reads %d", f.Version, cacheFileVersion)
+	}
+	entries := make([]*Entry, 0, len(f.Entries))
+	for i, se := range f.Entries {
+		e, err := se.entry()
+		if err != nil {
+			return fmt.Errorf("entry %d (%s): %w", i, se.ID, err)
+		}
+		entries = append(entries, e)
+	}
+	td, err := spiffeid.TrustDomainFromString(f.TrustDomain)
+	if err != nil {
+		return fmt.Errorf("trust domain: %w", err)
+	}
+	if td != want {
+		return fmt.Errorf("saved for trust domain %s, the agent's is %s", td, want)
+	}
+	if len(f.Local) == 0 {
+		return errors.New("no local bundle")
+	}
+	local, err := spiffebundle.Parse(td, f.Local)
+	if err != nil {
+		return fmt.Errorf("local bundle: %w", err)
+	}
+	var federated []*spiffebundle.Bundle
+	for name, raw := range f.Federated {
+		td, err := spiffeid.TrustDomainFromString(name)
+		if err != nil {
+			return fmt.Errorf("federated bundle %q: %w", name, err)
+		}
+		b, err := spiffebundle.Parse(td, raw)
+		if err != nil {
+			return fmt.Errorf("federated bundle %s: %w", name, err)
+		}
+		federated = append(federated, b)
+	}
+	for _, e := range entries {
+		if e.SPIFFEID.TrustDomain() != td {
+			return fmt.Errorf("entry %s is in trust domain %s, the cache's is %s", e.ID, e.SPIFFEID.TrustDomain(), td)
+		}
+	}
+	byID := make(map[string]*Entry, len(entries))
+	for _, e := range entries {
+		byID[e.ID] = e
+	}
+	now := c.now()
+	svids := make(map[string]*X509SVID, len(f.SVIDs))
+	expired := 0
+	for i, ss := range f.SVIDs {
+		e := byID[ss.EntryID]
+		if e == nil {
+			return fmt.Errorf("X509-SVID %d belongs to entry %s, which is not saved", i, ss.EntryID)
+		}
+		svid, err := ss.svid(e, now)
+		if err != nil {
+			return fmt.Errorf("X509-SVID %d (%s): %w", i, e.SPIFFEID, err)
+		}
+		if !now.Before(svid.NotAfter) {
+			expired++
+			continue
+		}
+		svids[e.ID] = svid
+	}
+
+	c.SetEntries(entries)
+	c.SetBundles(local, federated)
+	c.mu.Lock()
+	for id, svid := range svids {
+		if e := c.entries[id]; e != nil && c.local.chainsTo(svid.Chain) {
+			c.svids[id] = svid
+		}
+	}
+	c.dirty = false
+	c.mu.Unlock()
+	c.log.Info("Loaded the saved cache", "path", c.persistPath, "saved_at", f.SavedAt,
+		"entries", len(entries), "x509_svids", len(svids), "expired_dropped", expired)
+	return nil
+}
+
+func (se storedEntry) entry() (*Entry, error) {
+	id, err := spiffeid.FromString(se.SPIFFEID)
+	if err != nil {
+		return nil, err
+	}
+	e := &Entry{
+		ID: se.ID, SPIFFEID: id, X509SVIDTTL: se.X509SVIDTTL, JWTSVIDTTL: se.JWTSVIDTTL,
+		Hint: se.Hint, DNSNames: se.DNSNames, CreatedAt: se.CreatedAt, RevisionNumber: se.RevisionNumber,
+	}
+	if se.ID == "" || len(se.Selectors) == 0 {
+		return nil, errors.New("no ID or no selectors")
+	}
+	for _, raw := range se.Selectors {
+		s, err := attestor.ParseSelector(raw)
+		if err != nil {
+			return nil, err
+		}
+		e.Selectors = append(e.Selectors, s)
+	}
+	e.Selectors = attestor.SortSelectors(e.Selectors)
+	for _, raw := range se.FederatesWith {
+		td, err := spiffeid.TrustDomainFromString(raw)
+		if err != nil {
+			return nil, err
+		}
+		e.FederatesWith = append(e.FederatesWith, td)
+	}
+	return e, nil
+}
+
+func storeEntry(e *Entry) storedEntry {
+	se := storedEntry{
+		ID: e.ID, SPIFFEID: e.SPIFFEID.String(), X509SVIDTTL: e.X509SVIDTTL, JWTSVIDTTL: e.JWTSVIDTTL,
+		Hint: e.Hint, DNSNames: e.DNSNames, CreatedAt: e.CreatedAt, RevisionNumber: e.RevisionNumber,
+	}
+	for _, s := range e.Selectors {
+		se.Selectors = append(se.Selectors, s.String())
+	}
+	for _, td := range e.FederatesWith {
+		se.FederatesWith = append(se.FederatesWith, td.Name())
+	}
+	return se
+}
+
+func (ss storedSVID) svid(e *Entry, now time.Time) (*X509SVID, error) {
+	if len(ss.Chain) == 0 {
+		return nil, errors.New("empty chain")
+	}
+	chain := make([]*x509.Certificate, len(ss.Chain))
+	for i, der := range ss.Chain {
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, err
+		}
+		chain[i] = cert
+	}
+	key, err := x509.ParsePKCS8PrivateKey(ss.Key)
+	if err != nil {
+		return nil, fmt.Errorf("key: %w", err)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok || !publicKeyMatches(signer.Public(), chain[0].PublicKey) {
+		return nil, errors.New("the key does not belong to the certificate")
+	}
+	return newX509SVIDFromKey(e, signer, ss.Key, chain, now)
+}
+
+func publicKeyMatches(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b)
+}
+
+// RunPersist saves the cache whenever it changes, at most once per
+// persistEvery, and once more when ctx ends.
+func (c *Cache) RunPersist(ctx context.Context) {
+	if c.persistPath == "" {
+		return
+	}
+	ticker := time.NewTicker(persistEvery)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			c.persist()
+			return
+		case <-ticker.C:
+			c.persist()
+		}
+	}
+}
+
+func (c *Cache) persist() {
+	c.mu.Lock()
+	if !c.dirty || c.local == nil || !c.haveEntries {
+		c.mu.Unlock()
+		return
+	}
+	c.dirty = false
+	f := cacheFile{Version: cacheFileVersion, SavedAt: c.now(), TrustDomain: c.local.TrustDomain().Name(), Federated: map[string][]byte{}}
+	for _, e := range c.entries {
+		f.Entries = append(f.Entries, storeEntry(e))
+	}
+	for _, svid := range c.svids {
+		ss := storedSVID{EntryID: svid.EntryID, Key: svid.KeyDER}
+		for _, cert := range svid.Chain {
+			ss.Chain = append(ss.Chain, cert.Raw)
+		}
+		f.SVIDs = append(f.SVIDs, ss)
+	}
+	local, err := c.local.Marshal()
+	for _, b := range c.federated {
+		raw, ferr := b.Marshal()
+		if ferr != nil {
+			err = ferr
+		}
+		f.Federated[b.TrustDomain().Name()] = raw
+	}
+	c.mu.Unlock()
+	if err == nil {
+		f.Local = local
+		var data []byte
+		if data, err = json.Marshal(f); err == nil {
+			err = WriteFileAtomic(c.persistPath, data)
+		}
+	}
+	if err != nil {
+		c.log.Error("Could not save the cache; retrying", "path", c.persistPath, "error", err)
+		c.mu.Lock()
+		c.dirty = true
+		c.mu.Unlock()
+	}
+}

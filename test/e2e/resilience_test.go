@@ -1,0 +1,110 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// breakCA makes the local CA's state unusable, as a failed disk or an
+// operator's mistake would, and returns a function that restores it. Both
+// swap the file by rename, as any real writer of it does.
+func breakCA(t *testing.T, dataDir string) (restore func()) {
+	t.Helper()
+	path := filepath.Join(dataDir, "local_ca.json")
+	good, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	swap := func(data []byte) {
+		tmp := path + ".test-swap"
+		if err := os.WriteFile(tmp, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	swap([]byte("this is not a CA"))
+	return func() { swap(good) }
+}
+
+// waitPersisted waits until the agent has saved an X509-SVID to its cache file.
+func waitPersisted(t *testing.T, a *agentProc) {
+	waitFor(t, 10*time.Second, "the cache to be saved with an SVID", func() bool {
+		data, err := os.ReadFile(filepath.Join(a.dataDir, "cache.json"))
+		return err == nil && strings.Contains(string(data), `"x509_svids":[{`)
+	})
+}
+
+func TestRestartWhileUpstreamDownServesSavedSVIDs(t *testing.T) {
+	dir := newAgentDir(t)
+	a := startAgentIn(t, dir, baseConfig)
+	before, err := a.client(t).FetchX509SVID(testContext(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPersisted(t, a)
+	if err := a.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-a.exited
+
+	restore := breakCA(t, a.dataDir)
+	b := startAgentIn(t, dir, baseConfig)
+	after, err := b.client(t).FetchX509SVID(testContext(t))
+	if err != nil {
+		t.Fatalf("no SVID from the saved cache while the CA is down: %v", err)
+	}
+	if !after.Certificates[0].Equal(before.Certificates[0]) {
+		t.Fatal("the restarted agent served a different SVID; want the saved one")
+	}
+	waitFor(t, 10*time.Second, "the agent to log the CA outage", func() bool {
+		return strings.Contains(b.logs.String(), "local CA")
+	})
+	if info, err := os.Stat(filepath.Join(a.dataDir, "cache.json")); err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("cache.json: %v, mode %v; want 0600", err, info.Mode())
+	}
+
+	// Once the CA is back, signing works again: a JWT-SVID needs it.
+	restore()
+	waitFor(t, 40*time.Second, "a JWT-SVID once the CA is back", func() bool {
+		_, err := b.client(t).FetchJWTSVIDs(testContext(t), jwtParams("db"))
+		return err == nil
+	})
+}
+
+func TestUpstreamOutageMidRunKeepsServing(t *testing.T) {
+	a := startAgent(t, strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "8s"`, 1))
+	w := watch(t, a.client(t))
+	waitFor(t, 10*time.Second, "the first X.509 context", func() bool { return len(w.snapshot()) >= 1 })
+	first := w.snapshot()[0].DefaultSVID().Certificates[0]
+
+	restore := breakCA(t, a.dataDir)
+	// While the SVID is valid, every fetch succeeds, on new connections too.
+	ctx := testContext(t)
+	for i := 0; time.Now().Before(first.NotAfter.Add(-2 * time.Second)); i++ {
+		svid, err := a.client(t).FetchX509SVID(ctx)
+		if err != nil {
+			t.Fatalf("fetch %d during the CA outage failed: %v", i, err)
+		}
+		if svid.ID != userID {
+			t.Fatalf("fetch %d: %s", i, svid.ID)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !strings.Contains(a.logs.String(), "Could not sign") {
+		t.Fatalf("renewals during the outage were not attempted and logged:\n%s", a.logs.String())
+	}
+	restore()
+	waitFor(t, 40*time.Second, "rotation to resume after the CA is back", func() bool {
+		ups := w.snapshot()
+		last := ups[len(ups)-1].DefaultSVID().Certificates[0]
+		return !last.Equal(first) && time.Now().Before(last.NotAfter)
+	})
+	if len(w.errs) > 0 {
+		t.Fatalf("the watcher saw errors: %v", w.errs)
+	}
+}
