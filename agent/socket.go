@@ -6,9 +6,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -17,7 +20,12 @@ import (
 // running agent still serves. Workloads of any user must be able to
 // connect, so the socket is world-writable; what they get is decided by
 // attestation, not by file modes.
-func Listen(path string) (net.Listener, error) {
+//
+// At most maxConns connections are held at once; more are accepted and
+// closed at once with a logged warning, so that a flood cannot exhaust the
+// agent's file descriptors (each connection holds two: the socket and the
+// caller's pidfd).
+func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating the socket directory %s: %w", dir, err)
@@ -46,7 +54,68 @@ func Listen(path string) (net.Listener, error) {
 		lock.Close()
 		return nil, fmt.Errorf("making the socket %s reachable by workloads: %w", path, err)
 	}
-	return &lockedListener{Listener: l, lock: lock}, nil
+	return &lockedListener{Listener: newLimitListener(l, maxConns, log), lock: lock}, nil
+}
+
+// DefaultMaxConnections leaves room under the open-file limit (which Go
+// raises to the hard limit at start) for everything else the agent opens.
+func DefaultMaxConnections() int {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == unix.RLIM_INFINITY {
+		return 16384
+	}
+	n := (int64(lim.Cur) - 256) / 2
+	return int(max(min(n, 16384), 64))
+}
+
+type limitListener struct {
+	net.Listener
+	slots    chan struct{}
+	log      hclog.Logger
+	lastWarn atomic.Int64
+}
+
+func newLimitListener(l net.Listener, maxConns int, log hclog.Logger) *limitListener {
+	return &limitListener{Listener: l, slots: make(chan struct{}, maxConns), log: log}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case l.slots <- struct{}{}:
+			return &limitConn{Conn: conn, release: func() { <-l.slots }}, nil
+		default:
+			conn.Close()
+			if now := time.Now().Unix(); l.lastWarn.Swap(now) != now {
+				l.log.Warn("Refusing connections: the connection limit is reached", "limit", cap(l.slots))
+			}
+		}
+	}
+}
+
+type limitConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+// SyscallConn exposes the socket, for reading the peer's credentials.
+func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("not a socket connection")
+	}
+	return sc.SyscallConn()
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
 }
 
 func removeStaleSocket(path string) error {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
@@ -46,7 +48,27 @@ type Config struct {
 	// AllowUnauthenticatedVerifiers lets callers with no identity fetch
 	// bundles, as spire-agent's allow_unauthenticated_verifiers does.
 	AllowUnauthenticatedVerifiers bool
+	// SendTimeout bounds one message on a stream: a client that does not
+	// read for this long is disconnected rather than waited for.
+	// Zero means DefaultSendTimeout.
+	SendTimeout time.Duration
 }
+
+// Limits on what a client may make the agent hold.
+const (
+	DefaultSendTimeout = 10 * time.Second
+	// maxRecvMsgSize bounds a request. Workload API requests are small; the
+	// largest is a JWT-SVID to validate.
+	maxRecvMsgSize = 256 << 10
+	// handshakeTimeout closes connections that never complete the HTTP/2
+	// preface.
+	handshakeTimeout = 10 * time.Second
+	// maxConnectionIdle closes connections with no call for this long.
+	maxConnectionIdle = 5 * time.Minute
+	// bufferSize is gRPC's per-connection read and write buffer: messages
+	// are a few KiB, and thousands of idle connections must stay cheap.
+	bufferSize = 8 << 10
+)
 
 // Server is the gRPC server with the Workload API, health and reflection.
 type Server struct {
@@ -57,10 +79,19 @@ type Server struct {
 // NewServer builds the gRPC server. Health reports NOT_SERVING until the
 // agent sets it.
 func NewServer(cfg Config) *Server {
+	if cfg.SendTimeout == 0 {
+		cfg.SendTimeout = DefaultSendTimeout
+	}
 	s := grpc.NewServer(
 		grpc.Creds(attestor.Credentials()),
 		grpc.ChainUnaryInterceptor(unaryHeaderCheck),
 		grpc.ChainStreamInterceptor(streamHeaderCheck),
+		grpc.MaxRecvMsgSize(maxRecvMsgSize),
+		grpc.ConnectionTimeout(handshakeTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
+		grpc.ReadBufferSize(bufferSize),
+		grpc.WriteBufferSize(bufferSize),
+		grpc.SharedWriteBuffer(true),
 	)
 	workload.RegisterSpiffeWorkloadAPIServer(s, &handler{cfg: cfg})
 	h := health.NewServer()
@@ -110,22 +141,38 @@ type handler struct {
 // attest identifies the caller. When the process that connected is gone
 // (it exited, or its PID was reused) the answer is Unauthenticated and the
 // connection is closed: nothing learned about the PID can be trusted.
-func (h *handler) attest(ctx context.Context) ([]attestor.Selector, error) {
+func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Caller, error) {
 	caller, ok := attestor.CallerFromContext(ctx)
 	if !ok {
-		return nil, status.Error(codes.Unauthenticated, "could not resolve caller information: the connection carries no peer credentials")
+		return nil, nil, status.Error(codes.Unauthenticated, "could not resolve caller information: the connection carries no peer credentials")
 	}
 	sels, err := h.cfg.Attestor.Attest(ctx, caller.PID)
 	if verr := caller.Verify(); verr != nil {
 		h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "error", verr)
 		caller.CloseConn()
-		return nil, status.Errorf(codes.Unauthenticated, "could not verify the caller: %v", verr)
+		return nil, nil, status.Errorf(codes.Unauthenticated, "could not verify the caller: %v", verr)
 	}
 	if err != nil {
 		h.cfg.Log.Warn("Workload attestation failed", "pid", caller.PID, "error", err)
-		return nil, nil
+		return nil, caller, nil
 	}
-	return sels, nil
+	return sels, caller, nil
+}
+
+// send sends one stream message within the send timeout. gRPC's Send blocks
+// while the client's flow-control window is full, and cannot be cancelled,
+// so a client that stops reading has its connection closed, which ends the
+// Send; nothing else waits on it.
+func (h *handler) send(caller *attestor.Caller, send func() error) error {
+	timer := time.AfterFunc(h.cfg.SendTimeout, func() {
+		h.cfg.Log.Warn("Disconnecting a client that stopped reading its stream", "pid", caller.PID, "timeout", h.cfg.SendTimeout)
+		caller.CloseConn()
+	})
+	err := send()
+	if !timer.Stop() {
+		return status.Errorf(codes.DeadlineExceeded, "the client did not read a message within %s", h.cfg.SendTimeout)
+	}
+	return err
 }
 
 // statusOf turns a cache error into the status the spec asks for.
@@ -142,7 +189,7 @@ func statusOf(err error) error {
 
 func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
 	ctx := stream.Context()
-	sels, err := h.attest(ctx)
+	sels, caller, err := h.attest(ctx)
 	if err != nil {
 		return err
 	}
@@ -158,7 +205,7 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			// Keep what the client has; the next change tries again.
 			h.cfg.Log.Warn("Could not update an X509-SVID stream", "error", err)
 		case !snap.Same(last):
-			if err := stream.Send(x509Response(snap)); err != nil {
+			if err := h.send(caller, func() error { return stream.Send(x509Response(snap)) }); err != nil {
 				return err
 			}
 			last = snap
@@ -193,7 +240,7 @@ func x509Response(snap *agent.X509Snapshot) *workload.X509SVIDResponse {
 
 // streamBundles runs a bundle stream: the full set first, then on change.
 func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnapshot) error) error {
-	sels, err := h.attest(ctx)
+	sels, caller, err := h.attest(ctx)
 	if err != nil {
 		return err
 	}
@@ -208,7 +255,7 @@ func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnap
 		case err != nil:
 			h.cfg.Log.Warn("Could not update a bundle stream", "error", err)
 		case !snap.Same(last):
-			if err := send(snap); err != nil {
+			if err := h.send(caller, func() error { return send(snap) }); err != nil {
 				return err
 			}
 			last = snap
@@ -259,7 +306,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 			return nil, status.Errorf(codes.InvalidArgument, "invalid requested SPIFFE ID %q: %v", req.SpiffeId, err)
 		}
 	}
-	sels, err := h.attest(ctx)
+	sels, _, err := h.attest(ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -146,7 +146,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
 	}
-	listener, err := agent.Listen(cfg.Agent.SocketPath)
+	listener, err := agent.Listen(cfg.Agent.SocketPath, agent.DefaultMaxConnections(), log.Named("listener"))
 	if err != nil {
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
