@@ -392,8 +392,16 @@ func (l *Local) Reconfigure(data *conf.Section) error {
 func (l *Local) activeCA() (*authority, *settings, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if _, err := l.ensureCALocked(); err != nil {
+	reloaded, err := l.ensureCALocked()
+	if err != nil {
 		return nil, nil, fmt.Errorf("the local CA is unavailable: %w", err)
+	}
+	if reloaded {
+		// Wake Run to publish the reloaded bundle: peers must trust what we sign.
+		select {
+		case l.changed <- struct{}{}:
+		default:
+		}
 	}
 	return l.authorities[l.active], l.settings, nil
 }

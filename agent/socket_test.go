@@ -1,0 +1,359 @@
+package agent
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+func listen(path string) (net.Listener, error) {
+	return Listen(path, 64, hclog.NewNullLogger())
+}
+
+// serve writes msg to every connection on l until l is closed.
+func serve(l net.Listener, msg string) {
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.WriteString(conn, msg)
+			conn.Close()
+		}
+	}()
+}
+
+// readFrom dials path and returns what the server writes.
+func readFrom(t *testing.T, path string) string {
+	t.Helper()
+	conn, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial %s: %v", path, err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	return string(b)
+}
+
+func TestListenCreatesDirAndOpensSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "run", "spire", "agent.sock")
+	l, err := listen(path)
+	if err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	defer l.Close()
+	info, err := os.Stat(filepath.Dir(path))
+	if err != nil || !info.IsDir() {
+		t.Fatalf("socket directory not created: %v", err)
+	}
+	info, err = os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Mode()&os.ModeSocket == 0 {
+		t.Errorf("%s is %v, not a socket", path, info.Mode())
+	}
+	if info.Mode().Perm() != 0o777 {
+		t.Errorf("socket mode %o, want 777 so that every workload can connect", info.Mode().Perm())
+	}
+	serve(l, "hello")
+	if got := readFrom(t, path); got != "hello" {
+		t.Errorf("read %q through the socket", got)
+	}
+}
+
+func TestListenReplacesStaleSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	// A socket file nobody listens on, as a crash leaves it.
+	old, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.SetUnlinkOnClose(false)
+	old.Close()
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("the stale socket is gone before the test: %v", err)
+	}
+	l, err := listen(path)
+	if err != nil {
+		t.Fatalf("Listen over a stale socket: %v", err)
+	}
+	defer l.Close()
+	serve(l, "new")
+	if got := readFrom(t, path); got != "new" {
+		t.Errorf("read %q through the replaced socket", got)
+	}
+}
+
+func TestListenRefusesLiveSocket(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	// Another program (no lock file) serves the path.
+	live, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	l, err := listen(path)
+	if err == nil {
+		l.Close()
+		t.Fatal("Listen took over a socket that is in use")
+	}
+	if !strings.Contains(err.Error(), "in use") || !strings.Contains(err.Error(), path) {
+		t.Errorf("error %q does not say the socket %s is in use", err, path)
+	}
+	// The running server is untouched.
+	serve(live, "still here")
+	if got := readFrom(t, path); got != "still here" {
+		t.Errorf("the live server answered %q", got)
+	}
+}
+
+func TestListenRefusesRegularFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	if err := os.WriteFile(path, []byte("keep me"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	l, err := listen(path)
+	if err == nil {
+		l.Close()
+		t.Fatal("Listen replaced a regular file")
+	}
+	if !strings.Contains(err.Error(), "not a socket") || !strings.Contains(err.Error(), path) {
+		t.Errorf("error %q does not say %s is not a socket", err, path)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "keep me" {
+		t.Error("the regular file was changed")
+	}
+	// Nor a directory.
+	dirPath := filepath.Join(t.TempDir(), "dir.sock")
+	if err := os.Mkdir(dirPath, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := listen(dirPath); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		if l != nil {
+			l.Close()
+		}
+		t.Errorf("Listen on a directory: %v", err)
+	}
+}
+
+func TestListenTwice(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	l1, err := listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2, err := listen(path)
+	if err == nil {
+		l2.Close()
+		l1.Close()
+		t.Fatal("a second Listen on the same path succeeded")
+	}
+	if !strings.Contains(err.Error(), "in use by another running agent") || !strings.Contains(err.Error(), path) {
+		t.Errorf("error %q is not clear about the other agent", err)
+	}
+	// The first listener still serves.
+	serve(l1, "first")
+	if got := readFrom(t, path); got != "first" {
+		t.Errorf("read %q from the first listener", got)
+	}
+	if err := l1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Once closed, the path is free again.
+	l3, err := listen(path)
+	if err != nil {
+		t.Fatalf("Listen after the first closed: %v", err)
+	}
+	l3.Close()
+}
+
+// TestListenHelperProcess is not a test: it is the other agent of
+// TestListenAcrossProcesses, run as a child process.
+func TestListenHelperProcess(t *testing.T) {
+	path := os.Getenv("LANYARD_LISTEN_HELPER")
+	if path == "" {
+		t.Skip("only runs as a child of TestListenAcrossProcesses")
+	}
+	l, err := listen(path)
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+	_ = l
+	fmt.Println("ready")
+	// Hold the socket until killed.
+	time.Sleep(time.Minute)
+	os.Exit(0)
+}
+
+func TestListenAcrossProcesses(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestListenHelperProcess$")
+	cmd.Env = append(os.Environ(), "LANYARD_LISTEN_HELPER="+path)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	defer func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	}()
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			default:
+			}
+		}
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	select {
+	case line := <-lines:
+		if line != "ready" {
+			t.Fatalf("the helper said %q", line)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the helper did not start listening")
+	}
+
+	if l, err := listen(path); err == nil {
+		l.Close()
+		t.Fatal("Listen took the socket of another running agent")
+	} else if !strings.Contains(err.Error(), "in use") {
+		t.Errorf("error %q does not say the socket is in use", err)
+	}
+
+	// The other agent crashes: its socket file stays, its lock goes.
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the helper did not exit after SIGKILL")
+	}
+	if info, err := os.Lstat(path); err != nil || info.Mode()&os.ModeSocket == 0 {
+		t.Fatalf("the crashed agent's socket is not left behind (%v); the test cannot check stale-socket recovery", err)
+	}
+	l, err := listen(path)
+	if err != nil {
+		t.Fatalf("Listen after the other agent crashed: %v", err)
+	}
+	defer l.Close()
+	serve(l, "recovered")
+	if got := readFrom(t, path); got != "recovered" {
+		t.Errorf("read %q after recovery", got)
+	}
+}
+
+func TestListenLimitsConnections(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := Listen(path, 2, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 8)
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- conn
+		}
+	}()
+	dial := func() net.Conn {
+		t.Helper()
+		c, err := net.DialTimeout("unix", path, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	next := func() net.Conn {
+		t.Helper()
+		select {
+		case c := <-accepted:
+			return c
+		case <-time.After(10 * time.Second):
+			t.Fatal("a connection under the limit was not accepted")
+			return nil
+		}
+	}
+	dial()
+	dial()
+	s1, s2 := next(), next()
+	defer s2.Close()
+
+	// Over the limit: the agent closes the connection at once.
+	over := dial()
+	_ = over.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := over.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("a connection over the limit read %d bytes, %v; want EOF", n, err)
+	}
+	select {
+	case c := <-accepted:
+		t.Fatalf("a connection over the limit was handed out: %v", c.RemoteAddr())
+	default:
+	}
+
+	// The accepted connection exposes its socket, for peer credentials.
+	if _, ok := s1.(syscall.Conn); !ok {
+		t.Error("an accepted connection does not expose its socket")
+	} else if _, err := s1.(syscall.Conn).SyscallConn(); err != nil {
+		t.Errorf("SyscallConn: %v", err)
+	}
+
+	// Closing one (twice: the slot is freed once) makes room for one more.
+	s1.Close()
+	s1.Close()
+	client := dial()
+	s3 := next()
+	defer s3.Close()
+	if _, err := io.WriteString(s3, "ok"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2)
+	_ = client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "ok" {
+		t.Errorf("read %q, %v through the freed slot", buf, err)
+	}
+	// Still full: one more is refused.
+	extra := dial()
+	_ = extra.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("with the limit reached again: %v, want EOF", err)
+	}
+}
+
+func TestDefaultMaxConnections(t *testing.T) {
+	if n := DefaultMaxConnections(); n < 64 || n > 16384 {
+		t.Errorf("DefaultMaxConnections = %d, want within [64, 16384]", n)
+	}
+}
