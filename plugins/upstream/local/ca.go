@@ -25,13 +25,17 @@ import (
 // signing key with one lifetime. The bundle carries every authority that
 // has not expired, so that old and new overlap across a rotation.
 type authority struct {
-	cert     *x509.Certificate // the signing CA
-	key      crypto.Signer
-	chain    []*x509.Certificate // sent after the leaf: from cert up to and excluding root
-	root     *x509.Certificate   // the trust anchor published in the bundle
-	jwtKID   string
-	jwtKey   crypto.Signer
-	notAfter time.Time
+	cert   *x509.Certificate // the signing CA
+	key    crypto.Signer
+	chain  []*x509.Certificate // sent after the leaf: from cert up to and excluding root
+	root   *x509.Certificate   // the trust anchor published in the bundle
+	jwtKID string
+	jwtKey crypto.Signer
+	// notBefore and notAfter bound this authority's life. For a generated
+	// CA they are the certificate's; a CA from ca_cert_path outlives many
+	// authorities, each starting when it was made.
+	notBefore time.Time
+	notAfter  time.Time
 }
 
 // Rotation points, as fractions of an authority's lifetime: the next
@@ -43,8 +47,8 @@ const (
 )
 
 func (a *authority) at(fraction float64) time.Time {
-	life := a.notAfter.Sub(a.cert.NotBefore)
-	return a.cert.NotBefore.Add(time.Duration(float64(life) * fraction))
+	life := a.notAfter.Sub(a.notBefore)
+	return a.notBefore.Add(time.Duration(float64(life) * fraction))
 }
 
 // newAuthority generates a self-signed CA and a JWT key valid for ttl.
@@ -79,7 +83,7 @@ func newAuthority(td spiffeid.TrustDomain, ttl time.Duration, now time.Time) (*a
 	if err != nil {
 		return nil, err
 	}
-	a := &authority{cert: cert, key: key, root: cert, notAfter: cert.NotAfter}
+	a := &authority{cert: cert, key: key, root: cert, notBefore: cert.NotBefore, notAfter: cert.NotAfter}
 	if err := a.newJWTKey(); err != nil {
 		return nil, err
 	}
@@ -118,6 +122,7 @@ type storedAuthority struct {
 	KeyPEM    string    `json:"x509_key,omitempty"`
 	JWTKID    string    `json:"jwt_kid"`
 	JWTKeyPEM string    `json:"jwt_key"`
+	NotBefore time.Time `json:"not_before"`
 	NotAfter  time.Time `json:"not_after"`
 }
 
@@ -160,7 +165,7 @@ func saveState(path string, auths []*authority, active int, fromFile bool) error
 		if err != nil {
 			return fmt.Errorf("encoding a JWT key: %w", err)
 		}
-		sa := storedAuthority{JWTKID: a.jwtKID, JWTKeyPEM: jwtKey, NotAfter: a.notAfter}
+		sa := storedAuthority{JWTKID: a.jwtKID, JWTKeyPEM: jwtKey, NotBefore: a.notBefore, NotAfter: a.notAfter}
 		if !fromFile {
 			caKey, err := encodeKey(a.key)
 			if err != nil {
@@ -197,7 +202,7 @@ func loadState(path string, fileCA *authority) ([]*authority, int, error) {
 	}
 	var auths []*authority
 	for i, sa := range st.Authorities {
-		a := &authority{jwtKID: sa.JWTKID, notAfter: sa.NotAfter}
+		a := &authority{jwtKID: sa.JWTKID, notBefore: sa.NotBefore, notAfter: sa.NotAfter}
 		if a.jwtKey, err = decodeKey(sa.JWTKeyPEM); err != nil {
 			return nil, 0, fmt.Errorf("the CA state %s: JWT key %d: %v", path, i, err)
 		}
@@ -220,6 +225,9 @@ func loadState(path string, fileCA *authority) ([]*authority, int, error) {
 				return nil, 0, fmt.Errorf("the CA state %s: CA key %d: %v", path, i, err)
 			}
 			a.root = a.cert
+		}
+		if a.notBefore.IsZero() || a.notBefore.After(a.notAfter) {
+			a.notBefore = a.cert.NotBefore
 		}
 		auths = append(auths, a)
 	}
@@ -275,11 +283,12 @@ func loadFileCA(certPath, keyPath string) (*authority, error) {
 	// intermediate when no root is given); the ones below it travel in
 	// every SVID chain after the leaf.
 	return &authority{
-		cert:     certs[0],
-		key:      key,
-		chain:    certs[:len(certs)-1],
-		root:     certs[len(certs)-1],
-		notAfter: certs[0].NotAfter,
+		cert:      certs[0],
+		key:       key,
+		chain:     certs[:len(certs)-1],
+		root:      certs[len(certs)-1],
+		notBefore: certs[0].NotBefore,
+		notAfter:  certs[0].NotAfter,
 	}, nil
 }
 

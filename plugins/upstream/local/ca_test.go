@@ -483,3 +483,23 @@ func TestCAFromFileErrors(t *testing.T) {
 		t.Errorf("an RSA CA from PKCS#1 does not sign: %v", err)
 	}
 }
+// A CA from ca_cert_path older than ca_ttl must not make rotate() prepare
+// and activate an authority on every call.
+func TestFileCARotationDoesNotSpin(t *testing.T) {
+	now := time.Now()
+	ca, key := makeCA(t, nil, nil, "spiffe://example.org", now.Add(-90*24*time.Hour), now.Add(365*24*time.Hour))
+	l := newLocal(t, t.TempDir(), fileCA(t, []*x509.Certificate{ca}, pkcs8PEM(t, key))+webEntry)
+	setClock(l, now)
+	for range 5 {
+		next, _, err := l.rotate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !next.After(now) {
+			t.Fatalf("next rotation %v is not in the future (now %v); %d authorities", next.Sub(now), now, len(l.authorities))
+		}
+	}
+	if len(l.authorities) > 2 {
+		t.Errorf("%d authorities after 5 rotates at one instant", len(l.authorities))
+	}
+}

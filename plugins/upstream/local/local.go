@@ -161,6 +161,10 @@ func (l *Local) loadAuthorities() error {
 		return &unavailableError{err}
 	}
 	now := l.now()
+	if len(auths) > 0 && !now.Before(auths[active].notAfter) && active < len(auths)-1 && now.Before(auths[len(auths)-1].notAfter) {
+		// The agent was down past the activation point: take the prepared one.
+		active = len(auths) - 1
+	}
 	if len(auths) == 0 || !now.Before(auths[active].notAfter) {
 		a, err := l.newAuthority(fileCA, now)
 		if err != nil {
@@ -230,7 +234,9 @@ func (l *Local) newAuthority(fileCA *authority, now time.Time) (*authority, erro
 	if err := a.newJWTKey(); err != nil {
 		return nil, err
 	}
-	// A CA from a file is not ours to renew: only its JWT keys rotate.
+	// A CA from a file is not ours to renew: only its JWT keys rotate, each
+	// generation living from now for ca_ttl, within the CA's own life.
+	a.notBefore = now
 	a.notAfter = minTime(fileCA.notAfter, now.Add(l.settings.caTTL))
 	return &a, nil
 }
@@ -312,7 +318,10 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 	active := l.authorities[l.active]
 	prepared := l.active < len(l.authorities)-1
 	fileCA := l.fileCA
-	if !prepared && !now.Before(active.at(prepareAt)) {
+	// A successor that would not outlive the active authority (a CA from a
+	// file near its end) is pointless: the file's CA must be replaced.
+	endOfLine := fileCA != nil && !fileCA.notAfter.After(active.notAfter)
+	if !prepared && !endOfLine && !now.Before(active.at(prepareAt)) {
 		a, err := l.newAuthority(fileCA, now)
 		if err != nil {
 			return now, false, err
@@ -336,7 +345,13 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 		}
 	}
 	next = active.at(activateAt)
-	if !prepared {
+	switch {
+	case endOfLine:
+		next = active.notAfter
+		if !now.Before(active.at(prepareAt)) {
+			l.log.Warn("The CA in ca_cert_path expires soon and cannot be renewed by the agent: replace it", "not_after", fileCA.notAfter)
+		}
+	case !prepared:
 		next = active.at(prepareAt)
 	}
 	for _, a := range l.authorities {
