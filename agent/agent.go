@@ -153,10 +153,14 @@ func (a *Agent) Attest(ctx context.Context, pid int32) ([]attestor.Selector, err
 // backoff: the agent keeps serving what it has meanwhile.
 func (a *Agent) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		a.cache.RunRotation(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		a.watchHealth(ctx, degradedLogEvery)
 	}()
 	go func() {
 		defer wg.Done()
@@ -168,6 +172,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			break
 		}
+		a.cache.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
 		wait := retry.Next()
 		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamN, "retry_in", wait.Round(time.Millisecond), "error", err)
 		select {

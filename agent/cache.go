@@ -67,6 +67,9 @@ type Cache struct {
 
 	persistPath string // empty: not persisted
 	dirty       bool   // changed since last persisted
+
+	upstreamErr       error
+	upstreamDownSince time.Time
 }
 
 type mintCall struct {
@@ -462,6 +465,7 @@ func (c *Cache) sign(ctx context.Context, calls []*mintCall) ([]*X509SVID, []err
 	if err == nil && len(results) != len(reqs) {
 		err = fmt.Errorf("the upstream answered %d of %d signing requests", len(results), len(reqs))
 	}
+	c.ReportUpstream(err)
 	for i, call := range calls {
 		switch {
 		case errs[i] != nil:
@@ -683,6 +687,7 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 			continue
 		}
 		svid, err := c.upstream.MintJWTSVID(ctx, e, audience)
+		c.ReportUpstream(err)
 		if err != nil {
 			return nil, fmt.Errorf("signing a JWT-SVID for %s: %w", e.SPIFFEID, err)
 		}

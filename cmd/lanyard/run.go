@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -18,6 +19,9 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/workloadapi"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
@@ -181,6 +185,8 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 	go func() { serveDone <- srv.GRPC.Serve(listener) }()
 	stopHealth := startHealthListener(cfg.HealthChecks, a, log)
 	defer stopHealth()
+	stopMetrics := startMetricsListener(cfg.Telemetry, a, log)
+	defer stopMetrics()
 
 	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "version", version)
 	go func() {
@@ -254,23 +260,56 @@ func startHealthListener(hc conf.HealthChecks, a *agent.Agent, log hclog.Logger)
 		fmt.Fprintln(w, `{"live":true}`)
 	})
 	mux.HandleFunc(hc.ReadyPath, func(w http.ResponseWriter, _ *http.Request) {
-		select {
-		case <-a.Cache().Ready():
-			w.WriteHeader(http.StatusOK)
-			fmt.Fprintln(w, `{"ready":true}`)
-		default:
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, `{"ready":false}`)
-		}
+		writeReadiness(w, a.Cache().Health())
 	})
 	addr := net.JoinHostPort(hc.BindAddress, strconv.Itoa(hc.BindPort))
-	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	log.Info("Serving health checks", "address", addr, "live_path", hc.LivePath, "ready_path", hc.ReadyPath)
+	return serveHTTP(addr, mux, "health check", log)
+}
+
+// writeReadiness answers the readiness probe: 200 when the agent is loaded
+// and its upstream works; 503 while loading, or when degraded (serving from
+// its cache with SVIDs not being renewed), with the reason in the body.
+func writeReadiness(w http.ResponseWriter, h agent.Health) {
+	body := map[string]any{"ready": h.Ready && !h.Degraded(), "loaded": h.Ready, "degraded": h.Degraded()}
+	if h.Degraded() {
+		body["reason"] = h.UpstreamErr.Error()
+		body["upstream_down_seconds"] = int(time.Since(h.UpstreamDownSince).Seconds())
+	}
+	if !h.FirstExpiry.IsZero() {
+		body["first_svid_expires_in_seconds"] = int(time.Until(h.FirstExpiry).Seconds())
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if h.Ready && !h.Degraded() {
+		w.WriteHeader(http.StatusOK)
+	} else {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_ = json.NewEncoder(w).Encode(body)
+}
+
+// startMetricsListener serves Prometheus metrics when the telemetry block
+// asks for it.
+func startMetricsListener(t conf.Telemetry, a *agent.Agent, log hclog.Logger) func() {
+	if !t.PrometheusEnabled {
+		return func() {}
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), a.NewCollector())
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	addr := net.JoinHostPort(t.PrometheusHost, strconv.Itoa(t.PrometheusPort))
+	log.Info("Serving Prometheus metrics", "address", addr, "path", "/metrics")
+	return serveHTTP(addr, mux, "metrics", log)
+}
+
+func serveHTTP(addr string, handler http.Handler, what string, log hclog.Logger) func() {
+	srv := &http.Server{Addr: addr, Handler: handler, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("Health check listener failed", "address", addr, "error", err)
+			log.Error("HTTP listener failed", "listener", what, "address", addr, "error", err)
 		}
 	}()
-	log.Info("Serving health checks", "address", addr, "live_path", hc.LivePath, "ready_path", hc.ReadyPath)
 	return func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()

@@ -1,6 +1,10 @@
 package e2e
 
 import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -76,8 +80,47 @@ func TestRestartWhileUpstreamDownServesSavedSVIDs(t *testing.T) {
 	})
 }
 
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func httpGet(t *testing.T, url string) (int, string) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
 func TestUpstreamOutageMidRunKeepsServing(t *testing.T) {
-	a := startAgent(t, strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "8s"`, 1))
+	healthPort, metricsPort := freePort(t), freePort(t)
+	cfg := strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "8s"`, 1) + fmt.Sprintf(`
+health_checks {
+  listener_enabled = true
+  bind_address     = "127.0.0.1"
+  bind_port        = %d
+}
+telemetry {
+  Prometheus {
+    host = "127.0.0.1"
+    port = %d
+  }
+}
+`, healthPort, metricsPort)
+	a := startAgent(t, cfg)
+	ready := fmt.Sprintf("http://127.0.0.1:%d/ready", healthPort)
+	metrics := fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort)
+	if code, body := httpGet(t, ready); code != http.StatusOK {
+		t.Fatalf("/ready before the outage: %d %s", code, body)
+	}
 	w := watch(t, a.client(t))
 	waitFor(t, 10*time.Second, "the first X.509 context", func() bool { return len(w.snapshot()) >= 1 })
 	first := w.snapshot()[0].DefaultSVID().Certificates[0]
@@ -98,6 +141,14 @@ func TestUpstreamOutageMidRunKeepsServing(t *testing.T) {
 	if !strings.Contains(a.logs.String(), "Could not sign") {
 		t.Fatalf("renewals during the outage were not attempted and logged:\n%s", a.logs.String())
 	}
+	// Readiness says degraded, and why; the metrics say how long is left.
+	code, body := httpGet(t, ready)
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, `"degraded":true`) || !strings.Contains(body, "first_svid_expires_in_seconds") {
+		t.Fatalf("/ready during the outage: %d %s", code, body)
+	}
+	if _, m := httpGet(t, metrics); !strings.Contains(m, "lanyard_upstream_up 0") || !strings.Contains(m, "lanyard_x509_svid_first_expiry_seconds") {
+		t.Fatalf("metrics during the outage:\n%s", m)
+	}
 	restore()
 	waitFor(t, 40*time.Second, "rotation to resume after the CA is back", func() bool {
 		ups := w.snapshot()
@@ -106,5 +157,12 @@ func TestUpstreamOutageMidRunKeepsServing(t *testing.T) {
 	})
 	if len(w.errs) > 0 {
 		t.Fatalf("the watcher saw errors: %v", w.errs)
+	}
+	waitFor(t, 10*time.Second, "readiness to recover", func() bool {
+		code, _ := httpGet(t, ready)
+		return code == http.StatusOK
+	})
+	if _, m := httpGet(t, metrics); !strings.Contains(m, "lanyard_upstream_up 1") {
+		t.Fatalf("metrics after the outage:\n%s", m)
 	}
 }

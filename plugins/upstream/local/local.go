@@ -275,6 +275,9 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 		case <-timer.C:
 		}
 		next, changed, err := l.rotate()
+		if r, ok := sink.(interface{ ReportUpstream(error) }); ok {
+			r.ReportUpstream(err)
+		}
 		if err != nil {
 			wait := retry.Next()
 			l.log.Error("The local CA is unavailable; retrying", "retry_in", wait.Round(time.Millisecond), "error", err)

@@ -1,0 +1,95 @@
+package agent
+
+import (
+	"context"
+	"time"
+)
+
+// Health is the agent's own view of whether it can keep workloads supplied.
+type Health struct {
+	// Ready is set once entries and bundles are loaded (from the upstream or
+	// from the saved cache).
+	Ready bool
+	// UpstreamErr is the upstream's last failure, nil once it works again.
+	UpstreamErr error
+	// UpstreamDownSince is when the current failure began.
+	UpstreamDownSince time.Time
+	// FirstExpiry is when the first cached X509-SVID expires (zero if none).
+	FirstExpiry time.Time
+	Entries     int
+	X509SVIDs   int
+}
+
+// Degraded reports whether the agent serves from its cache without a
+// working upstream: SVIDs stop being renewed.
+func (h Health) Degraded() bool { return h.UpstreamErr != nil }
+
+// ReportUpstream records the outcome of an upstream call. Upstreams call it
+// through the Sink (it is optional there); the cache calls it after minting.
+func (c *Cache) ReportUpstream(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case err == nil:
+		c.upstreamErr = nil
+		c.upstreamDownSince = time.Time{}
+	case c.upstreamErr == nil:
+		c.upstreamErr, c.upstreamDownSince = err, c.now()
+	default:
+		c.upstreamErr = err
+	}
+}
+
+// Health returns the cache's state of health.
+func (c *Cache) Health() Health {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	h := Health{
+		UpstreamErr:       c.upstreamErr,
+		UpstreamDownSince: c.upstreamDownSince,
+		Entries:           len(c.entries),
+		X509SVIDs:         len(c.svids),
+	}
+	select {
+	case <-c.ready:
+		h.Ready = true
+	default:
+	}
+	for _, svid := range c.svids {
+		if h.FirstExpiry.IsZero() || svid.NotAfter.Before(h.FirstExpiry) {
+			h.FirstExpiry = svid.NotAfter
+		}
+	}
+	return h
+}
+
+// degradedLogEvery spaces the warnings while the upstream is down.
+const degradedLogEvery = time.Minute
+
+// watchHealth logs, while the upstream is down, how long until the first
+// SVID expires, and once more when it is back.
+func (a *Agent) watchHealth(ctx context.Context, every time.Duration) {
+	ticker := time.NewTicker(every)
+	defer ticker.Stop()
+	wasDown := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		h := a.cache.Health()
+		switch {
+		case h.Degraded():
+			args := []any{"upstream", a.upstreamN, "down_for", time.Since(h.UpstreamDownSince).Round(time.Second), "error", h.UpstreamErr}
+			if !h.FirstExpiry.IsZero() {
+				args = append(args, "first_svid_expires_in", time.Until(h.FirstExpiry).Round(time.Second))
+			}
+			a.log.Warn("Serving from the cache: the upstream is unavailable and SVIDs are not being renewed", args...)
+			wasDown = true
+		case wasDown:
+			a.log.Info("The upstream is available again", "upstream", a.upstreamN)
+			wasDown = false
+		}
+	}
+}
