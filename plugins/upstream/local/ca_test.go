@@ -483,6 +483,7 @@ func TestCAFromFileErrors(t *testing.T) {
 		t.Errorf("an RSA CA from PKCS#1 does not sign: %v", err)
 	}
 }
+
 // A CA from ca_cert_path older than ca_ttl must not make rotate() prepare
 // and activate an authority on every call.
 func TestFileCARotationDoesNotSpin(t *testing.T) {
