@@ -91,7 +91,6 @@ func NewServer(cfg Config) *Server {
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
 		grpc.ReadBufferSize(bufferSize),
 		grpc.WriteBufferSize(bufferSize),
-		grpc.SharedWriteBuffer(true),
 	)
 	workload.RegisterSpiffeWorkloadAPIServer(s, &handler{cfg: cfg})
 	h := health.NewServer()
