@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -72,8 +73,31 @@ const (
 
 // Server is the gRPC server with the Workload API, health and reflection.
 type Server struct {
-	GRPC   *grpc.Server
-	Health *health.Server
+	GRPC    *grpc.Server
+	Health  *health.Server
+	handler *handler
+}
+
+// errShuttingDown ends open streams on shutdown; clients retry elsewhere or
+// reconnect to the next agent.
+var errShuttingDown = status.Error(codes.Unavailable, "the agent is shutting down")
+
+// Shutdown ends open streams with Unavailable, lets calls in flight finish,
+// and stops; after grace it cuts whatever is left.
+func (s *Server) Shutdown(grace time.Duration) {
+	s.Health.Shutdown()
+	s.handler.stopOnce.Do(func() { close(s.handler.stopping) })
+	done := make(chan struct{})
+	go func() {
+		s.GRPC.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		s.GRPC.Stop()
+		<-done
+	}
 }
 
 // NewServer builds the gRPC server. Health reports NOT_SERVING until the
@@ -92,12 +116,13 @@ func NewServer(cfg Config) *Server {
 		grpc.ReadBufferSize(bufferSize),
 		grpc.WriteBufferSize(bufferSize),
 	)
-	workload.RegisterSpiffeWorkloadAPIServer(s, &handler{cfg: cfg})
+	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
+	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
 	h := health.NewServer()
 	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(s, h)
 	reflection.Register(s)
-	return &Server{GRPC: s, Health: h}
+	return &Server{GRPC: s, Health: h, handler: wh}
 }
 
 const (
@@ -134,7 +159,9 @@ func streamHeaderCheck(srv any, ss grpc.ServerStream, info *grpc.StreamServerInf
 
 type handler struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
-	cfg Config
+	cfg      Config
+	stopping chan struct{} // closed on shutdown
+	stopOnce sync.Once
 }
 
 // attest identifies the caller. When the process that connected is gone
@@ -213,6 +240,8 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 		case <-sub.C:
 		case <-ctx.Done():
 			return nil
+		case <-h.stopping:
+			return errShuttingDown
 		}
 	}
 }
@@ -263,6 +292,8 @@ func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnap
 		case <-sub.C:
 		case <-ctx.Done():
 			return nil
+		case <-h.stopping:
+			return errShuttingDown
 		}
 	}
 }

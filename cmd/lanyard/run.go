@@ -215,11 +215,11 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 			<-agentDone
 			return fmt.Errorf("the Workload API server stopped: %w", err)
 		case err := <-agentDone:
-			shutdown(srv, log)
+			srv.Shutdown(shutdownGrace)
 			return err
 		case <-ctx.Done():
 			log.Info("Shutting down")
-			shutdown(srv, log)
+			srv.Shutdown(shutdownGrace)
 			cancelRun()
 			if err := <-agentDone; err != nil {
 				return err
@@ -227,24 +227,6 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 			log.Info("Stopped")
 			return nil
 		}
-	}
-}
-
-// shutdown stops accepting calls and lets open ones finish, within a bound:
-// Workload API streams never end by themselves, so they are cut after it.
-func shutdown(srv *workloadapi.Server, log hclog.Logger) {
-	srv.Health.Shutdown()
-	done := make(chan struct{})
-	go func() {
-		srv.GRPC.GracefulStop()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(shutdownGrace):
-		log.Debug("Closing open streams after the shutdown grace period", "grace", shutdownGrace)
-		srv.GRPC.Stop()
-		<-done
 	}
 }
 
