@@ -307,11 +307,18 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		return nil, err
 	}
 	// Entries may change while minting; a few rounds settle it.
+	resynced := false
 	for range 3 {
 		c.mu.RLock()
 		entries := c.matchLocked(sels)
 		if len(entries) == 0 {
 			c.mu.RUnlock()
+			if !resynced {
+				resynced = true
+				if c.resyncOnMiss(ctx) {
+					continue
+				}
+			}
 			return nil, ErrNoIdentity
 		}
 		now := c.now()
@@ -634,8 +641,15 @@ func (c *Cache) Bundles(ctx context.Context, sels []attestor.Selector, allowUnau
 		return nil, err
 	}
 	c.mu.RLock()
-	defer c.mu.RUnlock()
 	entries := c.matchLocked(sels)
+	c.mu.RUnlock()
+	if len(entries) == 0 && c.resyncOnMiss(ctx) {
+		c.mu.RLock()
+		entries = c.matchLocked(sels)
+		c.mu.RUnlock()
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	if len(entries) > 0 {
 		return &BundleSnapshot{Local: c.local, Federated: c.federatedForLocked(entries)}, nil
 	}
@@ -659,11 +673,18 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
-	c.mu.RLock()
-	entries := c.matchLocked(sels)
-	c.mu.RUnlock()
-	if !id.IsZero() {
-		entries = slices.DeleteFunc(entries, func(e *Entry) bool { return e.SPIFFEID != id })
+	match := func() []*Entry {
+		c.mu.RLock()
+		entries := c.matchLocked(sels)
+		c.mu.RUnlock()
+		if !id.IsZero() {
+			entries = slices.DeleteFunc(entries, func(e *Entry) bool { return e.SPIFFEID != id })
+		}
+		return entries
+	}
+	entries := match()
+	if len(entries) == 0 && c.resyncOnMiss(ctx) {
+		entries = match()
 	}
 	if len(entries) == 0 {
 		return nil, ErrNoIdentity
@@ -727,4 +748,19 @@ func (c *Cache) ValidateJWTSVID(ctx context.Context, token, audience string) (*j
 	set := c.jwtSet
 	c.mu.RUnlock()
 	return jwtsvid.ParseAndValidate(token, set, []string{audience})
+}
+
+// resyncOnMiss asks the upstream, when it can, to sync entries before a
+// caller is told it has no identity. It reports whether a sync happened.
+func (c *Cache) resyncOnMiss(ctx context.Context) bool {
+	r, ok := c.upstream.(Resyncer)
+	if !ok {
+		return false
+	}
+	synced, err := r.Resync(ctx)
+	if err != nil {
+		c.log.Debug("Sync on a missing identity failed", "error", err)
+		return false
+	}
+	return synced
 }

@@ -103,3 +103,13 @@ type Sink interface {
 	// the trust domains it federates with.
 	SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle)
 }
+
+// Resyncer is an upstream that can fetch entries on demand, so that a
+// workload whose entry was just created gets it at once rather than at the
+// next periodic sync. Resync returns after the new entries reached the
+// sink, or at once when it is rate-limited; it reports whether it synced.
+// The upstream owns the rate limit, so that the server sees no more load
+// than from its periodic sync.
+type Resyncer interface {
+	Resync(ctx context.Context) (bool, error)
+}
