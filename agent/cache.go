@@ -152,22 +152,24 @@ func (c *Cache) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle
 	defer c.mu.Unlock()
 	changed := false
 	if c.local == nil || !c.local.Equal(local) {
-		b, err := newBundle(local)
-		if err != nil {
+		if b, err := newBundle(local); err != nil {
 			c.log.Error("Ignoring the local bundle from the upstream", "error", err)
-			return
-		}
-		jwtChanged := c.local == nil || !jwtAuthoritiesEqual(c.local.Bundle, local)
-		c.local, changed = b, true
-		if jwtChanged {
-			clear(c.jwts)
-		}
-		for _, svid := range c.svids {
-			if !b.chainsTo(svid.Chain) {
-				svid.RenewAt = time.Time{}
-				c.kickRenewal()
+		} else {
+			jwtChanged := c.local == nil || !jwtAuthoritiesEqual(c.local.Bundle, local)
+			c.local, changed = b, true
+			if jwtChanged {
+				clear(c.jwts)
+			}
+			for _, svid := range c.svids {
+				if !b.chainsTo(svid.Chain) {
+					svid.RenewAt = time.Time{}
+					c.kickRenewal()
+				}
 			}
 		}
+	}
+	if c.local == nil {
+		return
 	}
 	next := make(map[spiffeid.TrustDomain]*Bundle, len(federated))
 	for _, fb := range federated {
@@ -209,8 +211,8 @@ func jwtAuthoritiesEqual(a, b *spiffebundle.Bundle) bool {
 	if len(ak) != len(bk) {
 		return false
 	}
-	for kid := range ak {
-		if _, ok := bk[kid]; !ok {
+	for kid, key := range ak {
+		if other, ok := bk[kid]; !ok || !publicKeyMatches(key, other) {
 			return false
 		}
 	}
@@ -283,7 +285,27 @@ func (c *Cache) matchLocked(sels []attestor.Selector) []*Entry {
 	slices.SortFunc(matched, func(a, b *Entry) int {
 		return cmp.Or(cmp.Compare(a.CreatedAt, b.CreatedAt), strings.Compare(a.ID, b.ID))
 	})
-	return matched
+	return dropDuplicateHints(matched)
+}
+
+// dropDuplicateHints keeps, of entries sharing a hint, only the oldest: a
+// hint is unique within a response, and the entries left out are neither
+// signed nor bring their federated bundles.
+func dropDuplicateHints(entries []*Entry) []*Entry {
+	var hints map[string]struct{}
+	return slices.DeleteFunc(entries, func(e *Entry) bool {
+		if e.Hint == "" {
+			return false
+		}
+		if _, dup := hints[e.Hint]; dup {
+			return true
+		}
+		if hints == nil {
+			hints = map[string]struct{}{}
+		}
+		hints[e.Hint] = struct{}{}
+		return false
+	})
 }
 
 // X509Snapshot is everything one FetchX509SVID message carries.
@@ -347,18 +369,7 @@ func (c *Cache) x509SnapshotLocked(entries []*Entry) *X509Snapshot {
 		Hints: make([]string, 0, len(entries)),
 		Local: c.local,
 	}
-	var hints map[string]struct{}
 	for _, e := range entries {
-		if e.Hint != "" {
-			// Hints are unique in a response: the oldest entry keeps it.
-			if _, dup := hints[e.Hint]; dup {
-				continue
-			}
-			if hints == nil {
-				hints = map[string]struct{}{}
-			}
-			hints[e.Hint] = struct{}{}
-		}
 		snap.SVIDs = append(snap.SVIDs, c.svids[e.ID])
 		snap.Hints = append(snap.Hints, e.Hint)
 	}

@@ -115,6 +115,8 @@ func randomSerial() (*big.Int, error) {
 type stateFile struct {
 	Authorities []storedAuthority `json:"authorities"`
 	Active      int               `json:"active"`
+	// Sequence is the bundle's sequence number, kept so that it only grows.
+	Sequence uint64 `json:"sequence"`
 }
 
 type storedAuthority struct {
@@ -158,8 +160,8 @@ func parseKey(der []byte) (crypto.Signer, error) {
 	return nil, errors.New("not a PKCS#8, SEC 1 or PKCS#1 private key")
 }
 
-func saveState(path string, auths []*authority, active int, fromFile bool) error {
-	st := stateFile{Active: active}
+func saveState(path string, auths []*authority, active int, seq uint64, fromFile bool) error {
+	st := stateFile{Active: active, Sequence: seq}
 	for _, a := range auths {
 		jwtKey, err := encodeKey(a.jwtKey)
 		if err != nil {
@@ -183,28 +185,29 @@ func saveState(path string, auths []*authority, active int, fromFile bool) error
 	return agent.WriteFileAtomic(path, data)
 }
 
-// loadState reads the CA state. A missing file is (nil, 0, nil). When
-// fileCA is set, the X.509 half of every authority is that CA.
-func loadState(path string, fileCA *authority) ([]*authority, int, error) {
+// loadState reads the CA state: the authorities, the active one's index and
+// the bundle sequence number. A missing file is no authorities and no
+// error. When fileCA is set, the X.509 half of every authority is that CA.
+func loadState(path string, fileCA *authority) ([]*authority, int, uint64, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, 0, nil
+		return nil, 0, 0, nil
 	}
 	if err != nil {
-		return nil, 0, fmt.Errorf("reading the CA state %s: %w", path, err)
+		return nil, 0, 0, fmt.Errorf("reading the CA state %s: %w", path, err)
 	}
 	var st stateFile
 	if err := json.Unmarshal(data, &st); err != nil {
-		return nil, 0, fmt.Errorf("the CA state %s is corrupt (%v): move it away to generate a new CA", path, err)
+		return nil, 0, 0, fmt.Errorf("the CA state %s is corrupt (%v): move it away to generate a new CA", path, err)
 	}
 	if len(st.Authorities) == 0 || st.Active < 0 || st.Active >= len(st.Authorities) {
-		return nil, 0, fmt.Errorf("the CA state %s has no active authority: move it away to generate a new CA", path)
+		return nil, 0, 0, fmt.Errorf("the CA state %s has no active authority: move it away to generate a new CA", path)
 	}
 	var auths []*authority
 	for i, sa := range st.Authorities {
 		a := &authority{jwtKID: sa.JWTKID, notBefore: sa.NotBefore, notAfter: sa.NotAfter}
 		if a.jwtKey, err = decodeKey(sa.JWTKeyPEM); err != nil {
-			return nil, 0, fmt.Errorf("the CA state %s: JWT key %d: %v", path, i, err)
+			return nil, 0, 0, fmt.Errorf("the CA state %s: JWT key %d: %v", path, i, err)
 		}
 		switch {
 		case fileCA != nil:
@@ -212,17 +215,17 @@ func loadState(path string, fileCA *authority) ([]*authority, int, error) {
 		case sa.CertPEM == "":
 			// The state was written for a CA from ca_cert_path, which is
 			// no longer configured: keep only the JWT key, start afresh.
-			return nil, 0, nil
+			return nil, 0, 0, nil
 		default:
 			block, _ := pem.Decode([]byte(sa.CertPEM))
 			if block == nil {
-				return nil, 0, fmt.Errorf("the CA state %s: certificate %d is not PEM", path, i)
+				return nil, 0, 0, fmt.Errorf("the CA state %s: certificate %d is not PEM", path, i)
 			}
 			if a.cert, err = x509.ParseCertificate(block.Bytes); err != nil {
-				return nil, 0, fmt.Errorf("the CA state %s: certificate %d: %v", path, i, err)
+				return nil, 0, 0, fmt.Errorf("the CA state %s: certificate %d: %v", path, i, err)
 			}
 			if a.key, err = decodeKey(sa.KeyPEM); err != nil {
-				return nil, 0, fmt.Errorf("the CA state %s: CA key %d: %v", path, i, err)
+				return nil, 0, 0, fmt.Errorf("the CA state %s: CA key %d: %v", path, i, err)
 			}
 			a.root = a.cert
 		}
@@ -231,7 +234,7 @@ func loadState(path string, fileCA *authority) ([]*authority, int, error) {
 		}
 		auths = append(auths, a)
 	}
-	return auths, st.Active, nil
+	return auths, st.Active, st.Sequence, nil
 }
 
 // loadFileCA reads a CA from ca_cert_path and ca_key_path. The cert file

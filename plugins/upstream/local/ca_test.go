@@ -200,7 +200,7 @@ func TestExpiredStateMakesNewCA(t *testing.T) {
 	old := l1.authorities[0]
 	// Rewrite the state as if it had expired.
 	old.notAfter = time.Now().Add(-time.Minute)
-	if err := saveState(l1.statePath, l1.authorities, 0, false); err != nil {
+	if err := saveState(l1.statePath, l1.authorities, 0, 0, false); err != nil {
 		t.Fatal(err)
 	}
 	l2 := newLocal(t, dir, `ca_ttl = "2h"`)

@@ -97,6 +97,16 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		settings:  s,
 		changed:   make(chan struct{}, 1),
 	}
+	if s.caCertPath != "" {
+		fileCA, err := loadFileCA(s.caCertPath, s.caKeyPath)
+		if err != nil {
+			return nil, cfg.Data.Errorf("ca_cert_path", "%v", err)
+		}
+		if len(fileCA.root.URIs) == 1 && fileCA.root.URIs[0].String() != l.td.IDString() {
+			return nil, cfg.Data.Errorf("ca_cert_path", "the CA has SPIFFE ID %s, not the trust domain's %s", fileCA.root.URIs[0], l.td.IDString())
+		}
+		l.fileCA = fileCA
+	}
 	if err := l.loadAuthorities(); err != nil {
 		var unavailable *unavailableError
 		if !errors.As(err, &unavailable) {
@@ -128,7 +138,11 @@ func parseSettings(data *conf.Section, td spiffeid.TrustDomain) (*settings, erro
 		}
 	}
 	if (s.caCertPath == "") != (s.caKeyPath == "") {
-		return nil, data.Errorf("ca_cert_path", "ca_cert_path and ca_key_path go together: set both, or neither to let the agent generate its CA")
+		set, missing := "ca_cert_path", "ca_key_path"
+		if s.caCertPath == "" {
+			set, missing = missing, set
+		}
+		return nil, data.Errorf(set, "%s is set without %s: set both to use your own CA, or neither to let the agent generate one", set, missing)
 	}
 	if s.x509TTL >= s.caTTL && s.caCertPath == "" {
 		return nil, data.Errorf("x509_svid_ttl", "x509_svid_ttl (%s) must be shorter than ca_ttl (%s)", s.x509TTL, s.caTTL)
@@ -145,21 +159,12 @@ func parseSettings(data *conf.Section, td spiffeid.TrustDomain) (*settings, erro
 // loadAuthorities loads the CA state from the data directory, or creates it
 // on the first start.
 func (l *Local) loadAuthorities() error {
-	if l.settings.caCertPath != "" {
-		fileCA, err := loadFileCA(l.settings.caCertPath, l.settings.caKeyPath)
-		if err != nil {
-			return err
-		}
-		if len(fileCA.root.URIs) == 1 && fileCA.root.URIs[0].String() != l.td.IDString() {
-			return fmt.Errorf("the CA in ca_cert_path has SPIFFE ID %s, not %s", fileCA.root.URIs[0], l.td.IDString())
-		}
-		l.fileCA = fileCA
-	}
 	fileCA := l.fileCA
-	auths, active, err := loadState(l.statePath, fileCA)
+	auths, active, seq, err := loadState(l.statePath, fileCA)
 	if err != nil {
 		return &unavailableError{err}
 	}
+	l.seq = seq
 	now := l.now()
 	if len(auths) > 0 && !now.Before(auths[active].notAfter) && active < len(auths)-1 && now.Before(auths[len(auths)-1].notAfter) {
 		// The agent was down past the activation point: take the prepared one.
@@ -186,7 +191,7 @@ func (l *Local) loadAuthorities() error {
 // save writes the CA state and remembers its stamp, so that ensureCA can
 // tell our own writes from someone else's.
 func (l *Local) save(auths []*authority, active int) error {
-	if err := saveState(l.statePath, auths, active, l.fileCA != nil); err != nil {
+	if err := saveState(l.statePath, auths, active, l.seq, l.fileCA != nil); err != nil {
 		return err
 	}
 	st, err := statStamp(l.statePath)
@@ -210,7 +215,7 @@ func (l *Local) ensureCALocked() (reloaded bool, err error) {
 		l.caErr = fmt.Errorf("the CA state %s: %w", l.statePath, err)
 		return false, l.caErr
 	}
-	auths, active, err := loadState(l.statePath, l.fileCA)
+	auths, active, seq, err := loadState(l.statePath, l.fileCA)
 	if err == nil && len(auths) == 0 {
 		err = fmt.Errorf("the CA state %s holds no CA", l.statePath)
 	}
@@ -222,7 +227,7 @@ func (l *Local) ensureCALocked() (reloaded bool, err error) {
 		l.log.Info("The local CA is available again", "state", l.statePath)
 	}
 	l.authorities, l.active, l.stamp, l.caErr = auths, active, st, nil
-	l.seq++
+	l.seq = max(l.seq, seq) + 1
 	return true, nil
 }
 

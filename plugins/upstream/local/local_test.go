@@ -522,7 +522,7 @@ entry {
   trust_domain = "other.org"
 }`, 1, "federated_bundle[0]", "path is missing"},
 		{"ca key without cert", `
-ca_key_path = "/x.key"`, 1, "ca_cert_path", "go together"},
+ca_key_path = "/x.key"`, 2, "ca_key_path", "is set without ca_cert_path"},
 		{"unknown key", `entry {
   spiffe_id = "spiffe://example.org/x"
   selector = ["unix:uid:1"]
