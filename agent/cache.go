@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto"
@@ -14,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -55,7 +57,6 @@ type Cache struct {
 	index     map[attestor.Selector][]*Entry
 	local     *Bundle
 	federated map[spiffeid.TrustDomain]*Bundle
-	jwtSet    *jwtbundle.Set
 	svids     map[string]*X509SVID
 	inflight  map[string]*mintCall
 	jwts      map[jwtKey]*JWTSVID
@@ -92,7 +93,6 @@ func NewCache(log hclog.Logger, upstream Upstream) *Cache {
 		entries:   map[string]*Entry{},
 		index:     map[attestor.Selector][]*Entry{},
 		federated: map[spiffeid.TrustDomain]*Bundle{},
-		jwtSet:    jwtbundle.NewSet(),
 		svids:     map[string]*X509SVID{},
 		inflight:  map[string]*mintCall{},
 		jwts:      map[jwtKey]*JWTSVID{},
@@ -192,13 +192,6 @@ func (c *Cache) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle
 		changed = true
 	}
 	c.federated = next
-	if changed {
-		set := jwtbundle.NewSet(c.local.JWTBundle())
-		for _, b := range c.federated {
-			set.Add(b.JWTBundle())
-		}
-		c.jwtSet = set
-	}
 	c.haveBundles = true
 	c.markReadyLocked()
 	if changed {
@@ -229,11 +222,22 @@ func (c *Cache) markReadyLocked() {
 	}
 }
 
-// Subscription is told, through C, whenever the cache changes. C holds at
-// most one pending signal: a slow reader sees one wake-up for many changes.
+// Subscription is told, through C, whenever the cache changes in a way that
+// may concern it. C holds at most one pending signal: a slow reader sees one
+// wake-up for many changes.
 type Subscription struct {
 	C     chan struct{}
 	cache *Cache
+	// entries are the entry IDs the subscriber's last answer was built
+	// from; a new SVID for any other entry does not wake it. Nil means
+	// every change wakes it.
+	entries atomic.Pointer[[]string]
+}
+
+// WatchEntries narrows the SVID changes that wake the subscriber to those of
+// the given entries. Entry and bundle changes always wake it.
+func (s *Subscription) WatchEntries(ids []string) {
+	s.entries.Store(&ids)
 }
 
 // Subscribe returns a new subscription; Close it when done.
@@ -255,10 +259,25 @@ func (s *Subscription) Close() {
 func (c *Cache) notifyLocked() {
 	c.dirty = true
 	for s := range c.subs {
-		select {
-		case s.C <- struct{}{}:
-		default:
+		s.signal()
+	}
+}
+
+// notifyEntriesLocked wakes the subscribers that hold any of the entries.
+func (c *Cache) notifyEntriesLocked(ids []string) {
+	c.dirty = true
+	for s := range c.subs {
+		watched := s.entries.Load()
+		if watched == nil || slices.ContainsFunc(*watched, func(id string) bool { return slices.Contains(ids, id) }) {
+			s.signal()
 		}
+	}
+}
+
+func (s *Subscription) signal() {
+	select {
+	case s.C <- struct{}{}:
+	default:
 	}
 }
 
@@ -316,10 +335,31 @@ type X509Snapshot struct {
 	Federated []*Bundle // sorted by trust domain
 }
 
-// Same reports whether two snapshots would produce the same message.
+// Same reports whether two snapshots would produce the same message. Bundles
+// are compared by their X.509 encoding: a change to JWT keys, a sequence
+// number or a refresh hint does not show in this message.
 func (s *X509Snapshot) Same(o *X509Snapshot) bool {
-	return s != nil && o != nil && s.Local == o.Local && slices.Equal(s.SVIDs, o.SVIDs) &&
-		slices.Equal(s.Hints, o.Hints) && slices.Equal(s.Federated, o.Federated)
+	return s != nil && o != nil && slices.Equal(s.SVIDs, o.SVIDs) && slices.Equal(s.Hints, o.Hints) &&
+		sameBundles(s.Local, s.Federated, o.Local, o.Federated, (*Bundle).x509Bytes)
+}
+
+func (b *Bundle) x509Bytes() []byte { return b.X509DER }
+func (b *Bundle) jwtBytes() []byte  { return b.JWKS }
+
+func sameBundles(aLocal *Bundle, aFed []*Bundle, bLocal *Bundle, bFed []*Bundle, enc func(*Bundle) []byte) bool {
+	same := func(a, b *Bundle) bool {
+		return a == b || (a != nil && b != nil && a.TrustDomain() == b.TrustDomain() && bytes.Equal(enc(a), enc(b)))
+	}
+	return same(aLocal, bLocal) && slices.EqualFunc(aFed, bFed, same)
+}
+
+// EntryIDs lists the entries the snapshot was built from.
+func (s *X509Snapshot) EntryIDs() []string {
+	ids := make([]string, len(s.SVIDs))
+	for i, svid := range s.SVIDs {
+		ids[i] = svid.EntryID
+	}
+	return ids
 }
 
 // X509Identities returns the caller's X.509-SVIDs, minting those it does not
@@ -392,15 +432,24 @@ func (c *Cache) federatedForLocked(entries []*Entry) []*Bundle {
 	return out
 }
 
+// maxReadyWait bounds how long a call waits for the first entries and
+// bundles before it is told Unavailable (and retries): waiting out the
+// caller's own deadline would leave it nothing to tell the client.
+const maxReadyWait = time.Second
+
 func (c *Cache) waitReady(ctx context.Context) error {
 	select {
 	case <-c.ready:
 		return nil
 	default:
 	}
+	timer := time.NewTimer(maxReadyWait)
+	defer timer.Stop()
 	select {
 	case <-c.ready:
 		return nil
+	case <-timer.C:
+		return ErrNotReady
 	case <-ctx.Done():
 		return ErrNotReady
 	}
@@ -448,12 +497,14 @@ func (c *Cache) mintBatch(ctx context.Context, calls []*mintCall) {
 	for chunk := range slices.Chunk(calls, maxBatch) {
 		svids, errs := c.sign(ctx, chunk)
 		c.mu.Lock()
+		var stored []string
 		for i, call := range chunk {
 			call.err = errs[i]
 			if errs[i] == nil {
 				// An entry that changed meanwhile gets no SVID of its old shape.
 				if cur, ok := c.entries[call.entry.ID]; ok && cur.sameSVIDShape(call.entry) {
 					c.svids[call.entry.ID] = svids[i]
+					stored = append(stored, call.entry.ID)
 				}
 			}
 			if c.inflight[call.entry.ID] == call {
@@ -461,8 +512,12 @@ func (c *Cache) mintBatch(ctx context.Context, calls []*mintCall) {
 			}
 			close(call.done)
 		}
-		c.kickRenewal()
-		c.notifyLocked()
+		if len(stored) > 0 {
+			// Only streams holding these entries see a difference; waking
+			// others (or anyone after a failure) would only make them spin.
+			c.kickRenewal()
+			c.notifyEntriesLocked(stored)
+		}
 		c.mu.Unlock()
 	}
 }
@@ -639,9 +694,16 @@ type BundleSnapshot struct {
 	Federated []*Bundle
 }
 
-// Same reports whether two snapshots would produce the same message.
-func (s *BundleSnapshot) Same(o *BundleSnapshot) bool {
-	return s != nil && o != nil && s.Local == o.Local && slices.Equal(s.Federated, o.Federated)
+// SameX509 reports whether two snapshots would produce the same
+// FetchX509Bundles message.
+func (s *BundleSnapshot) SameX509(o *BundleSnapshot) bool {
+	return s != nil && o != nil && sameBundles(s.Local, s.Federated, o.Local, o.Federated, (*Bundle).x509Bytes)
+}
+
+// SameJWT reports whether two snapshots would produce the same
+// FetchJWTBundles message.
+func (s *BundleSnapshot) SameJWT(o *BundleSnapshot) bool {
+	return s != nil && o != nil && sameBundles(s.Local, s.Federated, o.Local, o.Federated, (*Bundle).jwtBytes)
 }
 
 // Bundles returns the bundles a caller may see: the local one and those its
@@ -667,14 +729,9 @@ func (c *Cache) Bundles(ctx context.Context, sels []attestor.Selector, allowUnau
 	if !allowUnauthenticated {
 		return nil, ErrNoIdentity
 	}
-	all := make([]*Bundle, 0, len(c.federated))
-	for _, b := range c.federated {
-		all = append(all, b)
-	}
-	slices.SortFunc(all, func(a, b *Bundle) int {
-		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
-	})
-	return &BundleSnapshot{Local: c.local, Federated: all}, nil
+	// A caller with no identity federates with no one: the local bundle
+	// only, as spire-agent does.
+	return &BundleSnapshot{Local: c.local}, nil
 }
 
 // JWTSVIDs returns a JWT-SVID for audience for each of the caller's
@@ -750,14 +807,17 @@ func (c *Cache) pruneJWTsLocked(now time.Time) {
 }
 
 // ValidateJWTSVID checks a token against the bundle of its subject's trust
-// domain and the audience.
-func (c *Cache) ValidateJWTSVID(ctx context.Context, token, audience string) (*jwtsvid.SVID, error) {
-	if err := c.waitReady(ctx); err != nil {
+// domain and the audience. The caller may rely on the bundles it could fetch
+// itself: the local one and those its entries federate with.
+func (c *Cache) ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error) {
+	snap, err := c.Bundles(ctx, sels, true)
+	if err != nil {
 		return nil, err
 	}
-	c.mu.RLock()
-	set := c.jwtSet
-	c.mu.RUnlock()
+	set := jwtbundle.NewSet(snap.Local.JWTBundle())
+	for _, b := range snap.Federated {
+		set.Add(b.JWTBundle())
+	}
 	return jwtsvid.ParseAndValidate(token, set, []string{audience})
 }
 

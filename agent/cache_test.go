@@ -732,12 +732,19 @@ func TestSnapshotSame(t *testing.T) {
 	up.set(func(u *testUpstream) { u.jwtKID = "kid-2" })
 	c.SetBundles(up.bundle(), nil)
 	s3, _ := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if s1.Same(s3) {
-		t.Error("snapshots across a bundle change are Same")
+	if !s1.Same(s3) {
+		t.Error("an X.509 snapshot changed with the JWT keys, which it does not carry")
 	}
 	b2, _ := c.Bundles(t.Context(), mustSels("unix:uid:1"), false)
-	if b1.Same(b2) || !b2.Same(b2) {
-		t.Error("BundleSnapshot.Same is wrong")
+	if b1.SameJWT(b2) || !b1.SameX509(b2) || !b2.SameJWT(b2) {
+		t.Error("BundleSnapshot.SameJWT/SameX509 are wrong after a JWT-only change")
+	}
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil)
+	s4, _ := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	b3, _ := c.Bundles(t.Context(), mustSels("unix:uid:1"), false)
+	if s1.Same(s4) || b2.SameX509(b3) || !b2.SameJWT(b3) {
+		t.Error("a new X.509 root is not seen, or is seen by the JWT bundle")
 	}
 	var nilSnap *X509Snapshot
 	if nilSnap.Same(s1) || s1.Same(nil) {
@@ -934,7 +941,7 @@ func TestJWTSVIDs(t *testing.T) {
 		t.Errorf("hints %q %q", got[0].Hint, got[1].Hint)
 	}
 	for _, svid := range got {
-		v, err := c.ValidateJWTSVID(t.Context(), svid.Token, "x")
+		v, err := c.ValidateJWTSVID(t.Context(), nil, svid.Token, "x")
 		if err != nil || v.ID != svid.ID {
 			t.Errorf("ValidateJWTSVID = %v, %v", v, err)
 		}
@@ -1006,7 +1013,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	c, up := newTestCache(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Millisecond)
 	defer cancel()
-	if _, err := c.ValidateJWTSVID(ctx, "x", "y"); !errors.Is(err, ErrNotReady) {
+	if _, err := c.ValidateJWTSVID(ctx, nil, "x", "y"); !errors.Is(err, ErrNotReady) {
 		t.Errorf("before ready: %v", err)
 	}
 	fedKey := newKey(t)
@@ -1014,7 +1021,10 @@ func TestValidateJWTSVID(t *testing.T) {
 	if err := fed.AddJWTAuthority("fed-1", fedKey.Public()); err != nil {
 		t.Fatal(err)
 	}
-	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
+	fedEntry := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	fedEntry.FederatesWith = []spiffeid.TrustDomain{otherTD}
+	c.SetEntries([]*Entry{fedEntry})
+	caller := mustSels("unix:uid:1")
 	c.SetBundles(up.bundle(), []*spiffebundle.Bundle{fed})
 	now := time.Now()
 	sign := func(key crypto.Signer, kid, sub string) string {
@@ -1025,36 +1035,46 @@ func TestValidateJWTSVID(t *testing.T) {
 		return tok
 	}
 	good := sign(up.jwtKey, up.jwtKID, "spiffe://example.org/w")
-	v, err := c.ValidateJWTSVID(t.Context(), good, "aud")
+	v, err := c.ValidateJWTSVID(t.Context(), caller, good, "aud")
 	if err != nil || v.ID.String() != "spiffe://example.org/w" {
 		t.Fatalf("a good token: %v, %v", v, err)
 	}
-	if _, err := c.ValidateJWTSVID(t.Context(), good, "other"); err == nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, good, "other"); err == nil {
 		t.Error("a token validated for another audience")
 	}
 	foreign := newKey(t)
-	if _, err := c.ValidateJWTSVID(t.Context(), sign(foreign, up.jwtKID, "spiffe://example.org/w"), "aud"); err == nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(foreign, up.jwtKID, "spiffe://example.org/w"), "aud"); err == nil {
 		t.Error("a token signed by a foreign key under a known kid validated")
 	}
-	if _, err := c.ValidateJWTSVID(t.Context(), sign(foreign, "unknown", "spiffe://example.org/w"), "aud"); err == nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(foreign, "unknown", "spiffe://example.org/w"), "aud"); err == nil {
 		t.Error("a token with an unknown kid validated")
 	}
 	// A token is checked with its subject's trust domain: other.org's key
 	// cannot vouch for example.org, and vice versa.
-	if _, err := c.ValidateJWTSVID(t.Context(), sign(fedKey, "fed-1", "spiffe://other.org/w"), "aud"); err != nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(fedKey, "fed-1", "spiffe://other.org/w"), "aud"); err != nil {
 		t.Errorf("a federated token: %v", err)
 	}
-	if _, err := c.ValidateJWTSVID(t.Context(), sign(fedKey, "fed-1", "spiffe://example.org/w"), "aud"); err == nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(fedKey, "fed-1", "spiffe://example.org/w"), "aud"); err == nil {
 		t.Error("a federated key vouched for the local trust domain")
 	}
-	if _, err := c.ValidateJWTSVID(t.Context(), sign(up.jwtKey, up.jwtKID, "spiffe://third.org/w"), "aud"); err == nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(up.jwtKey, up.jwtKID, "spiffe://third.org/w"), "aud"); err == nil {
 		t.Error("a token of a trust domain without a bundle validated")
 	}
+	// Only the bundles the caller could fetch itself count: with no entry
+	// federating with other.org, its tokens are not valid for this caller.
+	if _, err := c.ValidateJWTSVID(t.Context(), mustSels("unix:uid:2"), sign(fedKey, "fed-1", "spiffe://other.org/w"), "aud"); err == nil {
+		t.Error("a caller without federates_with validated a federated token")
+	}
+	if _, err := c.ValidateJWTSVID(t.Context(), mustSels("unix:uid:2"), good, "aud"); err != nil {
+		t.Errorf("a caller with no identity cannot validate a local token: %v", err)
+	}
 	c.SetBundles(up.bundle(), nil)
-	if _, err := c.ValidateJWTSVID(t.Context(), sign(fedKey, "fed-1", "spiffe://other.org/w"), "aud"); err == nil {
+	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(fedKey, "fed-1", "spiffe://other.org/w"), "aud"); err == nil {
 		t.Error("a token validated after its trust domain's bundle was removed")
 	}
 }
+
+
 
 func TestBundlesVisibility(t *testing.T) {
 	c, up := newTestCache(t)
@@ -1093,8 +1113,9 @@ func TestBundlesVisibility(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(tds(snap.Federated), []string{"other.org", "third.org"}) || snap.Local == nil {
-		t.Errorf("allowUnauthenticated: federated %v", tds(snap.Federated))
+	// A caller with no identity federates with no one: the local bundle only.
+	if len(snap.Federated) != 0 || snap.Local == nil {
+		t.Errorf("allowUnauthenticated: federated %v, want none", tds(snap.Federated))
 	}
 	if !snap.Local.Equal(up.bundle()) {
 		t.Error("the own-trust-domain federated bundle replaced the local bundle")

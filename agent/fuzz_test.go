@@ -36,7 +36,7 @@ func FuzzValidateJWTSVID(f *testing.F) {
 		f.Add(seed, "db")
 	}
 	f.Fuzz(func(t *testing.T, token, audience string) {
-		svid, err := c.ValidateJWTSVID(context.Background(), token, audience)
+		svid, err := c.ValidateJWTSVID(context.Background(), nil, token, audience)
 		if err != nil {
 			return
 		}

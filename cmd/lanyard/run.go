@@ -175,6 +175,7 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 		Attestor:                      a,
 		Cache:                         a.Cache(),
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
+		TrustDomain:                   cfg.Agent.TrustDomain,
 	})
 
 	runCtx, cancelRun := context.WithCancel(context.Background())
