@@ -9,7 +9,10 @@ import (
 	"os"
 
 	// The compiled-in plugins register themselves by name.
+	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/join_token"
+	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
+	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
 	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 )
 

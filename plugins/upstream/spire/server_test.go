@@ -1,0 +1,275 @@
+package spire
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// These tests run the upstream against a real spire-server, with a sink
+// that records what it is handed.
+
+const testNodeID = "spiffe://example.org/node"
+
+// recordingSink keeps the last entries and bundles it was given.
+type recordingSink struct {
+	mu      sync.Mutex
+	entries map[string]*agent.Entry
+	local   *spiffebundle.Bundle
+	sets    int
+	changed chan struct{}
+}
+
+func newRecordingSink() *recordingSink {
+	return &recordingSink{changed: make(chan struct{}, 1)}
+}
+
+func (r *recordingSink) SetEntries(entries []*agent.Entry) {
+	r.mu.Lock()
+	r.entries = map[string]*agent.Entry{}
+	for _, e := range entries {
+		r.entries[e.ID] = e
+	}
+	r.sets++
+	r.mu.Unlock()
+	kick(r.changed)
+}
+
+func (r *recordingSink) SetBundles(local *spiffebundle.Bundle, _ []*spiffebundle.Bundle) {
+	r.mu.Lock()
+	r.local = local
+	r.mu.Unlock()
+	kick(r.changed)
+}
+
+func (r *recordingSink) snapshot() (map[string]*agent.Entry, *spiffebundle.Bundle) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.entries, r.local
+}
+
+// waitUntil waits for cond on the sink's state, up to bound.
+func (r *recordingSink) waitUntil(t *testing.T, bound time.Duration, what string, cond func(map[string]*agent.Entry) bool) {
+	t.Helper()
+	deadline := time.After(bound)
+	for {
+		entries, _ := r.snapshot()
+		if cond(entries) {
+			return
+		}
+		select {
+		case <-r.changed:
+		case <-deadline:
+			t.Fatalf("timed out after %s waiting for %s (%d entries)", bound, what, len(entries))
+		}
+	}
+}
+
+// running is a Run in progress; done closes when it returns, with err.
+type running struct {
+	done chan struct{}
+	err  error
+}
+
+// startUpstream builds the upstream for server s from an agent.conf and
+// runs it until the test ends.
+func startUpstream(t *testing.T, s *spiretest.Server, token string, sink agent.Sink) (*Spire, *running) {
+	t.Helper()
+	dir := t.TempDir()
+	bundle := filepath.Join(dir, "bundle.pem")
+	if err := os.WriteFile(bundle, s.BundlePEM(t), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := strings.Cut(s.Addr, ":")
+	up, err := build(t, fmt.Sprintf(`agent {
+  trust_domain = "example.org"
+  data_dir = %q
+  server_address = %q
+  server_port = %s
+  trust_bundle_path = %q
+  join_token = %q
+  sync_interval = "500ms"
+}
+plugins {
+  NodeAttestor "join_token" { plugin_data {} }
+  KeyManager "disk" { plugin_data { directory = %q } }
+  WorkloadAttestor "unix" { plugin_data {} }
+}`, dir, host, port, bundle, token, dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{done: make(chan struct{})}
+	go func() {
+		r.err = up.Run(ctx, sink)
+		close(r.done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-r.done:
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return within 30s of its context ending")
+		}
+	})
+	return up, r
+}
+
+// createEntries creates n entries for the node in one CLI call.
+func createEntries(t *testing.T, s *spiretest.Server, n int) {
+	t.Helper()
+	type sel struct {
+		Type  string `json:"type"`
+		Value string `json:"value"`
+	}
+	type entry struct {
+		SPIFFEID  string `json:"spiffe_id"`
+		ParentID  string `json:"parent_id"`
+		Selectors []sel  `json:"selectors"`
+	}
+	var doc struct {
+		Entries []entry `json:"entries"`
+	}
+	for i := range n {
+		doc.Entries = append(doc.Entries, entry{
+			SPIFFEID:  fmt.Sprintf("spiffe://example.org/w/%d", i),
+			ParentID:  testNodeID,
+			Selectors: []sel{{Type: "unix", Value: fmt.Sprintf("uid:%d", 10000+i)}},
+		})
+	}
+	data, err := json.Marshal(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "entries.json")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.CLI(t, "entry", "create", "-data", path)
+}
+
+// TestManyEntries syncs more entries than the server's page (500), so the
+// server sends revisions and the agent asks for entries in pages; then it
+// signs more SVIDs than one BatchNewX509SVID call takes.
+func TestManyEntries(t *testing.T) {
+	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
+	const n = 1100
+	createEntries(t, s, n)
+	sink := newRecordingSink()
+	start := time.Now()
+	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink)
+	sink.waitUntil(t, 60*time.Second, fmt.Sprintf("%d entries", n), func(m map[string]*agent.Entry) bool { return len(m) == n })
+	t.Logf("attestation and first sync of %d entries: %s", n, time.Since(start).Round(time.Millisecond))
+
+	entries, local := sink.snapshot()
+	var one *agent.Entry
+	reqs := make([]agent.X509Request, 0, 600)
+	for _, e := range entries {
+		if len(reqs) == 600 {
+			break
+		}
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		reqs = append(reqs, agent.X509Request{Entry: e, Key: key})
+		one = e
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	signStart := time.Now()
+	results, err := up.MintX509SVIDs(ctx, reqs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("signed %d X509-SVIDs in %s", len(reqs), time.Since(signStart).Round(time.Millisecond))
+	roots := x509bundle.FromX509Authorities(td, local.X509Authorities())
+	for i, r := range results {
+		if r.Err != nil {
+			t.Fatalf("result %d: %v", i, r.Err)
+		}
+		id, _, err := x509svid.Verify(r.Chain, roots)
+		if err != nil || id != reqs[i].Entry.SPIFFEID {
+			t.Fatalf("result %d is %v (%v), want an SVID for %s", i, id, err, reqs[i].Entry.SPIFFEID)
+		}
+		if !reqs[i].Key.Public().(*ecdsa.PublicKey).Equal(r.Chain[0].PublicKey) {
+			t.Fatalf("result %d is not for the agent's key", i)
+		}
+	}
+
+	tok, err := up.MintJWTSVID(ctx, one, []string{"db"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	parsed, err := jwt.ParseSigned(tok.Token, []jose.SignatureAlgorithm{jose.ES256, jose.RS256, jose.ES384, jose.PS256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claims jwt.Claims
+	if err := parsed.UnsafeClaimsWithoutVerification(&claims); err != nil || claims.Subject != one.SPIFFEID.String() {
+		t.Fatalf("JWT-SVID subject %q (%v), want %s", claims.Subject, err, one.SPIFFEID)
+	}
+
+	// Later syncs list revisions only: nothing more is fetched in full.
+	fetched := up.fetched.Load()
+	time.Sleep(2 * time.Second) // several sync intervals
+	if more := up.fetched.Load() - fetched; more != 0 {
+		t.Fatalf("%d entries were fetched again though none changed", more)
+	}
+	// An update reaches the sink as a new entry; the others stay the same
+	// objects, so the cache keeps their SVIDs without comparing fields.
+	s.CLI(t, "entry", "update", "-entryID", one.ID, "-parentID", testNodeID, "-spiffeID", one.SPIFFEID.String(),
+		"-selector", one.Selectors[0].String(), "-hint", "updated")
+	sink.waitUntil(t, 30*time.Second, "the updated entry", func(m map[string]*agent.Entry) bool {
+		return m[one.ID] != nil && m[one.ID].Hint == "updated"
+	})
+	if more := up.fetched.Load() - fetched; more != 1 {
+		t.Fatalf("%d entries were fetched for one update, want 1", more)
+	}
+	after, _ := sink.snapshot()
+	for id, e := range entries {
+		if id != one.ID && after[id] != e {
+			t.Fatalf("entry %s was replaced though it did not change", id)
+		}
+	}
+	s.DeleteEntry(t, one.ID)
+	sink.waitUntil(t, 30*time.Second, "the deleted entry gone", func(m map[string]*agent.Entry) bool {
+		return len(m) == n-1 && m[one.ID] == nil
+	})
+}
+
+// TestEvictedAgentStopsWithAdvice evicts the agent on the server: it must
+// attest again, which its spent join token cannot, so Run stops with what
+// to do and the stored SVID is dropped.
+func TestEvictedAgentStopsWithAdvice(t *testing.T) {
+	s := spiretest.StartServer(t)
+	sink := newRecordingSink()
+	up, run := startUpstream(t, s, s.JoinToken(t, testNodeID), sink)
+	sink.waitUntil(t, 60*time.Second, "the first sync", func(m map[string]*agent.Entry) bool { return m != nil })
+	s.CLI(t, "agent", "evict", "-spiffeID", up.currentCreds().id().String())
+	select {
+	case <-run.done:
+		if run.err == nil || !strings.Contains(run.err.Error(), "generate a new token") {
+			t.Fatalf("Run returned %v, want advice to use a new join token", run.err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("Run did not stop within 60s of the eviction")
+	}
+	if creds, _, _, err := up.store.load(); err != nil || creds != nil {
+		t.Fatalf("the stored SVID was kept after the server refused it: %v", err)
+	}
+}
