@@ -6,6 +6,7 @@ package workloadapi
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -37,7 +38,7 @@ type Cache interface {
 	X509Identities(ctx context.Context, sels []attestor.Selector) (*agent.X509Snapshot, error)
 	Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*agent.BundleSnapshot, error)
 	JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
-	ValidateJWTSVID(ctx context.Context, token, audience string) (*jwtsvid.SVID, error)
+	ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error)
 	Subscribe() *agent.Subscription
 }
 
@@ -53,6 +54,9 @@ type Config struct {
 	// read for this long is disconnected rather than waited for.
 	// Zero means DefaultSendTimeout.
 	SendTimeout time.Duration
+	// TrustDomain is the agent's own: claims of tokens from other trust
+	// domains are reduced to the standard ones on validation.
+	TrustDomain spiffeid.TrustDomain
 }
 
 // Limits on what a client may make the agent hold.
@@ -69,6 +73,18 @@ const (
 	// bufferSize is gRPC's per-connection read and write buffer: messages
 	// are a few KiB, and thousands of idle connections must stay cheap.
 	bufferSize = 8 << 10
+	// streamWorkers run calls on goroutines kept from call to call, whose
+	// stacks have already grown to what a call needs; a new goroutine per
+	// call spends a tenth of a fetch growing its stack. Streams held open
+	// beyond the workers get goroutines of their own.
+	streamWorkers = 16
+	// maxStreamsPerConn bounds the streams one connection may hold open:
+	// each costs a goroutine, a subscription and up to 64 KiB queued.
+	maxStreamsPerConn = 100
+	// maxAudiences and maxAudienceBytes bound a JWT-SVID request, whose
+	// tokens are cached per audience.
+	maxAudiences     = 32
+	maxAudienceBytes = 4096
 )
 
 // Server is the gRPC server with the Workload API, health and reflection.
@@ -113,11 +129,14 @@ func NewServer(cfg Config) *Server {
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
+		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.ReadBufferSize(bufferSize),
 		grpc.WriteBufferSize(bufferSize),
+		grpc.NumStreamWorkers(streamWorkers),
 	)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
 	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
+	registerSDS(s, wh, SDSConfig{})
 	h := health.NewServer()
 	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(s, h)
@@ -136,8 +155,9 @@ func checkHeader(ctx context.Context, method string) error {
 	if !strings.HasPrefix(method, serviceName) {
 		return nil
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	if v := md.Get(headerKey); len(v) != 1 || v[0] != "true" {
+	// ValueFromIncomingContext copies only this key; FromIncomingContext
+	// would copy every header of every call.
+	if v := metadata.ValueFromIncomingContext(ctx, headerKey); len(v) != 1 || v[0] != "true" {
 		return status.Error(codes.InvalidArgument, "security header missing from request: send exactly one \"workload.spiffe.io: true\"")
 	}
 	return nil
@@ -235,6 +255,7 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 				return err
 			}
 			last = snap
+			sub.WatchEntries(snap.EntryIDs())
 		}
 		select {
 		case <-sub.C:
@@ -267,7 +288,7 @@ func x509Response(snap *agent.X509Snapshot) *workload.X509SVIDResponse {
 }
 
 // streamBundles runs a bundle stream: the full set first, then on change.
-func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnapshot) error) error {
+func (h *handler) streamBundles(ctx context.Context, same func(a, b *agent.BundleSnapshot) bool, send func(*agent.BundleSnapshot) error) error {
 	sels, caller, err := h.attest(ctx)
 	if err != nil {
 		return err
@@ -282,7 +303,7 @@ func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnap
 			return statusOf(err)
 		case err != nil:
 			h.cfg.Log.Warn("Could not update a bundle stream", "error", err)
-		case !snap.Same(last):
+		case last == nil || !same(snap, last):
 			if err := h.send(caller, func() error { return send(snap) }); err != nil {
 				return err
 			}
@@ -299,7 +320,7 @@ func (h *handler) streamBundles(ctx context.Context, send func(*agent.BundleSnap
 }
 
 func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
-	return h.streamBundles(stream.Context(), func(snap *agent.BundleSnapshot) error {
+	return h.streamBundles(stream.Context(), (*agent.BundleSnapshot).SameX509, func(snap *agent.BundleSnapshot) error {
 		resp := &workload.X509BundlesResponse{Bundles: make(map[string][]byte, 1+len(snap.Federated))}
 		resp.Bundles[snap.Local.TrustDomain().IDString()] = snap.Local.X509DER
 		for _, b := range snap.Federated {
@@ -310,7 +331,7 @@ func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.S
 }
 
 func (h *handler) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
-	return h.streamBundles(stream.Context(), func(snap *agent.BundleSnapshot) error {
+	return h.streamBundles(stream.Context(), (*agent.BundleSnapshot).SameJWT, func(snap *agent.BundleSnapshot) error {
 		resp := &workload.JWTBundlesResponse{Bundles: make(map[string][]byte, 1+len(snap.Federated))}
 		resp.Bundles[snap.Local.TrustDomain().IDString()] = snap.Local.JWKS
 		for _, b := range snap.Federated {
@@ -324,10 +345,18 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if len(req.Audience) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
 	}
+	if len(req.Audience) > maxAudiences {
+		return nil, status.Errorf(codes.InvalidArgument, "too many audiences: %d, the limit is %d", len(req.Audience), maxAudiences)
+	}
+	total := 0
 	for _, aud := range req.Audience {
 		if aud == "" {
 			return nil, status.Error(codes.InvalidArgument, "audience must not contain an empty string")
 		}
+		total += len(aud)
+	}
+	if total > maxAudienceBytes {
+		return nil, status.Errorf(codes.InvalidArgument, "audiences are %d bytes long together, the limit is %d", total, maxAudienceBytes)
 	}
 	var id spiffeid.ID
 	if req.SpiffeId != "" {
@@ -358,16 +387,43 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	if req.Svid == "" {
 		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
 	}
-	svid, err := h.cfg.Cache.ValidateJWTSVID(ctx, req.Svid, req.Audience)
+	sels, _, err := h.attest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	svid, err := h.cfg.Cache.ValidateJWTSVID(ctx, sels, req.Svid, req.Audience)
 	if err != nil {
 		if errors.Is(err, agent.ErrNotReady) {
 			return nil, statusOf(err)
 		}
 		return nil, status.Errorf(codes.InvalidArgument, "invalid JWT-SVID: %v", err)
 	}
-	claims, err := structpb.NewStruct(svid.Claims)
+	claims, err := structpb.NewStruct(h.returnedClaims(svid))
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "the JWT-SVID's claims cannot be represented: %v", err)
 	}
 	return &workload.ValidateJWTSVIDResponse{SpiffeId: svid.ID.String(), Claims: claims}, nil
+}
+
+// standardClaims are what a token from another trust domain keeps: its
+// other claims were made by an issuer this agent does not answer for (as in
+// spire-agent, which strips them unless allowed).
+var standardClaims = []string{"sub", "aud", "exp", "iat", "nbf", "iss", "jti"}
+
+// returnedClaims are the claims ValidateJWTSVID reports: all of them for
+// the local trust domain, the standard ones for a federated one; aud is
+// always a list, as in spire-agent.
+func (h *handler) returnedClaims(svid *jwtsvid.SVID) map[string]any {
+	claims := make(map[string]any, len(svid.Claims))
+	foreign := h.cfg.TrustDomain != (spiffeid.TrustDomain{}) && svid.ID.TrustDomain() != h.cfg.TrustDomain
+	for k, v := range svid.Claims {
+		if foreign && !slices.Contains(standardClaims, k) {
+			continue
+		}
+		claims[k] = v
+	}
+	if aud, ok := claims["aud"].(string); ok {
+		claims["aud"] = []any{aud}
+	}
+	return claims
 }

@@ -1213,3 +1213,22 @@ func TestEndedStreamsReleaseTheirGoroutines(t *testing.T) {
 		t.Fatalf("%d SVIDs", len(msg.Svids))
 	}
 }
+
+func TestStreamsIgnoreChangesOfTheOtherKeyType(t *testing.T) {
+	e := newTestEnv(t, envOptions{entries: []*agent.Entry{newEntry("/a", 1, mySelector())}})
+	c := e.client(t)
+	svids, xb, jb := openX509Stream(t, c), openX509BundlesStream(t, c), openJWTBundlesStream(t, c)
+	nextMsg(t, svids, "svids")
+	nextMsg(t, xb, "x509 bundles")
+	nextMsg(t, jb, "jwt bundles")
+	e.up.setJWTKey("kid-2", newTestKey(t))
+	e.cache.SetBundles(e.up.localBundle(t, e.ca.cert), nil)
+	nextMsg(t, jb, "JWT bundles after a new JWT key")
+	quiet(t, svids, "X509-SVIDs after a JWT-only change")
+	quiet(t, xb, "X.509 bundles after a JWT-only change")
+	ca2 := newTestCA(t, tdExample, "ca 2")
+	e.cache.SetBundles(e.up.localBundle(t, e.ca.cert, ca2.cert), nil)
+	nextMsg(t, svids, "svids after new root")
+	nextMsg(t, xb, "x509 bundles after new root")
+	quiet(t, jb, "JWT bundles after an X.509-only change")
+}
