@@ -18,7 +18,20 @@ import (
 const (
 	typeWorkloadAttestor  = "WorkloadAttestor"
 	typeUpstreamAuthority = "UpstreamAuthority"
+	typeNodeAttestor      = "NodeAttestor"
+	typeKeyManager        = "KeyManager"
 )
+
+// restartPlugins names the enabled plugins that are only read at start.
+func restartPlugins(cfg *conf.Config) string {
+	var names []string
+	for _, p := range cfg.Plugins {
+		if p.Enabled && (p.Type == typeNodeAttestor || p.Type == typeKeyManager) {
+			names = append(names, p.Type+" "+p.Name)
+		}
+	}
+	return strings.Join(names, ", ")
+}
 
 // Agent is the node agent's state: its attestors, its upstream and the
 // cache of what the upstream delivered. The Workload API server is built on
@@ -48,6 +61,15 @@ func New(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 	name, plugin, err := upstreamPlugin(cfg)
 	if err != nil {
 		return nil, err
+	}
+	if name != "spire" {
+		// Node attestation and key management are for a SPIRE Server:
+		// silently ignoring them would hide a config mistake.
+		for _, p := range cfg.Plugins {
+			if p.Enabled && (p.Type == typeNodeAttestor || p.Type == typeKeyManager) {
+				return nil, p.Errorf("%s is only used with a SPIRE Server upstream; set agent.server_address, or remove this block to use the %s upstream", p.Type, name)
+			}
+		}
 	}
 	factory, ok := lookupUpstream(name)
 	if !ok {
@@ -191,11 +213,27 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
 	old := a.cfg.Agent
-	switch {
-	case cfg.Agent.TrustDomain != old.TrustDomain:
+	if cfg.Agent.TrustDomain != old.TrustDomain {
 		return fmt.Errorf("%s: trust_domain changed from %s to %s: that needs a restart", cfg.File, old.TrustDomain, cfg.Agent.TrustDomain)
-	case cfg.Agent.SocketPath != old.SocketPath, cfg.Agent.DataDir != old.DataDir, cfg.Agent.ServerAddress != old.ServerAddress:
-		return fmt.Errorf("%s: socket_path, data_dir and server_address need a restart to change", cfg.File)
+	}
+	for _, k := range []struct {
+		key     string
+		was, is any
+	}{
+		{"socket_path", old.SocketPath, cfg.Agent.SocketPath},
+		{"data_dir", old.DataDir, cfg.Agent.DataDir},
+		{"server_address", old.ServerAddress, cfg.Agent.ServerAddress},
+		{"server_port", old.ServerPort, cfg.Agent.ServerPort},
+		{"trust_bundle_path", old.TrustBundlePath, cfg.Agent.TrustBundlePath},
+		{"insecure_bootstrap", old.InsecureBootstrap, cfg.Agent.InsecureBootstrap},
+		{"join_token", old.JoinToken, cfg.Agent.JoinToken},
+		{"sync_interval", old.SyncInterval, cfg.Agent.SyncInterval},
+		{"sds", old.SDS, cfg.Agent.SDS},
+		{"NodeAttestor and KeyManager plugins", restartPlugins(a.cfg), restartPlugins(cfg)},
+	} {
+		if k.was != k.is {
+			return cfg.Agent.Errorf(strings.Fields(k.key)[0], "%s changed: that needs a restart; nothing was reloaded", k.key)
+		}
 	}
 	set, err := buildAttestors(cfg, a.log)
 	if err != nil {

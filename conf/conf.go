@@ -63,7 +63,30 @@ type Agent struct {
 	SyncInterval      time.Duration
 	AdminSocketPath   string
 
+	// SDS names the Envoy SDS resources, as spire-agent's sds block does.
+	SDS SDS
+
 	Pos Pos // where the agent block starts
+
+	top *Section // for positioned errors about the block's keys
+}
+
+// SDS is the agent.sds block. Empty names take spire-agent's defaults.
+type SDS struct {
+	DefaultSVIDName             string
+	DefaultBundleName           string
+	DefaultAllBundlesName       string
+	DisableSPIFFECertValidation bool
+}
+
+// Errorf returns an error positioned at a key of the agent block, e.g.
+// a.Errorf("trust_bundle_path", "cannot read it: %v", err), for checks that
+// plugins make after parsing.
+func (a *Agent) Errorf(key string, format string, args ...any) error {
+	if a.top == nil {
+		return fmt.Errorf("agent.%s: %s", key, fmt.Sprintf(format, args...))
+	}
+	return a.top.Errorf("agent."+key, format, args...)
 }
 
 // HealthChecks is the health_checks block.
@@ -161,6 +184,14 @@ type rawAgent struct {
 	JoinToken                     string  `hcl:"join_token"`
 	SyncInterval                  *string `hcl:"sync_interval"`
 	AdminSocketPath               *string `hcl:"admin_socket_path"`
+	SDS                           *rawSDS `hcl:"sds"`
+}
+
+type rawSDS struct {
+	DefaultSVIDName             string `hcl:"default_svid_name"`
+	DefaultBundleName           string `hcl:"default_bundle_name"`
+	DefaultAllBundlesName       string `hcl:"default_all_bundles_name"`
+	DisableSPIFFECertValidation bool   `hcl:"disable_spiffe_cert_validation"`
 }
 
 type rawHealthChecks struct {
@@ -193,7 +224,7 @@ var refusedKeys = func() map[string]map[string]string {
 	// From spire-agent's cmd/spire-agent/cli/run (current and older releases).
 	agent := notSupported("spire-agent key",
 		"rebootstrap_mode", "rebootstrap_delay", "retry_bootstrap", "join_token_file",
-		"log_source_location", "sds", "workload_x509_svid_key_type",
+		"log_source_location", "workload_x509_svid_key_type",
 		"trust_bundle_url", "trust_bundle_unix_socket", "allowed_foreign_jwt_claims",
 		"availability_target", "x509_svid_cache_max_size", "jwt_svid_cache_max_size",
 		"authorized_delegates", "profiling_enabled", "profiling_port", "profiling_freq",
@@ -232,6 +263,10 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 		AllowUnauthenticatedVerifiers: r.AllowUnauthenticatedVerifiers,
 
 		Pos: top.lookup("agent"),
+		top: top,
+	}
+	if r.SDS != nil {
+		a.SDS = SDS(*r.SDS)
 	}
 	fail := func(key, format string, args ...any) {
 		if !errs.has(key) {

@@ -272,7 +272,7 @@ func TestParseErrors(t *testing.T) {
 		{name: "unknown agent key", text: "agent {\n  trust_domain = \"example.org\"\n  log_levle = \"debug\"\n}", want: []string{"t.conf:3:3: agent.log_levle: unknown key; did you mean \"log_level\"?", "known keys: trust_domain, data_dir"}},
 		{name: "unknown agent key no suggestion", text: "agent {\n  trust_domain = \"example.org\"\n  colour = \"red\"\n}", want: []string{"t.conf:3:3: agent.colour: unknown key (known keys:"}, not: "did you mean"},
 		{name: "spire key experimental", text: "agent {\n  trust_domain = \"example.org\"\n  experimental {\n    sync_interval = \"1s\"\n  }\n}", want: []string{"t.conf:3:3: agent.experimental: spire-agent key experimental is not supported by Lanyard", "set sync_interval in the agent block"}},
-		{name: "spire key sds", text: "agent {\n  trust_domain = \"example.org\"\n  sds { default_svid_name = \"x\" }\n}", want: []string{"t.conf:3:3: agent.sds: spire-agent key sds is not supported by Lanyard"}},
+		{name: "sds unknown key", text: "agent {\n  trust_domain = \"example.org\"\n  sds { default_svid_nam = \"x\" }\n}", want: []string{"t.conf:3:9: agent.sds.default_svid_nam: unknown key"}},
 		{name: "spire key key type", text: "agent {\n  trust_domain = \"example.org\"\n  workload_x509_svid_key_type = \"ec-p256\"\n}", want: []string{"t.conf:3:3: agent.workload_x509_svid_key_type: spire-agent key workload_x509_svid_key_type is not supported by Lanyard"}},
 		{name: "spire key retry_bootstrap", text: "agent {\n  trust_domain = \"example.org\"\n  retry_bootstrap = true\n}", want: []string{"t.conf:3:3: agent.retry_bootstrap: spire-agent key retry_bootstrap is not supported by Lanyard"}},
 		{name: "spire key rebootstrap", text: "agent {\n  trust_domain = \"example.org\"\n  rebootstrap_mode = \"auto\"\n  rebootstrap_delay = \"10m\"\n}", want: []string{"t.conf:3:3: agent.rebootstrap_mode: spire-agent key rebootstrap_mode is not supported", "t.conf:4:3: agent.rebootstrap_delay: spire-agent key rebootstrap_delay is not supported"}},
@@ -356,7 +356,7 @@ func TestParseReportsAllErrorsInFileOrder(t *testing.T) {
 agent {
   trust_domain = "Bad"
   log_level = "loud"
-  sds {}
+  sds { bogus = 1 }
 }
 plugins {
   SVIDStore "x" {}
@@ -376,7 +376,7 @@ plugins {
 		"all.conf:2:3 telemetry.InMem",
 		"all.conf:5:3 agent.trust_domain",
 		"all.conf:6:3 agent.log_level",
-		"all.conf:7:3 agent.sds",
+		"all.conf:7:9 agent.sds.bogus",
 		"all.conf:10:3 plugins.SVIDStore",
 		`all.conf:11:23 plugins.KeyManager "disk".plugin_cmd`,
 	}

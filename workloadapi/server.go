@@ -57,6 +57,8 @@ type Config struct {
 	// TrustDomain is the agent's own: claims of tokens from other trust
 	// domains are reduced to the standard ones on validation.
 	TrustDomain spiffeid.TrustDomain
+	// SDS names Envoy's SDS resources; empty names take spire-agent's.
+	SDS SDSConfig
 }
 
 // Limits on what a client may make the agent hold.
@@ -136,7 +138,7 @@ func NewServer(cfg Config) *Server {
 	)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
 	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
-	registerSDS(s, wh, SDSConfig{})
+	registerSDS(s, wh, cfg.SDS)
 	h := health.NewServer()
 	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(s, h)

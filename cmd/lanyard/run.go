@@ -176,6 +176,7 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 		Cache:                         a.Cache(),
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
 		TrustDomain:                   cfg.Agent.TrustDomain,
+		SDS:                           workloadapi.SDSConfig(cfg.Agent.SDS),
 	})
 
 	runCtx, cancelRun := context.WithCancel(context.Background())
