@@ -105,7 +105,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 	}
 	a := cfg.Config.Agent
 	agentErr := func(key, format string, args ...any) error {
-		return &conf.Error{Pos: a.Pos, Key: key, Msg: fmt.Sprintf(format, args...)}
+		return a.Errorf(strings.TrimPrefix(key, "agent."), format, args...)
 	}
 	if a.ServerAddress == "" {
 		return nil, agentErr("agent.server_address", "server_address is not set: the spire upstream needs the SPIRE Server's host name or IP")
