@@ -113,3 +113,9 @@ type Sink interface {
 type Resyncer interface {
 	Resync(ctx context.Context) (bool, error)
 }
+
+// UpstreamReporter is a Sink that wants to know whether the upstream works:
+// the agent reports degraded readiness while it does not. The cache is one.
+type UpstreamReporter interface {
+	ReportUpstream(err error)
+}

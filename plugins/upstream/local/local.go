@@ -280,7 +280,7 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 		case <-timer.C:
 		}
 		next, changed, err := l.rotate()
-		if r, ok := sink.(interface{ ReportUpstream(error) }); ok {
+		if r, ok := sink.(agent.UpstreamReporter); ok {
 			r.ReportUpstream(err)
 		}
 		if err != nil {

@@ -545,7 +545,7 @@ func drainErr(ch chan error) {
 // report tells the agent's health whether the upstream works, when the
 // sink tracks it.
 func report(sink agent.Sink, err error) {
-	if r, ok := sink.(interface{ ReportUpstream(error) }); ok {
+	if r, ok := sink.(agent.UpstreamReporter); ok {
 		r.ReportUpstream(err)
 	}
 }
