@@ -1074,8 +1074,6 @@ func TestValidateJWTSVID(t *testing.T) {
 	}
 }
 
-
-
 func TestBundlesVisibility(t *testing.T) {
 	c, up := newTestCache(t)
 	fedOther := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).cert})
