@@ -72,16 +72,16 @@ func TestSIGTERMWithOpenStreamsExitsPromptly(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := a.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case <-a.exited:
+	case <-a.Exited:
 	case <-time.After(20 * time.Second):
 		t.Fatal("the agent did not exit within 20s of SIGTERM with a stream open")
 	}
-	if a.exitErr != nil {
-		t.Fatalf("exit after SIGTERM: %v, want status 0\n%s", a.exitErr, a.logs.String())
+	if a.ExitErr != nil {
+		t.Fatalf("exit after SIGTERM: %v, want status 0\n%s", a.ExitErr, a.Logs.String())
 	}
 	t.Logf("exited %s after SIGTERM with a stream open", time.Since(start).Round(time.Millisecond))
 	// The stream ends; the client sees the server go away.

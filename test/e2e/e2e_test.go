@@ -363,8 +363,8 @@ func TestEntryReloadReachesOpenStream(t *testing.T) {
 	// A broken config is refused and the old one stays in force.
 	count := len(w.snapshot())
 	a.reload(strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "soon"`, 1), "Reload failed")
-	if !strings.Contains(a.logs.String(), "x509_svid_ttl") {
-		t.Fatalf("the reload error does not name the key:\n%s", a.logs.String())
+	if !strings.Contains(a.Logs.String(), "x509_svid_ttl") {
+		t.Fatalf("the reload error does not name the key:\n%s", a.Logs.String())
 	}
 	ctx := testContext(t)
 	svidsNow, err := a.client(t).FetchX509SVIDs(ctx)
@@ -417,7 +417,7 @@ func TestRestartKeepsTrustBundleAndJWTKeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	j1 := rawJWTBundles(t, a)
-	a.stop()
+	a.Stop()
 
 	if info, err := os.Stat(a.dataDir); err != nil || info.Mode().Perm() != 0o700 {
 		t.Fatalf("data_dir mode: %v %v, want 0700", info.Mode(), err)
@@ -468,8 +468,8 @@ func TestStaleSocketIsReplaced(t *testing.T) {
 	dir := newAgentDir(t)
 	a := startAgentIn(t, dir, baseConfig)
 	// SIGKILL leaves the socket file behind.
-	_ = a.cmd.Process.Kill()
-	<-a.exited
+	_ = a.Cmd.Process.Kill()
+	<-a.Exited
 	if _, err := os.Stat(a.socket); err != nil {
 		t.Fatalf("expected a stale socket after SIGKILL: %v", err)
 	}

@@ -77,7 +77,7 @@ func TestConnectionFloodDoesNotStarveOthers(t *testing.T) {
 	if _, err := a.client(t).FetchX509SVID(testContext(t)); err != nil {
 		t.Fatal(err)
 	}
-	rssBefore := rssKiB(t, a.cmd.Process.Pid)
+	rssBefore := rssKiB(t, a.Cmd.Process.Pid)
 
 	// 2,000 connections at once that never speak.
 	const flood = 2000
@@ -119,7 +119,7 @@ func TestConnectionFloodDoesNotStarveOthers(t *testing.T) {
 	if svid.ID != userID {
 		t.Fatal(svid.ID)
 	}
-	rssFlood := rssKiB(t, a.cmd.Process.Pid)
+	rssFlood := rssKiB(t, a.Cmd.Process.Pid)
 	t.Logf("agent RSS: %d KiB before, %d KiB with %d idle connections", rssBefore, rssFlood, flood)
 	// Bounded, with room for the race detector's shadow memory.
 	if grow := rssFlood - rssBefore; grow > 256*1024 {
@@ -172,7 +172,7 @@ func TestStuckReaderIsDroppedOthersKeepGettingRotations(t *testing.T) {
 		t.Fatalf("the stuck client's connection was not closed by the agent: %v", err)
 	}
 	waitFor(t, 5*time.Second, "the agent to log the stuck client", func() bool {
-		return strings.Contains(a.logs.String(), "stopped reading")
+		return strings.Contains(a.Logs.String(), "stopped reading")
 	})
 	// Meanwhile the reading client kept receiving rotations.
 	if n := len(w.snapshot()); n < 3 {

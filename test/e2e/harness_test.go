@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,15 +11,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -32,61 +30,24 @@ func TestMain(m *testing.M) {
 }
 
 func runTests(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "lanyard-e2e-bin-")
+	bin, cleanup, err := testbin.Build()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
-	// Other users run the binary too (the no-entry test), so open it up.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	lanyardBin = filepath.Join(dir, "lanyard")
-	args := []string{"build", "-o", lanyardBin}
-	if raceEnabled {
-		args = append(args, "-race")
-	}
-	args = append(args, "github.com/lanyard-dev/lanyard/cmd/lanyard")
-	build := exec.Command("go", args...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building lanyard:", err)
-		return 1
-	}
+	defer cleanup()
+	lanyardBin = bin
 	return m.Run()
-}
-
-// syncBuffer collects a process's output for assertions.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // agentProc is a running lanyard agent.
 type agentProc struct {
+	*testbin.Process
 	t       *testing.T
 	dir     string
 	config  string
 	socket  string
 	dataDir string
-	cmd     *exec.Cmd
-	logs    *syncBuffer
-	exited  chan struct{}
-	exitErr error
 }
 
 // newAgentDir makes a short-pathed directory (Unix socket paths are limited
@@ -139,87 +100,27 @@ func (a *agentProc) writeConfig(config string) {
 }
 
 func (a *agentProc) start() error {
-	a.logs = &syncBuffer{}
-	a.exited = make(chan struct{})
-	a.cmd = exec.Command(lanyardBin, "run", "-config", a.config)
-	a.cmd.Stdout, a.cmd.Stderr = a.logs, a.logs
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := a.cmd.Start(); err != nil {
+	p, err := testbin.Start(a.t, lanyardBin, "run", "-config", a.config)
+	if err != nil {
 		return err
 	}
-	go func() {
-		a.exitErr = a.cmd.Wait()
-		close(a.exited)
-	}()
-	a.t.Cleanup(func() {
-		a.stop()
-		if a.t.Failed() {
-			a.t.Logf("agent logs:\n%s", a.logs.String())
-		}
-	})
-	return a.waitHealthy()
+	a.Process = p
+	return p.WaitServing(a.socket, 30*time.Second)
 }
 
-// waitHealthy polls the gRPC health service until the agent serves.
-func (a *agentProc) waitHealthy() error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case <-a.exited:
-			return fmt.Errorf("the agent exited before serving: %v\n%s", a.exitErr, a.logs.String())
-		default:
-		}
-		if a.healthy() {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("the agent did not become healthy within 30s:\n%s", a.logs.String())
-}
-
-func (a *agentProc) healthy() bool {
-	conn, err := grpc.NewClient("unix://"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return false
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-	return err == nil && resp.Status == healthpb.HealthCheckResponse_SERVING
-}
-
-// stop sends SIGTERM and requires a clean exit within a bound.
-func (a *agentProc) stop() {
-	select {
-	case <-a.exited:
-		return
-	default:
-	}
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.exited:
-		if a.exitErr != nil {
-			a.t.Errorf("the agent exited with %v after SIGTERM, want status 0", a.exitErr)
-		}
-	case <-time.After(15 * time.Second):
-		_ = a.cmd.Process.Kill()
-		<-a.exited
-		a.t.Errorf("the agent did not exit within 15s of SIGTERM")
-	}
-}
+func (a *agentProc) healthy() bool { return testbin.Serving(a.socket) }
 
 // reload rewrites the config and sends SIGHUP, then waits for the agent to
 // log the outcome.
 func (a *agentProc) reload(config, wantLog string) {
 	a.t.Helper()
-	before := strings.Count(a.logs.String(), wantLog)
+	before := strings.Count(a.Logs.String(), wantLog)
 	a.writeConfig(config)
-	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := a.Cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		a.t.Fatal(err)
 	}
 	waitFor(a.t, 10*time.Second, "the agent to log "+strconv.Quote(wantLog), func() bool {
-		return strings.Count(a.logs.String(), wantLog) > before
+		return strings.Count(a.Logs.String(), wantLog) > before
 	})
 }
 
@@ -251,13 +152,7 @@ func withHeader(ctx context.Context) context.Context {
 
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testbin.WaitFor(t, timeout, what, cond)
 }
 
 func testContext(t *testing.T) context.Context {

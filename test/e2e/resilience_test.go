@@ -51,10 +51,10 @@ func TestRestartWhileUpstreamDownServesSavedSVIDs(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitPersisted(t, a)
-	if err := a.cmd.Process.Kill(); err != nil {
+	if err := a.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	<-a.exited
+	<-a.Exited
 
 	restore := breakCA(t, a.dataDir)
 	b := startAgentIn(t, dir, baseConfig)
@@ -66,7 +66,7 @@ func TestRestartWhileUpstreamDownServesSavedSVIDs(t *testing.T) {
 		t.Fatal("the restarted agent served a different SVID; want the saved one")
 	}
 	waitFor(t, 10*time.Second, "the agent to log the CA outage", func() bool {
-		return strings.Contains(b.logs.String(), "local CA")
+		return strings.Contains(b.Logs.String(), "local CA")
 	})
 	if info, err := os.Stat(filepath.Join(a.dataDir, "cache.json")); err != nil || info.Mode().Perm() != 0o600 {
 		t.Fatalf("cache.json: %v, mode %v; want 0600", err, info.Mode())
@@ -138,8 +138,8 @@ telemetry {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if !strings.Contains(a.logs.String(), "Could not sign") {
-		t.Fatalf("renewals during the outage were not attempted and logged:\n%s", a.logs.String())
+	if !strings.Contains(a.Logs.String(), "Could not sign") {
+		t.Fatalf("renewals during the outage were not attempted and logged:\n%s", a.Logs.String())
 	}
 	// Readiness says degraded, and why; the metrics say how long is left.
 	code, body := httpGet(t, ready)

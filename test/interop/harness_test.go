@@ -5,23 +5,17 @@
 package interop
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 )
 
 // lanyardBin is the binary under test, built once by TestMain.
@@ -36,44 +30,18 @@ func runTests(m *testing.M) int {
 		// Every test here needs SPIRE; they skip themselves.
 		return m.Run()
 	}
-	dir, err := os.MkdirTemp("", "lanyard-interop-bin-")
+	bin, cleanup, err := testbin.Build()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
-	lanyardBin = filepath.Join(dir, "lanyard")
-	args := []string{"build", "-o", lanyardBin}
-	if raceEnabled {
-		args = append(args, "-race")
-	}
-	args = append(args, "github.com/lanyard-dev/lanyard/cmd/lanyard")
-	build := exec.Command("go", args...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building lanyard:", err)
-		return 1
-	}
+	defer cleanup()
+	lanyardBin = bin
 	return m.Run()
 }
 
 // syncBuffer collects a process's output.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+type syncBuffer = testbin.SyncBuffer
 
 // node is a lanyard agent's files: its config, data and socket.
 type node struct {
@@ -143,11 +111,8 @@ func newNode(t *testing.T, s *spiretest.Server, extra, keys string) *node {
 
 // lanyard is a running lanyard process.
 type lanyard struct {
-	t       *testing.T
-	cmd     *exec.Cmd
-	logs    *syncBuffer
-	exited  chan struct{}
-	exitErr error
+	*testbin.Process
+	logs *testbin.SyncBuffer
 }
 
 // start runs `lanyard run -config <n.config> args...` and waits until it
@@ -158,7 +123,7 @@ func (n *node) start(args ...string) *lanyard {
 	if err != nil {
 		n.t.Fatal(err)
 	}
-	if err := l.waitServing(n.socket, 60*time.Second); err != nil {
+	if err := l.WaitServing(n.socket, 60*time.Second); err != nil {
 		n.t.Fatal(err)
 	}
 	return l
@@ -166,83 +131,20 @@ func (n *node) start(args ...string) *lanyard {
 
 // run starts lanyard without waiting for it.
 func (n *node) run(args ...string) (*lanyard, error) {
-	l := &lanyard{t: n.t, logs: &syncBuffer{}, exited: make(chan struct{})}
-	l.cmd = exec.Command(lanyardBin, append([]string{"run", "-config", n.config}, args...)...)
-	l.cmd.Stdout, l.cmd.Stderr = l.logs, l.logs
-	l.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := l.cmd.Start(); err != nil {
+	p, err := testbin.Start(n.t, lanyardBin, append([]string{"run", "-config", n.config}, args...)...)
+	if err != nil {
 		return nil, err
 	}
-	go func() {
-		l.exitErr = l.cmd.Wait()
-		close(l.exited)
-	}()
-	n.t.Cleanup(func() {
-		l.stop()
-		if n.t.Failed() {
-			n.t.Logf("lanyard logs:\n%s", l.logs.String())
-		}
-	})
-	return l, nil
+	return &lanyard{Process: p, logs: p.Logs}, nil
 }
 
-func (l *lanyard) waitServing(socket string, bound time.Duration) error {
-	deadline := time.Now().Add(bound)
-	for time.Now().Before(deadline) {
-		select {
-		case <-l.exited:
-			return fmt.Errorf("lanyard exited before serving: %v\n%s", l.exitErr, l.logs.String())
-		default:
-		}
-		if serving(socket) {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("lanyard did not serve within %s:\n%s", bound, l.logs.String())
-}
+func (l *lanyard) stop() { l.Stop() }
 
-func serving(socket string) bool {
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return false
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-	return err == nil && resp.Status == healthpb.HealthCheckResponse_SERVING
-}
-
-// stop sends SIGTERM and requires a clean exit within a bound.
-func (l *lanyard) stop() {
-	select {
-	case <-l.exited:
-		return
-	default:
-	}
-	_ = l.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-l.exited:
-		if l.exitErr != nil {
-			l.t.Errorf("lanyard exited with %v after SIGTERM, want status 0", l.exitErr)
-		}
-	case <-time.After(15 * time.Second):
-		_ = l.cmd.Process.Kill()
-		<-l.exited
-		l.t.Errorf("lanyard did not exit within 15s of SIGTERM")
-	}
-}
+func serving(socket string) bool { return testbin.Serving(socket) }
 
 func waitFor(t *testing.T, bound time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(bound)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", bound, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testbin.WaitFor(t, bound, what, cond)
 }
 
 func testContext(t *testing.T, d time.Duration) context.Context {

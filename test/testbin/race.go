@@ -1,0 +1,7 @@
+//go:build race
+
+package testbin
+
+// RaceEnabled reports whether the tests run with the race detector, so the
+// binary under test is built with it too.
+const RaceEnabled = true
