@@ -34,6 +34,7 @@ import (
 	bundlev1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/bundle/v1"
 	svidv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/svid/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 )
@@ -89,6 +90,10 @@ type Spire struct {
 	sink     agent.Sink
 	lastSync time.Time     // when the last sync started
 	synced   chan struct{} // restarts the periodic timer after a Resync
+	// syncBudget is a token for every sync, periodic or on demand, earned
+	// at one per sync_interval: over any stretch of time the server sees
+	// at most a few syncs more than from spire-agent's periodic ones.
+	syncBudget *rate.Limiter
 	// fetched counts entries received in full, for tests and debugging.
 	fetched atomic.Int64
 }
@@ -135,6 +140,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 	if s.syncInterval <= 0 {
 		s.syncInterval = conf.DefaultSyncInterval
 	}
+	s.syncBudget = rate.NewLimiter(rate.Every(s.syncInterval), resyncBurst)
 	switch {
 	case a.TrustBundlePath != "":
 		if s.bootstrap, err = loadTrustBundle(a.TrustBundlePath, a.TrustBundleFormat, cfg.TrustDomain); err != nil {

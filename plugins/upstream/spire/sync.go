@@ -93,6 +93,8 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 		}
 		wait := s.syncInterval
 		s.syncMu.Lock()
+		// A periodic sync always runs; it spends a token when there is one.
+		s.syncBudget.Allow()
 		err := s.syncOnce(ctx, sink)
 		s.syncMu.Unlock()
 		if ctx.Err() != nil {
@@ -109,12 +111,17 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 	}
 }
 
+// resyncBurst is how many syncs on demand may run back to back before they
+// are held to one per sync_interval.
+const resyncBurst = 3
+
 // Resync syncs now, for a workload that found no identity: its entry may
-// have been created since the last sync. It is rate-limited to one sync
-// per half sync_interval, and each sync restarts the interval, so the
-// server sees at most twice the periodic load, and only while workloads
-// ask for identities they do not have. Callers that waited while another
-// sync ran get that one.
+// have been created since the last sync. Every sync spends a token of a
+// budget that earns one per sync_interval, and a sync on demand restarts
+// the periodic timer, so over time the server sees no more syncs than from
+// spire-agent (plus the burst). Without a token the caller is answered from
+// what the agent has. Callers that waited while another sync ran get that
+// one.
 func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	select {
 	case <-s.ready:
@@ -129,7 +136,7 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 		return false, nil
 	case !s.lastSync.Before(asked):
 		return true, nil
-	case s.now().Sub(s.lastSync) < s.syncInterval/2:
+	case !s.syncBudget.Allow():
 		return false, nil
 	}
 	err := s.syncOnce(ctx, s.sink)
