@@ -45,8 +45,20 @@ fuzz:
 interop: spire
 	$(GO) test -race -count=1 -timeout 15m ./test/spire/... ./test/interop/...
 
-bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+# Lanyard against spire-agent and a floor server, side by side on this
+# machine (test/bench; docs/performance.md): about 10 minutes on 2 cores,
+# bench-quick under 2. Table on stdout; JSON, table and SVG chart in results/.
+.PHONY: bench-quick bench-micro
+bench: build spire
+	$(GO) run ./test/bench/cmd/lanyard-bench -lanyard $(BIN) -out results
+
+bench-quick: build spire
+	$(GO) run ./test/bench/cmd/lanyard-bench -quick -lanyard $(BIN) -out results
+
+# Micro-benchmarks of the fetch path; compare runs with
+# go run golang.org/x/perf/cmd/benchstat@latest old.txt new.txt
+bench-micro:
+	$(GO) test -run '^$$' -bench . -benchmem -count 6 ./attestor/ ./plugins/workloadattestor/unix/ ./agent/ ./workloadapi/ ./test/bench/
 
 clean:
 	rm -rf bin .data

@@ -62,6 +62,7 @@ const (
 var (
 	noPeerPidfd atomic.Bool // SO_PEERPIDFD (Linux 6.5)
 	noPidfdOpen atomic.Bool // pidfd_open (Linux 5.3), or blocked by seccomp
+	noPidfdInfo atomic.Bool // PIDFD_GET_INFO (Linux 6.13), or blocked by seccomp
 )
 
 // newCaller starts tracking pid, using a pidfd when the kernel has them.
@@ -109,6 +110,17 @@ func (c *Caller) init(pid int32, uid, gid uint32, peerPidfd int, procDir bool) {
 	if c.err != nil {
 		return
 	}
+	if c.kind == kindPidfd && !noPidfdInfo.Load() {
+		// Verify will ask the pidfd, which needs no start time; this
+		// checks that the caller is still there, as it connected.
+		if done, err := c.verifyPidfdInfo(); done {
+			if err != nil {
+				c.err = err
+				c.releaseFD()
+			}
+			return
+		}
+	}
 	var buf [procBufSize]byte
 	start, err := c.readStartTime(&buf)
 	if err == nil && c.kind == kindPidfd {
@@ -153,6 +165,11 @@ func (c *Caller) Verify() error {
 	if c.kind == kindNone {
 		return fmt.Errorf("%w: pid %d is no longer tracked: its connection was closed", ErrCallerGone, c.PID)
 	}
+	if c.kind == kindPidfd && !noPidfdInfo.Load() {
+		if done, err := c.verifyPidfdInfo(); done {
+			return err
+		}
+	}
 	var buf [procBufSize]byte
 	start, err := c.readStartTime(&buf)
 	if err != nil {
@@ -166,12 +183,43 @@ func (c *Caller) Verify() error {
 		return err
 	}
 	if uid != c.UID || gid != c.GID {
-		return fmt.Errorf("caller pid %d connected as uid %d gid %d but now runs as uid %d gid %d (it changed credentials, e.g. by executing a setuid program): it must reconnect", c.PID, c.UID, c.GID, uid, gid)
+		return c.credentialsChanged(uid, gid)
 	}
 	if c.kind == kindPidfd {
 		return c.pidfdAlive()
 	}
 	return nil
+}
+
+func (c *Caller) credentialsChanged(uid, gid uint32) error {
+	return fmt.Errorf("caller pid %d connected as uid %d gid %d but now runs as uid %d gid %d (it changed credentials, e.g. by executing a setuid program): it must reconnect", c.PID, c.UID, c.GID, uid, gid)
+}
+
+// verifyPidfdInfo does Verify's work with one ioctl on the pidfd instead of
+// reading /proc twice: it fails once the process is reaped, and reports the
+// effective UID and GID the process has now. A pidfd names one process for
+// good, so no start time is compared. done is false when the kernel cannot
+// answer (before Linux 6.13); Verify then reads /proc.
+func (c *Caller) verifyPidfdInfo() (done bool, err error) {
+	info := unix.PidfdInfo{Mask: unix.PIDFD_INFO_CREDS}
+	switch err := unix.IoctlPidfdInfo(c.fd, &info); err {
+	case nil:
+		if info.Mask&unix.PIDFD_INFO_CREDS == 0 {
+			noPidfdInfo.Store(true)
+			return false, nil
+		}
+	case unix.ESRCH:
+		return true, fmt.Errorf("%w: pid %d exited", ErrCallerGone, c.PID)
+	case unix.ENOTTY, unix.EINVAL, unix.EOPNOTSUPP, unix.ENOSYS, unix.EPERM:
+		noPidfdInfo.Store(true)
+		return false, nil
+	default:
+		return true, fmt.Errorf("cannot check caller pid %d: PIDFD_GET_INFO: %w", c.PID, err)
+	}
+	if info.Euid != c.UID || info.Egid != c.GID {
+		return true, c.credentialsChanged(info.Euid, info.Egid)
+	}
+	return true, nil
 }
 
 // pidfdAlive asks the kernel through the pidfd, which cannot be fooled by

@@ -1,0 +1,420 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	mrand "math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
+
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+)
+
+const (
+	streamOpenBound = 90 * time.Second
+	// rotationBound covers spire-agent's and Lanyard's 5 s sync, twice.
+	rotationBound = 40 * time.Second
+	// streamSettle lets an agent finish the work of opening streams before
+	// its RSS is read.
+	streamSettle = time.Second
+)
+
+func (r *run) streamsWorkload(ctx context.Context) {
+	if r.spire != nil && !r.cfg.Quick {
+		// Fresh agents, so that what the fetch workloads left in memory
+		// does not count here (the quick run saves the restart).
+		for _, a := range r.agents {
+			a.Stop()
+		}
+		r.agents = r.startSPIREPair()
+	}
+	for round := range r.cfg.StreamRounds {
+		for j := range r.agents {
+			t := r.agents[(round+j)%len(r.agents)]
+			r.streamsRound(ctx, t)
+		}
+	}
+	for _, a := range r.agents {
+		r.report.Streams[a.Name].finish()
+	}
+}
+
+func (r *run) streamsRound(ctx context.Context, t Target) {
+	tb := r.tb
+	m, err := StartMeter(t.Proc)
+	if err != nil {
+		tb.Fatalf("%s: %v", t.Name, err)
+	}
+	set, err := OpenStreams(ctx, t.Socket, r.cfg.Streams, streamOpenBound)
+	if err != nil {
+		tb.Fatalf("%s: opening %d streams: %v", t.Name, r.cfg.Streams, err)
+	}
+	defer set.Close()
+	time.Sleep(streamSettle)
+	rss, err := t.Proc.RSS()
+	if err != nil {
+		tb.Fatalf("%s: %v", t.Name, err)
+	}
+	round := StreamRound{RSS: rss}
+	if r.spire != nil {
+		// A new X.509 authority in the bundle: every stream must get it.
+		t0 := time.Now()
+		id := r.spire.PrepareX509Authority(tb)
+		times, err := set.WaitBundleChange(ctx, rotationBound)
+		if err != nil {
+			tb.Fatalf("%s: rotation: %v", t.Name, err)
+		}
+		slices.SortFunc(times, time.Time.Compare)
+		first, last := times[0], times[len(times)-1]
+		round.FirstAfter, round.LastAfter, round.Spread = first.Sub(t0), last.Sub(t0), last.Sub(first)
+		round.P50, round.P90 = times[len(times)/2].Sub(first), times[len(times)*9/10].Sub(first)
+		// The next round prepares another one, once every agent has the
+		// bundle as the server has it now, so that the next round's
+		// streams do not see this round's change late.
+		r.spire.ActivateX509Authority(tb, id)
+		r.waitBundles()
+	}
+	u, err := m.Stop()
+	if err != nil {
+		tb.Fatalf("%s: %v", t.Name, err)
+	}
+	round.PeakRSS, round.CPUSeconds = u.PeakRSS, u.CPUSeconds
+	st := r.report.Streams[t.Name]
+	st.Streams = r.cfg.Streams
+	st.Rounds = append(st.Rounds, round)
+	msg := fmt.Sprintf("%s: %d streams, RSS %s", t.Name, r.cfg.Streams, mb(rss))
+	if r.spire != nil {
+		msg += fmt.Sprintf(", rotation reached the first stream after %s, the last after %s (spread %s; half of them within %s, 90%% within %s of the first)",
+			ms(round.FirstAfter), ms(round.LastAfter), ms(round.Spread), ms(round.P50), ms(round.P90))
+	}
+	r.logf("%s", msg)
+}
+
+// waitBundles waits until every agent serves the server's current bundle.
+func (r *run) waitBundles() {
+	tb := r.tb
+	want := derOfPEM(tb, r.spire.BundlePEM(tb))
+	deadline := time.Now().Add(rotationBound)
+	for _, a := range r.agents {
+		for {
+			x509, _, err := cannedResponses(a.Socket)
+			if err == nil && bytes.Equal(x509.Svids[0].Bundle, want) {
+				break
+			}
+			if time.Now().After(deadline) {
+				tb.Fatalf("%s did not get the server's bundle within %s (last error %v)", a.Name, rotationBound, err)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+}
+
+// derOfPEM concatenates the DER of the certificates in a PEM bundle, as
+// the Workload API sends a bundle.
+func derOfPEM(tb testing.TB, b []byte) []byte {
+	var der []byte
+	for {
+		var block *pem.Block
+		block, b = pem.Decode(b)
+		if block == nil {
+			break
+		}
+		der = append(der, block.Bytes...)
+	}
+	if len(der) == 0 {
+		tb.Fatal("the server's bundle has no certificate")
+	}
+	return der
+}
+
+// UIDs of the workloads of the entries workload; no account has them.
+const (
+	liveUID0    = 20000  // live workloads, one process each
+	newUID0     = 40000  // workloads that connect right after their entry
+	absentUID0  = 100000 // entries that match no process
+	entryChunk  = 1000   // entries per `entry create -data`
+	liveBound   = 120 * time.Second
+	probeBound  = 40 * time.Second
+	syncSettle  = 2 * time.Second
+	probePrefix = "spiffe://example.org/bench/probe/"
+	// probeJitter is the longest random pause before a probe round:
+	// SPIRE's sync and cache reload intervals.
+	probeJitter = 5 * time.Second
+)
+
+type entryJSON struct {
+	SpiffeID  string         `json:"spiffe_id"`
+	ParentID  string         `json:"parent_id"`
+	Selectors []selectorJSON `json:"selectors"`
+}
+
+type selectorJSON struct {
+	Type  string `json:"type"`
+	Value string `json:"value"`
+}
+
+func uidEntry(id string, uid int) entryJSON {
+	return entryJSON{SpiffeID: id, ParentID: nodeID, Selectors: []selectorJSON{{Type: "unix", Value: "uid:" + strconv.Itoa(uid)}}}
+}
+
+// createEntries creates entries with `spire-server entry create -data` and
+// returns their IDs.
+func (r *run) createEntries(entries []entryJSON) []string {
+	return createEntries(r.tb, r.spire, entries)
+}
+
+func createEntries(tb testing.TB, s *spiretest.Server, entries []entryJSON) []string {
+	var ids []string
+	for chunk := range slices.Chunk(entries, entryChunk) {
+		b, err := json.Marshal(map[string]any{"entries": chunk})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		path := filepath.Join(tb.TempDir(), "entries.json")
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			tb.Fatal(err)
+		}
+		var resp struct {
+			Results []struct {
+				Status struct {
+					Code    int    `json:"code"`
+					Message string `json:"message"`
+				} `json:"status"`
+				Entry struct {
+					ID string `json:"id"`
+				} `json:"entry"`
+			} `json:"results"`
+		}
+		out := s.CLI(tb, "entry", "create", "-data", path, "-output", "json")
+		if err := json.Unmarshal([]byte(out), &resp); err != nil {
+			tb.Fatalf("parsing spire-server entry create output: %v", err)
+		}
+		if len(resp.Results) != len(chunk) {
+			tb.Fatalf("spire-server entry create: %d results for %d entries", len(resp.Results), len(chunk))
+		}
+		for _, res := range resp.Results {
+			if res.Status.Code != 0 {
+				tb.Fatalf("spire-server entry create: code %d: %s", res.Status.Code, res.Status.Message)
+			}
+			ids = append(ids, res.Entry.ID)
+		}
+	}
+	return ids
+}
+
+func (r *run) entriesWorkload(ctx context.Context) {
+	tb := r.tb
+	cfg := r.cfg
+	// Fresh agents, so that what earlier workloads left in memory does
+	// not count here.
+	for _, a := range r.agents {
+		a.Stop()
+	}
+	r.agents = r.startSPIREPair()
+	entries := make([]entryJSON, 0, cfg.Entries)
+	for i := range cfg.Entries {
+		uid := absentUID0 + i
+		if i < cfg.Live {
+			uid = liveUID0 + i
+		}
+		entries = append(entries, uidEntry(fmt.Sprintf("spiffe://example.org/bench/entry/%05d", i), uid))
+	}
+	r.logf("creating %d registration entries for the node, %d of them for live workloads", cfg.Entries, cfg.Live)
+	began := time.Now()
+	r.createEntries(entries)
+	created := time.Now()
+	r.logf("created in %s", created.Sub(began).Round(time.Millisecond))
+
+	// One process per live workload, holding a stream on each agent.
+	sockets := make([]string, len(r.agents))
+	for i, a := range r.agents {
+		sockets[i] = a.Socket
+	}
+	type ready struct {
+		agent int
+		at    time.Time
+	}
+	readyc := make(chan ready, cfg.Live*len(sockets))
+	errc := make(chan error, cfg.Live)
+	for i := range cfg.Live {
+		c, err := r.exe.start(roleHolder, holderArgs{Sockets: sockets}, liveUID0+i, liveUID0+i)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(c.stop)
+		go func() {
+			for range sockets {
+				line, err := c.line(liveBound)
+				if err != nil {
+					errc <- fmt.Errorf("live workload uid %d: %w", liveUID0+i, err)
+					return
+				}
+				var a int
+				if _, err := fmt.Sscanf(line, "ready %d", &a); err != nil {
+					errc <- fmt.Errorf("live workload uid %d said %q", liveUID0+i, line)
+					return
+				}
+				readyc <- ready{agent: a, at: time.Now()}
+			}
+		}()
+	}
+	last := make([]time.Time, len(sockets))
+	for range cfg.Live * len(sockets) {
+		select {
+		case rd := <-readyc:
+			last[rd.agent] = rd.at
+		case err := <-errc:
+			tb.Fatal(err)
+		}
+	}
+	time.Sleep(syncSettle)
+	for i, a := range r.agents {
+		rss, err := a.Proc.RSS()
+		if err != nil {
+			tb.Fatalf("%s: %v", a.Name, err)
+		}
+		es := r.report.Entries[a.Name]
+		es.Entries, es.Live, es.RSS = cfg.Entries, cfg.Live, rss
+		es.AllLiveAfter = last[i].Sub(created)
+		r.logf("%s: %d entries: all %d live workloads had an SVID %s after the entries were created; RSS %s",
+			a.Name, cfg.Entries, cfg.Live, es.AllLiveAfter.Round(time.Millisecond), mb(rss))
+	}
+	r.probeEntries(ctx)
+}
+
+// svidCount is a message of a watched stream: when it came and how many
+// SVIDs it held.
+type svidCount struct {
+	at time.Time
+	n  int
+}
+
+// watchSVIDs holds a FetchX509SVID stream on socket and sends every
+// message's SVID count.
+func watchSVIDs(ctx context.Context, socket string) (<-chan svidCount, error) {
+	conn, err := Dial(socket)
+	if err != nil {
+		return nil, err
+	}
+	stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(WithHeader(ctx), &workload.X509SVIDRequest{})
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	out := make(chan svidCount, 16)
+	go func() {
+		defer conn.Close()
+		defer close(out)
+		for {
+			resp, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			select {
+			case out <- svidCount{at: time.Now(), n: len(resp.Svids)}:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out, nil
+}
+
+// waitCount waits for a message with n SVIDs.
+func waitCount(c <-chan svidCount, n int, bound time.Duration) (time.Time, error) {
+	deadline := time.After(bound)
+	for {
+		select {
+		case m, ok := <-c:
+			if !ok {
+				return time.Time{}, fmt.Errorf("the stream ended")
+			}
+			if m.n == n {
+				return m.at, nil
+			}
+		case <-deadline:
+			return time.Time{}, fmt.Errorf("no message with %d SVIDs within %s", n, bound)
+		}
+	}
+}
+
+// probeEntries measures, per round, the time from `entry create` to the
+// SVID on a stream that is already open, and to the first SVID of a
+// workload that connects right after its entry was created.
+func (r *run) probeEntries(ctx context.Context) {
+	tb := r.tb
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	watches := make([]<-chan svidCount, len(r.agents))
+	for i, a := range r.agents {
+		w, err := watchSVIDs(wctx, a.Socket)
+		if err != nil {
+			tb.Fatalf("%s: %v", a.Name, err)
+		}
+		if _, err := waitCount(w, 1, probeBound); err != nil {
+			tb.Fatalf("%s: probe stream: %v", a.Name, err)
+		}
+		watches[i] = w
+	}
+	for p := range r.cfg.ProbeRounds {
+		// A random pause, so that rounds meet the agents' and the
+		// server's periodic work at different points of their cycles.
+		time.Sleep(time.Duration(mrand.Int64N(int64(probeJitter))))
+		uid := newUID0 + p
+		ids := r.createEntries([]entryJSON{
+			uidEntry(fmt.Sprintf("%s%d", probePrefix, p), os.Getuid()),
+			uidEntry(fmt.Sprintf("spiffe://example.org/bench/new/%d", p), uid),
+		})
+		t0 := time.Now()
+		kids := make([]*child, len(r.agents))
+		for i, a := range r.agents {
+			c, err := r.exe.start(roleFirstFetch, firstFetchArgs{Socket: a.Socket}, uid, uid)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			tb.Cleanup(c.stop)
+			kids[i] = c
+		}
+		for i, a := range r.agents {
+			es := r.report.Entries[a.Name]
+			at, err := waitCount(watches[i], 2, probeBound)
+			if err != nil {
+				tb.Fatalf("%s: open stream after entry create: %v", a.Name, err)
+			}
+			es.OpenStream = append(es.OpenStream, at.Sub(t0))
+			line, err := kids[i].line(probeBound)
+			if err != nil {
+				tb.Fatalf("%s: new workload after entry create: %v", a.Name, err)
+			}
+			var ff FirstFetch
+			if err := json.Unmarshal([]byte(line), &ff); err != nil {
+				tb.Fatalf("%s: new workload said %q", a.Name, line)
+			}
+			if ff.Err != "" {
+				tb.Fatalf("%s: new workload after entry create: %s", a.Name, ff.Err)
+			}
+			nw := time.Unix(0, ff.AtUnixNano).Sub(t0)
+			es.NewWorkload = append(es.NewWorkload, nw)
+			es.NewWorkloadDenied = append(es.NewWorkloadDenied, ff.Denied)
+			r.logf("%s: entry create -> SVID on an open stream %s; on a new workload %s (%d PermissionDenied first)",
+				a.Name, at.Sub(t0).Round(time.Millisecond), nw.Round(time.Millisecond), ff.Denied)
+		}
+		for _, id := range ids {
+			r.spire.DeleteEntry(tb, id)
+		}
+		for i, a := range r.agents {
+			if _, err := waitCount(watches[i], 1, probeBound); err != nil {
+				tb.Fatalf("%s: open stream after entry delete: %v", a.Name, err)
+			}
+		}
+	}
+}
