@@ -140,8 +140,6 @@ func (n *node) run(args ...string) (*lanyard, error) {
 
 func (l *lanyard) stop() { l.Stop() }
 
-func serving(socket string) bool { return testbin.Serving(socket) }
-
 func waitFor(t *testing.T, bound time.Duration, what string, cond func() bool) {
 	t.Helper()
 	testbin.WaitFor(t, bound, what, cond)
