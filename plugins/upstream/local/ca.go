@@ -245,21 +245,9 @@ func loadFileCA(certPath, keyPath string) (*authority, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading ca_cert_path: %w", err)
 	}
-	var certs []*x509.Certificate
-	for rest := certPEM; ; {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("ca_cert_path %s: %w", certPath, err)
-		}
-		certs = append(certs, c)
+	certs, err := agent.ParseCertificatesPEM(certPEM)
+	if err != nil {
+		return nil, fmt.Errorf("ca_cert_path %s: %w", certPath, err)
 	}
 	if len(certs) == 0 {
 		return nil, fmt.Errorf("ca_cert_path %s holds no PEM certificate", certPath)

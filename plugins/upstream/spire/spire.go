@@ -11,7 +11,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
@@ -273,21 +272,9 @@ func loadTrustBundle(path, format string, td spiffeid.TrustDomain) ([]*x509.Cert
 		}
 		return b.X509Authorities(), nil
 	}
-	var certs []*x509.Certificate
-	for rest := data; ; {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("parsing a certificate in %s: %w", path, err)
-		}
-		certs = append(certs, c)
+	certs, err := agent.ParseCertificatesPEM(data)
+	if err != nil {
+		return nil, fmt.Errorf("parsing %s: %w", path, err)
 	}
 	if len(certs) == 0 {
 		return nil, fmt.Errorf("%s holds no PEM certificate: write the server's bundle with `spire-server bundle show`, or set trust_bundle_format = \"spiffe\" for a SPIFFE bundle", path)
