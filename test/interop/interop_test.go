@@ -450,9 +450,15 @@ func TestRestartDoesNotAttestAgain(t *testing.T) {
 
 	second := n.start("-joinToken", token)
 	t.Logf("restart -> SVID %s", fetchID(t, n.socket, webID))
-	if !strings.Contains(second.logs.String(), "no node attestation needed") {
-		t.Fatalf("the restarted agent did not resume with its stored SVID:\n%s", second.logs.String())
-	}
+	// The saved cache answers before the upstream has loaded its agent
+	// SVID, so wait for the upstream to say how it started.
+	waitFor(t, 30*time.Second, "the restarted agent to resume with its stored agent SVID", func() bool {
+		logs := second.logs.String()
+		if strings.Contains(logs, "Attesting the node") {
+			t.Fatalf("the restarted agent attested again:\n%s", logs)
+		}
+		return strings.Contains(logs, "no node attestation needed")
+	})
 	var agents struct {
 		Agents []json.RawMessage `json:"agents"`
 	}
@@ -521,9 +527,10 @@ func TestAgentSVIDIsRenewed(t *testing.T) {
 	l.stop()
 	again := n.start("-joinToken", token)
 	fetchID(t, n.socket, webID)
-	if !strings.Contains(again.logs.String(), "no node attestation needed") {
-		t.Fatal("the restart did not resume with the renewed SVID")
-	}
+	// The saved cache answers before the upstream loads its agent SVID.
+	waitFor(t, 30*time.Second, "the restart to resume with the renewed agent SVID", func() bool {
+		return strings.Contains(again.logs.String(), "no node attestation needed")
+	})
 }
 
 // TestInsecureBootstrap attests without a trust bundle, trusting the first
@@ -787,9 +794,9 @@ func TestSwapSpireAgentForLanyard(t *testing.T) {
 
 	l := n.start()
 	t.Logf("spire-agent stopped -> SVID from lanyard: %s", fetchID(t, n.socket, webID).Round(time.Millisecond))
-	if !strings.Contains(l.logs.String(), "Took over the agent SVID spire-agent stored") {
-		t.Fatalf("lanyard did not take over spire-agent's SVID:\n%s", l.logs.String())
-	}
+	waitFor(t, 30*time.Second, "lanyard to take over spire-agent's agent SVID", func() bool {
+		return strings.Contains(l.logs.String(), "Took over the agent SVID spire-agent stored")
+	})
 	var agents struct {
 		Agents []json.RawMessage `json:"agents"`
 	}
