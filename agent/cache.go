@@ -369,18 +369,11 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		return nil, err
 	}
 	// Entries may change while minting; a few rounds settle it.
-	resynced := false
 	for range 3 {
 		c.mu.RLock()
 		entries := c.matchLocked(sels)
 		if len(entries) == 0 {
 			c.mu.RUnlock()
-			if !resynced {
-				resynced = true
-				if c.resyncOnMiss(ctx) {
-					continue
-				}
-			}
 			return nil, ErrNoIdentity
 		}
 		now := c.now()
@@ -714,16 +707,8 @@ func (c *Cache) Bundles(ctx context.Context, sels []attestor.Selector, allowUnau
 		return nil, err
 	}
 	c.mu.RLock()
-	entries := c.matchLocked(sels)
-	c.mu.RUnlock()
-	if len(entries) == 0 && c.resyncOnMiss(ctx) {
-		c.mu.RLock()
-		entries = c.matchLocked(sels)
-		c.mu.RUnlock()
-	}
-	c.mu.RLock()
 	defer c.mu.RUnlock()
-	if len(entries) > 0 {
+	if entries := c.matchLocked(sels); len(entries) > 0 {
 		return &BundleSnapshot{Local: c.local, Federated: c.federatedForLocked(entries)}, nil
 	}
 	if !allowUnauthenticated {
@@ -751,9 +736,6 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		return entries
 	}
 	entries := match()
-	if len(entries) == 0 && c.resyncOnMiss(ctx) {
-		entries = match()
-	}
 	if len(entries) == 0 {
 		return nil, ErrNoIdentity
 	}
@@ -821,17 +803,42 @@ func (c *Cache) ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, t
 	return jwtsvid.ParseAndValidate(token, set, []string{audience})
 }
 
-// resyncOnMiss asks the upstream, when it can, to sync entries before a
-// caller is told it has no identity. It reports whether a sync happened.
-func (c *Cache) resyncOnMiss(ctx context.Context) bool {
+// maxEntryWait bounds how long AwaitIdentity holds a caller.
+const maxEntryWait = 8 * time.Second
+
+// AwaitIdentity holds a caller that matched no entry (for id, when not
+// zero) while the upstream syncs on its behalf: its entry may have been
+// created since the last sync, and a workload that starts right after its
+// entry is a common case (a pod and its entry made together). It reports
+// whether an entry now matches; it gives up when the upstream declines to
+// sync (its rate limit), after maxEntryWait, or when ctx ends, so a caller
+// with no entry anywhere is answered PermissionDenied at most that late.
+func (c *Cache) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool {
 	r, ok := c.upstream.(Resyncer)
 	if !ok {
 		return false
 	}
-	synced, err := r.Resync(ctx)
-	if err != nil {
-		c.log.Debug("Sync on a missing identity failed", "error", err)
-		return false
+	ctx, cancel := context.WithTimeout(ctx, maxEntryWait)
+	defer cancel()
+	matches := func() bool {
+		c.mu.RLock()
+		defer c.mu.RUnlock()
+		return slices.ContainsFunc(c.matchLocked(sels), func(e *Entry) bool { return id.IsZero() || e.SPIFFEID == id })
 	}
-	return synced
+	for ctx.Err() == nil {
+		synced, err := r.Resync(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				c.log.Debug("Sync for a caller with no identity failed", "error", err)
+			}
+			return false
+		}
+		if !synced {
+			return false
+		}
+		if matches() {
+			return true
+		}
+	}
+	return false
 }

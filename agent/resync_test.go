@@ -5,60 +5,104 @@ import (
 	"errors"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// resyncUpstream delivers a pending entry only when asked to resync.
+// resyncUpstream delivers a pending entry on the deliverOn-th resync, and
+// refuses resyncs once its budget is spent, as a rate-limited server
+// upstream does.
 type resyncUpstream struct {
 	*testUpstream
-	cache   *Cache
-	pending []*Entry
-	calls   atomic.Int32
-	limited bool
+	cache     *Cache
+	pending   []*Entry
+	deliverOn int32
+	budget    int32
+	calls     atomic.Int32
 }
 
 func (u *resyncUpstream) Resync(context.Context) (bool, error) {
-	u.calls.Add(1)
-	if u.limited {
+	n := u.calls.Add(1)
+	if n > u.budget {
 		return false, nil
 	}
-	u.cache.SetEntries(u.pending)
+	if n == u.deliverOn {
+		u.cache.SetEntries(u.pending)
+	}
 	return true, nil
 }
 
-func TestResyncOnMiss(t *testing.T) {
-	up := &resyncUpstream{testUpstream: newTestUpstream(t)}
+func newResyncCache(t *testing.T, deliverOn, budget int32, pending ...*Entry) (*Cache, *resyncUpstream) {
+	up := &resyncUpstream{testUpstream: newTestUpstream(t), pending: pending, deliverOn: deliverOn, budget: budget}
 	c := NewCache(hclog.NewNullLogger(), up)
 	up.cache = c
 	c.SetEntries(nil)
 	c.SetBundles(up.bundle(), nil)
+	return c, up
+}
+
+func TestAwaitIdentity(t *testing.T) {
 	e := testEntry("new", "spiffe://example.org/new", 1, "unix:uid:1000")
-	up.pending = []*Entry{e}
+	ctx := context.Background()
 
-	snap, err := c.X509Identities(context.Background(), e.Selectors)
-	if err != nil {
-		t.Fatalf("an entry created upstream but not yet synced: %v; want it fetched on the miss", err)
+	// The entry reaches the server's view only on the third sync.
+	c, up := newResyncCache(t, 3, 10, e)
+	if _, err := c.X509Identities(ctx, e.Selectors); !errors.Is(err, ErrNoIdentity) {
+		t.Fatalf("X509Identities before the entry is synced: %v, want ErrNoIdentity", err)
 	}
-	if snap.SVIDs[0].ID != e.SPIFFEID || up.calls.Load() != 1 {
-		t.Fatalf("got %s after %d resyncs", snap.SVIDs[0].ID, up.calls.Load())
+	if n := up.calls.Load(); n != 0 {
+		t.Fatalf("X509Identities itself asked for %d syncs; only AwaitIdentity may", n)
+	}
+	if !c.AwaitIdentity(ctx, e.Selectors, spiffeid.ID{}) {
+		t.Fatal("AwaitIdentity gave up before the entry arrived")
+	}
+	if n := up.calls.Load(); n != 3 {
+		t.Fatalf("%d syncs, want 3: it stops as soon as the entry is there", n)
+	}
+	if snap, err := c.X509Identities(ctx, e.Selectors); err != nil || snap.SVIDs[0].ID != e.SPIFFEID {
+		t.Fatalf("after the wait: %v", err)
+	}
+	// A caller asking for another SPIFFE ID than its entry's is not served.
+	other := spiffeid.RequireFromString("spiffe://example.org/other")
+	before := up.calls.Load()
+	if c.AwaitIdentity(ctx, e.Selectors, other) {
+		t.Fatal("AwaitIdentity matched an entry of another SPIFFE ID")
+	}
+	if up.calls.Load() == before {
+		t.Fatal("AwaitIdentity for a missing SPIFFE ID did not ask for a sync")
 	}
 
-	// A caller with no entry anywhere still gets ErrNoIdentity, after one
-	// rate-limited try, for every kind of call.
-	up.limited = true
-	other := mustSels("unix:uid:2000")
-	if _, err := c.X509Identities(context.Background(), other); !errors.Is(err, ErrNoIdentity) {
-		t.Fatal(err)
+	// The upstream's budget ends the wait.
+	c, up = newResyncCache(t, 100, 4, e)
+	if c.AwaitIdentity(ctx, e.Selectors, spiffeid.ID{}) {
+		t.Fatal("AwaitIdentity matched an entry that never arrived")
 	}
-	if _, err := c.JWTSVIDs(context.Background(), other, []string{"a"}, spiffeid.ID{}); !errors.Is(err, ErrNoIdentity) {
-		t.Fatal(err)
+	if n := up.calls.Load(); n != 5 {
+		t.Fatalf("%d resync calls, want the budget's 4 and the refused one", n)
 	}
-	if _, err := c.Bundles(context.Background(), other, false); !errors.Is(err, ErrNoIdentity) {
-		t.Fatal(err)
+
+	// So does the caller's deadline, and the cap on the wait.
+	c, _ = newResyncCache(t, 0, 1<<30)
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if c.AwaitIdentity(short, e.Selectors, spiffeid.ID{}) {
+		t.Fatal("matched with nothing pending")
 	}
-	if n := up.calls.Load(); n != 4 {
-		t.Fatalf("%d resync calls, want one per missed call (4)", n)
+	if short.Err() == nil {
+		t.Fatal("AwaitIdentity returned before the caller's deadline though the upstream kept syncing")
+	}
+}
+
+// TestAwaitIdentityWithoutResyncer: an upstream that cannot sync on demand
+// (the embedded CA) never holds a caller.
+func TestAwaitIdentityWithoutResyncer(t *testing.T) {
+	up := newTestUpstream(t)
+	c := NewCache(hclog.NewNullLogger(), up)
+	c.SetEntries(nil)
+	c.SetBundles(up.bundle(), nil)
+	if c.AwaitIdentity(context.Background(), mustSels("unix:uid:1000"), spiffeid.ID{}) {
+		t.Fatal("matched with no entry")
 	}
 }

@@ -40,6 +40,10 @@ type Cache interface {
 	JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
 	ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error)
 	Subscribe() *agent.Subscription
+	// AwaitIdentity holds a caller with no identity (for id, when not zero)
+	// while the upstream looks for a just-created entry; it reports whether
+	// one now matches.
+	AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool
 }
 
 // Config configures the Workload API.
@@ -244,8 +248,17 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 	sub := h.cfg.Cache.Subscribe()
 	defer sub.Close()
 	var last *agent.X509Snapshot
+	awaited := false
 	for {
 		snap, err := h.cfg.Cache.X509Identities(ctx, sels)
+		// Only a new caller waits for its entry; a stream whose entries
+		// were deleted is told at once.
+		if errors.Is(err, agent.ErrNoIdentity) && last == nil && !awaited {
+			awaited = true
+			if h.cfg.Cache.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
+				continue
+			}
+		}
 		switch {
 		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
 			return statusOf(err)
@@ -298,8 +311,15 @@ func (h *handler) streamBundles(ctx context.Context, same func(a, b *agent.Bundl
 	sub := h.cfg.Cache.Subscribe()
 	defer sub.Close()
 	var last *agent.BundleSnapshot
+	awaited := false
 	for {
 		snap, err := h.cfg.Cache.Bundles(ctx, sels, h.cfg.AllowUnauthenticatedVerifiers)
+		if errors.Is(err, agent.ErrNoIdentity) && last == nil && !awaited {
+			awaited = true
+			if h.cfg.Cache.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
+				continue
+			}
+		}
 		switch {
 		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
 			return statusOf(err)
@@ -372,6 +392,9 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 		return nil, err
 	}
 	svids, err := h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
+	if errors.Is(err, agent.ErrNoIdentity) && h.cfg.Cache.AwaitIdentity(ctx, sels, id) {
+		svids, err = h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
+	}
 	if err != nil {
 		return nil, statusOf(err)
 	}

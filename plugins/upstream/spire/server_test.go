@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/time/rate"
 )
 
 // These tests run the upstream against a real spire-server, with a sink
@@ -90,7 +92,7 @@ type running struct {
 
 // startUpstream builds the upstream for server s from an agent.conf and
 // runs it until the test ends.
-func startUpstream(t *testing.T, s *spiretest.Server, token string, sink agent.Sink) (*Spire, *running) {
+func startUpstream(t *testing.T, s *spiretest.Server, token string, sink agent.Sink, syncInterval string, tune ...func(*Spire)) (*Spire, *running) {
 	t.Helper()
 	dir := t.TempDir()
 	bundle := filepath.Join(dir, "bundle.pem")
@@ -105,15 +107,18 @@ func startUpstream(t *testing.T, s *spiretest.Server, token string, sink agent.S
   server_port = %s
   trust_bundle_path = %q
   join_token = %q
-  sync_interval = "500ms"
+  sync_interval = %q
 }
 plugins {
   NodeAttestor "join_token" { plugin_data {} }
   KeyManager "disk" { plugin_data { directory = %q } }
   WorkloadAttestor "unix" { plugin_data {} }
-}`, dir, host, port, bundle, token, dir))
+}`, dir, host, port, bundle, token, syncInterval, dir))
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range tune {
+		f(up)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{done: make(chan struct{})}
@@ -174,7 +179,7 @@ func TestManyEntries(t *testing.T) {
 	createEntries(t, s, n)
 	sink := newRecordingSink()
 	start := time.Now()
-	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink)
+	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "500ms")
 	sink.waitUntil(t, 60*time.Second, fmt.Sprintf("%d entries", n), func(m map[string]*agent.Entry) bool { return len(m) == n })
 	t.Logf("attestation and first sync of %d entries: %s", n, time.Since(start).Round(time.Millisecond))
 
@@ -258,7 +263,7 @@ func TestManyEntries(t *testing.T) {
 func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 	s := spiretest.StartServer(t)
 	sink := newRecordingSink()
-	up, run := startUpstream(t, s, s.JoinToken(t, testNodeID), sink)
+	up, run := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "500ms")
 	sink.waitUntil(t, 60*time.Second, "the first sync", func(m map[string]*agent.Entry) bool { return m != nil })
 	s.CLI(t, "agent", "evict", "-spiffeID", up.currentCreds().id().String())
 	select {
@@ -272,4 +277,89 @@ func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 	if creds, _, _, err := up.store.load(); err != nil || creds != nil {
 		t.Fatalf("the stored SVID was kept after the server refused it: %v", err)
 	}
+}
+
+// TestResyncBudget: syncs on demand share a sync already under way, keep
+// their spacing, and stop at the budget, so a flood of callers with no
+// identity cannot flood the server.
+func TestResyncBudget(t *testing.T) {
+	s := spiretest.StartServer(t)
+	sink := newRecordingSink()
+	const spacing = 200 * time.Millisecond
+	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "1h", func(up *Spire) {
+		up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 3)
+		up.resyncSpacing = spacing
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sink.waitUntil(t, time.Minute, "the first sync", func(e map[string]*agent.Entry) bool { return e != nil })
+	before := up.syncs.Load()
+
+	// Twenty callers at once: the sync under way when a caller asks may
+	// have missed its entry, so it takes one more, shared by everyone who
+	// asked meanwhile. Far fewer syncs than callers, within the budget.
+	var wg sync.WaitGroup
+	var refused atomic.Int32
+	start := make(chan struct{})
+	for range 20 {
+		wg.Go(func() {
+			<-start
+			ok, err := up.Resync(ctx)
+			if err != nil {
+				t.Error(err)
+			}
+			if !ok {
+				refused.Add(1)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	n := up.syncs.Load() - before
+	if n < 1 || n > 3 || (refused.Load() > 0 && n != 3) {
+		t.Fatalf("20 concurrent callers caused %d syncs and %d refusals; want 1 to 3 syncs, refusals only once the budget of 3 is spent", n, refused.Load())
+	}
+	t.Logf("20 concurrent callers: %d syncs", n)
+
+	up.syncMu.Lock()
+	up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 3)
+	up.syncMu.Unlock()
+	before = up.syncs.Load()
+	// One after another: spaced, until the budget is spent.
+	var starts []time.Time
+	for up.syncs.Load()-before < 3 {
+		ok, err := up.Resync(ctx)
+		if err != nil || !ok {
+			t.Fatalf("refused before the budget of 3 was spent (%d syncs): %v", up.syncs.Load()-before, err)
+		}
+		starts = append(starts, up.lastSyncStart())
+	}
+	for i := 1; i < len(starts); i++ {
+		if gap := starts[i].Sub(starts[i-1]); gap < spacing {
+			t.Fatalf("syncs on demand %s apart, want at least %s", gap, spacing)
+		}
+	}
+	ok, err := up.Resync(ctx)
+	if err != nil || ok {
+		t.Fatalf("Resync with the budget spent = %v, %v; want false, nil", ok, err)
+	}
+	if n := up.syncs.Load() - before; n != 3 {
+		t.Fatalf("%d syncs on demand, want the budget's 3", n)
+	}
+
+	// A caller that gives up while waiting for the spacing leaves at once.
+	up.resyncBudget.SetBurst(10)
+	up.resyncSpacing = time.Hour
+	short, cancelShort := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancelShort()
+	if ok, err := up.Resync(short); ok || err == nil {
+		t.Fatalf("Resync past its caller's deadline = %v, %v; want false and the context's error", ok, err)
+	}
+}
+
+// lastSyncStart is when the last sync started.
+func (s *Spire) lastSyncStart() time.Time {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	return s.lastSync
 }

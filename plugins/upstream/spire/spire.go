@@ -89,12 +89,14 @@ type Spire struct {
 	sink     agent.Sink
 	lastSync time.Time     // when the last sync started
 	synced   chan struct{} // restarts the periodic timer after a Resync
-	// syncBudget is a token for every sync, periodic or on demand, earned
-	// at one per sync_interval: over any stretch of time the server sees
-	// at most a few syncs more than from spire-agent's periodic ones.
-	syncBudget *rate.Limiter
-	// fetched counts entries received in full, for tests and debugging.
+	// resyncBudget holds the tokens of syncs on demand, which start at
+	// least resyncSpacing after the previous sync; see Resync.
+	resyncBudget  *rate.Limiter
+	resyncSpacing time.Duration
+	// fetched counts entries received in full, syncs the syncs started;
+	// for tests and debugging.
 	fetched atomic.Int64
+	syncs   atomic.Int64
 }
 
 // New reads the agent block, the NodeAttestor and the KeyManager. It does
@@ -139,7 +141,8 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 	if s.syncInterval <= 0 {
 		s.syncInterval = conf.DefaultSyncInterval
 	}
-	s.syncBudget = rate.NewLimiter(rate.Every(s.syncInterval), resyncBurst)
+	s.resyncBudget = rate.NewLimiter(rate.Every(resyncEarnEvery*s.syncInterval), resyncBurst)
+	s.resyncSpacing = s.syncInterval / resyncSpacingDivisor
 	switch {
 	case a.TrustBundlePath != "":
 		if s.bootstrap, err = loadTrustBundle(a.TrustBundlePath, a.TrustBundleFormat, cfg.TrustDomain); err != nil {

@@ -93,8 +93,6 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 		}
 		wait := s.syncInterval
 		s.syncMu.Lock()
-		// A periodic sync always runs; it spends a token when there is one.
-		s.syncBudget.Allow()
 		err := s.syncOnce(ctx, sink)
 		s.syncMu.Unlock()
 		if ctx.Err() != nil {
@@ -111,17 +109,30 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 	}
 }
 
-// resyncBurst is how many syncs on demand may run back to back before they
-// are held to one per sync_interval.
-const resyncBurst = 3
+// The budget of syncs on demand. SPIRE Server refreshes the entries it
+// serves agents every 5 s (its cache_reload_interval), so a just-created
+// entry shows up at some point within that; syncs half a second apart find
+// it within half a second of the server having it, and ten of them cover
+// one refresh of the server at spire-agent's default sync_interval.
+const (
+	resyncBurst = 10
+	// resyncEarnEvery: one token is earned per this many sync_intervals.
+	resyncEarnEvery = 2
+	// Syncs on demand start at least sync_interval/resyncSpacingDivisor
+	// after the previous sync of any kind.
+	resyncSpacingDivisor = 10
+)
 
 // Resync syncs now, for a workload that found no identity: its entry may
-// have been created since the last sync. Every sync spends a token of a
-// budget that earns one per sync_interval, and a sync on demand restarts
-// the periodic timer, so over time the server sees no more syncs than from
-// spire-agent (plus the burst). Without a token the caller is answered from
-// what the agent has. Callers that waited while another sync ran get that
-// one.
+// have been created since the last sync. Syncs on demand start at least a
+// tenth of sync_interval after the previous sync (callers arriving
+// meanwhile share the next one), spend a token of a budget of ten that
+// earns one per two sync_intervals, and restart the periodic timer. So a
+// burst of misses costs the server at most ten extra syncs, and misses that
+// go on cost at most one extra sync per two sync_intervals; syncs are
+// incremental (revisions only), and a miss answered by the periodic sync
+// costs nothing. Without a token it returns false at once: the caller is
+// answered from what the agent has.
 func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	select {
 	case <-s.ready:
@@ -130,16 +141,40 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	}
 	asked := s.now()
 	s.syncMu.Lock()
+	for {
+		if s.sink == nil {
+			s.syncMu.Unlock()
+			return false, nil
+		}
+		if !s.lastSync.Before(asked) {
+			// A sync started after the caller asked; it has finished, since
+			// this holds syncMu.
+			s.syncMu.Unlock()
+			return true, nil
+		}
+		wait := s.lastSync.Add(s.resyncSpacing).Sub(s.now())
+		if wait <= 0 {
+			break
+		}
+		s.syncMu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false, ctx.Err()
+		case <-t.C:
+		}
+		s.syncMu.Lock()
+	}
 	defer s.syncMu.Unlock()
-	switch {
-	case s.sink == nil:
-		return false, nil
-	case !s.lastSync.Before(asked):
-		return true, nil
-	case !s.syncBudget.Allow():
+	if !s.resyncBudget.Allow() {
 		return false, nil
 	}
 	err := s.syncOnce(ctx, s.sink)
+	if ctx.Err() != nil {
+		// The caller left; that says nothing about the server.
+		return false, ctx.Err()
+	}
 	report(s.sink, err)
 	kick(s.synced)
 	return err == nil, err
@@ -160,6 +195,7 @@ func (s *Spire) syncOnce(ctx context.Context, sink agent.Sink) error {
 	st := &s.sync
 	start := s.now()
 	s.lastSync = start
+	s.syncs.Add(1)
 	if err := s.syncEntries(ctx); err != nil {
 		return err
 	}
