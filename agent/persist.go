@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -261,37 +262,98 @@ func (c *Cache) persist() {
 		return
 	}
 	c.dirty = false
-	f := cacheFile{Version: cacheFileVersion, SavedAt: c.now(), TrustDomain: c.local.TrustDomain().Name(), Federated: map[string][]byte{}}
+	// Entries, SVIDs and bundles are immutable: take the pointers and
+	// encode outside the lock.
+	snap := persistSnapshot{
+		savedAt:   c.now(),
+		local:     c.local,
+		entries:   make([]*Entry, 0, len(c.entries)),
+		svids:     make([]*X509SVID, 0, len(c.svids)),
+		federated: make([]*Bundle, 0, len(c.federated)),
+	}
 	for _, e := range c.entries {
-		f.Entries = append(f.Entries, storeEntry(e))
+		snap.entries = append(snap.entries, e)
 	}
 	for _, svid := range c.svids {
-		ss := storedSVID{EntryID: svid.EntryID, Key: svid.KeyDER}
-		for _, cert := range svid.Chain {
-			ss.Chain = append(ss.Chain, cert.Raw)
-		}
-		f.SVIDs = append(f.SVIDs, ss)
+		snap.svids = append(snap.svids, svid)
 	}
-	local, err := c.local.Marshal()
 	for _, b := range c.federated {
-		raw, ferr := b.Marshal()
-		if ferr != nil {
-			err = ferr
-		}
-		f.Federated[b.TrustDomain().Name()] = raw
+		snap.federated = append(snap.federated, b)
 	}
 	c.mu.Unlock()
-	if err == nil {
-		f.Local = local
-		var data []byte
-		if data, err = json.Marshal(f); err == nil {
-			err = WriteFileAtomic(c.persistPath, data)
-		}
-	}
+	err := WriteFileAtomicFunc(c.persistPath, snap.encode)
 	if err != nil {
 		c.log.Error("Could not save the cache; retrying", "path", c.persistPath, "error", err)
 		c.mu.Lock()
 		c.dirty = true
 		c.mu.Unlock()
 	}
+}
+
+type persistSnapshot struct {
+	savedAt   time.Time
+	local     *Bundle
+	federated []*Bundle
+	entries   []*Entry
+	svids     []*X509SVID
+}
+
+// encode writes the snapshot as a cacheFile, one entry and one SVID at a
+// time: with tens of thousands of entries, marshalling the whole file at
+// once would hold megabytes of garbage on the heap.
+func (p *persistSnapshot) encode(w io.Writer) error {
+	local, err := p.local.Marshal()
+	if err != nil {
+		return err
+	}
+	federated := make(map[string][]byte, len(p.federated))
+	for _, b := range p.federated {
+		raw, err := b.Marshal()
+		if err != nil {
+			return err
+		}
+		federated[b.TrustDomain().Name()] = raw
+	}
+	enc := json.NewEncoder(w)
+	var werr error
+	put := func(s string) {
+		if werr == nil {
+			_, werr = io.WriteString(w, s)
+		}
+	}
+	value := func(v any) {
+		if werr == nil {
+			werr = enc.Encode(v)
+		}
+	}
+	put(`{"version":`)
+	value(cacheFileVersion)
+	put(`,"saved_at":`)
+	value(p.savedAt)
+	put(`,"trust_domain":`)
+	value(p.local.TrustDomain().Name())
+	put(`,"local_bundle":`)
+	value(json.RawMessage(local))
+	put(`,"federated_bundles":`)
+	value(federated)
+	put(`,"entries":[`)
+	for i, e := range p.entries {
+		if i > 0 {
+			put(",")
+		}
+		value(storeEntry(e))
+	}
+	put(`],"x509_svids":[`)
+	for i, svid := range p.svids {
+		if i > 0 {
+			put(",")
+		}
+		ss := storedSVID{EntryID: svid.EntryID, Key: svid.KeyDER, Chain: make([][]byte, len(svid.Chain))}
+		for j, cert := range svid.Chain {
+			ss.Chain[j] = cert.Raw
+		}
+		value(ss)
+	}
+	put("]}\n")
+	return werr
 }
