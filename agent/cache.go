@@ -842,3 +842,4 @@ func (c *Cache) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id 
 	}
 	return false
 }
+

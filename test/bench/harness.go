@@ -62,6 +62,10 @@ type Config struct {
 	// it serves to agents (SPIRE's default is 5 s). A new entry reaches no
 	// agent sooner.
 	ServerCacheReload time.Duration
+	// FreshServerReload, when set, adds a probe of entry-to-SVID against a
+	// second spire-server that reloads its entry cache this often, so that
+	// the agents' own sync policy is all that is measured (0 skips it).
+	FreshServerReload time.Duration
 }
 
 // DefaultConfig is the full run, or the -quick one.
@@ -79,6 +83,8 @@ func DefaultConfig(quick bool) Config {
 		Entries:      10000,
 		Live:         100,
 		ProbeRounds:  3,
+
+		FreshServerReload: 100 * time.Millisecond,
 	}
 	if quick {
 		c.Rounds, c.Warmup, c.Window = 1, 300*time.Millisecond, time.Second
@@ -137,6 +143,9 @@ func Run(tb testing.TB, cfg Config) *Report {
 	}
 	if cfg.Entries > 0 && r.spire != nil {
 		r.entriesWorkload(ctx)
+	}
+	if cfg.FreshServerReload > 0 && cfg.ProbeRounds > 0 && r.spire != nil {
+		r.freshServerProbe(ctx)
 	}
 	r.report.Duration = time.Since(start).Round(time.Second).String()
 	r.report.check()

@@ -34,6 +34,9 @@ type Report struct {
 		// ServerCacheReload is spire-server's entry cache reload interval;
 		// empty: SPIRE's default (5s).
 		ServerCacheReload string `json:"server_cache_reload,omitempty"`
+		// FreshServerReload is the entry cache reload interval of the
+		// second server of the fresh-server probe; empty: no such probe.
+		FreshServerReload string `json:"fresh_server_reload,omitempty"`
 	} `json:"config"`
 	Targets []string `json:"targets"`
 
@@ -42,17 +45,21 @@ type Report struct {
 	Fetch     []*FetchRow              `json:"fetch"`
 	Streams   map[string]*StreamStats  `json:"streams"`
 	Entries   map[string]*EntriesStats `json:"entries"`
-	Checks    []Check                  `json:"targets_checked"`
+	// FreshProbe is entry-to-SVID against a spire-server whose entry
+	// cache is fresh (Config.FreshServerReload).
+	FreshProbe map[string]*EntriesStats `json:"fresh_server_probe,omitempty"`
+	Checks     []Check                  `json:"targets_checked"`
 }
 
 func newReport(cfg Config) *Report {
 	r := &Report{
-		Started:   time.Now().UTC(),
-		Host:      hostInfo(),
-		Idle:      map[string]uint64{},
-		IdleSplit: map[string]Memory{},
-		Streams:   map[string]*StreamStats{},
-		Entries:   map[string]*EntriesStats{},
+		Started:    time.Now().UTC(),
+		Host:       hostInfo(),
+		Idle:       map[string]uint64{},
+		IdleSplit:  map[string]Memory{},
+		Streams:    map[string]*StreamStats{},
+		Entries:    map[string]*EntriesStats{},
+		FreshProbe: map[string]*EntriesStats{},
 	}
 	c := &r.Config
 	c.Quick, c.LocalOnly, c.Rounds = cfg.Quick, cfg.LocalOnly, cfg.Rounds
@@ -61,6 +68,9 @@ func newReport(cfg Config) *Report {
 	c.Entries, c.Live, c.ProbeRounds = cfg.Entries, cfg.Live, cfg.ProbeRounds
 	if cfg.ServerCacheReload > 0 {
 		c.ServerCacheReload = cfg.ServerCacheReload.String()
+	}
+	if cfg.FreshServerReload > 0 && !cfg.LocalOnly {
+		c.FreshServerReload = cfg.FreshServerReload.String()
 	}
 	r.Targets = []string{NameLanyard}
 	agents := []string{NameLanyard}
@@ -76,6 +86,9 @@ func newReport(cfg Config) *Report {
 		r.Streams[a] = &StreamStats{}
 		if !cfg.LocalOnly {
 			r.Entries[a] = &EntriesStats{}
+			if cfg.FreshServerReload > 0 {
+				r.FreshProbe[a] = &EntriesStats{}
+			}
 		}
 	}
 	return r
@@ -324,6 +337,20 @@ func (r *Report) WriteTable(w io.Writer) {
 		line(p+": all live SVIDs after (s)", "s", entries(func(e *EntriesStats) float64 { return e.AllLiveAfter.Seconds() }))
 		line(p+": create->open stream max (s)", "s", entries(func(e *EntriesStats) float64 { return maxDur(e.OpenStream).Seconds() }))
 		line(p+": create->new workload max (s)", "s", entries(func(e *EntriesStats) float64 { return maxDur(e.NewWorkload).Seconds() }))
+	}
+	if lf := r.FreshProbe[NameLanyard]; lf != nil && len(lf.NewWorkload) > 0 {
+		p := "fresh server (" + r.Config.FreshServerReload + " cache)"
+		probe := func(f func(*EntriesStats) float64) func(string) (float64, bool) {
+			return func(n string) (float64, bool) {
+				e := r.FreshProbe[n]
+				if e == nil || len(e.NewWorkload) == 0 {
+					return 0, false
+				}
+				return f(e), true
+			}
+		}
+		line(p+": create->open stream max (s)", "s", probe(func(e *EntriesStats) float64 { return maxDur(e.OpenStream).Seconds() }))
+		line(p+": create->new workload max (s)", "s", probe(func(e *EntriesStats) float64 { return maxDur(e.NewWorkload).Seconds() }))
 	}
 	tw.Flush()
 	if len(r.Checks) > 0 {

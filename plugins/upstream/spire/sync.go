@@ -117,7 +117,7 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 const (
 	resyncBurst = 10
 	// resyncEarnEvery: one token is earned per this many sync_intervals.
-	resyncEarnEvery = 2
+	resyncEarnEvery = 1
 	// Syncs on demand start at least sync_interval/resyncSpacingDivisor
 	// after the previous sync of any kind.
 	resyncSpacingDivisor = 10
@@ -127,12 +127,13 @@ const (
 // have been created since the last sync. Syncs on demand start at least a
 // tenth of sync_interval after the previous sync (callers arriving
 // meanwhile share the next one), spend a token of a budget of ten that
-// earns one per two sync_intervals, and restart the periodic timer. So a
-// burst of misses costs the server at most ten extra syncs, and misses that
-// go on cost at most one extra sync per two sync_intervals; syncs are
-// incremental (revisions only), and a miss answered by the periodic sync
-// costs nothing. Without a token it returns false at once: the caller is
-// answered from what the agent has.
+// earns one per sync_interval, and restart the periodic timer. So a burst
+// of misses costs the server at most ten extra syncs; misses that go on
+// for good are served one sync per sync_interval, each standing in for a
+// periodic one, as from spire-agent (twice that at worst, when each miss
+// comes just after a periodic sync). Syncs are incremental: the server
+// lists revisions and sends only new entries. Without a token Resync
+// returns false at once: the caller is answered from what the agent has.
 func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	select {
 	case <-s.ready:

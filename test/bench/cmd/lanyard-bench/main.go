@@ -83,12 +83,14 @@ func run() int {
 	streams := flag.Int("streams", -1, "open streams to hold (0: skip; default 1000)")
 	entries := flag.Int("entries", -1, "registration entries for the node (0: skip; default 10000, quick 2000)")
 	cacheReload := flag.Duration("server-cache-reload", 0, "spire-server's experimental.cache_reload_interval (default: SPIRE's, 5s)")
+	freshReload := flag.Duration("fresh-server-reload", 100*time.Millisecond, "entry-to-SVID probe against a second spire-server with this entry cache reload interval (0: skip)")
 	flag.Parse()
 
 	cfg := bench.DefaultConfig(*quick)
 	cfg.LocalOnly = *local
 	cfg.BaselineBin = *baseline
 	cfg.ServerCacheReload = *cacheReload
+	cfg.FreshServerReload = *freshReload
 	if *rounds > 0 {
 		cfg.Rounds = *rounds
 	}
