@@ -842,4 +842,3 @@ func (c *Cache) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id 
 	}
 	return false
 }
-
