@@ -386,6 +386,13 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		if len(missing) == 0 {
 			snap := c.x509SnapshotLocked(entries)
 			c.mu.RUnlock()
+			for _, svid := range snap.SVIDs {
+				// An SVID whose renewal was skipped while no one
+				// fetched it is renewed now that someone does.
+				if !svid.served.Load() && !svid.served.Swap(true) && !svid.RenewAt.After(now) {
+					c.kickRenewal()
+				}
+			}
 			return snap, nil
 		}
 		c.mu.RUnlock()
@@ -621,16 +628,30 @@ func (c *Cache) RunRotation(ctx context.Context) {
 		now := c.now()
 		next := now.Add(time.Hour)
 		var due []*mintCall
+		var unused []*X509SVID
 		for id, svid := range c.svids {
-			if !svid.RenewAt.After(now) {
+			switch {
+			case svid.RenewAt.After(now):
+				if svid.RenewAt.Before(next) {
+					next = svid.RenewAt
+				}
+			case !svid.served.Load():
+				// Served until it expires, unless it must be replaced
+				// (it no longer chains to the bundle, or its signer was
+				// tainted): then it goes at once.
+				if svid.RenewAt.IsZero() || !now.Before(svid.NotAfter) {
+					unused = append(unused, svid)
+				} else if svid.NotAfter.Before(next) {
+					next = svid.NotAfter
+				}
+			default:
 				if e := c.entries[id]; e != nil && c.inflight[id] == nil {
 					due = append(due, &mintCall{entry: e, done: make(chan struct{})})
 				}
-			} else if svid.RenewAt.Before(next) {
-				next = svid.RenewAt
 			}
 		}
 		c.mu.RUnlock()
+		c.dropUnused(unused)
 		if len(due) > 0 {
 			if c.renew(ctx, due) {
 				backoff.Reset()
@@ -651,6 +672,28 @@ func (c *Cache) RunRotation(ctx context.Context) {
 				}
 			}
 		}
+	}
+}
+
+// dropUnused forgets SVIDs that no workload fetched since they were signed
+// and that have expired or must be replaced; a workload that asks again
+// gets a new one.
+func (c *Cache) dropUnused(unused []*X509SVID) {
+	if len(unused) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, svid := range unused {
+		if c.svids[svid.EntryID] == svid && !svid.served.Load() {
+			delete(c.svids, svid.EntryID)
+			n++
+		}
+	}
+	if n > 0 {
+		c.dirty = true
+		c.log.Debug("Dropped X509-SVIDs no workload fetched since they were signed", "count", n)
 	}
 }
 

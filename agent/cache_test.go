@@ -1232,3 +1232,84 @@ func TestBackoff(t *testing.T) {
 		t.Errorf("after reset: %v, want at most 1s", d)
 	}
 }
+
+// TestUnfetchedSVIDIsNotRenewed: an SVID no workload fetched since it was
+// signed (its workload is gone) is not renewed, is served while it lasts,
+// and is dropped when it expires or must be replaced; a workload that asks
+// for it again gets it renewed.
+func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
+	c, up := newTestCache(t)
+	clock := &fakeClock{now: time.Now()}
+	c.now, up.now = clock.Now, clock.Now
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	sels := mustSels("unix:uid:1")
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := snap.SVIDs[0]
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.RunRotation(ctx)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	advance := func(to time.Time) {
+		clock.Set(to)
+		c.kickRenewal()
+	}
+
+	// Fetched: renewed at its renewal time.
+	advance(first.RenewAt.Add(time.Second))
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != first })
+	second := c.svidOf("a")
+	calls := up.x509Calls.Load()
+
+	// Not fetched since: its renewal time passes and it is kept, not renewed.
+	advance(second.RenewAt.Add(time.Second))
+	for range 20 {
+		c.kickRenewal()
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c.svidOf("a") != second || up.x509Calls.Load() != calls {
+		t.Fatal("an SVID no workload fetched was renewed")
+	}
+	// Fetched again while still valid: served, and renewed at once.
+	snap, err = c.X509Identities(t.Context(), sels)
+	if err != nil || snap.SVIDs[0] != second {
+		t.Fatalf("fetch of the unrenewed SVID = %v, %v; want it served while valid", snap, err)
+	}
+	eventually(t, "the renewal once fetched", func() bool { return c.svidOf("a") != second })
+	third := c.svidOf("a")
+
+	// Not fetched, and expired: dropped.
+	advance(third.NotAfter.Add(time.Second))
+	eventually(t, "the expired unfetched SVID dropped", func() bool { return c.svidOf("a") == nil })
+	calls = up.x509Calls.Load()
+	if snap, err = c.X509Identities(t.Context(), sels); err != nil || up.x509Calls.Load() != calls+1 {
+		t.Fatalf("a workload asking after the drop: %v, %d signing calls; want a new SVID", err, up.x509Calls.Load()-calls)
+	}
+	if snap.SVIDs[0] == third || !snap.SVIDs[0].NotAfter.After(clock.Now()) {
+		t.Fatal("the workload asking after the drop did not get a new, valid SVID")
+	}
+
+	// Renewed once fetched, then not fetched, then its CA leaves the
+	// bundle: dropped at once instead of re-signed.
+	fourth := snap.SVIDs[0]
+	advance(fourth.RenewAt.Add(time.Second))
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != fourth })
+	calls = up.x509Calls.Load()
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil)
+	eventually(t, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
+	if up.x509Calls.Load() != calls {
+		t.Fatal("an unfetched SVID was re-signed for the new CA")
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/lanyard-dev/lanyard/attestor"
@@ -58,6 +59,12 @@ type X509SVID struct {
 	NotBefore time.Time
 	NotAfter  time.Time
 	RenewAt   time.Time // half-life with jitter
+	// served records that a workload was handed this SVID. One that no
+	// workload fetched since it was signed is not renewed: it is served
+	// until it expires, then dropped, so that a node's cache holds the
+	// SVIDs of the workloads that run there, not of every one that ever
+	// did.
+	served atomic.Bool
 }
 
 // JWTSVID is a signed JWT-SVID.
