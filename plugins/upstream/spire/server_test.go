@@ -285,10 +285,10 @@ func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 func TestResyncBudget(t *testing.T) {
 	s := spiretest.StartServer(t)
 	sink := newRecordingSink()
-	const spacing = 200 * time.Millisecond
+	const firstSpacing, spacing = 50 * time.Millisecond, 200 * time.Millisecond
 	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "1h", func(up *Spire) {
 		up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 3)
-		up.resyncSpacing = spacing
+		up.resyncFirstSpacing, up.resyncSpacing = firstSpacing, spacing
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -323,6 +323,7 @@ func TestResyncBudget(t *testing.T) {
 
 	up.syncMu.Lock()
 	up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 3)
+	up.resyncStreak = 0
 	up.syncMu.Unlock()
 	before = up.syncs.Load()
 	// One after another: spaced, until the budget is spent.
@@ -334,9 +335,14 @@ func TestResyncBudget(t *testing.T) {
 		}
 		starts = append(starts, up.lastSyncStart())
 	}
+	// Quick at first, then slower while they find nothing new.
 	for i := 1; i < len(starts); i++ {
-		if gap := starts[i].Sub(starts[i-1]); gap < spacing {
-			t.Fatalf("syncs on demand %s apart, want at least %s", gap, spacing)
+		want := firstSpacing
+		if i == len(starts)-1 {
+			want = spacing
+		}
+		if gap := starts[i].Sub(starts[i-1]); gap < want {
+			t.Fatalf("syncs on demand %d and %d %s apart, want at least %s", i, i+1, gap, want)
 		}
 	}
 	ok, err := up.Resync(ctx)

@@ -89,10 +89,16 @@ type Spire struct {
 	sink     agent.Sink
 	lastSync time.Time     // when the last sync started
 	synced   chan struct{} // restarts the periodic timer after a Resync
-	// resyncBudget holds the tokens of syncs on demand, which start at
-	// least resyncSpacing after the previous sync; see Resync.
-	resyncBudget  *rate.Limiter
-	resyncSpacing time.Duration
+	// resyncBudget holds the tokens of syncs on demand; see Resync. The
+	// first two of a run of them that find nothing new start at least
+	// resyncFirstSpacing after the previous sync, the next ones
+	// resyncSpacing. Guarded by syncMu, except the limiter.
+	resyncBudget       *rate.Limiter
+	resyncFirstSpacing time.Duration
+	resyncSpacing      time.Duration
+	resyncStreak       int       // syncs on demand since one brought new entries
+	lastResync         time.Time // when the last sync on demand started
+	entrySets          int64     // how many times entries were handed to the sink
 	// fetched counts entries received in full, syncs the syncs started;
 	// for tests and debugging.
 	fetched atomic.Int64
@@ -142,6 +148,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		s.syncInterval = conf.DefaultSyncInterval
 	}
 	s.resyncBudget = rate.NewLimiter(rate.Every(resyncEarnEvery*s.syncInterval), resyncBurst)
+	s.resyncFirstSpacing = s.syncInterval / resyncFirstSpacingDivisor
 	s.resyncSpacing = s.syncInterval / resyncSpacingDivisor
 	switch {
 	case a.TrustBundlePath != "":

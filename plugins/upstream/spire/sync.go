@@ -111,25 +111,29 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 
 // The budget of syncs on demand. SPIRE Server refreshes the entries it
 // serves agents every 5 s (its cache_reload_interval), so a just-created
-// entry shows up at some point within that; syncs half a second apart find
-// it within half a second of the server having it, and ten of them cover
-// one refresh of the server at spire-agent's default sync_interval.
+// entry shows up at some point within that. Two quick syncs catch a server
+// that has it already; then one a second finds it within a second of the
+// server having it, and the ten tokens cover two such waits in a row at
+// spire-agent's default sync_interval.
 const (
 	resyncBurst = 10
 	// resyncEarnEvery: one token is earned per this many sync_intervals.
 	resyncEarnEvery = 1
-	// Syncs on demand start at least sync_interval/resyncSpacingDivisor
-	// after the previous sync of any kind.
-	resyncSpacingDivisor = 10
+	// The first two syncs on demand of a run start at least
+	// sync_interval/resyncFirstSpacingDivisor after the previous sync of
+	// any kind, the next ones sync_interval/resyncSpacingDivisor.
+	resyncFirstSpacingDivisor = 20
+	resyncSpacingDivisor      = 5
 )
 
 // Resync syncs now, for a workload that found no identity: its entry may
-// have been created since the last sync. Syncs on demand start at least a
-// tenth of sync_interval after the previous sync (callers arriving
+// have been created since the last sync. Syncs on demand are spaced (a
+// twentieth of sync_interval after the previous sync for the first two of
+// a run that finds nothing new, a fifth for the next ones; callers arriving
 // meanwhile share the next one), spend a token of a budget of ten that
 // earns one per sync_interval, and restart the periodic timer. So a burst
-// of misses costs the server at most ten extra syncs; misses that go on
-// for good are served one sync per sync_interval, each standing in for a
+// of misses costs the server at most ten extra syncs; misses that go on for
+// good are served one sync per sync_interval, each standing in for a
 // periodic one, as from spire-agent (twice that at worst, when each miss
 // comes just after a periodic sync). Syncs are incremental: the server
 // lists revisions and sends only new entries. Without a token Resync
@@ -153,7 +157,7 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 			s.syncMu.Unlock()
 			return true, nil
 		}
-		wait := s.lastSync.Add(s.resyncSpacing).Sub(s.now())
+		wait := s.lastSync.Add(s.resyncSpacingLocked()).Sub(s.now())
 		if wait <= 0 {
 			break
 		}
@@ -171,7 +175,17 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	if !s.resyncBudget.Allow() {
 		return false, nil
 	}
+	if s.now().Sub(s.lastResync) > s.syncInterval {
+		s.resyncStreak = 0
+	}
+	s.lastResync = s.now()
+	sets := s.entrySets
 	err := s.syncOnce(ctx, s.sink)
+	if s.entrySets != sets {
+		s.resyncStreak = 0
+	} else {
+		s.resyncStreak++
+	}
 	if ctx.Err() != nil {
 		// The caller left; that says nothing about the server.
 		return false, ctx.Err()
@@ -179,6 +193,15 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	report(s.sink, err)
 	kick(s.synced)
 	return err == nil, err
+}
+
+// resyncSpacingLocked is how long after the previous sync the next sync on
+// demand may start.
+func (s *Spire) resyncSpacingLocked() time.Duration {
+	if s.resyncStreak < 2 || s.now().Sub(s.lastResync) > s.syncInterval {
+		return s.resyncFirstSpacing
+	}
+	return s.resyncSpacing
 }
 
 func (s *Spire) logRetry(msg string, wait time.Duration, err error) {
@@ -220,6 +243,7 @@ func (s *Spire) syncOnce(ctx context.Context, sink agent.Sink) error {
 			}
 		}
 		sink.SetEntries(list)
+		s.entrySets++
 		st.entriesDirty = false
 		s.log.Debug("Synced registration entries", "served", len(list), "authorized", len(st.entries), "took", s.now().Sub(start))
 	}
