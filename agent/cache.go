@@ -385,14 +385,16 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		}
 		if len(missing) == 0 {
 			snap := c.x509SnapshotLocked(entries)
-			c.mu.RUnlock()
+			// Marked under the read lock, so that dropUnused (write
+			// lock) never drops an SVID a caller is being handed. One
+			// whose renewal was skipped while no one fetched it is
+			// renewed now that someone does.
 			for _, svid := range snap.SVIDs {
-				// An SVID whose renewal was skipped while no one
-				// fetched it is renewed now that someone does.
 				if !svid.served.Load() && !svid.served.Swap(true) && !svid.RenewAt.After(now) {
 					c.kickRenewal()
 				}
 			}
+			c.mu.RUnlock()
 			return snap, nil
 		}
 		c.mu.RUnlock()

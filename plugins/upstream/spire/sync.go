@@ -180,18 +180,21 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	}
 	s.lastResync = s.now()
 	sets := s.entrySets
-	err := s.syncOnce(ctx, s.sink)
-	if s.entrySets != sets {
+	// Callers waiting on syncMu share this sync: one caller leaving must
+	// not cut it short.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), rpcTimeout)
+	err := s.syncOnce(sctx, s.sink)
+	cancel()
+	if s.entrySets != sets || err != nil {
 		s.resyncStreak = 0
 	} else {
 		s.resyncStreak++
 	}
-	if ctx.Err() != nil {
-		// The caller left; that says nothing about the server.
-		return false, ctx.Err()
-	}
 	report(s.sink, err)
 	kick(s.synced)
+	if err == nil && ctx.Err() != nil {
+		return false, ctx.Err()
+	}
 	return err == nil, err
 }
 
