@@ -282,6 +282,8 @@ type envOptions struct {
 	allowUnauthenticated bool
 	sendTimeout          time.Duration
 	entries              []*agent.Entry
+	// upstream, when set, wraps the test upstream (to add a Resyncer).
+	upstream func(*testUpstream) agent.Upstream
 }
 
 // testEnv is a Workload API server on a real Unix socket, over a real cache
@@ -301,7 +303,11 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	log := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Debug, Output: logs})
 	ca := newTestCA(t, tdExample, "ca 1")
 	up := &testUpstream{ca: ca, jwtKID: "kid-1", jwtKey: newTestKey(t)}
-	cache := agent.NewCache(log.Named("cache"), up)
+	var upstream agent.Upstream = up
+	if opt.upstream != nil {
+		upstream = opt.upstream(up)
+	}
+	cache := agent.NewCache(log.Named("cache"), upstream)
 	e := &testEnv{up: up, ca: ca, cache: cache, logs: logs}
 	if !opt.notReady {
 		cache.SetEntries(opt.entries)
