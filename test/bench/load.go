@@ -187,11 +187,19 @@ func Load(ctx context.Context, socket string, kind Kind, clients int, warmup, wi
 		// Both run exactly once and have returned when Load does, even
 		// when ctx ended early.
 		var ran sync.WaitGroup
+		// A fired timer may still be running atWindow(true) when Load
+		// returns and closes the window itself: one at a time.
+		var mu sync.Mutex
+		one := func(open bool) {
+			mu.Lock()
+			defer mu.Unlock()
+			atWindow(open)
+		}
 		call := func(open bool) func() {
 			ran.Add(1)
 			return func() {
 				defer ran.Done()
-				atWindow(open)
+				one(open)
 			}
 		}
 		opened := time.AfterFunc(warmup, call(true))
@@ -199,11 +207,11 @@ func Load(ctx context.Context, socket string, kind Kind, clients int, warmup, wi
 		defer func() {
 			if opened.Stop() {
 				ran.Done()
-				atWindow(true)
+				one(true)
 			}
 			if closed.Stop() {
 				ran.Done()
-				atWindow(false)
+				one(false)
 			}
 			ran.Wait()
 		}()

@@ -188,11 +188,11 @@ func profileLoad(pc ProfileConfig, socket string) (string, error) {
 // the node, one of them for this process's uid.
 func ProfileWithSPIRE(tb testing.TB, pc ProfileConfig, entries int) (string, error) {
 	s := spiretest.StartServer(tb, spiretest.WithServerLogLevel("WARN"))
-	list := []entryJSON{uidEntry(workloadID, os.Getuid())}
+	list := []spiretest.Entry{uidEntry(workloadID, os.Getuid())}
 	for i := 1; i < entries; i++ {
 		list = append(list, uidEntry(fmt.Sprintf("spiffe://example.org/bench/entry/%05d", i), absentUID0+i))
 	}
-	createEntries(tb, s, list)
+	s.CreateEntries(tb, list)
 	dir := tb.TempDir()
 	if err := os.WriteFile(dir+"/bundle.pem", s.BundlePEM(tb), 0o600); err != nil {
 		return "", err

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	mrand "math/rand/v2"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"testing"
@@ -141,7 +140,6 @@ const (
 	liveUID0    = 20000  // live workloads, one process each
 	newUID0     = 40000  // workloads that connect right after their entry
 	absentUID0  = 100000 // entries that match no process
-	entryChunk  = 1000   // entries per `entry create -data`
 	liveBound   = 120 * time.Second
 	probeBound  = 40 * time.Second
 	syncSettle  = 2 * time.Second
@@ -151,64 +149,13 @@ const (
 	probeJitter = 5 * time.Second
 )
 
-type entryJSON struct {
-	SpiffeID  string         `json:"spiffe_id"`
-	ParentID  string         `json:"parent_id"`
-	Selectors []selectorJSON `json:"selectors"`
+func uidEntry(id string, uid int) spiretest.Entry {
+	return spiretest.Entry{SPIFFEID: id, ParentID: nodeID, Selectors: []string{"unix:uid:" + strconv.Itoa(uid)}}
 }
 
-type selectorJSON struct {
-	Type  string `json:"type"`
-	Value string `json:"value"`
-}
-
-func uidEntry(id string, uid int) entryJSON {
-	return entryJSON{SpiffeID: id, ParentID: nodeID, Selectors: []selectorJSON{{Type: "unix", Value: "uid:" + strconv.Itoa(uid)}}}
-}
-
-// createEntries creates entries with `spire-server entry create -data` and
-// returns their IDs.
-func (r *run) createEntries(entries []entryJSON) []string {
-	return createEntries(r.tb, r.spire, entries)
-}
-
-func createEntries(tb testing.TB, s *spiretest.Server, entries []entryJSON) []string {
-	var ids []string
-	for chunk := range slices.Chunk(entries, entryChunk) {
-		b, err := json.Marshal(map[string]any{"entries": chunk})
-		if err != nil {
-			tb.Fatal(err)
-		}
-		path := filepath.Join(tb.TempDir(), "entries.json")
-		if err := os.WriteFile(path, b, 0o600); err != nil {
-			tb.Fatal(err)
-		}
-		var resp struct {
-			Results []struct {
-				Status struct {
-					Code    int    `json:"code"`
-					Message string `json:"message"`
-				} `json:"status"`
-				Entry struct {
-					ID string `json:"id"`
-				} `json:"entry"`
-			} `json:"results"`
-		}
-		out := s.CLI(tb, "entry", "create", "-data", path, "-output", "json")
-		if err := json.Unmarshal([]byte(out), &resp); err != nil {
-			tb.Fatalf("parsing spire-server entry create output: %v", err)
-		}
-		if len(resp.Results) != len(chunk) {
-			tb.Fatalf("spire-server entry create: %d results for %d entries", len(resp.Results), len(chunk))
-		}
-		for _, res := range resp.Results {
-			if res.Status.Code != 0 {
-				tb.Fatalf("spire-server entry create: code %d: %s", res.Status.Code, res.Status.Message)
-			}
-			ids = append(ids, res.Entry.ID)
-		}
-	}
-	return ids
+// createEntries creates entries on the run's server and returns their IDs.
+func (r *run) createEntries(entries []spiretest.Entry) []string {
+	return r.spire.CreateEntries(r.tb, entries)
 }
 
 func (r *run) entriesWorkload(ctx context.Context) {
@@ -220,7 +167,7 @@ func (r *run) entriesWorkload(ctx context.Context) {
 		a.Stop()
 	}
 	r.agents = r.startSPIREPair()
-	entries := make([]entryJSON, 0, cfg.Entries)
+	entries := make([]spiretest.Entry, 0, cfg.Entries)
 	for i := range cfg.Entries {
 		uid := absentUID0 + i
 		if i < cfg.Live {
@@ -386,7 +333,7 @@ func (r *run) probeEntries(ctx context.Context, stats map[string]*EntriesStats) 
 		// server's periodic work at different points of their cycles.
 		time.Sleep(time.Duration(mrand.Int64N(int64(probeJitter))))
 		uid := newUID0 + p
-		ids := r.createEntries([]entryJSON{
+		ids := r.createEntries([]spiretest.Entry{
 			uidEntry(fmt.Sprintf("%s%d", probePrefix, p), os.Getuid()),
 			uidEntry(fmt.Sprintf("spiffe://example.org/bench/new/%d", p), uid),
 		})

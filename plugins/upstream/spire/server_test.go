@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -137,37 +136,18 @@ plugins {
 	return up, r
 }
 
-// createEntries creates n entries for the node in one CLI call.
+// createEntries creates n entries for the node.
 func createEntries(t *testing.T, s *spiretest.Server, n int) {
 	t.Helper()
-	type sel struct {
-		Type  string `json:"type"`
-		Value string `json:"value"`
-	}
-	type entry struct {
-		SPIFFEID  string `json:"spiffe_id"`
-		ParentID  string `json:"parent_id"`
-		Selectors []sel  `json:"selectors"`
-	}
-	var doc struct {
-		Entries []entry `json:"entries"`
-	}
-	for i := range n {
-		doc.Entries = append(doc.Entries, entry{
+	entries := make([]spiretest.Entry, n)
+	for i := range entries {
+		entries[i] = spiretest.Entry{
 			SPIFFEID:  fmt.Sprintf("spiffe://example.org/w/%d", i),
 			ParentID:  testNodeID,
-			Selectors: []sel{{Type: "unix", Value: fmt.Sprintf("uid:%d", 10000+i)}},
-		})
+			Selectors: []string{fmt.Sprintf("unix:uid:%d", 10000+i)},
+		}
 	}
-	data, err := json.Marshal(doc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "entries.json")
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s.CLI(t, "entry", "create", "-data", path)
+	s.CreateEntries(t, entries)
 }
 
 // TestManyEntries syncs more entries than the server's page (500), so the

@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -353,34 +354,83 @@ func (s *Server) JoinToken(t testing.TB, spiffeID string) string {
 	return resp.Value
 }
 
-// CreateEntry creates a registration entry and returns its ID. Selectors are
-// "type:value", e.g. "unix:uid:1000".
+// Entry is a registration entry to create; selectors are "type:value",
+// e.g. "unix:uid:1000".
+type Entry struct {
+	ParentID  string
+	SPIFFEID  string
+	Selectors []string
+}
+
+// CreateEntry creates a registration entry and returns its ID.
 func (s *Server) CreateEntry(t testing.TB, parentID, spiffeID string, selectors ...string) string {
 	t.Helper()
-	args := []string{"entry", "create", "-output", "json", "-parentID", parentID, "-spiffeID", spiffeID}
-	for _, sel := range selectors {
-		args = append(args, "-selector", sel)
+	return s.CreateEntries(t, []Entry{{ParentID: parentID, SPIFFEID: spiffeID, Selectors: selectors}})[0]
+}
+
+// entriesPerCall bounds one `entry create -data` call.
+const entriesPerCall = 1000
+
+// CreateEntries creates entries with `spire-server entry create -data`, a
+// thousand per call, and returns their IDs in order.
+func (s *Server) CreateEntries(t testing.TB, entries []Entry) []string {
+	t.Helper()
+	type selector struct {
+		Type  string `json:"type"`
+		Value string `json:"value"`
 	}
-	var resp struct {
-		Results []struct {
-			Status struct {
-				Code    int    `json:"code"`
-				Message string `json:"message"`
-			} `json:"status"`
-			Entry struct {
-				ID string `json:"id"`
-			} `json:"entry"`
-		} `json:"results"`
+	type entry struct {
+		SPIFFEID  string     `json:"spiffe_id"`
+		ParentID  string     `json:"parent_id"`
+		Selectors []selector `json:"selectors"`
 	}
-	decodeJSON(t, s.CLI(t, args...), &resp)
-	if len(resp.Results) != 1 {
-		t.Fatalf("spire-server entry create: want 1 result, got %d", len(resp.Results))
+	var ids []string
+	for chunk := range slices.Chunk(entries, entriesPerCall) {
+		doc := struct {
+			Entries []entry `json:"entries"`
+		}{}
+		for _, e := range chunk {
+			je := entry{SPIFFEID: e.SPIFFEID, ParentID: e.ParentID}
+			for _, sel := range e.Selectors {
+				typ, value, ok := strings.Cut(sel, ":")
+				if !ok {
+					t.Fatalf("selector %q of %s is not type:value", sel, e.SPIFFEID)
+				}
+				je.Selectors = append(je.Selectors, selector{Type: typ, Value: value})
+			}
+			doc.Entries = append(doc.Entries, je)
+		}
+		data, err := json.Marshal(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "entries.json")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var resp struct {
+			Results []struct {
+				Status struct {
+					Code    int    `json:"code"`
+					Message string `json:"message"`
+				} `json:"status"`
+				Entry struct {
+					ID string `json:"id"`
+				} `json:"entry"`
+			} `json:"results"`
+		}
+		decodeJSON(t, s.CLI(t, "entry", "create", "-data", path, "-output", "json"), &resp)
+		if len(resp.Results) != len(chunk) {
+			t.Fatalf("spire-server entry create: %d results for %d entries", len(resp.Results), len(chunk))
+		}
+		for _, r := range resp.Results {
+			if r.Status.Code != 0 || r.Entry.ID == "" {
+				t.Fatalf("spire-server entry create failed: code %d: %s", r.Status.Code, r.Status.Message)
+			}
+			ids = append(ids, r.Entry.ID)
+		}
 	}
-	r := resp.Results[0]
-	if r.Status.Code != 0 || r.Entry.ID == "" {
-		t.Fatalf("spire-server entry create failed: code %d: %s", r.Status.Code, r.Status.Message)
-	}
-	return r.Entry.ID
+	return ids
 }
 
 // DeleteEntry deletes the registration entry with the given ID.
