@@ -5,7 +5,7 @@
 GO          ?= go
 BIN         := bin/lanyard
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
-FUZZTIME    ?= 10s
+FUZZTIME    ?= 50000x
 # Go test packages of the main module.
 PKGS        := ./...
 
@@ -37,7 +37,7 @@ spire:
 unit:
 	$(GO) test -race -timeout 15m $(PKGS)
 
-# Each fuzz target runs briefly from its committed seed corpus.
+# Each fuzz target runs briefly (FUZZTIME executions) from its committed seed corpus.
 fuzz:
 	./scripts/fuzz.sh $(FUZZTIME)
 

@@ -70,12 +70,20 @@ func FuzzLoadCache(f *testing.F) {
 	f.Add([]byte(`{"version":1}`))
 	f.Add([]byte(`null`))
 	f.Add(good[:len(good)/2])
+	// Execs within one fuzz worker run one at a time, so they share a dir.
+	work := f.TempDir()
 	f.Fuzz(func(t *testing.T, data []byte) {
-		dir := t.TempDir()
+		dir := work
+		for _, name := range []string{cacheFileName, cacheFileName + ".corrupt"} {
+			if err := os.Remove(filepath.Join(dir, name)); err != nil && !os.IsNotExist(err) {
+				t.Fatal(err)
+			}
+		}
 		if err := os.WriteFile(filepath.Join(dir, cacheFileName), data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		c := NewCache(hclog.NewNullLogger(), newTestUpstream(t))
+		// The upstream only mints; loading never calls it, so one serves all.
+		c := NewCache(hclog.NewNullLogger(), up)
 		c.PersistTo(dir, testTD)
 		h := c.Health()
 		if _, err := os.Stat(filepath.Join(dir, cacheFileName+".corrupt")); err == nil {
