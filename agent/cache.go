@@ -53,8 +53,7 @@ type Cache struct {
 	now      func() time.Time
 
 	mu        sync.RWMutex
-	entries   map[string]*Entry
-	index     map[attestor.Selector][]*Entry
+	entries   entrySet
 	local     *Bundle
 	federated map[spiffeid.TrustDomain]*Bundle
 	svids     map[string]*X509SVID
@@ -90,8 +89,6 @@ func NewCache(log hclog.Logger, upstream Upstream) *Cache {
 		log:       log,
 		upstream:  upstream,
 		now:       time.Now,
-		entries:   map[string]*Entry{},
-		index:     map[attestor.Selector][]*Entry{},
 		federated: map[spiffeid.TrustDomain]*Bundle{},
 		svids:     map[string]*X509SVID{},
 		inflight:  map[string]*mintCall{},
@@ -110,36 +107,22 @@ func (c *Cache) Ready() <-chan struct{} { return c.ready }
 func (c *Cache) SetEntries(entries []*Entry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	next := make(map[string]*Entry, len(entries))
-	changed := len(entries) != len(c.entries)
-	for _, e := range entries {
-		if old, ok := c.entries[e.ID]; ok && old.equal(e) {
-			e = old
-		} else {
-			changed = true
-		}
-		next[e.ID] = e
-	}
+	sorted, changed := sortEntries(entries, c.entries.byID)
 	if !changed && c.haveEntries {
 		return
 	}
+	next := newEntrySet(sorted)
 	for id := range c.svids {
-		if e, ok := next[id]; !ok || !e.sameSVIDShape(c.entries[id]) {
+		if e, old := next.get(id), c.entries.get(id); e == nil || old == nil || !e.sameSVIDShape(old) {
 			delete(c.svids, id)
 		}
 	}
 	for k, jwt := range c.jwts {
-		if e, ok := next[k.entryID]; !ok || e.SPIFFEID != jwt.ID || e != c.entries[k.entryID] {
+		if e := next.get(k.entryID); e == nil || e.SPIFFEID != jwt.ID || e != c.entries.get(k.entryID) {
 			delete(c.jwts, k)
 		}
 	}
-	index := make(map[attestor.Selector][]*Entry, len(c.index))
-	for _, e := range next {
-		for _, s := range e.Selectors {
-			index[s] = append(index[s], e)
-		}
-	}
-	c.entries, c.index = next, index
+	c.entries = next
 	c.haveEntries = true
 	c.markReadyLocked()
 	c.notifyLocked()
@@ -294,7 +277,7 @@ func (c *Cache) matchLocked(sels []attestor.Selector) []*Entry {
 		if slices.Contains(sels[:i], s) {
 			continue
 		}
-		for _, e := range c.index[s] {
+		for e := range c.entries.withSelector(s) {
 			seen[e]++
 			if seen[e] == len(e.Selectors) {
 				matched = append(matched, e)
@@ -504,7 +487,7 @@ func (c *Cache) mintBatch(ctx context.Context, calls []*mintCall) {
 			call.err = errs[i]
 			if errs[i] == nil {
 				// An entry that changed meanwhile gets no SVID of its old shape.
-				if cur, ok := c.entries[call.entry.ID]; ok && cur.sameSVIDShape(call.entry) {
+				if cur := c.entries.get(call.entry.ID); cur != nil && cur.sameSVIDShape(call.entry) {
 					c.svids[call.entry.ID] = svids[i]
 					stored = append(stored, call.entry.ID)
 				}
@@ -647,7 +630,7 @@ func (c *Cache) RunRotation(ctx context.Context) {
 					next = svid.NotAfter
 				}
 			default:
-				if e := c.entries[id]; e != nil && c.inflight[id] == nil {
+				if e := c.entries.get(id); e != nil && c.inflight[id] == nil {
 					due = append(due, &mintCall{entry: e, done: make(chan struct{})})
 				}
 			}
@@ -809,7 +792,7 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		}
 		svid.Hint = e.Hint
 		c.mu.Lock()
-		if c.entries[e.ID] == e {
+		if c.entries.get(e.ID) == e {
 			if len(c.jwts) >= maxJWTCache {
 				c.pruneJWTsLocked(now)
 			}

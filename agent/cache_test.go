@@ -374,7 +374,7 @@ func TestMatchIsSubset(t *testing.T) {
 				t.Fatalf("entries %v, want %v", got, tc.want)
 			}
 			for i, svid := range snap.SVIDs {
-				checkSVID(t, svid, c.entries[tc.want[i]], up.bundle())
+				checkSVID(t, svid, c.entries.get(tc.want[i]), up.bundle())
 			}
 			if snap.Local == nil || !snap.Local.Equal(up.bundle()) {
 				t.Error("the snapshot lacks the local bundle")

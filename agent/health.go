@@ -47,7 +47,7 @@ func (c *Cache) Health() Health {
 	h := Health{
 		UpstreamErr:       c.upstreamErr,
 		UpstreamDownSince: c.upstreamDownSince,
-		Entries:           len(c.entries),
+		Entries:           c.entries.len(),
 		X509SVIDs:         len(c.svids),
 	}
 	select {

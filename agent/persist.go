@@ -153,7 +153,7 @@ func (c *Cache) load(want spiffeid.TrustDomain) error {
 	c.SetBundles(local, federated)
 	c.mu.Lock()
 	for id, svid := range svids {
-		if e := c.entries[id]; e != nil && c.local.chainsTo(svid.Chain) {
+		if e := c.entries.get(id); e != nil && c.local.chainsTo(svid.Chain) {
 			c.svids[id] = svid
 		}
 	}
@@ -267,12 +267,9 @@ func (c *Cache) persist() {
 	snap := persistSnapshot{
 		savedAt:   c.now(),
 		local:     c.local,
-		entries:   make([]*Entry, 0, len(c.entries)),
+		entries:   c.entries.byID,
 		svids:     make([]*X509SVID, 0, len(c.svids)),
 		federated: make([]*Bundle, 0, len(c.federated)),
-	}
-	for _, e := range c.entries {
-		snap.entries = append(snap.entries, e)
 	}
 	for _, svid := range c.svids {
 		snap.svids = append(snap.svids, svid)
