@@ -83,8 +83,10 @@ type Spire struct {
 	reattestKick chan struct{}
 	fatal        chan error
 
-	// syncMu serializes syncs, periodic and on demand (Resync).
-	syncMu   sync.Mutex
+	// syncMu serializes syncs, periodic and on demand (Resync). A caller
+	// of Resync stops waiting for it when its context ends: a sync may
+	// take up to rpcTimeout while the server is unreachable.
+	syncMu   ctxMutex
 	sync     syncState
 	sink     agent.Sink
 	lastSync time.Time     // when the last sync started
@@ -143,6 +145,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		reattestKick:      make(chan struct{}, 1),
 		fatal:             make(chan error, 1),
 		synced:            make(chan struct{}, 1),
+		syncMu:            newCtxMutex(),
 	}
 	if s.syncInterval <= 0 {
 		s.syncInterval = conf.DefaultSyncInterval
@@ -814,5 +817,26 @@ func sleep(ctx context.Context, d time.Duration) bool {
 		return true
 	case <-ctx.Done():
 		return false
+	}
+}
+
+// ctxMutex is a mutex whose waiters can give up when their context ends.
+type ctxMutex struct{ ch chan struct{} }
+
+func newCtxMutex() ctxMutex { return ctxMutex{ch: make(chan struct{}, 1)} }
+
+func (m ctxMutex) Lock()   { m.ch <- struct{}{} }
+func (m ctxMutex) Unlock() { <-m.ch }
+
+// LockContext locks, or returns ctx's error if it ends first.
+func (m ctxMutex) LockContext(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case m.ch <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }

@@ -1,6 +1,7 @@
 package spire
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -9,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/big"
 	"net/url"
@@ -536,5 +538,30 @@ func TestLoadsSpireAgentState(t *testing.T) {
 	mem := &store{statePath: st.statePath, td: td}
 	if creds, _, err := mem.loadSpireAgent(); creds != nil || err != nil {
 		t.Fatalf("the memory key manager loaded spire-agent's state: %v", err)
+	}
+}
+
+// TestResyncGivesUpWithItsCaller: a caller waiting for a sync on demand
+// while another sync holds the lock (one that may run for rpcTimeout when
+// the server is unreachable) leaves when its context ends.
+func TestResyncGivesUpWithItsCaller(t *testing.T) {
+	s := &Spire{log: hclog.NewNullLogger(), td: td, now: time.Now, ready: make(chan struct{}), syncMu: newCtxMutex()}
+	close(s.ready)
+	s.syncMu.Lock() // a periodic sync in progress
+	defer s.syncMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.Resync(ctx)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Resync = %v, want the caller's deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Resync kept waiting for the sync lock after its caller's context ended")
 	}
 }

@@ -145,7 +145,9 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	asked := s.now()
-	s.syncMu.Lock()
+	if err := s.syncMu.LockContext(ctx); err != nil {
+		return false, err
+	}
 	for {
 		if s.sink == nil {
 			s.syncMu.Unlock()
@@ -169,7 +171,9 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 			return false, ctx.Err()
 		case <-t.C:
 		}
-		s.syncMu.Lock()
+		if err := s.syncMu.LockContext(ctx); err != nil {
+			return false, err
+		}
 	}
 	defer s.syncMu.Unlock()
 	if !s.resyncBudget.Allow() {
