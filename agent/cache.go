@@ -352,7 +352,8 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		return nil, err
 	}
 	// Entries may change while minting; a few rounds settle it.
-	for range 3 {
+	refreshed := false
+	for range 4 {
 		c.mu.RLock()
 		entries := c.matchLocked(sels)
 		if len(entries) == 0 {
@@ -366,7 +367,11 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 				missing = append(missing, e)
 			}
 		}
-		if len(missing) == 0 {
+		var stale []*Entry
+		if len(missing) == 0 && !refreshed && c.upstreamErr == nil {
+			stale = c.unservedPastRenewalLocked(entries, now)
+		}
+		if len(missing) == 0 && len(stale) == 0 {
 			snap := c.x509SnapshotLocked(entries)
 			// Marked under the read lock, so that dropUnused (write
 			// lock) never drops an SVID a caller is being handed. One
@@ -381,11 +386,72 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 			return snap, nil
 		}
 		c.mu.RUnlock()
+		if len(stale) > 0 {
+			refreshed = true
+			c.refresh(ctx, stale)
+			continue
+		}
 		if err := c.mint(ctx, missing); err != nil {
 			return nil, err
 		}
 	}
 	return nil, fmt.Errorf("registration entries kept changing while their SVIDs were signed")
+}
+
+// refreshWait bounds how long a caller waits for SVIDs refreshed for it
+// (see refresh); after that it gets the ones it would have had.
+const refreshWait = 2 * time.Second
+
+// unservedPastRenewalLocked returns the entries whose SVID no workload was
+// handed since it was signed and whose renewal time has passed, so that
+// its renewal was skipped: still valid, but maybe about to expire.
+func (c *Cache) unservedPastRenewalLocked(entries []*Entry, now time.Time) []*Entry {
+	var out []*Entry
+	for _, e := range entries {
+		if svid := c.svids[e.ID]; svid != nil && !svid.served.Load() && !now.Before(svid.RenewAt) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// refresh re-signs the SVIDs of entries for a caller that would otherwise
+// be handed SVIDs whose renewal was skipped, so that it gets as much
+// lifetime as from an SVID kept renewed. It waits at most refreshWait:
+// signing goes on detached, and a caller that stops waiting (or whose
+// refresh fails, the upstream being down) is served the still-valid SVIDs.
+func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
+	var mine, waits []*mintCall
+	c.mu.Lock()
+	for _, e := range entries {
+		if call := c.inflight[e.ID]; call != nil {
+			waits = append(waits, call)
+			continue
+		}
+		call := &mintCall{entry: e, done: make(chan struct{})}
+		c.inflight[e.ID] = call
+		mine = append(mine, call)
+		waits = append(waits, call)
+	}
+	c.mu.Unlock()
+	if len(mine) > 0 {
+		go func() {
+			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
+			defer cancel()
+			c.mintBatch(mctx, mine)
+		}()
+	}
+	timer := time.NewTimer(refreshWait)
+	defer timer.Stop()
+	for _, call := range waits {
+		select {
+		case <-call.done:
+		case <-timer.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 func (c *Cache) x509SnapshotLocked(entries []*Entry) *X509Snapshot {

@@ -1281,12 +1281,33 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	if c.svidOf("a") != second || up.x509Calls.Load() != calls {
 		t.Fatal("an SVID no workload fetched was renewed")
 	}
-	// Fetched again while still valid: served, and renewed at once.
+	// Fetched again past its renewal time: re-signed before it is handed
+	// out, so the workload gets as much lifetime as from a renewed one.
 	snap, err = c.X509Identities(t.Context(), sels)
-	if err != nil || snap.SVIDs[0] != second {
-		t.Fatalf("fetch of the unrenewed SVID = %v, %v; want it served while valid", snap, err)
+	if err != nil || snap.SVIDs[0] == second || !snap.SVIDs[0].NotAfter.After(second.NotAfter) {
+		t.Fatalf("fetch of the unrenewed SVID = %v, %v; want a fresh one", snap, err)
 	}
-	eventually(t, "the renewal once fetched", func() bool { return c.svidOf("a") != second })
+	if c.svidOf("a") != snap.SVIDs[0] || up.x509Calls.Load() != calls+1 {
+		t.Fatalf("the fresh SVID was not kept, or took %d signing calls", up.x509Calls.Load()-calls)
+	}
+	refreshed := snap.SVIDs[0]
+
+	// The same with the upstream failing: the still-valid SVID is served,
+	// and renewed once the upstream is back.
+	advance(refreshed.RenewAt.Add(time.Second))
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != refreshed })
+	unrenewed := c.svidOf("a")
+	advance(unrenewed.RenewAt.Add(time.Second))
+	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	snap, err = c.X509Identities(t.Context(), sels)
+	if err != nil || snap.SVIDs[0] != unrenewed {
+		t.Fatalf("fetch with the upstream down = %v, %v; want the still-valid SVID", snap, err)
+	}
+	up.set(func(u *testUpstream) { u.fail = nil })
+	eventually(t, "the renewal once fetched and the upstream back", func() bool {
+		c.kickRenewal()
+		return c.svidOf("a") != unrenewed
+	})
 	third := c.svidOf("a")
 
 	// Not fetched, and expired: dropped.
@@ -1311,5 +1332,39 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	eventually(t, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
 	if up.x509Calls.Load() != calls {
 		t.Fatal("an unfetched SVID was re-signed for the new CA")
+	}
+}
+
+// TestSavedSVIDIsServedAtOnce: an SVID loaded from the saved cache after
+// its renewal time has passed is handed out at once with the upstream
+// blocked (as it may be right after a restart): its renewal time counts
+// from the restart, so no refresh (Cache.refresh) holds the caller.
+func TestSavedSVIDIsServedAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	c, up := newTestCache(t)
+	c.PersistTo(dir, testTD)
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	sels := mustSels("unix:uid:1")
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	saved := snap.SVIDs[0]
+	c.persist()
+
+	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
+	up.set(func(u *testUpstream) { u.now = clock.Now; u.gate = make(chan struct{}) })
+	restarted := NewCache(hclog.NewNullLogger(), up)
+	restarted.now = clock.Now
+	restarted.PersistTo(dir, testTD)
+	calls := up.x509Calls.Load()
+	snap, err = restarted.X509Identities(t.Context(), sels)
+	if err != nil || !bytes.Equal(snap.SVIDs[0].ChainDER, saved.ChainDER) {
+		t.Fatalf("fetch after the restart = %v, %v; want the saved SVID", snap, err)
+	}
+	if up.x509Calls.Load() != calls {
+		t.Fatal("the saved SVID was held for a refresh")
 	}
 }
