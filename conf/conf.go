@@ -63,6 +63,10 @@ type Agent struct {
 	SyncInterval      time.Duration
 	AdminSocketPath   string
 
+	// ProfilingPort, when not 0, serves net/http/pprof on localhost at
+	// this port (spire-agent's profiling_enabled and profiling_port).
+	ProfilingPort int
+
 	// SDS names the Envoy SDS resources, as spire-agent's sds block does.
 	SDS SDS
 
@@ -184,6 +188,8 @@ type rawAgent struct {
 	JoinToken                     string  `hcl:"join_token"`
 	SyncInterval                  *string `hcl:"sync_interval"`
 	AdminSocketPath               *string `hcl:"admin_socket_path"`
+	ProfilingEnabled              bool    `hcl:"profiling_enabled"`
+	ProfilingPort                 *int    `hcl:"profiling_port"`
 	SDS                           *rawSDS `hcl:"sds"`
 }
 
@@ -227,8 +233,11 @@ var refusedKeys = func() map[string]map[string]string {
 		"log_source_location", "workload_x509_svid_key_type",
 		"trust_bundle_url", "trust_bundle_unix_socket", "allowed_foreign_jwt_claims",
 		"availability_target", "x509_svid_cache_max_size", "jwt_svid_cache_max_size",
-		"authorized_delegates", "profiling_enabled", "profiling_port", "profiling_freq",
-		"profiling_names", "experimental", "umask", "plugin_dir")
+		"authorized_delegates", "profiling_freq", "profiling_names", "experimental",
+		"umask", "plugin_dir")
+	for _, k := range []string{"profiling_freq", "profiling_names"} {
+		agent[k] += " (it writes profiles to files; take them from the profiling_port endpoint instead)"
+	}
 	agent["experimental"] += " (for experimental.sync_interval, set sync_interval in the agent block)"
 
 	telemetry := notSupported("spire-agent telemetry key",
@@ -323,6 +332,14 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 		if a.ServerPort < 1 || a.ServerPort > 65535 {
 			fail("agent.server_port", "port %d is out of range; use 1 to 65535", a.ServerPort)
 		}
+	}
+	switch {
+	case r.ProfilingEnabled && r.ProfilingPort == nil:
+		fail("agent.profiling_enabled", "profiling_port is missing; add profiling_port = 6060 (or another free port) to serve pprof on localhost")
+	case r.ProfilingPort != nil && (*r.ProfilingPort < 1 || *r.ProfilingPort > 65535):
+		fail("agent.profiling_port", "port %d is out of range; use 1 to 65535", *r.ProfilingPort)
+	case r.ProfilingEnabled:
+		a.ProfilingPort = *r.ProfilingPort
 	}
 	if r.TrustBundlePath != nil {
 		a.TrustBundlePath = *r.TrustBundlePath

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"strconv"
@@ -189,6 +190,8 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 	defer stopHealth()
 	stopMetrics := startMetricsListener(cfg.Telemetry, a, log)
 	defer stopMetrics()
+	stopProfiling := startProfilingListener(cfg.Agent.ProfilingPort, log)
+	defer stopProfiling()
 
 	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "version", version)
 	go func() {
@@ -285,6 +288,23 @@ func startMetricsListener(t conf.Telemetry, a *agent.Agent, log hclog.Logger) fu
 	addr := net.JoinHostPort(t.PrometheusHost, strconv.Itoa(t.PrometheusPort))
 	log.Info("Serving Prometheus metrics", "address", addr, "path", "/metrics")
 	return serveHTTP(addr, mux, "metrics", log)
+}
+
+// startProfilingListener serves net/http/pprof on localhost when the agent
+// block enables profiling, as spire-agent does.
+func startProfilingListener(port int, log hclog.Logger) func() {
+	if port == 0 {
+		return func() {}
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	addr := net.JoinHostPort("localhost", strconv.Itoa(port))
+	log.Info("Serving pprof profiles", "address", addr, "path", "/debug/pprof/")
+	return serveHTTP(addr, mux, "profiling", log)
 }
 
 func serveHTTP(addr string, handler http.Handler, what string, log hclog.Logger) func() {

@@ -166,3 +166,24 @@ telemetry {
 		t.Fatalf("metrics after the outage:\n%s", m)
 	}
 }
+
+// TestProfilingEndpoint: spire-agent's profiling_enabled and profiling_port
+// serve net/http/pprof on localhost.
+func TestProfilingEndpoint(t *testing.T) {
+	port := freePort(t)
+	cfg := strings.Replace(baseConfig, "agent {", fmt.Sprintf("agent {\n  profiling_enabled = true\n  profiling_port = %d", port), 1)
+	a := startAgent(t, cfg)
+	url := fmt.Sprintf("http://localhost:%d/debug/pprof/heap?debug=1", port)
+	var code int
+	var body string
+	waitFor(t, 10*time.Second, "the pprof endpoint", func() bool {
+		code, body = httpGet(t, url)
+		return code == http.StatusOK
+	})
+	if !strings.Contains(body, "heap profile") {
+		t.Fatalf("GET %s: %d\n%.300s", url, code, body)
+	}
+	if !strings.Contains(a.Logs.String(), "Serving pprof profiles") {
+		t.Fatalf("the pprof listener was not logged:\n%s", a.Logs.String())
+	}
+}
