@@ -421,19 +421,13 @@ func (c *Cache) unservedPastRenewalLocked(entries []*Entry, now time.Time) []*En
 // signing goes on detached, and a caller that stops waiting (or whose
 // refresh fails, the upstream being down) is served the still-valid SVIDs.
 func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
-	var mine, waits []*mintCall
+	var mine, theirs []*mintCall
 	c.mu.Lock()
 	for _, e := range entries {
-		if call := c.inflight[e.ID]; call != nil {
-			waits = append(waits, call)
-			continue
-		}
-		call := &mintCall{entry: e, done: make(chan struct{})}
-		c.inflight[e.ID] = call
-		mine = append(mine, call)
-		waits = append(waits, call)
+		mine, theirs = c.claimLocked(e, mine, theirs)
 	}
 	c.mu.Unlock()
+	waits := append(slices.Clip(mine), theirs...)
 	if len(mine) > 0 {
 		go func() {
 			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
@@ -506,6 +500,17 @@ func (c *Cache) waitReady(ctx context.Context) error {
 	}
 }
 
+// claimLocked adds to theirs the signing in flight for e, if any, and
+// otherwise starts one that the caller must do, added to mine.
+func (c *Cache) claimLocked(e *Entry, mine, theirs []*mintCall) ([]*mintCall, []*mintCall) {
+	if call := c.inflight[e.ID]; call != nil {
+		return mine, append(theirs, call)
+	}
+	call := &mintCall{entry: e, done: make(chan struct{})}
+	c.inflight[e.ID] = call
+	return append(mine, call), theirs
+}
+
 // mint signs SVIDs for entries that have none, sharing in-flight work with
 // other callers that need the same entries.
 func (c *Cache) mint(ctx context.Context, entries []*Entry) error {
@@ -516,13 +521,7 @@ func (c *Cache) mint(ctx context.Context, entries []*Entry) error {
 		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) {
 			continue
 		}
-		if call := c.inflight[e.ID]; call != nil {
-			theirs = append(theirs, call)
-			continue
-		}
-		call := &mintCall{entry: e, done: make(chan struct{})}
-		c.inflight[e.ID] = call
-		mine = append(mine, call)
+		mine, theirs = c.claimLocked(e, mine, theirs)
 	}
 	c.mu.Unlock()
 	if len(mine) > 0 {

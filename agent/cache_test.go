@@ -765,20 +765,7 @@ func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	first := snap.SVIDs[0]
 	s := c.Subscribe()
 	defer s.Close()
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.RunRotation(ctx)
-	}()
-	defer func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			t.Error("RunRotation did not return after its context ended")
-		}
-	}()
+	startRotation(t, c)
 	deadline := time.After(15 * time.Second)
 	for c.svidOf("a") == first {
 		select {
@@ -839,16 +826,7 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
 	clock.Set(first.RenewAt.Add(time.Second))
 
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.RunRotation(ctx)
-	}()
-	defer func() {
-		cancel()
-		<-done
-	}()
+	startRotation(t, c)
 	eventually(t, "a renewal attempt", func() bool { return up.x509Calls.Load() >= 2 })
 	if c.svidOf("a") != first {
 		t.Fatal("a failed renewal dropped the SVID")
@@ -878,16 +856,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 	renewAt := first.RenewAt
 	oldCA := up.ca
 
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.RunRotation(ctx)
-	}()
-	defer func() {
-		cancel()
-		<-done
-	}()
+	startRotation(t, c)
 
 	// A bundle that still holds the old CA keeps the SVID.
 	newCA := newTestCA(t, testTD)
@@ -1241,26 +1210,9 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	c, up := newTestCache(t)
 	clock := &fakeClock{now: time.Now()}
 	c.now, up.now = clock.Now, clock.Now
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	sels := mustSels("unix:uid:1")
-	snap, err := c.X509Identities(t.Context(), sels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
+	sels, first := fetchFirst(t, c, up)
 
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.RunRotation(ctx)
-	}()
-	defer func() {
-		cancel()
-		<-done
-	}()
+	startRotation(t, c)
 	advance := func(to time.Time) {
 		clock.Set(to)
 		c.kickRenewal()
@@ -1283,7 +1235,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	}
 	// Fetched again past its renewal time: re-signed before it is handed
 	// out, so the workload gets as much lifetime as from a renewed one.
-	snap, err = c.X509Identities(t.Context(), sels)
+	snap, err := c.X509Identities(t.Context(), sels)
 	if err != nil || snap.SVIDs[0] == second || !snap.SVIDs[0].NotAfter.After(second.NotAfter) {
 		t.Fatalf("fetch of the unrenewed SVID = %v, %v; want a fresh one", snap, err)
 	}
@@ -1343,15 +1295,7 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	dir := t.TempDir()
 	c, up := newTestCache(t)
 	c.PersistTo(dir, testTD)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	sels := mustSels("unix:uid:1")
-	snap, err := c.X509Identities(t.Context(), sels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	saved := snap.SVIDs[0]
+	sels, saved := fetchFirst(t, c, up)
 	c.persist()
 
 	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
@@ -1360,11 +1304,44 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	restarted.now = clock.Now
 	restarted.PersistTo(dir, testTD)
 	calls := up.x509Calls.Load()
-	snap, err = restarted.X509Identities(t.Context(), sels)
+	snap, err := restarted.X509Identities(t.Context(), sels)
 	if err != nil || !bytes.Equal(snap.SVIDs[0].ChainDER, saved.ChainDER) {
 		t.Fatalf("fetch after the restart = %v, %v; want the saved SVID", snap, err)
 	}
 	if up.x509Calls.Load() != calls {
 		t.Fatal("the saved SVID was held for a refresh")
 	}
+}
+
+// startRotation runs c's rotation loop until the test ends, and fails the
+// test if the loop does not stop then.
+func startRotation(t *testing.T, c *Cache) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.RunRotation(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			t.Error("RunRotation did not return after its context ended")
+		}
+	})
+}
+
+// fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
+// SVID.
+func fetchFirst(t *testing.T, c *Cache, up *testUpstream) ([]attestor.Selector, *X509SVID) {
+	t.Helper()
+	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
+	c.SetBundles(up.bundle(), nil)
+	sels := mustSels("unix:uid:1")
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sels, snap.SVIDs[0]
 }
