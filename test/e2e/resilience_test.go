@@ -186,4 +186,9 @@ func TestProfilingEndpoint(t *testing.T) {
 	if !strings.Contains(a.Logs.String(), "Serving pprof profiles") {
 		t.Fatalf("the pprof listener was not logged:\n%s", a.Logs.String())
 	}
+	// The listener is not moved on SIGHUP: a new port is refused, not ignored.
+	a.reload(strings.Replace(cfg, fmt.Sprintf("profiling_port = %d", port), fmt.Sprintf("profiling_port = %d", port+1), 1), "Reload failed")
+	if !strings.Contains(a.Logs.String(), "profiling_port changed: that needs a restart") {
+		t.Fatalf("a changed profiling_port was not refused on reload:\n%s", a.Logs.String())
+	}
 }
