@@ -221,3 +221,19 @@ func TestSVGWithoutFigures(t *testing.T) {
 	r := newReport(DefaultConfig(true))
 	checkXML(t, "empty report", []byte(r.SVG()))
 }
+
+func TestPerEntry(t *testing.T) {
+	for _, c := range []struct {
+		es   EntriesStats
+		want float64
+	}{
+		{EntriesStats{Absent: 1000, NoEntriesRSS: 20 << 20, AbsentRSS: 20<<20 + 512000}, 512},
+		{EntriesStats{Absent: 0, NoEntriesRSS: 1, AbsentRSS: 2}, 0},
+		// The RSS fell (the collector returned memory): no figure, not a wrapped one.
+		{EntriesStats{Absent: 10, NoEntriesRSS: 5 << 20, AbsentRSS: 4 << 20}, 0},
+	} {
+		if got := c.es.PerEntry(); got != c.want {
+			t.Errorf("%+v: PerEntry = %v, want %v", c.es, got, c.want)
+		}
+	}
+}

@@ -190,15 +190,30 @@ func (s *StreamStats) finish() {
 
 // EntriesStats is one agent's figures with many registration entries.
 type EntriesStats struct {
-	Entries      int             `json:"entries"`
-	Live         int             `json:"live_workloads"`
-	RSS          uint64          `json:"rss_bytes"`      // after every live workload had its SVID
-	AllLiveAfter time.Duration   `json:"all_live_ns"`    // from the entries' creation until then
+	Entries      int           `json:"entries"`
+	Live         int           `json:"live_workloads"`
+	RSS          uint64        `json:"rss_bytes"`   // after every live workload had its SVID
+	AllLiveAfter time.Duration `json:"all_live_ns"` // from the live workloads' entries' creation until then
+	// Absent entries match no process; they are created first, and the
+	// agent's RSS is read before and after it syncs them, with no
+	// workload connected.
+	Absent       int             `json:"absent_entries"`
+	NoEntriesRSS uint64          `json:"no_entries_rss_bytes"`
+	AbsentRSS    uint64          `json:"absent_entries_rss_bytes"`
 	OpenStream   []time.Duration `json:"open_stream_ns"` // entry create -> SVID on an open stream, per round
 	NewWorkload  []time.Duration `json:"new_workload_ns"`
 	// NewWorkloadDenied counts the PermissionDenied answers the new
 	// workload got before its SVID, per round.
 	NewWorkloadDenied []int `json:"new_workload_denied"`
+}
+
+// PerEntry is the agent's RSS growth per entry that matches no process, in
+// bytes: what a node with many entries costs, apart from its workloads.
+func (e *EntriesStats) PerEntry() float64 {
+	if e.Absent == 0 || e.AbsentRSS < e.NoEntriesRSS {
+		return 0
+	}
+	return float64(e.AbsentRSS-e.NoEntriesRSS) / float64(e.Absent)
 }
 
 func median[T any, V uint64 | time.Duration](xs []T, f func(T) V) V {
@@ -334,6 +349,7 @@ func (r *Report) WriteTable(w io.Writer) {
 			}
 		}
 		line(p+": RSS (MB)", "MB", entries(func(e *EntriesStats) float64 { return float64(e.RSS) / 1e6 }))
+		line(p+": RSS per entry, no workload (B)", "B", entries(func(e *EntriesStats) float64 { return e.PerEntry() }))
 		line(p+": all live SVIDs after (s)", "s", entries(func(e *EntriesStats) float64 { return e.AllLiveAfter.Seconds() }))
 		line(p+": create->open stream max (s)", "s", entries(func(e *EntriesStats) float64 { return maxDur(e.OpenStream).Seconds() }))
 		line(p+": create->new workload max (s)", "s", entries(func(e *EntriesStats) float64 { return maxDur(e.NewWorkload).Seconds() }))

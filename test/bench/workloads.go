@@ -137,13 +137,17 @@ func derOfPEM(tb testing.TB, b []byte) []byte {
 
 // UIDs of the workloads of the entries workload; no account has them.
 const (
-	liveUID0    = 20000  // live workloads, one process each
-	newUID0     = 40000  // workloads that connect right after their entry
-	absentUID0  = 100000 // entries that match no process
-	liveBound   = 120 * time.Second
-	probeBound  = 40 * time.Second
-	syncSettle  = 2 * time.Second
-	probePrefix = "spiffe://example.org/bench/probe/"
+	liveUID0   = 20000  // live workloads, one process each
+	newUID0    = 40000  // workloads that connect right after their entry
+	absentUID0 = 100000 // entries that match no process
+	liveBound  = 120 * time.Second
+	probeBound = 40 * time.Second
+	syncSettle = 2 * time.Second
+	// SPIRE's defaults: how often spire-server reloads the entries it
+	// serves agents, and how often spire-agent (and Lanyard) sync.
+	spireDefaultCacheReload = 5 * time.Second
+	spireAgentSyncInterval  = 5 * time.Second
+	probePrefix             = "spiffe://example.org/bench/probe/"
 	// probeJitter is the longest random pause before a probe round:
 	// SPIRE's sync and cache reload intervals.
 	probeJitter = 5 * time.Second
@@ -167,17 +171,45 @@ func (r *run) entriesWorkload(ctx context.Context) {
 		a.Stop()
 	}
 	r.agents = r.startSPIREPair()
-	entries := make([]spiretest.Entry, 0, cfg.Entries)
-	for i := range cfg.Entries {
-		uid := absentUID0 + i
-		if i < cfg.Live {
-			uid = liveUID0 + i
+	entryID := func(i int) string { return fmt.Sprintf("spiffe://example.org/bench/entry/%05d", i) }
+
+	// Memory per entry: the agents' RSS before and after they sync the
+	// entries that match no process, with no workload connected.
+	time.Sleep(syncSettle)
+	before := make([]uint64, len(r.agents))
+	for i, a := range r.agents {
+		rss, err := a.Proc.RSS()
+		if err != nil {
+			tb.Fatalf("%s: %v", a.Name, err)
 		}
-		entries = append(entries, uidEntry(fmt.Sprintf("spiffe://example.org/bench/entry/%05d", i), uid))
+		before[i] = rss
 	}
-	r.logf("creating %d registration entries for the node, %d of them for live workloads", cfg.Entries, cfg.Live)
+	absent := make([]spiretest.Entry, 0, cfg.Entries-cfg.Live)
+	for i := cfg.Live; i < cfg.Entries; i++ {
+		absent = append(absent, uidEntry(entryID(i), absentUID0+i))
+	}
+	if len(absent) > 0 {
+		r.logf("creating %d registration entries for the node that match no process", len(absent))
+		r.createEntries(absent)
+		time.Sleep(r.entriesSyncWait())
+		for i, a := range r.agents {
+			rss, err := a.Proc.RSS()
+			if err != nil {
+				tb.Fatalf("%s: %v", a.Name, err)
+			}
+			es := r.report.Entries[a.Name]
+			es.Absent, es.AbsentRSS, es.NoEntriesRSS = len(absent), rss, before[i]
+			r.logf("%s: RSS %s with no entries, %s with %d (%s per entry)", a.Name, mb(before[i]), mb(rss), len(absent), perEntry(es))
+		}
+	}
+
+	live := make([]spiretest.Entry, 0, cfg.Live)
+	for i := range cfg.Live {
+		live = append(live, uidEntry(entryID(i), liveUID0+i))
+	}
+	r.logf("creating the %d registration entries of live workloads", cfg.Live)
 	began := time.Now()
-	r.createEntries(entries)
+	r.createEntries(live)
 	created := time.Now()
 	r.logf("created in %s", created.Sub(began).Round(time.Millisecond))
 
@@ -236,6 +268,26 @@ func (r *run) entriesWorkload(ctx context.Context) {
 			a.Name, cfg.Entries, cfg.Live, es.AllLiveAfter.Round(time.Millisecond), mb(rss))
 	}
 	r.probeEntries(ctx, r.report.Entries)
+}
+
+// entriesSyncWait is long enough for both agents to have synced entries
+// created now: the server's entry cache reload, the agents' 5 s sync
+// interval, and a settle.
+func (r *run) entriesSyncWait() time.Duration {
+	reload := r.cfg.ServerCacheReload
+	if reload <= 0 {
+		reload = spireDefaultCacheReload
+	}
+	return reload + spireAgentSyncInterval + syncSettle
+}
+
+// perEntry formats the memory an agent took per entry that matched no
+// process.
+func perEntry(es *EntriesStats) string {
+	if es.Absent == 0 || es.AbsentRSS < es.NoEntriesRSS {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.0f B", es.PerEntry())
 }
 
 // freshServerProbe measures entry-to-SVID again against a spire-server
