@@ -229,7 +229,7 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 		{"join_token", old.JoinToken, cfg.Agent.JoinToken},
 		{"sync_interval", old.SyncInterval, cfg.Agent.SyncInterval},
 		{"sds", old.SDS, cfg.Agent.SDS},
-		{"profiling_port", old.ProfilingPort, cfg.Agent.ProfilingPort},
+		{"profiling_port (or profiling_enabled)", old.ProfilingPort, cfg.Agent.ProfilingPort},
 		{"NodeAttestor and KeyManager plugins", restartPlugins(a.cfg), restartPlugins(cfg)},
 	} {
 		if k.was != k.is {

@@ -423,7 +423,12 @@ func (c *Cache) unservedPastRenewalLocked(entries []*Entry, now time.Time) []*En
 func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
 	var mine, theirs []*mintCall
 	c.mu.Lock()
+	now := c.now()
 	for _, e := range entries {
+		// Another caller may have refreshed it since the caller looked.
+		if svid := c.svids[e.ID]; svid == nil || svid.served.Load() || now.Before(svid.RenewAt) {
+			continue
+		}
 		mine, theirs = c.claimLocked(e, mine, theirs)
 	}
 	c.mu.Unlock()
@@ -433,6 +438,11 @@ func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
 			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
 			defer cancel()
 			c.mintBatch(mctx, mine)
+			// The caller may have stopped waiting and been handed the old
+			// SVID, now served and due: the rotation loop skipped it while
+			// this signing was in flight, and must look again whatever
+			// came of it.
+			c.kickRenewal()
 		}()
 	}
 	timer := time.NewTimer(refreshWait)

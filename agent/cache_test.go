@@ -1345,3 +1345,40 @@ func fetchFirst(t *testing.T, c *Cache, up *testUpstream) ([]attestor.Selector, 
 	}
 	return sels, snap.SVIDs[0]
 }
+
+// TestAbandonedRefreshIsRenewedLater: a caller that stops waiting for the
+// refresh of an SVID whose renewal was skipped is handed the old SVID; when
+// that refresh then fails, the rotation loop still renews the SVID, which
+// is now served, once the upstream is back.
+func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
+	c, up := newTestCache(t)
+	clock := &fakeClock{now: time.Now()}
+	c.now, up.now = clock.Now, clock.Now
+	sels, first := fetchFirst(t, c, up)
+	startRotation(t, c)
+	clock.Set(first.RenewAt.Add(time.Second))
+	c.kickRenewal()
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != first })
+	unfetched := c.svidOf("a")
+
+	// Not fetched past its renewal time; then fetched while the upstream
+	// hangs past refreshWait and then fails.
+	clock.Set(unfetched.RenewAt.Add(time.Second))
+	gate := make(chan struct{})
+	up.set(func(u *testUpstream) { u.gate, u.fail = gate, errors.New("upstream down") })
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil || snap.SVIDs[0] != unfetched {
+		t.Fatalf("fetch while the refresh hangs = %v, %v; want the still-valid SVID", snap, err)
+	}
+	// Let the rotation loop take the kick the fetch gave (the SVID is now
+	// served) while the refresh is still in flight, as it would when the
+	// upstream hangs for longer.
+	eventually(t, "the rotation loop to take its kick", func() bool { return len(c.renewKick) == 0 })
+	time.Sleep(100 * time.Millisecond)
+	close(gate)
+	up.set(func(u *testUpstream) { u.gate = nil })
+	eventually(t, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
+	up.set(func(u *testUpstream) { u.fail = nil })
+	// No kick from the test: the loop must come back by itself.
+	eventually(t, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
+}

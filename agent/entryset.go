@@ -25,18 +25,20 @@ type entrySet struct {
 	shift   uint // 64 - log2(len(buckets)-1)
 }
 
-// selectorRef says that entry has a selector hashing to hash. Hashes may
-// collide; a lookup checks the entry's selectors.
+// selectorRef says that byID[entry].Selectors[sel] hashes to hash. Hashes
+// may collide, so a lookup compares that selector. Indexes rather than a
+// pointer keep the slice free of pointers for the collector to scan.
 type selectorRef struct {
 	hash  uint64
-	entry *Entry
+	entry uint32
+	sel   uint32
 }
 
 var selectorSeed = maphash.MakeSeed()
 
 func selectorHash(s attestor.Selector) uint64 {
-	// Collisions are harmless (lookups check the entry), so a plain
-	// combination of the two parts' hashes will do.
+	// Collisions are harmless (lookups compare the selector itself), so a
+	// plain combination of the two parts' hashes will do.
 	return maphash.String(selectorSeed, s.Type)*0x9E3779B97F4A7C15 ^ maphash.String(selectorSeed, s.Value)
 }
 
@@ -73,9 +75,9 @@ func newEntrySet(entries []*Entry) entrySet {
 		n += len(e.Selectors)
 	}
 	refs := make([]selectorRef, 0, n)
-	for _, e := range entries {
-		for _, s := range e.Selectors {
-			refs = append(refs, selectorRef{hash: selectorHash(s), entry: e})
+	for i, e := range entries {
+		for j, s := range e.Selectors {
+			refs = append(refs, selectorRef{hash: selectorHash(s), entry: uint32(i), sel: uint32(j)})
 		}
 	}
 	return indexRefs(entries, refs)
@@ -133,8 +135,8 @@ func (s *entrySet) withSelector(sel attestor.Selector) iter.Seq[*Entry] {
 			if s.bySel[i].hash != h {
 				continue
 			}
-			e := s.bySel[i].entry
-			if slices.Contains(e.Selectors, sel) && !yield(e) {
+			e := s.byID[s.bySel[i].entry]
+			if e.Selectors[s.bySel[i].sel] == sel && !yield(e) {
 				return
 			}
 		}

@@ -63,16 +63,24 @@ func TestEntrySetMatchesBruteForce(t *testing.T) {
 }
 
 // TestEntrySetHashCollision: an entry found under a selector's hash but
-// without that selector is not yielded.
+// for another selector is not yielded, whether the colliding selector is
+// another entry's or the same entry's.
 func TestEntrySetHashCollision(t *testing.T) {
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	b := testEntry("b", "spiffe://example.org/b", 2, "unix:uid:2")
 	sel1 := a.Selectors[0]
 	h := selectorHash(sel1)
 	// b's selector forged to collide with a's.
-	set := indexRefs([]*Entry{a, b}, []selectorRef{{hash: h, entry: a}, {hash: h, entry: b}})
+	set := indexRefs([]*Entry{a, b}, []selectorRef{{hash: h, entry: 0, sel: 0}, {hash: h, entry: 1, sel: 0}})
 	if got := collect(&set, sel1); !slices.Equal(got, []string{"a"}) {
 		t.Fatalf("entries with %v: %v, want [a]", sel1, got)
+	}
+	// c has both selectors, forged to collide: looking one up must yield c
+	// once, or matchLocked would count it as holding both.
+	c := testEntry("c", "spiffe://example.org/c", 3, "unix:uid:1", "unix:uid:2")
+	set = indexRefs([]*Entry{c}, []selectorRef{{hash: h, entry: 0, sel: 0}, {hash: h, entry: 0, sel: 1}})
+	if got := collect(&set, sel1); !slices.Equal(got, []string{"c"}) {
+		t.Fatalf("entries with %v: %v, want [c] once", sel1, got)
 	}
 }
 

@@ -188,7 +188,7 @@ func TestProfilingEndpoint(t *testing.T) {
 	}
 	// The listener is not moved on SIGHUP: a new port is refused, not ignored.
 	a.reload(strings.Replace(cfg, fmt.Sprintf("profiling_port = %d", port), fmt.Sprintf("profiling_port = %d", port+1), 1), "Reload failed")
-	if !strings.Contains(a.Logs.String(), "profiling_port changed: that needs a restart") {
+	if !strings.Contains(a.Logs.String(), "profiling_port (or profiling_enabled) changed: that needs a restart") {
 		t.Fatalf("a changed profiling_port was not refused on reload:\n%s", a.Logs.String())
 	}
 }

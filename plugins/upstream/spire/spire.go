@@ -145,7 +145,6 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		reattestKick:      make(chan struct{}, 1),
 		fatal:             make(chan error, 1),
 		synced:            make(chan struct{}, 1),
-		syncMu:            newCtxMutex(),
 	}
 	if s.syncInterval <= 0 {
 		s.syncInterval = conf.DefaultSyncInterval
@@ -821,20 +820,34 @@ func sleep(ctx context.Context, d time.Duration) bool {
 }
 
 // ctxMutex is a mutex whose waiters can give up when their context ends.
-type ctxMutex struct{ ch chan struct{} }
+// The zero value is unlocked.
+type ctxMutex struct {
+	once sync.Once
+	ch   chan struct{}
+}
 
-func newCtxMutex() ctxMutex { return ctxMutex{ch: make(chan struct{}, 1)} }
+func (m *ctxMutex) sem() chan struct{} {
+	m.once.Do(func() { m.ch = make(chan struct{}, 1) })
+	return m.ch
+}
 
-func (m ctxMutex) Lock()   { m.ch <- struct{}{} }
-func (m ctxMutex) Unlock() { <-m.ch }
+func (m *ctxMutex) Lock() { m.sem() <- struct{}{} }
+
+func (m *ctxMutex) Unlock() {
+	select {
+	case <-m.sem():
+	default:
+		panic("spire: unlock of an unlocked ctxMutex")
+	}
+}
 
 // LockContext locks, or returns ctx's error if it ends first.
-func (m ctxMutex) LockContext(ctx context.Context) error {
+func (m *ctxMutex) LockContext(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	select {
-	case m.ch <- struct{}{}:
+	case m.sem() <- struct{}{}:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()

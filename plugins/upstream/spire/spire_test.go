@@ -545,7 +545,7 @@ func TestLoadsSpireAgentState(t *testing.T) {
 // while another sync holds the lock (one that may run for rpcTimeout when
 // the server is unreachable) leaves when its context ends.
 func TestResyncGivesUpWithItsCaller(t *testing.T) {
-	s := &Spire{log: hclog.NewNullLogger(), td: td, now: time.Now, ready: make(chan struct{}), syncMu: newCtxMutex()}
+	s := &Spire{log: hclog.NewNullLogger(), td: td, now: time.Now, ready: make(chan struct{})}
 	close(s.ready)
 	s.syncMu.Lock() // a periodic sync in progress
 	defer s.syncMu.Unlock()
