@@ -70,6 +70,11 @@ type Cache struct {
 
 	upstreamErr       error
 	upstreamDownSince time.Time
+
+	// lifetime is RunRotation's context: signing that outlives the caller
+	// that started it (see refresh) ends with the agent. Nil until
+	// RunRotation runs.
+	lifetime context.Context
 }
 
 type mintCall struct {
@@ -418,8 +423,9 @@ func (c *Cache) unservedPastRenewalLocked(entries []*Entry, now time.Time) []*En
 // refresh re-signs the SVIDs of entries for a caller that would otherwise
 // be handed SVIDs whose renewal was skipped, so that it gets as much
 // lifetime as from an SVID kept renewed. It waits at most refreshWait:
-// signing goes on detached, and a caller that stops waiting (or whose
-// refresh fails, the upstream being down) is served the still-valid SVIDs.
+// signing goes on detached until it ends or the agent stops, and a caller
+// that stops waiting (or whose refresh fails, the upstream being down) is
+// served the still-valid SVIDs.
 func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
 	var mine, theirs []*mintCall
 	c.mu.Lock()
@@ -434,8 +440,14 @@ func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
 	c.mu.Unlock()
 	waits := append(slices.Clip(mine), theirs...)
 	if len(mine) > 0 {
+		base := context.WithoutCancel(ctx)
+		c.mu.RLock()
+		if c.lifetime != nil {
+			base = c.lifetime
+		}
+		c.mu.RUnlock()
 		go func() {
-			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
+			mctx, cancel := context.WithTimeout(base, mintTimeout)
 			defer cancel()
 			c.mintBatch(mctx, mine)
 			// The caller may have stopped waiting and been handed the old
@@ -680,6 +692,9 @@ func (c *Cache) kickRenewal() {
 // RunRotation renews SVIDs as they reach their renewal time, until ctx ends.
 // A failed renewal keeps the old SVID and is retried with capped backoff.
 func (c *Cache) RunRotation(ctx context.Context) {
+	c.mu.Lock()
+	c.lifetime = ctx
+	c.mu.Unlock()
 	backoff := NewBackoff(time.Second, 30*time.Second)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()

@@ -1382,3 +1382,41 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	// No kick from the test: the loop must come back by itself.
 	eventually(t, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
 }
+
+// TestDetachedRefreshEndsWithTheAgent: signing a caller stopped waiting for
+// does not outlive the rotation loop (the agent's run).
+func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
+	c, up := newTestCache(t)
+	clock := &fakeClock{now: time.Now()}
+	c.now, up.now = clock.Now, clock.Now
+	sels, first := fetchFirst(t, c, up)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.RunRotation(ctx)
+	}()
+	clock.Set(first.RenewAt.Add(time.Second))
+	c.kickRenewal()
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != first })
+	unfetched := c.svidOf("a")
+	clock.Set(unfetched.RenewAt.Add(time.Second))
+	up.set(func(u *testUpstream) { u.gate = make(chan struct{}) }) // never opens
+	if _, err := c.X509Identities(t.Context(), sels); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.RLock()
+	inflight := len(c.inflight)
+	c.mu.RUnlock()
+	if inflight != 1 {
+		t.Fatalf("%d signings in flight after the caller stopped waiting, want 1", inflight)
+	}
+	cancel()
+	<-done
+	eventually(t, "the detached signing to end with the agent", func() bool {
+		c.mu.RLock()
+		defer c.mu.RUnlock()
+		return len(c.inflight) == 0
+	})
+}
