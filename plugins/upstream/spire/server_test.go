@@ -301,10 +301,10 @@ func TestResyncBudget(t *testing.T) {
 	}
 	t.Logf("20 concurrent callers: %d syncs", n)
 
-	up.syncMu.Lock()
+	up.syncMu.Acquire(context.Background(), 1)
 	up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 3)
 	up.resyncStreak = 0
-	up.syncMu.Unlock()
+	up.syncMu.Release(1)
 	before = up.syncs.Load()
 	// One after another: spaced, until the budget is spent.
 	var starts []time.Time
@@ -349,7 +349,7 @@ func TestResyncBudget(t *testing.T) {
 
 // lastSyncStart is when the last sync started.
 func (s *Spire) lastSyncStart() time.Time {
-	s.syncMu.Lock()
-	defer s.syncMu.Unlock()
+	s.syncMu.Acquire(context.Background(), 1)
+	defer s.syncMu.Release(1)
 	return s.lastSync
 }

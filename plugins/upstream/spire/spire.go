@@ -33,6 +33,7 @@ import (
 	bundlev1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/bundle/v1"
 	svidv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/svid/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -86,7 +87,7 @@ type Spire struct {
 	// syncMu serializes syncs, periodic and on demand (Resync). A caller
 	// of Resync stops waiting for it when its context ends: a sync may
 	// take up to rpcTimeout while the server is unreachable.
-	syncMu   ctxMutex
+	syncMu   *semaphore.Weighted // of weight 1
 	sync     syncState
 	sink     agent.Sink
 	lastSync time.Time     // when the last sync started
@@ -145,6 +146,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		reattestKick:      make(chan struct{}, 1),
 		fatal:             make(chan error, 1),
 		synced:            make(chan struct{}, 1),
+		syncMu:            semaphore.NewWeighted(1),
 	}
 	if s.syncInterval <= 0 {
 		s.syncInterval = conf.DefaultSyncInterval
@@ -309,10 +311,12 @@ func (s *Spire) Run(ctx context.Context, sink agent.Sink) error {
 		report(sink, err)
 		return err
 	}
-	s.syncMu.Lock()
+	if err := s.syncMu.Acquire(ctx, 1); err != nil {
+		return nil // ctx ended
+	}
 	s.sink = sink
 	s.sync.delivered = false
-	s.syncMu.Unlock()
+	s.syncMu.Release(1)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	rotated := make(chan struct{})
@@ -816,40 +820,5 @@ func sleep(ctx context.Context, d time.Duration) bool {
 		return true
 	case <-ctx.Done():
 		return false
-	}
-}
-
-// ctxMutex is a mutex whose waiters can give up when their context ends.
-// The zero value is unlocked.
-type ctxMutex struct {
-	once sync.Once
-	ch   chan struct{}
-}
-
-func (m *ctxMutex) sem() chan struct{} {
-	m.once.Do(func() { m.ch = make(chan struct{}, 1) })
-	return m.ch
-}
-
-func (m *ctxMutex) Lock() { m.sem() <- struct{}{} }
-
-func (m *ctxMutex) Unlock() {
-	select {
-	case <-m.sem():
-	default:
-		panic("spire: unlock of an unlocked ctxMutex")
-	}
-}
-
-// LockContext locks, or returns ctx's error if it ends first.
-func (m *ctxMutex) LockContext(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	select {
-	case m.sem() <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
 	}
 }

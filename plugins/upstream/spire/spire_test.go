@@ -29,6 +29,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -545,10 +546,10 @@ func TestLoadsSpireAgentState(t *testing.T) {
 // while another sync holds the lock (one that may run for rpcTimeout when
 // the server is unreachable) leaves when its context ends.
 func TestResyncGivesUpWithItsCaller(t *testing.T) {
-	s := &Spire{log: hclog.NewNullLogger(), td: td, now: time.Now, ready: make(chan struct{})}
+	s := &Spire{log: hclog.NewNullLogger(), td: td, now: time.Now, ready: make(chan struct{}), syncMu: semaphore.NewWeighted(1)}
 	close(s.ready)
-	s.syncMu.Lock() // a periodic sync in progress
-	defer s.syncMu.Unlock()
+	s.syncMu.Acquire(context.Background(), 1) // a periodic sync in progress
+	defer s.syncMu.Release(1)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)

@@ -92,9 +92,11 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 		case <-timer.C:
 		}
 		wait := s.syncInterval
-		s.syncMu.Lock()
+		if s.syncMu.Acquire(ctx, 1) != nil {
+			return nil // ctx ended
+		}
 		err := s.syncOnce(ctx, sink)
-		s.syncMu.Unlock()
+		s.syncMu.Release(1)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -145,25 +147,25 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	asked := s.now()
-	if err := s.syncMu.LockContext(ctx); err != nil {
+	if err := s.syncMu.Acquire(ctx, 1); err != nil {
 		return false, err
 	}
 	for {
 		if s.sink == nil {
-			s.syncMu.Unlock()
+			s.syncMu.Release(1)
 			return false, nil
 		}
 		if !s.lastSync.Before(asked) {
 			// A sync started after the caller asked; it has finished, since
 			// this holds syncMu.
-			s.syncMu.Unlock()
+			s.syncMu.Release(1)
 			return true, nil
 		}
 		wait := s.lastSync.Add(s.resyncSpacingLocked()).Sub(s.now())
 		if wait <= 0 {
 			break
 		}
-		s.syncMu.Unlock()
+		s.syncMu.Release(1)
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
@@ -171,11 +173,11 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 			return false, ctx.Err()
 		case <-t.C:
 		}
-		if err := s.syncMu.LockContext(ctx); err != nil {
+		if err := s.syncMu.Acquire(ctx, 1); err != nil {
 			return false, err
 		}
 	}
-	defer s.syncMu.Unlock()
+	defer s.syncMu.Release(1)
 	if !s.resyncBudget.Allow() {
 		return false, nil
 	}
