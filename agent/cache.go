@@ -356,7 +356,8 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
-	// Entries may change while minting; a few rounds settle it.
+	// Entries may change while minting; a few rounds settle it, and one
+	// more may refresh SVIDs whose renewal was skipped.
 	refreshed := false
 	for range 4 {
 		c.mu.RLock()
@@ -366,39 +367,41 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 			return nil, ErrNoIdentity
 		}
 		now := c.now()
-		var missing []*Entry
+		refresh := !refreshed && c.upstreamErr == nil
+		var missing, stale []*Entry
 		for _, e := range entries {
-			if svid := c.svids[e.ID]; svid == nil || !now.Before(svid.NotAfter) {
+			switch svid := c.svids[e.ID]; {
+			case svid == nil || !now.Before(svid.NotAfter):
 				missing = append(missing, e)
+			case refresh && svid.renewalSkipped(now):
+				stale = append(stale, e)
 			}
 		}
-		var stale []*Entry
-		if len(missing) == 0 && !refreshed && c.upstreamErr == nil {
-			stale = c.unservedPastRenewalLocked(entries, now)
-		}
-		if len(missing) == 0 && len(stale) == 0 {
-			snap := c.x509SnapshotLocked(entries)
-			// Marked under the read lock, so that dropUnused (write
-			// lock) never drops an SVID a caller is being handed. One
-			// whose renewal was skipped while no one fetched it is
-			// renewed now that someone does.
-			for _, svid := range snap.SVIDs {
-				if !svid.served.Load() && !svid.served.Swap(true) && !svid.RenewAt.After(now) {
-					c.kickRenewal()
-				}
-			}
+		switch {
+		case len(missing) > 0:
 			c.mu.RUnlock()
-			return snap, nil
-		}
-		c.mu.RUnlock()
-		if len(stale) > 0 {
+			if err := c.mint(ctx, missing); err != nil {
+				return nil, err
+			}
+			continue
+		case len(stale) > 0:
+			c.mu.RUnlock()
 			refreshed = true
 			c.refresh(ctx, stale)
 			continue
 		}
-		if err := c.mint(ctx, missing); err != nil {
-			return nil, err
+		snap := c.x509SnapshotLocked(entries)
+		// Marked under the read lock, so that dropUnused (write lock)
+		// never drops an SVID a caller is being handed. One whose renewal
+		// was skipped (its refresh failed or timed out) is renewed now that
+		// someone fetches it.
+		for _, svid := range snap.SVIDs {
+			if !svid.served.Load() && !svid.served.Swap(true) && !now.Before(svid.RenewAt) {
+				c.kickRenewal()
+			}
 		}
+		c.mu.RUnlock()
+		return snap, nil
 	}
 	return nil, fmt.Errorf("registration entries kept changing while their SVIDs were signed")
 }
@@ -406,19 +409,6 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 // refreshWait bounds how long a caller waits for SVIDs refreshed for it
 // (see refresh); after that it gets the ones it would have had.
 const refreshWait = 2 * time.Second
-
-// unservedPastRenewalLocked returns the entries whose SVID no workload was
-// handed since it was signed and whose renewal time has passed, so that
-// its renewal was skipped: still valid, but maybe about to expire.
-func (c *Cache) unservedPastRenewalLocked(entries []*Entry, now time.Time) []*Entry {
-	var out []*Entry
-	for _, e := range entries {
-		if svid := c.svids[e.ID]; svid != nil && !svid.served.Load() && !now.Before(svid.RenewAt) {
-			out = append(out, e)
-		}
-	}
-	return out
-}
 
 // refresh re-signs the SVIDs of entries for a caller that would otherwise
 // be handed SVIDs whose renewal was skipped, so that it gets as much
@@ -432,20 +422,17 @@ func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
 	now := c.now()
 	for _, e := range entries {
 		// Another caller may have refreshed it since the caller looked.
-		if svid := c.svids[e.ID]; svid == nil || svid.served.Load() || now.Before(svid.RenewAt) {
-			continue
+		if svid := c.svids[e.ID]; svid != nil && svid.renewalSkipped(now) {
+			mine, theirs = c.claimLocked(e, mine, theirs)
 		}
-		mine, theirs = c.claimLocked(e, mine, theirs)
 	}
+	base := c.lifetime
 	c.mu.Unlock()
 	waits := append(slices.Clip(mine), theirs...)
 	if len(mine) > 0 {
-		base := context.WithoutCancel(ctx)
-		c.mu.RLock()
-		if c.lifetime != nil {
-			base = c.lifetime
+		if base == nil {
+			base = context.WithoutCancel(ctx)
 		}
-		c.mu.RUnlock()
 		go func() {
 			mctx, cancel := context.WithTimeout(base, mintTimeout)
 			defer cancel()

@@ -812,9 +812,7 @@ func TestRenewAtAfterMinting(t *testing.T) {
 }
 
 func TestFailedRenewalKeepsOldSVID(t *testing.T) {
-	c, up := newTestCache(t)
-	clock := &fakeClock{now: time.Now()}
-	c.now, up.now = clock.Now, clock.Now
+	c, up, clock := newClockedCache(t)
 	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	c.SetEntries([]*Entry{e})
 	c.SetBundles(up.bundle(), nil)
@@ -884,9 +882,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 }
 
 func TestJWTSVIDs(t *testing.T) {
-	c, up := newTestCache(t)
-	clock := &fakeClock{now: time.Now()}
-	c.now, up.now = clock.Now, clock.Now
+	c, up, clock := newClockedCache(t)
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	a.Hint = "first"
 	b := testEntry("b", "spiffe://example.org/b", 2, "unix:uid:1")
@@ -1207,11 +1203,8 @@ func TestBackoff(t *testing.T) {
 // and is dropped when it expires or must be replaced; a workload that asks
 // for it again gets it renewed.
 func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
-	c, up := newTestCache(t)
-	clock := &fakeClock{now: time.Now()}
-	c.now, up.now = clock.Now, clock.Now
+	c, up, clock := newClockedCache(t)
 	sels, first := fetchFirst(t, c, up)
-
 	startRotation(t, c)
 	advance := func(to time.Time) {
 		clock.Set(to)
@@ -1219,9 +1212,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	}
 
 	// Fetched: renewed at its renewal time.
-	advance(first.RenewAt.Add(time.Second))
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != first })
-	second := c.svidOf("a")
+	second := renewedOnce(t, c, clock, first)
 	calls := up.x509Calls.Load()
 
 	// Not fetched since: its renewal time passes and it is kept, not renewed.
@@ -1246,9 +1237,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 
 	// The same with the upstream failing: the still-valid SVID is served,
 	// and renewed once the upstream is back.
-	advance(refreshed.RenewAt.Add(time.Second))
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != refreshed })
-	unrenewed := c.svidOf("a")
+	unrenewed := renewedOnce(t, c, clock, refreshed)
 	advance(unrenewed.RenewAt.Add(time.Second))
 	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
 	snap, err = c.X509Identities(t.Context(), sels)
@@ -1275,9 +1264,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 
 	// Renewed once fetched, then not fetched, then its CA leaves the
 	// bundle: dropped at once instead of re-signed.
-	fourth := snap.SVIDs[0]
-	advance(fourth.RenewAt.Add(time.Second))
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != fourth })
+	renewedOnce(t, c, clock, snap.SVIDs[0])
 	calls = up.x509Calls.Load()
 	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
 	c.SetBundles(up.bundle(), nil)
@@ -1313,16 +1300,16 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	}
 }
 
-// startRotation runs c's rotation loop until the test ends, and fails the
-// test if the loop does not stop then.
-func startRotation(t *testing.T, c *Cache) {
+// startRotation runs c's rotation loop until the test ends or stop is
+// called, and fails the test if the loop does not stop then.
+func startRotation(t *testing.T, c *Cache) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		c.RunRotation(ctx)
 	}()
-	t.Cleanup(func() {
+	stop = sync.OnceFunc(func() {
 		cancel()
 		select {
 		case <-done:
@@ -1330,6 +1317,27 @@ func startRotation(t *testing.T, c *Cache) {
 			t.Error("RunRotation did not return after its context ended")
 		}
 	})
+	t.Cleanup(stop)
+	return stop
+}
+
+// newClockedCache is newTestCache with the cache and its upstream on one
+// fake clock.
+func newClockedCache(t *testing.T) (*Cache, *testUpstream, *fakeClock) {
+	c, up := newTestCache(t)
+	clock := &fakeClock{now: time.Now()}
+	c.now, up.now = clock.Now, clock.Now
+	return c, up, clock
+}
+
+// renewedOnce moves the clock past the renewal time of svid, entry "a"'s
+// (see fetchFirst), and returns the SVID the rotation loop renews it into.
+func renewedOnce(t *testing.T, c *Cache, clock *fakeClock, svid *X509SVID) *X509SVID {
+	t.Helper()
+	clock.Set(svid.RenewAt.Add(time.Second))
+	c.kickRenewal()
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != svid })
+	return c.svidOf("a")
 }
 
 // fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
@@ -1351,15 +1359,10 @@ func fetchFirst(t *testing.T, c *Cache, up *testUpstream) ([]attestor.Selector, 
 // that refresh then fails, the rotation loop still renews the SVID, which
 // is now served, once the upstream is back.
 func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
-	c, up := newTestCache(t)
-	clock := &fakeClock{now: time.Now()}
-	c.now, up.now = clock.Now, clock.Now
+	c, up, clock := newClockedCache(t)
 	sels, first := fetchFirst(t, c, up)
 	startRotation(t, c)
-	clock.Set(first.RenewAt.Add(time.Second))
-	c.kickRenewal()
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != first })
-	unfetched := c.svidOf("a")
+	unfetched := renewedOnce(t, c, clock, first)
 
 	// Not fetched past its renewal time; then fetched while the upstream
 	// hangs past refreshWait and then fails.
@@ -1386,21 +1389,10 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 // TestDetachedRefreshEndsWithTheAgent: signing a caller stopped waiting for
 // does not outlive the rotation loop (the agent's run).
 func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
-	c, up := newTestCache(t)
-	clock := &fakeClock{now: time.Now()}
-	c.now, up.now = clock.Now, clock.Now
+	c, up, clock := newClockedCache(t)
 	sels, first := fetchFirst(t, c, up)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.RunRotation(ctx)
-	}()
-	clock.Set(first.RenewAt.Add(time.Second))
-	c.kickRenewal()
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != first })
-	unfetched := c.svidOf("a")
+	stop := startRotation(t, c)
+	unfetched := renewedOnce(t, c, clock, first)
 	clock.Set(unfetched.RenewAt.Add(time.Second))
 	up.set(func(u *testUpstream) { u.gate = make(chan struct{}) }) // never opens
 	if _, err := c.X509Identities(t.Context(), sels); err != nil {
@@ -1412,8 +1404,7 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	if inflight != 1 {
 		t.Fatalf("%d signings in flight after the caller stopped waiting, want 1", inflight)
 	}
-	cancel()
-	<-done
+	stop()
 	eventually(t, "the detached signing to end with the agent", func() bool {
 		c.mu.RLock()
 		defer c.mu.RUnlock()

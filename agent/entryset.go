@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"hash/maphash"
 	"iter"
 	"slices"
@@ -85,15 +86,7 @@ func newEntrySet(entries []*Entry) entrySet {
 
 // indexRefs sorts refs and lays out the hash buckets over them.
 func indexRefs(entries []*Entry, refs []selectorRef) entrySet {
-	slices.SortFunc(refs, func(a, b selectorRef) int {
-		switch {
-		case a.hash < b.hash:
-			return -1
-		case a.hash > b.hash:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(refs, func(a, b selectorRef) int { return cmp.Compare(a.hash, b.hash) })
 	// About one selector per bucket: a power of two at least len(refs).
 	bits := uint(0)
 	for 1<<bits < len(refs) {

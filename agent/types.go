@@ -67,6 +67,13 @@ type X509SVID struct {
 	served atomic.Bool
 }
 
+// renewalSkipped reports whether the SVID's renewal time has passed while
+// no workload was handed it, so that the rotation loop let it be: still
+// valid, maybe about to expire.
+func (s *X509SVID) renewalSkipped(now time.Time) bool {
+	return !s.served.Load() && !now.Before(s.RenewAt)
+}
+
 // JWTSVID is a signed JWT-SVID.
 type JWTSVID struct {
 	Token     string
