@@ -51,9 +51,9 @@ func FuzzValidateJWTSVID(f *testing.F) {
 // never panic, and a file it rejects must leave the cache empty.
 func FuzzLoadCache(f *testing.F) {
 	// A genuine file as a seed, saved by a real cache.
-	dir := f.TempDir()
+	seedDir := f.TempDir()
 	c, up := newTestCache(&testing.T{})
-	c.PersistTo(dir, testTD)
+	c.PersistTo(seedDir, testTD)
 	e := testEntry("e1", "spiffe://example.org/web", 1, "unix:uid:1000")
 	c.SetEntries([]*Entry{e})
 	c.SetBundles(up.bundle(), nil)
@@ -61,7 +61,7 @@ func FuzzLoadCache(f *testing.F) {
 		f.Fatal(err)
 	}
 	c.persist()
-	good, err := os.ReadFile(filepath.Join(dir, cacheFileName))
+	good, err := os.ReadFile(filepath.Join(seedDir, cacheFileName))
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -71,9 +71,8 @@ func FuzzLoadCache(f *testing.F) {
 	f.Add([]byte(`null`))
 	f.Add(good[:len(good)/2])
 	// Execs within one fuzz worker run one at a time, so they share a dir.
-	work := f.TempDir()
+	dir := f.TempDir()
 	f.Fuzz(func(t *testing.T, data []byte) {
-		dir := work
 		for _, name := range []string{cacheFileName, cacheFileName + ".corrupt"} {
 			if err := os.Remove(filepath.Join(dir, name)); err != nil && !os.IsNotExist(err) {
 				t.Fatal(err)

@@ -25,6 +25,17 @@ type Target struct {
 	Stop func()
 }
 
+// rss is the target's resident set size now; it fails tb if it cannot be
+// read.
+func (t Target) rss(tb testing.TB) uint64 {
+	tb.Helper()
+	rss, err := t.Proc.RSS()
+	if err != nil {
+		tb.Fatalf("%s: %v", t.Name, err)
+	}
+	return rss
+}
+
 // Target names, as reported.
 const (
 	NameLanyard = "lanyard"

@@ -219,10 +219,7 @@ const idleSettle = 2 * time.Second
 func (r *run) measureIdle() {
 	time.Sleep(idleSettle)
 	for _, t := range r.targets {
-		rss, err := t.Proc.RSS()
-		if err != nil {
-			r.tb.Fatalf("%s: %v", t.Name, err)
-		}
+		rss := t.rss(r.tb)
 		r.report.Idle[t.Name] = rss
 		msg := fmt.Sprintf("idle RSS %-12s %s", t.Name, mb(rss))
 		if m, err := t.Proc.Memory(); err == nil {

@@ -59,11 +59,7 @@ func (r *run) streamsRound(ctx context.Context, t Target) {
 	}
 	defer set.Close()
 	time.Sleep(streamSettle)
-	rss, err := t.Proc.RSS()
-	if err != nil {
-		tb.Fatalf("%s: %v", t.Name, err)
-	}
-	round := StreamRound{RSS: rss}
+	round := StreamRound{RSS: t.rss(tb)}
 	if r.spire != nil {
 		// A new X.509 authority in the bundle: every stream must get it.
 		t0 := time.Now()
@@ -90,7 +86,7 @@ func (r *run) streamsRound(ctx context.Context, t Target) {
 	st := r.report.Streams[t.Name]
 	st.Streams = r.cfg.Streams
 	st.Rounds = append(st.Rounds, round)
-	msg := fmt.Sprintf("%s: %d streams, RSS %s", t.Name, r.cfg.Streams, mb(rss))
+	msg := fmt.Sprintf("%s: %d streams, RSS %s", t.Name, r.cfg.Streams, mb(round.RSS))
 	if r.spire != nil {
 		msg += fmt.Sprintf(", rotation reached the first stream after %s, the last after %s (spread %s; half of them within %s, 90%% within %s of the first)",
 			ms(round.FirstAfter), ms(round.LastAfter), ms(round.Spread), ms(round.P50), ms(round.P90))
@@ -178,11 +174,7 @@ func (r *run) entriesWorkload(ctx context.Context) {
 	time.Sleep(syncSettle)
 	before := make([]uint64, len(r.agents))
 	for i, a := range r.agents {
-		rss, err := a.Proc.RSS()
-		if err != nil {
-			tb.Fatalf("%s: %v", a.Name, err)
-		}
-		before[i] = rss
+		before[i] = a.rss(tb)
 	}
 	absent := make([]spiretest.Entry, 0, cfg.Entries-cfg.Live)
 	for i := cfg.Live; i < cfg.Entries; i++ {
@@ -193,13 +185,9 @@ func (r *run) entriesWorkload(ctx context.Context) {
 		r.createEntries(absent)
 		time.Sleep(r.entriesSyncWait())
 		for i, a := range r.agents {
-			rss, err := a.Proc.RSS()
-			if err != nil {
-				tb.Fatalf("%s: %v", a.Name, err)
-			}
 			es := r.report.Entries[a.Name]
-			es.Absent, es.AbsentRSS, es.NoEntriesRSS = len(absent), rss, before[i]
-			r.logf("%s: RSS %s with no entries, %s with %d (%s per entry)", a.Name, mb(before[i]), mb(rss), len(absent), perEntry(es))
+			es.Absent, es.AbsentRSS, es.NoEntriesRSS = len(absent), a.rss(tb), before[i]
+			r.logf("%s: RSS %s with no entries, %s with %d (%.0f B per entry)", a.Name, mb(es.NoEntriesRSS), mb(es.AbsentRSS), len(absent), es.PerEntry())
 		}
 	}
 
@@ -257,15 +245,11 @@ func (r *run) entriesWorkload(ctx context.Context) {
 	}
 	time.Sleep(syncSettle)
 	for i, a := range r.agents {
-		rss, err := a.Proc.RSS()
-		if err != nil {
-			tb.Fatalf("%s: %v", a.Name, err)
-		}
 		es := r.report.Entries[a.Name]
-		es.Entries, es.Live, es.RSS = cfg.Entries, cfg.Live, rss
+		es.Entries, es.Live, es.RSS = cfg.Entries, cfg.Live, a.rss(tb)
 		es.AllLiveAfter = last[i].Sub(created)
-		r.logf("%s: %d entries: all %d live workloads had an SVID %s after the entries were created; RSS %s",
-			a.Name, cfg.Entries, cfg.Live, es.AllLiveAfter.Round(time.Millisecond), mb(rss))
+		r.logf("%s: %d entries: all %d live workloads had an SVID %s after their entries were created; RSS %s",
+			a.Name, cfg.Entries, cfg.Live, es.AllLiveAfter.Round(time.Millisecond), mb(es.RSS))
 	}
 	r.probeEntries(ctx, r.report.Entries)
 }
@@ -279,15 +263,6 @@ func (r *run) entriesSyncWait() time.Duration {
 		reload = spireDefaultCacheReload
 	}
 	return reload + spireAgentSyncInterval + syncSettle
-}
-
-// perEntry formats the memory an agent took per entry that matched no
-// process.
-func perEntry(es *EntriesStats) string {
-	if es.Absent == 0 || es.AbsentRSS < es.NoEntriesRSS {
-		return "n/a"
-	}
-	return fmt.Sprintf("%.0f B", es.PerEntry())
 }
 
 // freshServerProbe measures entry-to-SVID again against a spire-server

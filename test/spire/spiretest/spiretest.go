@@ -26,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/attestor"
 	"golang.org/x/sys/unix"
 )
 
@@ -392,11 +393,11 @@ func (s *Server) CreateEntries(t testing.TB, entries []Entry) []string {
 		for _, e := range chunk {
 			je := entry{SPIFFEID: e.SPIFFEID, ParentID: e.ParentID}
 			for _, sel := range e.Selectors {
-				typ, value, ok := strings.Cut(sel, ":")
-				if !ok {
-					t.Fatalf("selector %q of %s is not type:value", sel, e.SPIFFEID)
+				parsed, err := attestor.ParseSelector(sel)
+				if err != nil {
+					t.Fatalf("entry %s: %v", e.SPIFFEID, err)
 				}
-				je.Selectors = append(je.Selectors, selector{Type: typ, Value: value})
+				je.Selectors = append(je.Selectors, selector{Type: parsed.Type, Value: parsed.Value})
 			}
 			doc.Entries = append(doc.Entries, je)
 		}
