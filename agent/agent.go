@@ -166,8 +166,8 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.Set, error) {
 func (a *Agent) Cache() *Cache { return a.cache }
 
 // Attest runs the configured workload attestors.
-func (a *Agent) Attest(ctx context.Context, pid int32) ([]attestor.Selector, error) {
-	return a.attestors.Load().Attest(ctx, pid)
+func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {
+	return a.attestors.Load().Attest(ctx, p)
 }
 
 // Run starts the upstream, SVID rotation and the cache's persistence, and

@@ -5,6 +5,7 @@ package attestor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"sync"
@@ -17,8 +18,49 @@ import (
 // WorkloadAttestor describes a process as selectors. Attest must be safe for
 // concurrent use and must not keep the pid: the caller checks afterwards that
 // the process is still the one that connected.
+//
+// Selectors about credentials come from p, which the kernel recorded at
+// connect, never from a later read of /proc: a setuid program the caller
+// executes in between would show other credentials there. An attestor that
+// must read /proc for them compares what it read with p and fails with
+// ErrCallerChanged when they differ.
 type WorkloadAttestor interface {
-	Attest(ctx context.Context, pid int32) ([]Selector, error)
+	Attest(ctx context.Context, p Process) ([]Selector, error)
+}
+
+// Process is a workload to attest, as the kernel described it when it
+// connected.
+type Process struct {
+	PID int32
+	// UID and GID are the effective IDs at connect (SO_PEERCRED).
+	UID, GID uint32
+	// Groups are the supplementary groups at connect (SO_PEERGROUPS),
+	// valid when GroupsKnown; kernels before 4.13 cannot tell them.
+	Groups      []uint32
+	GroupsKnown bool
+	// Exe is the executable the process ran when its connection was
+	// accepted; zero when the agent could not see it.
+	Exe FileID
+}
+
+// FileID names one file for as long as it exists.
+type FileID struct {
+	Dev, Ino uint64
+}
+
+// IsZero reports whether id names no file.
+func (id FileID) IsZero() bool { return id == FileID{} }
+
+// ErrCallerChanged means the caller's process no longer has the
+// credentials or executable it connected with (it executed a setuid
+// program, or another binary), so nothing read about it now describes the
+// connection. The caller must reconnect.
+var ErrCallerChanged = errors.New("the calling process changed credentials or executable since it connected")
+
+// refusesCaller reports whether err must refuse the caller outright rather
+// than only drop the selectors of the attestor that failed.
+func refusesCaller(err error) bool {
+	return errors.Is(err, ErrCallerChanged) || errors.Is(err, ErrCallerGone)
 }
 
 // PluginConfig is what a workload attestor is built from.
@@ -89,16 +131,21 @@ func NewSet(log hclog.Logger, attestors ...Named) *Set {
 
 // Attest runs every attestor at once and merges their selectors, sorted and
 // without duplicates. An attestor that fails is logged and contributes
-// nothing, as in SPIRE: the others may still identify the workload.
-func (s *Set) Attest(ctx context.Context, pid int32) ([]Selector, error) {
+// nothing, as in SPIRE: the others may still identify the workload. An
+// attestor that finds the caller changed or gone fails the whole
+// attestation with that error (ErrCallerChanged, ErrCallerGone).
+func (s *Set) Attest(ctx context.Context, p Process) ([]Selector, error) {
 	switch len(s.attestors) {
 	case 0:
 		return nil, ErrNoSelectors
 	case 1:
 		// The common case (unix only) needs no goroutine.
-		sels, err := s.attestors[0].Attestor.Attest(ctx, pid)
+		sels, err := s.attestors[0].Attestor.Attest(ctx, p)
 		if err != nil {
-			s.log.Warn("Workload attestor failed", "attestor", s.attestors[0].Name, "pid", pid, "error", err)
+			if refusesCaller(err) {
+				return nil, fmt.Errorf("%s: %w", s.attestors[0].Name, err)
+			}
+			s.log.Warn("Workload attestor failed", "attestor", s.attestors[0].Name, "pid", p.PID, "error", err)
 			return nil, fmt.Errorf("%w: %s: %v", ErrNoSelectors, s.attestors[0].Name, err)
 		}
 		return SortSelectors(sels), nil
@@ -110,14 +157,19 @@ func (s *Set) Attest(ctx context.Context, pid int32) ([]Selector, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[i], errs[i] = a.Attestor.Attest(ctx, pid)
+			results[i], errs[i] = a.Attestor.Attest(ctx, p)
 		}()
 	}
 	wg.Wait()
+	for i, err := range errs {
+		if err != nil && refusesCaller(err) {
+			return nil, fmt.Errorf("%s: %w", s.attestors[i].Name, err)
+		}
+	}
 	var all []Selector
 	for i, sels := range results {
 		if errs[i] != nil {
-			s.log.Warn("Workload attestor failed", "attestor", s.attestors[i].Name, "pid", pid, "error", errs[i])
+			s.log.Warn("Workload attestor failed", "attestor", s.attestors[i].Name, "pid", p.PID, "error", errs[i])
 			continue
 		}
 		all = append(all, sels...)

@@ -34,9 +34,18 @@ type Caller struct {
 	PID      int32
 	UID, GID uint32
 
+	// groups are the supplementary groups at connect, valid when
+	// groupsKnown (SO_PEERGROUPS, Linux 4.13).
+	groups      []uint32
+	groupsKnown bool
+	// exe is the executable at accept, zero when it could not be seen.
+	exe FileID
+
 	// err is set once at accept when the caller cannot be tracked; Verify
 	// returns it.
 	err error
+	// refused, once set, is what Verify returns for good (under mu).
+	refused error
 	// start is the process start time (clock ticks after boot, field 22
 	// of /proc/<pid>/stat); with the PID it names one process for good.
 	start uint64
@@ -60,9 +69,10 @@ const (
 // Kernel features found missing are remembered so that each handshake does
 // not pay for a failing system call.
 var (
-	noPeerPidfd atomic.Bool // SO_PEERPIDFD (Linux 6.5)
-	noPidfdOpen atomic.Bool // pidfd_open (Linux 5.3), or blocked by seccomp
-	noPidfdInfo atomic.Bool // PIDFD_GET_INFO (Linux 6.13), or blocked by seccomp
+	noPeerPidfd  atomic.Bool // SO_PEERPIDFD (Linux 6.5)
+	noPidfdOpen  atomic.Bool // pidfd_open (Linux 5.3), or blocked by seccomp
+	noPidfdInfo  atomic.Bool // PIDFD_GET_INFO (Linux 6.13), or blocked by seccomp
+	noPeerGroups atomic.Bool // SO_PEERGROUPS (Linux 4.13)
 )
 
 // newCaller starts tracking pid, using a pidfd when the kernel has them.
@@ -110,6 +120,11 @@ func (c *Caller) init(pid int32, uid, gid uint32, peerPidfd int, procDir bool) {
 	if c.err != nil {
 		return
 	}
+	// Before the liveness check below, so that the check proves the file
+	// seen was this process's executable. A failure leaves exe zero: the
+	// agent may not see other users' executables (it is not root), and
+	// then attestors that need them fail on their own.
+	c.exe, _ = c.statExe()
 	if c.kind == kindPidfd && !noPidfdInfo.Load() {
 		// Verify will ask the pidfd, which needs no start time; this
 		// checks that the caller is still there, as it connected.
@@ -150,18 +165,29 @@ func (c *Caller) openProcDir() error {
 	}
 }
 
+// Process is the caller as the kernel described it at connect, for the
+// workload attestors.
+func (c *Caller) Process() Process {
+	return Process{PID: c.PID, UID: c.UID, GID: c.GID, Groups: c.groups, GroupsKnown: c.groupsKnown, Exe: c.exe}
+}
+
 // Verify reports whether the process that connected still exists and still
 // holds the PID: call it after attestation, before trusting the selectors.
 // It also fails when the process's effective UID or GID changed since it
 // connected (for instance it executed a setuid program), since attestors
 // would then describe different credentials than the ones that connected.
-// Errors about an exited process or a reused PID wrap ErrCallerGone.
+// Errors about an exited process or a reused PID wrap ErrCallerGone, those
+// about changed credentials ErrCallerChanged. After Refuse it returns the
+// refusal.
 func (c *Caller) Verify() error {
 	if c.err != nil {
 		return c.err
 	}
 	c.mu.RLock()
 	defer c.mu.RUnlock()
+	if c.refused != nil {
+		return c.refused
+	}
 	if c.kind == kindNone {
 		return fmt.Errorf("%w: pid %d is no longer tracked: its connection was closed", ErrCallerGone, c.PID)
 	}
@@ -192,7 +218,26 @@ func (c *Caller) Verify() error {
 }
 
 func (c *Caller) credentialsChanged(uid, gid uint32) error {
-	return fmt.Errorf("caller pid %d connected as uid %d gid %d but now runs as uid %d gid %d (it changed credentials, e.g. by executing a setuid program): it must reconnect", c.PID, c.UID, c.GID, uid, gid)
+	return fmt.Errorf("%w: pid %d connected as uid %d gid %d but now runs as uid %d gid %d (e.g. it executed a setuid program): it must reconnect", ErrCallerChanged, c.PID, c.UID, c.GID, uid, gid)
+}
+
+// Refuse makes every later Verify fail with err, and stops tracking the
+// process. The connection stays open so that the refusal reaches the
+// client as a status rather than as a dropped connection; the client
+// closes it, or the server's idle timeout does. It reports whether this
+// call refused the caller (false when it already was).
+func (c *Caller) Refuse(err error) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.refused != nil {
+		return false
+	}
+	c.refused = err
+	if c.kind != kindNone {
+		unix.Close(c.fd)
+		c.fd, c.kind = -1, kindNone
+	}
+	return true
 }
 
 // verifyPidfdInfo does Verify's work with one ioctl on the pidfd instead of
@@ -236,9 +281,8 @@ func (c *Caller) pidfdAlive() error {
 	}
 }
 
-// CloseConn closes the connection (used when Verify fails: the server
-// answers Unauthenticated and drops the connection) and stops tracking the
-// process.
+// CloseConn closes the connection (used on a client that stopped reading
+// its stream) and stops tracking the process.
 func (c *Caller) CloseConn() {
 	if c.conn != nil {
 		c.conn.Close()
@@ -269,7 +313,29 @@ const (
 var (
 	statName   = []byte("stat\x00")
 	statusName = []byte("status\x00")
+	exeName    = []byte("exe\x00")
 )
+
+// statExe identifies the file /proc/<pid>/exe links to. c.mu must be held
+// or c not yet shared.
+func (c *Caller) statExe() (FileID, error) {
+	dirfd, path := unix.AT_FDCWD, (*byte)(nil)
+	var buf [procPathSize]byte
+	if c.kind == kindProcDir {
+		dirfd, path = c.fd, &exeName[0]
+	} else {
+		path = procPath(&buf, c.PID, exeName)
+	}
+	// statx rather than fstatat: its syscall number is the same on every
+	// architecture, and a raw call does not copy the path to the heap.
+	var stx unix.Statx_t
+	_, _, errno := unix.Syscall6(unix.SYS_STATX, uintptr(dirfd), uintptr(unsafe.Pointer(path)), unix.AT_STATX_SYNC_AS_STAT, unix.STATX_INO, uintptr(unsafe.Pointer(&stx)), 0)
+	if errno != 0 {
+		return FileID{}, errno
+	}
+	// The device number as stat(2) encodes it, to compare with fstat's.
+	return FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino}, nil
+}
 
 // readStartTime reads field 22 of the process's stat file with one read.
 func (c *Caller) readStartTime(buf *[procBufSize]byte) (uint64, error) {
@@ -511,10 +577,15 @@ type peerConn struct {
 	info   AuthInfo
 
 	// Filled by readPeer during the handshake.
-	cred      unix.Ucred
-	credErr   error
-	peerPidfd int
-	peerGone  bool
+	cred        unix.Ucred
+	credErr     error
+	peerPidfd   int
+	peerGone    bool
+	groups      []uint32
+	groupsKnown bool
+	// groupsBuf holds the supplementary groups of most callers without
+	// another allocation.
+	groupsBuf [16]uint32
 }
 
 // readPeer reads the peer's credentials and, where the kernel offers it, a
@@ -526,6 +597,7 @@ func (p *peerConn) readPeer(fd uintptr) {
 		return
 	}
 	p.cred = *cred
+	p.readPeerGroups(fd)
 	if noPeerPidfd.Load() {
 		return
 	}
@@ -541,6 +613,36 @@ func (p *peerConn) readPeer(fd uintptr) {
 		// The peer was reaped (kernels 6.5 to 6.15 have no pidfd for
 		// it); pidfd_open could find a process reusing its PID.
 		p.peerGone = true
+	}
+}
+
+// readPeerGroups reads the supplementary groups the peer had when it
+// connected. Unlike /proc/<pid>/status, which shows the credentials of
+// whatever the process runs now, the kernel fixed these at connect.
+func (p *peerConn) readPeerGroups(fd uintptr) {
+	if noPeerGroups.Load() {
+		return
+	}
+	buf := p.groupsBuf[:]
+	// At most two rounds: the second has the size the kernel asked for,
+	// unless the groups changed in between (the kernel keeps the
+	// connect-time set, so they cannot).
+	for range 2 {
+		size := uint32(len(buf) * 4)
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_PEERGROUPS, uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&size)), 0)
+		switch errno {
+		case 0:
+			p.groups, p.groupsKnown = buf[:size/4], true
+			return
+		case unix.ERANGE:
+			// NGROUPS_MAX (65536) bounds size.
+			buf = make([]uint32, size/4)
+		case unix.ENOPROTOOPT:
+			noPeerGroups.Store(true)
+			return
+		default:
+			return
+		}
 	}
 }
 
@@ -579,6 +681,7 @@ func (peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo,
 	} else {
 		p.caller.init(cred.Pid, cred.Uid, cred.Gid, p.peerPidfd, false)
 	}
+	p.caller.groups, p.caller.groupsKnown = p.groups, p.groupsKnown
 	p.caller.conn = p
 	p.info = AuthInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}, Caller: &p.caller}
 	return p, &p.info, nil

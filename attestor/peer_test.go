@@ -42,6 +42,15 @@ func TestPeerHelperProcess(t *testing.T) {
 		// Live until the parent closes stdin (or kills us), at most 60 s.
 		go func() { io.Copy(io.Discard, os.Stdin); os.Exit(0) }()
 		time.Sleep(60 * time.Second)
+	case "connect-wait":
+		// Connect and hold the connection until stdin closes.
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		io.Copy(io.Discard, os.Stdin)
+		c.Close()
 	case "connect":
 		// Connect and exit without waiting for the server to accept.
 		c, err := net.Dial("unix", sock)

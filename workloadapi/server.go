@@ -28,9 +28,9 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
-// Attestor turns a caller's PID into selectors.
+// Attestor turns a caller into selectors.
 type Attestor interface {
-	Attest(ctx context.Context, pid int32) ([]attestor.Selector, error)
+	Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error)
 }
 
 // Cache answers for identities and bundles; *agent.Cache is the real one.
@@ -194,18 +194,24 @@ type handler struct {
 	stopOnce sync.Once
 }
 
-// attest identifies the caller. When the process that connected is gone
-// (it exited, or its PID was reused) the answer is Unauthenticated and the
-// connection is closed: nothing learned about the PID can be trusted.
+// attest identifies the caller. A caller whose process is gone (it exited,
+// or its PID was reused) or changed (it executed a setuid program or
+// another binary since it connected) is refused with Unauthenticated, now
+// and on every later call of the connection: nothing learned about its PID
+// can be trusted. The connection stays open so that the client reads the
+// status instead of a broken connection.
 func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Caller, error) {
 	caller, ok := attestor.CallerFromContext(ctx)
 	if !ok {
 		return nil, nil, status.Error(codes.Unauthenticated, "could not resolve caller information: the connection carries no peer credentials")
 	}
-	sels, err := h.cfg.Attestor.Attest(ctx, caller.PID)
-	if verr := caller.Verify(); verr != nil {
-		h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "error", verr)
-		caller.CloseConn()
+	sels, err := h.cfg.Attestor.Attest(ctx, caller.Process())
+	verr := caller.Verify()
+	if verr == nil && err != nil && (errors.Is(err, attestor.ErrCallerChanged) || errors.Is(err, attestor.ErrCallerGone)) {
+		verr = err
+	}
+	if verr != nil {
+		h.refuse(caller, verr)
 		return nil, nil, status.Errorf(codes.Unauthenticated, "could not verify the caller: %v", verr)
 	}
 	if err != nil {
@@ -213,6 +219,15 @@ func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Ca
 		return nil, caller, nil
 	}
 	return sels, caller, nil
+}
+
+// refuse logs a refused caller once per connection and makes the refusal
+// stick to it.
+func (h *handler) refuse(caller *attestor.Caller, err error) {
+	if !caller.Refuse(err) {
+		return
+	}
+	h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "uid", caller.UID, "gid", caller.GID, "error", err)
 }
 
 // send sends one stream message within the send timeout. gRPC's Send blocks

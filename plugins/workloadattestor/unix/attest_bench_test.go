@@ -12,16 +12,16 @@ import (
 // one caller at a time).
 func BenchmarkAttestParallel(b *testing.B) {
 	a := newTestAttestor(b, "")
-	pid := int32(os.Getpid())
+	proc := processOf(b, int32(os.Getpid()))
 	ctx := context.Background()
-	if _, err := a.Attest(ctx, pid); err != nil {
+	if _, err := a.Attest(ctx, proc); err != nil {
 		b.Fatal(err)
 	}
 	b.ReportAllocs()
 	b.SetParallelism(8)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if _, err := a.Attest(ctx, pid); err != nil {
+			if _, err := a.Attest(ctx, proc); err != nil {
 				b.Error(err)
 				return
 			}

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/lanyard-dev/lanyard/attestor"
 	sysunix "golang.org/x/sys/unix"
 )
 
@@ -58,12 +59,15 @@ func newHashCache(max int) *hashCache {
 	}
 }
 
-// hashExe opens the executable through /proc/<pid>/exe, which works when
+// inspectExe opens the executable through /proc/<pid>/exe, which works when
 // the binary was deleted or lives in another mount namespace, and returns
-// its path and sha256 selector value. The path is read from the opened
-// file, so the two describe the same file even if the process execs
-// meanwhile.
-func (a *Attestor) hashExe(ctx context.Context, pid int32, exe string) (path, sumValue string, err error) {
+// its path and, unless workload_size_limit is negative, its sha256 selector
+// value. The path is read from the opened file, so the two describe the
+// same file even if the process execs meanwhile. The file must be the one
+// the process ran when it connected: a process that connects and then
+// executes a trusted binary does not get that binary's selectors.
+func (a *Attestor) inspectExe(ctx context.Context, p attestor.Process, exe string) (path, sumValue string, err error) {
+	pid := p.PID
 	fd, err := openRetry(exe)
 	if err != nil {
 		return "", "", procErr(pid, "opening the executable "+exe, err)
@@ -73,6 +77,12 @@ func (a *Attestor) hashExe(ctx context.Context, pid int32, exe string) (path, su
 	if err := sysunix.Fstat(fd, &st); err != nil {
 		return "", "", procErr(pid, "stat of the executable "+exe, err)
 	}
+	if got := (attestor.FileID{Dev: st.Dev, Ino: st.Ino}); got != p.Exe {
+		if p.Exe.IsZero() {
+			return "", "", fmt.Errorf("pid %d: the executable it ran when it connected is unknown (the agent could not stat %s then), so its path cannot be vouched for", pid, exe)
+		}
+		return "", "", fmt.Errorf("%w: pid %d connected running the file at device %d inode %d but now runs device %d inode %d (it executed another program)", attestor.ErrCallerChanged, pid, p.Exe.Dev, p.Exe.Ino, st.Dev, st.Ino)
+	}
 	path, err = readlinkFd(fd)
 	if err != nil {
 		// Without our own /proc (HOST_PROC set, /proc not mounted), fall
@@ -80,6 +90,9 @@ func (a *Attestor) hashExe(ctx context.Context, pid int32, exe string) (path, su
 		if path, err = readlink(exe); err != nil {
 			return "", "", procErr(pid, "reading the executable path", err)
 		}
+	}
+	if a.cfg.WorkloadSizeLimit < 0 {
+		return path, "", nil
 	}
 	if limit := a.cfg.WorkloadSizeLimit; limit > 0 && st.Size > limit {
 		return "", "", fmt.Errorf("pid %d: executable %s is %d bytes, over workload_size_limit of %d bytes: raise workload_size_limit, set it to 0 for no limit, or to -1 to skip the sha256 selector",

@@ -88,40 +88,59 @@ func newAttestor(cfg attestor.PluginConfig) (*Attestor, error) {
 // unless the process has many supplementary groups.
 var statusBufs = sync.Pool{New: func() any { b := make([]byte, 4096); return &b }}
 
-// Attest returns the unix selectors of pid: the effective uid and gid (as
+// Attest returns the unix selectors of p: the effective uid and gid (as
 // SPIRE), their names when they resolve, every supplementary group, and
 // with discover_workload_path the executable's path and sha256.
-func (a *Attestor) Attest(ctx context.Context, pid int32) ([]attestor.Selector, error) {
+//
+// The uid, gid and groups are those the kernel recorded when the process
+// connected (SO_PEERCRED, SO_PEERGROUPS), not those /proc shows now: a
+// process may execute a setuid program after connecting, and /proc would
+// show that program's credentials for as long as it holds them. On kernels
+// without SO_PEERGROUPS the groups are read from /proc/<pid>/status, and
+// its effective uid and gid must be the connect-time ones, which makes its
+// groups line (from the same snapshot of credentials) theirs too.
+func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {
+	pid := p.PID
 	if pid <= 0 {
 		return nil, fmt.Errorf("pid %d is not a process id", pid)
 	}
 	pidStr := strconv.FormatInt(int64(pid), 10)
 
-	bufp := statusBufs.Get().(*[]byte)
-	defer func() {
-		if cap(*bufp) <= 64<<10 {
-			statusBufs.Put(bufp)
+	var statusGroups []byte
+	numGroups := len(p.Groups)
+	if !p.GroupsKnown {
+		bufp := statusBufs.Get().(*[]byte)
+		defer func() {
+			if cap(*bufp) <= 64<<10 {
+				statusBufs.Put(bufp)
+			}
+		}()
+		statusPath := a.procRoot + "/" + pidStr + "/status"
+		st, err := readStatus(statusPath, bufp)
+		if err != nil {
+			return nil, procErr(pid, "reading "+statusPath, err)
 		}
-	}()
-	statusPath := a.procRoot + "/" + pidStr + "/status"
-	st, err := readStatus(statusPath, bufp)
-	if err != nil {
-		return nil, procErr(pid, "reading "+statusPath, err)
+		if st.uid != p.UID || st.gid != p.GID {
+			return nil, fmt.Errorf("%w: pid %d connected as uid %d gid %d but %s shows uid %d gid %d", attestor.ErrCallerChanged, pid, p.UID, p.GID, statusPath, st.uid, st.gid)
+		}
+		statusGroups, numGroups = st.groups, st.numGroups()
 	}
 
-	sels := make([]attestor.Selector, 0, 6+2*st.numGroups())
-	u := a.users.get(st.uid)
+	sels := make([]attestor.Selector, 0, 6+2*numGroups)
+	u := a.users.get(p.UID)
 	sels = append(sels, sel(u.id))
 	if u.name != "" {
 		sels = append(sels, sel(u.name))
 	}
-	g := a.groups.get(st.gid)
+	g := a.groups.get(p.GID)
 	sels = append(sels, sel(g.id))
 	if g.name != "" {
 		sels = append(sels, sel(g.name))
 	}
-	rest := st.groups
-	for {
+	for _, gid := range p.Groups {
+		sels = a.appendSupplementary(sels, gid)
+	}
+	for rest := statusGroups; ; {
 		var field []byte
 		field, rest = nextField(rest)
 		if field == nil {
@@ -129,31 +148,32 @@ func (a *Attestor) Attest(ctx context.Context, pid int32) ([]attestor.Selector, 
 		}
 		gid, ok := parseUint32(field)
 		if !ok {
-			return nil, fmt.Errorf("pid %d: %s: bad supplementary group id %q", pid, statusPath, field)
+			return nil, fmt.Errorf("pid %d: %s/%s/status: bad supplementary group id %q", pid, a.procRoot, pidStr, field)
 		}
-		sg := a.groups.get(gid)
-		sels = append(sels, sel(sg.suppID))
-		if sg.suppName != "" {
-			sels = append(sels, sel(sg.suppName))
-		}
+		sels = a.appendSupplementary(sels, gid)
 	}
 
 	if !a.cfg.DiscoverWorkloadPath {
 		return sels, nil
 	}
-	exe := a.procRoot + "/" + pidStr + "/exe"
-	if a.cfg.WorkloadSizeLimit < 0 {
-		path, err := readlink(exe)
-		if err != nil {
-			return nil, procErr(pid, "reading the executable path", err)
-		}
-		return append(sels, sel("path:"+path)), nil
-	}
-	path, sumValue, err := a.hashExe(ctx, pid, exe)
+	path, sumValue, err := a.inspectExe(ctx, p, a.procRoot+"/"+pidStr+"/exe")
 	if err != nil {
 		return nil, err
 	}
-	return append(sels, sel("path:"+path), sel(sumValue)), nil
+	sels = append(sels, sel("path:"+path))
+	if sumValue != "" {
+		sels = append(sels, sel(sumValue))
+	}
+	return sels, nil
+}
+
+func (a *Attestor) appendSupplementary(sels []attestor.Selector, gid uint32) []attestor.Selector {
+	sg := a.groups.get(gid)
+	sels = append(sels, sel(sg.suppID))
+	if sg.suppName != "" {
+		sels = append(sels, sel(sg.suppName))
+	}
+	return sels
 }
 
 func sel(value string) attestor.Selector {

@@ -140,7 +140,7 @@ func TestRegistered(t *testing.T) {
 
 func TestAttestSelf(t *testing.T) {
 	a := newTestAttestor(t, "")
-	sels, err := a.Attest(context.Background(), int32(os.Getpid()))
+	sels, err := a.Attest(context.Background(), processOf(t, int32(os.Getpid())))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +182,7 @@ func TestSupplementaryGroups(t *testing.T) {
 	cmd := startSleep(t, sleepPath(t), &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{known, unknown}})
 
 	a := newTestAttestor(t, "")
-	sels, err := a.Attest(context.Background(), int32(cmd.Process.Pid))
+	sels, err := a.Attest(context.Background(), processOf(t, int32(cmd.Process.Pid)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,7 +209,7 @@ func TestDiscoverWorkloadPath(t *testing.T) {
 
 	for i := range 2 {
 		cmd := startSleep(t, bin, nil)
-		sels, err := a.Attest(context.Background(), int32(cmd.Process.Pid))
+		sels, err := a.Attest(context.Background(), processOf(t, int32(cmd.Process.Pid)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -235,7 +235,7 @@ func TestChangedBinaryIsRehashed(t *testing.T) {
 		t.Helper()
 		cmd := startSleep(t, bin, nil)
 		defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-		sels, err := a.Attest(context.Background(), int32(cmd.Process.Pid))
+		sels, err := a.Attest(context.Background(), processOf(t, int32(cmd.Process.Pid)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -271,7 +271,7 @@ func TestDeletedBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := newTestAttestor(t, "discover_workload_path = true")
-	sels, err := a.Attest(context.Background(), int32(cmd.Process.Pid))
+	sels, err := a.Attest(context.Background(), processOf(t, int32(cmd.Process.Pid)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +290,7 @@ func TestWorkloadSizeLimit(t *testing.T) {
 	pid := int32(cmd.Process.Pid)
 
 	a := newTestAttestor(t, "discover_workload_path = true\nworkload_size_limit = 1")
-	_, err := a.Attest(context.Background(), pid)
+	_, err := a.Attest(context.Background(), processOf(t, pid))
 	if err == nil {
 		t.Fatal("no error for an executable over workload_size_limit")
 	}
@@ -306,7 +306,7 @@ func TestWorkloadSizeLimit(t *testing.T) {
 
 	// Exactly at the limit is allowed.
 	a = newTestAttestor(t, fmt.Sprintf("discover_workload_path = true\nworkload_size_limit = %d", size))
-	sels, err := a.Attest(context.Background(), pid)
+	sels, err := a.Attest(context.Background(), processOf(t, pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -316,7 +316,7 @@ func TestWorkloadSizeLimit(t *testing.T) {
 
 	// Negative: path only, never hashed.
 	a = newTestAttestor(t, "discover_workload_path = true\nworkload_size_limit = -1")
-	sels, err = a.Attest(context.Background(), pid)
+	sels, err = a.Attest(context.Background(), processOf(t, pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +371,8 @@ func TestNoSuchProcess(t *testing.T) {
 	}
 	a := newTestAttestor(t, "discover_workload_path = true")
 	for _, pid := range []int32{int32(pidMax), 0, -1} {
-		_, err := a.Attest(context.Background(), pid)
+		// As on kernels without SO_PEERGROUPS, where /proc is read.
+		_, err := a.Attest(context.Background(), attestor.Process{PID: pid})
 		if err == nil {
 			t.Errorf("pid %d: no error", pid)
 			continue
@@ -391,13 +392,14 @@ func TestConcurrentMissesHashOnce(t *testing.T) {
 	sum, _ := fileSHA256(t, bin)
 	cmd := startSleep(t, bin, nil)
 	a := newTestAttestor(t, "discover_workload_path = true")
+	proc := processOf(t, int32(cmd.Process.Pid))
 	var wg sync.WaitGroup
 	errs := make([]error, 16)
 	for i := range errs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sels, err := a.Attest(context.Background(), int32(cmd.Process.Pid))
+			sels, err := a.Attest(context.Background(), proc)
 			if err == nil && !slices.Contains(values(sels), "unix:sha256:"+sum) {
 				err = fmt.Errorf("sha256 missing from %v", values(sels))
 			}
@@ -504,20 +506,27 @@ func TestParseStatus(t *testing.T) {
 }
 
 func BenchmarkAttest(b *testing.B) {
-	for _, bc := range []struct{ name, hcl string }{
-		{"ids", ""},
-		{"discover_workload_path", "discover_workload_path = true"},
+	for _, bc := range []struct {
+		name, hcl    string
+		groupsKnown bool
+	}{
+		{"ids", "", true},
+		{"ids_from_status", "", false}, // kernels without SO_PEERGROUPS
+		{"discover_workload_path", "discover_workload_path = true", true},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			a := newTestAttestor(b, bc.hcl)
-			pid := int32(os.Getpid())
+			proc := processOf(b, int32(os.Getpid()))
+			if !bc.groupsKnown {
+				proc.Groups, proc.GroupsKnown = nil, false
+			}
 			ctx := context.Background()
-			if _, err := a.Attest(ctx, pid); err != nil { // fill the caches
+			if _, err := a.Attest(ctx, proc); err != nil { // fill the caches
 				b.Fatal(err)
 			}
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, err := a.Attest(ctx, pid); err != nil {
+				if _, err := a.Attest(ctx, proc); err != nil {
 					b.Fatal(err)
 				}
 			}
