@@ -7,8 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -27,10 +25,10 @@ import (
 // who could swap either could serve workloads a CA of their own, or have
 // the agent create or chmod a file of their choosing.
 //
-// At most maxConns connections are held at once; more are accepted and
-// closed at once with a logged warning, so that a flood cannot exhaust the
-// agent's file descriptors (each connection holds two: the socket and the
-// caller's pidfd).
+// At most maxConns connections are held at once, shared fairly between
+// the users that connect (see limitListener), so that a flood cannot
+// exhaust the agent's file descriptors (each connection holds two: the
+// socket and the caller's pidfd) nor lock other users out.
 func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
 	dir, err := openSocketDir(filepath.Dir(path))
 	if err != nil {
@@ -107,67 +105,6 @@ func chmodSocket(dir int, name string, mode uint32) error {
 		return fmt.Errorf("%s is %s, not the socket just bound", name, fileMode(&st))
 	}
 	return unix.Chmod("/proc/self/fd/"+strconv.Itoa(fd), mode)
-}
-
-// DefaultMaxConnections leaves room under the open-file limit (which Go
-// raises to the hard limit at start) for everything else the agent opens.
-func DefaultMaxConnections() int {
-	var lim unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == unix.RLIM_INFINITY {
-		return 16384
-	}
-	n := (int64(lim.Cur) - 256) / 2
-	return int(max(min(n, 16384), 64))
-}
-
-type limitListener struct {
-	net.Listener
-	slots    chan struct{}
-	log      hclog.Logger
-	lastWarn atomic.Int64
-}
-
-func newLimitListener(l net.Listener, maxConns int, log hclog.Logger) *limitListener {
-	return &limitListener{Listener: l, slots: make(chan struct{}, maxConns), log: log}
-}
-
-func (l *limitListener) Accept() (net.Conn, error) {
-	for {
-		conn, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		select {
-		case l.slots <- struct{}{}:
-			return &limitConn{Conn: conn, release: func() { <-l.slots }}, nil
-		default:
-			conn.Close()
-			if now := time.Now().Unix(); l.lastWarn.Swap(now) != now {
-				l.log.Warn("Refusing connections: the connection limit is reached", "limit", cap(l.slots))
-			}
-		}
-	}
-}
-
-type limitConn struct {
-	net.Conn
-	once    sync.Once
-	release func()
-}
-
-// SyscallConn exposes the socket, for reading the peer's credentials.
-func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
-	sc, ok := c.Conn.(syscall.Conn)
-	if !ok {
-		return nil, errors.New("not a socket connection")
-	}
-	return sc.SyscallConn()
-}
-
-func (c *limitConn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(c.release)
-	return err
 }
 
 // removeStaleSocket removes the socket name in dir when nothing listens on
