@@ -11,14 +11,31 @@ import (
 	"github.com/lanyard-dev/lanyard/test/testbin"
 )
 
-// TestPlantedSocketDirIsRefused: another user made the socket directory
-// before the agent started, and left a symlink in it where the agent puts
-// its lock. The agent must refuse to start and say why, rather than serve
-// from a directory whose owner can swap the socket for their own.
+// TestPlantedSocketDirIsRefused: before the agent started, another user
+// made the socket directory (or it is left writable by everyone), and put
+// a symlink in it where the agent puts its lock. The agent must refuse to
+// start and say why, rather than serve from a directory where that user
+// can swap the socket for their own.
 func TestPlantedSocketDirIsRefused(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to plant a directory as another user")
 	}
+	for _, tc := range []struct {
+		name       string
+		mode       os.FileMode
+		owner      int
+		wantInLogs []string
+	}{
+		{"owned by the attacker", 0o755, attackerUID, []string{"uid 47001", "drwxr-xr-x"}},
+		{"writable by others", 0o777, 0, []string{"uid 0", "drwxrwxrwx"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			plantedSocketDir(t, tc.mode, tc.owner, tc.wantInLogs)
+		})
+	}
+}
+
+func plantedSocketDir(t *testing.T, mode os.FileMode, owner int, wantInLogs []string) {
 	dir := newAgentDir(t)
 	a := &agentProc{
 		t:       t,
@@ -29,7 +46,10 @@ func TestPlantedSocketDirIsRefused(t *testing.T) {
 	}
 	a.writeConfig(baseConfig)
 	public := filepath.Dir(a.socket)
-	if err := os.Mkdir(public, 0o755); err != nil {
+	if err := os.Mkdir(public, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(public, mode); err != nil {
 		t.Fatal(err)
 	}
 	// Root would create this file by opening its lock through the symlink.
@@ -37,10 +57,11 @@ func TestPlantedSocketDirIsRefused(t *testing.T) {
 	if err := os.Symlink(target, a.socket+".lock"); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{public, a.socket + ".lock"} {
-		if err := os.Lchown(p, attackerUID, attackerUID); err != nil {
-			t.Fatal(err)
-		}
+	if err := os.Lchown(public, owner, owner); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(a.socket+".lock", attackerUID, attackerUID); err != nil {
+		t.Fatal(err)
 	}
 
 	p, err := testbin.Start(t, lanyardBin, "run", "-config", a.config)
@@ -48,16 +69,18 @@ func TestPlantedSocketDirIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := p.WaitServing(a.socket, 30*time.Second); err == nil {
-		// It serves from the attacker's directory: show what that gives.
+		// It serves from a directory the attacker can write: show what
+		// that gives.
 		swap := startRole(t, attackerUID, "swap", a.socket)
 		if line, _ := swap.next(t, 30*time.Second); line != "swapped" {
-			t.Fatalf("the agent started in %s, owned by uid %d (the attacker could not swap its socket: %q %s)", public, attackerUID, line, swap.errors())
+			t.Fatalf("the agent started in %s (mode %o, uid %d); the attacker could not swap its socket: %q %s", public, mode, owner, line, swap.errors())
 		}
 		if c, err := net.Dial("unix", a.socket); err == nil {
 			c.Close()
 		}
 		line, _ := swap.next(t, 30*time.Second)
-		t.Fatalf("the agent started in %s, owned by uid %d; the attacker then replaced its socket and a workload's connection reached the attacker (%q)", public, attackerUID, line)
+		_, lockErr := os.Lstat(target)
+		t.Fatalf("the agent started in %s (mode %o, uid %d); the attacker then replaced its socket and a workload's connection reached the attacker (%q); root created the lock symlink's target: %v", public, mode, owner, line, lockErr == nil)
 	}
 	select {
 	case <-p.Exited:
@@ -68,7 +91,7 @@ func TestPlantedSocketDirIsRefused(t *testing.T) {
 		t.Fatal("the agent exited 0 on a planted socket directory")
 	}
 	out := p.Logs.String()
-	for _, want := range []string{public, "uid 47001", "drwxr-xr-x"} {
+	for _, want := range append([]string{public}, wantInLogs...) {
 		if !strings.Contains(out, want) {
 			t.Errorf("the refusal does not name %q:\n%s", want, out)
 		}
