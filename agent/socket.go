@@ -6,8 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -21,35 +20,43 @@ import (
 // connect, so the socket is world-writable; what they get is decided by
 // attestation, not by file modes.
 //
-// At most maxConns connections are held at once; more are accepted and
-// closed at once with a logged warning, so that a flood cannot exhaust the
-// agent's file descriptors (each connection holds two: the socket and the
-// caller's pidfd).
+// It refuses a socket directory that another user could change (see
+// openSocketDir), and follows no symlink for the socket or its lock: a user
+// who could swap either could serve workloads a CA of their own, or have
+// the agent create or chmod a file of their choosing.
+//
+// At most maxConns connections are held at once, shared fairly between
+// the users that connect (see limitListener), so that a flood cannot
+// exhaust the agent's file descriptors (each connection holds two: the
+// socket and the caller's pidfd) nor lock other users out.
 func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating the socket directory %s: %w", dir, err)
+	dir, err := openSocketDir(filepath.Dir(path))
+	if err != nil {
+		return nil, err
 	}
+	defer unix.Close(dir)
+	name := filepath.Base(path)
 	// The lock settles a race between two agents starting at once; the
 	// kernel drops it when the process dies.
-	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	lock, err := openLock(dir, name+".lock", path+".lock")
 	if err != nil {
-		return nil, fmt.Errorf("opening the socket lock %s.lock: %w", path, err)
+		return nil, err
 	}
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("the socket %s is in use by another running agent (its lock %s.lock is held): stop that agent or choose another socket_path", path, path)
 	}
-	if err := removeStaleSocket(path); err != nil {
+	if err := removeStaleSocket(dir, name, path); err != nil {
 		lock.Close()
 		return nil, err
 	}
+	// By path: only root and the agent can change the checked directory.
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o777); err != nil {
+	if err := chmodSocket(dir, name, 0o777); err != nil {
 		l.Close()
 		lock.Close()
 		return nil, fmt.Errorf("making the socket %s reachable by workloads: %w", path, err)
@@ -57,77 +64,66 @@ func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
 	return &lockedListener{Listener: newLimitListener(l, maxConns, log), lock: lock}, nil
 }
 
-// DefaultMaxConnections leaves room under the open-file limit (which Go
-// raises to the hard limit at start) for everything else the agent opens.
-func DefaultMaxConnections() int {
-	var lim unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == unix.RLIM_INFINITY {
-		return 16384
-	}
-	n := (int64(lim.Cur) - 256) / 2
-	return int(max(min(n, 16384), 64))
-}
-
-type limitListener struct {
-	net.Listener
-	slots    chan struct{}
-	log      hclog.Logger
-	lastWarn atomic.Int64
-}
-
-func newLimitListener(l net.Listener, maxConns int, log hclog.Logger) *limitListener {
-	return &limitListener{Listener: l, slots: make(chan struct{}, maxConns), log: log}
-}
-
-func (l *limitListener) Accept() (net.Conn, error) {
-	for {
-		conn, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
+// openLock opens (creating) the lock file in dir without following a
+// symlink, and accepts only a regular file of the agent's own.
+func openLock(dir int, name, path string) (*os.File, error) {
+	fd, err := unix.Openat(dir, name, unix.O_CREAT|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) {
+			return nil, fmt.Errorf("the socket lock %s is a symlink: remove it", path)
 		}
-		select {
-		case l.slots <- struct{}{}:
-			return &limitConn{Conn: conn, release: func() { <-l.slots }}, nil
-		default:
-			conn.Close()
-			if now := time.Now().Unix(); l.lastWarn.Swap(now) != now {
-				l.log.Warn("Refusing connections: the connection limit is reached", "limit", cap(l.slots))
-			}
-		}
+		return nil, fmt.Errorf("opening the socket lock %s: %w", path, err)
 	}
-}
-
-type limitConn struct {
-	net.Conn
-	once    sync.Once
-	release func()
-}
-
-// SyscallConn exposes the socket, for reading the peer's credentials.
-func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
-	sc, ok := c.Conn.(syscall.Conn)
-	if !ok {
-		return nil, errors.New("not a socket connection")
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("checking the socket lock %s: %w", path, err)
 	}
-	return sc.SyscallConn()
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || int(st.Uid) != os.Geteuid() {
+		unix.Close(fd)
+		return nil, fmt.Errorf("the socket lock %s is not a regular file of the agent's user (it is %s, owned by %s): remove it", path, fileMode(&st), describeOwner(st.Uid))
+	}
+	return os.NewFile(uintptr(fd), path), nil
 }
 
-func (c *limitConn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(c.release)
-	return err
+// chmodSocket sets the mode of the socket name in dir through a descriptor
+// of the socket's own inode (O_PATH|O_NOFOLLOW), so that what is changed is
+// that socket, never what a symlink in its place points to. fchmod does not
+// take O_PATH descriptors; chmod of their /proc/self/fd link does, as
+// glibc's fchmodat(AT_SYMLINK_NOFOLLOW) does it.
+func chmodSocket(dir int, name string, mode uint32) error {
+	fd, err := unix.Openat(dir, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("%s is %s, not the socket just bound", name, fileMode(&st))
+	}
+	return unix.Chmod("/proc/self/fd/"+strconv.Itoa(fd), mode)
 }
 
-func removeStaleSocket(path string) error {
-	info, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
+// removeStaleSocket removes the socket name in dir when nothing listens on
+// it. It never follows a symlink: anything but a socket is refused.
+func removeStaleSocket(dir int, name, path string) error {
+	var st unix.Stat_t
+	err := unix.Fstatat(dir, name, &st, unix.AT_SYMLINK_NOFOLLOW)
+	if errors.Is(err, unix.ENOENT) {
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("checking %s: %w", path, err)
 	}
-	if info.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%s exists and is not a socket: remove it or choose another socket_path", path)
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFSOCK:
+	case unix.S_IFLNK:
+		return fmt.Errorf("%s exists and is a symlink, not a socket: remove it or choose another socket_path", path)
+	default:
+		return fmt.Errorf("%s exists and is not a socket (it is %s): remove it or choose another socket_path", path, fileMode(&st))
 	}
 	conn, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
@@ -137,7 +133,7 @@ func removeStaleSocket(path string) error {
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("checking whether %s is in use: %w", path, err)
 	}
-	if err := os.Remove(path); err != nil {
+	if err := unix.Unlinkat(dir, name, 0); err != nil {
 		return fmt.Errorf("removing the stale socket %s: %w", path, err)
 	}
 	return nil

@@ -8,12 +8,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 func listen(path string) (net.Listener, error) {
@@ -356,4 +358,204 @@ func TestDefaultMaxConnections(t *testing.T) {
 	if n := DefaultMaxConnections(); n < 64 || n > 16384 {
 		t.Errorf("DefaultMaxConnections = %d, want within [64, 16384]", n)
 	}
+}
+
+// otherUID stands for an unprivileged user on the node: it needs no passwd
+// entry to own files.
+const otherUID = 47001
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("needs root to give files to another user")
+	}
+}
+
+// listenRefused runs Listen on path and requires a refusal that says each
+// of want.
+func listenRefused(t *testing.T, path string, want ...string) {
+	t.Helper()
+	l, err := listen(path)
+	if err == nil {
+		l.Close()
+		t.Fatalf("Listen(%s) succeeded", path)
+	}
+	t.Log(err)
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("the error does not say %q:\n%v", w, err)
+		}
+	}
+}
+
+func mkdirMode(t *testing.T, path string, mode os.FileMode, uid int) {
+	t.Helper()
+	if err := os.Mkdir(path, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestListenRefusesSocketDirOfAnotherUser(t *testing.T) {
+	needRoot(t)
+	dir := filepath.Join(t.TempDir(), "public")
+	mkdirMode(t, dir, 0o755, otherUID)
+	listenRefused(t, filepath.Join(dir, "api.sock"), dir, "uid 47001", "drwxr-xr-x")
+	if names, _ := os.ReadDir(dir); len(names) != 0 {
+		t.Errorf("Listen left %v in the refused directory", names)
+	}
+
+	// A parent the agent did not create counts as much as the directory.
+	parent := filepath.Join(t.TempDir(), "lanyard")
+	mkdirMode(t, parent, 0o755, otherUID)
+	listenRefused(t, filepath.Join(parent, "public", "api.sock"), parent, "uid 47001")
+	if _, err := os.Lstat(filepath.Join(parent, "public")); err == nil {
+		t.Error("Listen created a directory inside the refused one")
+	}
+}
+
+func TestListenRefusesWritableSocketDir(t *testing.T) {
+	for _, mode := range []os.FileMode{0o777, 0o775, 0o757} {
+		dir := filepath.Join(t.TempDir(), "public")
+		mkdirMode(t, dir, mode, os.Getuid())
+		listenRefused(t, filepath.Join(dir, "api.sock"), dir, "group or others can write")
+	}
+	// Sticky is fine on the way (it is /tmp), but not for the socket's own
+	// directory: anyone could put a socket there under the agent's name.
+	tmp := filepath.Join(t.TempDir(), "tmp")
+	mkdirMode(t, tmp, 0o777|os.ModeSticky, os.Getuid())
+	listenRefused(t, filepath.Join(tmp, "api.sock"), tmp, "directory of its own")
+}
+
+func TestListenCreatesSafeDirsUnderStickyTmp(t *testing.T) {
+	needRoot(t)
+	tmp := filepath.Join(t.TempDir(), "tmp")
+	mkdirMode(t, tmp, 0o777|os.ModeSticky, 0)
+	path := filepath.Join(tmp, "lanyard", "public", "api.sock")
+	l, err := listen(path)
+	if err != nil {
+		t.Fatalf("Listen under a sticky world-writable directory: %v", err)
+	}
+	defer l.Close()
+	for _, d := range []string{filepath.Join(tmp, "lanyard"), filepath.Dir(path)} {
+		info, err := os.Lstat(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Mode() != os.ModeDir|0o755 || info.Sys().(*syscall.Stat_t).Uid != 0 {
+			t.Errorf("%s was created with mode %v, uid %d; want drwxr-xr-x, root", d, info.Mode(), info.Sys().(*syscall.Stat_t).Uid)
+		}
+	}
+	serve(l, "hello")
+	if got := readFrom(t, path); got != "hello" {
+		t.Errorf("read %q through the socket", got)
+	}
+
+	// Another user got there first.
+	tmp2 := filepath.Join(t.TempDir(), "tmp")
+	mkdirMode(t, tmp2, 0o777|os.ModeSticky, 0)
+	mkdirMode(t, filepath.Join(tmp2, "lanyard"), 0o755, otherUID)
+	listenRefused(t, filepath.Join(tmp2, "lanyard", "public", "api.sock"), filepath.Join(tmp2, "lanyard"), "uid 47001")
+}
+
+func TestListenFollowsOnlyTrustedSymlinks(t *testing.T) {
+	needRoot(t)
+	base := t.TempDir()
+	real := filepath.Join(base, "real")
+	if err := os.MkdirAll(filepath.Join(real, "public"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// /var/run -> /run: root's symlinks, absolute or relative, keep working.
+	for i, target := range []string{real, "./real", "real/public/.."} {
+		link := filepath.Join(base, "run"+strconv.Itoa(i))
+		if err := os.Symlink(target, link); err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(link, "public", "api.sock")
+		l, err := listen(path)
+		if err != nil {
+			t.Fatalf("Listen through root's symlink %s -> %s: %v", link, target, err)
+		}
+		serve(l, "via "+target)
+		if got := readFrom(t, path); got != "via "+target {
+			t.Errorf("read %q", got)
+		}
+		l.Close()
+	}
+
+	// Another user's symlink could be pointed anywhere later.
+	tmp := filepath.Join(base, "tmp")
+	mkdirMode(t, tmp, 0o777|os.ModeSticky, 0)
+	link := filepath.Join(tmp, "lanyard")
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, otherUID, otherUID); err != nil {
+		t.Fatal(err)
+	}
+	listenRefused(t, filepath.Join(link, "public", "api.sock"), "symlink "+link, "uid 47001")
+}
+
+func TestListenFollowsNoSymlinkForSocketOrLock(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(t.TempDir(), "target")
+	if err := os.WriteFile(target, []byte("keep me"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "api.sock")
+
+	// The lock: a symlink to a file, and to a file that does not exist yet.
+	missing := filepath.Join(t.TempDir(), "created-by-root")
+	for _, to := range []string{target, missing} {
+		if err := os.Symlink(to, path+".lock"); err != nil {
+			t.Fatal(err)
+		}
+		listenRefused(t, path, path+".lock", "symlink")
+		os.Remove(path + ".lock")
+	}
+	if _, err := os.Lstat(missing); err == nil {
+		t.Error("Listen created a file through the lock's symlink")
+	}
+
+	// The socket: a symlink is not a socket, and is not removed or followed.
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	listenRefused(t, path, path, "not a socket")
+	if info, err := os.Lstat(path); err != nil || info.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("the symlink was removed: %v", err)
+	}
+	if info, _ := os.Stat(target); info.Mode().Perm() != 0o600 {
+		t.Errorf("the symlink's target has mode %v", info.Mode())
+	}
+
+	// chmodSocket, given a symlink where the socket was bound, changes nothing.
+	d, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(d)
+	if err := chmodSocket(d, "api.sock", 0o777); err == nil {
+		t.Error("chmodSocket accepted a symlink")
+	}
+	if info, _ := os.Stat(target); info.Mode().Perm() != 0o600 {
+		t.Errorf("chmodSocket changed the symlink's target to %v", info.Mode())
+	}
+}
+
+func TestListenRefusesLockOfAnotherUser(t *testing.T) {
+	needRoot(t)
+	path := filepath.Join(t.TempDir(), "api.sock")
+	if err := os.WriteFile(path+".lock", nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path+".lock", otherUID, otherUID); err != nil {
+		t.Fatal(err)
+	}
+	listenRefused(t, path, path+".lock", "uid 47001")
 }

@@ -151,12 +151,13 @@ func runAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
 	}
-	listener, err := agent.Listen(cfg.Agent.SocketPath, agent.DefaultMaxConnections(), log.Named("listener"))
+	maxConns := agent.DefaultMaxConnections()
+	listener, err := agent.Listen(cfg.Agent.SocketPath, maxConns, log.Named("listener"))
 	if err != nil {
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
 	}
-	if err := serve(cfg, f, log, a, listener); err != nil {
+	if err := serve(cfg, f, log, a, listener, maxConns); err != nil {
 		log.Error("Agent stopped", "error", err)
 		return 1
 	}
@@ -164,7 +165,7 @@ func runAgent(args []string, stderr io.Writer) int {
 }
 
 // serve runs the agent until SIGTERM or SIGINT, reloading on SIGHUP.
-func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, listener net.Listener) error {
+func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, listener net.Listener, maxConns int) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	hup := make(chan os.Signal, 1)
@@ -193,7 +194,7 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 	stopProfiling := startProfilingListener(cfg.Agent.ProfilingPort, log)
 	defer stopProfiling()
 
-	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "version", version)
+	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "max_connections", maxConns, "version", version)
 	go func() {
 		select {
 		case <-a.Cache().Ready():

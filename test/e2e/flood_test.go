@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -183,4 +185,76 @@ func TestStuckReaderIsDroppedOthersKeepGettingRotations(t *testing.T) {
 	if len(w.errs) > 0 {
 		t.Fatalf("the watcher saw errors: %v", w.errs)
 	}
+}
+
+// TestConnectionFloodByOneUserDoesNotStarveAnother: a user with no entry
+// takes every connection the agent allows and holds them, half idle, half
+// with a stream open, reconnecting whenever one is closed. Another user's
+// workload must still get every fetch, and a probe by root must be served.
+func TestConnectionFloodByOneUserDoesNotStarveAnother(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to run clients under other uids")
+	}
+	a := &agentProc{t: t, dir: newAgentDir(t), nofile: 384}
+	a.config = filepath.Join(a.dir, "agent.conf")
+	a.socket = filepath.Join(a.dir, "public", "api.sock")
+	a.dataDir = filepath.Join(a.dir, "data")
+	a.writeConfig(withEntries(`
+      entry {
+        spiffe_id = "spiffe://example.org/victim"
+        selectors = ["unix:uid:` + itoa(victimUID) + `"]
+      }
+`))
+	if err := a.start(); err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`max_connections=(\d+)`).FindStringSubmatch(a.Logs.String())
+	if m == nil {
+		t.Fatalf("the agent does not log its connection limit:\n%s", a.Logs.String())
+	}
+	limit, _ := strconv.Atoi(m[1])
+	if limit > 256 {
+		t.Fatalf("the connection limit is %d under RLIMIT_NOFILE %d", limit, a.nofile)
+	}
+
+	attacker := startRole(t, attackerUID, "hold", a.socket, itoa(limit+limit/4))
+	deadline := time.Now().Add(60 * time.Second)
+	for held := 0; held < limit; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the attacker holds %d connections after 60s, want the limit %d", held, limit)
+		}
+		line, ok := attacker.next(t, 60*time.Second)
+		if !ok {
+			t.Fatalf("the attacker exited: %s", attacker.errors())
+		}
+		if n, ok := heldCount(line); ok {
+			held = n
+		}
+	}
+
+	const fetches = 40
+	victim := startRole(t, victimUID, "fetch", a.socket, itoa(fetches))
+	var got int
+	var fails []string
+	for range fetches {
+		line, ok := victim.next(t, 60*time.Second)
+		if !ok {
+			t.Fatalf("the victim exited early: %s", victim.errors())
+		}
+		if line == "ok" {
+			got++
+		} else if len(fails) < 3 {
+			fails = append(fails, line)
+		}
+	}
+	if got != fetches {
+		t.Fatalf("the victim got %d of %d fetches while uid %d held the agent's %d connections; first failures: %q", got, fetches, attackerUID, limit, fails)
+	}
+	// A probe by root, as the agent's health checks are, is served too.
+	if !a.healthy() {
+		t.Fatal("a health probe was not served during the flood")
+	}
+	waitFor(t, 10*time.Second, "the agent to log the offending uid", func() bool {
+		return strings.Contains(a.Logs.String(), "uid="+itoa(attackerUID))
+	})
 }

@@ -26,6 +26,9 @@ import (
 var lanyardBin string
 
 func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == roleArg {
+		os.Exit(runRole(os.Args[2:]))
+	}
 	os.Exit(runTests(m))
 }
 
@@ -37,6 +40,10 @@ func runTests(m *testing.M) int {
 	}
 	defer cleanup()
 	lanyardBin = bin
+	if err := placeRoleBin(filepath.Dir(bin)); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	return m.Run()
 }
 
@@ -48,6 +55,9 @@ type agentProc struct {
 	config  string
 	socket  string
 	dataDir string
+	// nofile, when set, is the agent's open-file limit, from which it
+	// sizes its connection limit.
+	nofile int
 }
 
 // newAgentDir makes a short-pathed directory (Unix socket paths are limited
@@ -100,7 +110,11 @@ func (a *agentProc) writeConfig(config string) {
 }
 
 func (a *agentProc) start() error {
-	p, err := testbin.Start(a.t, lanyardBin, "run", "-config", a.config)
+	bin, args := lanyardBin, []string{"run", "-config", a.config}
+	if a.nofile > 0 {
+		bin, args = roleBin, append([]string{roleArg, "nofile", strconv.Itoa(a.nofile), lanyardBin}, args...)
+	}
+	p, err := testbin.Start(a.t, bin, args...)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,269 @@
+package agent
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultMaxConnections leaves room under the open-file limit (which Go
+// raises to the hard limit at start) for everything else the agent opens.
+func DefaultMaxConnections() int {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur == unix.RLIM_INFINITY {
+		return 16384
+	}
+	n := (int64(lim.Cur) - 256) / 2
+	return int(max(min(n, 16384), 64))
+}
+
+// offenderLogInterval spaces the warnings about one user: a flood refuses
+// thousands of connections a second, and one line a minute says who.
+const offenderLogInterval = time.Minute
+
+// limitListener caps the connections held at once and shares the cap
+// between the users (peer uids) that connect. While there is room every
+// connection is taken. When the cap is reached, a user below its fair
+// share (the cap divided by the users holding connections, counting the
+// newcomer) gets in by closing the least recently active connection of the
+// user holding the most; a user at or above its share is refused. So one
+// user can fill an idle agent but never keep another user out, and no one,
+// root included, needs a reserve: the agent's health probes get in as any
+// light user does.
+//
+// Activity is the last second a connection read or wrote a byte: from the
+// listener's view that is the best sign of a call in flight, and it costs
+// the hot path one atomic load (and a store once a second).
+type limitListener struct {
+	net.Listener
+	max int
+	log hclog.Logger
+
+	mu    sync.Mutex
+	total int
+	users map[uint32]*userConns
+	seq   uint64
+}
+
+// userConns are one uid's connections.
+type userConns struct {
+	conns map[*limitConn]struct{}
+	// Since the last warning about this user.
+	refused, closed int
+	lastWarn        time.Time
+}
+
+func newLimitListener(l net.Listener, maxConns int, log hclog.Logger) *limitListener {
+	return &limitListener{Listener: l, max: max(maxConns, 1), log: log, users: make(map[uint32]*userConns)}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(conn)
+		if err != nil {
+			// Nor could the handshake attest it.
+			l.log.Debug("Closing a connection whose peer credentials cannot be read", "error", err)
+			conn.Close()
+			continue
+		}
+		c := &limitConn{Conn: conn, l: l, uid: uid}
+		evicted, ok := l.admit(c)
+		if evicted != nil {
+			evicted.Conn.Close()
+		}
+		if !ok {
+			conn.Close()
+			continue
+		}
+		return c, nil
+	}
+}
+
+// admit takes c in, or refuses it; when the cap is reached it may name a
+// connection of the heaviest user to close to make room.
+func (l *limitListener) admit(c *limitConn) (evict *limitConn, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c.active.Store(coarseNow())
+	if l.total >= l.max {
+		mine := l.users[c.uid]
+		held, holders := 0, len(l.users)
+		if mine != nil {
+			held = len(mine.conns)
+		} else {
+			holders++
+		}
+		share := max(l.max/holders, 1)
+		heavyUID, heavy := l.heaviest()
+		if held >= share || len(heavy.conns) <= held+1 {
+			if mine == nil {
+				mine, c.uid = heavy, heavyUID // only when the cap is 1
+			}
+			mine.refused++
+			l.warnLocked(c.uid, mine, share)
+			return nil, false
+		}
+		evict = heavy.leastRecentlyActive()
+		l.removeLocked(evict)
+		heavy.closed++
+		l.warnLocked(heavyUID, heavy, share)
+	}
+	l.seq++
+	c.seq = l.seq
+	u := l.users[c.uid]
+	if u == nil {
+		u = &userConns{conns: make(map[*limitConn]struct{})}
+		l.users[c.uid] = u
+	}
+	u.conns[c] = struct{}{}
+	l.total++
+	return evict, true
+}
+
+// heaviest is the user holding the most connections (the lowest uid among
+// equals). There is one whenever the cap is reached.
+func (l *limitListener) heaviest() (uint32, *userConns) {
+	var uid uint32
+	var heavy *userConns
+	for id, u := range l.users {
+		if heavy == nil || len(u.conns) > len(heavy.conns) || len(u.conns) == len(heavy.conns) && id < uid {
+			uid, heavy = id, u
+		}
+	}
+	return uid, heavy
+}
+
+// leastRecentlyActive is the connection idle the longest, the oldest among
+// equals.
+func (u *userConns) leastRecentlyActive() *limitConn {
+	var pick *limitConn
+	var pickActive int64
+	for c := range u.conns {
+		a := c.active.Load()
+		if pick == nil || a < pickActive || a == pickActive && c.seq < pick.seq {
+			pick, pickActive = c, a
+		}
+	}
+	return pick
+}
+
+func (l *limitListener) removeLocked(c *limitConn) {
+	if c.released {
+		return
+	}
+	c.released = true
+	u := l.users[c.uid]
+	delete(u.conns, c)
+	if len(u.conns) == 0 {
+		delete(l.users, c.uid)
+	}
+	l.total--
+}
+
+func (l *limitListener) release(c *limitConn) {
+	l.mu.Lock()
+	l.removeLocked(c)
+	l.mu.Unlock()
+}
+
+// warnLocked names a user that was refused or had a connection closed, at
+// most once per offenderLogInterval.
+func (l *limitListener) warnLocked(uid uint32, u *userConns, share int) {
+	now := time.Now()
+	if !u.lastWarn.IsZero() && now.Sub(u.lastWarn) < offenderLogInterval {
+		return
+	}
+	// refused and closed count since the previous warning about uid.
+	l.log.Warn("Connection limit reached: a user at its share of the limit has new connections refused, and the user holding the most has its least recently active ones closed",
+		"uid", uid, "connections", len(u.conns), "share", share, "limit", l.max,
+		"refused", u.refused, "closed", u.closed)
+	u.lastWarn = now
+	u.refused, u.closed = 0, 0
+}
+
+// peerUID reads the connecting process's uid (SO_PEERCRED): one getsockopt
+// per connection.
+func peerUID(conn net.Conn) (uint32, error) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return 0, errors.New("not a socket connection")
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, credErr
+	}
+	return cred.Uid, nil
+}
+
+// clockStart anchors coarseNow to the monotonic clock.
+var clockStart = time.Now()
+
+// coarseNow is the second since the agent started.
+func coarseNow() int64 { return int64(time.Since(clockStart) / time.Second) }
+
+type limitConn struct {
+	net.Conn
+	l      *limitListener
+	uid    uint32
+	seq    uint64       // accept order; set under l.mu
+	active atomic.Int64 // coarseNow of the last byte read or written
+	// released is set under l.mu once the connection no longer counts.
+	released bool
+}
+
+func (c *limitConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.touch()
+	}
+	return n, err
+}
+
+func (c *limitConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	if n > 0 {
+		c.touch()
+	}
+	return n, err
+}
+
+func (c *limitConn) touch() {
+	if now := coarseNow(); c.active.Load() != now {
+		c.active.Store(now)
+	}
+}
+
+// SyscallConn exposes the socket, for reading the peer's credentials.
+func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("not a socket connection")
+	}
+	return sc.SyscallConn()
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.l.release(c)
+	return err
+}

@@ -1,0 +1,319 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"golang.org/x/sys/unix"
+)
+
+// Other users on the node. They need no passwd entry.
+const (
+	attackerUID = 47001 // a shell on the node, no registration entry
+	victimUID   = 47002 // a workload with an entry
+)
+
+// roleArg makes the test binary play a role instead of running tests: a
+// process under another uid (a process's uid is what the agent sees), or
+// the agent started under a lower open-file limit.
+const roleArg = "-e2e.role"
+
+// roleBin is the test binary where every user can run it.
+var roleBin string
+
+// placeRoleBin links (or copies) the test binary into dir, which every user
+// may read: go test's own build directory is private.
+func placeRoleBin(dir string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	roleBin = filepath.Join(dir, "e2e-role")
+	if err := os.Link(self, roleBin); err == nil {
+		return os.Chmod(roleBin, 0o755)
+	}
+	data, err := os.ReadFile(self)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(roleBin, data, 0o755)
+}
+
+// runRole plays the role named by args[0]; it returns the exit code.
+func runRole(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprintln(os.Stderr, "no role")
+		return 2
+	}
+	var err error
+	switch role, rest := args[0], args[1:]; role {
+	case "nofile":
+		err = execWithNofile(rest)
+	case "hold":
+		err = holdConnections(rest)
+	case "fetch":
+		err = fetchRepeatedly(rest)
+	case "swap":
+		err = swapSocket(rest)
+	default:
+		err = fmt.Errorf("unknown role %q", role)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// execWithNofile lowers RLIMIT_NOFILE to args[0] and execs args[1:], so
+// that the agent sizes its connection limit from it as it would under
+// systemd's LimitNOFILE.
+func execWithNofile(args []string) error {
+	n, err := strconv.ParseUint(args[0], 10, 64)
+	if err != nil {
+		return err
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: n, Max: n}); err != nil {
+		return err
+	}
+	return syscall.Exec(args[1], args[1:], os.Environ())
+}
+
+// roleLifetime bounds a role process in case the test never stops it.
+const roleLifetime = 3 * time.Minute
+
+// holdConnections is the attacker of the flood tests: it keeps args[1]
+// connections open on the socket args[0], the odd ones with a gRPC health
+// Watch stream open (anyone may call it), the even ones idle after the
+// HTTP/2 handshake, and opens a new one whenever the agent closes one. It
+// prints "held N" when the number the agent serves changes.
+func holdConnections(args []string) error {
+	socket := args[0]
+	n, err := strconv.Atoi(args[1])
+	if err != nil {
+		return err
+	}
+	var held atomic.Int64
+	changed := make(chan struct{}, 1)
+	note := func(d int64) {
+		held.Add(d)
+		select {
+		case changed <- struct{}{}:
+		default:
+		}
+	}
+	for i := range n {
+		go func() {
+			for {
+				if c, err := net.Dial("unix", socket); err == nil {
+					if openHTTP2(c, i%2 == 1) {
+						note(1)
+						_, _ = io.Copy(io.Discard, c)
+						note(-1)
+					}
+					c.Close()
+				}
+				// Paced, so that a refused attacker does not take the
+				// machine's two cores from the agent.
+				time.Sleep(50 * time.Millisecond)
+			}
+		}()
+	}
+	end := time.After(roleLifetime)
+	last := int64(-1)
+	for {
+		select {
+		case <-changed:
+			if now := held.Load(); now != last {
+				fmt.Println("held", now)
+				last = now
+			}
+		case <-end:
+			return nil
+		}
+	}
+}
+
+// openHTTP2 sends the HTTP/2 preface, and a health Watch call when stream,
+// and reports whether the server answered with its first frame: the
+// connection was served, not refused.
+func openHTTP2(c net.Conn, stream bool) bool {
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		return false
+	}
+	fr := http2.NewFramer(c, bufio.NewReader(c))
+	if err := fr.WriteSettings(); err != nil {
+		return false
+	}
+	if stream {
+		var hdr bytes.Buffer
+		enc := hpack.NewEncoder(&hdr)
+		for _, f := range [][2]string{
+			{":method", "POST"}, {":scheme", "http"}, {":path", "/grpc.health.v1.Health/Watch"},
+			{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"},
+		} {
+			_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+		}
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hdr.Bytes(), EndHeaders: true}); err != nil {
+			return false
+		}
+		// An empty HealthCheckRequest: the whole server's status.
+		if err := fr.WriteData(1, true, []byte{0, 0, 0, 0, 0}); err != nil {
+			return false
+		}
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := fr.ReadFrame(); err != nil {
+		return false
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	return true
+}
+
+// fetchRepeatedly is the victim: args[1] times, a new client on the socket
+// args[0] fetches its X509-SVID. It prints "ok" or "fail: <error>" for each.
+func fetchRepeatedly(args []string) error {
+	socket := args[0]
+	n, err := strconv.Atoi(args[1])
+	if err != nil {
+		return err
+	}
+	for range n {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+socket))
+		cancel()
+		if err != nil {
+			fmt.Println("fail:", err)
+		} else {
+			fmt.Println("ok")
+		}
+	}
+	return nil
+}
+
+// swapSocket is the attacker of a socket directory they own: it moves the
+// agent's socket args[0] aside, listens in its place, prints "swapped", and
+// prints "connected" for the first workload that connects.
+func swapSocket(args []string) error {
+	socket := args[0]
+	if err := os.Rename(socket, socket+".agent"); err != nil {
+		return err
+	}
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if err := os.Chmod(socket, 0o777); err != nil {
+		return err
+	}
+	fmt.Println("swapped")
+	if ul, ok := l.(*net.UnixListener); ok {
+		_ = ul.SetDeadline(time.Now().Add(roleLifetime))
+	}
+	c, err := l.Accept()
+	if err != nil {
+		return err
+	}
+	c.Close()
+	fmt.Println("connected")
+	return nil
+}
+
+// roleProc is a role running as a child process.
+type roleProc struct {
+	cmd    *exec.Cmd
+	lines  chan string // its stdout, line by line; closed when it exits
+	stderr *bytes.Buffer
+	mu     sync.Mutex
+}
+
+// startRole runs a role under uid. It is killed when the test ends.
+func startRole(t *testing.T, uid int, args ...string) *roleProc {
+	t.Helper()
+	cmd := exec.Command(roleBin, append([]string{roleArg}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true},
+		Pdeathsig:  syscall.SIGKILL,
+	}
+	p := &roleProc{cmd: cmd, lines: make(chan string, 1024), stderr: &bytes.Buffer{}}
+	cmd.Stderr = &lockedWriter{mu: &p.mu, w: p.stderr}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+		close(p.lines)
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	return p
+}
+
+// next returns the role's next line, or fails the test after bound.
+func (p *roleProc) next(t *testing.T, bound time.Duration) (string, bool) {
+	t.Helper()
+	select {
+	case line, ok := <-p.lines:
+		return line, ok
+	case <-time.After(bound):
+		t.Fatalf("the %s role said nothing for %s; stderr:\n%s", p.cmd.Args[2], bound, p.errors())
+		return "", false
+	}
+}
+
+func (p *roleProc) errors() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stderr.String()
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (w *lockedWriter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.w.Write(b)
+}
+
+// heldCount parses the attacker's "held N".
+func heldCount(line string) (int, bool) {
+	rest, ok := strings.CutPrefix(line, "held ")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.Atoi(rest)
+	return n, err == nil
+}
