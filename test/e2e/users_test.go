@@ -72,6 +72,12 @@ func runRole(args []string) int {
 		err = fetchRepeatedly(rest)
 	case "swap":
 		err = swapSocket(rest)
+	case "connect-then-become":
+		err = connectThenBecome(rest)
+	case "peer-child":
+		err = peerChild(rest)
+	case "setuid-window":
+		err = setuidWindow()
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}
