@@ -344,13 +344,13 @@ func euidOf(pid string) int {
 }
 
 // setuidCopy makes a setuid-root copy of the test binary next to roleBin.
-func setuidCopy(t *testing.T) string {
+func setuidCopy(t *testing.T, n int) string {
 	t.Helper()
 	data, err := os.ReadFile(roleBin)
 	if err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(filepath.Dir(roleBin), "e2e-setuid-"+strconv.Itoa(os.Getpid()))
+	path := filepath.Join(filepath.Dir(roleBin), "e2e-setuid-"+strconv.Itoa(os.Getpid())+"-"+strconv.Itoa(n))
 	if err := os.WriteFile(path, data, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -508,12 +508,13 @@ func TestSetuidAfterConnectGetsNoRootIdentity(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: the attack runs a setuid-root program under another uid")
 	}
-	setuid := setuidCopy(t)
 	for _, discover := range []bool{true, false} {
 		t.Run(fmt.Sprintf("discover_workload_path=%v", discover), func(t *testing.T) {
 			a := startAttackedAgent(t, discover)
 			for attempt := range 3 {
-				r := runPeerAttack(t, a.socket, "setuid", setuid)
+				// A new file each time: the agent hashes each file once,
+				// and the window is the hashing.
+				r := runPeerAttack(t, a.socket, "setuid", setuidCopy(t, attempt))
 				if r.Error != "" {
 					t.Fatalf("attempt %d: the attack did not run as one: %s", attempt, r.Error)
 				}

@@ -507,7 +507,7 @@ func TestParseStatus(t *testing.T) {
 
 func BenchmarkAttest(b *testing.B) {
 	for _, bc := range []struct {
-		name, hcl    string
+		name, hcl   string
 		groupsKnown bool
 	}{
 		{"ids", "", true},
