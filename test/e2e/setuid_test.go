@@ -300,20 +300,22 @@ func peerChild(args []string) error {
 			r.IDs = append(r.IDs, svid.SpiffeId)
 		}
 	}
-	for drained := false; !drained; {
-		select {
-		case line, ok := <-evLines:
-			if !ok {
-				drained = true
-				break
-			}
-			r.Events = append(r.Events, line)
-		default:
-			drained = true
-		}
-	}
 	_, err = client.FetchJWTSVID(ctx, &workload.JWTSVIDRequest{Audience: []string{"second"}})
 	r.SecondCode = status.Code(err).String()
+	// Everything the program under the PID did, in order: it writes its
+	// last event before it exits on this command.
+	fmt.Fprintln(cmds, "exit")
+	for drain := time.After(10 * time.Second); ; {
+		select {
+		case line, ok := <-evLines:
+			if ok {
+				r.Events = append(r.Events, line)
+				continue
+			}
+		case <-drain:
+		}
+		break
+	}
 	return report()
 }
 
