@@ -422,6 +422,12 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if len(req.Audience) > maxAudiences {
 		return nil, status.Errorf(codes.InvalidArgument, "too many audiences: %d, the limit is %d", len(req.Audience), maxAudiences)
 	}
+	// An audience may hold any character, control ones included, as in
+	// spire-agent and SPIRE Server, which refuse only an empty list: RFC
+	// 7519 makes aud a StringOrURI, any JSON string, and a caller only
+	// chooses whom its own token is for. What an audience cannot do is
+	// reach a token signed for another list: the cache keys lists
+	// unambiguously and checks each token's aud claim (agent.Cache.JWTSVIDs).
 	total := 0
 	for _, aud := range req.Audience {
 		if aud == "" {
