@@ -9,6 +9,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/big"
@@ -18,6 +19,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -85,7 +88,46 @@ type mintCall struct {
 
 type jwtKey struct {
 	entryID  string
-	audience string
+	audience string // audienceKey of the audience asked for
+}
+
+// audienceKey encodes an audience list so that distinct lists never share
+// a key: each audience is prefixed with its length. Joined with a
+// separator, ["x", "y"] and ["x\x00y"] shared one.
+func audienceKey(audience []string) string {
+	n := 0
+	for _, a := range audience {
+		n += binary.MaxVarintLen64 + len(a)
+	}
+	b := make([]byte, 0, n)
+	for _, a := range audience {
+		b = binary.AppendUvarint(b, uint64(len(a)))
+		b = append(b, a...)
+	}
+	return string(b)
+}
+
+// jwtSVIDAlgorithms are the signature algorithms a JWT-SVID may use (the
+// JWT-SVID specification, section 3): what a token is parsed with.
+var jwtSVIDAlgorithms = []jose.SignatureAlgorithm{
+	jose.RS256, jose.RS384, jose.RS512,
+	jose.ES256, jose.ES384, jose.ES512,
+	jose.PS256, jose.PS384, jose.PS512,
+}
+
+// tokenAudience reads the aud claim of a token without verifying it: the
+// upstream that signed it is trusted, what is checked is that it signed
+// what was asked. A single audience may be encoded as a string.
+func tokenAudience(token string) ([]string, error) {
+	tok, err := jwt.ParseSigned(token, jwtSVIDAlgorithms)
+	if err != nil {
+		return nil, err
+	}
+	var claims jwt.Claims
+	if err := tok.UnsafeClaimsWithoutVerification(&claims); err != nil {
+		return nil, err
+	}
+	return claims.Audience, nil
 }
 
 // NewCache returns an empty cache that mints through upstream.
@@ -844,7 +886,7 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 	if len(entries) == 0 {
 		return nil, ErrNoIdentity
 	}
-	aud := strings.Join(audience, "\x00")
+	aud := audienceKey(audience)
 	out := make([]*JWTSVID, 0, len(entries))
 	seen := make(map[spiffeid.ID]struct{}, len(entries))
 	for _, e := range entries {
@@ -858,7 +900,10 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		cached := c.jwts[key]
 		c.mu.RUnlock()
 		now := c.now()
-		if cached != nil && now.Before(cached.IssuedAt.Add(cached.ExpiresAt.Sub(cached.IssuedAt)/2)) {
+		// The cached token's audience is the one read from it, so a token
+		// is handed out only for exactly the audience it names.
+		if cached != nil && slices.Equal(cached.Audience, audience) &&
+			now.Before(cached.IssuedAt.Add(cached.ExpiresAt.Sub(cached.IssuedAt)/2)) {
 			out = append(out, cached)
 			continue
 		}
@@ -867,6 +912,14 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		if err != nil {
 			return nil, fmt.Errorf("signing a JWT-SVID for %s: %w", e.SPIFFEID, err)
 		}
+		got, err := tokenAudience(svid.Token)
+		if err != nil {
+			return nil, fmt.Errorf("reading the JWT-SVID signed for %s: %w", e.SPIFFEID, err)
+		}
+		if !slices.Equal(got, audience) {
+			return nil, fmt.Errorf("the upstream signed a JWT-SVID for %s with audience %q, not the %q asked for", e.SPIFFEID, got, audience)
+		}
+		svid.Audience = got
 		svid.Hint = e.Hint
 		c.mu.Lock()
 		if c.entries.get(e.ID) == e {

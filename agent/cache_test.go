@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"math/big"
@@ -120,6 +121,9 @@ type testUpstream struct {
 	backdate time.Duration
 	fail     error
 	gate     chan struct{} // when set, signing waits for it to close
+	// jwtAudience, when set, is the audience of every JWT-SVID signed,
+	// whatever was asked: an upstream that gets it wrong.
+	jwtAudience []string
 	// hook may rewrite the results of a signing call.
 	hook    func([]X509Result) []X509Result
 	batches []int
@@ -172,6 +176,9 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 	u.jwtCalls.Add(1)
 	u.mu.Lock()
 	kid, key, fail := u.jwtKID, u.jwtKey, u.fail
+	if u.jwtAudience != nil {
+		audience = u.jwtAudience
+	}
 	u.mu.Unlock()
 	if fail != nil {
 		return nil, fail
@@ -974,6 +981,68 @@ func TestJWTSVIDs(t *testing.T) {
 	if _, err := c.JWTSVIDs(t.Context(), mustSels("unix:uid:2"), []string{"x"}, spiffeid.ID{}); !errors.Is(err, ErrNoIdentity) {
 		t.Errorf("caller without entries: %v", err)
 	}
+}
+
+// TestJWTSVIDAudienceIsExact: every token handed out names exactly the
+// audience asked for. Audiences joined with a separator once made
+// ["x", "y"] and ["x\x00y"] share a cache key, and the second caller got
+// the first one's token; a token the upstream signed for another audience
+// is refused and not cached.
+func TestJWTSVIDAudienceIsExact(t *testing.T) {
+	c, up := newTestCache(t)
+	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
+	c.SetBundles(up.bundle(), nil)
+	sels := mustSels("unix:uid:1")
+	for _, aud := range [][]string{{"x", "y"}, {"x\x00y"}, {"x\x00", "y"}, {"x", "\x00y"}, {"xy"}, {"y", "x"}, {"x", "y"}} {
+		svids, err := c.JWTSVIDs(t.Context(), sels, aud, spiffeid.ID{})
+		if err != nil {
+			t.Fatalf("JWTSVIDs(%q): %v", aud, err)
+		}
+		if got := tokenAud(t, svids[0].Token); !slices.Equal(got, aud) {
+			t.Errorf("asked for audience %q, got a token for %q", aud, got)
+		}
+	}
+	if n := up.jwtCalls.Load(); n != 6 {
+		t.Errorf("%d JWT signings for 6 distinct audiences asked for 7 times, want 6", n)
+	}
+
+	up.set(func(u *testUpstream) { u.jwtAudience = []string{"z"} })
+	for range 2 {
+		if _, err := c.JWTSVIDs(t.Context(), sels, []string{"w"}, spiffeid.ID{}); err == nil || !strings.Contains(err.Error(), "not the") {
+			t.Fatalf("a token signed for another audience: %v, want refused", err)
+		}
+	}
+	if n := up.jwtCalls.Load(); n != 8 {
+		t.Errorf("%d JWT signings, want 8: a refused token must not be cached", n)
+	}
+}
+
+// tokenAud reads a token's aud claim, a string or a list, as a list.
+func tokenAud(t *testing.T, token string) []string {
+	t.Helper()
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		t.Fatalf("not a JWS: %q", token)
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claims struct {
+		Aud json.RawMessage `json:"aud"`
+	}
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		t.Fatal(err)
+	}
+	var one string
+	if json.Unmarshal(claims.Aud, &one) == nil {
+		return []string{one}
+	}
+	var list []string
+	if err := json.Unmarshal(claims.Aud, &list); err != nil {
+		t.Fatalf("aud claim %s: %v", claims.Aud, err)
+	}
+	return list
 }
 
 func TestValidateJWTSVID(t *testing.T) {

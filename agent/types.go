@@ -76,9 +76,12 @@ func (s *X509SVID) renewalSkipped(now time.Time) bool {
 
 // JWTSVID is a signed JWT-SVID.
 type JWTSVID struct {
-	Token     string
-	Hint      string
-	ID        spiffeid.ID
+	Token string
+	Hint  string
+	ID    spiffeid.ID
+	// Audience is what the upstream was asked for; the cache replaces it
+	// with the aud claim read from the token, and hands the token out
+	// only for exactly that audience.
 	Audience  []string
 	IssuedAt  time.Time
 	ExpiresAt time.Time

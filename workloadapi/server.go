@@ -89,8 +89,38 @@ const (
 	// beyond the workers get goroutines of their own.
 	streamWorkers = 16
 	// maxStreamsPerConn bounds the streams one connection may hold open:
-	// each costs a goroutine, a subscription and up to 64 KiB queued.
+	// each costs a goroutine, a subscription, up to 64 KiB queued to send,
+	// its headers (maxHeaderListSize) and what the client sent that the
+	// call has not read: up to windowSize, or a request of up to
+	// maxRecvMsgSize while it is read. A connection holds at most about
+	// 33 MiB (100 × 336 KiB); the cap on connections bounds the rest.
 	maxStreamsPerConn = 100
+	// maxHeaderListSize bounds the headers of one call (HTTP/2
+	// SETTINGS_MAX_HEADER_LIST_SIZE: names and values plus 32 bytes a
+	// field), which gRPC keeps for the life of the stream. Real clients
+	// send a few hundred bytes: go-spiffe and grpc-go about 400 (the
+	// pseudo-headers, content-type, te, user-agent, grpc-timeout and
+	// workload.spiffe.io), Envoy's SDS client under 2 KiB with its
+	// x-envoy-* and tracing headers (traceparent, x-b3-*, x-request-id).
+	// 8 KiB is the default of gRPC's C core and Java servers and grpc-go's
+	// coming one, so a client that works with those works here; the
+	// unbounded default (16 MiB) let two connections of Health/Watch
+	// streams take the agent to 3 GB. A larger header list fails the call
+	// (RST_STREAM), and continuing it closes the connection.
+	maxHeaderListSize = 8 << 10
+	// windowSize is the HTTP/2 flow-control window of a stream and of a
+	// connection for what clients send: data sent and not yet read by a
+	// call waits in memory. Set, it also turns off gRPC's bandwidth-delay
+	// estimation, which grows both windows up to 16 MiB for a client that
+	// sends fast; requests are small (a larger one is let in as it is
+	// read, up to maxRecvMsgSize), and responses are governed by the
+	// client's windows, so fetches are as fast (fetch_bench_test.go).
+	// 64 KiB is gRPC's minimum.
+	//
+	// The HPACK dynamic tables need no limit: gRPC decodes with a fixed
+	// 4 KiB table and keeps its encoder's at 4 KiB whatever a client's
+	// SETTINGS_HEADER_TABLE_SIZE says, and frames are at most 16 KiB.
+	windowSize = 64 << 10
 	// maxAudiences and maxAudienceBytes bound a JWT-SVID request, whose
 	// tokens are cached per audience.
 	maxAudiences     = 32
@@ -140,6 +170,9 @@ func NewServer(cfg Config) *Server {
 		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
+		grpc.MaxHeaderListSize(maxHeaderListSize),
+		grpc.InitialWindowSize(windowSize),
+		grpc.InitialConnWindowSize(windowSize),
 		grpc.ReadBufferSize(readBufferSize),
 		grpc.WriteBufferSize(writeBufferSize),
 		grpc.NumStreamWorkers(streamWorkers),
@@ -389,6 +422,12 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if len(req.Audience) > maxAudiences {
 		return nil, status.Errorf(codes.InvalidArgument, "too many audiences: %d, the limit is %d", len(req.Audience), maxAudiences)
 	}
+	// An audience may hold any character, control ones included, as in
+	// spire-agent and SPIRE Server, which refuse only an empty list: RFC
+	// 7519 makes aud a StringOrURI, any JSON string, and a caller only
+	// chooses whom its own token is for. What an audience cannot do is
+	// reach a token signed for another list: the cache keys lists
+	// unambiguously and checks each token's aud claim (agent.Cache.JWTSVIDs).
 	total := 0
 	for _, aud := range req.Audience {
 		if aud == "" {

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -553,3 +554,34 @@ func mustRead(t *testing.T, path string) []byte {
 }
 
 func jwtParams(audience string) jwtsvid.Params { return jwtsvid.Params{Audience: audience} }
+
+// TestJWTSVIDAudienceIsExact: tokens are cached per audience list, and
+// lists that once shared a cache key (["x", "y"] and ["x\x00y"], joined
+// with a NUL) get tokens of their own, each naming exactly what was asked.
+func TestJWTSVIDAudienceIsExact(t *testing.T) {
+	a := startAgent(t, baseConfig)
+	c := a.client(t)
+	ctx := testContext(t)
+	for _, p := range []jwtsvid.Params{
+		{Audience: "x", ExtraAudiences: []string{"y"}},
+		{Audience: "x\x00y"},
+		{Audience: "x", ExtraAudiences: []string{"y"}},
+	} {
+		want := append([]string{p.Audience}, p.ExtraAudiences...)
+		svid, err := c.FetchJWTSVID(ctx, p)
+		if err != nil {
+			t.Fatalf("FetchJWTSVID for %q: %v", want, err)
+		}
+		tok, err := jwt.ParseSigned(svid.Marshal(), []jose.SignatureAlgorithm{jose.ES256})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var claims jwt.Claims
+		if err := tok.UnsafeClaimsWithoutVerification(&claims); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal([]string(claims.Audience), want) {
+			t.Fatalf("asked for audience %q, got a token for %q", want, claims.Audience)
+		}
+	}
+}

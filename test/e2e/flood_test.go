@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,13 +22,16 @@ import (
 )
 
 // rssKiB reads a process's resident set size.
-func rssKiB(t *testing.T, pid int) int {
+func rssKiB(t *testing.T, pid int) int { return statusKiB(t, pid, "VmRSS:") }
+
+// statusKiB reads a size in KiB from a process's /proc status.
+func statusKiB(t *testing.T, pid int, field string) int {
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if rest, ok := strings.CutPrefix(line, field); ok {
 			n, err := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")))
 			if err != nil {
 				t.Fatal(err)
@@ -34,7 +39,7 @@ func rssKiB(t *testing.T, pid int) int {
 			return n
 		}
 	}
-	t.Fatal("no VmRSS")
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
 	return 0
 }
 
@@ -257,4 +262,153 @@ func TestConnectionFloodByOneUserDoesNotStarveAnother(t *testing.T) {
 	waitFor(t, 10*time.Second, "the agent to log the offending uid", func() bool {
 		return strings.Contains(a.Logs.String(), "uid="+itoa(attackerUID))
 	})
+}
+
+// hwmKiB reads a process's peak resident set size.
+func hwmKiB(t *testing.T, pid int) int { return statusKiB(t, pid, "VmHWM:") }
+
+// headerLiteral appends one HPACK "literal header field without indexing,
+// new name" with no Huffman coding: what the agent decodes is what was sent.
+func headerLiteral(dst []byte, name, value string) []byte {
+	dst = append(dst, 0)
+	dst = hpackInt(dst, len(name))
+	dst = append(dst, name...)
+	dst = hpackInt(dst, len(value))
+	return append(dst, value...)
+}
+
+// hpackInt appends an HPACK integer with a 7-bit prefix (RFC 7541 5.1) to
+// a first byte whose high bit (Huffman) is clear.
+func hpackInt(dst []byte, n int) []byte {
+	if n < 127 {
+		return append(dst, byte(n))
+	}
+	dst = append(dst, 127)
+	for n -= 127; n >= 128; n >>= 7 {
+		dst = append(dst, byte(n%128)|0x80)
+	}
+	return append(dst, byte(n))
+}
+
+// headerFlood is one attacker connection: it opens up to streams Health
+// Watch calls (no identity needed), each with a header list of block bytes
+// sent as a HEADERS frame and CONTINUATION frames, and adds what it wrote
+// to sent. It returns when the agent closes the connection or at deadline;
+// the connection is left open so that the agent keeps what it accepted.
+func headerFlood(t *testing.T, socket string, block []byte, streams int, sent *atomic.Int64, deadline time.Time) (net.Conn, error) {
+	conn, err := net.Dial("unix", socket)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { conn.Close() })
+	// The agent's answers (settings, health statuses) are read and dropped,
+	// so that it never waits on this client.
+	go func() { _, _ = io.Copy(io.Discard, conn) }()
+	if err := conn.SetWriteDeadline(deadline); err != nil {
+		return conn, err
+	}
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		return conn, err
+	}
+	fr := http2.NewFramer(conn, nil)
+	if err := fr.WriteSettings(); err != nil {
+		return conn, err
+	}
+	const frame = 16 << 10 // the agent's SETTINGS_MAX_FRAME_SIZE
+	for i := range streams {
+		id := uint32(2*i + 1)
+		first := block[:min(frame, len(block))]
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first, EndHeaders: len(first) == len(block)}); err != nil {
+			return conn, err
+		}
+		sent.Add(int64(len(first)))
+		for rest := block[len(first):]; len(rest) > 0; {
+			n := min(frame, len(rest))
+			if err := fr.WriteContinuation(id, n == len(rest), rest[:n]); err != nil {
+				return conn, err
+			}
+			sent.Add(int64(n))
+			rest = rest[n:]
+		}
+		// An empty HealthCheckRequest.
+		if err := fr.WriteData(id, true, []byte{0, 0, 0, 0, 0}); err != nil {
+			return conn, err
+		}
+	}
+	return conn, nil
+}
+
+// TestHeaderFloodIsBounded: two connections open Health Watch streams, which
+// anyone may call, each with a megabyte of headers, and reconnect whenever
+// the agent closes them. The agent must not keep what it was sent: its
+// peak RSS stays within 50 MB while the attack sends 200 MB (had it kept
+// them, as with gRPC's 16 MiB default limit, it would grow by more than
+// that), and a workload is served during the attack.
+func TestHeaderFloodIsBounded(t *testing.T) {
+	a := startAgent(t, baseConfig)
+	if _, err := a.client(t).FetchX509SVID(testContext(t)); err != nil {
+		t.Fatal(err)
+	}
+	pid := a.Cmd.Process.Pid
+	hwmBefore := hwmKiB(t, pid)
+
+	// A megabyte of headers a stream, in fields of 64 KiB.
+	var block []byte
+	for _, f := range [][2]string{
+		{":method", "POST"}, {":scheme", "http"}, {":path", "/grpc.health.v1.Health/Watch"},
+		{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"},
+	} {
+		block = headerLiteral(block, f[0], f[1])
+	}
+	pad := strings.Repeat("a", 64<<10)
+	for i := range 16 {
+		block = headerLiteral(block, "x-pad-"+strconv.Itoa(i), pad)
+	}
+	const (
+		conns   = 2
+		streams = 100 // the agent's limit a connection
+		budget  = conns * streams << 20
+		maxDial = 2000 // reconnections an attacker makes at most
+	)
+	var sent atomic.Int64
+	deadline := time.Now().Add(10 * time.Second)
+	var wg sync.WaitGroup
+	dialErrs := make([]error, conns)
+	for c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range maxDial {
+				if sent.Load() >= budget || time.Now().After(deadline) {
+					return
+				}
+				conn, err := headerFlood(t, a.socket, block, streams, &sent, deadline)
+				if conn == nil {
+					dialErrs[c] = err
+					return
+				}
+				if err == nil {
+					return // every stream sent: the agent holds them
+				}
+				conn.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(dialErrs...); err != nil {
+		t.Fatalf("the attacker could not connect: %v", err)
+	}
+
+	// A workload is served while the attacker's connections are open.
+	if _, err := a.client(t).FetchX509SVID(testContext(t)); err != nil {
+		t.Fatalf("a workload was not served during the header flood: %v", err)
+	}
+	hwmAfter := hwmKiB(t, pid)
+	t.Logf("agent peak RSS: %d KiB before, %d KiB after %d MiB of headers", hwmBefore, hwmAfter, sent.Load()>>20)
+	if sent.Load() < budget/4 {
+		t.Fatalf("the attack sent only %d MiB in 10 s, too little to tell", sent.Load()>>20)
+	}
+	if grow := hwmAfter - hwmBefore; grow > 50<<10 {
+		t.Fatalf("the agent's peak RSS grew by %d MiB under a header flood of %d MiB", grow>>10, sent.Load()>>20)
+	}
 }
