@@ -115,19 +115,20 @@ var jwtSVIDAlgorithms = []jose.SignatureAlgorithm{
 	jose.PS256, jose.PS384, jose.PS512,
 }
 
-// tokenAudience reads the aud claim of a token without verifying it: the
-// upstream that signed it is trusted, what is checked is that it signed
-// what was asked. A single audience may be encoded as a string.
-func tokenAudience(token string) ([]string, error) {
+// tokenSubjectAudience reads the sub and aud claims of a token without
+// verifying it: the upstream that signed it is trusted, what is checked is
+// that it signed what was asked. A single audience may be encoded as a
+// string.
+func tokenSubjectAudience(token string) (string, []string, error) {
 	tok, err := jwt.ParseSigned(token, jwtSVIDAlgorithms)
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
 	var claims jwt.Claims
 	if err := tok.UnsafeClaimsWithoutVerification(&claims); err != nil {
-		return nil, err
+		return "", nil, err
 	}
-	return claims.Audience, nil
+	return claims.Subject, claims.Audience, nil
 }
 
 // NewCache returns an empty cache that mints through upstream.
@@ -912,9 +913,12 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		if err != nil {
 			return nil, fmt.Errorf("signing a JWT-SVID for %s: %w", e.SPIFFEID, err)
 		}
-		got, err := tokenAudience(svid.Token)
+		sub, got, err := tokenSubjectAudience(svid.Token)
 		if err != nil {
 			return nil, fmt.Errorf("reading the JWT-SVID signed for %s: %w", e.SPIFFEID, err)
+		}
+		if sub != e.SPIFFEID.String() {
+			return nil, fmt.Errorf("the upstream signed a JWT-SVID for %s with subject %q", e.SPIFFEID, sub)
 		}
 		if !slices.Equal(got, audience) {
 			return nil, fmt.Errorf("the upstream signed a JWT-SVID for %s with audience %q, not the %q asked for", e.SPIFFEID, got, audience)

@@ -124,6 +124,8 @@ type testUpstream struct {
 	// jwtAudience, when set, is the audience of every JWT-SVID signed,
 	// whatever was asked: an upstream that gets it wrong.
 	jwtAudience []string
+	// jwtSubject, when set, is the subject of every JWT-SVID signed.
+	jwtSubject string
 	// hook may rewrite the results of a signing call.
 	hook    func([]X509Result) []X509Result
 	batches []int
@@ -179,6 +181,10 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 	if u.jwtAudience != nil {
 		audience = u.jwtAudience
 	}
+	subject := e.SPIFFEID.String()
+	if u.jwtSubject != "" {
+		subject = u.jwtSubject
+	}
 	u.mu.Unlock()
 	if fail != nil {
 		return nil, fail
@@ -188,7 +194,7 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 		ttl = 5 * time.Minute
 	}
 	now := u.now().Truncate(time.Second)
-	token, err := signJWT(key, kid, e.SPIFFEID.String(), audience, now, now.Add(ttl))
+	token, err := signJWT(key, kid, subject, audience, now, now.Add(ttl))
 	if err != nil {
 		return nil, err
 	}
@@ -1014,6 +1020,10 @@ func TestJWTSVIDAudienceIsExact(t *testing.T) {
 	}
 	if n := up.jwtCalls.Load(); n != 8 {
 		t.Errorf("%d JWT signings, want 8: a refused token must not be cached", n)
+	}
+	up.set(func(u *testUpstream) { u.jwtAudience, u.jwtSubject = nil, "spiffe://example.org/b" })
+	if _, err := c.JWTSVIDs(t.Context(), sels, []string{"v"}, spiffeid.ID{}); err == nil || !strings.Contains(err.Error(), "with subject") {
+		t.Errorf("a token signed for another subject: %v, want refused", err)
 	}
 }
 
