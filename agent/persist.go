@@ -76,7 +76,7 @@ func (c *Cache) PersistTo(dir string, td spiffeid.TrustDomain) {
 }
 
 func (c *Cache) load(want spiffeid.TrustDomain) error {
-	data, err := os.ReadFile(c.persistPath)
+	data, err := ReadPrivateFile(c.persistPath)
 	if err != nil {
 		return err
 	}
