@@ -24,6 +24,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"golang.org/x/time/rate"
 )
 
 // ErrNoIdentity means no registration entry matches the caller's selectors.
@@ -71,6 +72,9 @@ type Cache struct {
 	upstreamErr       error
 	upstreamDownSince time.Time
 
+	saveErrs    map[string]error // by path; see ReportSave
+	persistWarn rate.Sometimes   // RunPersist's; see persist
+
 	// lifetime is RunRotation's context: signing that outlives the caller
 	// that started it (see refresh) ends with the agent. Nil until
 	// RunRotation runs.
@@ -101,6 +105,8 @@ func NewCache(log hclog.Logger, upstream Upstream) *Cache {
 		subs:      map[*Subscription]struct{}{},
 		ready:     make(chan struct{}),
 		renewKick: make(chan struct{}, 1),
+
+		persistWarn: rate.Sometimes{First: 1, Interval: saveWarnEvery},
 	}
 }
 
