@@ -82,7 +82,7 @@ func checkWorkload(t *testing.T, c *workloadapi.Client, i int) *x509.Certificate
 	svid := x.DefaultSVID()
 	_, chains, err := x509svid.Verify(svid.Certificates, x.Bundles)
 	if err != nil {
-		t.Fatalf("fetch %d: the X509-SVID (issuer %s) does not verify against the bundle it came with: %v", i, fingerprint(svid.Certificates[0]), err)
+		t.Fatalf("fetch %d: the X509-SVID (leaf %s) does not verify against the bundle it came with: %v", i, fingerprint(svid.Certificates[0]), err)
 	}
 	audience := fmt.Sprintf("db-%d", i) // a new audience: minted, not cached
 	token, err := c.FetchJWTSVID(ctx, jwtParams(audience))
