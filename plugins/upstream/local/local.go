@@ -537,11 +537,11 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 			next = a.notAfter
 		}
 	}
-	if l.dirty && l.saveAt.Before(next) {
-		next = l.saveAt
-	}
 	// Work that is due but must wait (an activation waiting for its save)
 	// is retried with the save, not in a tight loop.
+	if l.dirty && (l.saveAt.Before(next) || !next.After(now)) {
+		next = l.saveAt
+	}
 	if soonest := now.Add(minRotateWait); next.Before(soonest) {
 		next = soonest
 	}
