@@ -190,6 +190,9 @@ func (l *Local) loadAuthorities() error {
 		return &unavailableError{err}
 	}
 	l.seq = seq
+	for _, a := range auths {
+		a.saved = true // read from the state file
+	}
 	now := l.now()
 	if len(auths) > 0 && !now.Before(auths[active].notAfter) && active < len(auths)-1 && now.Before(auths[len(auths)-1].notAfter) {
 		// The agent was down past the activation point: take the prepared one.
@@ -211,9 +214,6 @@ func (l *Local) loadAuthorities() error {
 		auths, active = append(auths, a), len(auths)
 		l.log.Info("Created a new local CA: the saved one expired", "trust_domain", l.td, "not_after", a.notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(a.root))
 	default:
-		for _, a := range auths {
-			a.saved = true
-		}
 		l.log.Info("Loaded the local CA", "trust_domain", l.td, "not_after", auths[active].notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(auths[active].root))
 	}
 	l.authorities, l.active = pruneExpired(auths, active, now)
@@ -230,7 +230,7 @@ func (l *Local) loadAuthorities() error {
 // old CA, which the new bundle no longer has, so say so loudly.
 func (l *Local) logCreated(a *authority) {
 	saved, err := agent.SavedBundle(filepath.Dir(l.statePath), l.td)
-	if err != nil || saved == nil || len(saved.X509Authorities()) == 0 {
+	if err != nil || saved == nil || len(saved.X509Authorities()) == 0 || saved.HasX509Authority(a.root) {
 		l.log.Info("Created a new local CA", "trust_domain", l.td, "not_after", a.notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(a.root))
 		return
 	}
