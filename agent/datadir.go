@@ -77,51 +77,89 @@ func EnsureDataDir(dir string) error {
 	return nil
 }
 
-// ensureParents creates the missing directories of parent, then checks
-// every directory above dir, symbolic links resolved, for owners and modes
-// that would let another user move dir or swap its contents.
+// maxLinks bounds the symbolic links followed on the way to the data
+// directory, as the kernel's own limit (40) does.
+const maxLinks = 40
+
+// ensureParents walks parent from / one component at a time, as the kernel
+// resolves it, creating missing directories (0755) and checking each one it
+// did not create for an owner or mode that would let another user move dir
+// or swap its contents. A symbolic link on the way must be owned by root or
+// the agent (its owner could point it elsewhere) and is followed by walking
+// its target the same way; the directory holding it has been checked.
 func ensureParents(dir, parent string) error {
-	var missing []string
-	for p := parent; ; p = filepath.Dir(p) {
-		_, err := os.Lstat(p)
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("checking %s, above the data directory %s: %w", p, dir, err)
-		}
-		missing = append(missing, p)
-		if p == filepath.Dir(p) {
-			break
-		}
-	}
-	for i := len(missing) - 1; i >= 0; i-- {
-		if err := os.Mkdir(missing[i], 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("creating %s, above the data directory %s: %w", missing[i], dir, err)
-		}
-	}
-	real, err := filepath.EvalSymlinks(parent)
-	if err != nil {
-		return fmt.Errorf("resolving %s, above the data directory %s: %w", parent, dir, err)
-	}
 	euid := uint32(os.Geteuid())
-	for p := real; ; p = filepath.Dir(p) {
+	pending := strings.Split(parent, "/")
+	cur := "/"
+	if err := checkParent(dir, cur, euid); err != nil {
+		return err
+	}
+	links := 0
+	for len(pending) > 0 {
+		comp := pending[0]
+		pending = pending[1:]
+		switch comp {
+		case "", ".":
+			continue
+		case "..":
+			cur = filepath.Dir(cur)
+			continue
+		}
+		next := filepath.Join(cur, comp)
 		var st unix.Stat_t
-		if err := unix.Lstat(p, &st); err != nil {
-			return fmt.Errorf("checking %s, above the data directory %s: %w", p, dir, err)
+		err := unix.Lstat(next, &st)
+		if errors.Is(err, unix.ENOENT) {
+			if err := os.Mkdir(next, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+				return fmt.Errorf("creating %s, above the data directory %s: %w", next, dir, err)
+			}
+			err = unix.Lstat(next, &st)
 		}
-		if st.Uid != 0 && st.Uid != euid {
-			return fmt.Errorf("the data directory %s is below %s, which is owned by %s (mode %s): that user can replace the data directory; "+
-				"choose a data_dir below directories owned by root or the agent (%s)", dir, p, describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))
+		if err != nil {
+			return fmt.Errorf("checking %s, above the data directory %s: %w", next, dir, err)
 		}
-		if st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0 {
-			return fmt.Errorf("the data directory %s is below %s (owner %s), which has mode %s: others can write to it without the sticky bit and can replace the data directory; "+
-				"chmod go-w it, or choose another data_dir", dir, p, describeUID(st.Uid), fileMode(st.Mode))
+		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			if st.Uid != 0 && st.Uid != euid {
+				return fmt.Errorf("the data directory %s is reached through %s, a symbolic link owned by %s: that user can point it elsewhere; "+
+					"choose a data_dir reached through links owned by root or the agent (%s)", dir, next, describeUID(st.Uid), describeUID(euid))
+			}
+			if links++; links > maxLinks {
+				return fmt.Errorf("resolving the data directory %s: more than %d symbolic links", dir, maxLinks)
+			}
+			target, err := os.Readlink(next)
+			if err != nil {
+				return fmt.Errorf("checking %s, above the data directory %s: %w", next, dir, err)
+			}
+			if filepath.IsAbs(target) {
+				cur = "/"
+			}
+			pending = append(strings.Split(target, "/"), pending...)
+			continue
 		}
-		if p == filepath.Dir(p) {
-			return nil
+		cur = next
+		if err := checkParent(dir, cur, euid); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// checkParent checks p, a directory above the data directory dir.
+func checkParent(dir, p string, euid uint32) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil {
+		return fmt.Errorf("checking %s, above the data directory %s: %w", p, dir, err)
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("%s, above the data directory %s, is not a directory", p, dir)
+	case st.Uid != 0 && st.Uid != euid:
+		return fmt.Errorf("the data directory %s is below %s, which is owned by %s (mode %s): that user can replace the data directory; "+
+			"choose a data_dir below directories owned by root or the agent (%s)", dir, p, describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))
+	case st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0:
+		return fmt.Errorf("the data directory %s is below %s (owner %s), which has mode %s: others can write to it without the sticky bit and can replace the data directory; "+
+			"chmod go-w it, or choose another data_dir", dir, p, describeUID(st.Uid), fileMode(st.Mode))
+	}
+	return nil
 }
 
 // describeUID names a uid for an error message: "uid 1000 (alice)".

@@ -262,6 +262,42 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		}
 		checkErrNames(t, "parent through a link", EnsureDataDir(filepath.Join(base, "link", "data")), unsafe, "0777")
 	})
+	t.Run("parent through another user's symlink", func(t *testing.T) {
+		base := t.TempDir()
+		safe := filepath.Join(base, "safe")
+		mk(t, safe, 0o755, 0)
+		link := filepath.Join(base, "link")
+		if err := os.Symlink(safe, link); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(link, otherUID, otherUID); err != nil {
+			t.Fatal(err)
+		}
+		checkErrNames(t, "a link owned by uid 4242", EnsureDataDir(filepath.Join(link, "data")), link, "uid 4242")
+	})
+	t.Run("parent under another user's directory, through a safe link", func(t *testing.T) {
+		base := t.TempDir()
+		home := filepath.Join(base, "home")
+		mk(t, home, 0o755, otherUID)
+		if err := os.Symlink(filepath.Join(base, "etc"), filepath.Join(home, "link")); err != nil {
+			t.Fatal(err)
+		}
+		mk(t, filepath.Join(base, "etc"), 0o755, 0)
+		checkErrNames(t, "a link in uid 4242's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, "uid 4242")
+	})
+	t.Run("root-owned links are followed", func(t *testing.T) {
+		base := t.TempDir()
+		mk(t, filepath.Join(base, "real"), 0o755, 0)
+		if err := os.Symlink("real", filepath.Join(base, "link")); err != nil {
+			t.Fatal(err)
+		}
+		if err := EnsureDataDir(filepath.Join(base, "link", "sub", "..", "data")); err != nil {
+			t.Fatal(err)
+		}
+		if m := modeOf(t, filepath.Join(base, "real", "data")); m.Perm() != 0o700 || !m.IsDir() {
+			t.Errorf("data_dir is %v, want a directory with mode 0700", m)
+		}
+	})
 	t.Run("sticky parent and created parents are fine", func(t *testing.T) {
 		parent := filepath.Join(t.TempDir(), "tmp")
 		mk(t, parent, 0o1777, 0)
