@@ -377,7 +377,10 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		var missing, stale []*Entry
 		for _, e := range entries {
 			switch svid := c.svids[e.ID]; {
-			case svid == nil || !now.Before(svid.NotAfter):
+			// One that does not chain to the bundle it would be served
+			// with (the CA changed and its renewal is under way) would
+			// not verify: the caller waits for the new one.
+			case svid == nil || !now.Before(svid.NotAfter) || !c.local.chainsTo(svid.Chain):
 				missing = append(missing, e)
 			case refresh && svid.renewalSkipped(now):
 				stale = append(stale, e)
@@ -526,14 +529,15 @@ func (c *Cache) claimLocked(e *Entry, mine, theirs []*mintCall) ([]*mintCall, []
 	return append(mine, call), theirs
 }
 
-// mint signs SVIDs for entries that have none, sharing in-flight work with
-// other callers that need the same entries.
+// mint signs SVIDs for entries that have none (or none that chains to the
+// local bundle), sharing in-flight work with other callers that need the
+// same entries.
 func (c *Cache) mint(ctx context.Context, entries []*Entry) error {
 	var mine, theirs []*mintCall
 	c.mu.Lock()
 	now := c.now()
 	for _, e := range entries {
-		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) {
+		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) && c.local.chainsTo(svid.Chain) {
 			continue
 		}
 		mine, theirs = c.claimLocked(e, mine, theirs)
