@@ -54,6 +54,15 @@ func New(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 	if err := EnsureDataDir(cfg.Agent.DataDir); err != nil {
 		return nil, err
 	}
+	// Writes cut short by a crash leave temporary files, with private
+	// keys in them, that nothing else would ever remove.
+	removed, err := RemoveStaleTempFiles(cfg.Agent.DataDir)
+	if len(removed) > 0 {
+		log.Warn("Removed temporary files that interrupted writes left in the data directory", "data_dir", cfg.Agent.DataDir, "count", len(removed))
+	}
+	if err != nil {
+		return nil, err
+	}
 	set, err := buildAttestors(cfg, log)
 	if err != nil {
 		return nil, err

@@ -27,6 +27,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"golang.org/x/time/rate"
 )
 
 // ErrNoIdentity means no registration entry matches the caller's selectors.
@@ -73,6 +74,9 @@ type Cache struct {
 
 	upstreamErr       error
 	upstreamDownSince time.Time
+
+	saveErrs    map[string]error // by path; see ReportSave
+	persistWarn rate.Sometimes   // RunPersist's; see persist
 
 	// lifetime is RunRotation's context: signing that outlives the caller
 	// that started it (see refresh) ends with the agent. Nil until
@@ -144,6 +148,8 @@ func NewCache(log hclog.Logger, upstream Upstream) *Cache {
 		subs:      map[*Subscription]struct{}{},
 		ready:     make(chan struct{}),
 		renewKick: make(chan struct{}, 1),
+
+		persistWarn: rate.Sometimes{First: 1, Interval: saveWarnEvery},
 	}
 }
 
@@ -401,7 +407,7 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 	}
 	// Entries may change while minting; a few rounds settle it, and one
 	// more may refresh SVIDs whose renewal was skipped.
-	refreshed := false
+	refreshed, resigned := false, false
 	for range 4 {
 		c.mu.RLock()
 		entries := c.matchLocked(sels)
@@ -412,10 +418,18 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		now := c.now()
 		refresh := !refreshed && c.upstreamErr == nil
 		var missing, stale []*Entry
+		unchained, absent := false, false
 		for _, e := range entries {
 			switch svid := c.svids[e.ID]; {
 			case svid == nil || !now.Before(svid.NotAfter):
-				missing = append(missing, e)
+				missing, absent = append(missing, e), true
+			// One that does not chain to the bundle it would be served
+			// with (the CA changed and its renewal is under way) would
+			// not verify: the caller waits for a new one. Once: an
+			// upstream that signs with a CA not yet in its bundle must
+			// not be asked again and again.
+			case !resigned && !c.local.chainsTo(svid.Chain):
+				missing, unchained = append(missing, e), true
 			case refresh && svid.renewalSkipped(now):
 				stale = append(stale, e)
 			}
@@ -423,7 +437,10 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 		switch {
 		case len(missing) > 0:
 			c.mu.RUnlock()
-			if err := c.mint(ctx, missing); err != nil {
+			resigned = resigned || unchained
+			// Failing to re-sign one that does not chain leaves it served:
+			// the caller is no worse off than before.
+			if err := c.mint(ctx, missing, unchained); err != nil && (!unchained || absent) {
 				return nil, err
 			}
 			continue
@@ -563,14 +580,15 @@ func (c *Cache) claimLocked(e *Entry, mine, theirs []*mintCall) ([]*mintCall, []
 	return append(mine, call), theirs
 }
 
-// mint signs SVIDs for entries that have none, sharing in-flight work with
-// other callers that need the same entries.
-func (c *Cache) mint(ctx context.Context, entries []*Entry) error {
+// mint signs SVIDs for entries that have none (or, when unchained, none
+// that chains to the local bundle), sharing in-flight work with other
+// callers that need the same entries.
+func (c *Cache) mint(ctx context.Context, entries []*Entry, unchained bool) error {
 	var mine, theirs []*mintCall
 	c.mu.Lock()
 	now := c.now()
 	for _, e := range entries {
-		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) {
+		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) && (!unchained || c.local.chainsTo(svid.Chain)) {
 			continue
 		}
 		mine, theirs = c.claimLocked(e, mine, theirs)

@@ -894,6 +894,26 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 	checkSVID(t, renewed, e, up.bundle())
 }
 
+// Between a bundle that drops the CA of an SVID and that SVID's renewal,
+// a fetch must not be handed the SVID with a bundle it does not verify
+// against: it gets one signed by the new CA.
+func TestSVIDNotChainingToBundleIsNotServed(t *testing.T) {
+	c, up := newTestCache(t)
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	if _, err := c.X509Identities(t.Context(), mustSels("unix:uid:1")); err != nil {
+		t.Fatal(err)
+	}
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil) // no rotation loop runs: nothing renews it
+	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSVID(t, snap.SVIDs[0], e, snap.Local.Bundle)
+}
+
 func TestJWTSVIDs(t *testing.T) {
 	c, up, clock := newClockedCache(t)
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")

@@ -2,31 +2,242 @@ package agent
 
 import (
 	"bufio"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
-// EnsureDataDir creates the data directory with mode 0700, or tightens an
-// existing one that others can read.
+// The data directory holds the agent's keys: the local CA's, the cached
+// SVIDs', the agent SVID's. Whoever can write to it, or to a directory
+// above it, can replace them (and so the CA that workloads trust), so the
+// agent refuses a data directory that anyone but itself and root could
+// change, and opens nothing in it through a symbolic link.
+
+// EnsureDataDir makes dir ready to hold keys. Missing directories are
+// created: dir with mode 0700, its missing parents 0755, all owned by the
+// agent. An existing dir must be the agent's own directory (not a symbolic
+// link, owned by the agent's uid, writable by no one else); one that others
+// can read is tightened to 0700 through its descriptor. Every existing
+// directory above it must be owned by root or the agent and writable by no
+// one else unless it has the sticky bit (as /tmp has). Anything else is an
+// error naming the path, its owner and its mode: the agent must not start.
 func EnsureDataDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("creating the data directory %s: %w", dir, err)
-	}
-	info, err := os.Stat(dir)
+	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return fmt.Errorf("checking the data directory %s: %w", dir, err)
+		return fmt.Errorf("the data directory %s: %w", dir, err)
 	}
-	if !info.IsDir() {
-		return fmt.Errorf("the data directory %s is not a directory", dir)
+	if err := ensureParents(abs, filepath.Dir(abs)); err != nil {
+		return err
 	}
-	if info.Mode().Perm() != 0o700 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("setting the mode of the data directory %s to 0700: %w", dir, err)
+	if err := os.Mkdir(abs, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("creating the data directory %s: %w", abs, err)
+	}
+	// O_NOFOLLOW|O_DIRECTORY refuses a link (ENOTDIR or ELOOP); the Lstat
+	// only makes the message precise.
+	d, err := os.OpenFile(abs, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if info, lerr := os.Lstat(abs); err != nil && lerr == nil && info.Mode()&fs.ModeSymlink != 0 {
+		target, _ := os.Readlink(abs)
+		return fmt.Errorf("the data directory %s is a symbolic link (to %s): set data_dir to the real directory", abs, target)
+	}
+	switch {
+	case errors.Is(err, unix.ENOTDIR), errors.Is(err, unix.ELOOP):
+		return fmt.Errorf("the data directory %s is not a directory", abs)
+	case err != nil:
+		return fmt.Errorf("opening the data directory %s: %w", abs, err)
+	}
+	defer d.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(d.Fd()), &st); err != nil {
+		return fmt.Errorf("checking the data directory %s: %w", abs, err)
+	}
+	euid := uint32(os.Geteuid())
+	if st.Uid != euid {
+		return fmt.Errorf("the data directory %s is owned by %s, mode %s, not by the agent (%s): whoever owns it can replace the CA and keys in it; "+
+			"check what is in it, then chown it to the agent's user or choose another data_dir", abs, describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))
+	}
+	if st.Mode&0o022 != 0 {
+		return fmt.Errorf("the data directory %s (owner %s) has mode %s: others can write to it and may have replaced the CA and keys in it; "+
+			"check what is in it, then chmod 0700 it", abs, describeUID(st.Uid), fileMode(st.Mode))
+	}
+	if st.Mode&0o7777 != 0o700 {
+		if err := d.Chmod(0o700); err != nil {
+			return fmt.Errorf("setting the mode of the data directory %s to 0700: %w", abs, err)
 		}
 	}
 	return nil
+}
+
+// maxLinks bounds the symbolic links followed on the way to the data
+// directory, as the kernel's own limit (40) does.
+const maxLinks = 40
+
+// ensureParents walks parent from / one component at a time, as the kernel
+// resolves it, creating missing directories (0755) and checking each one it
+// did not create for an owner or mode that would let another user move dir
+// or swap its contents. A symbolic link on the way must be owned by root or
+// the agent (its owner could point it elsewhere) and is followed by walking
+// its target the same way; the directory holding it has been checked.
+func ensureParents(dir, parent string) error {
+	euid := uint32(os.Geteuid())
+	pending := strings.Split(parent, "/")
+	cur := "/"
+	if err := checkParent(dir, cur, euid); err != nil {
+		return err
+	}
+	links := 0
+	for len(pending) > 0 {
+		comp := pending[0]
+		pending = pending[1:]
+		switch comp {
+		case "", ".":
+			continue
+		case "..":
+			cur = filepath.Dir(cur)
+			continue
+		}
+		next := filepath.Join(cur, comp)
+		var st unix.Stat_t
+		err := unix.Lstat(next, &st)
+		if errors.Is(err, unix.ENOENT) {
+			if err := os.Mkdir(next, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+				return fmt.Errorf("creating %s, above the data directory %s: %w", next, dir, err)
+			}
+			err = unix.Lstat(next, &st)
+		}
+		if err != nil {
+			return fmt.Errorf("checking %s, above the data directory %s: %w", next, dir, err)
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			if st.Uid != 0 && st.Uid != euid {
+				return fmt.Errorf("the data directory %s is reached through %s, a symbolic link owned by %s: that user can point it elsewhere; "+
+					"choose a data_dir reached through links owned by root or the agent (%s)", dir, next, describeUID(st.Uid), describeUID(euid))
+			}
+			if links++; links > maxLinks {
+				return fmt.Errorf("resolving the data directory %s: more than %d symbolic links", dir, maxLinks)
+			}
+			target, err := os.Readlink(next)
+			if err != nil {
+				return fmt.Errorf("checking %s, above the data directory %s: %w", next, dir, err)
+			}
+			if filepath.IsAbs(target) {
+				cur = "/"
+			}
+			pending = append(strings.Split(target, "/"), pending...)
+			continue
+		}
+		cur = next
+		if err := checkParent(dir, cur, euid); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkParent checks p, a directory above the data directory dir.
+func checkParent(dir, p string, euid uint32) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(p, &st); err != nil {
+		return fmt.Errorf("checking %s, above the data directory %s: %w", p, dir, err)
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("%s, above the data directory %s, is not a directory", p, dir)
+	case st.Uid != 0 && st.Uid != euid:
+		return fmt.Errorf("the data directory %s is below %s, which is owned by %s (mode %s): that user can replace the data directory; "+
+			"choose a data_dir below directories owned by root or the agent (%s)", dir, p, describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))
+	case st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0:
+		return fmt.Errorf("the data directory %s is below %s (owner %s), which has mode %s: others can write to it without the sticky bit and can replace the data directory; "+
+			"chmod go-w it, or choose another data_dir", dir, p, describeUID(st.Uid), fileMode(st.Mode))
+	}
+	return nil
+}
+
+// describeUID names a uid for an error message: "uid 1000 (alice)".
+func describeUID(uid uint32) string {
+	s := "uid " + strconv.FormatUint(uint64(uid), 10)
+	if u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10)); err == nil {
+		s += " (" + u.Username + ")"
+	}
+	return s
+}
+
+// fileMode formats permission bits as chmod takes them: 0700, 1777.
+func fileMode(mode uint32) string { return fmt.Sprintf("%04o", mode&0o7777) }
+
+// UnsafeFileError is a file in the data directory that the agent refuses
+// to read: not a regular file, or owned by someone else, or open to others.
+// Reading it would let whoever made it choose the agent's keys.
+type UnsafeFileError struct {
+	Path   string
+	Reason string
+}
+
+func (e *UnsafeFileError) Error() string { return e.Path + ": " + e.Reason }
+
+// ReadPrivateFile reads a file the agent wrote with WriteFileAtomic: it
+// opens it without following a symbolic link and checks, on the open
+// descriptor, that it is a regular file owned by the agent's uid with mode
+// 0600. Otherwise it returns an *UnsafeFileError saying what is wrong. A
+// missing file is an error satisfying errors.Is(err, fs.ErrNotExist).
+func ReadPrivateFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ELOOP) {
+		return nil, &UnsafeFileError{Path: path, Reason: "is a symbolic link"}
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, err
+	}
+	euid := uint32(os.Geteuid())
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFREG:
+		return nil, &UnsafeFileError{Path: path, Reason: "is not a regular file"}
+	case st.Uid != euid:
+		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("is owned by %s (mode %s), not by the agent (%s)", describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))}
+	case st.Mode&0o7777 != 0o600:
+		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("has mode %s (owner %s), not 0600", fileMode(st.Mode), describeUID(st.Uid))}
+	}
+	return io.ReadAll(f)
+}
+
+// A temporary file of WriteFileAtomic is named ".<name>.tmp-<random>", in
+// the directory of <name>.
+const tempInfix = ".tmp-"
+
+// RemoveStaleTempFiles deletes the temporary files that writes interrupted
+// by a crash left in dir (they may hold private keys), and returns their
+// names. Call it at start, before anything writes to dir.
+func RemoveStaleTempFiles(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("listing the data directory %s: %w", dir, err)
+	}
+	var removed []string
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, ".") || !strings.Contains(name, tempInfix) || !e.Type().IsRegular() {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return removed, fmt.Errorf("removing the stale temporary file %s: %w", filepath.Join(dir, name), err)
+		}
+		removed = append(removed, name)
+	}
+	return removed, nil
 }
 
 // WriteFileAtomic writes data to path with mode 0600 so that a reader, or a
@@ -44,15 +255,11 @@ func WriteFileAtomic(path string, data []byte) error {
 // (buffered), so that a large file never has to be held in memory whole.
 func WriteFileAtomicFunc(path string, write func(w io.Writer) error) error {
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	tmp, err := createTemp(dir, "."+filepath.Base(path)+tempInfix)
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name()) // a no-op once renamed
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
 	bw := bufio.NewWriterSize(tmp, 64<<10)
 	if err := write(bw); err != nil {
 		tmp.Close()
@@ -69,6 +276,8 @@ func WriteFileAtomicFunc(path string, write func(w io.Writer) error) error {
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
+	// rename replaces path itself, never what a symbolic link there
+	// points to.
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
@@ -81,4 +290,32 @@ func WriteFileAtomicFunc(path string, write func(w io.Writer) error) error {
 		return fmt.Errorf("syncing %s: %w", dir, err)
 	}
 	return nil
+}
+
+// createTemp creates a new file named prefix plus a random suffix, mode
+// 0600 from its creation (O_EXCL: never an existing file, O_NOFOLLOW: never
+// through a link). The mode is set again on the descriptor, as the umask
+// may only narrow it and an ACL default may widen it.
+func createTemp(dir, prefix string) (*os.File, error) {
+	for range 10 {
+		var b [8]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return nil, err
+		}
+		name := filepath.Join(dir, prefix+hex.EncodeToString(b[:]))
+		f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if err := f.Chmod(0o600); err != nil {
+			f.Close()
+			os.Remove(name)
+			return nil, err
+		}
+		return f, nil
+	}
+	return nil, fmt.Errorf("creating a temporary file in %s: ten random names were taken", dir)
 }

@@ -2,10 +2,15 @@ package agent
 
 import (
 	"bytes"
+	"errors"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -155,3 +160,286 @@ var errTorn = tornError{}
 type tornError struct{}
 
 func (tornError) Error() string { return "a partly written file" }
+
+// otherUID is a uid that is neither root nor the test's: an attacker with
+// a shell on the node.
+const otherUID = 4242
+
+func checkErrNames(t *testing.T, what string, err error, want ...string) {
+	t.Helper()
+	if err == nil {
+		t.Errorf("%s: no error, want one naming %q", what, want)
+		return
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("%s: %v; want it to name %q", what, err, w)
+		}
+	}
+}
+
+// A data directory that someone else could change is refused, not
+// adopted: its owner (or anyone who can write to it or to a directory
+// above it) could replace the CA in it.
+func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	mk := func(t *testing.T, path string, mode os.FileMode, uid int) {
+		t.Helper()
+		if err := os.MkdirAll(path, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if mode&0o1000 != 0 {
+			mode = mode&^0o1000 | os.ModeSticky
+		}
+		if err := os.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(path, uid, uid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	modeOf := func(t *testing.T, path string) os.FileMode {
+		t.Helper()
+		info, err := os.Lstat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.Mode()
+	}
+
+	t.Run("owned by another user", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "data")
+		mk(t, dir, 0o755, otherUID)
+		checkErrNames(t, "data_dir owned by uid 4242", EnsureDataDir(dir), dir, "uid 4242", "0755")
+		if m := modeOf(t, dir); m.Perm() != 0o755 {
+			t.Errorf("the refused directory was changed to %v", m)
+		}
+	})
+	t.Run("writable by others", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "data")
+		mk(t, dir, 0o777, 0)
+		checkErrNames(t, "data_dir 0777", EnsureDataDir(dir), dir, "0777")
+		mk(t, dir, 0o1777, 0)
+		checkErrNames(t, "data_dir 1777", EnsureDataDir(dir), dir, "1777")
+		mk(t, dir, 0o770, 0)
+		checkErrNames(t, "data_dir 0770", EnsureDataDir(dir), dir, "0770")
+	})
+	t.Run("symbolic link", func(t *testing.T) {
+		base := t.TempDir()
+		victim := filepath.Join(base, "victim")
+		mk(t, victim, 0o755, 0)
+		link := filepath.Join(base, "data")
+		if err := os.Symlink(victim, link); err != nil {
+			t.Fatal(err)
+		}
+		checkErrNames(t, "data_dir a symlink", EnsureDataDir(link), link, "symbolic link", victim)
+		if m := modeOf(t, victim); m.Perm() != 0o755 {
+			t.Errorf("the link's target was changed to %v", m)
+		}
+	})
+	t.Run("parent owned by another user", func(t *testing.T) {
+		parent := filepath.Join(t.TempDir(), "home")
+		mk(t, parent, 0o755, otherUID)
+		dir := filepath.Join(parent, "data")
+		checkErrNames(t, "parent owned by uid 4242", EnsureDataDir(dir), parent, "uid 4242", "0755")
+		if _, err := os.Lstat(dir); err == nil {
+			t.Error("the data directory was created under a parent another user owns")
+		}
+	})
+	t.Run("parent writable by others", func(t *testing.T) {
+		parent := filepath.Join(t.TempDir(), "shared")
+		mk(t, parent, 0o777, 0)
+		checkErrNames(t, "parent 0777", EnsureDataDir(filepath.Join(parent, "data")), parent, "0777", "sticky")
+	})
+	t.Run("parent a symlink to an unsafe directory", func(t *testing.T) {
+		base := t.TempDir()
+		unsafe := filepath.Join(base, "unsafe")
+		mk(t, unsafe, 0o777, 0)
+		if err := os.Symlink(unsafe, filepath.Join(base, "link")); err != nil {
+			t.Fatal(err)
+		}
+		checkErrNames(t, "parent through a link", EnsureDataDir(filepath.Join(base, "link", "data")), unsafe, "0777")
+	})
+	t.Run("parent through another user's symlink", func(t *testing.T) {
+		base := t.TempDir()
+		safe := filepath.Join(base, "safe")
+		mk(t, safe, 0o755, 0)
+		link := filepath.Join(base, "link")
+		if err := os.Symlink(safe, link); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(link, otherUID, otherUID); err != nil {
+			t.Fatal(err)
+		}
+		checkErrNames(t, "a link owned by uid 4242", EnsureDataDir(filepath.Join(link, "data")), link, "uid 4242")
+	})
+	t.Run("parent under another user's directory, through a safe link", func(t *testing.T) {
+		base := t.TempDir()
+		home := filepath.Join(base, "home")
+		mk(t, home, 0o755, otherUID)
+		if err := os.Symlink(filepath.Join(base, "etc"), filepath.Join(home, "link")); err != nil {
+			t.Fatal(err)
+		}
+		mk(t, filepath.Join(base, "etc"), 0o755, 0)
+		checkErrNames(t, "a link in uid 4242's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, "uid 4242")
+	})
+	t.Run("root-owned links are followed", func(t *testing.T) {
+		base := t.TempDir()
+		mk(t, filepath.Join(base, "real"), 0o755, 0)
+		if err := os.Symlink("real", filepath.Join(base, "link")); err != nil {
+			t.Fatal(err)
+		}
+		if err := EnsureDataDir(filepath.Join(base, "link", "sub", "..", "data")); err != nil {
+			t.Fatal(err)
+		}
+		if m := modeOf(t, filepath.Join(base, "real", "data")); m.Perm() != 0o700 || !m.IsDir() {
+			t.Errorf("data_dir is %v, want a directory with mode 0700", m)
+		}
+	})
+	t.Run("sticky parent and created parents are fine", func(t *testing.T) {
+		parent := filepath.Join(t.TempDir(), "tmp")
+		mk(t, parent, 0o1777, 0)
+		dir := filepath.Join(parent, "a", "b", "data")
+		if err := EnsureDataDir(dir); err != nil {
+			t.Fatal(err)
+		}
+		if m := modeOf(t, dir); m.Perm() != 0o700 || !m.IsDir() {
+			t.Errorf("data_dir is %v, want a directory with mode 0700", m)
+		}
+		if m := modeOf(t, filepath.Join(parent, "a")); m.Perm() != 0o755 {
+			t.Errorf("a created parent is %v, want 0755", m)
+		}
+	})
+}
+
+func TestReadPrivateFile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good")
+	if err := WriteFileAtomic(good, []byte("secret")); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := ReadPrivateFile(good); err != nil || string(b) != "secret" {
+		t.Fatalf("ReadPrivateFile(good) = %q, %v", b, err)
+	}
+	if _, err := ReadPrivateFile(filepath.Join(dir, "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a missing file: %v, want ErrNotExist", err)
+	}
+	unsafe := func(what, path string, want ...string) {
+		t.Helper()
+		_, err := ReadPrivateFile(path)
+		var ue *UnsafeFileError
+		if !errors.As(err, &ue) {
+			t.Errorf("%s: %v, want an UnsafeFileError", what, err)
+			return
+		}
+		checkErrNames(t, what, err, append(want, path)...)
+	}
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(good, link); err != nil {
+		t.Fatal(err)
+	}
+	unsafe("a symbolic link", link, "symbolic link")
+	wide := filepath.Join(dir, "wide")
+	if err := os.WriteFile(wide, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(wide, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unsafe("mode 0644", wide, "0644")
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	unsafe("a FIFO", fifo, "not a regular file")
+	if os.Geteuid() == 0 {
+		theirs := filepath.Join(dir, "theirs")
+		if err := os.WriteFile(theirs, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
+			t.Fatal(err)
+		}
+		unsafe("owned by uid 4242", theirs, "uid 4242")
+	}
+}
+
+// Temporary files that a crash left (they hold private keys) are removed;
+// nothing else is.
+func TestRemoveStaleTempFiles(t *testing.T) {
+	dir := t.TempDir()
+	stale := []string{".local_ca.json.tmp-123456", ".cache.json.tmp-abcdef01"}
+	keep := []string{"local_ca.json", "cache.json", ".hidden", "x.tmp-1"}
+	for _, name := range append(append([]string{}, stale...), keep...) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("key"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, ".d.tmp-1"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	keep = append(keep, ".d.tmp-1")
+	removed, err := RemoveStaleTempFiles(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(removed)
+	if want := []string{".cache.json.tmp-abcdef01", ".local_ca.json.tmp-123456"}; !slices.Equal(removed, want) {
+		t.Errorf("removed %v, want %v", removed, want)
+	}
+	for _, name := range keep {
+		if _, err := os.Lstat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("%s: %v; it is not a temporary file and must stay", name, err)
+		}
+	}
+}
+
+// The temporary file is 0600 from its creation, whatever the umask, so
+// that no one can open it while the key is written; it is never created
+// through a link.
+func TestWriteFileAtomicTempIsPrivate(t *testing.T) {
+	dir := t.TempDir()
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+	path := filepath.Join(dir, "state.json")
+	err := WriteFileAtomicFunc(path, func(w io.Writer) error {
+		names, err := os.ReadDir(dir)
+		if err != nil || len(names) != 1 || !strings.HasPrefix(names[0].Name(), ".state.json.tmp-") {
+			t.Fatalf("during the write the directory holds %v (%v), want one temporary file", names, err)
+		}
+		info, err := os.Lstat(filepath.Join(dir, names[0].Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !info.Mode().IsRegular() || info.Mode().Perm() != 0o600 {
+			t.Errorf("the temporary file is %v, want a regular file with mode 0600", info.Mode())
+		}
+		_, err = w.Write([]byte("key"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A symbolic link in place of the file is replaced, not followed.
+	target := filepath.Join(dir, "target")
+	if err := os.WriteFile(target, []byte("victim"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFileAtomic(path, []byte("new")); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(target); string(b) != "victim" {
+		t.Errorf("the link's target was written: %q", b)
+	}
+	if info, err := os.Lstat(path); err != nil || !info.Mode().IsRegular() {
+		t.Errorf("%s is %v (%v), want a regular file", path, info.Mode(), err)
+	}
+}

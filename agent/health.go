@@ -2,6 +2,9 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"maps"
+	"slices"
 	"time"
 )
 
@@ -14,15 +17,43 @@ type Health struct {
 	UpstreamErr error
 	// UpstreamDownSince is when the current failure began.
 	UpstreamDownSince time.Time
+	// SaveErr says which files in the data directory cannot be saved, nil
+	// when every last save succeeded. A restart would lose what they hold,
+	// and the local CA does not activate a successor it has not saved.
+	SaveErr error
 	// FirstExpiry is when the first cached X509-SVID expires (zero if none).
 	FirstExpiry time.Time
 	Entries     int
 	X509SVIDs   int
 }
 
-// Degraded reports whether the agent serves from its cache without a
-// working upstream: SVIDs stop being renewed.
-func (h Health) Degraded() bool { return h.UpstreamErr != nil }
+// Degraded reports whether the agent cannot do all of its work: it serves
+// from its cache without a working upstream (SVIDs stop being renewed), or
+// it cannot save its state.
+func (h Health) Degraded() bool { return h.UpstreamErr != nil || h.SaveErr != nil }
+
+// Reason says why the agent is degraded, or "" when it is not.
+func (h Health) Reason() string {
+	if err := errors.Join(h.UpstreamErr, h.SaveErr); err != nil {
+		return err.Error()
+	}
+	return ""
+}
+
+// ReportSave records the outcome of saving path, a file in the data
+// directory: the agent reports degraded readiness while a save fails.
+func (c *Cache) ReportSave(path string, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil {
+		delete(c.saveErrs, path)
+		return
+	}
+	if c.saveErrs == nil {
+		c.saveErrs = map[string]error{}
+	}
+	c.saveErrs[path] = err
+}
 
 // ReportUpstream records the outcome of an upstream call. Upstreams call it
 // through the Sink (it is optional there); the cache calls it after minting.
@@ -49,6 +80,9 @@ func (c *Cache) Health() Health {
 		UpstreamDownSince: c.upstreamDownSince,
 		Entries:           c.entries.len(),
 		X509SVIDs:         len(c.svids),
+	}
+	for _, path := range slices.Sorted(maps.Keys(c.saveErrs)) {
+		h.SaveErr = errors.Join(h.SaveErr, c.saveErrs[path])
 	}
 	select {
 	case <-c.ready:
@@ -80,7 +114,7 @@ func (a *Agent) watchHealth(ctx context.Context, every time.Duration) {
 		}
 		h := a.cache.Health()
 		switch {
-		case h.Degraded():
+		case h.UpstreamErr != nil:
 			args := []any{"upstream", a.upstreamN, "down_for", time.Since(h.UpstreamDownSince).Round(time.Second), "error", h.UpstreamErr}
 			if !h.FirstExpiry.IsZero() {
 				args = append(args, "first_svid_expires_in", time.Until(h.FirstExpiry).Round(time.Second))

@@ -39,9 +39,9 @@ func (c *healthCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
 	}
 	gauge(c.descs.ready, boolGauge(h.Ready))
-	gauge(c.descs.upstreamUp, boolGauge(!h.Degraded()))
+	gauge(c.descs.upstreamUp, boolGauge(h.UpstreamErr == nil))
 	down := 0.0
-	if h.Degraded() {
+	if h.UpstreamErr != nil {
 		down = time.Since(h.UpstreamDownSince).Seconds()
 	}
 	gauge(c.descs.downSeconds, down)

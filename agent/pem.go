@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"strings"
 )
 
 // ParseCertificatesPEM returns the certificates of a PEM file in order,
@@ -26,4 +28,19 @@ func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
 		}
 		certs = append(certs, c)
 	}
+}
+
+// Fingerprint is the SHA-256 of a certificate's DER, in the colon-separated
+// upper-case hex of `openssl x509 -noout -fingerprint -sha256`, so that an
+// operator can compare a logged CA with a bundle file.
+func Fingerprint(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.Raw)
+	var b strings.Builder
+	for i, c := range sum {
+		if i > 0 {
+			b.WriteByte(':')
+		}
+		fmt.Fprintf(&b, "%02X", c)
+	}
+	return b.String()
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
 )
 
 // The cache is saved to the data directory so that an agent restarted while
@@ -76,7 +77,7 @@ func (c *Cache) PersistTo(dir string, td spiffeid.TrustDomain) {
 }
 
 func (c *Cache) load(want spiffeid.TrustDomain) error {
-	data, err := os.ReadFile(c.persistPath)
+	data, err := ReadPrivateFile(c.persistPath)
 	if err != nil {
 		return err
 	}
@@ -279,13 +280,22 @@ func (c *Cache) persist() {
 	}
 	c.mu.Unlock()
 	err := WriteFileAtomicFunc(c.persistPath, snap.encode)
+	c.ReportSave(c.persistPath, err)
 	if err != nil {
-		c.log.Error("Could not save the cache; retrying", "path", c.persistPath, "error", err)
+		c.persistWarn.Do(func() {
+			c.log.Warn("Could not save the cache; retrying every second (this warning repeats once a minute while it fails)", "path", c.persistPath, "error", err)
+		})
 		c.mu.Lock()
 		c.dirty = true
 		c.mu.Unlock()
+		return
 	}
+	c.persistWarn = rate.Sometimes{First: 1, Interval: saveWarnEvery}
 }
+
+// saveWarnEvery spaces the warnings while a file cannot be saved (a full
+// disk): once a second would bury every other line of the log.
+const saveWarnEvery = time.Minute
 
 type persistSnapshot struct {
 	savedAt   time.Time
@@ -353,4 +363,27 @@ func (p *persistSnapshot) encode(w io.Writer) error {
 	}
 	put("]}\n")
 	return werr
+}
+
+// SavedBundle returns the local trust bundle that the cache saved in dir,
+// or nil when there is none: what workloads were last handed, for an
+// upstream that must say what changed since.
+func SavedBundle(dir string, td spiffeid.TrustDomain) (*spiffebundle.Bundle, error) {
+	data, err := ReadPrivateFile(filepath.Join(dir, cacheFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var f struct {
+		Local json.RawMessage `json:"local_bundle"`
+	}
+	if err := json.Unmarshal(data, &f); err != nil {
+		return nil, err
+	}
+	if len(f.Local) == 0 {
+		return nil, nil
+	}
+	return spiffebundle.Parse(td, f.Local)
 }

@@ -131,8 +131,11 @@ type Resyncer interface {
 	Resync(ctx context.Context) (bool, error)
 }
 
-// UpstreamReporter is a Sink that wants to know whether the upstream works:
-// the agent reports degraded readiness while it does not. The cache is one.
+// UpstreamReporter is a Sink that wants to know whether the upstream works
+// and whether it can save its state: the agent reports degraded readiness
+// while it does not. The cache is one.
 type UpstreamReporter interface {
 	ReportUpstream(err error)
+	// ReportSave records the outcome of saving path, nil once it succeeds.
+	ReportSave(path string, err error)
 }

@@ -257,11 +257,14 @@ func startHealthListener(hc conf.HealthChecks, a *agent.Agent, log hclog.Logger)
 
 // writeReadiness answers the readiness probe: 200 when the agent is loaded
 // and its upstream works; 503 while loading, or when degraded (serving from
-// its cache with SVIDs not being renewed), with the reason in the body.
+// its cache with SVIDs not being renewed, or unable to save its state), with
+// the reason in the body.
 func writeReadiness(w http.ResponseWriter, h agent.Health) {
 	body := map[string]any{"ready": h.Ready && !h.Degraded(), "loaded": h.Ready, "degraded": h.Degraded()}
 	if h.Degraded() {
-		body["reason"] = h.UpstreamErr.Error()
+		body["reason"] = h.Reason()
+	}
+	if h.UpstreamErr != nil {
 		body["upstream_down_seconds"] = int(time.Since(h.UpstreamDownSince).Seconds())
 	}
 	if !h.FirstExpiry.IsZero() {

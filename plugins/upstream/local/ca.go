@@ -36,6 +36,9 @@ type authority struct {
 	// authorities, each starting when it was made.
 	notBefore time.Time
 	notAfter  time.Time
+	// saved is set once the state file holds this authority: only then may
+	// it sign (see Local).
+	saved bool
 }
 
 // Rotation points, as fractions of an authority's lifetime: the next
@@ -83,7 +86,10 @@ func newAuthority(td spiffeid.TrustDomain, ttl time.Duration, now time.Time) (*a
 	if err != nil {
 		return nil, err
 	}
-	a := &authority{cert: cert, key: key, root: cert, notBefore: cert.NotBefore, notAfter: cert.NotAfter}
+	// The rotation points count from now, not from the backdated
+	// NotBefore: with a short ca_ttl the backdate would put them in the
+	// past, and the CA would be prepared and activated as soon as made.
+	a := &authority{cert: cert, key: key, root: cert, notBefore: now, notAfter: cert.NotAfter}
 	if err := a.newJWTKey(); err != nil {
 		return nil, err
 	}
@@ -189,9 +195,13 @@ func saveState(path string, auths []*authority, active int, seq uint64, fromFile
 // the bundle sequence number. A missing file is no authorities and no
 // error. When fileCA is set, the X.509 half of every authority is that CA.
 func loadState(path string, fileCA *authority) ([]*authority, int, uint64, error) {
-	data, err := os.ReadFile(path)
+	data, err := agent.ReadPrivateFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, 0, 0, nil
+	}
+	var unsafe *agent.UnsafeFileError
+	if errors.As(err, &unsafe) {
+		return nil, 0, 0, err
 	}
 	if err != nil {
 		return nil, 0, 0, fmt.Errorf("reading the CA state %s: %w", path, err)

@@ -24,6 +24,7 @@ import (
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
 )
 
 func init() {
@@ -37,6 +38,13 @@ const (
 	stateFileName      = "local_ca.json"
 	// backdate allows for clocks a little behind ours.
 	backdate = 10 * time.Second
+	// warnEvery spaces the warnings that repeat while a state file
+	// cannot be saved or is refused: often enough to be seen, not so often
+	// that they bury the rest of the log.
+	warnEvery = time.Minute
+	// minRotateWait keeps Run from spinning when work that is due must
+	// wait (an activation waiting for a save).
+	minRotateWait = 100 * time.Millisecond
 )
 
 type pluginConfig struct {
@@ -73,6 +81,19 @@ type Local struct {
 	stamp       fileStamp     // the state file as last read or written
 	caErr       error         // why the CA is unavailable, or nil
 	changed     chan struct{} // wakes Run after a reconfigure
+
+	// The publication invariant: an authority signs only once the bundle
+	// that holds it was handed to sink (which serves it to every stream
+	// before SetBundles returns) and once it was saved (so that a restart
+	// cannot lose a CA that workloads hold SVIDs from).
+	sink      agent.Sink // set by Run
+	published bool       // sink holds the bundle of authorities and settings.federated
+	dirty     bool       // authorities, active or seq are not saved yet
+	saveErr   error      // why the last save failed, or nil
+	saveAt    time.Time  // when to try a failed save again
+	saveRetry *agent.Backoff
+
+	saveWarn, reloadWarn rate.Sometimes
 }
 
 // unavailableError marks a CA state that exists but cannot be used now: the
@@ -96,6 +117,10 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		now:       time.Now,
 		settings:  s,
 		changed:   make(chan struct{}, 1),
+		saveRetry: agent.NewBackoff(min(time.Second, saveRetryMax(s.caTTL)), saveRetryMax(s.caTTL)),
+
+		saveWarn:   rate.Sometimes{First: 1, Interval: warnEvery},
+		reloadWarn: rate.Sometimes{First: 1, Interval: warnEvery},
 	}
 	if s.caCertPath != "" {
 		fileCA, err := loadFileCA(s.caCertPath, s.caKeyPath)
@@ -165,50 +190,171 @@ func (l *Local) loadAuthorities() error {
 		return &unavailableError{err}
 	}
 	l.seq = seq
+	for _, a := range auths {
+		a.saved = true // read from the state file
+	}
 	now := l.now()
 	if len(auths) > 0 && !now.Before(auths[active].notAfter) && active < len(auths)-1 && now.Before(auths[len(auths)-1].notAfter) {
 		// The agent was down past the activation point: take the prepared one.
 		active = len(auths) - 1
 	}
-	if len(auths) == 0 || !now.Before(auths[active].notAfter) {
+	switch {
+	case len(auths) == 0:
 		a, err := l.newAuthority(fileCA, now)
 		if err != nil {
 			return err
 		}
 		auths, active = append(auths, a), len(auths)
-		l.log.Info("Created a new local CA", "trust_domain", l.td, "not_after", a.notAfter, "state", l.statePath)
-	} else {
-		l.log.Info("Loaded the local CA", "trust_domain", l.td, "not_after", auths[active].notAfter, "state", l.statePath)
+		l.logCreated(a)
+	case !now.Before(auths[active].notAfter):
+		a, err := l.newAuthority(fileCA, now)
+		if err != nil {
+			return err
+		}
+		auths, active = append(auths, a), len(auths)
+		l.log.Info("Created a new local CA: the saved one expired", "trust_domain", l.td, "not_after", a.notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(a.root))
+	default:
+		l.log.Info("Loaded the local CA", "trust_domain", l.td, "not_after", auths[active].notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(auths[active].root))
 	}
-	auths, active = pruneExpired(auths, active, now)
-	if err := l.save(auths, active); err != nil {
-		return &unavailableError{err}
-	}
-	l.authorities, l.active = auths, active
+	l.authorities, l.active = pruneExpired(auths, active, now)
+	l.dirty = true
+	// A CA that cannot be saved yet does not sign (see signerLocked); Run
+	// retries the save.
+	l.saveLocked(now)
 	return nil
 }
 
-// save writes the CA state and remembers its stamp, so that ensureCA can
-// tell our own writes from someone else's.
-func (l *Local) save(auths []*authority, active int) error {
-	if err := saveState(l.statePath, auths, active, l.seq, l.fileCA != nil); err != nil {
-		return err
+// logCreated logs a new CA made where there was no state file. When the
+// saved cache holds a bundle, the state file was there before and is gone
+// (deleted, or lost with a disk): workloads hold SVIDs and bundles of the
+// old CA, which the new bundle no longer has, so say so loudly.
+func (l *Local) logCreated(a *authority) {
+	saved, err := agent.SavedBundle(filepath.Dir(l.statePath), l.td)
+	if err != nil || saved == nil || len(saved.X509Authorities()) == 0 || saved.HasX509Authority(a.root) {
+		l.log.Info("Created a new local CA", "trust_domain", l.td, "not_after", a.notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(a.root))
+		return
 	}
-	st, err := statStamp(l.statePath)
+	var old []string
+	for _, c := range saved.X509Authorities() {
+		old = append(old, agent.Fingerprint(c))
+	}
+	l.log.Warn("The local CA state is missing but the saved cache is not: created a new CA that replaces the old one, without overlap. "+
+		"The old CA leaves the bundle as soon as the new one is published: SVIDs signed by it (and JWT-SVIDs signed by its key) stop verifying, "+
+		"and the agent re-signs every cached SVID with the new CA. Restore the state file from a backup instead if you have one, and give the new bundle to anyone who federates with this trust domain",
+		"trust_domain", l.td, "state", l.statePath, "old_fingerprints", old, "new_fingerprint", agent.Fingerprint(a.root), "not_after", a.notAfter)
+}
+
+// saveRetryMax caps the backoff between failed saves of the state: 30 s,
+// or a thirtieth of ca_ttl when that is shorter, so that a short-lived CA
+// still gets many tries in the third of its life it has left once its
+// successor should have taken over.
+func saveRetryMax(caTTL time.Duration) time.Duration {
+	return min(30*time.Second, max(caTTL/30, 100*time.Millisecond))
+}
+
+// saveLocked writes the CA state when it has unsaved changes and a retry is
+// due, and remembers the file's stamp, so that ensureCA can tell our own
+// writes from someone else's. A failure is retried with capped backoff,
+// warned about once a minute and reported to the sink (degraded readiness);
+// meanwhile no unsaved authority signs.
+func (l *Local) saveLocked(now time.Time) {
+	if !l.dirty || now.Before(l.saveAt) {
+		return
+	}
+	err := saveState(l.statePath, l.authorities, l.active, l.seq, l.fileCA != nil)
+	var st fileStamp
+	if err == nil {
+		st, err = statStamp(l.statePath)
+	}
+	if r, ok := l.sink.(agent.UpstreamReporter); ok {
+		var reported error
+		if err != nil {
+			reported = fmt.Errorf("the local CA state cannot be saved (a prepared CA is not activated until it is): %w", err)
+		}
+		r.ReportSave(l.statePath, reported)
+	}
 	if err != nil {
-		return err
+		l.saveErr = err
+		wait := l.saveRetry.Next()
+		l.saveAt = now.Add(wait)
+		l.saveWarn.Do(func() {
+			l.log.Warn("Could not save the local CA state; retrying (this warning repeats once a minute while it fails). "+
+				"A CA that is not saved does not sign: the next CA is activated once it is saved",
+				"state", l.statePath, "retry_in", wait.Round(time.Millisecond), "error", err)
+		})
+		return
 	}
-	l.stamp = st
+	if l.saveErr != nil {
+		l.log.Info("Saved the local CA state", "state", l.statePath)
+	}
+	for _, a := range l.authorities {
+		a.saved = true
+	}
+	l.stamp, l.dirty, l.saveErr, l.saveAt = st, false, nil, time.Time{}
+	l.saveRetry.Reset()
+	l.saveWarn = rate.Sometimes{First: 1, Interval: warnEvery}
+}
+
+// changedLocked records a change of the authorities: the bundle's sequence
+// number grows, and the state must be published and saved again.
+func (l *Local) changedLocked() {
+	l.seq++
+	l.published, l.dirty = false, true
+}
+
+// publishLocked hands the bundle of the current authorities to the sink,
+// unless it holds it already. It calls the sink under l.mu, so that no
+// authority can sign between a change and its publication; the sink must
+// not call back into l.
+func (l *Local) publishLocked() error {
+	if l.published {
+		return nil
+	}
+	if l.sink == nil {
+		return errors.New("the local CA's bundle is not published yet")
+	}
+	local, ok := l.bundleLocked()
+	if !ok {
+		return errors.New("the local CA has no authority")
+	}
+	l.sink.SetBundles(local, l.settings.federated)
+	l.published = true
 	return nil
+}
+
+// signerLocked returns the authority that signs now, after checking the
+// invariant: it is in the published bundle and saved.
+func (l *Local) signerLocked() (*authority, error) {
+	if err := l.publishLocked(); err != nil {
+		return nil, err
+	}
+	a := l.authorities[l.active]
+	if !a.saved {
+		return nil, fmt.Errorf("the local CA is not saved yet, and a CA that a restart could lose does not sign: %w", l.saveErr)
+	}
+	if now := l.now(); !now.Before(a.notAfter) {
+		return nil, fmt.Errorf("the local CA expired at %s and its successor could not be saved: %w", a.notAfter.Format(time.RFC3339), l.saveErr)
+	}
+	return a, nil
 }
 
 // ensureCALocked makes sure the CA in memory is the one on disk: the state
 // file is the source of truth. A file that changed is reloaded; one that is
 // gone or unreadable makes the CA unavailable (signing fails, and the agent
 // serves what it has) until it is back. It is never silently replaced.
+//
+// Only the agent's own file is reloaded: a regular file (not a link) owned
+// by its uid with mode 0600. Any other one is refused, with a warning once
+// a minute, and the CA in memory stays in use. A reload is a warning too,
+// with the fingerprint of the CA that signs from then on: nothing but an
+// operator restoring a backup should ever cause one.
 func (l *Local) ensureCALocked() (reloaded bool, err error) {
 	st, err := statStamp(l.statePath)
 	if err == nil && l.caErr == nil && st == l.stamp {
+		return false, nil
+	}
+	if errors.Is(err, os.ErrNotExist) && l.caErr == nil && l.stamp == (fileStamp{}) && len(l.authorities) > 0 {
+		// Never saved yet (the first save failed): nothing to follow.
 		return false, nil
 	}
 	if err != nil {
@@ -216,6 +362,14 @@ func (l *Local) ensureCALocked() (reloaded bool, err error) {
 		return false, l.caErr
 	}
 	auths, active, seq, err := loadState(l.statePath, l.fileCA)
+	var unsafe *agent.UnsafeFileError
+	if errors.As(err, &unsafe) && l.caErr == nil && len(l.authorities) > 0 {
+		l.reloadWarn.Do(func() {
+			l.log.Warn("Refusing to reload the CA state, which changed on disk: it is not the agent's own private file. The CA in memory stays in use (this warning repeats once a minute)",
+				"state", l.statePath, "reason", unsafe.Reason)
+		})
+		return false, nil
+	}
 	if err == nil && len(auths) == 0 {
 		err = fmt.Errorf("the CA state %s holds no CA", l.statePath)
 	}
@@ -226,8 +380,20 @@ func (l *Local) ensureCALocked() (reloaded bool, err error) {
 	if l.caErr != nil {
 		l.log.Info("The local CA is available again", "state", l.statePath)
 	}
+	var previous string
+	if len(l.authorities) > 0 {
+		previous = agent.Fingerprint(l.authorities[l.active].root)
+	}
+	for _, a := range auths {
+		a.saved = true
+	}
 	l.authorities, l.active, l.stamp, l.caErr = auths, active, st, nil
-	l.seq = max(l.seq, seq) + 1
+	l.seq = max(l.seq, seq)
+	l.changedLocked()
+	// What is in memory is what is on disk, but for the sequence number.
+	l.dirty, l.saveErr, l.saveAt = false, nil, time.Time{}
+	l.log.Warn("Reloaded the local CA state, which changed on disk: its active CA signs from now on, once its bundle is published",
+		"state", l.statePath, "fingerprint", agent.Fingerprint(auths[active].root), "jwt_kid", auths[active].jwtKID, "previous_fingerprint", previous)
 	return true, nil
 }
 
@@ -265,8 +431,10 @@ func pruneExpired(auths []*authority, active int, now time.Time) ([]*authority, 
 // the CA is unavailable it retries with capped backoff; entries are
 // published regardless, as they come from the config.
 func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
+	l.mu.Lock()
+	l.sink, l.published = sink, false
+	l.mu.Unlock()
 	l.publishEntries(sink)
-	published := false
 	retry := agent.NewBackoff(time.Second, 30*time.Second)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -276,10 +444,9 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 			return nil
 		case <-l.changed:
 			l.publishEntries(sink)
-			published = false
 		case <-timer.C:
 		}
-		next, changed, err := l.rotate()
+		next, _, err := l.rotate()
 		if r, ok := sink.(agent.UpstreamReporter); ok {
 			r.ReportUpstream(err)
 		}
@@ -289,13 +456,6 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 			next = l.now().Add(wait)
 		} else {
 			retry.Reset()
-			if changed || !published {
-				local, federated, ok := l.bundles()
-				if ok {
-					sink.SetBundles(local, federated)
-					published = true
-				}
-			}
 		}
 		if !timer.Stop() {
 			select {
@@ -314,8 +474,13 @@ func (l *Local) publishEntries(sink agent.Sink) {
 	sink.SetEntries(entries)
 }
 
-// rotate prepares, activates and retires authorities as they age, and
-// returns when it next has work.
+// rotate prepares, activates and retires authorities as they age, publishes
+// and saves what changed, and returns when it next has work.
+//
+// The order keeps the publication invariant (see Local): a prepared CA is
+// published at once, saved, and activated at two thirds of the active one's
+// life only if both happened; otherwise the active CA, which has a third
+// of its life left, keeps signing while the save is retried.
 func (l *Local) rotate() (next time.Time, changed bool, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -335,23 +500,28 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 			return now, false, err
 		}
 		l.authorities = append(l.authorities, a)
+		l.changedLocked()
 		prepared, changed = true, true
-		l.log.Info("Prepared the next local CA; it is in the bundle from now on", "not_after", a.notAfter)
+		if l.publishLocked() == nil {
+			l.log.Info("Prepared the next local CA; it is in the bundle from now on", "not_after", a.notAfter, "fingerprint", agent.Fingerprint(a.root), "activate_at", active.at(activateAt))
+		}
 	}
-	if prepared && !now.Before(active.at(activateAt)) {
+	_ = l.publishLocked()
+	l.saveLocked(now)
+	if prepared && !now.Before(active.at(activateAt)) && l.published && l.authorities[len(l.authorities)-1].saved {
 		l.active = len(l.authorities) - 1
 		active, prepared, changed = l.authorities[l.active], false, true
-		l.log.Info("Activated the next local CA", "not_after", active.notAfter)
+		l.changedLocked()
+		l.log.Info("Activated the next local CA", "not_after", active.notAfter, "fingerprint", agent.Fingerprint(active.root))
 	}
 	before := len(l.authorities)
 	l.authorities, l.active = pruneExpired(l.authorities, l.active, now)
-	changed = changed || len(l.authorities) != before
-	if changed {
-		l.seq++
-		if err := l.save(l.authorities, l.active); err != nil {
-			return now, changed, err
-		}
+	if len(l.authorities) != before {
+		l.changedLocked()
+		changed = true
 	}
+	_ = l.publishLocked()
+	l.saveLocked(now)
 	next = active.at(activateAt)
 	switch {
 	case endOfLine:
@@ -367,6 +537,14 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 			next = a.notAfter
 		}
 	}
+	// Work that is due but must wait (an activation waiting for its save)
+	// is retried with the save, not in a tight loop.
+	if l.dirty && (l.saveAt.Before(next) || !next.After(now)) {
+		next = l.saveAt
+	}
+	if soonest := now.Add(minRotateWait); next.Before(soonest) {
+		next = soonest
+	}
 	return next, changed, nil
 }
 
@@ -375,8 +553,13 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 func (l *Local) bundles() (local *spiffebundle.Bundle, federated []*spiffebundle.Bundle, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	local, ok = l.bundleLocked()
+	return local, l.settings.federated, ok
+}
+
+func (l *Local) bundleLocked() (*spiffebundle.Bundle, bool) {
 	if len(l.authorities) == 0 {
-		return nil, nil, false
+		return nil, false
 	}
 	b := spiffebundle.New(l.td)
 	for _, a := range l.authorities {
@@ -386,7 +569,7 @@ func (l *Local) bundles() (local *spiffebundle.Bundle, federated []*spiffebundle
 		_ = b.AddJWTAuthority(a.jwtKID, a.jwtKey.Public())
 	}
 	b.SetSequenceNumber(l.seq)
-	return b, l.settings.federated, true
+	return b, true
 }
 
 // Reconfigure applies new plugin_data (on SIGHUP): entries and federated
@@ -402,6 +585,7 @@ func (l *Local) Reconfigure(data *conf.Section) error {
 		s.caCertPath, s.caKeyPath, s.caTTL = l.settings.caCertPath, l.settings.caKeyPath, l.settings.caTTL
 	}
 	l.settings = s
+	l.published = false // the federated bundles may have changed
 	l.mu.Unlock()
 	select {
 	case l.changed <- struct{}{}:
@@ -411,7 +595,8 @@ func (l *Local) Reconfigure(data *conf.Section) error {
 }
 
 // activeCA returns the signing authority, checking first that the state on
-// disk has not changed or gone.
+// disk has not changed or gone, and that the authority is published and
+// saved (a reloaded state is published here, before it signs).
 func (l *Local) activeCA() (*authority, *settings, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -420,13 +605,17 @@ func (l *Local) activeCA() (*authority, *settings, error) {
 		return nil, nil, fmt.Errorf("the local CA is unavailable: %w", err)
 	}
 	if reloaded {
-		// Wake Run to publish the reloaded bundle: peers must trust what we sign.
+		// Wake Run to reschedule for the reloaded authorities.
 		select {
 		case l.changed <- struct{}{}:
 		default:
 		}
 	}
-	return l.authorities[l.active], l.settings, nil
+	a, err := l.signerLocked()
+	if err != nil {
+		return nil, nil, fmt.Errorf("the local CA cannot sign: %w", err)
+	}
+	return a, l.settings, nil
 }
 
 // MintX509SVIDs signs X509-SVIDs with the active CA.
@@ -535,7 +724,7 @@ type fileStamp struct {
 }
 
 func statStamp(path string) (fileStamp, error) {
-	info, err := os.Stat(path)
+	info, err := os.Lstat(path)
 	if err != nil {
 		return fileStamp{}, err
 	}

@@ -53,23 +53,32 @@ entry {
 `
 
 func newLocalErr(dir, body string) (*Local, error) {
+	return newLocalLog(dir, body, hclog.NewNullLogger())
+}
+
+func newLocalLog(dir, body string, log hclog.Logger) (*Local, error) {
 	sec, err := conf.NewSection("test.conf", body)
 	if err != nil {
 		return nil, err
 	}
-	up, err := New(agent.UpstreamConfig{Name: "local", Data: sec, Log: hclog.NewNullLogger(), TrustDomain: td, DataDir: dir})
+	up, err := New(agent.UpstreamConfig{Name: "local", Data: sec, Log: log, TrustDomain: td, DataDir: dir})
 	if err != nil {
 		return nil, err
 	}
 	return up.(*Local), nil
 }
 
+// newLocal builds a Local with a sink attached, as Run attaches one, so
+// that it publishes its bundle and may sign without Run.
 func newLocal(t *testing.T, dir, body string) *Local {
 	t.Helper()
 	l, err := newLocalErr(dir, body)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
+	l.mu.Lock()
+	l.sink = newRecordingSink()
+	l.mu.Unlock()
 	return l
 }
 
@@ -635,11 +644,39 @@ federated_bundle {
 
 // recordingSink keeps every call Run makes.
 type recordingSink struct {
-	mu      sync.Mutex
-	entries [][]*agent.Entry
-	local   []*spiffebundle.Bundle
-	fed     [][]*spiffebundle.Bundle
-	wake    chan struct{}
+	mu       sync.Mutex
+	entries  [][]*agent.Entry
+	local    []*spiffebundle.Bundle
+	fed      [][]*spiffebundle.Bundle
+	saveErrs map[string]error
+	wake     chan struct{}
+}
+
+func (s *recordingSink) ReportUpstream(error) {}
+
+func (s *recordingSink) ReportSave(path string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.saveErrs == nil {
+		s.saveErrs = map[string]error{}
+	}
+	s.saveErrs[path] = err
+}
+
+// lastBundle is the bundle last handed to the sink, or nil.
+func (s *recordingSink) lastBundle() *spiffebundle.Bundle {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.local) == 0 {
+		return nil
+	}
+	return s.local[len(s.local)-1]
+}
+
+func (s *recordingSink) saveErr(path string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.saveErrs[path]
 }
 
 func newRecordingSink() *recordingSink { return &recordingSink{wake: make(chan struct{}, 1)} }
