@@ -9,9 +9,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -63,11 +61,11 @@ func EnsureDataDir(dir string) error {
 	euid := uint32(os.Geteuid())
 	if st.Uid != euid {
 		return fmt.Errorf("the data directory %s is owned by %s, mode %s, not by the agent (%s): whoever owns it can replace the CA and keys in it; "+
-			"check what is in it, then chown it to the agent's user or choose another data_dir", abs, describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))
+			"check what is in it, then chown it to the agent's user or choose another data_dir", abs, describeOwner(st.Uid), octalMode(st.Mode), describeOwner(euid))
 	}
 	if st.Mode&0o022 != 0 {
 		return fmt.Errorf("the data directory %s (owner %s) has mode %s: others can write to it and may have replaced the CA and keys in it; "+
-			"check what is in it, then chmod 0700 it", abs, describeUID(st.Uid), fileMode(st.Mode))
+			"check what is in it, then chmod 0700 it", abs, describeOwner(st.Uid), octalMode(st.Mode))
 	}
 	if st.Mode&0o7777 != 0o700 {
 		if err := d.Chmod(0o700); err != nil {
@@ -120,7 +118,7 @@ func ensureParents(dir, parent string) error {
 		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
 			if st.Uid != 0 && st.Uid != euid {
 				return fmt.Errorf("the data directory %s is reached through %s, a symbolic link owned by %s: that user can point it elsewhere; "+
-					"choose a data_dir reached through links owned by root or the agent (%s)", dir, next, describeUID(st.Uid), describeUID(euid))
+					"choose a data_dir reached through links owned by root or the agent (%s)", dir, next, describeOwner(st.Uid), describeOwner(euid))
 			}
 			if links++; links > maxLinks {
 				return fmt.Errorf("resolving the data directory %s: more than %d symbolic links", dir, maxLinks)
@@ -154,25 +152,16 @@ func checkParent(dir, p string, euid uint32) error {
 		return fmt.Errorf("%s, above the data directory %s, is not a directory", p, dir)
 	case st.Uid != 0 && st.Uid != euid:
 		return fmt.Errorf("the data directory %s is below %s, which is owned by %s (mode %s): that user can replace the data directory; "+
-			"choose a data_dir below directories owned by root or the agent (%s)", dir, p, describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))
+			"choose a data_dir below directories owned by root or the agent (%s)", dir, p, describeOwner(st.Uid), octalMode(st.Mode), describeOwner(euid))
 	case st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0:
 		return fmt.Errorf("the data directory %s is below %s (owner %s), which has mode %s: others can write to it without the sticky bit and can replace the data directory; "+
-			"chmod go-w it, or choose another data_dir", dir, p, describeUID(st.Uid), fileMode(st.Mode))
+			"chmod go-w it, or choose another data_dir", dir, p, describeOwner(st.Uid), octalMode(st.Mode))
 	}
 	return nil
 }
 
-// describeUID names a uid for an error message: "uid 1000 (alice)".
-func describeUID(uid uint32) string {
-	s := "uid " + strconv.FormatUint(uint64(uid), 10)
-	if u, err := user.LookupId(strconv.FormatUint(uint64(uid), 10)); err == nil {
-		s += " (" + u.Username + ")"
-	}
-	return s
-}
-
-// fileMode formats permission bits as chmod takes them: 0700, 1777.
-func fileMode(mode uint32) string { return fmt.Sprintf("%04o", mode&0o7777) }
+// octalMode formats permission bits as chmod takes them: 0700, 1777.
+func octalMode(mode uint32) string { return fmt.Sprintf("%04o", mode&0o7777) }
 
 // UnsafeFileError is a file in the data directory that the agent refuses
 // to read: not a regular file, or owned by someone else, or open to others.
@@ -207,9 +196,9 @@ func ReadPrivateFile(path string) ([]byte, error) {
 	case st.Mode&unix.S_IFMT != unix.S_IFREG:
 		return nil, &UnsafeFileError{Path: path, Reason: "is not a regular file"}
 	case st.Uid != euid:
-		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("is owned by %s (mode %s), not by the agent (%s)", describeUID(st.Uid), fileMode(st.Mode), describeUID(euid))}
+		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("is owned by %s (mode %s), not by the agent (%s)", describeOwner(st.Uid), octalMode(st.Mode), describeOwner(euid))}
 	case st.Mode&0o7777 != 0o600:
-		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("has mode %s (owner %s), not 0600", fileMode(st.Mode), describeUID(st.Uid))}
+		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("has mode %s (owner %s), not 0600", octalMode(st.Mode), describeOwner(st.Uid))}
 	}
 	return io.ReadAll(f)
 }

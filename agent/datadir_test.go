@@ -161,10 +161,6 @@ type tornError struct{}
 
 func (tornError) Error() string { return "a partly written file" }
 
-// otherUID is a uid that is neither root nor the test's: an attacker with
-// a shell on the node.
-const otherUID = 4242
-
 func checkErrNames(t *testing.T, what string, err error, want ...string) {
 	t.Helper()
 	if err == nil {

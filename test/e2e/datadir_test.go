@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,9 +27,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
-// attackerUID is an unprivileged user with a shell on the node and no
-// entry: neither root nor the agent.
-const attackerUID = 4242
+// attackerName is how the agent names the attacker in its messages.
+var attackerName = "uid " + strconv.Itoa(attackerUID)
 
 var exampleTD = spiffeid.RequireTrustDomainFromString("example.org")
 
@@ -138,11 +138,11 @@ func TestDataDirOwnedByAnotherUserIsRefused(t *testing.T) {
 		}
 		asAttacker(t, fmt.Sprintf("cp %s %s/.x && mv %s/.x %s/local_ca.json", staged, data, data, data))
 		if mintedKID(t, a.client(t), "victim-db") == "attacker" {
-			t.Fatalf("the agent started on a data_dir owned by uid 4242, and that user's JWT key (CA %s) then signed the victim's JWT-SVID", fingerprint(attackerCA))
+			t.Fatalf("the agent started on a data_dir owned by uid %d, and that user's JWT key (CA %s) then signed the victim's JWT-SVID", attackerUID, fingerprint(attackerCA))
 		}
-		t.Fatal("the agent started on a data_dir owned by uid 4242")
+		t.Fatalf("the agent started on a data_dir owned by uid %d", attackerUID)
 	}
-	for _, want := range []string{data, "uid 4242", "0755"} {
+	for _, want := range []string{data, attackerName, "0755"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("the refusal does not name %q:\n%s", want, out)
 		}
@@ -187,9 +187,9 @@ func TestDataDirUnderAnotherUsersDirectoryIsRefused(t *testing.T) {
 	}
 	_, out, exited := startExpectRefusal(t, dir, strings.Replace(baseConfig, `data_dir     = "@DATA@"`, fmt.Sprintf("data_dir = %q", filepath.Join(home, "data")), 1))
 	if !exited {
-		t.Fatal("the agent started below a directory owned by uid 4242")
+		t.Fatalf("the agent started below a directory owned by uid %d", attackerUID)
 	}
-	if !strings.Contains(out, home) || !strings.Contains(out, "uid 4242") {
+	if !strings.Contains(out, home) || !strings.Contains(out, attackerName) {
 		t.Errorf("the refusal does not name %s and its owner:\n%s", home, out)
 	}
 }
@@ -275,7 +275,7 @@ func TestCAStateReloadOnlyFromAgentsOwnFile(t *testing.T) {
 	waitFor(t, 10*time.Second, "the refusal to be logged", func() bool {
 		return strings.Contains(a.Logs.String(), "Refusing to reload the CA state")
 	})
-	if logs := a.Logs.String(); !strings.Contains(logs, "uid 4242") || !strings.Contains(logs, filepath.Join(a.dataDir, "local_ca.json")) {
+	if logs := a.Logs.String(); !strings.Contains(logs, attackerName) || !strings.Contains(logs, filepath.Join(a.dataDir, "local_ca.json")) {
 		t.Errorf("the refusal does not name the file and its owner:\n%s", logs)
 	}
 	svid, err := c.FetchX509SVID(ctx)
