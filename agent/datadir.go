@@ -25,143 +25,60 @@ import (
 // created: dir with mode 0700, its missing parents 0755, all owned by the
 // agent. An existing dir must be the agent's own directory (not a symbolic
 // link, owned by the agent's uid, writable by no one else); one that others
-// can read is tightened to 0700 through its descriptor. Every existing
-// directory above it must be owned by root or the agent and writable by no
-// one else unless it has the sticky bit (as /tmp has). Anything else is an
-// error naming the path, its owner and its mode: the agent must not start.
+// can read is tightened to 0700 through its descriptor. The directories
+// above it are walked and checked as the socket's are (openTrustedDir):
+// owned by root or the agent, writable by no one else unless sticky (as
+// /tmp is), symlinks only of root or the agent. Anything else is an error
+// naming the path, its owner and its mode: the agent must not start.
 func EnsureDataDir(dir string) error {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return fmt.Errorf("the data directory %s: %w", dir, err)
 	}
-	if err := ensureParents(abs, filepath.Dir(abs)); err != nil {
+	parent, err := openTrustedDir(filepath.Dir(abs), abs, dataDirUse)
+	if err != nil {
 		return err
 	}
-	if err := os.Mkdir(abs, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+	defer unix.Close(parent)
+	name := filepath.Base(abs)
+	if err := unix.Mkdirat(parent, name, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("creating the data directory %s: %w", abs, err)
 	}
-	// O_NOFOLLOW|O_DIRECTORY refuses a link (ENOTDIR or ELOOP); the Lstat
+	// O_NOFOLLOW|O_DIRECTORY refuses a link (ELOOP or ENOTDIR); the fstatat
 	// only makes the message precise.
-	d, err := os.OpenFile(abs, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if info, lerr := os.Lstat(abs); err != nil && lerr == nil && info.Mode()&fs.ModeSymlink != 0 {
-		target, _ := os.Readlink(abs)
-		return fmt.Errorf("the data directory %s is a symbolic link (to %s): set data_dir to the real directory", abs, target)
-	}
-	switch {
-	case errors.Is(err, unix.ENOTDIR), errors.Is(err, unix.ELOOP):
-		return fmt.Errorf("the data directory %s is not a directory", abs)
-	case err != nil:
+	fd, err := unix.Openat(parent, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		var lst unix.Stat_t
+		if unix.Fstatat(parent, name, &lst, unix.AT_SYMLINK_NOFOLLOW) == nil && lst.Mode&unix.S_IFMT == unix.S_IFLNK {
+			target, _ := readlinkat(parent, name)
+			return fmt.Errorf("the data directory %s is a symbolic link (to %s): set data_dir to the real directory", abs, target)
+		}
+		if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+			return fmt.Errorf("the data directory %s is not a directory", abs)
+		}
 		return fmt.Errorf("opening the data directory %s: %w", abs, err)
 	}
-	defer d.Close()
+	defer unix.Close(fd)
 	var st unix.Stat_t
-	if err := unix.Fstat(int(d.Fd()), &st); err != nil {
+	if err := unix.Fstat(fd, &st); err != nil {
 		return fmt.Errorf("checking the data directory %s: %w", abs, err)
 	}
 	euid := uint32(os.Geteuid())
 	if st.Uid != euid {
 		return fmt.Errorf("the data directory %s is owned by %s, mode %s, not by the agent (%s): whoever owns it can replace the CA and keys in it; "+
-			"check what is in it, then chown it to the agent's user or choose another data_dir", abs, describeOwner(st.Uid), octalMode(st.Mode), describeOwner(euid))
+			"check what is in it, then chown it to the agent's user or choose another data_dir", abs, describeOwner(st.Uid), describeMode(&st), describeOwner(euid))
 	}
 	if st.Mode&0o022 != 0 {
 		return fmt.Errorf("the data directory %s (owner %s) has mode %s: others can write to it and may have replaced the CA and keys in it; "+
-			"check what is in it, then chmod 0700 it", abs, describeOwner(st.Uid), octalMode(st.Mode))
+			"check what is in it, then chmod 0700 it", abs, describeOwner(st.Uid), describeMode(&st))
 	}
 	if st.Mode&0o7777 != 0o700 {
-		if err := d.Chmod(0o700); err != nil {
+		if err := unix.Fchmod(fd, 0o700); err != nil {
 			return fmt.Errorf("setting the mode of the data directory %s to 0700: %w", abs, err)
 		}
 	}
 	return nil
 }
-
-// maxLinks bounds the symbolic links followed on the way to the data
-// directory, as the kernel's own limit (40) does.
-const maxLinks = 40
-
-// ensureParents walks parent from / one component at a time, as the kernel
-// resolves it, creating missing directories (0755) and checking each one it
-// did not create for an owner or mode that would let another user move dir
-// or swap its contents. A symbolic link on the way must be owned by root or
-// the agent (its owner could point it elsewhere) and is followed by walking
-// its target the same way; the directory holding it has been checked.
-func ensureParents(dir, parent string) error {
-	euid := uint32(os.Geteuid())
-	pending := strings.Split(parent, "/")
-	cur := "/"
-	if err := checkParent(dir, cur, euid); err != nil {
-		return err
-	}
-	links := 0
-	for len(pending) > 0 {
-		comp := pending[0]
-		pending = pending[1:]
-		switch comp {
-		case "", ".":
-			continue
-		case "..":
-			cur = filepath.Dir(cur)
-			continue
-		}
-		next := filepath.Join(cur, comp)
-		var st unix.Stat_t
-		err := unix.Lstat(next, &st)
-		if errors.Is(err, unix.ENOENT) {
-			if err := os.Mkdir(next, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
-				return fmt.Errorf("creating %s, above the data directory %s: %w", next, dir, err)
-			}
-			err = unix.Lstat(next, &st)
-		}
-		if err != nil {
-			return fmt.Errorf("checking %s, above the data directory %s: %w", next, dir, err)
-		}
-		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
-			if st.Uid != 0 && st.Uid != euid {
-				return fmt.Errorf("the data directory %s is reached through %s, a symbolic link owned by %s: that user can point it elsewhere; "+
-					"choose a data_dir reached through links owned by root or the agent (%s)", dir, next, describeOwner(st.Uid), describeOwner(euid))
-			}
-			if links++; links > maxLinks {
-				return fmt.Errorf("resolving the data directory %s: more than %d symbolic links", dir, maxLinks)
-			}
-			target, err := os.Readlink(next)
-			if err != nil {
-				return fmt.Errorf("checking %s, above the data directory %s: %w", next, dir, err)
-			}
-			if filepath.IsAbs(target) {
-				cur = "/"
-			}
-			pending = append(strings.Split(target, "/"), pending...)
-			continue
-		}
-		cur = next
-		if err := checkParent(dir, cur, euid); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// checkParent checks p, a directory above the data directory dir.
-func checkParent(dir, p string, euid uint32) error {
-	var st unix.Stat_t
-	if err := unix.Lstat(p, &st); err != nil {
-		return fmt.Errorf("checking %s, above the data directory %s: %w", p, dir, err)
-	}
-	switch {
-	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
-		return fmt.Errorf("%s, above the data directory %s, is not a directory", p, dir)
-	case st.Uid != 0 && st.Uid != euid:
-		return fmt.Errorf("the data directory %s is below %s, which is owned by %s (mode %s): that user can replace the data directory; "+
-			"choose a data_dir below directories owned by root or the agent (%s)", dir, p, describeOwner(st.Uid), octalMode(st.Mode), describeOwner(euid))
-	case st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0:
-		return fmt.Errorf("the data directory %s is below %s (owner %s), which has mode %s: others can write to it without the sticky bit and can replace the data directory; "+
-			"chmod go-w it, or choose another data_dir", dir, p, describeOwner(st.Uid), octalMode(st.Mode))
-	}
-	return nil
-}
-
-// octalMode formats permission bits as chmod takes them: 0700, 1777.
-func octalMode(mode uint32) string { return fmt.Sprintf("%04o", mode&0o7777) }
 
 // UnsafeFileError is a file in the data directory that the agent refuses
 // to read: not a regular file, or owned by someone else, or open to others.

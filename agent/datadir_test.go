@@ -208,7 +208,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 	t.Run("owned by another user", func(t *testing.T) {
 		dir := filepath.Join(t.TempDir(), "data")
 		mk(t, dir, 0o755, otherUID)
-		checkErrNames(t, "data_dir owned by uid 4242", EnsureDataDir(dir), dir, "uid 4242", "0755")
+		checkErrNames(t, "data_dir owned by uid 47001", EnsureDataDir(dir), dir, "uid 47001", "0755")
 		if m := modeOf(t, dir); m.Perm() != 0o755 {
 			t.Errorf("the refused directory was changed to %v", m)
 		}
@@ -239,7 +239,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		parent := filepath.Join(t.TempDir(), "home")
 		mk(t, parent, 0o755, otherUID)
 		dir := filepath.Join(parent, "data")
-		checkErrNames(t, "parent owned by uid 4242", EnsureDataDir(dir), parent, "uid 4242", "0755")
+		checkErrNames(t, "parent owned by uid 47001", EnsureDataDir(dir), parent, "uid 47001", "0755")
 		if _, err := os.Lstat(dir); err == nil {
 			t.Error("the data directory was created under a parent another user owns")
 		}
@@ -269,7 +269,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		if err := os.Lchown(link, otherUID, otherUID); err != nil {
 			t.Fatal(err)
 		}
-		checkErrNames(t, "a link owned by uid 4242", EnsureDataDir(filepath.Join(link, "data")), link, "uid 4242")
+		checkErrNames(t, "a link owned by uid 47001", EnsureDataDir(filepath.Join(link, "data")), link, "uid 47001")
 	})
 	t.Run("parent under another user's directory, through a safe link", func(t *testing.T) {
 		base := t.TempDir()
@@ -279,7 +279,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 			t.Fatal(err)
 		}
 		mk(t, filepath.Join(base, "etc"), 0o755, 0)
-		checkErrNames(t, "a link in uid 4242's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, "uid 4242")
+		checkErrNames(t, "a link in uid 47001's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, "uid 47001")
 	})
 	t.Run("root-owned links are followed", func(t *testing.T) {
 		base := t.TempDir()
@@ -358,7 +358,7 @@ func TestReadPrivateFile(t *testing.T) {
 		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
 			t.Fatal(err)
 		}
-		unsafe("owned by uid 4242", theirs, "uid 4242")
+		unsafe("owned by uid 47001", theirs, "uid 47001")
 	}
 }
 

@@ -13,37 +13,69 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxSymlinks bounds the symlinks followed while opening the socket
-// directory, as the kernel's own limit (MAXSYMLINKS) does.
+// maxSymlinks bounds the symlinks followed while walking to a directory,
+// as the kernel's own limit (MAXSYMLINKS) does.
 const maxSymlinks = 40
 
+// dirUse says what a walked directory is for: the checks and the words of
+// a refusal depend on it.
+type dirUse struct {
+	what string // "socket directory", "data directory"
+	key  string // the config key that names it
+	risk string // what whoever controls it could do
+	// strictLast refuses a last directory that others can write even when
+	// it is sticky.
+	strictLast bool
+}
+
+var (
+	socketDirUse = dirUse{
+		what:       "socket directory",
+		key:        "socket_path",
+		risk:       "replace the socket with one of their own",
+		strictLast: true,
+	}
+	dataDirUse = dirUse{
+		what: "data directory",
+		key:  "data_dir",
+		risk: "replace the data directory, and the CA and keys in it",
+	}
+)
+
 // openSocketDir opens the directory that holds the socket, creating what
-// is missing with mode 0755, and returns an O_PATH descriptor of it.
-//
-// It walks the path from / one component at a time with
-// openat(O_NOFOLLOW), so each check applies to the directory that is then
-// used. A directory it did not create, and any symlink on the way, must be
-// owned by root or by the agent's user, and a directory must not be
-// writable by group or others unless it is sticky (as /tmp is); the
+// is missing with mode 0755, and returns an O_PATH descriptor of it. The
 // socket's own directory must not be writable by others even when sticky,
-// since anyone who can add a name there can put a socket of their own where
-// workloads look for the agent's. A symlink that passes is followed by
-// resolving its target the same way, so /var/run -> /run keeps working.
+// since anyone who can add a name there can put a socket of their own
+// where workloads look for the agent's.
 //
 // Once every component is checked, nobody but root and the agent can
 // rename, replace or add entries along the path: that is what makes the
 // path-based bind, dial and unlink in Listen safe, since Go's net package
 // cannot bind relative to a descriptor.
-func openSocketDir(dir string) (int, error) {
+func openSocketDir(dir string) (int, error) { return openTrustedDir(dir, dir, socketDirUse) }
+
+// openTrustedDir opens dir, creating what is missing with mode 0755, and
+// returns an O_PATH descriptor of it. It walks the path from / one
+// component at a time with openat(O_NOFOLLOW), so each check applies to
+// the directory that is then used. A directory it did not create, and any
+// symlink on the way, must be owned by root or by the agent's user, and a
+// directory must not be writable by group or others unless it is sticky
+// (as /tmp is). A symlink that passes is followed by resolving its target
+// the same way, so /var/run -> /run keeps working. Refusals name dir as on
+// the way to target (the directory it is for, or dir itself).
+func openTrustedDir(dir, target string, use dirUse) (int, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return -1, fmt.Errorf("resolving the socket directory %s: %w", dir, err)
+		return -1, fmt.Errorf("resolving the %s %s: %w", use.what, dir, err)
+	}
+	if target, err = filepath.Abs(target); err != nil {
+		return -1, fmt.Errorf("resolving the %s %s: %w", use.what, target, err)
 	}
 	root, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("opening /: %w", err)
 	}
-	w := &dirWalk{euid: os.Geteuid(), stack: []walkedDir{{fd: root, path: "/"}}}
+	w := &dirWalk{euid: os.Geteuid(), use: use, target: target, stack: []walkedDir{{fd: root, path: "/"}}}
 	defer w.close()
 	var st unix.Stat_t
 	if err := unix.Fstat(root, &st); err != nil {
@@ -89,13 +121,13 @@ func openSocketDir(dir string) (int, error) {
 				return -1, fmt.Errorf("checking %s: %w", path, err)
 			}
 			if st.Mode&unix.S_IFMT != unix.S_IFLNK {
-				return -1, fmt.Errorf("%s is not a directory: choose another socket_path", path)
+				return -1, fmt.Errorf("%s, on the way to the %s %s, is not a directory: choose another %s", path, use.what, abs, use.key)
 			}
 			if !w.trustedOwner(st.Uid) {
-				return -1, fmt.Errorf("the symlink %s on the way to the socket is owned by %s: whoever owns it could point workloads at a socket of their own; remove it, or choose a socket_path whose directories and symlinks belong to root", path, describeOwner(st.Uid))
+				return -1, fmt.Errorf("the symlink %s on the way to the %s %s is owned by %s: whoever owns it could point it elsewhere and %s; remove it, or choose a %s whose directories and symlinks belong to root or the agent's user", path, use.what, abs, describeOwner(st.Uid), use.risk, use.key)
 			}
 			if links++; links > maxSymlinks {
-				return -1, fmt.Errorf("too many symlinks on the way to the socket directory %s", abs)
+				return -1, fmt.Errorf("too many symlinks on the way to the %s %s", use.what, abs)
 			}
 			target, err := readlinkat(cur.fd, name)
 			if err != nil {
@@ -109,13 +141,13 @@ func openSocketDir(dir string) (int, error) {
 			return -1, fmt.Errorf("opening %s: %w", path, err)
 		}
 	}
-	// The socket's own directory, however it was reached, is checked once
-	// more under the stricter rule for it.
+	// The last directory, however it was reached, is checked once more
+	// under the rule for it.
 	last := w.top()
 	if err := unix.Fstat(last.fd, &st); err != nil {
 		return -1, fmt.Errorf("checking %s: %w", last.path, err)
 	}
-	if err := w.check(last.path, &st, true); err != nil {
+	if err := w.check(last.path, &st, use.strictLast); err != nil {
 		return -1, err
 	}
 	return w.take(), nil
@@ -129,8 +161,18 @@ type walkedDir struct {
 // dirWalk is the stack of directories opened so far, so that ".." in a
 // symlink's target goes back to the directory actually walked through.
 type dirWalk struct {
-	euid  int
-	stack []walkedDir
+	euid   int
+	use    dirUse
+	target string // the directory walked to, for messages
+	stack  []walkedDir
+}
+
+// name says which directory path is, for a refusal.
+func (w *dirWalk) name(path string) string {
+	if path == w.target {
+		return "the " + w.use.what + " " + path
+	}
+	return path + ", on the way to the " + w.use.what + " " + w.target + ","
 }
 
 func (w *dirWalk) top() walkedDir { return w.stack[len(w.stack)-1] }
@@ -167,41 +209,41 @@ func (w *dirWalk) close() {
 func (w *dirWalk) trustedOwner(uid uint32) bool { return uid == 0 || int(uid) == w.euid }
 
 // check refuses a directory that someone other than root and the agent can
-// change: see openSocketDir.
-func (w *dirWalk) check(path string, st *unix.Stat_t, final bool) error {
-	mode := fileMode(st)
+// change: see openTrustedDir.
+func (w *dirWalk) check(path string, st *unix.Stat_t, strict bool) error {
+	use := w.use
 	if !w.trustedOwner(st.Uid) {
-		return fmt.Errorf("the socket directory %s is owned by %s with mode %s, not by root or the agent's user: its owner could replace the socket with one of their own; remove it (or chown it to root and chmod it 0755), or choose another socket_path", path, describeOwner(st.Uid), mode)
+		return fmt.Errorf("%s is owned by %s with mode %s, not by root or the agent's user: its owner could %s; remove it (or chown it to root and chmod it 0755), or choose another %s", w.name(path), describeOwner(st.Uid), describeMode(st), use.risk, use.key)
 	}
 	if st.Mode&0o022 == 0 {
 		return nil
 	}
 	if st.Mode&unix.S_ISVTX == 0 {
-		return fmt.Errorf("the socket directory %s (owned by %s) has mode %s: group or others can write to it and replace the socket; chmod it 0755, or choose another socket_path", path, describeOwner(st.Uid), mode)
+		return fmt.Errorf("%s (owned by %s) has mode %s: group or others can write to it without the sticky bit and could %s; chmod go-w it, or choose another %s", w.name(path), describeOwner(st.Uid), describeMode(st), use.risk, use.key)
 	}
-	if final {
-		return fmt.Errorf("the socket directory %s (owned by %s) has mode %s: anyone can create a socket there under the agent's name; put the socket in a directory of its own, such as %s", path, describeOwner(st.Uid), mode, filepath.Join(path, "lanyard", "public"))
+	if strict {
+		return fmt.Errorf("the %s %s (owned by %s) has mode %s: anyone can create a name there and %s; put it in a directory of its own, such as %s", use.what, path, describeOwner(st.Uid), describeMode(st), use.risk, filepath.Join(path, "lanyard", "public"))
 	}
 	return nil
 }
 
-// mkdir creates a missing directory with mode 0755 whatever the umask, so
-// that workloads can reach the socket and only the agent can change it.
+// mkdir creates a missing directory with mode 0755 whatever the umask:
+// only the agent can change it, and workloads can reach what is below.
 func (w *dirWalk) mkdir(parent int, name, path string) (int, error) {
 	if err := unix.Mkdirat(parent, name, 0o700); err != nil {
 		if errors.Is(err, unix.EEXIST) {
 			// Someone made it between our look and our mkdir: check theirs.
 			return w.openExisting(parent, name, path)
 		}
-		return -1, fmt.Errorf("creating the socket directory %s: %w", path, err)
+		return -1, fmt.Errorf("creating %s, on the way to the %s: %w", path, w.use.what, err)
 	}
 	fd, err := unix.Openat(parent, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("opening the socket directory %s: %w", path, err)
+		return -1, fmt.Errorf("opening %s, on the way to the %s: %w", path, w.use.what, err)
 	}
 	if err := unix.Fchmod(fd, 0o755); err != nil {
 		unix.Close(fd)
-		return -1, fmt.Errorf("setting the mode of the socket directory %s: %w", path, err)
+		return -1, fmt.Errorf("setting the mode of %s, on the way to the %s: %w", path, w.use.what, err)
 	}
 	return fd, nil
 }
@@ -209,7 +251,7 @@ func (w *dirWalk) mkdir(parent int, name, path string) (int, error) {
 func (w *dirWalk) openExisting(parent int, name, path string) (int, error) {
 	fd, err := unix.Openat(parent, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("opening the socket directory %s: %w", path, err)
+		return -1, fmt.Errorf("opening %s, on the way to the %s: %w", path, w.use.what, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
@@ -249,6 +291,15 @@ func describeOwner(uid uint32) string {
 	}
 	return "uid " + id
 }
+
+// describeMode gives a stat mode both as chmod takes it and as ls shows it:
+// "0755 (drwxr-xr-x)".
+func describeMode(st *unix.Stat_t) string {
+	return octalMode(st.Mode) + " (" + fileMode(st).String() + ")"
+}
+
+// octalMode formats permission bits as chmod takes them: 0700, 1777.
+func octalMode(mode uint32) string { return fmt.Sprintf("%04o", mode&0o7777) }
 
 // fileMode renders a stat mode as ls does (drwxr-xr-x).
 func fileMode(st *unix.Stat_t) fs.FileMode {
