@@ -61,3 +61,12 @@ func (b *Bundle) chainsTo(chain []*x509.Certificate) bool {
 	}
 	return false
 }
+
+// holdsJWTKey reports whether kid names one of the bundle's JWT authorities.
+func (b *Bundle) holdsJWTKey(kid string) bool {
+	if b == nil {
+		return false
+	}
+	_, ok := b.FindJWTAuthority(kid)
+	return ok
+}

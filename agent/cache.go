@@ -119,20 +119,21 @@ var jwtSVIDAlgorithms = []jose.SignatureAlgorithm{
 	jose.PS256, jose.PS384, jose.PS512,
 }
 
-// tokenSubjectAudience reads the sub and aud claims of a token without
-// verifying it: the upstream that signed it is trusted, what is checked is
-// that it signed what was asked. A single audience may be encoded as a
-// string.
-func tokenSubjectAudience(token string) (string, []string, error) {
+// tokenClaims reads the kid header and the sub and aud claims of a token
+// without verifying it: the upstream that signed it is trusted, what is
+// checked is that it signed what was asked, with a key of the bundle. A
+// single audience may be encoded as a string.
+func tokenClaims(token string) (kid, sub string, aud []string, err error) {
 	tok, err := jwt.ParseSigned(token, jwtSVIDAlgorithms)
 	if err != nil {
-		return "", nil, err
+		return "", "", nil, err
 	}
 	var claims jwt.Claims
 	if err := tok.UnsafeClaimsWithoutVerification(&claims); err != nil {
-		return "", nil, err
+		return "", "", nil, err
 	}
-	return claims.Subject, claims.Audience, nil
+	// A compact JWS, the only form ParseSigned accepts, has one signature.
+	return tok.Headers[0].KeyID, claims.Subject, claims.Audience, nil
 }
 
 // NewCache returns an empty cache that mints through upstream.
@@ -917,21 +918,51 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		key := jwtKey{entryID: e.ID, audience: aud}
 		c.mu.RLock()
 		cached := c.jwts[key]
+		// SetBundles drops the cached tokens when the JWT keys change and
+		// mintJWT caches none whose key the bundle lacks; checked again,
+		// for a map lookup, so the cache never serves what the bundle
+		// cannot verify.
+		cachedKnown := cached != nil && c.local.holdsJWTKey(cached.keyID)
 		c.mu.RUnlock()
 		now := c.now()
 		// The cached token's audience is the one read from it, so a token
 		// is handed out only for exactly the audience it names.
-		if cached != nil && slices.Equal(cached.Audience, audience) &&
+		if cachedKnown && slices.Equal(cached.Audience, audience) &&
 			now.Before(cached.IssuedAt.Add(cached.ExpiresAt.Sub(cached.IssuedAt)/2)) {
 			out = append(out, cached)
 			continue
 		}
+		svid, err := c.mintJWT(ctx, e, audience, key, now)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, svid)
+	}
+	return out, nil
+}
+
+// mintJWT has the upstream sign a JWT-SVID for e and caches it under key.
+//
+// A token is handed out, and cached, only if its kid is in the local bundle
+// at that moment, checked under the lock SetBundles takes: otherwise the
+// workload, and ValidateJWTSVID, could not verify it. The bundle changing
+// during the signing (the old key dropped, as when a CA rotates or a SPIRE
+// server's JWT authority is removed) is the common cause: signing once
+// more gets the new key. Twice means the upstream signs ahead of the bundle
+// it delivered. That is an error (the workload is told Unavailable and
+// asks again), not a wait for the bundle: the local CA publishes a key
+// before it signs with it, and a SPIRE server publishes one when it
+// prepares it, long before it activates it, so the agent's bundle lags
+// only when its syncs fail, and waiting would not help then.
+func (c *Cache) mintJWT(ctx context.Context, e *Entry, audience []string, key jwtKey, now time.Time) (*JWTSVID, error) {
+	var kid string
+	for range 2 {
 		svid, err := c.upstream.MintJWTSVID(ctx, e, audience)
 		c.ReportUpstream(err)
 		if err != nil {
 			return nil, fmt.Errorf("signing a JWT-SVID for %s: %w", e.SPIFFEID, err)
 		}
-		sub, got, err := tokenSubjectAudience(svid.Token)
+		signer, sub, got, err := tokenClaims(svid.Token)
 		if err != nil {
 			return nil, fmt.Errorf("reading the JWT-SVID signed for %s: %w", e.SPIFFEID, err)
 		}
@@ -943,17 +974,22 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 		}
 		svid.Audience = got
 		svid.Hint = e.Hint
+		svid.keyID, kid = signer, signer
 		c.mu.Lock()
-		if c.entries.get(e.ID) == e {
+		known := c.local.holdsJWTKey(kid)
+		if known && c.entries.get(e.ID) == e {
 			if len(c.jwts) >= maxJWTCache {
 				c.pruneJWTsLocked(now)
 			}
 			c.jwts[key] = svid
 		}
 		c.mu.Unlock()
-		out = append(out, svid)
+		if known {
+			return svid, nil
+		}
 	}
-	return out, nil
+	c.log.Warn("The upstream signed a JWT-SVID with a key that is not in its trust bundle; not handed out", "spiffe_id", e.SPIFFEID, "entry_id", e.ID, "kid", kid)
+	return nil, fmt.Errorf("the upstream signed a JWT-SVID for %s with key %q, which is not in the trust bundle", e.SPIFFEID, kid)
 }
 
 // pruneJWTsLocked drops expired tokens, and everything if that is not enough.

@@ -12,6 +12,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/url"
 	"slices"
@@ -127,7 +128,10 @@ type testUpstream struct {
 	// jwtSubject, when set, is the subject of every JWT-SVID signed.
 	jwtSubject string
 	// hook may rewrite the results of a signing call.
-	hook    func([]X509Result) []X509Result
+	hook func([]X509Result) []X509Result
+	// jwtHook, when set, runs after a JWT-SVID is signed and before it is
+	// returned: a test changes the bundle while a signing is in flight.
+	jwtHook func()
 	batches []int
 
 	x509Calls, jwtCalls atomic.Int32
@@ -177,7 +181,7 @@ func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([
 func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []string) (*JWTSVID, error) {
 	u.jwtCalls.Add(1)
 	u.mu.Lock()
-	kid, key, fail := u.jwtKID, u.jwtKey, u.fail
+	kid, key, fail, hook := u.jwtKID, u.jwtKey, u.fail, u.jwtHook
 	if u.jwtAudience != nil {
 		audience = u.jwtAudience
 	}
@@ -197,6 +201,9 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 	token, err := signJWT(key, kid, subject, audience, now, now.Add(ttl))
 	if err != nil {
 		return nil, err
+	}
+	if hook != nil {
+		hook()
 	}
 	return &JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: now, ExpiresAt: now.Add(ttl)}, nil
 }
@@ -1045,6 +1052,84 @@ func TestJWTSVIDAudienceIsExact(t *testing.T) {
 	if _, err := c.JWTSVIDs(t.Context(), sels, []string{"v"}, spiffeid.ID{}); err == nil || !strings.Contains(err.Error(), "with subject") {
 		t.Errorf("a token signed for another subject: %v, want refused", err)
 	}
+}
+
+// A JWT-SVID is handed out, and cached, only if the key that signed it is
+// in the local bundle. One signed by a key the bundle dropped while the
+// signing was in flight was cached after SetBundles had cleared the cache,
+// and served until half its lifetime had passed; ValidateJWTSVID refused
+// it. The agent signs again once; a token whose key it still does not hold
+// (an upstream signing ahead of the bundle it delivers) is an error, not
+// cached, until the bundle catches up.
+func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
+	c, up := newTestCache(t)
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	sels := mustSels("unix:uid:1")
+	fetch := func(aud string) ([]*JWTSVID, error) {
+		return c.JWTSVIDs(t.Context(), sels, []string{aud}, spiffeid.ID{})
+	}
+	valid := func(what, aud string, svids []*JWTSVID) {
+		t.Helper()
+		if _, err := c.ValidateJWTSVID(t.Context(), sels, svids[0].Token, aud); err != nil {
+			t.Errorf("%s: the token handed out does not validate with the agent's bundle: %v", what, err)
+		}
+		if kid := tokenKID(t, svids[0].Token); kid != up.jwtKID {
+			t.Errorf("%s: a token signed with key %q, the upstream's is %q", what, kid, up.jwtKID)
+		}
+	}
+
+	// The key rotates, and the old one leaves the bundle, while the first
+	// token is signed with it.
+	rotated := false
+	up.set(func(u *testUpstream) {
+		u.jwtHook = func() {
+			if rotated {
+				return
+			}
+			rotated = true
+			up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", newKey(t) })
+			c.SetBundles(up.bundle(), nil)
+		}
+	})
+	for i := range 2 {
+		svids, err := fetch("x")
+		if err != nil {
+			t.Fatalf("fetch %d: %v", i, err)
+		}
+		valid(fmt.Sprintf("fetch %d after a rotation during signing", i), "x", svids)
+	}
+	if n := up.jwtCalls.Load(); n != 2 {
+		t.Errorf("%d JWT signings, want 2: one with the dropped key, one again, then served from the cache", n)
+	}
+
+	// An upstream that signs with a key it has not delivered yet.
+	up.set(func(u *testUpstream) { u.jwtHook, u.jwtKID, u.jwtKey = nil, "kid-3", newKey(t) })
+	for range 2 {
+		if _, err := fetch("y"); err == nil || !strings.Contains(err.Error(), `"kid-3"`) {
+			t.Fatalf("a token signed with a key not in the bundle: %v, want refused", err)
+		}
+	}
+	if n := up.jwtCalls.Load(); n != 6 {
+		t.Errorf("%d JWT signings, want 6: signed again once per fetch, never cached", n)
+	}
+	c.SetBundles(up.bundle(), nil)
+	svids, err := fetch("y")
+	if err != nil {
+		t.Fatalf("once the bundle holds the key: %v", err)
+	}
+	valid("once the bundle holds the key", "y", svids)
+}
+
+// tokenKID reads a token's kid header.
+func tokenKID(t *testing.T, token string) string {
+	t.Helper()
+	tok, err := jwt.ParseSigned(token, jwtSVIDAlgorithms)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok.Headers[0].KeyID
 }
 
 // tokenAud reads a token's aud claim, a string or a list, as a list.

@@ -85,6 +85,9 @@ type JWTSVID struct {
 	Audience  []string
 	IssuedAt  time.Time
 	ExpiresAt time.Time
+	// keyID is the token's kid header, read by the cache: the key of the
+	// local bundle that verifies it.
+	keyID string
 }
 
 // X509Request asks the upstream to sign an X.509-SVID for an entry. The agent
