@@ -57,10 +57,11 @@ func (id FileID) IsZero() bool { return id == FileID{} }
 // connection. The caller must reconnect.
 var ErrCallerChanged = errors.New("the calling process changed credentials or executable since it connected")
 
-// refusesCaller reports whether err must refuse the caller outright rather
-// than only drop the selectors of the attestor that failed.
-func refusesCaller(err error) bool {
-	return errors.Is(err, ErrCallerChanged) || errors.Is(err, ErrCallerGone)
+// IsRefusal reports whether err means the caller must be refused outright,
+// rather than only lose the selectors of the attestor that failed: its
+// process is gone, changed or out of sight.
+func IsRefusal(err error) bool {
+	return errors.Is(err, ErrCallerChanged) || errors.Is(err, ErrCallerGone) || errors.Is(err, ErrCallerNotVisible)
 }
 
 // PluginConfig is what a workload attestor is built from.
@@ -142,7 +143,7 @@ func (s *Set) Attest(ctx context.Context, p Process) ([]Selector, error) {
 		// The common case (unix only) needs no goroutine.
 		sels, err := s.attestors[0].Attestor.Attest(ctx, p)
 		if err != nil {
-			if refusesCaller(err) {
+			if IsRefusal(err) {
 				return nil, fmt.Errorf("%s: %w", s.attestors[0].Name, err)
 			}
 			s.log.Warn("Workload attestor failed", "attestor", s.attestors[0].Name, "pid", p.PID, "error", err)
@@ -162,7 +163,7 @@ func (s *Set) Attest(ctx context.Context, p Process) ([]Selector, error) {
 	}
 	wg.Wait()
 	for i, err := range errs {
-		if err != nil && refusesCaller(err) {
+		if err != nil && IsRefusal(err) {
 			return nil, fmt.Errorf("%s: %w", s.attestors[i].Name, err)
 		}
 	}

@@ -222,10 +222,10 @@ func (c *Caller) credentialsChanged(uid, gid uint32) error {
 }
 
 // Refuse makes every later Verify fail with err, and stops tracking the
-// process. The connection stays open so that the refusal reaches the
-// client as a status rather than as a dropped connection; the client
-// closes it, or the server's idle timeout does. It reports whether this
-// call refused the caller (false when it already was).
+// process. The connection stays open, so that the refusal reaches the
+// client as a status rather than as a dropped connection, until CloseConn.
+// It reports whether this call refused the caller (false when it already
+// was).
 func (c *Caller) Refuse(err error) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

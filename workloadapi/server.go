@@ -228,11 +228,15 @@ type handler struct {
 }
 
 // attest identifies the caller. A caller whose process is gone (it exited,
-// or its PID was reused) or changed (it executed a setuid program or
-// another binary since it connected) is refused with Unauthenticated, now
-// and on every later call of the connection: nothing learned about its PID
-// can be trusted. The connection stays open so that the client reads the
-// status instead of a broken connection.
+// or its PID was reused), changed (it executed a setuid program or another
+// binary since it connected) or cannot be seen is refused with
+// Unauthenticated, now and on every later call of the connection: nothing
+// learned about its PID can be trusted. The connection is closed a moment
+// later (refusedConnGrace), so that the status reaches the client rather
+// than a broken connection, and the client then reconnects with the
+// credentials it has at that connect. A check that failed for another
+// reason (the agent out of file descriptors) is answered Unavailable and
+// the connection closed the same way.
 func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Caller, error) {
 	caller, ok := attestor.CallerFromContext(ctx)
 	if !ok {
@@ -240,11 +244,14 @@ func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Ca
 	}
 	sels, err := h.cfg.Attestor.Attest(ctx, caller.Process())
 	verr := caller.Verify()
-	if verr == nil && err != nil && (errors.Is(err, attestor.ErrCallerChanged) || errors.Is(err, attestor.ErrCallerGone)) {
+	if verr == nil && err != nil && attestor.IsRefusal(err) {
 		verr = err
 	}
 	if verr != nil {
 		h.refuse(caller, verr)
+		if !attestor.IsRefusal(verr) {
+			return nil, nil, status.Errorf(codes.Unavailable, "could not verify the caller, reconnect and retry: %v", verr)
+		}
 		return nil, nil, status.Errorf(codes.Unauthenticated, "could not verify the caller: %v", verr)
 	}
 	if err != nil {
@@ -254,12 +261,18 @@ func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Ca
 	return sels, caller, nil
 }
 
-// refuse logs a refused caller once per connection and makes the refusal
-// stick to it.
+// refusedConnGrace is how long a refused caller's connection stays open:
+// long enough for the refusal to be written (microseconds on a Unix
+// socket), short enough that a client retrying on it reconnects soon.
+const refusedConnGrace = time.Second
+
+// refuse makes the refusal stick to the caller's connection, closes the
+// connection after refusedConnGrace, and logs it once per connection.
 func (h *handler) refuse(caller *attestor.Caller, err error) {
 	if !caller.Refuse(err) {
 		return
 	}
+	time.AfterFunc(refusedConnGrace, caller.CloseConn)
 	h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "uid", caller.UID, "gid", caller.GID, "error", err)
 }
 

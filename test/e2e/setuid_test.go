@@ -29,6 +29,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -48,7 +49,10 @@ type peerAttack struct {
 	IDs          []string `json:"ids"`
 	// SecondCode is the answer to a second call on the same connection.
 	SecondCode string `json:"second_code"`
-	Error      string `json:"error,omitempty"`
+	// ClosedAfter is whether the agent closed the connection within 10 s
+	// of the answers, so that a client reconnects.
+	ClosedAfter bool   `json:"closed_after"`
+	Error       string `json:"error,omitempty"`
 }
 
 // connectThenBecome is the attacker's first process: it connects to the
@@ -302,6 +306,14 @@ func peerChild(args []string) error {
 	}
 	_, err = client.FetchJWTSVID(ctx, &workload.JWTSVIDRequest{Audience: []string{"second"}})
 	r.SecondCode = status.Code(err).String()
+	waitCtx, waitCancel := context.WithTimeout(context.Background(), 10*time.Second)
+	for st := cc.GetState(); st == connectivity.Ready; st = cc.GetState() {
+		if !cc.WaitForStateChange(waitCtx, st) {
+			break
+		}
+	}
+	r.ClosedAfter = waitCtx.Err() == nil
+	waitCancel()
 	// Everything the program under the PID did, in order: it writes its
 	// last event before it exits on this command.
 	fmt.Fprintln(cmds, "exit")
@@ -535,6 +547,9 @@ func TestSetuidAfterConnectGetsNoRootIdentity(t *testing.T) {
 				if r.Code != "Unauthenticated" || r.SecondCode != "Unauthenticated" {
 					t.Errorf("attempt %d: answers %s (%s) then %s, want Unauthenticated twice", attempt, r.Code, r.Message, r.SecondCode)
 				}
+				if !r.ClosedAfter {
+					t.Errorf("attempt %d: the refused connection was not closed: a client retrying on it would never reconnect", attempt)
+				}
 			}
 			if !strings.Contains(a.Logs.String(), "Refusing a caller") || !strings.Contains(a.Logs.String(), "uid="+strconv.Itoa(attackerUID)) {
 				t.Errorf("the refusals were not logged with the attacker's uid")
@@ -581,6 +596,9 @@ func TestCallerGoneIsUnauthenticated(t *testing.T) {
 	}
 	if r.Code != "Unauthenticated" || r.SecondCode != "Unauthenticated" {
 		t.Errorf("answers %s (%s) then %s, want Unauthenticated twice", r.Code, r.Message, r.SecondCode)
+	}
+	if !r.ClosedAfter {
+		t.Error("the refused connection was not closed")
 	}
 	for _, id := range r.IDs {
 		t.Errorf("the orphaned connection got %s", id)
