@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -161,6 +162,9 @@ type tornError struct{}
 
 func (tornError) Error() string { return "a partly written file" }
 
+// otherOwner is how an error names otherUID.
+var otherOwner = fmt.Sprintf("uid %d", otherUID)
+
 func checkErrNames(t *testing.T, what string, err error, want ...string) {
 	t.Helper()
 	if err == nil {
@@ -208,7 +212,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 	t.Run("owned by another user", func(t *testing.T) {
 		dir := filepath.Join(t.TempDir(), "data")
 		mk(t, dir, 0o755, otherUID)
-		checkErrNames(t, "data_dir owned by uid 4242", EnsureDataDir(dir), dir, "uid 4242", "0755")
+		checkErrNames(t, "data_dir owned by another uid", EnsureDataDir(dir), dir, otherOwner, "0755")
 		if m := modeOf(t, dir); m.Perm() != 0o755 {
 			t.Errorf("the refused directory was changed to %v", m)
 		}
@@ -239,7 +243,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		parent := filepath.Join(t.TempDir(), "home")
 		mk(t, parent, 0o755, otherUID)
 		dir := filepath.Join(parent, "data")
-		checkErrNames(t, "parent owned by uid 4242", EnsureDataDir(dir), parent, "uid 4242", "0755")
+		checkErrNames(t, "parent owned by another uid", EnsureDataDir(dir), parent, otherOwner, "0755")
 		if _, err := os.Lstat(dir); err == nil {
 			t.Error("the data directory was created under a parent another user owns")
 		}
@@ -269,7 +273,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		if err := os.Lchown(link, otherUID, otherUID); err != nil {
 			t.Fatal(err)
 		}
-		checkErrNames(t, "a link owned by uid 4242", EnsureDataDir(filepath.Join(link, "data")), link, "uid 4242")
+		checkErrNames(t, "a link owned by another uid", EnsureDataDir(filepath.Join(link, "data")), link, otherOwner)
 	})
 	t.Run("parent under another user's directory, through a safe link", func(t *testing.T) {
 		base := t.TempDir()
@@ -279,7 +283,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 			t.Fatal(err)
 		}
 		mk(t, filepath.Join(base, "etc"), 0o755, 0)
-		checkErrNames(t, "a link in uid 4242's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, "uid 4242")
+		checkErrNames(t, "a link in another uid's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, otherOwner)
 	})
 	t.Run("root-owned links are followed", func(t *testing.T) {
 		base := t.TempDir()
@@ -358,7 +362,7 @@ func TestReadPrivateFile(t *testing.T) {
 		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
 			t.Fatal(err)
 		}
-		unsafe("owned by uid 4242", theirs, "uid 4242")
+		unsafe("owned by another uid", theirs, otherOwner)
 	}
 }
 
