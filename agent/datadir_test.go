@@ -340,7 +340,7 @@ func TestReadPrivateFile(t *testing.T) {
 	if err := os.Symlink(good, link); err != nil {
 		t.Fatal(err)
 	}
-	unsafe("a symbolic link", link, "symbolic link")
+	unsafe("a symbolic link", link, "symbolic link", good)
 	wide := filepath.Join(dir, "wide")
 	if err := os.WriteFile(wide, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
@@ -363,6 +363,59 @@ func TestReadPrivateFile(t *testing.T) {
 			t.Fatal(err)
 		}
 		unsafe("owned by another uid", theirs, otherOwner)
+	}
+}
+
+// A file that another program wrote as the agent's user is read when its
+// mode has no group or other bits (0600, or 0400 under a stricter umask),
+// and refused as ReadPrivateFile refuses otherwise.
+func TestReadAdoptedFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, mode uint32) string {
+		t.Helper()
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte("theirs"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	for _, mode := range []uint32{0o600, 0o400} {
+		if b, err := ReadAdoptedFile(write(fmt.Sprintf("m%o", mode), mode)); err != nil || string(b) != "theirs" {
+			t.Errorf("mode %04o: %q, %v", mode, b, err)
+		}
+	}
+	if _, err := ReadAdoptedFile(filepath.Join(dir, "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a missing file: %v, want ErrNotExist", err)
+	}
+	unsafe := func(what, path string, want ...string) {
+		t.Helper()
+		_, err := ReadAdoptedFile(path)
+		var ue *UnsafeFileError
+		if !errors.As(err, &ue) {
+			t.Errorf("%s: %v, want an UnsafeFileError", what, err)
+			return
+		}
+		checkErrNames(t, what, err, append(want, path)...)
+	}
+	for _, mode := range []uint32{0o640, 0o604, 0o644, 0o4600} {
+		octal := fmt.Sprintf("%04o", mode)
+		unsafe("mode "+octal, write("bad"+octal, mode), octal)
+	}
+	good := write("good", 0o600)
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(good, link); err != nil {
+		t.Fatal(err)
+	}
+	unsafe("a symbolic link", link, "symbolic link", good)
+	if os.Geteuid() == 0 {
+		theirs := write("theirs", 0o600)
+		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
+			t.Fatal(err)
+		}
+		unsafe("owned by another uid", theirs, otherOwner, "0600")
 	}
 }
 
