@@ -96,9 +96,24 @@ func (e *UnsafeFileError) Error() string { return e.Path + ": " + e.Reason }
 // 0600. Otherwise it returns an *UnsafeFileError saying what is wrong. A
 // missing file is an error satisfying errors.Is(err, fs.ErrNotExist).
 func ReadPrivateFile(path string) ([]byte, error) {
+	return readOwnFile(path, 0o7777, "not 0600")
+}
+
+// ReadAdoptedFile reads a private file that another program wrote as the
+// agent's user and the agent takes over (spire-agent's agent-data.json and
+// keys.json). It checks what ReadPrivateFile checks, but accepts any mode
+// without group or other permissions: that program chose the mode, and its
+// umask may have narrowed 0600 to 0400.
+func ReadAdoptedFile(path string) ([]byte, error) {
+	return readOwnFile(path, 0o7077, "readable or writable by others than its owner")
+}
+
+// readOwnFile is ReadPrivateFile with the mode rule as a parameter: the
+// bits of mask must be those of 0600.
+func readOwnFile(path string, mask uint32, badMode string) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ELOOP) {
-		return nil, &UnsafeFileError{Path: path, Reason: "is a symbolic link"}
+		return nil, &UnsafeFileError{Path: path, Reason: describeLink(path)}
 	}
 	if err != nil {
 		return nil, err
@@ -114,10 +129,21 @@ func ReadPrivateFile(path string) ([]byte, error) {
 		return nil, &UnsafeFileError{Path: path, Reason: "is not a regular file"}
 	case st.Uid != euid:
 		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("is owned by %s (mode %s), not by the agent (%s)", describeOwner(st.Uid), octalMode(st.Mode), describeOwner(euid))}
-	case st.Mode&0o7777 != 0o600:
-		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("has mode %s (owner %s), not 0600", octalMode(st.Mode), describeOwner(st.Uid))}
+	case st.Mode&mask != 0o600&mask:
+		return nil, &UnsafeFileError{Path: path, Reason: fmt.Sprintf("has mode %s (owner %s), %s", octalMode(st.Mode), describeOwner(st.Uid), badMode)}
 	}
 	return io.ReadAll(f)
+}
+
+// describeLink says what the symbolic link at path points to, and who
+// could have pointed it there.
+func describeLink(path string) string {
+	var st unix.Stat_t
+	target, err := os.Readlink(path)
+	if err != nil || unix.Lstat(path, &st) != nil {
+		return "is a symbolic link"
+	}
+	return fmt.Sprintf("is a symbolic link to %s (the link owned by %s)", target, describeOwner(st.Uid))
 }
 
 // A temporary file of WriteFileAtomic is named ".<name>.tmp-<random>", in

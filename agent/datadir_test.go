@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
@@ -161,6 +162,9 @@ type tornError struct{}
 
 func (tornError) Error() string { return "a partly written file" }
 
+// otherOwner is how an error names otherUID.
+var otherOwner = fmt.Sprintf("uid %d", otherUID)
+
 func checkErrNames(t *testing.T, what string, err error, want ...string) {
 	t.Helper()
 	if err == nil {
@@ -208,7 +212,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 	t.Run("owned by another user", func(t *testing.T) {
 		dir := filepath.Join(t.TempDir(), "data")
 		mk(t, dir, 0o755, otherUID)
-		checkErrNames(t, "data_dir owned by uid 47001", EnsureDataDir(dir), dir, "uid 47001", "0755")
+		checkErrNames(t, "data_dir owned by another uid", EnsureDataDir(dir), dir, otherOwner, "0755")
 		if m := modeOf(t, dir); m.Perm() != 0o755 {
 			t.Errorf("the refused directory was changed to %v", m)
 		}
@@ -239,7 +243,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		parent := filepath.Join(t.TempDir(), "home")
 		mk(t, parent, 0o755, otherUID)
 		dir := filepath.Join(parent, "data")
-		checkErrNames(t, "parent owned by uid 47001", EnsureDataDir(dir), parent, "uid 47001", "0755")
+		checkErrNames(t, "parent owned by another uid", EnsureDataDir(dir), parent, otherOwner, "0755")
 		if _, err := os.Lstat(dir); err == nil {
 			t.Error("the data directory was created under a parent another user owns")
 		}
@@ -269,7 +273,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 		if err := os.Lchown(link, otherUID, otherUID); err != nil {
 			t.Fatal(err)
 		}
-		checkErrNames(t, "a link owned by uid 47001", EnsureDataDir(filepath.Join(link, "data")), link, "uid 47001")
+		checkErrNames(t, "a link owned by another uid", EnsureDataDir(filepath.Join(link, "data")), link, otherOwner)
 	})
 	t.Run("parent under another user's directory, through a safe link", func(t *testing.T) {
 		base := t.TempDir()
@@ -279,7 +283,7 @@ func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
 			t.Fatal(err)
 		}
 		mk(t, filepath.Join(base, "etc"), 0o755, 0)
-		checkErrNames(t, "a link in uid 47001's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, "uid 47001")
+		checkErrNames(t, "a link in another uid's directory", EnsureDataDir(filepath.Join(home, "link", "data")), home, otherOwner)
 	})
 	t.Run("root-owned links are followed", func(t *testing.T) {
 		base := t.TempDir()
@@ -336,7 +340,7 @@ func TestReadPrivateFile(t *testing.T) {
 	if err := os.Symlink(good, link); err != nil {
 		t.Fatal(err)
 	}
-	unsafe("a symbolic link", link, "symbolic link")
+	unsafe("a symbolic link", link, "symbolic link", good)
 	wide := filepath.Join(dir, "wide")
 	if err := os.WriteFile(wide, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
@@ -358,7 +362,60 @@ func TestReadPrivateFile(t *testing.T) {
 		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
 			t.Fatal(err)
 		}
-		unsafe("owned by uid 47001", theirs, "uid 47001")
+		unsafe("owned by another uid", theirs, otherOwner)
+	}
+}
+
+// A file that another program wrote as the agent's user is read when its
+// mode has no group or other bits (0600, or 0400 under a stricter umask),
+// and refused as ReadPrivateFile refuses otherwise.
+func TestReadAdoptedFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, mode uint32) string {
+		t.Helper()
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte("theirs"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	for _, mode := range []uint32{0o600, 0o400} {
+		if b, err := ReadAdoptedFile(write(fmt.Sprintf("m%o", mode), mode)); err != nil || string(b) != "theirs" {
+			t.Errorf("mode %04o: %q, %v", mode, b, err)
+		}
+	}
+	if _, err := ReadAdoptedFile(filepath.Join(dir, "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a missing file: %v, want ErrNotExist", err)
+	}
+	unsafe := func(what, path string, want ...string) {
+		t.Helper()
+		_, err := ReadAdoptedFile(path)
+		var ue *UnsafeFileError
+		if !errors.As(err, &ue) {
+			t.Errorf("%s: %v, want an UnsafeFileError", what, err)
+			return
+		}
+		checkErrNames(t, what, err, append(want, path)...)
+	}
+	for _, mode := range []uint32{0o640, 0o604, 0o644, 0o4600} {
+		octal := fmt.Sprintf("%04o", mode)
+		unsafe("mode "+octal, write("bad"+octal, mode), octal)
+	}
+	good := write("good", 0o600)
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(good, link); err != nil {
+		t.Fatal(err)
+	}
+	unsafe("a symbolic link", link, "symbolic link", good)
+	if os.Geteuid() == 0 {
+		theirs := write("theirs", 0o600)
+		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
+			t.Fatal(err)
+		}
+		unsafe("owned by another uid", theirs, otherOwner, "0600")
 	}
 }
 

@@ -789,6 +789,17 @@ func TestSwapSpireAgentForLanyard(t *testing.T) {
 	})
 	fetchID(t, n.socket, webID)
 	stop()
+	// Lanyard takes these over only as the agent's own private files
+	// (agent.ReadAdoptedFile): check that spire-agent writes them so.
+	for _, f := range []string{filepath.Join(n.data, "agent-data.json"), filepath.Join(n.dir, "keys", "keys.json")} {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(f, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode&syscall.S_IFMT != syscall.S_IFREG || st.Uid != uint32(os.Geteuid()) || st.Mode&0o7077 != 0 {
+			t.Fatalf("spire-agent wrote %s with mode %o, owner uid %d: not a private file of its user", f, st.Mode, st.Uid)
+		}
+	}
 
 	l := n.start()
 	t.Logf("spire-agent stopped -> SVID from lanyard: %s", fetchID(t, n.socket, webID).Round(time.Millisecond))

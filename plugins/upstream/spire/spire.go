@@ -392,7 +392,7 @@ func (s *Spire) start(ctx context.Context) error {
 // adoptSpireAgent takes over the agent SVID spire-agent left in data_dir
 // and the disk key manager's directory, and stores it as Lanyard's own.
 func (s *Spire) adoptSpireAgent() (*credentials, error) {
-	creds, bundle, err := s.store.loadSpireAgent()
+	creds, bundle, err := s.store.loadSpireAgent(s.now())
 	if err != nil || creds == nil || creds.expired(s.now()) {
 		return nil, err
 	}

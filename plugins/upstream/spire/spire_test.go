@@ -522,7 +522,7 @@ func TestLoadsSpireAgentState(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: keysDir, td: td}
-	creds, bundle, err := st.loadSpireAgent()
+	creds, bundle, err := st.loadSpireAgent(time.Now())
 	if err != nil || creds == nil {
 		t.Fatalf("spire-agent's state was not loaded: %v", err)
 	}
@@ -533,11 +533,11 @@ func TestLoadsSpireAgentState(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(keysDir, "keys.json"), []byte(`{"keys":{}}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if creds, _, err := st.loadSpireAgent(); creds != nil || err != nil {
+	if creds, _, err := st.loadSpireAgent(time.Now()); creds != nil || err != nil {
 		t.Fatalf("loaded an SVID without its key: %v", err)
 	}
 	mem := &store{statePath: st.statePath, td: td}
-	if creds, _, err := mem.loadSpireAgent(); creds != nil || err != nil {
+	if creds, _, err := mem.loadSpireAgent(time.Now()); creds != nil || err != nil {
 		t.Fatalf("the memory key manager loaded spire-agent's state: %v", err)
 	}
 }

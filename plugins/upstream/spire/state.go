@@ -81,9 +81,13 @@ func (s *store) persistsKeys() bool { return s.keyDir != "" }
 // load returns the persisted credentials (nil when there are none, or they
 // cannot be used) and bundle, and why the credentials were not usable.
 func (s *store) load() (*credentials, []*x509.Certificate, string, error) {
-	data, err := os.ReadFile(s.statePath)
+	data, err := agent.ReadPrivateFile(s.statePath)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil, "no agent SVID is stored yet", nil
+	}
+	if err := refused(err, "the agent state", "the SPIRE Server's CAs, which the agent trusts, and the agent SVID",
+		"if it is the agent's own, make it a regular file (not a link) owned by the agent's user with mode 0600; otherwise remove it to attest the node again"); err != nil {
+		return nil, nil, "", err
 	}
 	if err != nil {
 		return nil, nil, "", fmt.Errorf("reading the agent state: %w", err)
@@ -120,9 +124,13 @@ func (s *store) load() (*credentials, []*x509.Certificate, string, error) {
 }
 
 func (s *store) findKey(leaf *x509.Certificate) (crypto.Signer, error) {
-	data, err := os.ReadFile(s.keysPath())
+	data, err := agent.ReadPrivateFile(s.keysPath())
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
+	}
+	if err := refused(err, "the agent key file", "the key of the agent SVID",
+		fmt.Sprintf("if it is the agent's own, make it a regular file (not a link) owned by the agent's user with mode 0600; otherwise remove it and %s to attest the node again", s.statePath)); err != nil {
+		return nil, err
 	}
 	if err != nil {
 		return nil, fmt.Errorf("reading the agent key: %w", err)
@@ -209,6 +217,28 @@ func (s *store) writeState(c *credentials, bundle []*x509.Certificate) error {
 	return agent.WriteFileAtomic(s.statePath, data)
 }
 
+// refused explains err when it is an *agent.UnsafeFileError: which file
+// (what), why reading it would be unsafe (it holds what the agent would
+// take from it), and what the operator should do (fix). Other errors give
+// nil.
+func refused(err error, what, holds, fix string) error {
+	var unsafe *agent.UnsafeFileError
+	if !errors.As(err, &unsafe) {
+		return nil
+	}
+	return &refusedFileError{unsafe, fmt.Sprintf("refusing to read %s %s, which %s: the agent reads only its own private files, and whoever made this one would choose %s; check how it got there, then %s",
+		what, unsafe.Path, unsafe.Reason, holds, fix)}
+}
+
+// refusedFileError is an *agent.UnsafeFileError told to the operator.
+type refusedFileError struct {
+	*agent.UnsafeFileError
+	msg string
+}
+
+func (e *refusedFileError) Error() string { return e.msg }
+func (e *refusedFileError) Unwrap() error { return e.UnsafeFileError }
+
 // forget removes the stored SVID, so the next start attests again.
 func (s *store) forget(bundle []*x509.Certificate) error {
 	return s.writeState(nil, bundle)
@@ -234,18 +264,31 @@ const (
 	spireAgentKeysFile = "keys.json"
 )
 
+// spireAgentFix is what to do about a spire-agent file that the agent
+// refuses to take over.
+const spireAgentFix = "if spire-agent wrote it as another user, chown %s and %s to the agent's user and chmod them 0600 (a link: replace it by the file it points to); " +
+	"otherwise remove %s to attest the node again (with a new join token if the node attests with one)"
+
 // loadSpireAgent reads the agent SVID that spire-agent stored in the same
 // data_dir and key manager directory, so that swapping spire-agent for
 // Lanyard needs no new attestation (and no new join token). It returns
-// nil credentials when there is nothing usable.
-func (s *store) loadSpireAgent() (*credentials, []*x509.Certificate, error) {
+// nil credentials when there is nothing usable, or the SVID expired before
+// now. spire-agent writes both files mode 0600 as its own user
+// (diskutil.AtomicWritePrivateFile), so they are read with
+// agent.ReadAdoptedFile: the agent's own, never through a link.
+func (s *store) loadSpireAgent(now time.Time) (*credentials, []*x509.Certificate, error) {
 	if !s.persistsKeys() {
 		return nil, nil, nil
 	}
 	path := filepath.Join(filepath.Dir(s.statePath), spireAgentDataFile)
-	data, err := os.ReadFile(path)
+	keysPath := filepath.Join(s.keyDir, spireAgentKeysFile)
+	fix := fmt.Sprintf(spireAgentFix, path, keysPath, path)
+	data, err := agent.ReadAdoptedFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil, nil
+	}
+	if err := refused(err, "spire-agent's state", "the SPIRE Server's CAs, which the agent trusts, and the agent SVID it takes over", fix); err != nil {
+		return nil, nil, err
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("reading spire-agent's state: %w", err)
@@ -265,13 +308,24 @@ func (s *store) loadSpireAgent() (*credentials, []*x509.Certificate, error) {
 	if id, err := spiffeid.FromURI(svid[0].URIs[0]); err != nil || id.TrustDomain() != s.td {
 		return nil, nil, nil
 	}
+	if !now.Before(svid[0].NotAfter) {
+		return nil, nil, nil // its key is of no use
+	}
 	bundle, err := parsePEMs(st.Bundle)
 	if err != nil {
 		return nil, nil, nil
 	}
-	keyData, err := os.ReadFile(filepath.Join(s.keyDir, spireAgentKeysFile))
-	if err != nil {
+	// A key file that is missing gives a new attestation, as before; one
+	// that is there but cannot be read is an error, as for agent-data.json.
+	keyData, err := agent.ReadAdoptedFile(keysPath)
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil, nil
+	}
+	if err := refused(err, "spire-agent's key file", "the key of the agent SVID it takes over", fix); err != nil {
+		return nil, nil, err
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading spire-agent's key file: %w", err)
 	}
 	var kf struct {
 		Keys map[string][]byte `json:"keys"`

@@ -1,0 +1,285 @@
+package spire
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/agent"
+	"golang.org/x/sys/unix"
+)
+
+// attackerUID owns the files another user planted; it needs no passwd entry.
+const attackerUID = 47001
+
+// watchUntouched reports, when the test ends, any open, read or write of
+// path (inotify: the kernel's word, not a timestamp's) and any change of
+// its bytes.
+func watchUntouched(t *testing.T, path string) {
+	t.Helper()
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.InotifyAddWatch(in, path, unix.IN_OPEN|unix.IN_ACCESS|unix.IN_MODIFY|unix.IN_ATTRIB); err != nil {
+		unix.Close(in)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		defer unix.Close(in)
+		buf := make([]byte, 4096)
+		if n, err := unix.Read(in, buf); n > 0 {
+			// struct inotify_event: int32 wd, uint32 mask, ...
+			t.Errorf("%s, the link's target, was touched (inotify mask %#x)", path, binary.NativeEndian.Uint32(buf[4:8]))
+		} else if !errors.Is(err, unix.EAGAIN) {
+			t.Errorf("reading inotify events of %s: %v", path, err)
+		}
+		if after, err := os.ReadFile(path); err != nil || !bytes.Equal(after, before) {
+			t.Errorf("%s, the link's target, changed: %v", path, err)
+		}
+	})
+}
+
+// plantSymlink replaces path by a symbolic link to a copy of it elsewhere:
+// a valid file, owned by the agent (root), mode 0600. The copy must be
+// neither read nor written.
+func plantSymlink(t *testing.T, path string) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(t.TempDir(), "elsewhere-"+filepath.Base(path))
+	if err := agent.WriteFileAtomic(target, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(target, path); err != nil {
+		t.Fatal(err)
+	}
+	watchUntouched(t, target)
+	return target
+}
+
+// chownToAttacker gives path, unchanged, to attackerUID.
+func chownToAttacker(t *testing.T, path string) {
+	t.Helper()
+	if err := os.Chown(path, attackerUID, attackerUID); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func wantRefused(t *testing.T, what string, err error, names ...string) {
+	t.Helper()
+	var unsafe *agent.UnsafeFileError
+	if !errors.As(err, &unsafe) {
+		t.Fatalf("%s: %v, want the file refused (an *agent.UnsafeFileError)", what, err)
+	}
+	for _, n := range names {
+		if !strings.Contains(err.Error(), n) {
+			t.Errorf("%s: %v; want it to name %q", what, err, n)
+		}
+	}
+}
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to give a file to another uid")
+	}
+}
+
+// Lanyard's own state and key files are read only if they are the agent's
+// own private files: a link (even to a valid file of the agent's) or a file
+// of another user is refused with an error saying which file, its owner or
+// target, and what to do; the node is not attested again over it.
+func TestStoreRefusesUnsafeFiles(t *testing.T) {
+	requireRoot(t)
+	ca, caKey := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key}
+	// setup returns an agent whose state and key files are valid.
+	setup := func(t *testing.T) *Spire {
+		dir := t.TempDir()
+		s, err := build(t, fmt.Sprintf(spireConf, dir, writeBundle(t, dir, ca)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(filepath.Dir(s.store.statePath), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+			t.Fatal(err)
+		}
+		if c, _, why, err := s.store.load(); err != nil || c == nil {
+			t.Fatalf("the valid files do not load: %v (%s)", err, why)
+		}
+		return s
+	}
+	// start must fail on the refused file at once, not attest the node
+	// (there is no server to attest with: it would retry until ctx ends).
+	start := func(t *testing.T, s *Spire) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err := s.start(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("start tried to attest the node instead of refusing the file: %v", err)
+		}
+		if c := s.currentCreds(); c != nil {
+			t.Errorf("start took credentials from the refused file")
+		}
+		return err
+	}
+
+	t.Run("state a symlink", func(t *testing.T) {
+		s := setup(t)
+		target := plantSymlink(t, s.store.statePath)
+		wantRefused(t, "state a symlink", start(t, s), s.store.statePath, "symbolic link", target, "remove it")
+	})
+	t.Run("state owned by another uid", func(t *testing.T) {
+		s := setup(t)
+		chownToAttacker(t, s.store.statePath)
+		wantRefused(t, "state of uid 47001", start(t, s), s.store.statePath, "uid 47001", "0600", "remove it")
+	})
+	t.Run("keys a symlink", func(t *testing.T) {
+		s := setup(t)
+		target := plantSymlink(t, s.store.keysPath())
+		wantRefused(t, "keys a symlink", start(t, s), s.store.keysPath(), "symbolic link", target, "remove it")
+	})
+	t.Run("keys owned by another uid", func(t *testing.T) {
+		s := setup(t)
+		chownToAttacker(t, s.store.keysPath())
+		wantRefused(t, "keys of uid 47001", start(t, s), s.store.keysPath(), "uid 47001", "0600", "remove it")
+	})
+	t.Run("state open to others", func(t *testing.T) {
+		s := setup(t)
+		if err := os.Chmod(s.store.statePath, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		wantRefused(t, "state 0644", start(t, s), s.store.statePath, "0644")
+	})
+	// Saving replaces a planted link by the agent's own file and writes
+	// nothing through it (watchUntouched checks the target).
+	t.Run("save over symlinks", func(t *testing.T) {
+		s := setup(t)
+		plantSymlink(t, s.store.statePath)
+		plantSymlink(t, s.store.keysPath())
+		if err := s.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+			t.Fatal(err)
+		}
+		if c, _, why, err := s.store.load(); err != nil || c == nil {
+			t.Fatalf("after the save: %v (%s)", err, why)
+		}
+	})
+}
+
+// spire-agent's files, taken over on a swap, are read under the same rule
+// (a file of the agent's user, never through a link), except that any
+// mode without group or other bits is spire-agent's choice to make. A
+// refused file stops the start with what to do, as an unreadable
+// agent-data.json always did, rather than attest the node again.
+func TestSpireAgentTakeoverRefusesUnsafeFiles(t *testing.T) {
+	requireRoot(t)
+	ca, caKey := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	svid := newSVID(t, ca, caKey, key, time.Hour)
+	pemOf := func(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}) }
+	agentData, _ := json.Marshal(map[string]any{"svid": [][]byte{pemOf(svid.Raw)}, "bundle": [][]byte{pemOf(ca.Raw)}})
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keysJSON, _ := json.Marshal(map[string]any{"keys": map[string][]byte{"agent-svid-A": keyDER}})
+	// setup returns a store beside spire-agent's files, as spire-agent
+	// writes them (mode 0600, the agent's user) and the two paths.
+	setup := func(t *testing.T) (st *store, dataPath, keysPath string) {
+		dir := t.TempDir()
+		st = &store{statePath: filepath.Join(dir, stateFileName), keyDir: filepath.Join(dir, "km"), td: td}
+		if err := os.Mkdir(st.keyDir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		dataPath, keysPath = filepath.Join(dir, spireAgentDataFile), filepath.Join(st.keyDir, spireAgentKeysFile)
+		for path, data := range map[string][]byte{dataPath: agentData, keysPath: keysJSON} {
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if c, _, err := st.loadSpireAgent(time.Now()); err != nil || c == nil {
+			t.Fatalf("spire-agent's valid files do not load: %v", err)
+		}
+		return st, dataPath, keysPath
+	}
+	refused := func(t *testing.T, st *store, what string, names ...string) {
+		t.Helper()
+		c, _, err := st.loadSpireAgent(time.Now())
+		if c != nil {
+			t.Errorf("%s: took over the SVID", what)
+		}
+		wantRefused(t, what, err, append(names, "chown", "remove")...)
+	}
+
+	t.Run("agent-data.json a symlink", func(t *testing.T) {
+		st, dataPath, _ := setup(t)
+		target := plantSymlink(t, dataPath)
+		refused(t, st, "agent-data.json a symlink", dataPath, "symbolic link", target)
+	})
+	t.Run("agent-data.json owned by another uid", func(t *testing.T) {
+		st, dataPath, _ := setup(t)
+		chownToAttacker(t, dataPath)
+		refused(t, st, "agent-data.json of uid 47001", dataPath, "uid 47001", "0600")
+	})
+	t.Run("keys.json a symlink", func(t *testing.T) {
+		st, _, keysPath := setup(t)
+		target := plantSymlink(t, keysPath)
+		refused(t, st, "keys.json a symlink", keysPath, "symbolic link", target)
+	})
+	t.Run("keys.json owned by another uid", func(t *testing.T) {
+		st, _, keysPath := setup(t)
+		chownToAttacker(t, keysPath)
+		refused(t, st, "keys.json of uid 47001", keysPath, "uid 47001", "0600")
+	})
+	t.Run("keys.json readable by the group", func(t *testing.T) {
+		st, _, keysPath := setup(t)
+		if err := os.Chmod(keysPath, 0o640); err != nil {
+			t.Fatal(err)
+		}
+		refused(t, st, "keys.json 0640", keysPath, "0640")
+	})
+	t.Run("mode 0400 is taken over", func(t *testing.T) {
+		st, dataPath, keysPath := setup(t)
+		for _, p := range []string{dataPath, keysPath} {
+			if err := os.Chmod(p, 0o400); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if c, _, err := st.loadSpireAgent(time.Now()); err != nil || c == nil {
+			t.Fatalf("files of mode 0400 were not taken over: %v", err)
+		}
+	})
+	t.Run("an expired SVID needs no key", func(t *testing.T) {
+		st, _, keysPath := setup(t)
+		chownToAttacker(t, keysPath)
+		if c, _, err := st.loadSpireAgent(svid.NotAfter); c != nil || err != nil {
+			t.Fatalf("an expired SVID: %v, %v; want nothing to take over and no error", c, err)
+		}
+	})
+}
