@@ -31,6 +31,9 @@ import (
 // /tmp is), symlinks only of root or the agent. Anything else is an error
 // naming the path, its owner and its mode: the agent must not start.
 func EnsureDataDir(dir string) error {
+	if err := refuseDotDot(dir, dataDirUse); err != nil {
+		return err
+	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return fmt.Errorf("the data directory %s: %w", dir, err)

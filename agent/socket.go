@@ -30,6 +30,9 @@ import (
 // exhaust the agent's file descriptors (each connection holds two: the
 // socket and the caller's pidfd) nor lock other users out.
 func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
+	if err := refuseDotDot(path, socketDirUse); err != nil {
+		return nil, err
+	}
 	dir, err := openSocketDir(filepath.Dir(path))
 	if err != nil {
 		return nil, err

@@ -559,3 +559,13 @@ func TestListenRefusesLockOfAnotherUser(t *testing.T) {
 	}
 	listenRefused(t, path, path+".lock", "uid 47001")
 }
+
+// TestListenRefusesDotDot: the walker checks the cleaned path, the kernel
+// would resolve ".." after a symlink; a path with ".." is refused.
+func TestListenRefusesDotDot(t *testing.T) {
+	dir := t.TempDir()
+	listenRefused(t, filepath.Join(dir, "a")+"/../b/api.sock", `".."`, "socket_path")
+	if err := EnsureDataDir(dir + "/x/../data"); err == nil || !strings.Contains(err.Error(), "data_dir") {
+		t.Errorf("EnsureDataDir with \"..\": %v, want it refused naming data_dir", err)
+	}
+}

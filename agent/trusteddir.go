@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -53,6 +54,17 @@ var (
 // path-based bind, dial and unlink in Listen safe, since Go's net package
 // cannot bind relative to a descriptor.
 func openSocketDir(dir string) (int, error) { return openTrustedDir(dir, dir, socketDirUse) }
+
+// refuseDotDot refuses a configured path with a ".." component: the
+// checks walk the path cleaned (filepath.Dir and Abs drop ".." as text),
+// while the kernel resolves ".." after following a symlink, so the path
+// checked and the path used could differ.
+func refuseDotDot(path string, use dirUse) error {
+	if slices.Contains(strings.Split(path, "/"), "..") {
+		return fmt.Errorf("%s = %q has a \"..\" component: give the path without one", use.key, path)
+	}
+	return nil
+}
 
 // openTrustedDir opens dir, creating what is missing with mode 0755, and
 // returns an O_PATH descriptor of it. It walks the path from / one
