@@ -30,22 +30,30 @@ import (
 // owned by root or the agent, writable by no one else unless sticky (as
 // /tmp is), symlinks only of root or the agent. Anything else is an error
 // naming the path, its owner and its mode: the agent must not start.
-func EnsureDataDir(dir string) error {
-	if err := refuseDotDot(dir, dataDirUse); err != nil {
+func EnsureDataDir(dir string) error { return ensurePrivateDir(dir, dataDirUse) }
+
+// EnsureKeyDir is EnsureDataDir for another directory that holds keys,
+// named by configKey in refusals (a key manager's directory).
+func EnsureKeyDir(dir, configKey string) error {
+	return ensurePrivateDir(dir, dirUse{what: "key directory", key: configKey, risk: "replace the keys in it"})
+}
+
+func ensurePrivateDir(dir string, use dirUse) error {
+	if err := refuseDotDot(dir, use); err != nil {
 		return err
 	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return fmt.Errorf("the data directory %s: %w", dir, err)
+		return fmt.Errorf("the %s %s: %w", use.what, dir, err)
 	}
-	parent, err := openTrustedDir(filepath.Dir(abs), abs, dataDirUse)
+	parent, err := openTrustedDir(filepath.Dir(abs), abs, use)
 	if err != nil {
 		return err
 	}
 	defer unix.Close(parent)
 	name := filepath.Base(abs)
 	if err := unix.Mkdirat(parent, name, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("creating the data directory %s: %w", abs, err)
+		return fmt.Errorf("creating the %s %s: %w", use.what, abs, err)
 	}
 	// O_NOFOLLOW|O_DIRECTORY refuses a link (ELOOP or ENOTDIR); the fstatat
 	// only makes the message precise.
@@ -54,30 +62,30 @@ func EnsureDataDir(dir string) error {
 		var lst unix.Stat_t
 		if unix.Fstatat(parent, name, &lst, unix.AT_SYMLINK_NOFOLLOW) == nil && lst.Mode&unix.S_IFMT == unix.S_IFLNK {
 			target, _ := readlinkat(parent, name)
-			return fmt.Errorf("the data directory %s is a symbolic link (to %s): set data_dir to the real directory", abs, target)
+			return fmt.Errorf("the %s %s is a symbolic link (to %s): set %s to the real directory", use.what, abs, target, use.key)
 		}
 		if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
-			return fmt.Errorf("the data directory %s is not a directory", abs)
+			return fmt.Errorf("the %s %s is not a directory", use.what, abs)
 		}
-		return fmt.Errorf("opening the data directory %s: %w", abs, err)
+		return fmt.Errorf("opening the %s %s: %w", use.what, abs, err)
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("checking the data directory %s: %w", abs, err)
+		return fmt.Errorf("checking the %s %s: %w", use.what, abs, err)
 	}
 	euid := uint32(os.Geteuid())
 	if st.Uid != euid {
-		return fmt.Errorf("the data directory %s is owned by %s, mode %s, not by the agent (%s): whoever owns it can replace the CA and keys in it; "+
-			"check what is in it, then chown it to the agent's user or choose another data_dir", abs, describeOwner(st.Uid), describeMode(&st), describeOwner(euid))
+		return fmt.Errorf("the %s %s is owned by %s, mode %s, not by the agent (%s): whoever owns it can replace the keys in it; "+
+			"check what is in it, then chown it to the agent's user or choose another %s", use.what, abs, describeOwner(st.Uid), describeMode(&st), describeOwner(euid), use.key)
 	}
 	if st.Mode&0o022 != 0 {
-		return fmt.Errorf("the data directory %s (owner %s) has mode %s: others can write to it and may have replaced the CA and keys in it; "+
-			"check what is in it, then chmod 0700 it", abs, describeOwner(st.Uid), describeMode(&st))
+		return fmt.Errorf("the %s %s (owner %s) has mode %s: others can write to it and may have replaced the keys in it; "+
+			"check what is in it, then chmod 0700 it", use.what, abs, describeOwner(st.Uid), describeMode(&st))
 	}
 	if st.Mode&0o7777 != 0o700 {
 		if err := unix.Fchmod(fd, 0o700); err != nil {
-			return fmt.Errorf("setting the mode of the data directory %s to 0700: %w", abs, err)
+			return fmt.Errorf("setting the mode of the %s %s to 0700: %w", use.what, abs, err)
 		}
 	}
 	return nil

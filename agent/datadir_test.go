@@ -496,3 +496,19 @@ func TestWriteFileAtomicTempIsPrivate(t *testing.T) {
 		t.Errorf("%s is %v (%v), want a regular file", path, info.Mode(), err)
 	}
 }
+
+// TestEnsureKeyDir: a key manager's directory is held to data_dir's rules,
+// and refusals name its own config key.
+func TestEnsureKeyDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	dir := filepath.Join(t.TempDir(), "keys")
+	if err := EnsureKeyDir(dir, `KeyManager "disk" directory`); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(dir, otherUID, otherUID); err != nil {
+		t.Fatal(err)
+	}
+	checkErrNames(t, "a key directory of another user", EnsureKeyDir(dir, `KeyManager "disk" directory`), dir, "key directory", `KeyManager "disk" directory`, otherOwner)
+}

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -161,8 +160,10 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 // until the new SVID is on disk.
 func (s *store) save(prev, next *credentials, bundle []*x509.Certificate) error {
 	if s.persistsKeys() && next != nil {
-		if err := os.MkdirAll(s.keyDir, 0o700); err != nil {
-			return fmt.Errorf("creating the key manager directory %s: %w", s.keyDir, err)
+		// Checked as data_dir is: whoever could change this directory
+		// could delete, swap or restore the agent SVID's keys.
+		if err := agent.EnsureKeyDir(s.keyDir, `KeyManager "disk" directory`); err != nil {
+			return err
 		}
 		keys := []crypto.Signer{next.key}
 		if prev != nil && prev.key != next.key {
