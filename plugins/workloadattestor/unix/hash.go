@@ -17,6 +17,30 @@ import (
 // maxHashEntries bounds the executable hash cache.
 const maxHashEntries = 1024
 
+// maxConcurrentHashes bounds the executables read at once. A hash keeps a
+// core busy (sha256 at 0.75-1.4 GB/s here, BenchmarkHashFd), so before this
+// bound every caller that missed took a core, a descriptor and a buffer
+// for as long as its file lasted. On a 2-core machine, the smallest the
+// agent runs on, a cached attestation took 10 µs with no hash running,
+// 10-19 µs with one or two and 45-100 µs with eight
+// (BenchmarkCachedWhileHashing): two keep the Workload API responsive on
+// the smallest machines and still let a rollout of different binaries
+// hash two at a time on larger ones. Callers whose version waits for a
+// slot wait no longer than their own deadline.
+const maxConcurrentHashes = 2
+
+// hashBufSize is the read size of a hash: a large read costs about the
+// same system call as a small one.
+const hashBufSize = 256 << 10
+
+// hashBufs holds read buffers: at most maxConcurrentHashes are in use at
+// once, and the pool lets an idle agent give them back to the heap.
+var hashBufs = sync.Pool{New: func() any { b := make([]byte, hashBufSize); return &b }}
+
+// errHashAbandoned ends a hash that every caller waiting for it has given
+// up on; nobody receives it, but it keeps the partial sum out of the cache.
+var errHashAbandoned = errors.New("hashing stopped: every caller waiting for it gave up")
+
 // hashKey identifies one version of a file. ctime is in it besides mtime
 // because a file's owner can set mtime back (utimes) after rewriting it, but
 // any write or utimes moves ctime to now.
@@ -34,9 +58,22 @@ func keyOf(st *sysunix.Stat_t) hashKey {
 // ("sha256:<hex>", built once so that a hit allocates nothing), evicting
 // the oldest entry when full. Concurrent misses on one file share a single
 // read, so a rollout of many replicas of one binary hashes it once.
+//
+// A caller can make the agent read any file it can execute, of any size
+// when workload_size_limit is 0, and a new ctime makes a new version. So
+// at most maxConcurrentHashes files are read at once, and a read that no
+// caller waits for any more stops between two reads and is not cached:
+// what a caller costs the agent ends with its call.
 type hashCache struct {
 	max   int
-	reads atomic.Int64 // files actually read and hashed, for tests
+	slots chan struct{} // a token per running hash, maxConcurrentHashes
+
+	// For tests.
+	reads    atomic.Int64 // files whose reading began
+	hashed   atomic.Int64 // bytes hashed
+	computes atomic.Int64 // compute goroutines alive
+	running  atomic.Int64 // hashes holding a slot
+	peak     atomic.Int64 // the most hashes that held a slot at once
 
 	mu       sync.Mutex
 	sums     map[hashKey]string
@@ -45,15 +82,20 @@ type hashCache struct {
 	inflight map[hashKey]*hashCall
 }
 
+// hashCall is one file version being hashed.
 type hashCall struct {
-	done chan struct{}
-	sum  string
-	err  error
+	done    chan struct{} // closed once sum and err are set
+	stop    chan struct{} // closed when the last waiter leaves, under mu
+	waiters int           // callers waiting for done; under mu
+	started atomic.Bool   // the hash holds a slot
+	sum     string
+	err     error
 }
 
 func newHashCache(max int) *hashCache {
 	return &hashCache{
 		max:      max,
+		slots:    make(chan struct{}, maxConcurrentHashes),
 		sums:     make(map[hashKey]string),
 		inflight: make(map[hashKey]*hashCall),
 	}
@@ -106,9 +148,11 @@ func (a *Attestor) inspectExe(ctx context.Context, p attestor.Process, exe strin
 }
 
 // get returns the sha256 selector value of the file open as fd, whose
-// version is key. fd stays the caller's; a miss hashes a duplicate of it in
-// the background so that a caller whose ctx ends can return while the
-// result is still computed and cached.
+// version is key. fd stays the caller's; a miss hashes a duplicate of it on
+// a goroutine of its own, shared with the callers that miss on the same
+// version meanwhile. It is cached when complete; when the ctx of every
+// caller waiting for it has ended, it stops, and the next caller starts
+// afresh.
 func (c *hashCache) get(ctx context.Context, key hashKey, fd int) (string, error) {
 	c.mu.Lock()
 	if sum, ok := c.sums[key]; ok {
@@ -122,39 +166,81 @@ func (c *hashCache) get(ctx context.Context, key hashKey, fd int) (string, error
 			c.mu.Unlock()
 			return "", fmt.Errorf("duplicating the file descriptor: %w", err)
 		}
-		call = &hashCall{done: make(chan struct{})}
+		call = &hashCall{done: make(chan struct{}), stop: make(chan struct{})}
 		c.inflight[key] = call
+		c.computes.Add(1)
 		go c.compute(key, dup, call)
 	}
+	call.waiters++
 	c.mu.Unlock()
 	select {
 	case <-call.done:
 		return call.sum, call.err
 	case <-ctx.Done():
-		return "", ctx.Err()
-	}
-}
-
-func (c *hashCache) compute(key hashKey, fd int, call *hashCall) {
-	defer sysunix.Close(fd)
-	c.reads.Add(1)
-	call.sum, call.err = hashFd(fd)
-	if call.err == nil {
-		// A file rewritten during the read hashes to a mix of versions.
-		var st sysunix.Stat_t
-		if err := sysunix.Fstat(fd, &st); err != nil {
-			call.err = err
-		} else if keyOf(&st) != key {
-			call.err = errors.New("the file changed while it was being hashed; retry")
-		}
 	}
 	c.mu.Lock()
-	delete(c.inflight, key)
-	if call.err == nil {
-		c.store(key, call.sum)
+	call.waiters--
+	// compute removes a call it finished; the last waiter removes and
+	// stops one still running.
+	if call.waiters == 0 && c.inflight[key] == call {
+		delete(c.inflight, key)
+		close(call.stop)
 	}
 	c.mu.Unlock()
+	if !call.started.Load() {
+		return "", fmt.Errorf("waiting for a free slot (%d executables are hashed at a time, the others wait): %w", maxConcurrentHashes, ctx.Err())
+	}
+	return "", ctx.Err()
+}
+
+// compute hashes the file open as fd, which it closes, and publishes the
+// result to call's waiters and, when complete, to the cache.
+func (c *hashCache) compute(key hashKey, fd int, call *hashCall) {
+	defer c.computes.Add(-1)
+	sum, err := c.hash(key, fd, call)
+	sysunix.Close(fd)
+	c.mu.Lock()
+	if c.inflight[key] == call {
+		delete(c.inflight, key)
+	}
+	if err == nil {
+		c.store(key, sum)
+	}
+	call.sum, call.err = sum, err
+	c.mu.Unlock()
 	close(call.done)
+}
+
+// hash waits for a slot and hashes the file open as fd, whose version must
+// still be key at the end.
+func (c *hashCache) hash(key hashKey, fd int, call *hashCall) (string, error) {
+	select {
+	case c.slots <- struct{}{}:
+	case <-call.stop:
+		return "", errHashAbandoned
+	}
+	defer func() { <-c.slots }()
+	call.started.Store(true)
+	n := c.running.Add(1)
+	defer c.running.Add(-1)
+	for p := c.peak.Load(); n > p && !c.peak.CompareAndSwap(p, n); p = c.peak.Load() {
+	}
+	c.reads.Add(1)
+	bufp := hashBufs.Get().(*[]byte)
+	defer hashBufs.Put(bufp)
+	sum, err := c.hashFd(fd, *bufp, call.stop)
+	if err != nil {
+		return "", err
+	}
+	// A file rewritten during the read hashes to a mix of versions.
+	var st sysunix.Stat_t
+	if err := sysunix.Fstat(fd, &st); err != nil {
+		return "", fmt.Errorf("stat after hashing: %w", err)
+	}
+	if keyOf(&st) != key {
+		return "", errors.New("the file changed while it was being hashed; retry")
+	}
+	return sum, nil
 }
 
 // store adds an entry; c.mu must be held.
@@ -172,24 +258,30 @@ func (c *hashCache) store(key hashKey, sum string) {
 	c.sums[key] = sum
 }
 
-// hashFd returns the sha256 selector value of the file open as fd.
-func hashFd(fd int) (string, error) {
+// hashFd returns the sha256 selector value of the file open as fd, read
+// through buf, or errHashAbandoned once stop is closed.
+func (c *hashCache) hashFd(fd int, buf []byte, stop <-chan struct{}) (string, error) {
 	h := sha256.New()
-	buf := make([]byte, 256<<10)
 	var off int64
 	for {
+		select {
+		case <-stop:
+			return "", errHashAbandoned
+		default:
+		}
 		n, err := sysunix.Pread(fd, buf, off)
 		if errors.Is(err, sysunix.EINTR) {
 			continue
 		}
 		if err != nil {
-			return "", err
+			return "", fmt.Errorf("reading at offset %d: %w", off, err)
 		}
 		if n == 0 {
 			return "sha256:" + hex.EncodeToString(h.Sum(nil)), nil
 		}
 		h.Write(buf[:n])
 		off += int64(n)
+		c.hashed.Add(int64(n))
 	}
 }
 

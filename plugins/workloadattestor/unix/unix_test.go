@@ -418,11 +418,21 @@ func TestConcurrentMissesHashOnce(t *testing.T) {
 func TestHashWaitHonoursContext(t *testing.T) {
 	c := newHashCache(4)
 	key := hashKey{ino: 1}
-	c.inflight[key] = &hashCall{done: make(chan struct{})} // never finishes
+	call := &hashCall{done: make(chan struct{}), stop: make(chan struct{})} // never finishes
+	c.inflight[key] = call
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := c.get(ctx, key, -1); !errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", err)
+	}
+	// Its only waiter left: the call is stopped and forgotten.
+	select {
+	case <-call.stop:
+	default:
+		t.Error("a call nobody waits for was not stopped")
+	}
+	if _, ok := c.inflight[key]; ok {
+		t.Error("a call nobody waits for is still in flight")
 	}
 }
 
