@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"errors"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -28,7 +27,8 @@ func DefaultMaxConnections() int {
 const offenderLogInterval = time.Minute
 
 // limitListener caps the connections held at once and shares the cap
-// between the users (peer uids) that connect. While there is room every
+// between the users that connect: peer uids in the agent's user namespace,
+// and user namespaces for peers in others (see peerKey). While there is room every
 // connection is taken. When the cap is reached, a user below its fair
 // share (the cap divided by the users holding connections, counting the
 // newcomer) gets in by closing the least recently active connection of the
@@ -45,13 +45,15 @@ type limitListener struct {
 	max int
 	log hclog.Logger
 
+	keys *peerKeyer
+
 	mu    sync.Mutex
 	total int
-	users map[uint32]*userConns
+	users map[peerKey]*userConns
 	seq   uint64
 }
 
-// userConns are one uid's connections.
+// userConns are one user's connections.
 type userConns struct {
 	conns map[*limitConn]struct{}
 	// Since the last warning about this user.
@@ -60,7 +62,7 @@ type userConns struct {
 }
 
 func newLimitListener(l net.Listener, maxConns int, log hclog.Logger) *limitListener {
-	return &limitListener{Listener: l, max: max(maxConns, 1), log: log, users: make(map[uint32]*userConns)}
+	return &limitListener{Listener: l, max: max(maxConns, 1), log: log, keys: newPeerKeyer(log), users: make(map[peerKey]*userConns)}
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -69,14 +71,14 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		uid, err := peerUID(conn)
+		cred, err := peerCred(conn)
 		if err != nil {
 			// Nor could the handshake attest it.
 			l.log.Debug("Closing a connection whose peer credentials cannot be read", "error", err)
 			conn.Close()
 			continue
 		}
-		c := &limitConn{Conn: conn, l: l, uid: uid}
+		c := &limitConn{Conn: conn, l: l, key: l.keys.key(cred.Pid, cred.Uid)}
 		evicted, ok := l.admit(c)
 		if evicted != nil {
 			evicted.Conn.Close()
@@ -96,7 +98,7 @@ func (l *limitListener) admit(c *limitConn) (evict *limitConn, ok bool) {
 	defer l.mu.Unlock()
 	c.active.Store(coarseNow())
 	if l.total >= l.max {
-		mine := l.users[c.uid]
+		mine := l.users[c.key]
 		held, holders := 0, len(l.users)
 		if mine != nil {
 			held = len(mine.conns)
@@ -104,43 +106,43 @@ func (l *limitListener) admit(c *limitConn) (evict *limitConn, ok bool) {
 			holders++
 		}
 		share := max(l.max/holders, 1)
-		heavyUID, heavy := l.heaviest()
+		heavyKey, heavy := l.heaviest()
 		if held >= share || len(heavy.conns) <= held+1 {
 			if mine == nil {
-				mine, c.uid = heavy, heavyUID // only when the cap is 1
+				mine, c.key = heavy, heavyKey // only when the cap is 1
 			}
 			mine.refused++
-			l.warnLocked(c.uid, mine, share)
+			l.warnLocked(c.key, mine, share)
 			return nil, false
 		}
 		evict = heavy.leastRecentlyActive()
 		l.removeLocked(evict)
 		heavy.closed++
-		l.warnLocked(heavyUID, heavy, share)
+		l.warnLocked(heavyKey, heavy, share)
 	}
 	l.seq++
 	c.seq = l.seq
-	u := l.users[c.uid]
+	u := l.users[c.key]
 	if u == nil {
 		u = &userConns{conns: make(map[*limitConn]struct{})}
-		l.users[c.uid] = u
+		l.users[c.key] = u
 	}
 	u.conns[c] = struct{}{}
 	l.total++
 	return evict, true
 }
 
-// heaviest is the user holding the most connections (the lowest uid among
+// heaviest is the user holding the most connections (the lowest key among
 // equals). There is one whenever the cap is reached.
-func (l *limitListener) heaviest() (uint32, *userConns) {
-	var uid uint32
+func (l *limitListener) heaviest() (peerKey, *userConns) {
+	var key peerKey
 	var heavy *userConns
-	for id, u := range l.users {
-		if heavy == nil || len(u.conns) > len(heavy.conns) || len(u.conns) == len(heavy.conns) && id < uid {
-			uid, heavy = id, u
+	for k, u := range l.users {
+		if heavy == nil || len(u.conns) > len(heavy.conns) || len(u.conns) == len(heavy.conns) && k.less(key) {
+			key, heavy = k, u
 		}
 	}
-	return uid, heavy
+	return key, heavy
 }
 
 // leastRecentlyActive is the connection idle the longest, the oldest among
@@ -162,10 +164,10 @@ func (l *limitListener) removeLocked(c *limitConn) {
 		return
 	}
 	c.released = true
-	u := l.users[c.uid]
+	u := l.users[c.key]
 	delete(u.conns, c)
 	if len(u.conns) == 0 {
-		delete(l.users, c.uid)
+		delete(l.users, c.key)
 	}
 	l.total--
 }
@@ -178,41 +180,41 @@ func (l *limitListener) release(c *limitConn) {
 
 // warnLocked names a user that was refused or had a connection closed, at
 // most once per offenderLogInterval.
-func (l *limitListener) warnLocked(uid uint32, u *userConns, share int) {
+func (l *limitListener) warnLocked(key peerKey, u *userConns, share int) {
 	now := time.Now()
 	if !u.lastWarn.IsZero() && now.Sub(u.lastWarn) < offenderLogInterval {
 		return
 	}
-	// refused and closed count since the previous warning about uid.
-	l.log.Warn("Connection limit reached: a user at its share of the limit has new connections refused, and the user holding the most has its least recently active ones closed",
-		"uid", uid, "connections", len(u.conns), "share", share, "limit", l.max,
+	// refused and closed count since the previous warning about key.
+	args := append(key.logArgs(), "connections", len(u.conns), "share", share, "limit", l.max,
 		"refused", u.refused, "closed", u.closed)
+	l.log.Warn("Connection limit reached: a user at its share of the limit has new connections refused, and the user holding the most has its least recently active ones closed", args...)
 	u.lastWarn = now
 	u.refused, u.closed = 0, 0
 }
 
-// peerUID reads the connecting process's uid (SO_PEERCRED): one getsockopt
-// per connection.
-func peerUID(conn net.Conn) (uint32, error) {
+// peerCred reads the connecting process's pid and uid (SO_PEERCRED): one
+// getsockopt per connection.
+func peerCred(conn net.Conn) (*unix.Ucred, error) {
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
-		return 0, errors.New("not a socket connection")
+		return nil, errNotSocket
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	var cred *unix.Ucred
 	var credErr error
 	if err := rc.Control(func(fd uintptr) {
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
-		return 0, err
+		return nil, err
 	}
 	if credErr != nil {
-		return 0, credErr
+		return nil, credErr
 	}
-	return cred.Uid, nil
+	return cred, nil
 }
 
 // clockStart anchors coarseNow to the monotonic clock.
@@ -224,7 +226,7 @@ func coarseNow() int64 { return int64(time.Since(clockStart) / time.Second) }
 type limitConn struct {
 	net.Conn
 	l      *limitListener
-	uid    uint32
+	key    peerKey
 	seq    uint64       // accept order; set under l.mu
 	active atomic.Int64 // coarseNow of the last byte read or written
 	// released is set under l.mu once the connection no longer counts.
@@ -257,7 +259,7 @@ func (c *limitConn) touch() {
 func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
 	sc, ok := c.Conn.(syscall.Conn)
 	if !ok {
-		return nil, errors.New("not a socket connection")
+		return nil, errNotSocket
 	}
 	return sc.SyscallConn()
 }

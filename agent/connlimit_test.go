@@ -27,7 +27,7 @@ func newFairListener(t *testing.T, maxConns int) *fairListener {
 func (f *fairListener) connect(uid uint32, active int64) (c, evicted *limitConn, ok bool) {
 	a, b := net.Pipe()
 	f.t.Cleanup(func() { a.Close(); b.Close() })
-	c = &limitConn{Conn: a, l: f.limitListener, uid: uid}
+	c = &limitConn{Conn: a, l: f.limitListener, key: uidKey(uid)}
 	evicted, ok = f.admit(c)
 	c.active.Store(active)
 	if evicted != nil {
@@ -39,7 +39,7 @@ func (f *fairListener) connect(uid uint32, active int64) (c, evicted *limitConn,
 func (f *fairListener) held(uid uint32) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if u := f.users[uid]; u != nil {
+	if u := f.users[uidKey(uid)]; u != nil {
 		return len(u.conns)
 	}
 	return 0
@@ -96,7 +96,7 @@ func TestFairShareEvictsLeastRecentlyActiveOfHeaviest(t *testing.T) {
 
 	// A third user, root's health probe, gets in with a share of 8/3.
 	_, ev, ok = f.connect(third, 100)
-	if !ok || ev == nil || ev.uid != attacker {
+	if !ok || ev == nil || ev.key != uidKey(attacker) {
 		t.Fatalf("root's probe: admitted %v, evicted %v; want one of the lowest uid among the heaviest", ok, ev)
 	}
 

@@ -197,6 +197,28 @@ func TestStuckReaderIsDroppedOthersKeepGettingRotations(t *testing.T) {
 // with a stream open, reconnecting whenever one is closed. Another user's
 // workload must still get every fetch, and a probe by root must be served.
 func TestConnectionFloodByOneUserDoesNotStarveAnother(t *testing.T) {
+	testFloodDoesNotStarve(t, func(socket string, n int) *roleProc {
+		return startRole(t, attackerUID, "hold", socket, itoa(n))
+	})
+}
+
+// TestConnectionFloodFromManyUIDsInAUserNamespace: the same attacker makes
+// a user namespace mapping 65,536 host uids (as newuidmap does for an
+// /etc/subuid range) and holds each connection as another uid inside it.
+// Before the cap was shared per user namespace, each uid got a share and
+// the victim got none of its 40 fetches.
+func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
+	testFloodDoesNotStarve(t, func(socket string, n int) *roleProc {
+		const capSetgid, capSetuid = 6, 7
+		return startRoleCaps(t, attackerUID, []uintptr{capSetgid, capSetuid}, "userns-hold", socket, itoa(n))
+	})
+}
+
+// testFloodDoesNotStarve runs the agent with a connection limit of 64,
+// lets attack(socket, n) hold all of it with n connections, and checks that
+// victimUID gets 40 of 40 fetches, root's probe is served, and the
+// attacker's uid is named in the log.
+func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *roleProc) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to run clients under other uids")
 	}
@@ -222,7 +244,7 @@ func TestConnectionFloodByOneUserDoesNotStarveAnother(t *testing.T) {
 		t.Fatalf("the connection limit is %d under RLIMIT_NOFILE %d", limit, a.nofile)
 	}
 
-	attacker := startRole(t, attackerUID, "hold", a.socket, itoa(limit+limit/4))
+	attacker := attack(a.socket, limit+limit/4)
 	deadline := time.Now().Add(60 * time.Second)
 	for held := 0; held < limit; {
 		if time.Now().After(deadline) {

@@ -67,7 +67,17 @@ func runRole(args []string) int {
 	case "nofile":
 		err = execWithNofile(rest)
 	case "hold":
-		err = holdConnections(rest)
+		err = holdConnections(rest, func(int) (net.Conn, error) { return net.Dial("unix", rest[0]) })
+	case "userns-hold":
+		err = usernsHold(rest)
+	case "userns-hold-inside":
+		// Its parent-death signal is gone (it changed credentials):
+		// it goes when the pipe from its parent closes.
+		go func() {
+			_, _ = io.Copy(io.Discard, os.Stdin)
+			os.Exit(0)
+		}()
+		err = holdConnections(rest, dialAsUID(rest[0]))
 	case "fetch":
 		err = fetchRepeatedly(rest)
 	case "swap":
@@ -109,9 +119,9 @@ const roleLifetime = 3 * time.Minute
 // connections open on the socket args[0], the odd ones with a gRPC health
 // Watch stream open (anyone may call it), the even ones idle after the
 // HTTP/2 handshake, and opens a new one whenever the agent closes one. It
-// prints "held N" when the number the agent serves changes.
-func holdConnections(args []string) error {
-	socket := args[0]
+// prints "held N" when the number the agent serves changes. Connection i
+// is made by dial(i).
+func holdConnections(args []string, dial func(i int) (net.Conn, error)) error {
 	n, err := strconv.Atoi(args[1])
 	if err != nil {
 		return err
@@ -128,7 +138,7 @@ func holdConnections(args []string) error {
 	for i := range n {
 		go func() {
 			for {
-				if c, err := net.Dial("unix", socket); err == nil {
+				if c, err := dial(i); err == nil {
 					if openHTTP2(c, i%2 == 1) {
 						note(1)
 						_, _ = io.Copy(io.Discard, c)
@@ -154,6 +164,60 @@ func holdConnections(args []string) error {
 		case <-end:
 			return nil
 		}
+	}
+}
+
+// usernsMapBase is where the attacker's subordinate uids start on the
+// host, as /etc/subuid gives (100000 there, clear of the test's uids here).
+const usernsMapBase = 300000
+
+// usernsHold is the attacker of a user namespace of their own: run as a
+// user with CAP_SETUID and CAP_SETGID (what the setuid newuidmap and
+// newgidmap use on their behalf), it makes a user namespace mapping 0 to
+// itself and 1..65535 to usernsMapBase+1.., as newuidmap does for an
+// /etc/subuid range, and holds connections from inside it as in
+// holdConnections, connection i as inner uid i+1: each from its own host
+// uid.
+func usernsHold(args []string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(self, append([]string{roleArg, "userns-hold-inside"}, args...)...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	// Held open until this process dies, to tell the child.
+	if _, err := cmd.StdinPipe(); err != nil {
+		return err
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags: syscall.CLONE_NEWUSER,
+		UidMappings: []syscall.SysProcIDMap{
+			{ContainerID: 0, HostID: os.Geteuid(), Size: 1},
+			{ContainerID: 1, HostID: usernsMapBase + 1, Size: 65535},
+		},
+		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
+		Pdeathsig:   syscall.SIGKILL,
+	}
+	return cmd.Run()
+}
+
+// dialAsUID dials socket as euid i+1. seteuid changes every thread, so the
+// dials take turns; SO_PEERCRED records the euid at connect.
+func dialAsUID(socket string) func(i int) (net.Conn, error) {
+	var mu sync.Mutex
+	return func(i int) (net.Conn, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if err := syscall.Seteuid(i + 1); err != nil {
+			return nil, err
+		}
+		c, err := net.Dial("unix", socket)
+		if err := syscall.Seteuid(0); err != nil {
+			// Cannot go on as the wrong uid.
+			fmt.Fprintln(os.Stderr, "seteuid(0):", err)
+			os.Exit(1)
+		}
+		return c, err
 	}
 }
 
@@ -254,10 +318,17 @@ type roleProc struct {
 // startRole runs a role under uid. It is killed when the test ends.
 func startRole(t *testing.T, uid int, args ...string) *roleProc {
 	t.Helper()
+	return startRoleCaps(t, uid, nil, args...)
+}
+
+// startRoleCaps runs a role under uid with the capabilities caps.
+func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *roleProc {
+	t.Helper()
 	cmd := exec.Command(roleBin, append([]string{roleArg}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true},
-		Pdeathsig:  syscall.SIGKILL,
+		Credential:  &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true},
+		AmbientCaps: caps,
+		Pdeathsig:   syscall.SIGKILL,
 	}
 	p := &roleProc{cmd: cmd, lines: make(chan string, 1024), stderr: &bytes.Buffer{}}
 	cmd.Stderr = &lockedWriter{mu: &p.mu, w: p.stderr}
