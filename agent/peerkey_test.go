@@ -246,7 +246,6 @@ func TestPeerKeyUserNamespacesAreTheirOwner(t *testing.T) {
 
 	// So with a cap of 64 the user holding all of it cannot keep another
 	// out: the share is 64/2, not 64/(uids held + 1).
-	var held []*limitConn
 	for range 64 - len(keys) {
 		a, b := net.Pipe()
 		t.Cleanup(func() { a.Close(); b.Close() })
@@ -254,7 +253,6 @@ func TestPeerKeyUserNamespacesAreTheirOwner(t *testing.T) {
 		if _, ok := e.l.admit(c); !ok {
 			t.Fatal("refused under the cap")
 		}
-		held = append(held, c)
 	}
 	victim := e.peer(0, "connect=47005", 1)
 	if victim[0] != uidKey(47005) {
