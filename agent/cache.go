@@ -199,7 +199,7 @@ func (c *Cache) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle
 				clear(c.jwts)
 			}
 			for _, svid := range c.svids {
-				if !b.chainsTo(svid.Chain) {
+				if !svid.chainsTo(b) {
 					svid.RenewAt = time.Time{}
 					c.kickRenewal()
 				}
@@ -429,7 +429,7 @@ func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*
 			// not verify: the caller waits for a new one. Once: an
 			// upstream that signs with a CA not yet in its bundle must
 			// not be asked again and again.
-			case !resigned && !c.local.chainsTo(svid.Chain):
+			case !resigned && !svid.chainsTo(c.local):
 				missing, unchained = append(missing, e), true
 			case refresh && svid.renewalSkipped(now):
 				stale = append(stale, e)
@@ -589,7 +589,7 @@ func (c *Cache) mint(ctx context.Context, entries []*Entry, unchained bool) erro
 	c.mu.Lock()
 	now := c.now()
 	for _, e := range entries {
-		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) && (!unchained || c.local.chainsTo(svid.Chain)) {
+		if svid := c.svids[e.ID]; svid != nil && now.Before(svid.NotAfter) && (!unchained || svid.chainsTo(c.local)) {
 			continue
 		}
 		mine, theirs = c.claimLocked(e, mine, theirs)

@@ -23,7 +23,7 @@ import (
 // entries and answering from memory. Run with -benchmem; compare versions
 // with benchstat.
 
-func benchCA(b *testing.B) *testCA {
+func benchCA(b testing.TB) *testCA {
 	b.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -54,7 +54,7 @@ func benchCA(b *testing.B) *testCA {
 // benchCache is a ready cache with n entries, one of which matches sels
 // (unix:uid:1000 with its user and group); the others match uids no caller
 // has.
-func benchCache(b *testing.B, n int) (*Cache, []attestor.Selector) {
+func benchCache(b testing.TB, n int) (*Cache, []attestor.Selector) {
 	b.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -180,5 +180,25 @@ func BenchmarkPersist(b *testing.B) {
 		c.dirty = true
 		c.mu.Unlock()
 		c.persist()
+	}
+}
+
+// TestX509IdentitiesVerifiesNoSignature: the fetch path checks that a
+// served SVID chains to the bundle once per bundle, not per call. Checking
+// it per call verified a signature on every fetch (100 µs and 17 allocs
+// instead of 0.7 µs and 4, BenchmarkX509Identities).
+func TestX509IdentitiesVerifiesNoSignature(t *testing.T) {
+	c, sels := benchCache(t, 1)
+	ctx := context.Background()
+	if _, err := c.X509Identities(ctx, sels); err != nil {
+		t.Fatal(err)
+	}
+	allocs := testing.AllocsPerRun(20, func() {
+		if _, err := c.X509Identities(ctx, sels); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs > 4 {
+		t.Errorf("X509Identities allocates %v times a call, want at most 4: is it verifying signatures?", allocs)
 	}
 }

@@ -154,7 +154,7 @@ func (c *Cache) load(want spiffeid.TrustDomain) error {
 	c.SetBundles(local, federated)
 	c.mu.Lock()
 	for id, svid := range svids {
-		if e := c.entries.get(id); e != nil && c.local.chainsTo(svid.Chain) {
+		if e := c.entries.get(id); e != nil && svid.chainsTo(c.local) {
 			c.svids[id] = svid
 		}
 	}

@@ -65,6 +65,27 @@ type X509SVID struct {
 	// SVIDs of the workloads that run there, not of every one that ever
 	// did.
 	served atomic.Bool
+	// checked remembers whether Chain ends at the last local bundle it was
+	// checked against: the check can cost a signature verification (tens
+	// of microseconds), and the fetch path asks on every call.
+	checked atomic.Pointer[chainCheck]
+}
+
+type chainCheck struct {
+	bundle *Bundle
+	ok     bool
+}
+
+// chainsTo reports whether the SVID's chain ends at one of b's X.509
+// authorities, verifying it once per bundle: bundles are replaced, never
+// changed, so the answer for one holds for as long as it is in use.
+func (s *X509SVID) chainsTo(b *Bundle) bool {
+	if c := s.checked.Load(); c != nil && c.bundle == b {
+		return c.ok
+	}
+	ok := b.chainsTo(s.Chain)
+	s.checked.Store(&chainCheck{bundle: b, ok: ok})
+	return ok
 }
 
 // renewalSkipped reports whether the SVID's renewal time has passed while
