@@ -55,6 +55,7 @@ type Cache struct {
 	log      hclog.Logger
 	upstream Upstream
 	now      func() time.Time
+	newKey   func() (*ecdsa.PrivateKey, error) // an SVID's key
 
 	mu        sync.RWMutex
 	entries   entrySet
@@ -142,6 +143,7 @@ func NewCache(log hclog.Logger, upstream Upstream) *Cache {
 		log:       log,
 		upstream:  upstream,
 		now:       time.Now,
+		newKey:    func() (*ecdsa.PrivateKey, error) { return ecdsa.GenerateKey(elliptic.P256(), rand.Reader) },
 		federated: map[spiffeid.TrustDomain]*Bundle{},
 		svids:     map[string]*X509SVID{},
 		inflight:  map[string]*mintCall{},
@@ -647,29 +649,37 @@ func (c *Cache) mintBatch(ctx context.Context, calls []*mintCall) {
 func (c *Cache) sign(ctx context.Context, calls []*mintCall) ([]*X509SVID, []error) {
 	svids := make([]*X509SVID, len(calls))
 	errs := make([]error, len(calls))
-	reqs := make([]X509Request, len(calls))
+	// Only calls with a key are sent: a request without one would reach
+	// the upstream with a nil key.
+	reqs := make([]X509Request, 0, len(calls))
+	sent := make([]int, 0, len(calls)) // the call of each request
 	for i, call := range calls {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		key, err := c.newKey()
 		if err != nil {
 			errs[i] = fmt.Errorf("generating a key for %s: %w", call.entry.SPIFFEID, err)
+			continue
 		}
-		reqs[i] = X509Request{Entry: call.entry, Key: key}
+		reqs = append(reqs, X509Request{Entry: call.entry, Key: key})
+		sent = append(sent, i)
 	}
-	results, err := c.upstream.MintX509SVIDs(ctx, reqs)
-	if err == nil && len(results) != len(reqs) {
-		err = fmt.Errorf("the upstream answered %d of %d signing requests", len(results), len(reqs))
+	if len(reqs) > 0 {
+		results, err := c.upstream.MintX509SVIDs(ctx, reqs)
+		if err == nil && len(results) != len(reqs) {
+			err = fmt.Errorf("the upstream answered %d of %d signing requests", len(results), len(reqs))
+		}
+		c.ReportUpstream(err)
+		for r, i := range sent {
+			switch {
+			case err != nil:
+				errs[i] = err
+			case results[r].Err != nil:
+				errs[i] = results[r].Err
+			default:
+				svids[i], errs[i] = newX509SVID(calls[i].entry, reqs[r].Key.(*ecdsa.PrivateKey), results[r].Chain, c.now())
+			}
+		}
 	}
-	c.ReportUpstream(err)
 	for i, call := range calls {
-		switch {
-		case errs[i] != nil:
-		case err != nil:
-			errs[i] = err
-		case results[i].Err != nil:
-			errs[i] = results[i].Err
-		default:
-			svids[i], errs[i] = newX509SVID(call.entry, reqs[i].Key.(*ecdsa.PrivateKey), results[i].Chain, c.now())
-		}
 		if errs[i] != nil {
 			c.log.Warn("Could not sign an X509-SVID", "spiffe_id", call.entry.SPIFFEID, "entry_id", call.entry.ID, "error", errs[i])
 		}

@@ -165,6 +165,9 @@ func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([
 	now := u.now()
 	out := make([]X509Result, len(reqs))
 	for i, r := range reqs {
+		if k, ok := r.Key.(*ecdsa.PrivateKey); !ok || k == nil {
+			return nil, fmt.Errorf("request %d for %s has no key", i, r.Entry.SPIFFEID)
+		}
 		ttl := r.Entry.X509SVIDTTL
 		if ttl == 0 {
 			ttl = time.Hour
@@ -1594,4 +1597,27 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 		defer c.mu.RUnlock()
 		return len(c.inflight) == 0
 	})
+}
+
+// TestKeyGenerationFailureSendsNoKeylessRequest: an entry whose key could
+// not be generated fails alone; the others of the batch are still signed,
+// and the upstream never gets a request without a key.
+func TestKeyGenerationFailureSendsNoKeylessRequest(t *testing.T) {
+	c, up := newTestCache(t)
+	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1"), testEntry("b", "spiffe://example.org/b", 1, "unix:uid:1")})
+	c.SetBundles(up.bundle(), nil)
+	var calls atomic.Int32
+	c.newKey = func() (*ecdsa.PrivateKey, error) {
+		if calls.Add(1) == 1 {
+			return nil, errors.New("no entropy")
+		}
+		return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	}
+	svids, errs := c.sign(t.Context(), []*mintCall{{entry: c.entries.get("a")}, {entry: c.entries.get("b")}})
+	if errs[0] == nil || !strings.Contains(errs[0].Error(), "no entropy") || svids[0] != nil {
+		t.Errorf("the call whose key failed: %v, %v", svids[0], errs[0])
+	}
+	if errs[1] != nil || svids[1] == nil {
+		t.Errorf("the other call of the batch: %v, %v", svids[1], errs[1])
+	}
 }
