@@ -369,6 +369,13 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 			// admin API must not be reachable from there.
 			fail("agent.admin_socket_path", "admin socket %q is in the directory of socket_path %q (or below it); put it in a directory workloads cannot reach", a.AdminSocketPath, a.SocketPath)
 		}
+		// Parsed and checked above for when the admin API comes; until
+		// then an agent that accepted the key would leave proxies that
+		// rely on it (Cilium, Istio's ztunnel) waiting on a socket nobody
+		// serves.
+		if !errs.has("agent.admin_socket_path") {
+			fail("agent.admin_socket_path", "admin_socket_path is not supported yet: this agent does not serve SPIRE's admin API (Delegated Identity); remove admin_socket_path")
+		}
 	}
 	return a
 }

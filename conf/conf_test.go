@@ -30,7 +30,7 @@ agent {
     trust_bundle_path = "/run/spire/bundle/bundle.crt"
     trust_domain = "example.org"
     join_token = "8c4c0b3a-6ec0-4e1b-9d7c-4f0f1b8ad1c7"
-    admin_socket_path = "/run/spire/admin/admin.sock"
+    # admin_socket_path is refused until the admin API is served
 }
 
 plugins {
@@ -86,7 +86,6 @@ func TestLoadSPIREAgentConf(t *testing.T) {
 		{"TrustBundlePath", a.TrustBundlePath, "/run/spire/bundle/bundle.crt"},
 		{"TrustBundleFormat", a.TrustBundleFormat, "pem"},
 		{"JoinToken", a.JoinToken, "8c4c0b3a-6ec0-4e1b-9d7c-4f0f1b8ad1c7"},
-		{"AdminSocketPath", a.AdminSocketPath, "/run/spire/admin/admin.sock"},
 		{"Pos", a.Pos.String(), path + ":2:1"},
 	}
 	for _, c := range checks {
@@ -297,6 +296,7 @@ func TestParseErrors(t *testing.T) {
 		{name: "zero sync interval", text: "agent {\n  trust_domain = \"example.org\"\n  sync_interval = \"0s\"\n}", want: []string{"t.conf:3:3: agent.sync_interval: bad duration \"0s\": it must be more than zero"}},
 		{name: "insecure bootstrap with bundle", text: "agent {\n  trust_domain = \"example.org\"\n  insecure_bootstrap = true\n  trust_bundle_path = \"/b.pem\"\n}", want: []string{"t.conf:4:3: agent.trust_bundle_path: trust_bundle_path and insecure_bootstrap = true exclude each other"}},
 		{name: "admin socket beside public socket", text: "agent {\n  trust_domain = \"example.org\"\n  socket_path = \"/run/lanyard/public/api.sock\"\n  admin_socket_path = \"/run/lanyard/public/admin/admin.sock\"\n}", want: []string{"t.conf:4:3: agent.admin_socket_path: admin socket \"/run/lanyard/public/admin/admin.sock\" is in the directory of socket_path"}},
+		{name: "admin socket not served", text: "agent {\n  trust_domain = \"example.org\"\n  admin_socket_path = \"/run/lanyard/admin/admin.sock\"\n}", want: []string{"t.conf:3:3: agent.admin_socket_path: admin_socket_path is not supported yet"}},
 		{name: "empty socket path", text: "agent {\n  trust_domain = \"example.org\"\n  socket_path = \"\"\n}", want: []string{"t.conf:3:3: agent.socket_path: socket_path is empty"}},
 		{name: "plugins scalar", text: td + "plugins = 5\n", want: []string{"t.conf:4:11: plugins: want a block like plugins {", "got the number 5"}},
 		{name: "unknown plugin type", text: td + "plugins {\n  WorkloadAttestr \"unix\" {}\n}", want: []string{"t.conf:5:3: plugins.WorkloadAttestr: unknown plugin type; did you mean \"WorkloadAttestor\"?", "known types: WorkloadAttestor, UpstreamAuthority, NodeAttestor, KeyManager"}},
