@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"io/fs"
 	"os"
@@ -182,9 +183,7 @@ func checkErrNames(t *testing.T, what string, err error, want ...string) {
 // adopted: its owner (or anyone who can write to it or to a directory
 // above it) could replace the CA in it.
 func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to chown")
-	}
+	testbin.RequireRoot(t, "to chown")
 	mk := func(t *testing.T, path string, mode os.FileMode, uid int) {
 		t.Helper()
 		if err := os.MkdirAll(path, 0o700); err != nil {
@@ -500,9 +499,7 @@ func TestWriteFileAtomicTempIsPrivate(t *testing.T) {
 // TestEnsureKeyDir: a key manager's directory is held to data_dir's rules,
 // and refusals name its own config key.
 func TestEnsureKeyDir(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to chown")
-	}
+	testbin.RequireRoot(t, "to chown")
 	dir := filepath.Join(t.TempDir(), "keys")
 	if err := EnsureKeyDir(dir, `KeyManager "disk" directory`); err != nil {
 		t.Fatal(err)

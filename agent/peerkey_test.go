@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -117,9 +118,7 @@ type peerKeyEnv struct {
 }
 
 func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to make user namespaces that map several uids")
-	}
+	testbin.RequireRoot(t, "to make user namespaces that map several uids")
 	dir := t.TempDir()
 	for d := dir; d != os.TempDir(); d = filepath.Dir(d) {
 		if err := os.Chmod(d, 0o755); err != nil {
@@ -267,9 +266,7 @@ func TestPeerKeyUserNamespacesAreTheirOwner(t *testing.T) {
 // namespaces tells peers of its own namespace by their uid_map, and keys
 // all the others together.
 func TestPeerKeyHiddenNamespaces(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to make a user namespace that maps several uids")
-	}
+	testbin.RequireRoot(t, "to make a user namespace that maps several uids")
 	cmd := exec.Command("sleep", "60")
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags:  syscall.CLONE_NEWUSER,

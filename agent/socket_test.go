@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -366,9 +367,7 @@ const otherUID = 47001
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root to give files to another user")
-	}
+	testbin.RequireRoot(t, "to give files to another user")
 }
 
 // listenRefused runs Listen on path and requires a refusal that says each

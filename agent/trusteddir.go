@@ -96,11 +96,11 @@ func openTrustedDir(dir, target string, use dirUse) (int, error) {
 	if err := w.check("/", &st, false); err != nil {
 		return -1, err
 	}
-	todo := splitPath(abs)
+	pending := splitPath(abs)
 	links := 0
-	for len(todo) > 0 {
-		name := todo[0]
-		todo = todo[1:]
+	for len(pending) > 0 {
+		name := pending[0]
+		pending = pending[1:]
 		switch name {
 		case ".":
 			continue
@@ -148,7 +148,7 @@ func openTrustedDir(dir, target string, use dirUse) (int, error) {
 			if filepath.IsAbs(target) {
 				w.toRoot()
 			}
-			todo = append(splitPath(target), todo...)
+			pending = append(splitPath(target), pending...)
 		default:
 			return -1, fmt.Errorf("opening %s: %w", path, err)
 		}

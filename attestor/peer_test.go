@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -334,9 +335,7 @@ func TestPIDZeroIsNotVisible(t *testing.T) {
 // TestHandshakeFromOtherPIDNamespace runs the server side in a new PID
 // namespace, where this process's PID does not exist, so SO_PEERCRED gives 0.
 func TestHandshakeFromOtherPIDNamespace(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("creating a PID namespace needs root")
-	}
+	testbin.RequireRoot(t, "to create a PID namespace")
 	sock := filepath.Join(t.TempDir(), "ns.sock")
 	cmd := exec.Command(os.Args[0], "-test.run=^TestPeerHelperProcess$")
 	cmd.Env = append(os.Environ(), helperEnv+"=serve", "LANYARD_PEER_SOCK="+sock, "GORACE=atexit_sleep_ms=0")
@@ -429,9 +428,7 @@ func TestHandshakeAfterCallerExited(t *testing.T) {
 // that connected and exited, the race a PID check alone cannot see. It needs
 // root (to steer the next PID) and SO_PEERPIDFD (Linux 6.5).
 func TestHandshakeAfterPIDReused(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("steering PID allocation through ns_last_pid needs root")
-	}
+	testbin.RequireRoot(t, "to steer PID allocation through ns_last_pid")
 	if noPeerPidfd.Load() {
 		t.Skip("the kernel has no SO_PEERPIDFD; a reused PID before accept cannot be detected")
 	}

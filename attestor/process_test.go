@@ -2,6 +2,7 @@ package attestor
 
 import (
 	"errors"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"net"
 	"os"
 	"os/exec"
@@ -17,9 +18,7 @@ import (
 // supplementary groups the kernel recorded at connect and the executable
 // the process ran, for the attestors.
 func TestHandshakeRecordsGroupsAndExecutable(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to start a process with other groups")
-	}
+	testbin.RequireRoot(t, "to start a process with other groups")
 	groups := []uint32{64010, 64011, 64012}
 	// A copy of the test binary, and a socket, that another user may
 	// reach: the test's own directories are private.

@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"os"
 	"os/exec"
 	"slices"
@@ -389,9 +390,7 @@ func TestEntryReloadReachesOpenStream(t *testing.T) {
 }
 
 func TestCallerWithoutEntryIsDenied(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to run a child process under another uid")
-	}
+	testbin.RequireRoot(t, "to run a child process under another uid")
 	a := startAgent(t, baseConfig)
 	// uid 65534 (nobody) has no entry.
 	cmd := exec.Command(lanyardBin, "api", "fetch", "x509", "-socketPath", a.socket, "-timeout", "3s")

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -219,9 +220,7 @@ func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
 // victimUID gets 40 of 40 fetches, root's probe is served, and the
 // attacker's uid is named in the log.
 func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *roleProc) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to run clients under other uids")
-	}
+	testbin.RequireRoot(t, "to run clients under other uids")
 	a := &agentProc{t: t, dir: newAgentDir(t), nofile: 384}
 	a.config = filepath.Join(a.dir, "agent.conf")
 	a.socket = filepath.Join(a.dir, "public", "api.sock")

@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -28,12 +29,13 @@ import (
 // gives it back.
 func smallDataDir(t *testing.T, dir string) (fill, free func()) {
 	t.Helper()
+	testbin.RequireRoot(t, "to mount a tmpfs")
 	data := filepath.Join(dir, "data")
 	if err := os.Mkdir(data, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Mount("tmpfs", data, "tmpfs", 0, "size=256k,mode=0700"); err != nil {
-		t.Skipf("cannot mount a tmpfs (the e2e tests run as root): %v", err)
+		t.Fatalf("mounting a 256 KiB tmpfs on %s: %v", data, err)
 	}
 	t.Cleanup(func() {
 		if err := unix.Unmount(data, unix.MNT_DETACH); err != nil {

@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -519,9 +520,7 @@ func startAttackedAgent(t *testing.T, discover bool) *agentProc {
 // them again: the agent that read credentials from /proc handed out root's
 // SVID every time.
 func TestSetuidAfterConnectGetsNoRootIdentity(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the attack runs a setuid-root program under another uid")
-	}
+	testbin.RequireRoot(t, "the attack runs a setuid-root program under another uid")
 	for _, discover := range []bool{true, false} {
 		t.Run(fmt.Sprintf("discover_workload_path=%v", discover), func(t *testing.T) {
 			a := startAttackedAgent(t, discover)
@@ -562,9 +561,7 @@ func TestSetuidAfterConnectGetsNoRootIdentity(t *testing.T) {
 // connects and then executes a binary that a unix:path entry trusts; the
 // child that kept the connection must not get that entry's identity.
 func TestExecAfterConnectGetsNoPathIdentity(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run the attacker under another uid")
-	}
+	testbin.RequireRoot(t, "to run the attacker under another uid")
 	a := startAttackedAgent(t, true)
 	trusted := trustedBinary(t)
 	r := runPeerAttack(t, a.socket, "exec", trusted)
@@ -586,9 +583,7 @@ func TestExecAfterConnectGetsNoPathIdentity(t *testing.T) {
 // connected exited (and was reaped), a child holding its connection gets
 // Unauthenticated, on every call, not a closed connection.
 func TestCallerGoneIsUnauthenticated(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run the attacker under another uid")
-	}
+	testbin.RequireRoot(t, "to run the attacker under another uid")
 	a := startAttackedAgent(t, false)
 	r := runPeerAttack(t, a.socket, "exit")
 	if r.Error != "" {

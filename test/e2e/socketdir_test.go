@@ -17,9 +17,7 @@ import (
 // start and say why, rather than serve from a directory where that user
 // can swap the socket for their own.
 func TestPlantedSocketDirIsRefused(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to plant a directory as another user")
-	}
+	testbin.RequireRoot(t, "to plant a directory as another user")
 	for _, tc := range []struct {
 		name       string
 		mode       os.FileMode

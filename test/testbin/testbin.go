@@ -160,3 +160,18 @@ func WaitFor(t testing.TB, bound time.Duration, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// RequireRoot skips a test that needs root (to chown, to run processes
+// under other uids, to mount) when it runs as another user, and fails it
+// under CI, which runs as root: there a skip would hide a test that must
+// run.
+func RequireRoot(t testing.TB, why string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("CI runs as root, but this test runs as uid %d: %s", os.Geteuid(), why)
+	}
+	t.Skip("needs root: " + why)
+}

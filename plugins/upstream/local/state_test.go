@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"os"
 	"path/filepath"
 	"strings"
@@ -73,15 +74,13 @@ func sinkOf(l *Local) *recordingSink {
 // free gives it back.
 func smallDisk(t *testing.T) (dir string, fill, free func()) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting a tmpfs needs root")
-	}
+	testbin.RequireRoot(t, "to mount a tmpfs")
 	dir = filepath.Join(t.TempDir(), "data")
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k,mode=0700"); err != nil {
-		t.Skipf("cannot mount a tmpfs: %v", err)
+		t.Fatalf("mounting a 256 KiB tmpfs on %s: %v", dir, err)
 	}
 	t.Cleanup(func() {
 		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
@@ -314,9 +313,7 @@ func swapState(t *testing.T, l *Local, mode os.FileMode, uid int) *authority {
 // is a warning with the new CA's fingerprint, and the reloaded CA is in
 // the published bundle before it signs.
 func TestStateReloadOnlyFromOwnPrivateFile(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to chown")
-	}
+	testbin.RequireRoot(t, "to chown")
 	dir := t.TempDir()
 	l, logs := newLoggedLocal(t, dir, webEntry)
 	web := entryFor(t, l, "spiffe://example.org/web")

@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"os"
 	"path/filepath"
 	"strings"
@@ -103,9 +104,7 @@ func wantRefused(t *testing.T, what string, err error, names ...string) {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root, to give a file to another uid")
-	}
+	testbin.RequireRoot(t, "to give a file to another uid")
 }
 
 // Lanyard's own state and key files are read only if they are the agent's

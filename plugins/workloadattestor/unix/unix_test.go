@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"os"
 	"os/exec"
@@ -160,9 +161,7 @@ func TestAttestSelf(t *testing.T) {
 }
 
 func TestSupplementaryGroups(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to start a process with other credentials")
-	}
+	testbin.RequireRoot(t, "to start a process with other credentials")
 	// One group that resolves and one that does not: the latter gets only
 	// its supplementary_gid selector.
 	known := uint32(1)
