@@ -51,6 +51,9 @@ type limitListener struct {
 	total int
 	users map[peerKey]*userConns
 	seq   uint64
+	// lastNewcomerWarn spaces the warnings about users refused while
+	// every user holds a single connection.
+	lastNewcomerWarn time.Time
 }
 
 // userConns are one user's connections.
@@ -109,7 +112,10 @@ func (l *limitListener) admit(c *limitConn) (evict *limitConn, ok bool) {
 		heavyKey, heavy := l.heaviest()
 		if held >= share || len(heavy.conns) <= held+1 {
 			if mine == nil {
-				mine, c.key = heavy, heavyKey // only when the cap is 1
+				// Every user holds one connection: the newcomer has
+				// nothing to be counted against, and no one to blame.
+				l.warnNewcomerLocked(c.key, share)
+				return nil, false
 			}
 			mine.refused++
 			l.warnLocked(c.key, mine, share)
@@ -191,6 +197,19 @@ func (l *limitListener) warnLocked(key peerKey, u *userConns, share int) {
 	l.log.Warn("Connection limit reached: a user at its share of the limit has new connections refused, and the user holding the most has its least recently active ones closed", args...)
 	u.lastWarn = now
 	u.refused, u.closed = 0, 0
+}
+
+// warnNewcomerLocked names a user refused while every user holds one
+// connection (as many users as the limit), at most once per
+// offenderLogInterval.
+func (l *limitListener) warnNewcomerLocked(key peerKey, share int) {
+	now := time.Now()
+	if !l.lastNewcomerWarn.IsZero() && now.Sub(l.lastNewcomerWarn) < offenderLogInterval {
+		return
+	}
+	args := append(key.logArgs(), "users", len(l.users), "share", share, "limit", l.max)
+	l.log.Warn("Connection limit reached with every user holding one connection: refusing a new user", args...)
+	l.lastNewcomerWarn = now
 }
 
 // peerCred reads the connecting process's pid and uid (SO_PEERCRED): one

@@ -128,4 +128,8 @@ func TestFairShareWithOneSlot(t *testing.T) {
 	if _, ev, ok := f.connect(2, 0); ok || ev != nil {
 		t.Fatalf("admitted %v, evicted %v with a cap of 1", ok, ev)
 	}
+	// The refused newcomer is named, not the user holding the slot.
+	if logs := f.log.String(); !strings.Contains(logs, "refusing a new user") || !strings.Contains(logs, "uid=2") || strings.Contains(logs, "uid=1") {
+		t.Errorf("the refusal names the wrong user:\n%s", logs)
+	}
 }
