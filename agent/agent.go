@@ -256,14 +256,12 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 	if name != a.upstreamN {
 		return fmt.Errorf("%s: the upstream changed from %s to %s: that needs a restart", cfg.File, a.upstreamN, name)
 	}
-	if r, ok := a.upstream.(Reconfigurable); ok {
-		data := emptySection()
-		if plugin != nil {
-			data = plugin.Data
-		}
-		if err := r.Reconfigure(data); err != nil {
-			return err
-		}
+	data := emptySection()
+	if plugin != nil {
+		data = plugin.Data
+	}
+	if err := a.upstream.Reconfigure(data); err != nil {
+		return err
 	}
 	a.attestors.Store(set)
 	a.cfg = cfg

@@ -1040,10 +1040,6 @@ const maxEntryWait = 8 * time.Second
 // sync (its rate limit), after maxEntryWait, or when ctx ends, so a caller
 // with no entry anywhere is answered PermissionDenied at most that late.
 func (c *Cache) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool {
-	r, ok := c.upstream.(Resyncer)
-	if !ok {
-		return false
-	}
 	ctx, cancel := context.WithTimeout(ctx, maxEntryWait)
 	defer cancel()
 	matches := func() bool {
@@ -1052,7 +1048,7 @@ func (c *Cache) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id 
 		return slices.ContainsFunc(c.matchLocked(sels), func(e *Entry) bool { return id.IsZero() || e.SPIFFEID == id })
 	}
 	for ctx.Err() == nil {
-		synced, err := r.Resync(ctx)
+		synced, err := c.upstream.Resync(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Debug("Sync for a caller with no identity failed", "error", err)

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lanyard-dev/lanyard/conf"
 	"math/big"
 	"net/url"
 	"slices"
@@ -136,6 +137,12 @@ type testUpstream struct {
 
 	x509Calls, jwtCalls atomic.Int32
 }
+
+// Resync reports false: the test upstream's entries change only when the
+// test sets them.
+func (u *testUpstream) Resync(context.Context) (bool, error) { return false, nil }
+
+func (u *testUpstream) Reconfigure(*conf.Section) error { return nil }
 
 func newTestUpstream(t *testing.T) *testUpstream {
 	return &testUpstream{ca: newTestCA(t, testTD), jwtKID: "kid-1", jwtKey: newKey(t), now: time.Now}

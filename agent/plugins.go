@@ -23,12 +23,6 @@ type UpstreamConfig struct {
 // should come from cfg.Data.Errorf so that they name the file, line and key.
 type UpstreamFactory func(cfg UpstreamConfig) (Upstream, error)
 
-// Reconfigurable is an upstream that takes new plugin_data on SIGHUP. It
-// must leave its state untouched when the new data is invalid.
-type Reconfigurable interface {
-	Reconfigure(data *conf.Section) error
-}
-
 var (
 	upstreamsMu sync.RWMutex
 	upstreams   = map[string]UpstreamFactory{}

@@ -8,21 +8,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// AuthorityTainter is a Sink that is told when authorities of the local
-// bundle are tainted (SPIRE's `localauthority x509 taint` / `jwt taint`):
-// their keys may be compromised, so what they signed is replaced at once
-// rather than at half-life. A tainted authority stays in the bundle, so
-// that peers holding SVIDs it signed are still trusted while they rotate.
-type AuthorityTainter interface {
-	// TaintX509Authorities re-signs the X509-SVIDs that chain to any of
-	// authorities.
-	TaintX509Authorities(authorities []*x509.Certificate)
-	// TaintJWTAuthorities drops cached JWT-SVIDs, so the next fetch gets a
-	// token signed by an untainted key.
-	TaintJWTAuthorities(keyIDs []string)
-}
-
-var _ AuthorityTainter = (*Cache)(nil)
+var _ Sink = (*Cache)(nil)
 
 // TaintX509Authorities marks the SVIDs that chain to a tainted authority
 // as due, and wakes the renewal loop.

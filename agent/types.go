@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -135,30 +136,36 @@ type Upstream interface {
 	MintX509SVIDs(ctx context.Context, reqs []X509Request) ([]X509Result, error)
 	// MintJWTSVID signs a JWT-SVID for entry with the given audience.
 	MintJWTSVID(ctx context.Context, entry *Entry, audience []string) (*JWTSVID, error)
+	// Resync fetches entries on demand, so that a workload whose entry
+	// was just created gets it at once rather than at the next periodic
+	// sync. It returns after the new entries reached the sink, or at once
+	// when it is rate-limited or the upstream's entries cannot change
+	// between syncs; it reports whether it synced. The upstream owns the
+	// rate limit, so that the server sees no more load than from its
+	// periodic sync.
+	Resync(ctx context.Context) (bool, error)
+	// Reconfigure takes new plugin_data on SIGHUP. It must leave the
+	// upstream's state untouched when the new data is invalid.
+	Reconfigure(data *conf.Section) error
 }
 
-// Sink receives the upstream's state. Each call carries the full set.
+// Sink receives the upstream's state and tells the agent's health how the
+// upstream fares. SetEntries and SetBundles carry the full set each call.
 type Sink interface {
 	SetEntries(entries []*Entry)
 	// SetBundles sets the bundle of the agent's trust domain and those of
 	// the trust domains it federates with.
 	SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle)
-}
-
-// Resyncer is an upstream that can fetch entries on demand, so that a
-// workload whose entry was just created gets it at once rather than at the
-// next periodic sync. Resync returns after the new entries reached the
-// sink, or at once when it is rate-limited; it reports whether it synced.
-// The upstream owns the rate limit, so that the server sees no more load
-// than from its periodic sync.
-type Resyncer interface {
-	Resync(ctx context.Context) (bool, error)
-}
-
-// UpstreamReporter is a Sink that wants to know whether the upstream works
-// and whether it can save its state: the agent reports degraded readiness
-// while it does not. The cache is one.
-type UpstreamReporter interface {
+	// TaintX509Authorities and TaintJWTAuthorities are told when
+	// authorities of the local bundle are tainted (SPIRE's `localauthority
+	// x509 taint` / `jwt taint`): their keys may be compromised, so what
+	// they signed is replaced at once rather than at half-life. A tainted
+	// authority stays in the bundle, so that peers holding SVIDs it signed
+	// are still trusted while they rotate.
+	TaintX509Authorities(authorities []*x509.Certificate)
+	TaintJWTAuthorities(keyIDs []string)
+	// ReportUpstream records whether the upstream works: the agent reports
+	// degraded readiness while it does not.
 	ReportUpstream(err error)
 	// ReportSave records the outcome of saving path, nil once it succeeds.
 	ReportSave(path string, err error)

@@ -100,6 +100,12 @@ type sdsUpstream struct {
 	serial int64
 }
 
+// Resync reports false: the SDS test upstream's entries change only when the
+// test sets them.
+func (u *sdsUpstream) Resync(context.Context) (bool, error) { return false, nil }
+
+func (u *sdsUpstream) Reconfigure(*conf.Section) error { return nil }
+
 func (u *sdsUpstream) Run(ctx context.Context, _ agent.Sink) error {
 	<-ctx.Done()
 	return nil

@@ -130,6 +130,12 @@ type testUpstream struct {
 	jwtKey *ecdsa.PrivateKey
 }
 
+// Resync reports false: the test upstream's entries change only when the
+// test sets them.
+func (u *testUpstream) Resync(context.Context) (bool, error) { return false, nil }
+
+func (u *testUpstream) Reconfigure(*conf.Section) error { return nil }
+
 func (u *testUpstream) Run(ctx context.Context, _ agent.Sink) error {
 	<-ctx.Done()
 	return nil

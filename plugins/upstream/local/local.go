@@ -266,12 +266,12 @@ func (l *Local) saveLocked(now time.Time) {
 	if err == nil {
 		st, err = statStamp(l.statePath)
 	}
-	if r, ok := l.sink.(agent.UpstreamReporter); ok {
-		var reported error
-		if err != nil {
-			reported = fmt.Errorf("the local CA state cannot be saved (a prepared CA is not activated until it is): %w", err)
-		}
-		r.ReportSave(l.statePath, reported)
+	var reported error
+	if err != nil {
+		reported = fmt.Errorf("the local CA state cannot be saved (a prepared CA is not activated until it is): %w", err)
+	}
+	if l.sink != nil {
+		l.sink.ReportSave(l.statePath, reported)
 	}
 	if err != nil {
 		l.saveErr = err
@@ -447,9 +447,7 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 		case <-timer.C:
 		}
 		next, _, err := l.rotate()
-		if r, ok := sink.(agent.UpstreamReporter); ok {
-			r.ReportUpstream(err)
-		}
+		sink.ReportUpstream(err)
 		if err != nil {
 			wait := retry.Next()
 			l.log.Error("The local CA is unavailable; retrying", "retry_in", wait.Round(time.Millisecond), "error", err)
@@ -571,6 +569,10 @@ func (l *Local) bundleLocked() (*spiffebundle.Bundle, bool) {
 	b.SetSequenceNumber(l.seq)
 	return b, true
 }
+
+// Resync reports false: the local CA's entries come from its config, so
+// none can have been created since they were delivered.
+func (l *Local) Resync(context.Context) (bool, error) { return false, nil }
 
 // Reconfigure applies new plugin_data (on SIGHUP): entries and federated
 // bundles. It changes nothing when the data is invalid.

@@ -652,6 +652,9 @@ type recordingSink struct {
 	wake     chan struct{}
 }
 
+func (s *recordingSink) TaintX509Authorities([]*x509.Certificate) {}
+func (s *recordingSink) TaintJWTAuthorities([]string)             {}
+
 func (s *recordingSink) ReportUpstream(error) {}
 
 func (s *recordingSink) ReportSave(path string, err error) {

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -37,6 +38,11 @@ type recordingSink struct {
 	sets    int
 	changed chan struct{}
 }
+
+func (r *recordingSink) TaintX509Authorities([]*x509.Certificate) {}
+func (r *recordingSink) TaintJWTAuthorities([]string)             {}
+func (r *recordingSink) ReportUpstream(error)                     {}
+func (r *recordingSink) ReportSave(string, error)                 {}
 
 func newRecordingSink() *recordingSink {
 	return &recordingSink{changed: make(chan struct{}, 1)}

@@ -308,7 +308,7 @@ func (s *Spire) Run(ctx context.Context, sink agent.Sink) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		report(sink, err)
+		sink.ReportUpstream(err)
 		return err
 	}
 	if err := s.syncMu.Acquire(ctx, 1); err != nil {
@@ -548,14 +548,6 @@ func drainErr(ch chan error) {
 	select {
 	case <-ch:
 	default:
-	}
-}
-
-// report tells the agent's health whether the upstream works, when the
-// sink tracks it.
-func report(sink agent.Sink, err error) {
-	if r, ok := sink.(agent.UpstreamReporter); ok {
-		r.ReportUpstream(err)
 	}
 }
 

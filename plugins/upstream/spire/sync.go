@@ -12,6 +12,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	bundlev1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/bundle/v1"
@@ -84,7 +85,7 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 		case <-ctx.Done():
 			return nil
 		case err := <-s.fatal:
-			report(sink, err)
+			sink.ReportUpstream(err)
 			return err
 		case <-s.synced:
 			timer.Reset(s.syncInterval)
@@ -100,7 +101,7 @@ func (s *Spire) runSync(ctx context.Context, sink agent.Sink) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		report(sink, err)
+		sink.ReportUpstream(err)
 		if err != nil {
 			wait = bo.Next()
 			s.logRetry("Could not sync with the SPIRE Server; retrying", wait, err)
@@ -127,6 +128,11 @@ const (
 	resyncFirstSpacingDivisor = 20
 	resyncSpacingDivisor      = 5
 )
+
+// Reconfigure accepts a SIGHUP: the spire upstream has no plugin_data, and
+// the agent refuses changes to its agent-block settings, which need a
+// restart.
+func (s *Spire) Reconfigure(*conf.Section) error { return nil }
 
 // Resync syncs now, for a workload that found no identity: its entry may
 // have been created since the last sync. Syncs on demand are spaced (a
@@ -196,7 +202,7 @@ func (s *Spire) Resync(ctx context.Context) (bool, error) {
 	} else {
 		s.resyncStreak++
 	}
-	report(s.sink, err)
+	s.sink.ReportUpstream(err)
 	kick(s.synced)
 	if err == nil && ctx.Err() != nil {
 		return false, ctx.Err()
@@ -651,12 +657,8 @@ func (s *Spire) applyTaints(sink agent.Sink) {
 		return
 	}
 	s.log.Info("Authorities of the trust domain were tainted; replacing what they signed", "x509_authorities", len(x509s), "jwt_authorities", len(kids))
-	if t, ok := sink.(agent.AuthorityTainter); ok {
-		t.TaintX509Authorities(x509s)
-		t.TaintJWTAuthorities(kids)
-	} else {
-		s.log.Warn("The agent's cache cannot re-sign SVIDs early; they are replaced at half-life")
-	}
+	sink.TaintX509Authorities(x509s)
+	sink.TaintJWTAuthorities(kids)
 	if c := s.currentCreds(); c != nil && len(x509s) > 0 && signedBy(c.svid, x509s) {
 		s.log.Info("The agent SVID was signed by a tainted authority; renewing it now")
 		kick(s.renewKick)
