@@ -10,6 +10,17 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
+// workload_attestor_timeout has no SPIRE equivalent: spire-agent waits on
+// its attestors as long as the caller waits. The default is the longest
+// that SPIRE's k8s attestor waits by default (60 polls of the kubelet,
+// 500ms apart, for a container not listed yet), so an attestor ported with
+// SPIRE's defaults is not cut short; past the maximum, a fetch held up by one
+// attestor is an outage more than a wait.
+const (
+	DefaultWorkloadAttestorTimeout = 30 * time.Second
+	MaxWorkloadAttestorTimeout     = time.Minute
+)
+
 // Agent is the agent block.
 type Agent struct {
 	TrustDomain                   spiffeid.TrustDomain
@@ -19,6 +30,11 @@ type Agent struct {
 	LogFormat                     string // text or json
 	LogFile                       string
 	AllowUnauthenticatedVerifiers bool
+
+	// WorkloadAttestorTimeout bounds each workload attestor's Attest call,
+	// so one slow source (a kubelet, a container engine) cannot hang every
+	// fetch.
+	WorkloadAttestorTimeout time.Duration
 
 	// SPIRE Server upstream.
 	ServerAddress     string
@@ -76,6 +92,7 @@ type rawAgent struct {
 	InsecureBootstrap             bool    `hcl:"insecure_bootstrap"`
 	JoinToken                     string  `hcl:"join_token"`
 	SyncInterval                  *string `hcl:"sync_interval"`
+	WorkloadAttestorTimeout       *string `hcl:"workload_attestor_timeout"`
 	AdminSocketPath               *string `hcl:"admin_socket_path"`
 	ProfilingEnabled              bool    `hcl:"profiling_enabled"`
 	ProfilingPort                 *int    `hcl:"profiling_port"`
@@ -100,8 +117,10 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 		LogFile:           r.LogFile,
 		TrustBundleFormat: DefaultBundleFormat,
 		SyncInterval:      DefaultSyncInterval,
-		JoinToken:         r.JoinToken,
-		InsecureBootstrap: r.InsecureBootstrap,
+
+		WorkloadAttestorTimeout: DefaultWorkloadAttestorTimeout,
+		JoinToken:               r.JoinToken,
+		InsecureBootstrap:       r.InsecureBootstrap,
 
 		AllowUnauthenticatedVerifiers: r.AllowUnauthenticatedVerifiers,
 
@@ -192,6 +211,14 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 		d, err := top.Duration("agent.sync_interval", *r.SyncInterval)
 		errs.addAll(err)
 		a.SyncInterval = d
+	}
+	if r.WorkloadAttestorTimeout != nil && !errs.has("agent.workload_attestor_timeout") {
+		d, err := top.Duration("agent.workload_attestor_timeout", *r.WorkloadAttestorTimeout)
+		errs.addAll(err)
+		if d > MaxWorkloadAttestorTimeout {
+			fail("agent.workload_attestor_timeout", "workload_attestor_timeout %q is too long: a fetch would wait that long on a stuck attestor; use at most %q", *r.WorkloadAttestorTimeout, MaxWorkloadAttestorTimeout.String())
+		}
+		a.WorkloadAttestorTimeout = d
 	}
 	if r.AdminSocketPath != nil {
 		a.AdminSocketPath = *r.AdminSocketPath
