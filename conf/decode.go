@@ -248,28 +248,16 @@ func (d *decoder) decodeScalar(path string, n *node, rv reflect.Value) {
 			return
 		}
 		rv.SetBool(text == "true")
-	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
 		if tok.Type != token.NUMBER && !isString {
 			d.errorf(n.pos, path, "want a whole number, got %s", describe(n))
 			return
 		}
-		i, err := strconv.ParseInt(strings.TrimSpace(text), 0, rv.Type().Bits())
-		if err != nil {
-			d.errorf(n.pos, path, "want a whole number, got %s%s", describe(n), rangeHint(err))
+		if err := setWhole(rv, strings.TrimSpace(text)); err != nil {
+			d.errorf(n.pos, path, "want %s, got %s%s", wholeWant(rv.Kind()), describe(n), rangeHint(err))
 			return
 		}
-		rv.SetInt(i)
-	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		if tok.Type != token.NUMBER && !isString {
-			d.errorf(n.pos, path, "want a whole number, got %s", describe(n))
-			return
-		}
-		u, err := strconv.ParseUint(strings.TrimSpace(text), 0, rv.Type().Bits())
-		if err != nil {
-			d.errorf(n.pos, path, "want a whole number of 0 or more, got %s%s", describe(n), rangeHint(err))
-			return
-		}
-		rv.SetUint(u)
 	case reflect.Float32, reflect.Float64:
 		if tok.Type != token.NUMBER && tok.Type != token.FLOAT && !isString {
 			d.errorf(n.pos, path, "want a number, got %s", describe(n))
@@ -282,6 +270,30 @@ func (d *decoder) decodeScalar(path string, n *node, rv reflect.Value) {
 		}
 		rv.SetFloat(f)
 	}
+}
+
+// setWhole parses text into an integer field of any size or sign; the
+// field keeps its value when text does not fit.
+func setWhole(rv reflect.Value, text string) error {
+	if rv.CanInt() {
+		i, err := strconv.ParseInt(text, 0, rv.Type().Bits())
+		if err == nil {
+			rv.SetInt(i)
+		}
+		return err
+	}
+	u, err := strconv.ParseUint(text, 0, rv.Type().Bits())
+	if err == nil {
+		rv.SetUint(u)
+	}
+	return err
+}
+
+func wholeWant(k reflect.Kind) string {
+	if k >= reflect.Uint && k <= reflect.Uint64 {
+		return "a whole number of 0 or more"
+	}
+	return "a whole number"
 }
 
 func rangeHint(err error) string {
