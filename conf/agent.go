@@ -10,7 +10,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// workload_attestor_timeout has no SPIRE equivalent: spire-agent waits on
+// DefaultWorkloadAttestorTimeout and MaxWorkloadAttestorTimeout bound
+// agent.workload_attestor_timeout, a key SPIRE lacks: spire-agent waits on
 // its attestors as long as the caller waits. The default is the longest
 // that SPIRE's k8s attestor waits by default (60 polls of the kubelet,
 // 500ms apart, for a container not listed yet), so an attestor ported with

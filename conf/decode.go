@@ -9,7 +9,7 @@ import (
 	"github.com/hashicorp/hcl/hcl/token"
 )
 
-// Why not hcl.DecodeObject: in hcl v1 (and v1.0.1-vault-7, the fork SPIRE
+// Why not hcl.DecodeObject: in hcl v1 (and v1.0.1-vault-7, the tag SPIRE
 // uses for unusedKeyPositions) it stops at the first error, whose text has
 // no key position for a bad number ("strconv.ParseInt: ...") and no
 // "want ..., got ..." form; keeps the last of a key set twice; cannot decode
