@@ -7,14 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	agentv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/agent/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -35,82 +35,125 @@ const (
 	roundRobin = `{"loadBalancingConfig": [{"round_robin": {}}]}`
 )
 
-// serverConn is a gRPC connection authenticated with one agent SVID. After
-// the SVID is renewed the connection is retired: calls already on it finish,
-// new ones go to a new connection that presents the new SVID, and the old
-// one closes when its last call returns.
+// serverClient is the agent's connection to the SPIRE Server, authenticated
+// with the agent SVID that agentIdentity holds. After the SVID is renewed
+// the connection is retired (handed over): calls already on it finish, new
+// ones go to a new connection that presents the new SVID, and the old one
+// closes when its last call returns.
+type serverClient struct {
+	log               hclog.Logger
+	addr              string // host:port
+	serverID          spiffeid.ID
+	insecureBootstrap bool
+	// creds presents the agent SVID and verifies the server; refused is
+	// told when the server refuses the SVID.
+	creds interface {
+		x509svid.Source
+		x509bundle.Source
+	}
+	refused func(error)
+
+	mu   sync.Mutex
+	conn *serverConn
+}
+
+// serverConn is a gRPC connection and the calls on it.
 type serverConn struct {
 	cc      *grpc.ClientConn
 	refs    int
 	retired bool
 }
 
+// call runs fn on the mTLS connection with a timeout, and reports the
+// server refusing the agent SVID.
+func (c *serverClient) call(ctx context.Context, fn func(context.Context, *grpc.ClientConn) error) error {
+	conn, err := c.acquire()
+	if err != nil {
+		return err
+	}
+	defer c.release(conn)
+	ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+	defer cancel()
+	err = fn(ctx, conn.cc)
+	if err == nil {
+		return nil
+	}
+	c.mu.Lock()
+	stale := conn.retired
+	c.mu.Unlock()
+	// A call on the previous SVID's connection: the next one uses the new SVID.
+	if !stale {
+		c.refused(err)
+	}
+	return err
+}
+
 // acquire returns the current mTLS connection, creating it if needed.
-func (s *Spire) acquire() (*serverConn, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.conn == nil {
-		cfg := tlsconfig.MTLSClientConfig(svidSource{s}, bundleSource{s}, tlsconfig.AuthorizeID(s.serverID))
-		cc, err := s.dial(cfg)
+func (c *serverClient) acquire() (*serverConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn == nil {
+		cfg := tlsconfig.MTLSClientConfig(c.creds, c.creds, tlsconfig.AuthorizeID(c.serverID))
+		cc, err := c.dial(cfg)
 		if err != nil {
 			return nil, err
 		}
-		s.conn = &serverConn{cc: cc}
+		c.conn = &serverConn{cc: cc}
 	}
-	s.conn.refs++
-	return s.conn, nil
+	c.conn.refs++
+	return c.conn, nil
 }
 
-func (s *Spire) release(c *serverConn) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c.refs--
-	if c.retired && c.refs == 0 {
-		c.cc.Close()
+func (c *serverClient) release(conn *serverConn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	conn.refs--
+	if conn.retired && conn.refs == 0 {
+		conn.cc.Close()
 	}
 }
 
-// retireConnLocked makes the next call open a new connection.
-func (s *Spire) retireConnLocked() {
-	c := s.conn
-	if c == nil {
+// retire makes the next call open a new connection.
+func (c *serverClient) retire() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	conn := c.conn
+	if conn == nil {
 		return
 	}
-	s.conn = nil
-	c.retired = true
-	if c.refs == 0 {
-		c.cc.Close()
+	c.conn = nil
+	conn.retired = true
+	if conn.refs == 0 {
+		conn.cc.Close()
 	}
 }
 
-func (s *Spire) dial(cfg *tls.Config) (*grpc.ClientConn, error) {
-	cc, err := grpc.NewClient(s.addr,
+func (c *serverClient) dial(cfg *tls.Config) (*grpc.ClientConn, error) {
+	cc, err := grpc.NewClient(c.addr,
 		grpc.WithTransportCredentials(grpccreds.NewTLS(cfg)),
 		grpc.WithDefaultServiceConfig(roundRobin),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxRecvMsgSize)),
 	)
 	if err != nil {
-		return nil, fmt.Errorf("connecting to the SPIRE Server at %s: %w", s.addr, err)
+		return nil, fmt.Errorf("connecting to the SPIRE Server at %s: %w", c.addr, err)
 	}
 	return cc, nil
 }
 
 // dialAttest opens a connection for node attestation: the server is
-// verified against the bundle, or, with insecure_bootstrap and no bundle
-// yet, only asked to present the server's SPIFFE ID.
-func (s *Spire) dialAttest() (*grpc.ClientConn, error) {
-	s.mu.RLock()
-	haveRoots := len(s.roots) > 0
-	s.mu.RUnlock()
+// verified against the authorities the agent has, or, with
+// insecure_bootstrap and none yet, only asked to present the server's
+// SPIFFE ID.
+func (c *serverClient) dialAttest(haveRoots bool) (*grpc.ClientConn, error) {
 	if haveRoots {
-		return s.dial(tlsconfig.TLSClientConfig(bundleSource{s}, tlsconfig.AuthorizeID(s.serverID)))
+		return c.dial(tlsconfig.TLSClientConfig(c.creds, tlsconfig.AuthorizeID(c.serverID)))
 	}
-	if !s.insecureBootstrap {
+	if !c.insecureBootstrap {
 		return nil, errors.New("no trust bundle to verify the SPIRE Server with: set trust_bundle_path, or insecure_bootstrap = true")
 	}
-	s.log.Warn("Insecure bootstrap: the SPIRE Server's certificate is not verified for this attestation")
-	want := s.serverID.String()
-	return s.dial(&tls.Config{
+	c.log.Warn("Insecure bootstrap: the SPIRE Server's certificate is not verified for this attestation")
+	want := c.serverID.String()
+	return c.dial(&tls.Config{
 		MinVersion: tls.VersionTLS12,
 		// Nothing to verify against yet; the server's bundle fetched on
 		// this connection becomes the trust anchor (trust on first use).
@@ -129,92 +172,6 @@ func (s *Spire) dialAttest() (*grpc.ClientConn, error) {
 			return nil
 		},
 	})
-}
-
-// svidSource presents the current agent SVID in TLS handshakes.
-type svidSource struct{ s *Spire }
-
-func (src svidSource) GetX509SVID() (*x509svid.SVID, error) {
-	src.s.mu.RLock()
-	c := src.s.creds
-	src.s.mu.RUnlock()
-	if c == nil {
-		return nil, errors.New("the agent has no SVID yet")
-	}
-	return &x509svid.SVID{ID: c.id(), Certificates: c.svid, PrivateKey: c.key}, nil
-}
-
-// bundleSource verifies the server against the latest local bundle.
-type bundleSource struct{ s *Spire }
-
-func (src bundleSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	if td != src.s.td {
-		return nil, fmt.Errorf("no bundle for trust domain %s", td)
-	}
-	src.s.mu.RLock()
-	roots := src.s.roots
-	src.s.mu.RUnlock()
-	return x509bundle.FromX509Authorities(td, roots), nil
-}
-
-// attestStream runs AttestAgent for a NodeAttestor.
-type attestStream struct {
-	client agentv1.AgentClient
-	csr    []byte
-	stream agentv1.Agent_AttestAgentClient
-	result *agentv1.AttestAgentResponse_Result
-}
-
-var _ agent.AttestationStream = (*attestStream)(nil)
-
-func (a *attestStream) SendAttestationData(ctx context.Context, data agent.AttestationData) ([]byte, error) {
-	return a.send(ctx, &agentv1.AttestAgentRequest{Step: &agentv1.AttestAgentRequest_Params_{
-		Params: &agentv1.AttestAgentRequest_Params{
-			Data:   &types.AttestationData{Type: data.Type, Payload: data.Payload},
-			Params: &agentv1.AgentX509SVIDParams{Csr: a.csr},
-		},
-	}})
-}
-
-func (a *attestStream) SendChallengeResponse(ctx context.Context, response []byte) ([]byte, error) {
-	if a.stream == nil {
-		return nil, errors.New("a challenge response was sent before the attestation data")
-	}
-	return a.send(ctx, &agentv1.AttestAgentRequest{Step: &agentv1.AttestAgentRequest_ChallengeResponse{ChallengeResponse: response}})
-}
-
-func (a *attestStream) send(ctx context.Context, req *agentv1.AttestAgentRequest) ([]byte, error) {
-	if a.result != nil {
-		return nil, errors.New("attestation already completed")
-	}
-	if a.stream == nil {
-		stream, err := a.client.AttestAgent(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("opening the attestation stream: %w", err)
-		}
-		a.stream = stream
-	}
-	if err := a.stream.Send(req); err != nil {
-		// The server's reason is in the status Recv returns.
-		if _, rerr := a.stream.Recv(); rerr != nil {
-			err = rerr
-		}
-		return nil, fmt.Errorf("node attestation: %w", err)
-	}
-	resp, err := a.stream.Recv()
-	if err != nil {
-		return nil, fmt.Errorf("node attestation: %w", err)
-	}
-	if ch := resp.GetChallenge(); ch != nil {
-		return ch, nil
-	}
-	res := resp.GetResult()
-	if res == nil || res.Svid == nil {
-		return nil, errors.New("node attestation: the SPIRE Server answered with neither a challenge nor an SVID")
-	}
-	a.result = res
-	_ = a.stream.CloseSend()
-	return nil, nil
 }
 
 // transient reports whether an error may go away by retrying: the server
@@ -276,15 +233,4 @@ func handshakeHint(err error) string {
 		return "TLS with the SPIRE Server failed: check server_address, server_port and trust_domain"
 	}
 	return ""
-}
-
-// redactID hides the token in join_token agent IDs, which spell it out
-// (spiffe://td/spire/agent/join_token/<token>).
-func redactID(id spiffeid.ID) string {
-	const marker = "/spire/agent/join_token/"
-	s := id.String()
-	if i := strings.Index(s, marker); i >= 0 {
-		return s[:i+len(marker)] + "<redacted>"
-	}
-	return s
 }

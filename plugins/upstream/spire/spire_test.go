@@ -29,7 +29,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
-	"golang.org/x/sync/semaphore"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -93,10 +92,7 @@ func build(t *testing.T, body string) (*Spire, error) {
 	if err != nil {
 		t.Fatalf("the config does not parse: %v", err)
 	}
-	up, err := New(agent.UpstreamConfig{
-		Name: Name, Data: emptySection(), Config: cfg, Log: hclog.NewNullLogger(),
-		TrustDomain: cfg.Agent.TrustDomain, DataDir: cfg.Agent.DataDir,
-	})
+	up, err := agent.BuildUpstream(cfg, hclog.NewNullLogger())
 	if err != nil {
 		return nil, err
 	}
@@ -138,17 +134,17 @@ func TestSPIREAgentConfigLoads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.addr != "spire-server.example:8081" || s.attestorName != "join_token" || s.syncInterval != 5*time.Second {
-		t.Fatalf("addr %q attestor %q sync %s", s.addr, s.attestorName, s.syncInterval)
+	if s.client.addr != "spire-server.example:8081" || s.identity.attestorName != "join_token" || s.syncer.interval != 5*time.Second {
+		t.Fatalf("addr %q attestor %q sync %s", s.client.addr, s.identity.attestorName, s.syncer.interval)
 	}
-	if s.store.keyDir != filepath.Join(dir, "keys") || s.store.statePath != filepath.Join(dir, "data", stateFileName) {
-		t.Fatalf("key dir %q, state %q", s.store.keyDir, s.store.statePath)
+	if s.identity.store.keyDir != filepath.Join(dir, "keys") || s.identity.store.statePath != filepath.Join(dir, "data", stateFileName) {
+		t.Fatalf("key dir %q, state %q", s.identity.store.keyDir, s.identity.store.statePath)
 	}
-	if len(s.bootstrap) != 1 || !s.bootstrap[0].Equal(ca) {
+	if len(s.identity.bootstrap) != 1 || !s.identity.bootstrap[0].Equal(ca) {
 		t.Fatal("the bootstrap bundle was not loaded")
 	}
-	if s.serverID.String() != "spiffe://example.org/spire/server" {
-		t.Fatalf("server ID %s", s.serverID)
+	if s.client.serverID.String() != "spiffe://example.org/spire/server" || s.syncer.serverID != s.client.serverID {
+		t.Fatalf("server ID %s", s.client.serverID)
 	}
 }
 
@@ -205,11 +201,8 @@ func TestUpstreamAuthorityDataIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := conf.Parse("agent.conf", []byte(`agent { trust_domain = "example.org" server_address = "x" insecure_bootstrap = true }`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = New(agent.UpstreamConfig{Name: Name, Data: data, Config: cfg, Log: hclog.NewNullLogger(), TrustDomain: td, DataDir: t.TempDir()})
+	server := &agent.ServerConfig{Address: "x:8081", InsecureBootstrap: true, SyncInterval: time.Second, NodeAttestorName: "join_token"}
+	_, err = New(agent.UpstreamConfig{Name: Name, Data: data, Server: server, Log: hclog.NewNullLogger(), TrustDomain: td, DataDir: t.TempDir()})
 	if err == nil || !strings.Contains(err.Error(), "server_address") {
 		t.Fatalf("err = %v, want plugin_data's key refused", err)
 	}
@@ -241,7 +234,7 @@ plugins {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(s.bootstrap) != 1 || !s.bootstrap[0].Equal(ca) || s.store.persistsKeys() {
+	if len(s.identity.bootstrap) != 1 || !s.identity.bootstrap[0].Equal(ca) || s.identity.store.persistsKeys() {
 		t.Fatal("want the SPIFFE bundle loaded and keys kept in memory")
 	}
 	s, err = build(t, fmt.Sprintf(`agent {
@@ -261,8 +254,8 @@ plugins {
 	}
 	// A join token wins over the configured attestor, as in spire-agent;
 	// with no KeyManager block the key is kept in data_dir.
-	if s.attestorName != "join_token" || !s.insecureBootstrap || s.addr != "127.0.0.1:9000" || s.store.keyDir != dir {
-		t.Fatalf("attestor %q insecure %v addr %q keydir %q", s.attestorName, s.insecureBootstrap, s.addr, s.store.keyDir)
+	if s.identity.attestorName != "join_token" || !s.client.insecureBootstrap || s.client.addr != "127.0.0.1:9000" || s.identity.store.keyDir != dir {
+		t.Fatalf("attestor %q insecure %v addr %q keydir %q", s.identity.attestorName, s.client.insecureBootstrap, s.client.addr, s.identity.store.keyDir)
 	}
 }
 
@@ -379,8 +372,7 @@ func TestStoreEdgeCases(t *testing.T) {
 }
 
 func TestEntryConversion(t *testing.T) {
-	s := &Spire{log: hclog.NewNullLogger(), td: td, serverID: spiffeid.RequireFromPath(td, "/spire/server")}
-	s.sync.init()
+	s := newSyncer(hclog.NewNullLogger(), td, spiffeid.RequireFromPath(td, "/spire/server"), time.Second, nil, nil)
 	sid := func(path string) *types.SPIFFEID { return &types.SPIFFEID{TrustDomain: "example.org", Path: path} }
 	full := &types.Entry{
 		Id: "e1", SpiffeId: sid("/web"), ParentId: sid("/node"),
@@ -419,20 +411,20 @@ func TestEntryConversion(t *testing.T) {
 	}
 	// Same revision: kept as is. New revision, or recreated: replaced.
 	s.putEntry(full)
-	kept := s.sync.entries["e1"].entry
-	s.sync.entriesDirty = false
+	kept := s.view.entries["e1"].entry
+	s.view.entriesDirty = false
 	s.putEntry(full)
-	if s.sync.entries["e1"].entry != kept || s.sync.entriesDirty {
+	if s.view.entries["e1"].entry != kept || s.view.entriesDirty {
 		t.Fatal("an unchanged entry was replaced")
 	}
 	recreated := proto.Clone(full).(*types.Entry)
 	recreated.CreatedAt++
 	s.putEntry(recreated)
-	if s.sync.entries["e1"].entry == kept || !s.sync.entriesDirty {
+	if s.view.entries["e1"].entry == kept || !s.view.entriesDirty {
 		t.Fatal("a recreated entry was not replaced")
 	}
 	s.dropEntriesExcept(map[string]bool{})
-	if len(s.sync.entries) != 0 {
+	if len(s.view.entries) != 0 {
 		t.Fatal("entries not seen were kept")
 	}
 }
@@ -546,10 +538,11 @@ func TestLoadsSpireAgentState(t *testing.T) {
 // while another sync holds the lock (one that may run for rpcTimeout when
 // the server is unreachable) leaves when its context ends.
 func TestResyncGivesUpWithItsCaller(t *testing.T) {
-	s := &Spire{log: hclog.NewNullLogger(), td: td, now: time.Now, ready: make(chan struct{}), syncMu: semaphore.NewWeighted(1)}
-	close(s.ready)
-	s.syncMu.Acquire(context.Background(), 1) // a periodic sync in progress
-	defer s.syncMu.Release(1)
+	id := &agentIdentity{ready: make(chan struct{})}
+	close(id.ready)
+	s := newSyncer(hclog.NewNullLogger(), td, spiffeid.RequireFromPath(td, "/spire/server"), time.Second, nil, id)
+	s.lock.Acquire(context.Background(), 1) // a periodic sync in progress
+	defer s.lock.Release(1)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)

@@ -123,13 +123,13 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.MkdirAll(filepath.Dir(s.store.statePath), 0o700); err != nil {
+		if err := os.MkdirAll(filepath.Dir(s.identity.store.statePath), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
 			t.Fatal(err)
 		}
-		if c, _, why, err := s.store.load(); err != nil || c == nil {
+		if c, _, why, err := s.identity.store.load(); err != nil || c == nil {
 			t.Fatalf("the valid files do not load: %v (%s)", err, why)
 		}
 		return s
@@ -139,11 +139,11 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 	start := func(t *testing.T, s *Spire) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		err := s.start(ctx)
+		err := s.identity.start(ctx)
 		if ctx.Err() != nil {
 			t.Fatalf("start tried to attest the node instead of refusing the file: %v", err)
 		}
-		if c := s.currentCreds(); c != nil {
+		if c := s.identity.current(); c != nil {
 			t.Errorf("start took credentials from the refused file")
 		}
 		return err
@@ -151,41 +151,41 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 
 	t.Run("state a symlink", func(t *testing.T) {
 		s := setup(t)
-		target := plantSymlink(t, s.store.statePath)
-		wantRefused(t, "state a symlink", start(t, s), s.store.statePath, "symbolic link", target, "remove it")
+		target := plantSymlink(t, s.identity.store.statePath)
+		wantRefused(t, "state a symlink", start(t, s), s.identity.store.statePath, "symbolic link", target, "remove it")
 	})
 	t.Run("state owned by another uid", func(t *testing.T) {
 		s := setup(t)
-		chownToAttacker(t, s.store.statePath)
-		wantRefused(t, "state of uid 47001", start(t, s), s.store.statePath, "uid 47001", "0600", "remove it")
+		chownToAttacker(t, s.identity.store.statePath)
+		wantRefused(t, "state of uid 47001", start(t, s), s.identity.store.statePath, "uid 47001", "0600", "remove it")
 	})
 	t.Run("keys a symlink", func(t *testing.T) {
 		s := setup(t)
-		target := plantSymlink(t, s.store.keysPath())
-		wantRefused(t, "keys a symlink", start(t, s), s.store.keysPath(), "symbolic link", target, "remove it")
+		target := plantSymlink(t, s.identity.store.keysPath())
+		wantRefused(t, "keys a symlink", start(t, s), s.identity.store.keysPath(), "symbolic link", target, "remove it")
 	})
 	t.Run("keys owned by another uid", func(t *testing.T) {
 		s := setup(t)
-		chownToAttacker(t, s.store.keysPath())
-		wantRefused(t, "keys of uid 47001", start(t, s), s.store.keysPath(), "uid 47001", "0600", "remove it")
+		chownToAttacker(t, s.identity.store.keysPath())
+		wantRefused(t, "keys of uid 47001", start(t, s), s.identity.store.keysPath(), "uid 47001", "0600", "remove it")
 	})
 	t.Run("state open to others", func(t *testing.T) {
 		s := setup(t)
-		if err := os.Chmod(s.store.statePath, 0o644); err != nil {
+		if err := os.Chmod(s.identity.store.statePath, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		wantRefused(t, "state 0644", start(t, s), s.store.statePath, "0644")
+		wantRefused(t, "state 0644", start(t, s), s.identity.store.statePath, "0644")
 	})
 	// Saving replaces a planted link by the agent's own file and writes
 	// nothing through it (watchUntouched checks the target).
 	t.Run("save over symlinks", func(t *testing.T) {
 		s := setup(t)
-		plantSymlink(t, s.store.statePath)
-		plantSymlink(t, s.store.keysPath())
-		if err := s.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		plantSymlink(t, s.identity.store.statePath)
+		plantSymlink(t, s.identity.store.keysPath())
+		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
 			t.Fatal(err)
 		}
-		if c, _, why, err := s.store.load(); err != nil || c == nil {
+		if c, _, why, err := s.identity.store.load(); err != nil || c == nil {
 			t.Fatalf("after the save: %v (%s)", err, why)
 		}
 	})
