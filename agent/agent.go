@@ -181,7 +181,7 @@ func upstreamPlugin(cfg *conf.Config) (string, *conf.Plugin, error) {
 	case cfg.Agent.ServerAddress != "":
 		return ServerUpstream, nil, nil
 	default:
-		return "local", nil, nil
+		return EmbeddedUpstream, nil, nil
 	}
 }
 

@@ -44,7 +44,7 @@ func (fakeWorkloadAttestor) Attest(context.Context, attestor.Process) ([]attesto
 
 func registerFakes() {
 	registerBuildFakes.Do(func() {
-		for _, name := range []string{ServerUpstream, "local"} {
+		for _, name := range []string{ServerUpstream, EmbeddedUpstream} {
 			RegisterUpstream(name, func(cfg UpstreamConfig) (Upstream, error) {
 				builtMu.Lock()
 				defer builtMu.Unlock()
@@ -151,7 +151,7 @@ plugins {
 	builtMu.Lock()
 	up := builtUpstream
 	builtMu.Unlock()
-	if up.Name != "local" || up.Server != nil {
+	if up.Name != EmbeddedUpstream || up.Server != nil {
 		t.Fatalf("built %q with server settings %v; want local without", up.Name, up.Server)
 	}
 	if _, err := New(cfg, hclog.NewNullLogger()); err != nil {

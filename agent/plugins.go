@@ -26,6 +26,10 @@ type UpstreamConfig struct {
 // too, so state is read and created in Run.
 type UpstreamFactory func(cfg UpstreamConfig) (Upstream, error)
 
+// EmbeddedUpstream is the upstream when the config names none and sets no
+// server_address: the CA the agent keeps itself.
+const EmbeddedUpstream = "local"
+
 var upstreams = registry.New[UpstreamFactory]("agent: upstream")
 
 // RegisterUpstream makes an upstream available under name, from the init

@@ -20,7 +20,7 @@ import (
 )
 
 func init() {
-	agent.RegisterUpstream("local", New)
+	agent.RegisterUpstream(agent.EmbeddedUpstream, New)
 }
 
 const (
