@@ -42,7 +42,6 @@ func init() {
 
 // Spire is the SPIRE Server upstream.
 type Spire struct {
-	log      hclog.Logger
 	identity *agentIdentity
 	client   *serverClient
 	syncer   *syncer
@@ -75,7 +74,6 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 	}
 	identity.client = client
 	return &Spire{
-		log:      cfg.Log,
 		identity: identity,
 		client:   client,
 		syncer:   newSyncer(cfg.Log, cfg.TrustDomain, serverID, server.SyncInterval, client, identity),
