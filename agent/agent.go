@@ -37,77 +37,125 @@ func restartPlugins(cfg *conf.Config) string {
 // cache of what the upstream delivered. The Workload API server is built on
 // top of it (see workloadapi and cmd/lanyard).
 type Agent struct {
-	log       hclog.Logger
-	cache     *Cache
-	upstream  Upstream
-	upstreamN string
-	attestors atomic.Pointer[attestor.Set]
+	log          hclog.Logger
+	cache        *Cache
+	upstream     Upstream
+	upstreamName string
+	attestors    atomic.Pointer[attestor.Set]
 
 	reloadMu sync.Mutex
 	cfg      *conf.Config
 }
 
-// New builds the agent from a parsed config: it creates the data directory
-// and configures every plugin, so that a bad plugin_data fails here, at
-// start, with its file and line.
+// New builds the agent from a parsed config, as Check does, then opens its
+// data directory: it creates it, removes what interrupted writes left and
+// loads the saved cache.
 func New(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
-	if err := EnsureDataDir(cfg.Agent.DataDir); err != nil {
-		return nil, err
-	}
-	// Writes cut short by a crash leave temporary files, with private
-	// keys in them, that nothing else would ever remove.
-	removed, err := RemoveStaleTempFiles(cfg.Agent.DataDir)
-	if len(removed) > 0 {
-		log.Warn("Removed temporary files that interrupted writes left in the data directory", "data_dir", cfg.Agent.DataDir, "count", len(removed))
-	}
+	a, err := build(cfg, log)
 	if err != nil {
 		return nil, err
 	}
+	if err := a.openDataDir(); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// Check builds every part of the agent from cfg, so that a bad plugin_data
+// fails with its file and line, without touching the data directory or the
+// network: `lanyard validate` runs it.
+func Check(cfg *conf.Config, log hclog.Logger) error {
+	_, err := build(cfg, log)
+	return err
+}
+
+func build(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 	set, err := buildAttestors(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	name, plugin, err := upstreamPlugin(cfg)
+	name, up, err := buildUpstream(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	if name != "spire" {
+	a := &Agent{log: log, upstream: up, upstreamName: name, cfg: cfg}
+	a.cache = NewCache(log.Named("cache"), up)
+	a.attestors.Store(set)
+	return a, nil
+}
+
+func (a *Agent) openDataDir() error {
+	dir := a.cfg.Agent.DataDir
+	if err := EnsureDataDir(dir); err != nil {
+		return err
+	}
+	// Writes cut short by a crash leave temporary files, with private
+	// keys in them, that nothing else would ever remove.
+	removed, err := RemoveStaleTempFiles(dir)
+	if len(removed) > 0 {
+		a.log.Warn("Removed temporary files that interrupted writes left in the data directory", "data_dir", dir, "count", len(removed))
+	}
+	if err != nil {
+		return err
+	}
+	a.cache.PersistTo(dir, a.cfg.Agent.TrustDomain)
+	return nil
+}
+
+// BuildUpstream builds the upstream cfg names, as New does; for the
+// upstreams' tests.
+func BuildUpstream(cfg *conf.Config, log hclog.Logger) (Upstream, error) {
+	_, up, err := buildUpstream(cfg, log)
+	return up, err
+}
+
+func buildUpstream(cfg *conf.Config, log hclog.Logger) (string, Upstream, error) {
+	name, plugin, err := upstreamPlugin(cfg)
+	if err != nil {
+		return "", nil, err
+	}
+	var server *ServerConfig
+	if name == ServerUpstream {
+		if server, err = serverConfig(cfg, log.Named("upstream."+name)); err != nil {
+			return "", nil, err
+		}
+	} else {
 		// Node attestation and key management are for a SPIRE Server:
 		// silently ignoring them would hide a config mistake.
 		for _, p := range cfg.Plugins {
 			if p.Enabled && (p.Type == typeNodeAttestor || p.Type == typeKeyManager) {
-				return nil, p.Errorf("%s is only used with a SPIRE Server upstream; set agent.server_address, or remove this block to use the %s upstream", p.Type, name)
+				return "", nil, p.Errorf("%s is only used with a SPIRE Server upstream; set agent.server_address, or remove this block to use the %s upstream", p.Type, name)
 			}
 		}
 	}
-	factory, ok := lookupUpstream(name)
+	factory, ok := upstreams.Lookup(name)
 	if !ok {
-		msg := fmt.Sprintf("unknown upstream %q (compiled in: %s)", name, strings.Join(registeredUpstreams(), ", "))
+		msg := fmt.Sprintf("unknown upstream %q (compiled in: %s)", name, strings.Join(upstreams.Names(), ", "))
 		if plugin != nil {
-			return nil, plugin.Errorf("%s", msg)
+			return "", nil, plugin.Errorf("%s", msg)
 		}
-		return nil, errors.New(msg)
-	}
-	data := emptySection()
-	if plugin != nil {
-		data = plugin.Data
+		return "", nil, errors.New(msg)
 	}
 	up, err := factory(UpstreamConfig{
 		Name:        name,
-		Data:        data,
-		Config:      cfg,
+		Data:        pluginData(plugin),
 		Log:         log.Named("upstream." + name),
 		TrustDomain: cfg.Agent.TrustDomain,
 		DataDir:     cfg.Agent.DataDir,
+		Server:      server,
 	})
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
-	a := &Agent{log: log, upstream: up, upstreamN: name, cfg: cfg}
-	a.cache = NewCache(log.Named("cache"), up)
-	a.cache.PersistTo(cfg.Agent.DataDir, cfg.Agent.TrustDomain)
-	a.attestors.Store(set)
-	return a, nil
+	return name, up, nil
+}
+
+// pluginData is p's plugin_data, or an empty one for no plugin block.
+func pluginData(p *conf.Plugin) *conf.Section {
+	if p != nil {
+		return p.Data
+	}
+	return emptySection()
 }
 
 func emptySection() *conf.Section {
@@ -121,25 +169,19 @@ func emptySection() *conf.Section {
 // upstreamPlugin picks the upstream: the configured UpstreamAuthority, the
 // SPIRE Server when server_address is set, or else the embedded CA.
 func upstreamPlugin(cfg *conf.Config) (string, *conf.Plugin, error) {
-	var found *conf.Plugin
-	for _, p := range cfg.Plugins {
-		if p.Type != typeUpstreamAuthority || !p.Enabled {
-			continue
-		}
-		if found != nil {
-			return "", nil, p.Errorf("a second UpstreamAuthority: the agent has one upstream CA (already %q)", found.Name)
-		}
-		found = p
+	found, err := onePlugin(cfg, typeUpstreamAuthority, "the agent has one upstream CA")
+	if err != nil {
+		return "", nil, err
 	}
 	switch {
-	case found != nil && cfg.Agent.ServerAddress != "" && found.Name != "spire":
+	case found != nil && cfg.Agent.ServerAddress != "" && found.Name != ServerUpstream:
 		return "", nil, found.Errorf("server_address is set, so the upstream is the SPIRE Server: remove UpstreamAuthority %q or server_address", found.Name)
 	case found != nil:
 		return found.Name, found, nil
 	case cfg.Agent.ServerAddress != "":
-		return "spire", nil, nil
+		return ServerUpstream, nil, nil
 	default:
-		return "local", nil, nil
+		return EmbeddedUpstream, nil, nil
 	}
 }
 
@@ -205,7 +247,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		a.cache.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
 		wait := retry.Next()
-		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamN, "retry_in", wait.Round(time.Millisecond), "error", err)
+		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamName, "retry_in", wait.Round(time.Millisecond), "error", err)
 		select {
 		case <-ctx.Done():
 		case <-time.After(wait):
@@ -253,14 +295,10 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 	if err != nil {
 		return err
 	}
-	if name != a.upstreamN {
-		return fmt.Errorf("%s: the upstream changed from %s to %s: that needs a restart", cfg.File, a.upstreamN, name)
+	if name != a.upstreamName {
+		return fmt.Errorf("%s: the upstream changed from %s to %s: that needs a restart", cfg.File, a.upstreamName, name)
 	}
-	data := emptySection()
-	if plugin != nil {
-		data = plugin.Data
-	}
-	if err := a.upstream.Reconfigure(data); err != nil {
+	if err := a.upstream.Reconfigure(pluginData(plugin)); err != nil {
 		return err
 	}
 	a.attestors.Store(set)

@@ -115,14 +115,14 @@ func (a *Agent) watchHealth(ctx context.Context, every time.Duration) {
 		h := a.cache.Health()
 		switch {
 		case h.UpstreamErr != nil:
-			args := []any{"upstream", a.upstreamN, "down_for", time.Since(h.UpstreamDownSince).Round(time.Second), "error", h.UpstreamErr}
+			args := []any{"upstream", a.upstreamName, "down_for", time.Since(h.UpstreamDownSince).Round(time.Second), "error", h.UpstreamErr}
 			if !h.FirstExpiry.IsZero() {
 				args = append(args, "first_svid_expires_in", time.Until(h.FirstExpiry).Round(time.Second))
 			}
 			a.log.Warn("Serving from the cache: the upstream is unavailable and SVIDs are not being renewed", args...)
 			wasDown = true
 		case wasDown:
-			a.log.Info("The upstream is available again", "upstream", a.upstreamN)
+			a.log.Info("The upstream is available again", "upstream", a.upstreamName)
 			wasDown = false
 		}
 	}

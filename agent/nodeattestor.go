@@ -2,11 +2,10 @@ package agent
 
 import (
 	"context"
-	"sort"
-	"sync"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/registry"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -46,38 +45,8 @@ type NodeAttestorConfig struct {
 // plugin_data (errors from cfg.Data.Errorf) without talking to the server.
 type NodeAttestorFactory func(cfg NodeAttestorConfig) (NodeAttestor, error)
 
-var (
-	nodeAttestorsMu sync.RWMutex
-	nodeAttestors   = map[string]NodeAttestorFactory{}
-)
+var nodeAttestors = registry.New[NodeAttestorFactory]("agent: node attestor")
 
 // RegisterNodeAttestor makes a node attestor available under name, from the
 // init function of its plugin package.
-func RegisterNodeAttestor(name string, f NodeAttestorFactory) {
-	nodeAttestorsMu.Lock()
-	defer nodeAttestorsMu.Unlock()
-	if _, dup := nodeAttestors[name]; dup {
-		panic("agent: node attestor registered twice: " + name)
-	}
-	nodeAttestors[name] = f
-}
-
-// LookupNodeAttestor returns the node attestor registered under name.
-func LookupNodeAttestor(name string) (NodeAttestorFactory, bool) {
-	nodeAttestorsMu.RLock()
-	defer nodeAttestorsMu.RUnlock()
-	f, ok := nodeAttestors[name]
-	return f, ok
-}
-
-// RegisteredNodeAttestors lists the compiled-in node attestors, sorted.
-func RegisteredNodeAttestors() []string {
-	nodeAttestorsMu.RLock()
-	defer nodeAttestorsMu.RUnlock()
-	names := make([]string, 0, len(nodeAttestors))
-	for n := range nodeAttestors {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func RegisterNodeAttestor(name string, f NodeAttestorFactory) { nodeAttestors.Register(name, f) }

@@ -7,11 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 	"sync"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/registry"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -77,41 +77,17 @@ type PluginConfig struct {
 // from cfg.Data.Errorf so that they name the file, line and key.
 type Factory func(cfg PluginConfig) (WorkloadAttestor, error)
 
-var (
-	registryMu sync.RWMutex
-	registry   = map[string]Factory{}
-)
+var registered = registry.New[Factory]("attestor: workload attestor")
 
 // Register makes a workload attestor available under name. It is called from
 // the init function of each plugin package.
-func Register(name string, f Factory) {
-	registryMu.Lock()
-	defer registryMu.Unlock()
-	if _, dup := registry[name]; dup {
-		panic("attestor: workload attestor registered twice: " + name)
-	}
-	registry[name] = f
-}
+func Register(name string, f Factory) { registered.Register(name, f) }
 
 // Lookup returns the factory registered under name.
-func Lookup(name string) (Factory, bool) {
-	registryMu.RLock()
-	defer registryMu.RUnlock()
-	f, ok := registry[name]
-	return f, ok
-}
+func Lookup(name string) (Factory, bool) { return registered.Lookup(name) }
 
 // Registered lists the names of the compiled-in workload attestors.
-func Registered() []string {
-	registryMu.RLock()
-	defer registryMu.RUnlock()
-	names := make([]string, 0, len(registry))
-	for n := range registry {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func Registered() []string { return registered.Names() }
 
 // Named pairs an attestor with its configured name, for logs.
 type Named struct {

@@ -92,16 +92,8 @@ func runValidate(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	// Plugins check their own plugin_data; build them against a scratch
-	// data dir so validation writes nothing where the agent keeps state.
-	scratch, err := os.MkdirTemp("", "lanyard-validate-")
-	if err != nil {
-		fmt.Fprintln(stderr, "lanyard validate:", err)
-		return 1
-	}
-	defer os.RemoveAll(scratch)
-	cfg.Agent.DataDir = scratch
-	if _, err := agent.New(cfg, hclog.NewNullLogger()); err != nil {
+	// Plugins check their own plugin_data; building them touches no state.
+	if err := agent.Check(cfg, hclog.NewNullLogger()); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}

@@ -160,6 +160,9 @@ func TestCorruptStateFile(t *testing.T) {
 				t.Fatalf("New: %v (a bad state file must not stop the agent)", err)
 			}
 			l := up.(*Local)
+			if err := openState(l); err != nil {
+				t.Fatalf("opening the state: %v (a bad state file must not stop the agent)", err)
+			}
 			explains := func(err error) bool {
 				return err != nil && strings.Contains(err.Error(), path) && strings.Contains(err.Error(), tc.want)
 			}

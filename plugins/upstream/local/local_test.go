@@ -65,7 +65,14 @@ func newLocalLog(dir, body string, log hclog.Logger) (*Local, error) {
 	if err != nil {
 		return nil, err
 	}
-	return up.(*Local), nil
+	return up.(*Local), openState(up.(*Local))
+}
+
+// openState loads or creates the CA state, as Run does first.
+func openState(l *Local) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.openLocked()
 }
 
 // newLocal builds a Local with a sink attached, as Run attaches one, so
@@ -844,4 +851,30 @@ func TestStateReloadIsPublished(t *testing.T) {
 	sink.waitFor(t, "a bundle with the reloaded CA", func() bool {
 		return sink.local[len(sink.local)-1].HasX509Authority(newRoot)
 	})
+}
+
+// New touches no state, so that `lanyard validate` can run it against the
+// real data_dir; the CA is created on first use.
+func TestNewWritesNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	sec, err := conf.NewSection("test.conf", webEntry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := New(agent.UpstreamConfig{Name: "local", Data: sec, Log: hclog.NewNullLogger(), TrustDomain: td, DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("New touched the data directory: %v", err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := up.(*Local).bundles(); !ok {
+		t.Fatal("no CA on first use")
+	}
+	if _, err := os.Stat(filepath.Join(dir, stateFileName)); err != nil {
+		t.Fatalf("the CA was not saved on first use: %v", err)
+	}
 }

@@ -216,9 +216,9 @@ func TestManyEntries(t *testing.T) {
 	}
 
 	// Later syncs list revisions only: nothing more is fetched in full.
-	fetched := up.fetched.Load()
+	fetched := up.syncer.fetched.Load()
 	time.Sleep(2 * time.Second) // several sync intervals
-	if more := up.fetched.Load() - fetched; more != 0 {
+	if more := up.syncer.fetched.Load() - fetched; more != 0 {
 		t.Fatalf("%d entries were fetched again though none changed", more)
 	}
 	// An update reaches the sink as a new entry; the others stay the same
@@ -228,7 +228,7 @@ func TestManyEntries(t *testing.T) {
 	sink.waitUntil(t, 30*time.Second, "the updated entry", func(m map[string]*agent.Entry) bool {
 		return m[one.ID] != nil && m[one.ID].Hint == "updated"
 	})
-	if more := up.fetched.Load() - fetched; more != 1 {
+	if more := up.syncer.fetched.Load() - fetched; more != 1 {
 		t.Fatalf("%d entries were fetched for one update, want 1", more)
 	}
 	after, _ := sink.snapshot()
@@ -251,7 +251,7 @@ func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 	sink := newRecordingSink()
 	up, run := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "500ms")
 	sink.waitUntil(t, 60*time.Second, "the first sync", func(m map[string]*agent.Entry) bool { return m != nil })
-	s.CLI(t, "agent", "evict", "-spiffeID", up.currentCreds().id().String())
+	s.CLI(t, "agent", "evict", "-spiffeID", up.identity.current().id().String())
 	select {
 	case <-run.done:
 		if run.err == nil || !strings.Contains(run.err.Error(), "generate a new token") {
@@ -260,7 +260,7 @@ func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("Run did not stop within 60s of the eviction")
 	}
-	if creds, _, _, err := up.store.load(); err != nil || creds != nil {
+	if creds, _, _, err := up.identity.store.load(); err != nil || creds != nil {
 		t.Fatalf("the stored SVID was kept after the server refused it: %v", err)
 	}
 }
@@ -273,13 +273,13 @@ func TestResyncBudget(t *testing.T) {
 	sink := newRecordingSink()
 	const firstSpacing, spacing = 50 * time.Millisecond, 200 * time.Millisecond
 	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "1h", func(up *Spire) {
-		up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 20)
-		up.resyncFirstSpacing, up.resyncSpacing = firstSpacing, spacing
+		up.syncer.resync.budget = rate.NewLimiter(rate.Every(time.Hour), 20)
+		up.syncer.resync.firstSpacing, up.syncer.resync.spacing = firstSpacing, spacing
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	sink.waitUntil(t, time.Minute, "the first sync", func(e map[string]*agent.Entry) bool { return e != nil })
-	before := up.syncs.Load()
+	before := up.syncer.syncs.Load()
 
 	// Twenty callers at once: the sync under way when a caller asks may
 	// have missed its entry, so it takes one more, shared by everyone who
@@ -301,23 +301,23 @@ func TestResyncBudget(t *testing.T) {
 	}
 	close(start)
 	wg.Wait()
-	n := up.syncs.Load() - before
+	n := up.syncer.syncs.Load() - before
 	if n < 1 || n > 3 || refused.Load() > 0 {
 		t.Fatalf("20 concurrent callers caused %d syncs and %d refusals; want them to share 1 to 3 syncs, none refused", n, refused.Load())
 	}
 	t.Logf("20 concurrent callers: %d syncs", n)
 
-	up.syncMu.Acquire(context.Background(), 1)
-	up.resyncBudget = rate.NewLimiter(rate.Every(time.Hour), 3)
-	up.resyncStreak = 0
-	up.syncMu.Release(1)
-	before = up.syncs.Load()
+	up.syncer.lock.Acquire(context.Background(), 1)
+	up.syncer.resync.budget = rate.NewLimiter(rate.Every(time.Hour), 3)
+	up.syncer.resync.streak = 0
+	up.syncer.lock.Release(1)
+	before = up.syncer.syncs.Load()
 	// One after another: spaced, until the budget is spent.
 	var starts []time.Time
-	for up.syncs.Load()-before < 3 {
+	for up.syncer.syncs.Load()-before < 3 {
 		ok, err := up.Resync(ctx)
 		if err != nil || !ok {
-			t.Fatalf("refused before the budget of 3 was spent (%d syncs): %v", up.syncs.Load()-before, err)
+			t.Fatalf("refused before the budget of 3 was spent (%d syncs): %v", up.syncer.syncs.Load()-before, err)
 		}
 		starts = append(starts, up.lastSyncStart())
 	}
@@ -335,13 +335,13 @@ func TestResyncBudget(t *testing.T) {
 	if err != nil || ok {
 		t.Fatalf("Resync with the budget spent = %v, %v; want false, nil", ok, err)
 	}
-	if n := up.syncs.Load() - before; n != 3 {
+	if n := up.syncer.syncs.Load() - before; n != 3 {
 		t.Fatalf("%d syncs on demand, want the budget's 3", n)
 	}
 
 	// A caller that gives up while waiting for the spacing leaves at once.
-	up.resyncBudget.SetBurst(10)
-	up.resyncSpacing = time.Hour
+	up.syncer.resync.budget.SetBurst(10)
+	up.syncer.resync.spacing = time.Hour
 	short, cancelShort := context.WithTimeout(ctx, 50*time.Millisecond)
 	defer cancelShort()
 	began := time.Now()
@@ -355,7 +355,7 @@ func TestResyncBudget(t *testing.T) {
 
 // lastSyncStart is when the last sync started.
 func (s *Spire) lastSyncStart() time.Time {
-	s.syncMu.Acquire(context.Background(), 1)
-	defer s.syncMu.Release(1)
-	return s.lastSync
+	s.syncer.lock.Acquire(context.Background(), 1)
+	defer s.syncer.lock.Release(1)
+	return s.syncer.lastSync
 }

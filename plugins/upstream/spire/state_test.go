@@ -3,6 +3,7 @@ package spire
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -12,12 +13,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"golang.org/x/sys/unix"
@@ -123,13 +126,13 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.MkdirAll(filepath.Dir(s.store.statePath), 0o700); err != nil {
+		if err := os.MkdirAll(filepath.Dir(s.identity.store.statePath), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
 			t.Fatal(err)
 		}
-		if c, _, why, err := s.store.load(); err != nil || c == nil {
+		if c, _, why, err := s.identity.store.load(); err != nil || c == nil {
 			t.Fatalf("the valid files do not load: %v (%s)", err, why)
 		}
 		return s
@@ -139,11 +142,11 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 	start := func(t *testing.T, s *Spire) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		err := s.start(ctx)
+		err := s.identity.start(ctx)
 		if ctx.Err() != nil {
 			t.Fatalf("start tried to attest the node instead of refusing the file: %v", err)
 		}
-		if c := s.currentCreds(); c != nil {
+		if c := s.identity.current(); c != nil {
 			t.Errorf("start took credentials from the refused file")
 		}
 		return err
@@ -151,41 +154,41 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 
 	t.Run("state a symlink", func(t *testing.T) {
 		s := setup(t)
-		target := plantSymlink(t, s.store.statePath)
-		wantRefused(t, "state a symlink", start(t, s), s.store.statePath, "symbolic link", target, "remove it")
+		target := plantSymlink(t, s.identity.store.statePath)
+		wantRefused(t, "state a symlink", start(t, s), s.identity.store.statePath, "symbolic link", target, "remove it")
 	})
 	t.Run("state owned by another uid", func(t *testing.T) {
 		s := setup(t)
-		chownToAttacker(t, s.store.statePath)
-		wantRefused(t, "state of uid 47001", start(t, s), s.store.statePath, "uid 47001", "0600", "remove it")
+		chownToAttacker(t, s.identity.store.statePath)
+		wantRefused(t, "state of uid 47001", start(t, s), s.identity.store.statePath, "uid 47001", "0600", "remove it")
 	})
 	t.Run("keys a symlink", func(t *testing.T) {
 		s := setup(t)
-		target := plantSymlink(t, s.store.keysPath())
-		wantRefused(t, "keys a symlink", start(t, s), s.store.keysPath(), "symbolic link", target, "remove it")
+		target := plantSymlink(t, s.identity.store.keysPath())
+		wantRefused(t, "keys a symlink", start(t, s), s.identity.store.keysPath(), "symbolic link", target, "remove it")
 	})
 	t.Run("keys owned by another uid", func(t *testing.T) {
 		s := setup(t)
-		chownToAttacker(t, s.store.keysPath())
-		wantRefused(t, "keys of uid 47001", start(t, s), s.store.keysPath(), "uid 47001", "0600", "remove it")
+		chownToAttacker(t, s.identity.store.keysPath())
+		wantRefused(t, "keys of uid 47001", start(t, s), s.identity.store.keysPath(), "uid 47001", "0600", "remove it")
 	})
 	t.Run("state open to others", func(t *testing.T) {
 		s := setup(t)
-		if err := os.Chmod(s.store.statePath, 0o644); err != nil {
+		if err := os.Chmod(s.identity.store.statePath, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		wantRefused(t, "state 0644", start(t, s), s.store.statePath, "0644")
+		wantRefused(t, "state 0644", start(t, s), s.identity.store.statePath, "0644")
 	})
 	// Saving replaces a planted link by the agent's own file and writes
 	// nothing through it (watchUntouched checks the target).
 	t.Run("save over symlinks", func(t *testing.T) {
 		s := setup(t)
-		plantSymlink(t, s.store.statePath)
-		plantSymlink(t, s.store.keysPath())
-		if err := s.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		plantSymlink(t, s.identity.store.statePath)
+		plantSymlink(t, s.identity.store.keysPath())
+		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
 			t.Fatal(err)
 		}
-		if c, _, why, err := s.store.load(); err != nil || c == nil {
+		if c, _, why, err := s.identity.store.load(); err != nil || c == nil {
 			t.Fatalf("after the save: %v (%s)", err, why)
 		}
 	})
@@ -281,4 +284,166 @@ func TestSpireAgentTakeoverRefusesUnsafeFiles(t *testing.T) {
 			t.Fatalf("an expired SVID: %v, %v; want nothing to take over and no error", c, err)
 		}
 	})
+}
+
+func TestStoreRoundTrip(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key, reattestable: true}
+	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: filepath.Join(dir, "keys"), td: td}
+	if err := st.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{st.statePath, st.keysPath()} {
+		info, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Mode().Perm() != 0o600 {
+			t.Fatalf("%s has mode %v, want 0600", f, info.Mode().Perm())
+		}
+	}
+	got, bundle, why, err := st.load()
+	if err != nil || got == nil {
+		t.Fatalf("load: %v (%s)", err, why)
+	}
+	if !got.svid[0].Equal(creds.svid[0]) || !got.key.Public().(*ecdsa.PublicKey).Equal(key.Public()) || !got.reattestable {
+		t.Fatal("loaded other credentials than stored")
+	}
+	if len(bundle) != 1 || !bundle[0].Equal(ca) {
+		t.Fatal("the bundle was not kept")
+	}
+	// Another trust domain's state is not used.
+	other := &store{statePath: st.statePath, keyDir: st.keyDir, td: spiffeid.RequireTrustDomainFromString("other.org")}
+	if c, _, why, err := other.load(); err != nil || c != nil || !strings.Contains(why, "example.org") {
+		t.Fatalf("loaded state of another trust domain: %v %v %q", c, err, why)
+	}
+}
+
+// A crash between the writes of a renewal leaves a key for whichever SVID
+// the state file holds.
+func TestStoreRenewalIsCrashSafe(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := newCA(t)
+	oldKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	newKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	prev := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, oldKey, time.Hour)}, key: oldKey}
+	next := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, newKey, time.Hour)}, key: newKey}
+	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: dir, td: td}
+	if err := st.save(nil, prev, nil); err != nil {
+		t.Fatal(err)
+	}
+	// The first write of a renewal: both keys, the old SVID.
+	if err := st.writeKeys([]crypto.Signer{newKey, oldKey}); err != nil {
+		t.Fatal(err)
+	}
+	got, _, _, err := st.load()
+	if err != nil || got == nil || !got.svid[0].Equal(prev.svid[0]) {
+		t.Fatalf("after the key write: %v, %v", got, err)
+	}
+	if err := st.save(prev, next, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, _, _, err = st.load()
+	if err != nil || got == nil || !got.svid[0].Equal(next.svid[0]) {
+		t.Fatalf("after the renewal: %v, %v", got, err)
+	}
+	var kf keysFile
+	data, _ := os.ReadFile(st.keysPath())
+	if err := json.Unmarshal(data, &kf); err != nil || len(kf.Keys) != 1 {
+		t.Fatalf("the old key was kept: %d keys, %v", len(kf.Keys), err)
+	}
+}
+
+func TestStoreEdgeCases(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key}
+
+	mem := &store{statePath: filepath.Join(dir, "mem.json"), td: td}
+	if err := mem.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(mem.statePath)
+	if strings.Contains(string(data), `"svid"`) {
+		t.Fatal("the memory key manager stored the SVID, whose key is gone after a restart")
+	}
+	if c, b, why, err := mem.load(); err != nil || c != nil || len(b) != 1 || why == "" {
+		t.Fatalf("memory: creds %v bundle %d why %q err %v", c, len(b), why, err)
+	}
+
+	disk := &store{statePath: filepath.Join(dir, "disk.json"), keyDir: filepath.Join(dir, "k"), td: td}
+	if err := disk.save(nil, creds, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(disk.keysPath()); err != nil {
+		t.Fatal(err)
+	}
+	if c, _, why, err := disk.load(); err != nil || c != nil || !strings.Contains(why, "key") {
+		t.Fatalf("without its key: creds %v why %q err %v", c, why, err)
+	}
+	if err := os.WriteFile(disk.statePath, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := disk.load(); err == nil || !strings.Contains(err.Error(), "remove it") {
+		t.Fatalf("corrupt state: err = %v, want advice", err)
+	}
+	if err := disk.forget(nil); err != nil {
+		t.Fatal(err)
+	}
+	if c, _, _, err := disk.load(); err != nil || c != nil {
+		t.Fatalf("after forget: %v %v", c, err)
+	}
+}
+
+// spire-agent's stored SVID and disk key are taken over, so swapping the
+// binaries needs no new attestation.
+func TestLoadsSpireAgentState(t *testing.T) {
+	dir := t.TempDir()
+	ca, caKey := newCA(t)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	svid := newSVID(t, ca, caKey, key, time.Hour)
+	// The files as spire-agent writes them (pkg/agent/storage, keymanager/disk).
+	pemOf := func(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}) }
+	data, _ := json.Marshal(map[string]any{"svid": [][]byte{pemOf(svid.Raw)}, "bundle": [][]byte{pemOf(ca.Raw)}, "reattestable": false})
+	if err := os.WriteFile(filepath.Join(dir, "agent-data.json"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	keysDir := filepath.Join(dir, "km")
+	if err := os.Mkdir(keysDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	der := func(k *ecdsa.PrivateKey) []byte {
+		b, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	keys, _ := json.Marshal(map[string]any{"keys": map[string][]byte{"agent-svid-A": der(other), "agent-svid-B": der(key)}})
+	if err := os.WriteFile(filepath.Join(keysDir, "keys.json"), keys, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: keysDir, td: td}
+	creds, bundle, err := st.loadSpireAgent(time.Now())
+	if err != nil || creds == nil {
+		t.Fatalf("spire-agent's state was not loaded: %v", err)
+	}
+	if !creds.svid[0].Equal(svid) || !creds.key.Public().(*ecdsa.PublicKey).Equal(key.Public()) || len(bundle) != 1 {
+		t.Fatal("loaded the wrong key or SVID")
+	}
+	// Without a matching key, or with the memory key manager, nothing.
+	if err := os.WriteFile(filepath.Join(keysDir, "keys.json"), []byte(`{"keys":{}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if creds, _, err := st.loadSpireAgent(time.Now()); creds != nil || err != nil {
+		t.Fatalf("loaded an SVID without its key: %v", err)
+	}
+	mem := &store{statePath: st.statePath, td: td}
+	if creds, _, err := mem.loadSpireAgent(time.Now()); creds != nil || err != nil {
+		t.Fatalf("the memory key manager loaded spire-agent's state: %v", err)
+	}
 }
