@@ -7,7 +7,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
@@ -219,42 +218,6 @@ func (a *Agent) Cache() *Cache { return a.cache }
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {
 	return a.attestors.Load().Attest(ctx, p)
-}
-
-// Run starts the upstream, SVID rotation and the cache's persistence, and
-// returns when ctx ends. An upstream that fails is restarted with capped
-// backoff: the agent keeps serving what it has meanwhile.
-func (a *Agent) Run(ctx context.Context) error {
-	var wg sync.WaitGroup
-	wg.Add(3)
-	go func() {
-		defer wg.Done()
-		a.cache.RunRotation(ctx)
-	}()
-	go func() {
-		defer wg.Done()
-		a.watchHealth(ctx, degradedLogEvery)
-	}()
-	go func() {
-		defer wg.Done()
-		a.cache.RunPersist(ctx)
-	}()
-	retry := NewBackoff(time.Second, 30*time.Second)
-	for ctx.Err() == nil {
-		err := a.upstream.Run(ctx, a.cache)
-		if ctx.Err() != nil {
-			break
-		}
-		a.cache.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
-		wait := retry.Next()
-		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamName, "retry_in", wait.Round(time.Millisecond), "error", err)
-		select {
-		case <-ctx.Done():
-		case <-time.After(wait):
-		}
-	}
-	wg.Wait()
-	return nil
 }
 
 // Reload applies a new config (on SIGHUP): workload attestors and the

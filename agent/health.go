@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"errors"
 	"maps"
 	"slices"
@@ -95,35 +94,4 @@ func (c *Cache) Health() Health {
 		}
 	}
 	return h
-}
-
-// degradedLogEvery spaces the warnings while the upstream is down.
-const degradedLogEvery = time.Minute
-
-// watchHealth logs, while the upstream is down, how long until the first
-// SVID expires, and once more when it is back.
-func (a *Agent) watchHealth(ctx context.Context, every time.Duration) {
-	ticker := time.NewTicker(every)
-	defer ticker.Stop()
-	wasDown := false
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-ticker.C:
-		}
-		h := a.cache.Health()
-		switch {
-		case h.UpstreamErr != nil:
-			args := []any{"upstream", a.upstreamName, "down_for", time.Since(h.UpstreamDownSince).Round(time.Second), "error", h.UpstreamErr}
-			if !h.FirstExpiry.IsZero() {
-				args = append(args, "first_svid_expires_in", time.Until(h.FirstExpiry).Round(time.Second))
-			}
-			a.log.Warn("Serving from the cache: the upstream is unavailable and SVIDs are not being renewed", args...)
-			wasDown = true
-		case wasDown:
-			a.log.Info("The upstream is available again", "upstream", a.upstreamName)
-			wasDown = false
-		}
-	}
 }

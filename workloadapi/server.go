@@ -7,7 +7,6 @@ import (
 	"context"
 	"errors"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -19,11 +18,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 )
@@ -127,99 +121,6 @@ const (
 	maxAudienceBytes = 4096
 )
 
-// Server is the gRPC server with the Workload API, health and reflection.
-type Server struct {
-	GRPC    *grpc.Server
-	Health  *health.Server
-	handler *handler
-}
-
-// errShuttingDown ends open streams on shutdown; clients retry elsewhere or
-// reconnect to the next agent.
-var errShuttingDown = status.Error(codes.Unavailable, "the agent is shutting down")
-
-// Shutdown ends open streams with Unavailable, lets calls in flight finish,
-// and stops; after grace it cuts whatever is left.
-func (s *Server) Shutdown(grace time.Duration) {
-	s.Health.Shutdown()
-	s.handler.stopOnce.Do(func() { close(s.handler.stopping) })
-	done := make(chan struct{})
-	go func() {
-		s.GRPC.GracefulStop()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(grace):
-		s.GRPC.Stop()
-		<-done
-	}
-}
-
-// NewServer builds the gRPC server. Health reports NOT_SERVING until the
-// agent sets it.
-func NewServer(cfg Config) *Server {
-	if cfg.SendTimeout == 0 {
-		cfg.SendTimeout = DefaultSendTimeout
-	}
-	s := grpc.NewServer(
-		grpc.Creds(attestor.Credentials()),
-		grpc.ChainUnaryInterceptor(unaryHeaderCheck),
-		grpc.ChainStreamInterceptor(streamHeaderCheck),
-		grpc.MaxRecvMsgSize(maxRecvMsgSize),
-		grpc.ConnectionTimeout(handshakeTimeout),
-		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
-		grpc.MaxConcurrentStreams(maxStreamsPerConn),
-		grpc.MaxHeaderListSize(maxHeaderListSize),
-		grpc.InitialWindowSize(windowSize),
-		grpc.InitialConnWindowSize(windowSize),
-		grpc.ReadBufferSize(readBufferSize),
-		grpc.WriteBufferSize(writeBufferSize),
-		grpc.NumStreamWorkers(streamWorkers),
-	)
-	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
-	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
-	registerSDS(s, wh, cfg.SDS)
-	h := health.NewServer()
-	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	healthpb.RegisterHealthServer(s, h)
-	reflection.Register(s)
-	return &Server{GRPC: s, Health: h, handler: wh}
-}
-
-const (
-	serviceName = "/SpiffeWorkloadAPI/"
-	headerKey   = "workload.spiffe.io"
-)
-
-// checkHeader enforces the Workload API's security header on its methods.
-// Health and reflection are exempt: probes cannot add headers.
-func checkHeader(ctx context.Context, method string) error {
-	if !strings.HasPrefix(method, serviceName) {
-		return nil
-	}
-	// ValueFromIncomingContext copies only this key; FromIncomingContext
-	// would copy every header of every call.
-	if v := metadata.ValueFromIncomingContext(ctx, headerKey); len(v) != 1 || v[0] != "true" {
-		return status.Error(codes.InvalidArgument, "security header missing from request: send exactly one \"workload.spiffe.io: true\"")
-	}
-	return nil
-}
-
-func unaryHeaderCheck(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
-	if err := checkHeader(ctx, info.FullMethod); err != nil {
-		return nil, err
-	}
-	return next(ctx, req)
-}
-
-func streamHeaderCheck(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, next grpc.StreamHandler) error {
-	if err := checkHeader(ss.Context(), info.FullMethod); err != nil {
-		return err
-	}
-	return next(srv, ss)
-}
-
 type handler struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
 	cfg      Config
@@ -259,49 +160,6 @@ func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Ca
 		return nil, caller, nil
 	}
 	return sels, caller, nil
-}
-
-// refusedConnGrace is how long a refused caller's connection stays open:
-// long enough for the refusal to be written (microseconds on a Unix
-// socket), short enough that a client retrying on it reconnects soon.
-const refusedConnGrace = time.Second
-
-// refuse makes the refusal stick to the caller's connection, closes the
-// connection after refusedConnGrace, and logs it once per connection.
-func (h *handler) refuse(caller *attestor.Caller, err error) {
-	if !caller.Refuse(err) {
-		return
-	}
-	time.AfterFunc(refusedConnGrace, caller.CloseConn)
-	h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "uid", caller.UID, "gid", caller.GID, "error", err)
-}
-
-// send sends one stream message within the send timeout. gRPC's Send blocks
-// while the client's flow-control window is full, and cannot be cancelled,
-// so a client that stops reading has its connection closed, which ends the
-// Send; nothing else waits on it.
-func (h *handler) send(caller *attestor.Caller, send func() error) error {
-	timer := time.AfterFunc(h.cfg.SendTimeout, func() {
-		h.cfg.Log.Warn("Disconnecting a client that stopped reading its stream", "pid", caller.PID, "timeout", h.cfg.SendTimeout)
-		caller.CloseConn()
-	})
-	err := send()
-	if !timer.Stop() {
-		return status.Errorf(codes.DeadlineExceeded, "the client did not read a message within %s", h.cfg.SendTimeout)
-	}
-	return err
-}
-
-// statusOf turns a cache error into the status the spec asks for.
-func statusOf(err error) error {
-	switch {
-	case errors.Is(err, agent.ErrNoIdentity):
-		return status.Error(codes.PermissionDenied, "no identity issued")
-	case errors.Is(err, agent.ErrNotReady), errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
-		return status.Error(codes.Unavailable, agent.ErrNotReady.Error())
-	default:
-		return status.Errorf(codes.Unavailable, "could not sign an SVID: %v", err)
-	}
 }
 
 func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {

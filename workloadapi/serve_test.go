@@ -1,0 +1,146 @@
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+)
+
+// endpointOn runs the env's server as a supervised service on a second
+// socket, and returns a copy of the env that dials it.
+func endpointOn(t *testing.T, e *testEnv, ready <-chan struct{}) (*testEnv, context.CancelFunc, <-chan error) {
+	t.Helper()
+	other := *e
+	other.socket = filepath.Join(filepath.Dir(e.socket), "endpoint.sock")
+	l, err := agent.Listen(other.socket, 256, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := e.srv.Endpoint(l, ready, waitLimit)
+	if ep.Name() != "workload-api" {
+		t.Errorf("the endpoint is named %q", ep.Name())
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- ep.Run(ctx) }()
+	t.Cleanup(cancel)
+	return &other, cancel, done
+}
+
+func healthOf(t *testing.T, socket string) healthpb.HealthCheckResponse_ServingStatus {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	resp, err := healthpb.NewHealthClient(conn).Check(t.Context(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.GetStatus()
+}
+
+// Stopping the service is Shutdown: open streams end with Unavailable at
+// once, without waiting for the grace, and the socket stops accepting.
+func TestEndpointServesUntilStoppedThenEndsStreams(t *testing.T) {
+	e := newTestEnv(t, envOptions{entries: []*agent.Entry{newEntry("/a", 1, mySelector())}})
+	ready := make(chan struct{})
+	ep, stop, done := endpointOn(t, e, ready)
+
+	if got := healthOf(t, ep.socket); got != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health before the cache is ready: %s", got)
+	}
+	close(ready)
+	deadline := time.Now().Add(waitLimit)
+	for healthOf(t, ep.socket) != healthpb.HealthCheckResponse_SERVING {
+		if time.Now().After(deadline) {
+			t.Fatal("health is not SERVING once the cache is ready")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	svids := openX509Stream(t, ep.client(t))
+	nextMsg(t, svids, "X509-SVIDs through the endpoint")
+	start := time.Now()
+	stop()
+	err := streamEnd(t, svids, codes.Unavailable, "X509-SVIDs when the endpoint stops")
+	if !strings.Contains(status.Convert(err).Message(), "shutting down") {
+		t.Errorf("the stream ended with %v, not the shutdown's status", err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run after its context ended = %v, want nil", err)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("Run did not return")
+	}
+	if d := time.Since(start); d > waitLimit/2 {
+		t.Fatalf("stopping took %s", d)
+	}
+}
+
+// A listener that fails is the service failing: the supervisor stops the
+// agent rather than leaving it up with no Workload API.
+func TestEndpointFailsWhenItsListenerDoes(t *testing.T) {
+	e := newTestEnv(t, envOptions{})
+	other := filepath.Join(filepath.Dir(e.socket), "closed.sock")
+	l, err := agent.Listen(other, 256, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	done := make(chan error, 1)
+	go func() { done <- e.srv.Endpoint(l, nil, time.Second).Run(t.Context()) }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "serving on") {
+			t.Fatalf("Run on a closed listener = %v, want the serving error", err)
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("Run did not return when its listener failed")
+	}
+}
+
+// Each class of cache error gets a message that says what went wrong and
+// what to do, and only a missing identity is not retried.
+func TestStatusOfSaysWhatWentWrong(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		code codes.Code
+		says []string
+	}{
+		{"no identity", agent.ErrNoIdentity, codes.PermissionDenied, []string{"no identity issued", "register one"}},
+		{"not ready", fmt.Errorf("waiting: %w", agent.ErrNotReady), codes.Unavailable, []string{agent.ErrNotReady.Error(), "retry shortly"}},
+		{"caller gone", context.Canceled, codes.Unavailable, []string{"the caller went away", "retry"}},
+		{"signing timed out", fmt.Errorf("signing: %w", context.DeadlineExceeded), codes.Unavailable, []string{"did not sign in time", "agent's log"}},
+		{"server timed out", fmt.Errorf("signing X509-SVIDs with the SPIRE Server: %w", status.Error(codes.DeadlineExceeded, "slow")), codes.Unavailable, []string{"did not sign in time", "slow"}},
+		{"server unreachable", fmt.Errorf("signing X509-SVIDs with the SPIRE Server: %w", status.Error(codes.Unavailable, "connection refused")), codes.Unavailable, []string{"cannot be reached", "connection refused", "keeps trying"}},
+		{"server refused", fmt.Errorf("signing a JWT-SVID with the SPIRE Server: %w", status.Error(codes.PermissionDenied, "not authorized")), codes.Unavailable, []string{"refused to sign", "not authorized", "registration entry"}},
+		{"other", errors.New("the upstream returned an empty chain for spiffe://example.org/a"), codes.Unavailable, []string{"could not sign an SVID", "empty chain", "agent's log"}},
+	} {
+		st := status.Convert(statusOf(tc.err))
+		if st.Code() != tc.code {
+			t.Errorf("%s: code %s, want %s", tc.name, st.Code(), tc.code)
+		}
+		for _, want := range tc.says {
+			if !strings.Contains(st.Message(), want) {
+				t.Errorf("%s: message %q does not say %q", tc.name, st.Message(), want)
+			}
+		}
+	}
+}
