@@ -57,6 +57,15 @@ func (id FileID) IsZero() bool { return id == FileID{} }
 // connection. The caller must reconnect.
 var ErrCallerChanged = errors.New("the calling process changed credentials or executable since it connected")
 
+// ErrCallerGone means the process that opened a Workload API connection has
+// exited, or its PID now belongs to another process, so selectors gathered
+// for that PID must not be trusted.
+var ErrCallerGone = errors.New("the calling process exited or its PID was reused")
+
+// ErrCallerNotVisible means the peer's PID is 0: the caller runs in a PID
+// namespace the agent cannot see into.
+var ErrCallerNotVisible = errors.New("the caller's PID is not visible: run the agent in the host PID namespace (hostPID: true)")
+
 // IsRefusal reports whether err means the caller must be refused outright,
 // rather than only lose the selectors of the attestor that failed: its
 // process is gone, changed or out of sight.
