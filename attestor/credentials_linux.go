@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
@@ -109,15 +108,14 @@ func (p *peerConn) readPeerGroups(fd uintptr) {
 	// unless the groups changed in between (the kernel keeps the
 	// connect-time set, so they cannot).
 	for range 2 {
-		size := uint32(len(buf) * 4)
-		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_PEERGROUPS, uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&size)), 0)
-		switch errno {
-		case 0:
-			p.groups, p.groupsKnown = buf[:size/4], true
+		n, err := getsockoptUint32s(int(fd), unix.SOL_SOCKET, unix.SO_PEERGROUPS, buf)
+		switch err {
+		case nil:
+			p.groups, p.groupsKnown = buf[:n], true
 			return
 		case unix.ERANGE:
 			// NGROUPS_MAX (65536) bounds size.
-			buf = make([]uint32, size/4)
+			buf = make([]uint32, n)
 		case unix.ENOPROTOOPT:
 			noPeerGroups.Store(true)
 			return

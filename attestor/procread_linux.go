@@ -3,7 +3,6 @@ package attestor
 import (
 	"errors"
 	"fmt"
-	"unsafe"
 
 	"github.com/lanyard-dev/lanyard/attestor/procfs"
 	"golang.org/x/sys/unix"
@@ -35,12 +34,9 @@ func (c *Caller) statExe() (FileID, error) {
 	} else {
 		path = procPath(&buf, c.PID, exeName)
 	}
-	// statx rather than fstatat: its syscall number is the same on every
-	// architecture, and a raw call does not copy the path to the heap.
 	var stx unix.Statx_t
-	_, _, errno := unix.Syscall6(unix.SYS_STATX, uintptr(dirfd), uintptr(unsafe.Pointer(path)), unix.AT_STATX_SYNC_AS_STAT, unix.STATX_INO, uintptr(unsafe.Pointer(&stx)), 0)
-	if errno != 0 {
-		return FileID{}, errno
+	if err := statxIno(dirfd, path, &stx); err != nil {
+		return FileID{}, err
 	}
 	// The device number as stat(2) encodes it, to compare with fstat's.
 	return FileID{Dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), Ino: stx.Ino}, nil
@@ -131,26 +127,6 @@ func procPath(path *[procPathSize]byte, pid int32, name []byte) *byte {
 		b = append(b, 0)
 	}
 	return &b[0]
-}
-
-// openat opens a NUL-terminated path; unix.Openat would allocate a copy of
-// the path on every call.
-func openat(dirfd int, path *byte, flags int) (int, error) {
-	fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dirfd), uintptr(unsafe.Pointer(path)), uintptr(flags), 0, 0, 0)
-	if errno != 0 {
-		return -1, errno
-	}
-	return int(fd), nil
-}
-
-// readFD is read(2) without unix.Read's race-detector hooks, which move buf
-// to the heap in -race builds; buf never leaves the calling goroutine.
-func readFD(fd int, buf []byte) (int, error) {
-	n, _, errno := unix.Syscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(n), nil
 }
 
 // parseEffectiveIDs reads the effective UID and GID from the start of
