@@ -46,26 +46,21 @@ func failing(err error) WorkloadAttestor {
 	return attestorFunc(func(context.Context, Process) ([]Selector, error) { return nil, err })
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+// logged is a log the attestors' goroutines write while a test reads it.
+type logged struct {
+	mu  sync.Mutex // hclog holds it while it writes
+	buf bytes.Buffer
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *logged) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.b.Write(p)
+	return l.buf.String()
 }
 
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func testLogger() (hclog.Logger, *lockedBuffer) {
-	buf := &lockedBuffer{}
-	return hclog.New(&hclog.LoggerOptions{Output: buf, Level: hclog.Debug}), buf
+func testLogger() (hclog.Logger, *logged) {
+	l := &logged{}
+	return hclog.New(&hclog.LoggerOptions{Output: &l.buf, Mutex: &l.mu, Level: hclog.Debug}), l
 }
 
 // TestMultiAttestorDeadline: an attestor that does not answer within the

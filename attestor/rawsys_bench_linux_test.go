@@ -45,9 +45,7 @@ func BenchmarkRawSyscalls(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			var buf [procBufSize]byte
-			if _, err := unix.Seek(fd, 0, 0); err != nil {
-				b.Fatal(err)
-			}
+			rewind(b, fd)
 			if _, err := readFD(fd, buf[:]); err != nil {
 				b.Fatal(err)
 			}
@@ -57,9 +55,7 @@ func BenchmarkRawSyscalls(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			var buf [procBufSize]byte
-			if _, err := unix.Seek(fd, 0, 0); err != nil {
-				b.Fatal(err)
-			}
+			rewind(b, fd)
 			if _, err := unix.Read(fd, buf[:]); err != nil {
 				b.Fatal(err)
 			}
@@ -122,3 +118,9 @@ func BenchmarkRawSyscalls(b *testing.B) {
 }
 
 var groupsSink []uint32
+
+func rewind(b *testing.B, fd int) {
+	if _, err := unix.Seek(fd, 0, 0); err != nil {
+		b.Fatal(err)
+	}
+}
