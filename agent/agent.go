@@ -40,7 +40,7 @@ type Agent struct {
 	cache        *Cache
 	upstream     Upstream
 	upstreamName string
-	attestors    atomic.Pointer[attestor.Set]
+	attestors    atomic.Pointer[attestor.MultiAttestor]
 
 	reloadMu sync.Mutex
 	cfg      *conf.Config
@@ -184,8 +184,8 @@ func upstreamPlugin(cfg *conf.Config) (string, *conf.Plugin, error) {
 	}
 }
 
-func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.Set, error) {
-	var named []attestor.Named
+func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor, error) {
+	var named []attestor.Plugin
 	for _, p := range cfg.Plugins {
 		if p.Type != typeWorkloadAttestor || !p.Enabled {
 			continue
@@ -204,12 +204,12 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.Set, error) {
 		if err != nil {
 			return nil, err
 		}
-		named = append(named, attestor.Named{Name: p.Name, Attestor: wa})
+		named = append(named, attestor.Plugin{Name: p.Name, Attestor: wa})
 	}
 	if len(named) == 0 {
 		return nil, fmt.Errorf("%s: no WorkloadAttestor is configured: add one to the plugins block, e.g. WorkloadAttestor \"unix\" { plugin_data {} }", cfg.File)
 	}
-	return attestor.NewSet(log.Named("attestor"), named...), nil
+	return attestor.NewMultiAttestor(log.Named("attestor"), cfg.Agent.WorkloadAttestorTimeout, named...), nil
 }
 
 // Cache returns the agent's cache, which the Workload API reads.

@@ -186,9 +186,18 @@ func RemoveStaleTempFiles(dir string) ([]string, error) {
 // WriteFileAtomic writes data to path with mode 0600 so that a reader, or a
 // crash, sees the old file or the new one and never a part: it writes a
 // temporary file in the same directory, syncs it, renames it over path and
-// syncs the directory.
+// syncs the directory. It is the one writer of every file the agent and
+// the CLI write.
 func WriteFileAtomic(path string, data []byte) error {
-	return WriteFileAtomicFunc(path, func(w io.Writer) error {
+	return WriteFileAtomicMode(path, data, 0o600)
+}
+
+// WriteFileAtomicMode is WriteFileAtomic for a file that takes mode (a
+// certificate others may read): the file is 0600 while it is written, and
+// takes mode on its descriptor just before the rename, so its content is
+// never readable under a wider mode before it is whole.
+func WriteFileAtomicMode(path string, data []byte, mode fs.FileMode) error {
+	return writeFileAtomic(path, mode, func(w io.Writer) error {
 		_, err := w.Write(data)
 		return err
 	})
@@ -197,6 +206,10 @@ func WriteFileAtomic(path string, data []byte) error {
 // WriteFileAtomicFunc is WriteFileAtomic for content that write streams
 // (buffered), so that a large file never has to be held in memory whole.
 func WriteFileAtomicFunc(path string, write func(w io.Writer) error) error {
+	return writeFileAtomic(path, 0o600, write)
+}
+
+func writeFileAtomic(path string, mode fs.FileMode, write func(w io.Writer) error) error {
 	dir := filepath.Dir(path)
 	tmp, err := createTemp(dir, "."+filepath.Base(path)+tempInfix)
 	if err != nil {
@@ -204,19 +217,21 @@ func WriteFileAtomicFunc(path string, write func(w io.Writer) error) error {
 	}
 	defer os.Remove(tmp.Name()) // a no-op once renamed
 	bw := bufio.NewWriterSize(tmp, 64<<10)
-	if err := write(bw); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
+	err = write(bw)
+	if err == nil {
+		err = bw.Flush()
 	}
-	if err := bw.Flush(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
+	if err == nil && mode != 0o600 {
+		// Before the sync, which then covers the mode too.
+		err = tmp.Chmod(mode)
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
+	if err == nil {
+		err = tmp.Sync()
 	}
-	if err := tmp.Close(); err != nil {
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	// rename replaces path itself, never what a symbolic link there

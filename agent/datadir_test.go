@@ -509,3 +509,39 @@ func TestEnsureKeyDir(t *testing.T) {
 	}
 	checkErrNames(t, "a key directory of another user", EnsureKeyDir(dir, `KeyManager "disk" directory`), dir, "key directory", `KeyManager "disk" directory`, otherOwner)
 }
+
+// TestWriteFileAtomicMode: a file that takes a wider mode (a certificate
+// `lanyard api fetch x509 -write` writes) is 0600 while it is written and
+// has its mode, whatever the umask, once it is in place.
+func TestWriteFileAtomicMode(t *testing.T) {
+	dir := t.TempDir()
+	old := syscall.Umask(0o077)
+	defer syscall.Umask(old)
+	path := filepath.Join(dir, "svid.0.pem")
+	err := writeFileAtomic(path, 0o644, func(w io.Writer) error {
+		names, err := os.ReadDir(dir)
+		if err != nil || len(names) != 1 {
+			t.Fatalf("during the write the directory holds %v (%v), want one temporary file", names, err)
+		}
+		if info, err := os.Lstat(filepath.Join(dir, names[0].Name())); err != nil || info.Mode().Perm() != 0o600 {
+			t.Errorf("the temporary file is %v (%v), want mode 0600", info.Mode(), err)
+		}
+		_, err = w.Write([]byte("cert"))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := os.Stat(path); err != nil || info.Mode().Perm() != 0o644 {
+		t.Fatalf("%s is %v (%v), want mode 0644", path, info.Mode(), err)
+	}
+	if err := WriteFileAtomicMode(path, []byte("cert 2"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := os.Stat(path); err != nil || info.Mode().Perm() != 0o640 {
+		t.Fatalf("%s is %v (%v) after a rewrite, want mode 0640", path, info.Mode(), err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "cert 2" {
+		t.Errorf("%s holds %q", path, b)
+	}
+}

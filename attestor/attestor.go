@@ -6,8 +6,6 @@ package attestor
 import (
 	"context"
 	"errors"
-	"fmt"
-	"sync"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/conf"
@@ -57,6 +55,15 @@ func (id FileID) IsZero() bool { return id == FileID{} }
 // connection. The caller must reconnect.
 var ErrCallerChanged = errors.New("the calling process changed credentials or executable since it connected")
 
+// ErrCallerGone means the process that opened a Workload API connection has
+// exited, or its PID now belongs to another process, so selectors gathered
+// for that PID must not be trusted.
+var ErrCallerGone = errors.New("the calling process exited or its PID was reused")
+
+// ErrCallerNotVisible means the peer's PID is 0: the caller runs in a PID
+// namespace the agent cannot see into.
+var ErrCallerNotVisible = errors.New("the caller's PID is not visible: run the agent in the host PID namespace (hostPID: true)")
+
 // IsRefusal reports whether err means the caller must be refused outright,
 // rather than only lose the selectors of the attestor that failed: its
 // process is gone, changed or out of sight.
@@ -88,71 +95,3 @@ func Lookup(name string) (Factory, bool) { return registered.Lookup(name) }
 
 // Registered lists the names of the compiled-in workload attestors.
 func Registered() []string { return registered.Names() }
-
-// Named pairs an attestor with its configured name, for logs.
-type Named struct {
-	Name     string
-	Attestor WorkloadAttestor
-}
-
-// Set runs several attestors concurrently as one.
-type Set struct {
-	attestors []Named
-	log       hclog.Logger
-}
-
-// NewSet returns a Set over the given attestors.
-func NewSet(log hclog.Logger, attestors ...Named) *Set {
-	return &Set{attestors: attestors, log: log}
-}
-
-// Attest runs every attestor at once and merges their selectors, sorted and
-// without duplicates. An attestor that fails is logged and contributes
-// nothing, as in SPIRE: the others may still identify the workload. An
-// attestor that finds the caller changed or gone fails the whole
-// attestation with that error (ErrCallerChanged, ErrCallerGone).
-func (s *Set) Attest(ctx context.Context, p Process) ([]Selector, error) {
-	switch len(s.attestors) {
-	case 0:
-		return nil, ErrNoSelectors
-	case 1:
-		// The common case (unix only) needs no goroutine.
-		sels, err := s.attestors[0].Attestor.Attest(ctx, p)
-		if err != nil {
-			if IsRefusal(err) {
-				return nil, fmt.Errorf("%s: %w", s.attestors[0].Name, err)
-			}
-			s.log.Warn("Workload attestor failed", "attestor", s.attestors[0].Name, "pid", p.PID, "error", err)
-			return nil, fmt.Errorf("%w: %s: %v", ErrNoSelectors, s.attestors[0].Name, err)
-		}
-		return SortSelectors(sels), nil
-	}
-	results := make([][]Selector, len(s.attestors))
-	errs := make([]error, len(s.attestors))
-	var wg sync.WaitGroup
-	for i, a := range s.attestors {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			results[i], errs[i] = a.Attestor.Attest(ctx, p)
-		}()
-	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil && IsRefusal(err) {
-			return nil, fmt.Errorf("%s: %w", s.attestors[i].Name, err)
-		}
-	}
-	var all []Selector
-	for i, sels := range results {
-		if errs[i] != nil {
-			s.log.Warn("Workload attestor failed", "attestor", s.attestors[i].Name, "pid", p.PID, "error", errs[i])
-			continue
-		}
-		all = append(all, sels...)
-	}
-	if len(all) == 0 {
-		return nil, ErrNoSelectors
-	}
-	return SortSelectors(all), nil
-}

@@ -3,8 +3,6 @@ package workloadapi
 import (
 	"context"
 	"crypto/rand"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +16,7 @@ import (
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -394,23 +393,28 @@ func inlineBytes(b []byte) *corev3.DataSource {
 	return &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: b}}
 }
 
-func certsPEM(certs []*x509.Certificate) []byte {
-	var out []byte
-	for _, c := range certs {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	return out
-}
-
 // trustedCASecret is a validation context for Envoys without the SPIFFE
 // validator: the bundle's CAs, with no check of the peer's trust domain.
 func trustedCASecret(name string, b *agent.Bundle) (*tlsv3.Secret, error) {
+	cas, err := bundlePEM(b)
+	if err != nil {
+		return nil, err
+	}
 	return &tlsv3.Secret{
 		Name: name,
 		Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
-			TrustedCa: inlineBytes(certsPEM(b.X509Authorities())),
+			TrustedCa: inlineBytes(cas),
 		}},
 	}, nil
+}
+
+// bundlePEM is the X.509 authorities of b as PEM.
+func bundlePEM(b *agent.Bundle) ([]byte, error) {
+	cas, err := b.X509Bundle().Marshal()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "encoding the bundle of %s: %v", b.TrustDomain(), err)
+	}
+	return cas, nil
 }
 
 // spiffeValidationSecret has Envoy check each peer against the bundle of the
@@ -418,9 +422,13 @@ func trustedCASecret(name string, b *agent.Bundle) (*tlsv3.Secret, error) {
 func spiffeValidationSecret(name string, bundles []*agent.Bundle) (*tlsv3.Secret, error) {
 	cfg := &tlsv3.SPIFFECertValidatorConfig{}
 	for _, b := range bundles {
+		cas, err := bundlePEM(b)
+		if err != nil {
+			return nil, err
+		}
 		cfg.TrustDomains = append(cfg.TrustDomains, &tlsv3.SPIFFECertValidatorConfig_TrustDomain{
 			Name:        b.TrustDomain().Name(),
-			TrustBundle: inlineBytes(certsPEM(b.X509Authorities())),
+			TrustBundle: inlineBytes(cas),
 		})
 	}
 	slices.SortFunc(cfg.TrustDomains, func(a, b *tlsv3.SPIFFECertValidatorConfig_TrustDomain) int {
@@ -439,11 +447,14 @@ func spiffeValidationSecret(name string, bundles []*agent.Bundle) (*tlsv3.Secret
 }
 
 func tlsCertificateSecret(name string, svid *agent.X509SVID) (*tlsv3.Secret, error) {
-	key := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: svid.KeyDER})
+	chain, key, err := (&x509svid.SVID{ID: svid.ID, Certificates: svid.Chain, PrivateKey: svid.Key}).Marshal()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "encoding the SVID %s: %v", svid.ID, err)
+	}
 	return &tlsv3.Secret{
 		Name: name,
 		Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
-			CertificateChain: inlineBytes(certsPEM(svid.Chain)),
+			CertificateChain: inlineBytes(chain),
 			PrivateKey:       inlineBytes(key),
 		}},
 	}, nil

@@ -222,7 +222,7 @@ func newSDSEnv(t *testing.T, entries []*agent.Entry, federated ...*spiffebundle.
 	}
 	srv := workloadapi.NewServer(workloadapi.Config{
 		Log:      log.Named("workloadapi"),
-		Attestor: attestor.NewSet(log.Named("attestor"), attestor.Named{Name: "unix", Attestor: wa}),
+		Attestor: attestor.NewMultiAttestor(log.Named("attestor"), attestor.DefaultTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
 		Cache:    cache,
 	})
 	// A short directory keeps the socket path under the 108-byte limit.

@@ -137,7 +137,8 @@ type handler struct {
 // than a broken connection, and the client then reconnects with the
 // credentials it has at that connect. A check that failed for another
 // reason (the agent out of file descriptors) is answered Unavailable and
-// the connection closed the same way.
+// the connection closed the same way. An attestor that did not answer
+// within its deadline is answered Unavailable too, and the connection kept.
 func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Caller, error) {
 	caller, ok := attestor.CallerFromContext(ctx)
 	if !ok {
@@ -157,6 +158,9 @@ func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Ca
 	}
 	if err != nil {
 		h.cfg.Log.Warn("Workload attestation failed", "pid", caller.PID, "error", err)
+		if errors.Is(err, attestor.ErrAttestorTimeout) {
+			return nil, nil, status.Errorf(codes.Unavailable, "could not attest the caller, retry: %v", err)
+		}
 		return nil, caller, nil
 	}
 	return sels, caller, nil

@@ -290,6 +290,10 @@ type envOptions struct {
 	entries              []*agent.Entry
 	// upstream, when set, wraps the test upstream (to add a Resyncer).
 	upstream func(*testUpstream) agent.Upstream
+	// attestor, when set, wraps the unix attestor (to slow it down).
+	attestor func(attestor.WorkloadAttestor) attestor.WorkloadAttestor
+	// attestorTimeout, when set, is the deadline of the attestor.
+	attestorTimeout time.Duration
 }
 
 // testEnv is a Workload API server on a real Unix socket, over a real cache
@@ -328,9 +332,12 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if opt.attestor != nil {
+		wa = opt.attestor(wa)
+	}
 	e.srv = NewServer(Config{
 		Log:                           log.Named("workloadapi"),
-		Attestor:                      attestor.NewSet(log.Named("attestor"), attestor.Named{Name: "unix", Attestor: wa}),
+		Attestor:                      attestor.NewMultiAttestor(log.Named("attestor"), opt.attestorTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
 		Cache:                         cache,
 		AllowUnauthenticatedVerifiers: opt.allowUnauthenticated,
 		SendTimeout:                   opt.sendTimeout,

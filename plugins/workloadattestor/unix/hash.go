@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 
 	"github.com/lanyard-dev/lanyard/attestor"
+	"golang.org/x/sync/singleflight"
 	sysunix "golang.org/x/sys/unix"
 )
 
@@ -57,39 +58,45 @@ func keyOf(st *sysunix.Stat_t) hashKey {
 // hashCache maps file versions to their sha256 selector value
 // ("sha256:<hex>", built once so that a hit allocates nothing), evicting
 // the oldest entry when full. Concurrent misses on one file share a single
-// read, so a rollout of many replicas of one binary hashes it once.
+// read (singleflight), so a rollout of many replicas of one binary hashes
+// it once.
 //
 // A caller can make the agent read any file it can execute, of any size
 // when workload_size_limit is 0, and a new ctime makes a new version. So
 // at most maxConcurrentHashes files are read at once, and a read that no
 // caller waits for any more stops between two reads and is not cached:
-// what a caller costs the agent ends with its call.
+// what a caller costs the agent ends with its call. singleflight alone
+// would finish a read nobody waits for, and hand it to the next caller of
+// that version, so the cache counts each read's waiters beside it.
 type hashCache struct {
-	max   int
-	slots chan struct{} // a token per running hash, maxConcurrentHashes
+	max     int
+	slots   chan struct{} // a token per running hash, maxConcurrentHashes
+	flights singleflight.Group
 
 	// For tests.
 	reads    atomic.Int64 // files whose reading began
 	hashed   atomic.Int64 // bytes hashed
-	computes atomic.Int64 // compute goroutines alive
+	computes atomic.Int64 // hash goroutines alive
 	running  atomic.Int64 // hashes holding a slot
 	peak     atomic.Int64 // the most hashes that held a slot at once
 
-	mu       sync.Mutex
-	sums     map[hashKey]string
-	order    []hashKey // insertion order, a ring once full
-	next     int       // oldest entry of order once full
+	mu   sync.Mutex
+	sums map[hashKey]string
+	// order is the insertion order, a ring once full; next is its oldest
+	// entry then.
+	order []hashKey
+	next  int
+	// inflight holds a read while a caller waits for it; a read is in
+	// flights under its flight key exactly while it is here.
 	inflight map[hashKey]*hashCall
 }
 
-// hashCall is one file version being hashed.
+// hashCall is the waiters of one file version being hashed.
 type hashCall struct {
-	done    chan struct{} // closed once sum and err are set
+	flight  string        // its key in flights
 	stop    chan struct{} // closed when the last waiter leaves, under mu
-	waiters int           // callers waiting for done; under mu
+	waiters int           // callers waiting for the result; under mu
 	started atomic.Bool   // the hash holds a slot
-	sum     string
-	err     error
 }
 
 func newHashCache(max int) *hashCache {
@@ -99,6 +106,11 @@ func newHashCache(max int) *hashCache {
 		sums:     make(map[hashKey]string),
 		inflight: make(map[hashKey]*hashCall),
 	}
+}
+
+// flightKey names a file version in flights.
+func (k hashKey) flightKey() string {
+	return fmt.Sprintf("%d:%d:%d:%d.%d:%d.%d", k.dev, k.ino, k.size, k.mtime.Sec, k.mtime.Nsec, k.ctime.Sec, k.ctime.Nsec)
 }
 
 // inspectExe opens the executable through /proc/<pid>/exe, which works when
@@ -160,22 +172,31 @@ func (c *hashCache) get(ctx context.Context, key hashKey, fd int) (string, error
 		return sum, nil
 	}
 	call, ok := c.inflight[key]
+	var compute func() (any, error)
 	if !ok {
+		// Duplicated now: fd is closed once this caller returns.
 		dup, err := sysunix.FcntlInt(uintptr(fd), sysunix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
 			c.mu.Unlock()
 			return "", fmt.Errorf("duplicating the file descriptor: %w", err)
 		}
-		call = &hashCall{done: make(chan struct{}), stop: make(chan struct{})}
+		call = &hashCall{flight: key.flightKey(), stop: make(chan struct{})}
 		c.inflight[key] = call
 		c.computes.Add(1)
-		go c.compute(key, dup, call)
+		compute = func() (any, error) { return c.compute(key, dup, call) }
 	}
+	// Under mu, so that flights has the flight exactly while inflight has
+	// the call: a joining caller's DoChan joins it, and compute (which
+	// only a new call passes) runs once.
+	result := c.flights.DoChan(call.flight, compute)
 	call.waiters++
 	c.mu.Unlock()
 	select {
-	case <-call.done:
-		return call.sum, call.err
+	case r := <-result:
+		if r.Err != nil {
+			return "", r.Err
+		}
+		return r.Val.(string), nil
 	case <-ctx.Done():
 	}
 	c.mu.Lock()
@@ -183,7 +204,7 @@ func (c *hashCache) get(ctx context.Context, key hashKey, fd int) (string, error
 	// compute removes a call it finished; the last waiter removes and
 	// stops one still running.
 	if call.waiters == 0 && c.inflight[key] == call {
-		delete(c.inflight, key)
+		c.forgetLocked(key, call)
 		close(call.stop)
 	}
 	c.mu.Unlock()
@@ -193,22 +214,29 @@ func (c *hashCache) get(ctx context.Context, key hashKey, fd int) (string, error
 	return "", ctx.Err()
 }
 
-// compute hashes the file open as fd, which it closes, and publishes the
-// result to call's waiters and, when complete, to the cache.
-func (c *hashCache) compute(key hashKey, fd int, call *hashCall) {
+// forgetLocked removes call from inflight and its flight from flights, so
+// that the next caller of key starts a new read; c.mu must be held.
+func (c *hashCache) forgetLocked(key hashKey, call *hashCall) {
+	delete(c.inflight, key)
+	c.flights.Forget(call.flight)
+}
+
+// compute hashes the file open as fd, which it closes, caches the sum when
+// complete, and returns it for the read's waiters.
+func (c *hashCache) compute(key hashKey, fd int, call *hashCall) (any, error) {
 	defer c.computes.Add(-1)
 	sum, err := c.hash(key, fd, call)
 	sysunix.Close(fd)
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.inflight[key] == call {
-		delete(c.inflight, key)
+		c.forgetLocked(key, call)
 	}
-	if err == nil {
-		c.store(key, sum)
+	if err != nil {
+		return nil, err
 	}
-	call.sum, call.err = sum, err
-	c.mu.Unlock()
-	close(call.done)
+	c.store(key, sum)
+	return sum, nil
 }
 
 // hash waits for a slot and hashes the file open as fd, whose version must

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/lanyard-dev/lanyard/attestor/procfs"
 	sysunix "golang.org/x/sys/unix"
 )
 
@@ -80,94 +81,12 @@ func openRetry(path string) (int, error) {
 	}
 }
 
-var (
-	uidPrefix    = []byte("Uid:")
-	gidPrefix    = []byte("Gid:")
-	groupsPrefix = []byte("Groups:")
-)
-
 // parseStatus picks the Uid, Gid and Groups lines out of status. complete
 // is false until all three whole lines have been seen.
 func parseStatus(b []byte) (st procStatus, complete bool, err error) {
-	const haveUID, haveGID, haveGroups = 1, 2, 4
-	have := 0
-	for have != haveUID|haveGID|haveGroups {
-		i := bytes.IndexByte(b, '\n')
-		if i < 0 {
-			return st, false, nil
-		}
-		line := b[:i]
-		b = b[i+1:]
-		switch {
-		case bytes.HasPrefix(line, uidPrefix):
-			if st.uid, err = effectiveID(line[len(uidPrefix):]); err != nil {
-				return st, false, fmt.Errorf("bad Uid line %q: %w", line, err)
-			}
-			have |= haveUID
-		case bytes.HasPrefix(line, gidPrefix):
-			if st.gid, err = effectiveID(line[len(gidPrefix):]); err != nil {
-				return st, false, fmt.Errorf("bad Gid line %q: %w", line, err)
-			}
-			have |= haveGID
-		case bytes.HasPrefix(line, groupsPrefix):
-			st.groups = bytes.TrimSpace(line[len(groupsPrefix):])
-			have |= haveGroups
-		}
+	ps, complete, err := procfs.ParseStatus(b, procfs.UIDLine|procfs.GIDLine|procfs.GroupsLine)
+	if err != nil || !complete {
+		return procStatus{}, false, err
 	}
-	return st, true, nil
-}
-
-// effectiveID picks the effective id from "real effective saved fs", the id
-// SPIRE reports (its second field; the only one if there is just one).
-func effectiveID(v []byte) (uint32, error) {
-	first, rest := nextField(v)
-	second, _ := nextField(rest)
-	f := second
-	if f == nil {
-		f = first
-	}
-	if f == nil {
-		return 0, errors.New("no ids")
-	}
-	id, ok := parseUint32(f)
-	if !ok {
-		return 0, fmt.Errorf("%q is not an id", f)
-	}
-	return id, nil
-}
-
-// nextField splits off the first tab- or space-separated field of b; field
-// is nil when none is left.
-func nextField(b []byte) (field, rest []byte) {
-	i := 0
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t') {
-		i++
-	}
-	if i == len(b) {
-		return nil, nil
-	}
-	j := i
-	for j < len(b) && b[j] != ' ' && b[j] != '\t' {
-		j++
-	}
-	return b[i:j], b[j:]
-}
-
-// parseUint32 parses a decimal id without the allocation of
-// strconv.ParseUint(string(b)).
-func parseUint32(b []byte) (uint32, bool) {
-	if len(b) == 0 || len(b) > 10 {
-		return 0, false
-	}
-	var v uint64
-	for _, c := range b {
-		if c < '0' || c > '9' {
-			return 0, false
-		}
-		v = v*10 + uint64(c-'0')
-	}
-	if v > 1<<32-1 {
-		return 0, false
-	}
-	return uint32(v), true
+	return procStatus{uid: ps.UID.EffectiveOrOnly(), gid: ps.GID.EffectiveOrOnly(), groups: ps.Groups}, true, nil
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/procfs"
 )
 
 // PluginName is the name the attestor registers under and its selector type.
@@ -142,11 +143,11 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]attestor.S
 	}
 	for rest := statusGroups; ; {
 		var field []byte
-		field, rest = nextField(rest)
+		field, rest = procfs.NextField(rest)
 		if field == nil {
 			break
 		}
-		gid, ok := parseUint32(field)
+		gid, ok := procfs.ParseID(field)
 		if !ok {
 			return nil, fmt.Errorf("pid %d: %s/%s/status: bad supplementary group id %q", pid, a.procRoot, pidStr, field)
 		}

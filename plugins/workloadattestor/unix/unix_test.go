@@ -417,8 +417,10 @@ func TestConcurrentMissesHashOnce(t *testing.T) {
 func TestHashWaitHonoursContext(t *testing.T) {
 	c := newHashCache(4)
 	key := hashKey{ino: 1}
-	call := &hashCall{done: make(chan struct{}), stop: make(chan struct{})} // never finishes
+	call := &hashCall{flight: key.flightKey(), stop: make(chan struct{})}
 	c.inflight[key] = call
+	// A read that never finishes until stopped.
+	c.flights.DoChan(call.flight, func() (any, error) { <-call.stop; return nil, errHashAbandoned })
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := c.get(ctx, key, -1); !errors.Is(err, context.Canceled) {

@@ -1,0 +1,196 @@
+package attestor
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// attestorFunc adapts a function to WorkloadAttestor.
+type attestorFunc func(ctx context.Context, p Process) ([]Selector, error)
+
+func (f attestorFunc) Attest(ctx context.Context, p Process) ([]Selector, error) { return f(ctx, p) }
+
+// stuck is an attestor that ignores ctx and answers only once released, as
+// a plugin blocked in a call without a deadline would.
+func stuck(release <-chan struct{}) WorkloadAttestor {
+	return attestorFunc(func(context.Context, Process) ([]Selector, error) {
+		<-release
+		return []Selector{{"slow", "late"}}, nil
+	})
+}
+
+// sleeper honours ctx, as an HTTP call to a hung kubelet would.
+func sleeper(d time.Duration) WorkloadAttestor {
+	return attestorFunc(func(ctx context.Context, _ Process) ([]Selector, error) {
+		select {
+		case <-time.After(d):
+			return []Selector{{"slow", "late"}}, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	})
+}
+
+func answering(sels ...Selector) WorkloadAttestor {
+	return attestorFunc(func(context.Context, Process) ([]Selector, error) { return sels, nil })
+}
+
+func failing(err error) WorkloadAttestor {
+	return attestorFunc(func(context.Context, Process) ([]Selector, error) { return nil, err })
+}
+
+// logged is a log the attestors' goroutines write while a test reads it.
+type logged struct {
+	mu  sync.Mutex // hclog holds it while it writes
+	buf bytes.Buffer
+}
+
+func (l *logged) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func testLogger() (hclog.Logger, *logged) {
+	l := &logged{}
+	return hclog.New(&hclog.LoggerOptions{Output: &l.buf, Mutex: &l.mu, Level: hclog.Debug}), l
+}
+
+// TestMultiAttestorDeadline: an attestor that does not answer within the
+// deadline, whether it ignores ctx or honours it, fails the attestation
+// with ErrAttestorTimeout at the deadline, logged at Warn with its name,
+// even when another attestor answered.
+func TestMultiAttestorDeadline(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	const timeout = 100 * time.Millisecond
+	for name, slow := range map[string]WorkloadAttestor{"ignores ctx": stuck(release), "honours ctx": sleeper(time.Hour)} {
+		t.Run(name, func(t *testing.T) {
+			log, logs := testLogger()
+			m := NewMultiAttestor(log, timeout, Plugin{"unix", answering(Selector{"unix", "uid:1"})}, Plugin{"kubelet", slow})
+			start := time.Now()
+			sels, err := m.Attest(context.Background(), Process{PID: 42})
+			took := time.Since(start)
+			if !errors.Is(err, ErrAttestorTimeout) || !strings.Contains(err.Error(), "kubelet") || strings.Contains(err.Error(), "unix") {
+				t.Fatalf("Attest = %v, %v; want ErrAttestorTimeout naming kubelet only", sels, err)
+			}
+			if IsRefusal(err) || errors.Is(err, ErrNoSelectors) {
+				t.Errorf("a timeout is a refusal or a verdict: %v", err)
+			}
+			if took < timeout || took > timeout+2*time.Second {
+				t.Errorf("Attest returned after %v, want about %v", took, timeout)
+			}
+			out := logs.String()
+			if !strings.Contains(out, "[WARN]") || !strings.Contains(out, "did not answer within its deadline") || !strings.Contains(out, "attestor=kubelet") || !strings.Contains(out, "timeout=100ms") {
+				t.Errorf("log %q does not warn about kubelet's deadline", out)
+			}
+		})
+	}
+}
+
+// TestMultiAttestorAlone: the common case of one attestor, slow or not.
+func TestMultiAttestorAlone(t *testing.T) {
+	log, _ := testLogger()
+	m := NewMultiAttestor(log, 50*time.Millisecond, Plugin{"unix", sleeper(time.Hour)})
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrAttestorTimeout) {
+		t.Fatalf("Attest of a slow attestor = %v, want ErrAttestorTimeout", err)
+	}
+	m = NewMultiAttestor(log, time.Minute, Plugin{"unix", sleeper(10 * time.Millisecond)})
+	sels, err := m.Attest(context.Background(), Process{PID: 42})
+	if err != nil || len(sels) != 1 || sels[0] != (Selector{"slow", "late"}) {
+		t.Fatalf("Attest within the deadline = %v, %v", sels, err)
+	}
+}
+
+// TestMultiAttestorMerges: selectors of every attestor that answered,
+// sorted without duplicates; a failed attestor contributes nothing.
+func TestMultiAttestorMerges(t *testing.T) {
+	log, logs := testLogger()
+	m := NewMultiAttestor(log, time.Minute,
+		Plugin{"unix", answering(Selector{"unix", "uid:1"}, Selector{"unix", "gid:2"})},
+		Plugin{"docker", failing(errors.New("engine unreachable"))},
+		Plugin{"k8s", answering(Selector{"k8s", "ns:a"}, Selector{"unix", "uid:1"})},
+	)
+	sels, err := m.Attest(context.Background(), Process{PID: 42})
+	want := []Selector{{"k8s", "ns:a"}, {"unix", "gid:2"}, {"unix", "uid:1"}}
+	if err != nil || len(sels) != len(want) {
+		t.Fatalf("Attest = %v, %v; want %v", sels, err, want)
+	}
+	for i := range want {
+		if sels[i] != want[i] {
+			t.Fatalf("Attest = %v, want %v", sels, want)
+		}
+	}
+	if out := logs.String(); !strings.Contains(out, "attestor=docker") || !strings.Contains(out, "engine unreachable") {
+		t.Errorf("log %q does not name the failed attestor", out)
+	}
+
+	m = NewMultiAttestor(log, time.Minute, Plugin{"docker", failing(errors.New("engine unreachable"))})
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrNoSelectors) || !strings.Contains(err.Error(), "docker: engine unreachable") {
+		t.Errorf("Attest of a failing attestor = %v, want ErrNoSelectors with its reason", err)
+	}
+	if _, err := NewMultiAttestor(log, time.Minute).Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrNoSelectors) {
+		t.Errorf("Attest with no attestor = %v, want ErrNoSelectors", err)
+	}
+}
+
+// TestMultiAttestorRefusalFirst: a refusal answers at once, without
+// waiting for a slow attestor, and wins over every other result.
+func TestMultiAttestorRefusalFirst(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	log, _ := testLogger()
+	m := NewMultiAttestor(log, time.Minute, Plugin{"kubelet", stuck(release)}, Plugin{"unix", failing(ErrCallerChanged)})
+	done := make(chan error, 1)
+	go func() {
+		_, err := m.Attest(context.Background(), Process{PID: 42})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrCallerChanged) || !IsRefusal(err) || !strings.Contains(err.Error(), "unix") {
+			t.Fatalf("Attest = %v, want the unix attestor's ErrCallerChanged", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a refusal waited for the slow attestor")
+	}
+}
+
+// TestMultiAttestorCallerGone: when the caller's ctx ends first, the error
+// is the caller's, not a timeout.
+func TestMultiAttestorCallerGone(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	log, logs := testLogger()
+	m := NewMultiAttestor(log, time.Minute, Plugin{"kubelet", stuck(release)})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := m.Attest(ctx, Process{PID: 42})
+	if !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrAttestorTimeout) {
+		t.Fatalf("Attest after the caller's deadline = %v, want its context.DeadlineExceeded", err)
+	}
+	if strings.Contains(logs.String(), "within its deadline") {
+		t.Errorf("the caller's deadline was logged as the attestor's: %s", logs.String())
+	}
+}
+
+// BenchmarkMultiAttestor is the cost the deadline adds to every
+// attestation of the common case, one attestor that answers at once.
+func BenchmarkMultiAttestor(b *testing.B) {
+	log, _ := testLogger()
+	m := NewMultiAttestor(log, DefaultTimeout, Plugin{"unix", answering(Selector{"unix", "uid:1"})})
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := m.Attest(ctx, Process{PID: 42}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
