@@ -158,3 +158,19 @@ func RunCLI(t testing.TB, bin string, args ...string) (string, int) {
 		return "", -1
 	}
 }
+
+// RunWithLanyard is a TestMain's body for a suite that runs the binary:
+// it builds lanyard, hands its path to setup, runs the tests and removes
+// the binary. It returns the exit code.
+func RunWithLanyard(m *testing.M, setup func(bin string) error) int {
+	bin, cleanup, err := BuildLanyard()
+	if err == nil {
+		defer cleanup()
+		err = setup(bin)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return m.Run()
+}

@@ -2,17 +2,11 @@ package e2e
 
 import (
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
@@ -36,45 +30,22 @@ var exampleTD = spiffeid.RequireTrustDomainFromString("example.org")
 // made, and that CA.
 func attackerState(t *testing.T) ([]byte, *x509.Certificate) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jwtKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tdURI, _ := url.Parse("spiffe://example.org")
 	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(4242), Subject: pkix.Name{CommonName: "attacker"}, URIs: []*url.URL{tdURI},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature, BasicConstraintsValid: true, IsCA: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pkcs8 := func(k *ecdsa.PrivateKey) string {
-		b, err := x509.MarshalPKCS8PrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: b}))
-	}
+	ca := testkit.NewCA(t, "spiffe://example.org", testkit.WithCommonName("attacker"),
+		testkit.WithValidity(now.Add(-time.Minute), now.Add(24*time.Hour)))
+	pkcs8 := func(k *ecdsa.PrivateKey) string { return string(testkit.PEM("PRIVATE KEY", testkit.PKCS8(t, k))) }
 	state, err := json.Marshal(map[string]any{
 		"authorities": []map[string]any{{
-			"x509_cert": string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-			"x509_key":  pkcs8(key), "jwt_kid": "attacker", "jwt_key": pkcs8(jwtKey),
-			"not_before": tmpl.NotBefore, "not_after": tmpl.NotAfter,
+			"x509_cert": string(testkit.PEM("CERTIFICATE", ca.Cert.Raw)),
+			"x509_key":  pkcs8(ca.Key), "jwt_kid": "attacker", "jwt_key": pkcs8(testkit.NewKey(t)),
+			"not_before": ca.Cert.NotBefore, "not_after": ca.Cert.NotAfter,
 		}},
 		"active": 0, "sequence": 1000,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return state, cert
+	return state, ca.Cert
 }
 
 // asAttacker runs a shell command as attackerUID.
@@ -95,7 +66,7 @@ func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, b
 	a := &agentProc{t: t, dir: dir, config: filepath.Join(dir, "agent.conf"),
 		socket: filepath.Join(dir, "public", "api.sock"), dataDir: filepath.Join(dir, "data")}
 	a.writeConfig(config)
-	p, err := testbin.Start(t, lanyardBin, "run", "-config", a.config)
+	p, err := testkit.Start(t, lanyardBin, "run", "-config", a.config)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +78,7 @@ func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, b
 			return a, p.Logs.String(), true
 		default:
 		}
-		if testbin.Serving(a.socket) {
+		if testkit.Serving(a.socket) {
 			return a, p.Logs.String(), false
 		}
 		time.Sleep(50 * time.Millisecond)

@@ -6,7 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"os"
 	"os/exec"
 	"slices"
@@ -390,7 +390,7 @@ func TestEntryReloadReachesOpenStream(t *testing.T) {
 }
 
 func TestCallerWithoutEntryIsDenied(t *testing.T) {
-	testbin.RequireRoot(t, "to run a child process under another uid")
+	testkit.RequireRoot(t, "to run a child process under another uid")
 	a := startAgent(t, baseConfig)
 	// uid 65534 (nobody) has no entry.
 	cmd := exec.Command(lanyardBin, "api", "fetch", "x509", "-socketPath", a.socket, "-timeout", "3s")

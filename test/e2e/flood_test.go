@@ -4,7 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"io"
 	"net"
 	"os"
@@ -220,7 +220,7 @@ func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
 // victimUID gets 40 of 40 fetches, root's probe is served, and the
 // attacker's uid is named in the log.
 func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *roleProc) {
-	testbin.RequireRoot(t, "to run clients under other uids")
+	testkit.RequireRoot(t, "to run clients under other uids")
 	a := &agentProc{t: t, dir: newAgentDir(t), nofile: 384}
 	a.config = filepath.Join(a.dir, "agent.conf")
 	a.socket = filepath.Join(a.dir, "public", "api.sock")

@@ -5,7 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -29,7 +29,7 @@ import (
 // gives it back.
 func smallDataDir(t *testing.T, dir string) (fill, free func()) {
 	t.Helper()
-	testbin.RequireRoot(t, "to mount a tmpfs")
+	testkit.RequireRoot(t, "to mount a tmpfs")
 	data := filepath.Join(dir, "data")
 	if err := os.Mkdir(data, 0o700); err != nil {
 		t.Fatal(err)
