@@ -201,19 +201,7 @@ func fingerprint(c *x509.Certificate) string {
 // given owner and mode, as any writer of it would.
 func swapCAState(t *testing.T, dataDir string, data []byte, uid int, mode os.FileMode) {
 	t.Helper()
-	tmp := filepath.Join(dataDir, "swap")
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(tmp, mode); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(tmp, uid, uid); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dataDir, "local_ca.json")); err != nil {
-		t.Fatal(err)
-	}
+	testkit.ReplaceFile(t, filepath.Join(dataDir, "local_ca.json"), data, uid, mode)
 }
 
 // Finding 3: a local_ca.json that changes under the running agent is only

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -268,16 +267,7 @@ func (w *x509Updates) snapshot() []*workloadapi.X509Context {
 
 func watch(t *testing.T, c *workloadapi.Client) *x509Updates {
 	w := &x509Updates{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = c.WatchX509Context(ctx, w)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	testkit.WatchX509(t, c, w)
 	return w
 }
 

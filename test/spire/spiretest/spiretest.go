@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
@@ -196,7 +197,7 @@ func StartServer(t testing.TB, opts ...ServerOption) *Server {
 	}
 	binDir := Binaries(t)
 	dir := t.TempDir()
-	sockDir := shortTempDir(t)
+	sockDir := testkit.ShortDir(t, "spt")
 	port := freePort(t)
 
 	s := &Server{
@@ -490,6 +491,22 @@ func (s *Server) prepareAuthority(t testing.TB, kind string) string {
 	return resp.PreparedAuthority.AuthorityID
 }
 
+// AgentPlugins is the plugins block of the agent.conf StartAgent writes:
+// join_token attestation, keys in memory, the unix workload attestor.
+// Lanyard runs it unchanged.
+const AgentPlugins = `plugins {
+    NodeAttestor "join_token" {
+        plugin_data {}
+    }
+    KeyManager "memory" {
+        plugin_data {}
+    }
+    WorkloadAttestor "unix" {
+        plugin_data {}
+    }
+}
+`
+
 type agentConfig struct {
 	syncInterval time.Duration
 	logLevel     string
@@ -520,7 +537,7 @@ func (s *Server) StartAgent(t testing.TB, joinToken string, opts ...AgentOption)
 		o(&cfg)
 	}
 	dir := t.TempDir()
-	socketPath = filepath.Join(shortTempDir(t), "agent.sock")
+	socketPath = filepath.Join(testkit.ShortDir(t, "spt"), "agent.sock")
 	bundlePath := filepath.Join(dir, "bundle.pem")
 	if err := os.WriteFile(bundlePath, s.BundlePEM(t), 0o600); err != nil {
 		t.Fatalf("writing spire-agent trust bundle: %v", err)
@@ -543,18 +560,7 @@ func (s *Server) StartAgent(t testing.TB, joinToken string, opts ...AgentOption)
     trust_domain = %q
 %s}
 
-plugins {
-    NodeAttestor "join_token" {
-        plugin_data {}
-    }
-    KeyManager "memory" {
-        plugin_data {}
-    }
-    WorkloadAttestor "unix" {
-        plugin_data {}
-    }
-}
-`, filepath.Join(dir, "data"), cfg.logLevel, host, port, socketPath, bundlePath, s.TrustDomain, extra)
+`+AgentPlugins, filepath.Join(dir, "data"), cfg.logLevel, host, port, socketPath, bundlePath, s.TrustDomain, extra)
 	confPath := filepath.Join(dir, "agent.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
 		t.Fatalf("writing spire-agent config: %v", err)
@@ -663,19 +669,6 @@ func decodeJSON(t testing.TB, out string, v any) {
 	if err := json.Unmarshal([]byte(out), v); err != nil {
 		t.Fatalf("parsing spire-server JSON output: %v\n%s", err, out)
 	}
-}
-
-// shortTempDir returns a fresh dir under os.TempDir(), removed in cleanup.
-// Unix socket paths are limited to 108 bytes, which t.TempDir() paths with
-// long test names can exceed.
-func shortTempDir(t testing.TB) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "spt")
-	if err != nil {
-		t.Fatalf("creating socket dir: %v", err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
 }
 
 func freePort(t testing.TB) int {
