@@ -127,6 +127,19 @@ func (n *node) run(args ...string) (*lanyard, error) {
 
 func (l *lanyard) stop() { l.Stop() }
 
+// startServing starts a server that reloads its entry cache every second
+// with an entry for id, and a lanyard node on it (fast sync, keys on disk)
+// that serves id.
+func startServing(t *testing.T, id string, opts ...spiretest.ServerOption) (*spiretest.Server, *node, *lanyard) {
+	t.Helper()
+	s := spiretest.StartServer(t, append(opts, spiretest.WithCacheReloadInterval(time.Second))...)
+	createEntry(t, s, id)
+	n := newNode(t, s, fastSync, diskKeys)
+	l := n.start("-joinToken", s.JoinToken(t, nodeID))
+	fetchID(t, n.socket, id)
+	return s, n, l
+}
+
 var (
 	waitFor     = testkit.WaitFor
 	testContext = testkit.Context

@@ -159,21 +159,7 @@ func sortedIDs(m x509Msg) []string {
 
 func serverBundle(t *testing.T, s *spiretest.Server) *x509bundle.Bundle {
 	t.Helper()
-	var certs []*x509.Certificate
-	rest := s.BundlePEM(t)
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		certs = append(certs, c)
-	}
-	return x509bundle.FromX509Authorities(td, certs)
+	return x509bundle.FromX509Authorities(td, s.BundleCerts(t))
 }
 
 // createEntry creates an entry parented to the node with extra CLI flags.
@@ -275,12 +261,8 @@ func TestFetchX509AndJWT(t *testing.T) {
 // TestEntryCreatedAndDeletedOnAnOpenStream follows one stream while its
 // entries come and go.
 func TestEntryCreatedAndDeletedOnAnOpenStream(t *testing.T) {
-	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
 	aID := "spiffe://example.org/a"
-	createEntry(t, s, aID)
-	n := newNode(t, s, fastSync, diskKeys)
-	n.start("-joinToken", s.JoinToken(t, nodeID))
-	fetchID(t, n.socket, aID)
+	s, n, _ := startServing(t, aID)
 
 	stream := openX509Stream(t, n.socket)
 	if m := stream.next(t, 30*time.Second); m.err != nil || len(m.ids) != 1 || m.ids[0] != aID {
@@ -356,12 +338,8 @@ func bundleHas(m x509Msg, authorityID string) bool {
 // and follows one stream: the new CA reaches it first, then SVIDs signed
 // by it once the old CA is tainted, as spire-agent does.
 func TestCARotationReachesAnOpenStream(t *testing.T) {
-	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
 	aID := "spiffe://example.org/a"
-	createEntry(t, s, aID)
-	n := newNode(t, s, fastSync, diskKeys)
-	n.start("-joinToken", s.JoinToken(t, nodeID))
-	fetchID(t, n.socket, aID)
+	s, n, _ := startServing(t, aID)
 
 	oldID := localAuthorities(t, s, "x509")["active"]
 	stream := openX509Stream(t, n.socket)

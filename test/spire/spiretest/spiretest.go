@@ -9,7 +9,9 @@ package spiretest
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -449,6 +451,24 @@ func (s *Server) BundlePEM(t testing.TB) []byte {
 		t.Fatalf("spire-server bundle show returned no certificate:\n%s", out)
 	}
 	return []byte(out)
+}
+
+// BundleCerts returns the server's X.509 trust bundle's certificates.
+func (s *Server) BundleCerts(t testing.TB) []*x509.Certificate {
+	t.Helper()
+	var certs []*x509.Certificate
+	for rest := s.BundlePEM(t); ; {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			return certs
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatalf("parsing bundle certificate: %v", err)
+		}
+		certs = append(certs, c)
+	}
 }
 
 // PrepareX509Authority prepares a new X.509 authority (adding it to the
