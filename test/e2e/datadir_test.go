@@ -63,9 +63,7 @@ func asAttacker(t *testing.T, script string) {
 // or false if it served instead (it is then stopped at cleanup).
 func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, bool) {
 	t.Helper()
-	a := &agentProc{t: t, dir: dir, config: filepath.Join(dir, "agent.conf"),
-		socket: filepath.Join(dir, "public", "api.sock"), dataDir: filepath.Join(dir, "data")}
-	a.writeConfig(config)
+	a := newAgentProc(t, dir, config)
 	p, err := testkit.Start(t, lanyardBin, "run", "-config", a.config)
 	if err != nil {
 		t.Fatal(err)

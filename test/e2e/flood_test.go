@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -191,16 +190,13 @@ func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
 // attacker's uid is named in the log.
 func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *roleProc) {
 	testkit.RequireRoot(t, "to run clients under other uids")
-	a := &agentProc{t: t, dir: newAgentDir(t), nofile: 384}
-	a.config = filepath.Join(a.dir, "agent.conf")
-	a.socket = filepath.Join(a.dir, "public", "api.sock")
-	a.dataDir = filepath.Join(a.dir, "data")
-	a.writeConfig(withEntries(`
+	a := newAgentProc(t, newAgentDir(t), withEntries(`
       entry {
         spiffe_id = "spiffe://example.org/victim"
-        selectors = ["unix:uid:` + itoa(victimUID) + `"]
+        selectors = ["unix:uid:`+itoa(victimUID)+`"]
       }
 `))
+	a.nofile = 384
 	if err := a.start(); err != nil {
 		t.Fatal(err)
 	}

@@ -66,6 +66,17 @@ func startAgent(t *testing.T, config string) *agentProc {
 
 func startAgentIn(t *testing.T, dir, config string) *agentProc {
 	t.Helper()
+	a := newAgentProc(t, dir, config)
+	if err := a.start(); err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// newAgentProc writes config (with placeholders) into dir, for an agent
+// the test starts itself.
+func newAgentProc(t *testing.T, dir, config string) *agentProc {
+	t.Helper()
 	a := &agentProc{
 		t:       t,
 		dir:     dir,
@@ -74,9 +85,6 @@ func startAgentIn(t *testing.T, dir, config string) *agentProc {
 		dataDir: filepath.Join(dir, "data"),
 	}
 	a.writeConfig(config)
-	if err := a.start(); err != nil {
-		t.Fatal(err)
-	}
 	return a
 }
 

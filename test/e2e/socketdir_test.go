@@ -35,14 +35,7 @@ func TestPlantedSocketDirIsRefused(t *testing.T) {
 
 func plantedSocketDir(t *testing.T, mode os.FileMode, owner int, wantInLogs []string) {
 	dir := newAgentDir(t)
-	a := &agentProc{
-		t:       t,
-		dir:     dir,
-		config:  filepath.Join(dir, "agent.conf"),
-		socket:  filepath.Join(dir, "public", "api.sock"),
-		dataDir: filepath.Join(dir, "data"),
-	}
-	a.writeConfig(baseConfig)
+	a := newAgentProc(t, dir, baseConfig)
 	public := filepath.Dir(a.socket)
 	if err := os.Mkdir(public, 0o700); err != nil {
 		t.Fatal(err)
