@@ -29,14 +29,17 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-const baseConfig = `
+// agentBlock is the agent block every test's config starts with.
+const agentBlock = `
 agent {
   trust_domain = "example.org"
   data_dir     = "@DATA@"
   socket_path  = "@SOCKET@"
   log_level    = "debug"
 }
-plugins {
+`
+
+const baseConfig = agentBlock + `plugins {
   WorkloadAttestor "unix" { plugin_data { discover_workload_path = true } }
   UpstreamAuthority "local" {
     plugin_data {

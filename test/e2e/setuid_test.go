@@ -464,14 +464,7 @@ func runPeerAttack(t *testing.T, socket, mode string, extra ...string) peerAttac
 	}
 }
 
-const rootEntryConfig = `
-agent {
-  trust_domain = "example.org"
-  data_dir     = "@DATA@"
-  socket_path  = "@SOCKET@"
-  log_level    = "debug"
-}
-plugins {
+const rootEntryConfig = agentBlock + `plugins {
   WorkloadAttestor "unix" { plugin_data { discover_workload_path = @DISCOVER@ } }
   UpstreamAuthority "local" {
     plugin_data {
