@@ -91,12 +91,7 @@ func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, b
 func TestDataDirOwnedByAnotherUserIsRefused(t *testing.T) {
 	dir := newAgentDir(t)
 	data := filepath.Join(dir, "data")
-	if err := os.Mkdir(data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(data, attackerUID, attackerUID); err != nil {
-		t.Fatal(err)
-	}
+	mkdirOwnedByAttacker(t, data)
 	a, out, exited := startExpectRefusal(t, dir, baseConfig)
 	if !exited {
 		// The attack the refusal prevents: the owner swaps the CA.
@@ -148,12 +143,7 @@ func TestDataDirSymlinkIsRefused(t *testing.T) {
 func TestDataDirUnderAnotherUsersDirectoryIsRefused(t *testing.T) {
 	dir := newAgentDir(t)
 	home := filepath.Join(dir, "home")
-	if err := os.Mkdir(home, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(home, attackerUID, attackerUID); err != nil {
-		t.Fatal(err)
-	}
+	mkdirOwnedByAttacker(t, home)
 	_, out, exited := startExpectRefusal(t, dir, strings.Replace(baseConfig, `data_dir     = "@DATA@"`, fmt.Sprintf("data_dir = %q", filepath.Join(home, "data")), 1))
 	if !exited {
 		t.Fatalf("the agent started below a directory owned by uid %d", attackerUID)
@@ -289,5 +279,16 @@ func TestStaleTempFilesRemovedAtStart(t *testing.T) {
 		if strings.Contains(f.Name(), ".tmp-") {
 			t.Errorf("%s left in data_dir", f.Name())
 		}
+	}
+}
+
+// mkdirOwnedByAttacker makes a directory, mode 0755, that attackerUID owns.
+func mkdirOwnedByAttacker(t *testing.T, path string) {
+	t.Helper()
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path, attackerUID, attackerUID); err != nil {
+		t.Fatal(err)
 	}
 }
