@@ -8,7 +8,6 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
-	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -34,7 +33,7 @@ func TestUpstreamSignsWhatTheBundleVerifies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := jwtsvid.ParseAndValidate(jwt.Token, jwtbundle.FromJWTAuthorities(td, bundle.JWTAuthorities()), []string{"db"}); err != nil {
+	if _, err := jwtsvid.ParseAndValidate(jwt.Token, bundle, []string{"db"}); err != nil {
 		t.Errorf("JWT-SVID: %v", err)
 	}
 	if u.X509Calls() != 1 || u.JWTCalls() != 1 || len(u.Batches()) != 1 {
