@@ -63,18 +63,7 @@ const lanyardSPIREConf = `agent {
     join_token = "%[4]s"
 }
 
-plugins {
-    NodeAttestor "join_token" {
-        plugin_data {}
-    }
-    KeyManager "memory" {
-        plugin_data {}
-    }
-    WorkloadAttestor "unix" {
-        plugin_data {}
-    }
-}
-`
+` + spiretest.AgentPlugins
 
 // lanyardLocalConf runs Lanyard on its embedded CA with one entry for
 // %[4]s (the uid of the load generator).

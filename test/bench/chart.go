@@ -185,39 +185,49 @@ func (r *Report) SVG() string {
 	s.panel(30, "Throughput", "fetches/s", names, thr, false)
 	s.panel(30+panelH, "Latency: bar p99, white ticks p90 and p50 (log scale)", "ms", names, lat, true)
 
-	mbf := func(b uint64) float64 {
-		if b == 0 {
-			return math.NaN()
-		}
-		return float64(b) / 1e6
-	}
 	mem := []group{{label: "idle"}}
 	for _, n := range names {
 		mem[0].values = append(mem[0].values, mbf(r.Idle[n]))
 	}
 	if ls := r.Streams[NameLanyard]; ls != nil && len(ls.Rounds) > 0 {
-		g := group{label: fmt.Sprintf("%d open streams", ls.Streams)}
-		for _, n := range names {
-			v := math.NaN()
+		mem = append(mem, rssGroup(fmt.Sprintf("%d open streams", ls.Streams), names, func(n string) (uint64, bool) {
 			if st := r.Streams[n]; st != nil {
-				v = mbf(st.RSS)
+				return st.RSS, true
 			}
-			g.values = append(g.values, v)
-		}
-		mem = append(mem, g)
+			return 0, false
+		}))
 	}
 	if le := r.Entries[NameLanyard]; le != nil && le.Entries > 0 {
-		g := group{label: fmt.Sprintf("%d entries", le.Entries)}
-		for _, n := range names {
-			v := math.NaN()
+		mem = append(mem, rssGroup(fmt.Sprintf("%d entries", le.Entries), names, func(n string) (uint64, bool) {
 			if st := r.Entries[n]; st != nil {
-				v = mbf(st.RSS)
+				return st.RSS, true
 			}
-			g.values = append(g.values, v)
-		}
-		mem = append(mem, g)
+			return 0, false
+		}))
 	}
 	s.panel(30+2*panelH, "Memory: RSS", "MB", names, mem, false)
 	s.f("</svg>\n")
 	return s.b.String()
+}
+
+// rssGroup is a bar group of each target's RSS in MB, NaN for a target the
+// measure did not run on.
+func rssGroup(label string, names []string, rss func(name string) (uint64, bool)) group {
+	g := group{label: label}
+	for _, n := range names {
+		v := math.NaN()
+		if b, ok := rss(n); ok {
+			v = mbf(b)
+		}
+		g.values = append(g.values, v)
+	}
+	return g
+}
+
+// mbf is bytes in MB, NaN for none (not measured).
+func mbf(b uint64) float64 {
+	if b == 0 {
+		return math.NaN()
+	}
+	return float64(b) / 1e6
 }

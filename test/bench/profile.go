@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"strconv"
@@ -85,23 +86,35 @@ func Profile(pc ProfileConfig) (string, error) {
 // profileFloor profiles the floor server instead, serving answers of the
 // size Lanyard's have, for comparison.
 func profileFloor(pc ProfileConfig) (string, error) {
-	dir, err := os.MkdirTemp("", "floor-")
+	socket, stop, err := startSizedFloor()
 	if err != nil {
 		return "", err
 	}
-	defer os.RemoveAll(dir)
-	socket := dir + "/floor.sock"
+	defer stop()
+	return profileLoad(pc, socket)
+}
+
+// startSizedFloor serves the sized floor on a socket in a new directory,
+// and returns once it answers; stop ends it and removes the directory.
+func startSizedFloor() (socket string, stop func(), err error) {
+	dir, err := os.MkdirTemp("", "floor-")
+	if err != nil {
+		return "", nil, err
+	}
+	socket = filepath.Join(dir, "floor.sock")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- ServeFloor(ctx, socket, sizedFloor()) }()
-	defer func() {
+	stop = func() {
 		cancel()
 		<-done
-	}()
-	if err := waitSVID(socket, startupBound, nil); err != nil {
-		return "", err
+		os.RemoveAll(dir)
 	}
-	return profileLoad(pc, socket)
+	if err := waitSVID(socket, startupBound, nil); err != nil {
+		stop()
+		return "", nil, err
+	}
+	return socket, stop, nil
 }
 
 // sizedFloor answers as much as Lanyard does for one SVID: a chain of two

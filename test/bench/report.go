@@ -297,13 +297,7 @@ func (r *Report) WriteTable(w io.Writer) {
 	for _, row := range r.Fetch {
 		p := fmt.Sprintf("%s c=%d", row.Kind, row.Clients)
 		stat := func(f func(*FetchStats) float64) func(string) (float64, bool) {
-			return func(n string) (float64, bool) {
-				s := row.Targets[n]
-				if s == nil || s.Ops == 0 {
-					return 0, false
-				}
-				return f(s), true
-			}
+			return ofTarget(row.Targets, func(s *FetchStats) bool { return s.Ops > 0 }, f)
 		}
 		line(p+" fetches/s", "/s", stat(func(s *FetchStats) float64 { return s.Throughput }))
 		line(p+" p50 (ms)", "ms", stat(func(s *FetchStats) float64 { return msf(s.Latency.P50) }))
@@ -323,13 +317,7 @@ func (r *Report) WriteTable(w io.Writer) {
 	if ls := r.Streams[NameLanyard]; ls != nil && len(ls.Rounds) > 0 {
 		p := fmt.Sprintf("%d open streams", ls.Streams)
 		streams := func(f func(*StreamStats) float64) func(string) (float64, bool) {
-			return func(n string) (float64, bool) {
-				s := r.Streams[n]
-				if s == nil || len(s.Rounds) == 0 {
-					return 0, false
-				}
-				return f(s), true
-			}
+			return ofTarget(r.Streams, func(s *StreamStats) bool { return len(s.Rounds) > 0 }, f)
 		}
 		line(p+": RSS (MB)", "MB", streams(func(s *StreamStats) float64 { return float64(s.RSS) / 1e6 }))
 		if ls.Rounds[0].LastAfter > 0 {
@@ -340,13 +328,7 @@ func (r *Report) WriteTable(w io.Writer) {
 	if le := r.Entries[NameLanyard]; le != nil && le.Entries > 0 {
 		p := fmt.Sprintf("%d entries", le.Entries)
 		entries := func(f func(*EntriesStats) float64) func(string) (float64, bool) {
-			return func(n string) (float64, bool) {
-				e := r.Entries[n]
-				if e == nil || e.Entries == 0 {
-					return 0, false
-				}
-				return f(e), true
-			}
+			return ofTarget(r.Entries, func(e *EntriesStats) bool { return e.Entries > 0 }, f)
 		}
 		line(p+": RSS (MB)", "MB", entries(func(e *EntriesStats) float64 { return float64(e.RSS) / 1e6 }))
 		line(p+": RSS per entry, no workload (B)", "B", entries(func(e *EntriesStats) float64 { return e.PerEntry() }))
@@ -357,13 +339,7 @@ func (r *Report) WriteTable(w io.Writer) {
 	if lf := r.FreshProbe[NameLanyard]; lf != nil && len(lf.NewWorkload) > 0 {
 		p := "fresh server (" + r.Config.FreshServerReload + " cache)"
 		probe := func(f func(*EntriesStats) float64) func(string) (float64, bool) {
-			return func(n string) (float64, bool) {
-				e := r.FreshProbe[n]
-				if e == nil || len(e.NewWorkload) == 0 {
-					return 0, false
-				}
-				return f(e), true
-			}
+			return ofTarget(r.FreshProbe, func(e *EntriesStats) bool { return len(e.NewWorkload) > 0 }, f)
 		}
 		line(p+": create->open stream max (s)", "s", probe(func(e *EntriesStats) float64 { return maxDur(e.OpenStream).Seconds() }))
 		line(p+": create->new workload max (s)", "s", probe(func(e *EntriesStats) float64 { return maxDur(e.NewWorkload).Seconds() }))
@@ -429,4 +405,16 @@ func ratio(a, b float64) string {
 		return "-"
 	}
 	return fmt.Sprintf("%.2fx", a/b)
+}
+
+// ofTarget makes a report line's value for a target: f of its stats, or
+// nothing where it has none or has says they measured nothing.
+func ofTarget[S any](stats map[string]*S, has func(*S) bool, f func(*S) float64) func(string) (float64, bool) {
+	return func(n string) (float64, bool) {
+		s := stats[n]
+		if s == nil || !has(s) {
+			return 0, false
+		}
+		return f(s), true
+	}
 }

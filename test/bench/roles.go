@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -249,7 +250,7 @@ type child struct {
 	lines chan string // stdout, line by line; closed at EOF
 	done  chan struct{}
 	err   error // set before done closes
-	errb  *syncBuffer
+	errb  *testkit.Buffer
 }
 
 // exe is a copy of this executable that every uid may run (go run and go
@@ -298,7 +299,7 @@ func (e *exe) start(role string, args any, uid, gid int) (*child, error) {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true}
 		cmd.Dir = "/"
 	}
-	c := &child{cmd: cmd, lines: make(chan string, 64), done: make(chan struct{}), errb: &syncBuffer{}}
+	c := &child{cmd: cmd, lines: make(chan string, 64), done: make(chan struct{}), errb: &testkit.Buffer{Limit: 64 << 10}}
 	if c.stdin, err = cmd.StdinPipe(); err != nil {
 		return nil, err
 	}
@@ -350,24 +351,4 @@ func (c *child) stop() {
 		_ = c.cmd.Process.Kill()
 		<-c.done
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.b.Len() > 64<<10 {
-		return len(p), nil
-	}
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -2,17 +2,11 @@ package e2e
 
 import (
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
@@ -36,45 +30,22 @@ var exampleTD = spiffeid.RequireTrustDomainFromString("example.org")
 // made, and that CA.
 func attackerState(t *testing.T) ([]byte, *x509.Certificate) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jwtKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tdURI, _ := url.Parse("spiffe://example.org")
 	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(4242), Subject: pkix.Name{CommonName: "attacker"}, URIs: []*url.URL{tdURI},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature, BasicConstraintsValid: true, IsCA: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pkcs8 := func(k *ecdsa.PrivateKey) string {
-		b, err := x509.MarshalPKCS8PrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: b}))
-	}
+	ca := testkit.NewCA(t, "spiffe://example.org", testkit.WithCommonName("attacker"),
+		testkit.WithValidity(now.Add(-time.Minute), now.Add(24*time.Hour)))
+	pkcs8 := func(k *ecdsa.PrivateKey) string { return string(testkit.PEM("PRIVATE KEY", testkit.PKCS8(t, k))) }
 	state, err := json.Marshal(map[string]any{
 		"authorities": []map[string]any{{
-			"x509_cert": string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-			"x509_key":  pkcs8(key), "jwt_kid": "attacker", "jwt_key": pkcs8(jwtKey),
-			"not_before": tmpl.NotBefore, "not_after": tmpl.NotAfter,
+			"x509_cert": string(testkit.PEM("CERTIFICATE", ca.Cert.Raw)),
+			"x509_key":  pkcs8(ca.Key), "jwt_kid": "attacker", "jwt_key": pkcs8(testkit.NewKey(t)),
+			"not_before": ca.Cert.NotBefore, "not_after": ca.Cert.NotAfter,
 		}},
 		"active": 0, "sequence": 1000,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return state, cert
+	return state, ca.Cert
 }
 
 // asAttacker runs a shell command as attackerUID.
@@ -92,10 +63,8 @@ func asAttacker(t *testing.T, script string) {
 // or false if it served instead (it is then stopped at cleanup).
 func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, bool) {
 	t.Helper()
-	a := &agentProc{t: t, dir: dir, config: filepath.Join(dir, "agent.conf"),
-		socket: filepath.Join(dir, "public", "api.sock"), dataDir: filepath.Join(dir, "data")}
-	a.writeConfig(config)
-	p, err := testbin.Start(t, lanyardBin, "run", "-config", a.config)
+	a := newAgentProc(t, dir, config)
+	p, err := testkit.Start(t, lanyardBin, "run", "-config", a.config)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +76,7 @@ func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, b
 			return a, p.Logs.String(), true
 		default:
 		}
-		if testbin.Serving(a.socket) {
+		if testkit.Serving(a.socket) {
 			return a, p.Logs.String(), false
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -122,12 +91,7 @@ func startExpectRefusal(t *testing.T, dir, config string) (*agentProc, string, b
 func TestDataDirOwnedByAnotherUserIsRefused(t *testing.T) {
 	dir := newAgentDir(t)
 	data := filepath.Join(dir, "data")
-	if err := os.Mkdir(data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(data, attackerUID, attackerUID); err != nil {
-		t.Fatal(err)
-	}
+	mkdirOwnedByAttacker(t, data)
 	a, out, exited := startExpectRefusal(t, dir, baseConfig)
 	if !exited {
 		// The attack the refusal prevents: the owner swaps the CA.
@@ -179,12 +143,7 @@ func TestDataDirSymlinkIsRefused(t *testing.T) {
 func TestDataDirUnderAnotherUsersDirectoryIsRefused(t *testing.T) {
 	dir := newAgentDir(t)
 	home := filepath.Join(dir, "home")
-	if err := os.Mkdir(home, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(home, attackerUID, attackerUID); err != nil {
-		t.Fatal(err)
-	}
+	mkdirOwnedByAttacker(t, home)
 	_, out, exited := startExpectRefusal(t, dir, strings.Replace(baseConfig, `data_dir     = "@DATA@"`, fmt.Sprintf("data_dir = %q", filepath.Join(home, "data")), 1))
 	if !exited {
 		t.Fatalf("the agent started below a directory owned by uid %d", attackerUID)
@@ -230,19 +189,7 @@ func fingerprint(c *x509.Certificate) string {
 // given owner and mode, as any writer of it would.
 func swapCAState(t *testing.T, dataDir string, data []byte, uid int, mode os.FileMode) {
 	t.Helper()
-	tmp := filepath.Join(dataDir, "swap")
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(tmp, mode); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(tmp, uid, uid); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dataDir, "local_ca.json")); err != nil {
-		t.Fatal(err)
-	}
+	testkit.ReplaceFile(t, filepath.Join(dataDir, "local_ca.json"), data, uid, mode)
 }
 
 // Finding 3: a local_ca.json that changes under the running agent is only
@@ -332,5 +279,16 @@ func TestStaleTempFilesRemovedAtStart(t *testing.T) {
 		if strings.Contains(f.Name(), ".tmp-") {
 			t.Errorf("%s left in data_dir", f.Name())
 		}
+	}
+}
+
+// mkdirOwnedByAttacker makes a directory, mode 0755, that attackerUID owns.
+func mkdirOwnedByAttacker(t *testing.T, path string) {
+	t.Helper()
+	if err := os.Mkdir(path, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path, attackerUID, attackerUID); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -1,12 +1,11 @@
 package e2e
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"os"
 	"os/exec"
 	"slices"
@@ -30,14 +29,17 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-const baseConfig = `
+// agentBlock is the agent block every test's config starts with.
+const agentBlock = `
 agent {
   trust_domain = "example.org"
   data_dir     = "@DATA@"
   socket_path  = "@SOCKET@"
   log_level    = "debug"
 }
-plugins {
+`
+
+const baseConfig = agentBlock + `plugins {
   WorkloadAttestor "unix" { plugin_data { discover_workload_path = true } }
   UpstreamAuthority "local" {
     plugin_data {
@@ -268,16 +270,7 @@ func (w *x509Updates) snapshot() []*workloadapi.X509Context {
 
 func watch(t *testing.T, c *workloadapi.Client) *x509Updates {
 	w := &x509Updates{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = c.WatchX509Context(ctx, w)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	testkit.WatchX509(t, c, w)
 	return w
 }
 
@@ -390,7 +383,7 @@ func TestEntryReloadReachesOpenStream(t *testing.T) {
 }
 
 func TestCallerWithoutEntryIsDenied(t *testing.T) {
-	testbin.RequireRoot(t, "to run a child process under another uid")
+	testkit.RequireRoot(t, "to run a child process under another uid")
 	a := startAgent(t, baseConfig)
 	// uid 65534 (nobody) has no entry.
 	cmd := exec.Command(lanyardBin, "api", "fetch", "x509", "-socketPath", a.socket, "-timeout", "3s")

@@ -1,19 +1,14 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"math/big"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -21,22 +16,9 @@ import (
 // partnerBundle writes a SPIFFE bundle for partner.org and returns its path
 // and root.
 func partnerBundle(t *testing.T, dir string) (string, *x509.Certificate) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	td := spiffeid.RequireTrustDomainFromString("partner.org")
-	id, _ := url.Parse(td.IDString())
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "partner"}, URIs: []*url.URL{id},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	root, _ := x509.ParseCertificate(der)
+	ca := testkit.NewTrustDomainCA(t, td, testkit.WithCommonName("partner"))
+	root, key := ca.Cert, ca.Key
 	b := spiffebundle.FromX509Authorities(td, []*x509.Certificate{root})
 	if err := b.AddJWTAuthority("partner-kid", key.Public()); err != nil {
 		t.Fatal(err)

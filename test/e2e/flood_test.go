@@ -1,14 +1,11 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -18,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // rssKiB reads a process's resident set size.
@@ -48,37 +45,9 @@ func statusKiB(t *testing.T, pid int, field string) int {
 // window of zero, so the agent can never send it a message: a client that
 // does not read, as the agent sees it.
 func stuckStream(t *testing.T, socket string) net.Conn {
-	conn, err := net.Dial("unix", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
-		t.Fatal(err)
-	}
-	fr := http2.NewFramer(conn, bufio.NewReader(conn))
-	if err := fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0}); err != nil {
-		t.Fatal(err)
-	}
-	var hdr bytes.Buffer
-	enc := hpack.NewEncoder(&hdr)
-	for _, f := range [][2]string{
-		{":method", "POST"}, {":scheme", "http"}, {":path", "/SpiffeWorkloadAPI/FetchX509SVID"},
-		{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"},
-		{"workload.spiffe.io", "true"},
-	} {
-		if err := enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hdr.Bytes(), EndHeaders: true}); err != nil {
-		t.Fatal(err)
-	}
-	// An empty X509SVIDRequest: uncompressed, zero length.
-	if err := fr.WriteData(1, true, []byte{0, 0, 0, 0, 0}); err != nil {
-		t.Fatal(err)
-	}
-	return conn
+	c := testkit.DialH2(t, socket, http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
+	c.Call(t, 1, "FetchX509SVID", &workload.X509SVIDRequest{})
+	return c.Conn
 }
 
 func TestConnectionFloodDoesNotStarveOthers(t *testing.T) {
@@ -220,17 +189,14 @@ func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
 // victimUID gets 40 of 40 fetches, root's probe is served, and the
 // attacker's uid is named in the log.
 func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *roleProc) {
-	testbin.RequireRoot(t, "to run clients under other uids")
-	a := &agentProc{t: t, dir: newAgentDir(t), nofile: 384}
-	a.config = filepath.Join(a.dir, "agent.conf")
-	a.socket = filepath.Join(a.dir, "public", "api.sock")
-	a.dataDir = filepath.Join(a.dir, "data")
-	a.writeConfig(withEntries(`
+	testkit.RequireRoot(t, "to run clients under other uids")
+	a := newAgentProc(t, newAgentDir(t), withEntries(`
       entry {
         spiffe_id = "spiffe://example.org/victim"
-        selectors = ["unix:uid:` + itoa(victimUID) + `"]
+        selectors = ["unix:uid:`+itoa(victimUID)+`"]
       }
 `))
+	a.nofile = 384
 	if err := a.start(); err != nil {
 		t.Fatal(err)
 	}

@@ -3,71 +3,22 @@ package e2e
 import (
 	"context"
 	"crypto/x509"
-	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
-
-// smallDataDir mounts a 256 KiB tmpfs as dir/data, unmounted at cleanup
-// (after the agent, started later, has stopped). fill takes all of its
-// space, so that every save fails with ENOSPC as on a full disk; free
-// gives it back.
-func smallDataDir(t *testing.T, dir string) (fill, free func()) {
-	t.Helper()
-	testbin.RequireRoot(t, "to mount a tmpfs")
-	data := filepath.Join(dir, "data")
-	if err := os.Mkdir(data, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", data, "tmpfs", 0, "size=256k,mode=0700"); err != nil {
-		t.Fatalf("mounting a 256 KiB tmpfs on %s: %v", data, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(data, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmounting %s: %v", data, err)
-		}
-	})
-	filler := filepath.Join(data, "filler")
-	fill = func() {
-		t.Helper()
-		f, err := os.OpenFile(filler, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		chunk := make([]byte, 4096)
-		for range 1024 { // 4 MiB at most: far more than 256 KiB
-			if _, err := f.Write(chunk); errors.Is(err, syscall.ENOSPC) {
-				return
-			} else if err != nil {
-				t.Fatal(err)
-			}
-		}
-		t.Fatal("the 256 KiB tmpfs took 4 MiB")
-	}
-	free = func() {
-		t.Helper()
-		if err := os.Remove(filler); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return fill, free
-}
 
 // checkWorkload fetches what a workload gets, as go-spiffe does, and
 // checks that every SVID verifies against the bundle the agent serves
@@ -116,7 +67,7 @@ func checkWorkload(t *testing.T, c *workloadapi.Client, i int) *x509.Certificate
 // and makes /ready degraded, and once the disk has room it is activated.
 func TestFullDataDirNeverSignsWithUnpublishedCA(t *testing.T) {
 	dir := newAgentDir(t)
-	fill, free := smallDataDir(t, dir)
+	fill, free := testkit.SmallDisk(t, filepath.Join(dir, "data"))
 	healthPort := freePort(t)
 	// ca_ttl is 30s: the next CA is prepared at 15s and activated at 20s.
 	cfg := strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "4s"
@@ -221,16 +172,7 @@ func (w *verifiedUpdates) result() (int, []error) {
 
 func watchVerified(t *testing.T, c *workloadapi.Client) *verifiedUpdates {
 	w := &verifiedUpdates{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = c.WatchX509Context(ctx, w)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	testkit.WatchX509(t, c, w)
 	return w
 }
 

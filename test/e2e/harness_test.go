@@ -4,10 +4,7 @@ package e2e
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -15,10 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -33,23 +29,15 @@ func TestMain(m *testing.M) {
 }
 
 func runTests(m *testing.M) int {
-	bin, cleanup, err := testbin.Build()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer cleanup()
-	lanyardBin = bin
-	if err := placeRoleBin(filepath.Dir(bin)); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	return m.Run()
+	return testkit.RunWithLanyard(m, func(bin string) error {
+		lanyardBin = bin
+		return placeRoleBin(filepath.Dir(bin))
+	})
 }
 
 // agentProc is a running lanyard agent.
 type agentProc struct {
-	*testbin.Process
+	*testkit.Process
 	t       *testing.T
 	dir     string
 	config  string
@@ -60,19 +48,9 @@ type agentProc struct {
 	nofile int
 }
 
-// newAgentDir makes a short-pathed directory (Unix socket paths are limited
-// to 107 bytes) that other users can traverse.
-func newAgentDir(t *testing.T) string {
-	dir, err := os.MkdirTemp("", "ly-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
+// newAgentDir makes a short-pathed directory for the agent's socket that
+// other users can traverse.
+func newAgentDir(t *testing.T) string { return testkit.ShortDir(t, "ly-") }
 
 // expandConfig fills the placeholders @DATA@, @SOCKET@ and @UID@.
 func expandConfig(body, dataDir, socket string) string {
@@ -88,6 +66,17 @@ func startAgent(t *testing.T, config string) *agentProc {
 
 func startAgentIn(t *testing.T, dir, config string) *agentProc {
 	t.Helper()
+	a := newAgentProc(t, dir, config)
+	if err := a.start(); err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// newAgentProc writes config (with placeholders) into dir, for an agent
+// the test starts itself.
+func newAgentProc(t *testing.T, dir, config string) *agentProc {
+	t.Helper()
 	a := &agentProc{
 		t:       t,
 		dir:     dir,
@@ -96,9 +85,6 @@ func startAgentIn(t *testing.T, dir, config string) *agentProc {
 		dataDir: filepath.Join(dir, "data"),
 	}
 	a.writeConfig(config)
-	if err := a.start(); err != nil {
-		t.Fatal(err)
-	}
 	return a
 }
 
@@ -114,7 +100,7 @@ func (a *agentProc) start() error {
 	if a.nofile > 0 {
 		bin, args = roleBin, append([]string{roleArg, "nofile", strconv.Itoa(a.nofile), lanyardBin}, args...)
 	}
-	p, err := testbin.Start(a.t, bin, args...)
+	p, err := testkit.Start(a.t, bin, args...)
 	if err != nil {
 		return err
 	}
@@ -122,7 +108,7 @@ func (a *agentProc) start() error {
 	return p.WaitServing(a.socket, 30*time.Second)
 }
 
-func (a *agentProc) healthy() bool { return testbin.Serving(a.socket) }
+func (a *agentProc) healthy() bool { return testkit.Serving(a.socket) }
 
 // reload rewrites the config and sends SIGHUP, then waits for the agent to
 // log the outcome.
@@ -150,44 +136,18 @@ func (a *agentProc) client(t *testing.T) *workloadapi.Client {
 
 // rawConn is a plain gRPC connection, for calls the go-spiffe client would
 // not make (no security header, unimplemented methods).
-func (a *agentProc) rawConn(t *testing.T) *grpc.ClientConn {
-	t.Helper()
-	conn, err := grpc.NewClient("unix://"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
-}
+func (a *agentProc) rawConn(t *testing.T) *grpc.ClientConn { return testkit.Dial(t, a.socket) }
 
 func withHeader(ctx context.Context) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "workload.spiffe.io", "true")
 }
 
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	testbin.WaitFor(t, timeout, what, cond)
-}
+var waitFor = testkit.WaitFor
 
-func testContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
+func testContext(t *testing.T) context.Context { return testkit.Context(t, 30*time.Second) }
 
 // runCLI runs the lanyard binary and returns its combined output and exit code.
 func runCLI(t *testing.T, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(lanyardBin, args...)
-	out, err := cmd.CombinedOutput()
-	var exit *exec.ExitError
-	switch {
-	case err == nil:
-		return string(out), 0
-	case errors.As(err, &exit):
-		return string(out), exit.ExitCode()
-	default:
-		t.Fatalf("running lanyard %v: %v", args, err)
-		return "", -1
-	}
+	return testkit.RunCLI(t, lanyardBin, args...)
 }

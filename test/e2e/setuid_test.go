@@ -15,7 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"io"
 	"net"
 	"os"
@@ -464,14 +464,7 @@ func runPeerAttack(t *testing.T, socket, mode string, extra ...string) peerAttac
 	}
 }
 
-const rootEntryConfig = `
-agent {
-  trust_domain = "example.org"
-  data_dir     = "@DATA@"
-  socket_path  = "@SOCKET@"
-  log_level    = "debug"
-}
-plugins {
+const rootEntryConfig = agentBlock + `plugins {
   WorkloadAttestor "unix" { plugin_data { discover_workload_path = @DISCOVER@ } }
   UpstreamAuthority "local" {
     plugin_data {
@@ -520,7 +513,7 @@ func startAttackedAgent(t *testing.T, discover bool) *agentProc {
 // them again: the agent that read credentials from /proc handed out root's
 // SVID every time.
 func TestSetuidAfterConnectGetsNoRootIdentity(t *testing.T) {
-	testbin.RequireRoot(t, "the attack runs a setuid-root program under another uid")
+	testkit.RequireRoot(t, "the attack runs a setuid-root program under another uid")
 	for _, discover := range []bool{true, false} {
 		t.Run(fmt.Sprintf("discover_workload_path=%v", discover), func(t *testing.T) {
 			a := startAttackedAgent(t, discover)
@@ -561,7 +554,7 @@ func TestSetuidAfterConnectGetsNoRootIdentity(t *testing.T) {
 // connects and then executes a binary that a unix:path entry trusts; the
 // child that kept the connection must not get that entry's identity.
 func TestExecAfterConnectGetsNoPathIdentity(t *testing.T) {
-	testbin.RequireRoot(t, "to run the attacker under another uid")
+	testkit.RequireRoot(t, "to run the attacker under another uid")
 	a := startAttackedAgent(t, true)
 	trusted := trustedBinary(t)
 	r := runPeerAttack(t, a.socket, "exec", trusted)
@@ -583,7 +576,7 @@ func TestExecAfterConnectGetsNoPathIdentity(t *testing.T) {
 // connected exited (and was reaped), a child holding its connection gets
 // Unauthenticated, on every call, not a closed connection.
 func TestCallerGoneIsUnauthenticated(t *testing.T) {
-	testbin.RequireRoot(t, "to run the attacker under another uid")
+	testkit.RequireRoot(t, "to run the attacker under another uid")
 	a := startAttackedAgent(t, false)
 	r := runPeerAttack(t, a.socket, "exit")
 	if r.Error != "" {

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/test/testbin"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // TestPlantedSocketDirIsRefused: before the agent started, another user
@@ -17,7 +17,7 @@ import (
 // start and say why, rather than serve from a directory where that user
 // can swap the socket for their own.
 func TestPlantedSocketDirIsRefused(t *testing.T) {
-	testbin.RequireRoot(t, "to plant a directory as another user")
+	testkit.RequireRoot(t, "to plant a directory as another user")
 	for _, tc := range []struct {
 		name       string
 		mode       os.FileMode
@@ -35,14 +35,7 @@ func TestPlantedSocketDirIsRefused(t *testing.T) {
 
 func plantedSocketDir(t *testing.T, mode os.FileMode, owner int, wantInLogs []string) {
 	dir := newAgentDir(t)
-	a := &agentProc{
-		t:       t,
-		dir:     dir,
-		config:  filepath.Join(dir, "agent.conf"),
-		socket:  filepath.Join(dir, "public", "api.sock"),
-		dataDir: filepath.Join(dir, "data"),
-	}
-	a.writeConfig(baseConfig)
+	a := newAgentProc(t, dir, baseConfig)
 	public := filepath.Dir(a.socket)
 	if err := os.Mkdir(public, 0o700); err != nil {
 		t.Fatal(err)
@@ -62,7 +55,7 @@ func plantedSocketDir(t *testing.T, mode os.FileMode, owner int, wantInLogs []st
 		t.Fatal(err)
 	}
 
-	p, err := testbin.Start(t, lanyardBin, "run", "-config", a.config)
+	p, err := testkit.Start(t, lanyardBin, "run", "-config", a.config)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -311,8 +312,7 @@ func swapSocket(args []string) error {
 type roleProc struct {
 	cmd    *exec.Cmd
 	lines  chan string // its stdout, line by line; closed when it exits
-	stderr *bytes.Buffer
-	mu     sync.Mutex
+	stderr *testkit.Buffer
 }
 
 // startRole runs a role under uid. It is killed when the test ends.
@@ -330,8 +330,8 @@ func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *roleP
 		AmbientCaps: caps,
 		Pdeathsig:   syscall.SIGKILL,
 	}
-	p := &roleProc{cmd: cmd, lines: make(chan string, 1024), stderr: &bytes.Buffer{}}
-	cmd.Stderr = &lockedWriter{mu: &p.mu, w: p.stderr}
+	p := &roleProc{cmd: cmd, lines: make(chan string, 1024), stderr: &testkit.Buffer{}}
+	cmd.Stderr = p.stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -368,22 +368,7 @@ func (p *roleProc) next(t *testing.T, bound time.Duration) (string, bool) {
 	}
 }
 
-func (p *roleProc) errors() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.stderr.String()
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  io.Writer
-}
-
-func (w *lockedWriter) Write(b []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.w.Write(b)
-}
+func (p *roleProc) errors() string { return p.stderr.String() }
 
 // heldCount parses the attacker's "held N".
 func heldCount(line string) (int, bool) {

@@ -5,7 +5,6 @@
 package interop
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -14,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 )
 
 // lanyardBin is the binary under test, built once by TestMain.
@@ -30,18 +29,11 @@ func runTests(m *testing.M) int {
 		// Every test here needs SPIRE; they skip themselves.
 		return m.Run()
 	}
-	bin, cleanup, err := testbin.Build()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer cleanup()
-	lanyardBin = bin
-	return m.Run()
+	return testkit.RunWithLanyard(m, func(bin string) error {
+		lanyardBin = bin
+		return nil
+	})
 }
-
-// syncBuffer collects a process's output.
-type syncBuffer = testbin.SyncBuffer
 
 // node is a lanyard agent's files: its config, data and socket.
 type node struct {
@@ -86,12 +78,7 @@ const (
 // block; keys is the KeyManager block.
 func newNode(t *testing.T, s *spiretest.Server, extra, keys string) *node {
 	t.Helper()
-	// Unix socket paths are limited to 107 bytes; t.TempDir() can exceed it.
-	dir, err := os.MkdirTemp("", "lyi-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testkit.ShortDir(t, "lyi-")
 	n := &node{t: t, dir: dir, config: filepath.Join(dir, "agent.conf"), socket: filepath.Join(dir, "api.sock"),
 		data: filepath.Join(dir, "data"), bundle: filepath.Join(dir, "bundle.pem")}
 	if err := os.WriteFile(n.bundle, s.BundlePEM(t), 0o600); err != nil {
@@ -111,8 +98,8 @@ func newNode(t *testing.T, s *spiretest.Server, extra, keys string) *node {
 
 // lanyard is a running lanyard process.
 type lanyard struct {
-	*testbin.Process
-	logs *testbin.SyncBuffer
+	*testkit.Process
+	logs *testkit.Buffer
 }
 
 // start runs `lanyard run -config <n.config> args...` and waits until it
@@ -131,7 +118,7 @@ func (n *node) start(args ...string) *lanyard {
 
 // run starts lanyard without waiting for it.
 func (n *node) run(args ...string) (*lanyard, error) {
-	p, err := testbin.Start(n.t, lanyardBin, append([]string{"run", "-config", n.config}, args...)...)
+	p, err := testkit.Start(n.t, lanyardBin, append([]string{"run", "-config", n.config}, args...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -140,13 +127,20 @@ func (n *node) run(args ...string) (*lanyard, error) {
 
 func (l *lanyard) stop() { l.Stop() }
 
-func waitFor(t *testing.T, bound time.Duration, what string, cond func() bool) {
+// startServing starts a server that reloads its entry cache every second
+// with an entry for id, and a lanyard node on it (fast sync, keys on disk)
+// that serves id.
+func startServing(t *testing.T, id string, opts ...spiretest.ServerOption) (*spiretest.Server, *node, *lanyard) {
 	t.Helper()
-	testbin.WaitFor(t, bound, what, cond)
+	s := spiretest.StartServer(t, append(opts, spiretest.WithCacheReloadInterval(time.Second))...)
+	createEntry(t, s, id)
+	n := newNode(t, s, fastSync, diskKeys)
+	l := n.start("-joinToken", s.JoinToken(t, nodeID))
+	fetchID(t, n.socket, id)
+	return s, n, l
 }
 
-func testContext(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
+var (
+	waitFor     = testkit.WaitFor
+	testContext = testkit.Context
+)

@@ -3,9 +3,6 @@ package interop
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha1"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -13,8 +10,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +20,7 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
@@ -163,21 +159,7 @@ func sortedIDs(m x509Msg) []string {
 
 func serverBundle(t *testing.T, s *spiretest.Server) *x509bundle.Bundle {
 	t.Helper()
-	var certs []*x509.Certificate
-	rest := s.BundlePEM(t)
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		certs = append(certs, c)
-	}
-	return x509bundle.FromX509Authorities(td, certs)
+	return x509bundle.FromX509Authorities(td, s.BundleCerts(t))
 }
 
 // createEntry creates an entry parented to the node with extra CLI flags.
@@ -202,7 +184,7 @@ func createEntry(t *testing.T, s *spiretest.Server, spiffeID string, extra ...st
 func TestFetchX509AndJWT(t *testing.T) {
 	s := spiretest.StartServer(t)
 	// A federated trust domain whose bundle the server holds.
-	otherCA := selfSignedCA(t, "spiffe://other.org")
+	otherCA := testkit.NewCA(t, "spiffe://other.org").Cert
 	otherPath := filepath.Join(t.TempDir(), "other.pem")
 	if err := os.WriteFile(otherPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: otherCA.Raw}), 0o600); err != nil {
 		t.Fatal(err)
@@ -279,12 +261,8 @@ func TestFetchX509AndJWT(t *testing.T) {
 // TestEntryCreatedAndDeletedOnAnOpenStream follows one stream while its
 // entries come and go.
 func TestEntryCreatedAndDeletedOnAnOpenStream(t *testing.T) {
-	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
 	aID := "spiffe://example.org/a"
-	createEntry(t, s, aID)
-	n := newNode(t, s, fastSync, diskKeys)
-	n.start("-joinToken", s.JoinToken(t, nodeID))
-	fetchID(t, n.socket, aID)
+	s, n, _ := startServing(t, aID)
 
 	stream := openX509Stream(t, n.socket)
 	if m := stream.next(t, 30*time.Second); m.err != nil || len(m.ids) != 1 || m.ids[0] != aID {
@@ -360,12 +338,8 @@ func bundleHas(m x509Msg, authorityID string) bool {
 // and follows one stream: the new CA reaches it first, then SVIDs signed
 // by it once the old CA is tainted, as spire-agent does.
 func TestCARotationReachesAnOpenStream(t *testing.T) {
-	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
 	aID := "spiffe://example.org/a"
-	createEntry(t, s, aID)
-	n := newNode(t, s, fastSync, diskKeys)
-	n.start("-joinToken", s.JoinToken(t, nodeID))
-	fetchID(t, n.socket, aID)
+	s, n, _ := startServing(t, aID)
 
 	oldID := localAuthorities(t, s, "x509")["active"]
 	stream := openX509Stream(t, n.socket)
@@ -603,33 +577,6 @@ func TestSpireAgentCLIAsClient(t *testing.T) {
 	run("healthcheck", "-socketPath", n.socket)
 }
 
-func selfSignedCA(t *testing.T, id string) *x509.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	u, err := url.Parse(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: id},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs: []*url.URL{u},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
 // withServerPlugin adds a plugin block to a running server's config and
 // restarts it. spiretest configures only the join_token attestor.
 func withServerPlugin(t *testing.T, s *spiretest.Server, block string) {
@@ -656,32 +603,16 @@ func withServerPlugin(t *testing.T, s *spiretest.Server, block string) {
 func TestX509PoP(t *testing.T) {
 	s := spiretest.StartServer(t, spiretest.WithX509SVIDTTL(20*time.Second))
 	dir := t.TempDir()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "node CA"},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
-	ca, _ := x509.ParseCertificate(caDER)
-	nodeKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	nodeDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-1"},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature,
-	}, ca, nodeKey.Public(), caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, _ := x509.MarshalPKCS8PrivateKey(nodeKey)
+	ca := testkit.NewCA(t, "", testkit.WithCommonName("node CA"))
+	nodeKey := testkit.NewKey(t)
+	node := ca.Issue(t, &x509.Certificate{Subject: pkix.Name{CommonName: "node-1"}, KeyUsage: x509.KeyUsageDigitalSignature}, nodeKey.Public())
 	write := func(name, typ string, der []byte) string {
 		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		testkit.WritePEM(t, p, typ, der)
 		return p
 	}
-	caPath, certPath, keyPath := write("ca.pem", "CERTIFICATE", caDER), write("node.pem", "CERTIFICATE", nodeDER), write("node.key", "PRIVATE KEY", keyDER)
+	nodeDER := node.Raw
+	caPath, certPath, keyPath := write("ca.pem", "CERTIFICATE", ca.Cert.Raw), write("node.pem", "CERTIFICATE", nodeDER), write("node.key", "PRIVATE KEY", testkit.PKCS8(t, nodeKey))
 	withServerPlugin(t, s, fmt.Sprintf("    NodeAttestor \"x509pop\" {\n        plugin_data {\n            ca_bundle_path = %q\n        }\n    }", caPath))
 
 	// The agent ID is the certificate's SHA-1 fingerprint; an entry
@@ -753,7 +684,7 @@ func TestSwapSpireAgentForLanyard(t *testing.T) {
 	}
 
 	bin := filepath.Join(s.BinDir, "spire-agent")
-	var logs syncBuffer
+	var logs testkit.Buffer
 	cmd := exec.Command(bin, "run", "-config", n.config, "-joinToken", s.JoinToken(t, nodeID))
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -17,12 +17,8 @@ import (
 // restarted during the outage serves the SVID it saved, and rotation
 // resumes once the server is back.
 func TestSpireServerOutage(t *testing.T) {
-	s := spiretest.StartServer(t, spiretest.WithX509SVIDTTL(40*time.Second), spiretest.WithCacheReloadInterval(time.Second))
 	webID := "spiffe://example.org/web"
-	createEntry(t, s, webID)
-	n := newNode(t, s, fastSync, diskKeys)
-	l := n.start("-joinToken", s.JoinToken(t, nodeID))
-	fetchID(t, n.socket, webID)
+	s, n, l := startServing(t, webID, spiretest.WithX509SVIDTTL(40*time.Second))
 	stream := openX509Stream(t, n.socket)
 	first := stream.next(t, 30*time.Second)
 	if first.err != nil {

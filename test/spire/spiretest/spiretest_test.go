@@ -2,8 +2,6 @@ package spiretest
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"os"
 	"strings"
@@ -48,7 +46,7 @@ func TestAgentIssuesSVID(t *testing.T) {
 	}
 
 	td := spiffeid.RequireTrustDomainFromString(s.TrustDomain)
-	roots := parseCerts(t, s.BundlePEM(t))
+	roots := s.BundleCerts(t)
 	if _, _, err := x509svid.Verify(svid.Certificates, x509bundle.FromX509Authorities(td, roots)); err != nil {
 		t.Fatalf("SVID does not verify against spire-server's bundle: %v", err)
 	}
@@ -62,11 +60,11 @@ func TestAgentIssuesSVID(t *testing.T) {
 func TestServerLifecycle(t *testing.T) {
 	s := StartServer(t, WithTrustDomain("lifecycle.test"), WithCATTL(2*time.Hour))
 
-	if n := len(parseCerts(t, s.BundlePEM(t))); n != 1 {
+	if n := len(s.BundleCerts(t)); n != 1 {
 		t.Fatalf("fresh bundle has %d X.509 authorities, want 1", n)
 	}
 	x509ID := s.PrepareX509Authority(t)
-	if n := len(parseCerts(t, s.BundlePEM(t))); n != 2 {
+	if n := len(s.BundleCerts(t)); n != 2 {
 		t.Fatalf("bundle has %d X.509 authorities after prepare, want 2", n)
 	}
 	s.ActivateX509Authority(t, x509ID)
@@ -103,22 +101,4 @@ func TestServerLifecycle(t *testing.T) {
 	if count.Count != 0 {
 		t.Fatalf("%d entries left after deleting the only one", count.Count)
 	}
-}
-
-func parseCerts(t *testing.T, pemBytes []byte) []*x509.Certificate {
-	t.Helper()
-	var certs []*x509.Certificate
-	for rest := pemBytes; ; {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			t.Fatalf("parsing bundle certificate: %v", err)
-		}
-		certs = append(certs, c)
-	}
-	return certs
 }

@@ -1,7 +1,7 @@
-//go:build !race
+//go:build race
 
-package testbin
+package testkit
 
 // RaceEnabled reports whether the tests run with the race detector, so the
 // binary under test is built with it too.
-const RaceEnabled = false
+const RaceEnabled = true

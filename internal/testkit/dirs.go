@@ -1,0 +1,59 @@
+package testkit
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+)
+
+// ShortDir makes a directory under /tmp, removed when the test ends, whose
+// path is short enough for Unix sockets in it (their paths are limited to
+// 107 bytes, which t.TempDir() can exceed). Every user may traverse it, for
+// tests that run clients under other uids.
+func ShortDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// Context is a context that ends after bound or when the test ends.
+func Context(t testing.TB, bound time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// WaitFor polls cond until it holds, failing the test after bound.
+func WaitFor(t testing.TB, bound time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(bound)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", bound, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// RequireRoot skips a test that needs root (to chown, to run processes
+// under other uids, to mount) when it runs as another user, and fails it
+// under CI, which runs as root: there a skip would hide a test that must
+// run.
+func RequireRoot(t testing.TB, why string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("CI runs as root, but this test runs as uid %d: %s", os.Geteuid(), why)
+	}
+	t.Skip("needs root: " + why)
+}

@@ -1,0 +1,20 @@
+package testkit
+
+import (
+	"crypto"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+)
+
+// SignJWT signs an ES256 JWT-SVID with key, naming kid in its header.
+func SignJWT(key crypto.Signer, kid, subject string, audience []string, issuedAt, expiry time.Time) (string, error) {
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}},
+		(&jose.SignerOptions{}).WithType("JWT"))
+	if err != nil {
+		return "", err
+	}
+	return jwt.Signed(signer).Claims(jwt.Claims{Subject: subject, Audience: audience,
+		IssuedAt: jwt.NewNumericDate(issuedAt), Expiry: jwt.NewNumericDate(expiry)}).Serialize()
+}
