@@ -4,15 +4,12 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -25,62 +22,20 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-func bigOne() *big.Int { return big.NewInt(1) }
-
-// makeCA makes a CA certificate signed by parent, or self-signed when
-// parent is nil. uri may be empty.
-func makeCA(t *testing.T, parent *x509.Certificate, parentKey crypto.Signer, uri string, notBefore, notAfter time.Time) (*x509.Certificate, *ecdsa.PrivateKey) {
+// makeCA makes a self-signed CA certificate and its key; uri may be empty.
+func makeCA(t *testing.T, uri string, notBefore, notAfter time.Time) (*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, err := randomSerial()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "test CA " + serial.String()[:8]},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	if uri != "" {
-		u, err := url.Parse(uri)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl.URIs = []*url.URL{u}
-	}
-	signer, issuer := crypto.Signer(key), tmpl
-	if parent != nil {
-		signer, issuer = parentKey, parent
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, key.Public(), signer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, key
+	ca := testkit.NewCA(t, uri, testkit.WithValidity(notBefore, notAfter))
+	return ca.Cert, ca.Key
 }
 
 func pkcs8PEM(t *testing.T, key crypto.Signer) []byte {
-	t.Helper()
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	return testkit.PEM("PRIVATE KEY", testkit.PKCS8(t, key))
 }
 
 func jwtKIDs(b *spiffebundle.Bundle) []string {
@@ -135,7 +90,7 @@ func TestStateFilePersists(t *testing.T) {
 }
 
 func TestCorruptStateFile(t *testing.T) {
-	validKey := pkcs8PEM(t, mustKey(t))
+	validKey := pkcs8PEM(t, testkit.NewKey(t))
 	for _, tc := range []struct {
 		name, content, want string
 	}{
@@ -172,7 +127,7 @@ func TestCorruptStateFile(t *testing.T) {
 			if _, _, ok := l.bundles(); ok {
 				t.Error("bundles published without a CA")
 			}
-			if _, err := l.MintX509SVIDs(t.Context(), []agent.X509Request{{Entry: entryFor(t, l, "spiffe://example.org/web"), Key: mustKey(t)}}); !explains(err) {
+			if _, err := l.MintX509SVIDs(t.Context(), []agent.X509Request{{Entry: entryFor(t, l, "spiffe://example.org/web"), Key: testkit.NewKey(t)}}); !explains(err) {
 				t.Errorf("MintX509SVIDs: %v, want an error naming %s and saying %q", err, path, tc.want)
 			}
 			if _, err := l.MintJWTSVID(t.Context(), entryFor(t, l, "spiffe://example.org/web"), []string{"a"}); !explains(err) {
@@ -186,15 +141,6 @@ func TestCorruptStateFile(t *testing.T) {
 			}
 		})
 	}
-}
-
-func mustKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return key
 }
 
 func TestExpiredStateMakesNewCA(t *testing.T) {
@@ -358,7 +304,7 @@ func fileCA(t *testing.T, certs []*x509.Certificate, keyPEM []byte) string {
 
 func TestCAFromFile(t *testing.T) {
 	now := time.Now()
-	ca, key := makeCA(t, nil, nil, "spiffe://example.org", now.Add(-time.Hour), now.Add(365*24*time.Hour))
+	ca, key := makeCA(t, "spiffe://example.org", now.Add(-time.Hour), now.Add(365*24*time.Hour))
 	body := fileCA(t, []*x509.Certificate{ca}, pkcs8PEM(t, key)) + webEntry
 	dir := t.TempDir()
 	l := newLocal(t, dir, body)
@@ -394,8 +340,9 @@ func TestCAFromFile(t *testing.T) {
 
 func TestCAFromFileWithIntermediate(t *testing.T) {
 	now := time.Now()
-	root, rootKey := makeCA(t, nil, nil, "spiffe://example.org", now.Add(-time.Hour), now.Add(365*24*time.Hour))
-	inter, interKey := makeCA(t, root, rootKey, "spiffe://example.org", now.Add(-time.Hour), now.Add(180*24*time.Hour))
+	rootCA := testkit.NewCA(t, "spiffe://example.org", testkit.WithValidity(now.Add(-time.Hour), now.Add(365*24*time.Hour)))
+	interCA := rootCA.NewIntermediate(t, "spiffe://example.org", testkit.WithValidity(now.Add(-time.Hour), now.Add(180*24*time.Hour)))
+	root, inter, interKey := rootCA.Cert, interCA.Cert, interCA.Key
 	// A SEC 1 key exercises the non-PKCS#8 path.
 	sec1, err := x509.MarshalECPrivateKey(interKey)
 	if err != nil {
@@ -440,19 +387,15 @@ func TestCAFromFileWithIntermediate(t *testing.T) {
 
 func TestCAFromFileErrors(t *testing.T) {
 	now := time.Now()
-	ca, key := makeCA(t, nil, nil, "spiffe://example.org", now.Add(-time.Hour), now.Add(24*time.Hour))
-	otherCA, otherKey := makeCA(t, nil, nil, "spiffe://other.org", now.Add(-time.Hour), now.Add(24*time.Hour))
+	issuer := testkit.NewCA(t, "spiffe://example.org", testkit.WithValidity(now.Add(-time.Hour), now.Add(24*time.Hour)))
+	ca, key := issuer.Cert, issuer.Key
+	otherCA, otherKey := makeCA(t, "spiffe://other.org", now.Add(-time.Hour), now.Add(24*time.Hour))
 	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
 	}
-	leafTmpl := &x509.Certificate{SerialNumber: bigOne(), NotBefore: now, NotAfter: now.Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, BasicConstraintsValid: true}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, rsaKey.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, _ := x509.ParseCertificate(leafDER)
+	leaf := issuer.Issue(t, &x509.Certificate{NotBefore: now, NotAfter: now.Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, BasicConstraintsValid: true}, rsaKey.Public())
 	dir := t.TempDir()
 	for _, tc := range []struct {
 		name, body, want string
@@ -472,7 +415,7 @@ func TestCAFromFileErrors(t *testing.T) {
 		})
 	}
 	// An RSA PKCS#1 key loads.
-	rsaTmpl := &x509.Certificate{SerialNumber: bigOne(), Subject: pkix.Name{CommonName: "rsa"}, NotBefore: now.Add(-time.Hour),
+	rsaTmpl := &x509.Certificate{SerialNumber: testkit.Serial(), Subject: pkix.Name{CommonName: "rsa"}, NotBefore: now.Add(-time.Hour),
 		NotAfter: now.Add(24 * time.Hour), KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true}
 	rsaDER, err := x509.CreateCertificate(rand.Reader, rsaTmpl, rsaTmpl, rsaKey.Public(), rsaKey)
 	if err != nil {
@@ -491,7 +434,7 @@ func TestCAFromFileErrors(t *testing.T) {
 // and activate an authority on every call.
 func TestFileCARotationDoesNotSpin(t *testing.T) {
 	now := time.Now()
-	ca, key := makeCA(t, nil, nil, "spiffe://example.org", now.Add(-90*24*time.Hour), now.Add(365*24*time.Hour))
+	ca, key := makeCA(t, "spiffe://example.org", now.Add(-90*24*time.Hour), now.Add(365*24*time.Hour))
 	l := newLocal(t, t.TempDir(), fileCA(t, []*x509.Certificate{ca}, pkcs8PEM(t, key))+webEntry)
 	setClock(l, now)
 	for range 5 {

@@ -24,6 +24,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -84,7 +86,7 @@ func newLocal(t *testing.T, dir, body string) *Local {
 		t.Fatalf("New: %v", err)
 	}
 	l.mu.Lock()
-	l.sink = newRecordingSink()
+	l.sink = fakeagent.NewSink()
 	l.mu.Unlock()
 	return l
 }
@@ -262,21 +264,9 @@ func TestX509SVIDCappedByCA(t *testing.T) {
 // Go marks the SAN extension critical when the subject is empty, which is
 // what the X509-SVID spec asks; we rely on it should the subject go away.
 func TestEmptySubjectGetsCriticalSAN(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
 	u, _ := url.Parse("spiffe://example.org/x")
-	tmpl := &x509.Certificate{SerialNumber: bigOne(), URIs: []*url.URL{u},
-		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testkit.NewCA(t, "").Issue(t, &x509.Certificate{URIs: []*url.URL{u},
+		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}, testkit.NewKey(t).Public())
 	if san := findExt(c, oidSAN); san == nil || !san.Critical {
 		t.Errorf("SAN extension with an empty subject = %+v, want critical", san)
 	}
@@ -432,6 +422,17 @@ entry {
 	}
 }
 
+// entryX is a valid entry for spiffe://example.org/x with one more line
+// (line 4) in its body.
+func entryX(line string) string {
+	return "entry {\n  spiffe_id = \"spiffe://example.org/x\"\n  selectors = [\"unix:uid:1\"]\n  " + line + "\n}"
+}
+
+// fedBundle is a federated_bundle block; trust_domain is on its line 2.
+func fedBundle(trustDomain, path string) string {
+	return fmt.Sprintf("federated_bundle {\n  trust_domain = %q\n  path = %q\n}", trustDomain, path)
+}
+
 func TestConfigErrors(t *testing.T) {
 	dir := t.TempDir()
 	notBundle := filepath.Join(dir, "garbage.json")
@@ -476,16 +477,8 @@ entry {
   spiffe_id = "spiffe://example.org/x"
   selectors = ["uid1000"]
 }`, 3, "entry[0].selectors", "has no type"},
-		{"bad entry duration", `entry {
-  spiffe_id = "spiffe://example.org/x"
-  selectors = ["unix:uid:1"]
-  x509_svid_ttl = "1 hour"
-}`, 4, "entry[0].x509_svid_ttl", "bad duration"},
-		{"zero jwt ttl", `entry {
-  spiffe_id = "spiffe://example.org/x"
-  selectors = ["unix:uid:1"]
-  jwt_svid_ttl = "0s"
-}`, 4, "entry[0].jwt_svid_ttl", "more than zero"},
+		{"bad entry duration", entryX(`x509_svid_ttl = "1 hour"`), 4, "entry[0].x509_svid_ttl", "bad duration"},
+		{"zero jwt ttl", entryX(`jwt_svid_ttl = "0s"`), 4, "entry[0].jwt_svid_ttl", "more than zero"},
 		{"bad top-level duration", `
 ca_ttl = "soon"`, 2, "ca_ttl", "bad duration"},
 		{"svid ttl not under ca ttl", `ca_ttl = "1h"
@@ -498,42 +491,14 @@ entry {
   spiffe_id = "spiffe://example.org/x"
   selectors = ["unix:gid:2", "unix:uid:1"]
 }`, 5, "entry[1]", "the same as entry[0]"},
-		{"hint too long", `entry {
-  spiffe_id = "spiffe://example.org/x"
-  selectors = ["unix:uid:1"]
-  hint = "` + long + `"
-}`, 4, "entry[0].hint", "1025 bytes"},
-		{"bad dns name", `entry {
-  spiffe_id = "spiffe://example.org/x"
-  selectors = ["unix:uid:1"]
-  dns_names = ["a b"]
-}`, 4, "entry[0].dns_names", "not a DNS name"},
-		{"federates with own td", `entry {
-  spiffe_id = "spiffe://example.org/x"
-  selectors = ["unix:uid:1"]
-  federates_with = ["example.org"]
-}`, 4, "entry[0].federates_with", "its own trust domain"},
-		{"federates with garbage", `entry {
-  spiffe_id = "spiffe://example.org/x"
-  selectors = ["unix:uid:1"]
-  federates_with = ["Not A TD"]
-}`, 4, "entry[0].federates_with", "is not a trust domain"},
-		{"federated bundle missing", `federated_bundle {
-  trust_domain = "other.org"
-  path = "` + missing + `"
-}`, 3, "federated_bundle[0].path", "missing.json"},
-		{"federated bundle not a bundle", `federated_bundle {
-  trust_domain = "other.org"
-  path = "` + notBundle + `"
-}`, 3, "federated_bundle[0].path", "is not a SPIFFE bundle"},
-		{"federated bundle bad pem", `federated_bundle {
-  trust_domain = "other.org"
-  path = "` + badPEM + `"
-}`, 3, "federated_bundle[0].path", "is not a PEM bundle"},
-		{"federated bundle own td", `federated_bundle {
-  trust_domain = "example.org"
-  path = "` + notBundle + `"
-}`, 2, "federated_bundle[0].trust_domain", "own trust domain"},
+		{"hint too long", entryX(`hint = "` + long + `"`), 4, "entry[0].hint", "1025 bytes"},
+		{"bad dns name", entryX(`dns_names = ["a b"]`), 4, "entry[0].dns_names", "not a DNS name"},
+		{"federates with own td", entryX(`federates_with = ["example.org"]`), 4, "entry[0].federates_with", "its own trust domain"},
+		{"federates with garbage", entryX(`federates_with = ["Not A TD"]`), 4, "entry[0].federates_with", "is not a trust domain"},
+		{"federated bundle missing", fedBundle("other.org", missing), 3, "federated_bundle[0].path", "missing.json"},
+		{"federated bundle not a bundle", fedBundle("other.org", notBundle), 3, "federated_bundle[0].path", "is not a SPIFFE bundle"},
+		{"federated bundle bad pem", fedBundle("other.org", badPEM), 3, "federated_bundle[0].path", "is not a PEM bundle"},
+		{"federated bundle own td", fedBundle("example.org", notBundle), 2, "federated_bundle[0].trust_domain", "own trust domain"},
 		{"federated bundle no path", `federated_bundle {
   trust_domain = "other.org"
 }`, 1, "federated_bundle[0]", "path is missing"},
@@ -579,11 +544,8 @@ func pemCerts(certs ...*x509.Certificate) []byte {
 func TestFederatedBundles(t *testing.T) {
 	dir := t.TempDir()
 	otherTD := spiffeid.RequireTrustDomainFromString("other.org")
-	otherCA, _ := makeCA(t, nil, nil, "spiffe://other.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
-	jwtKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
+	otherCA, _ := makeCA(t, "spiffe://other.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	jwtKey := testkit.NewKey(t)
 	sb := spiffebundle.New(otherTD)
 	sb.AddX509Authority(otherCA)
 	if err := sb.AddJWTAuthority("kid-1", jwtKey.Public()); err != nil {
@@ -596,20 +558,12 @@ func TestFederatedBundles(t *testing.T) {
 	jsonPath := filepath.Join(dir, "other.json")
 	writeFile(t, jsonPath, raw)
 
-	thirdCA, _ := makeCA(t, nil, nil, "spiffe://third.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
-	thirdCA2, _ := makeCA(t, nil, nil, "spiffe://third.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	thirdCA, _ := makeCA(t, "spiffe://third.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	thirdCA2, _ := makeCA(t, "spiffe://third.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
 	pemPath := filepath.Join(dir, "third.pem")
 	writeFile(t, pemPath, append([]byte("\n"), pemCerts(thirdCA, thirdCA2)...))
 
-	l := newLocal(t, t.TempDir(), fmt.Sprintf(`
-federated_bundle {
-  trust_domain = "other.org"
-  path = %q
-}
-federated_bundle {
-  trust_domain = "spiffe://third.org"
-  path = %q
-}`, jsonPath, pemPath))
+	l := newLocal(t, t.TempDir(), "\n"+fedBundle("other.org", jsonPath)+"\n"+fedBundle("spiffe://third.org", pemPath))
 	_, fed := mustBundles(t, l)
 	if len(fed) != 2 {
 		t.Fatalf("%d federated bundles, want 2", len(fed))
@@ -627,15 +581,7 @@ federated_bundle {
 	}
 
 	// A second bundle for the same trust domain is refused.
-	_, err = newLocalErr(t.TempDir(), fmt.Sprintf(`
-federated_bundle {
-  trust_domain = "other.org"
-  path = %q
-}
-federated_bundle {
-  trust_domain = "other.org"
-  path = %q
-}`, jsonPath, pemPath))
+	_, err = newLocalErr(t.TempDir(), "\n"+fedBundle("other.org", jsonPath)+"\n"+fedBundle("other.org", pemPath))
 	if err == nil || !strings.Contains(err.Error(), "federated_bundle[1].trust_domain") || !strings.Contains(err.Error(), "a second bundle") {
 		t.Errorf("duplicate federated bundle: %v", err)
 	}
@@ -643,107 +589,21 @@ federated_bundle {
 	empty, _ := spiffebundle.New(otherTD).Marshal()
 	emptyPath := filepath.Join(dir, "empty.json")
 	writeFile(t, emptyPath, empty)
-	_, err = newLocalErr(t.TempDir(), fmt.Sprintf("federated_bundle {\n  trust_domain = \"other.org\"\n  path = %q\n}", emptyPath))
+	_, err = newLocalErr(t.TempDir(), fedBundle("other.org", emptyPath))
 	if err == nil || !strings.Contains(err.Error(), "no authorities") {
 		t.Errorf("empty federated bundle: %v", err)
 	}
 }
 
-// recordingSink keeps every call Run makes.
-type recordingSink struct {
-	mu       sync.Mutex
-	entries  [][]*agent.Entry
-	local    []*spiffebundle.Bundle
-	fed      [][]*spiffebundle.Bundle
-	saveErrs map[string]error
-	wake     chan struct{}
-}
-
-func (s *recordingSink) TaintX509Authorities([]*x509.Certificate) {}
-func (s *recordingSink) TaintJWTAuthorities([]string)             {}
-
-func (s *recordingSink) ReportUpstream(error) {}
-
-func (s *recordingSink) ReportSave(path string, err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.saveErrs == nil {
-		s.saveErrs = map[string]error{}
-	}
-	s.saveErrs[path] = err
-}
-
-// lastBundle is the bundle last handed to the sink, or nil.
-func (s *recordingSink) lastBundle() *spiffebundle.Bundle {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.local) == 0 {
-		return nil
-	}
-	return s.local[len(s.local)-1]
-}
-
-func (s *recordingSink) saveErr(path string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.saveErrs[path]
-}
-
-func newRecordingSink() *recordingSink { return &recordingSink{wake: make(chan struct{}, 1)} }
-
-func (s *recordingSink) SetEntries(entries []*agent.Entry) {
-	s.mu.Lock()
-	s.entries = append(s.entries, entries)
-	s.mu.Unlock()
-	s.poke()
-}
-
-func (s *recordingSink) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle) {
-	s.mu.Lock()
-	s.local = append(s.local, local)
-	s.fed = append(s.fed, federated)
-	s.mu.Unlock()
-	s.poke()
-}
-
-func (s *recordingSink) poke() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
-}
-
-// waitFor waits, for a bounded time, until cond holds on the sink.
-func (s *recordingSink) waitFor(t *testing.T, what string, cond func() bool) {
+// runLocal runs l into a recording sink until the test ends; Run must
+// then return nil.
+func runLocal(t *testing.T, l *Local) *fakeagent.Sink {
 	t.Helper()
-	deadline := time.After(10 * time.Second)
-	for {
-		s.mu.Lock()
-		ok := cond()
-		s.mu.Unlock()
-		if ok {
-			return
-		}
-		select {
-		case <-s.wake:
-		case <-deadline:
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
-}
-
-func TestRunAndReconfigure(t *testing.T) {
-	dir := t.TempDir()
-	otherCA, _ := makeCA(t, nil, nil, "spiffe://other.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
-	pemPath := filepath.Join(dir, "other.pem")
-	writeFile(t, pemPath, pemCerts(otherCA))
-
-	l := newLocal(t, t.TempDir(), webEntry)
-	sink := newRecordingSink()
+	sink := fakeagent.NewSink()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- l.Run(ctx, sink) }()
-	defer func() {
+	t.Cleanup(func() {
 		cancel()
 		select {
 		case err := <-done:
@@ -753,37 +613,42 @@ func TestRunAndReconfigure(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Error("Run did not return after its context ended")
 		}
-	}()
+	})
+	return sink
+}
 
-	sink.waitFor(t, "the first entries and bundles", func() bool { return len(sink.entries) > 0 && len(sink.local) > 0 })
-	sink.mu.Lock()
-	if n := len(sink.entries[0]); n != 2 {
+func TestRunAndReconfigure(t *testing.T) {
+	dir := t.TempDir()
+	otherCA, _ := makeCA(t, "spiffe://other.org", time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	pemPath := filepath.Join(dir, "other.pem")
+	writeFile(t, pemPath, pemCerts(otherCA))
+
+	l := newLocal(t, t.TempDir(), webEntry)
+	sink := runLocal(t, l)
+
+	sink.WaitFor(t, 10*time.Second, "the first entries and bundles", func() bool { return sink.EntrySets() > 0 && sink.LocalBundle() != nil })
+	if n := len(sink.Entries()); n != 2 {
 		t.Errorf("Run delivered %d entries, want 2", n)
 	}
-	if b := sink.local[0]; b.TrustDomain() != td || len(b.X509Authorities()) != 1 || len(b.JWTAuthorities()) != 1 {
+	if b := sink.LocalBundle(); b.TrustDomain() != td || len(b.X509Authorities()) != 1 || len(b.JWTAuthorities()) != 1 {
 		t.Errorf("Run delivered bundle %v", b)
 	}
-	sink.mu.Unlock()
 
-	sec, err := conf.NewSection("test.conf", webEntry+fmt.Sprintf(`
+	sec, err := conf.NewSection("test.conf", webEntry+`
 entry {
   spiffe_id = "spiffe://example.org/new"
   selectors = ["unix:uid:2000"]
   federates_with = ["other.org"]
 }
-federated_bundle {
-  trust_domain = "other.org"
-  path = %q
-}`, pemPath))
+`+fedBundle("other.org", pemPath))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := l.Reconfigure(sec); err != nil {
 		t.Fatalf("Reconfigure: %v", err)
 	}
-	sink.waitFor(t, "the reconfigured entries", func() bool {
-		last := sink.entries[len(sink.entries)-1]
-		return len(last) == 3 && len(sink.fed) > 0 && len(sink.fed[len(sink.fed)-1]) == 1
+	sink.WaitFor(t, 10*time.Second, "the reconfigured entries", func() bool {
+		return len(sink.Entries()) == 3 && len(sink.FederatedBundles()) == 1
 	})
 	entryFor(t, l, "spiffe://example.org/new")
 
@@ -827,15 +692,8 @@ func TestReconfigureKeepsCASettings(t *testing.T) {
 func TestStateReloadIsPublished(t *testing.T) {
 	dir := t.TempDir()
 	l := newLocal(t, dir, webEntry)
-	sink := newRecordingSink()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx, sink) }()
-	defer func() {
-		cancel()
-		<-done
-	}()
-	sink.waitFor(t, "the first bundle", func() bool { return len(sink.local) > 0 })
+	sink := runLocal(t, l)
+	sink.WaitFor(t, 10*time.Second, "the first bundle", func() bool { return sink.LocalBundle() != nil })
 
 	// Another CA takes the state file's place.
 	if err := os.Remove(filepath.Join(dir, stateFileName)); err != nil {
@@ -848,8 +706,8 @@ func TestStateReloadIsPublished(t *testing.T) {
 	if err := chain[0].CheckSignatureFrom(newRoot); err != nil {
 		t.Fatalf("after the state changed, SVIDs are not signed by its CA: %v", err)
 	}
-	sink.waitFor(t, "a bundle with the reloaded CA", func() bool {
-		return sink.local[len(sink.local)-1].HasX509Authority(newRoot)
+	sink.WaitFor(t, 10*time.Second, "a bundle with the reloaded CA", func() bool {
+		return sink.LocalBundle().HasX509Authority(newRoot)
 	})
 }
 

@@ -1,16 +1,11 @@
 package local
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -18,42 +13,25 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"golang.org/x/sys/unix"
 )
 
 // otherUID is neither root nor the agent: an attacker with a shell.
 const otherUID = 4242
 
-// syncBuffer collects log output that tests read while the code writes.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // newLoggedLocal is newLocal with its log kept.
-func newLoggedLocal(t *testing.T, dir, body string) (*Local, *syncBuffer) {
+func newLoggedLocal(t *testing.T, dir, body string) (*Local, *testkit.Buffer) {
 	t.Helper()
-	logs := &syncBuffer{}
-	l, err := newLocalLog(dir, body, hclog.New(&hclog.LoggerOptions{Output: logs, Level: hclog.Debug}))
+	log, logs := testkit.NewLogger(hclog.Debug)
+	l, err := newLocalLog(dir, body, log)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
 	l.mu.Lock()
-	l.sink = newRecordingSink()
+	l.sink = fakeagent.NewSink()
 	l.mu.Unlock()
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -63,56 +41,17 @@ func newLoggedLocal(t *testing.T, dir, body string) (*Local, *syncBuffer) {
 	return l, logs
 }
 
-func sinkOf(l *Local) *recordingSink {
+func sinkOf(l *Local) *fakeagent.Sink {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.sink.(*recordingSink)
+	return l.sink.(*fakeagent.Sink)
 }
 
-// smallDisk mounts a 256 KiB tmpfs for a data directory. fill takes all
-// of its space, so that every save fails with ENOSPC as on a full disk;
-// free gives it back.
+// smallDisk is a data directory on a 256 KiB tmpfs (see testkit.SmallDisk).
 func smallDisk(t *testing.T) (dir string, fill, free func()) {
 	t.Helper()
-	testbin.RequireRoot(t, "to mount a tmpfs")
 	dir = filepath.Join(t.TempDir(), "data")
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=256k,mode=0700"); err != nil {
-		t.Fatalf("mounting a 256 KiB tmpfs on %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmounting %s: %v", dir, err)
-		}
-	})
-	filler := filepath.Join(dir, "filler")
-	fill = func() {
-		t.Helper()
-		f, err := os.OpenFile(filler, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		chunk := make([]byte, 4096)
-		// 256 KiB of 4 KiB pages: bounded by the filesystem's size.
-		for range 1024 {
-			if _, err := f.Write(chunk); err != nil {
-				if errors.Is(err, syscall.ENOSPC) {
-					return
-				}
-				t.Fatal(err)
-			}
-		}
-		t.Fatal("a 256 KiB tmpfs took 4 MiB")
-	}
-	free = func() {
-		t.Helper()
-		if err := os.Remove(filler); err != nil {
-			t.Fatal(err)
-		}
-	}
+	fill, free = testkit.SmallDisk(t, dir)
 	return dir, fill, free
 }
 
@@ -122,7 +61,7 @@ func smallDisk(t *testing.T) (dir string, fill, free func()) {
 func checkSigns(t *testing.T, l *Local, e *agent.Entry, now time.Time, want *authority) {
 	t.Helper()
 	chain, _ := mintX509(t, l, e)
-	b := sinkOf(l).lastBundle()
+	b := sinkOf(l).LocalBundle()
 	if b == nil {
 		t.Fatal("an SVID was signed before any bundle was published")
 	}
@@ -186,10 +125,10 @@ x509_svid_ttl = "5m"
 		t.Fatalf("%d authorities, active %d; want the next CA prepared", len(l.authorities), l.active)
 	}
 	next := l.authorities[1]
-	if b := sink.lastBundle(); !b.HasX509Authority(next.root) || !b.HasJWTAuthority(next.jwtKID) {
+	if b := sink.LocalBundle(); !b.HasX509Authority(next.root) || !b.HasJWTAuthority(next.jwtKID) {
 		t.Error("the prepared CA is not in the published bundle although its save failed")
 	}
-	if err := sink.saveErr(l.statePath); err == nil || !strings.Contains(err.Error(), "no space left") {
+	if err := sink.SaveErr(l.statePath); err == nil || !strings.Contains(err.Error(), "no space left") {
 		t.Errorf("the failed save was reported as %v", err)
 	}
 	checkSigns(t, l, web, now, old)
@@ -227,7 +166,7 @@ x509_svid_ttl = "5m"
 	if l.active != 1 || l.authorities[1] != next {
 		t.Fatalf("active %d after the save succeeded; want the prepared CA", l.active)
 	}
-	if err := sink.saveErr(l.statePath); err != nil {
+	if err := sink.SaveErr(l.statePath); err != nil {
 		t.Errorf("the successful save was not reported: %v", err)
 	}
 	checkSigns(t, l, web, now, next)
@@ -269,7 +208,7 @@ func TestFirstCASignsOnceSaved(t *testing.T) {
 	fill()
 	l := newLocal(t, dir, webEntry)
 	web := entryFor(t, l, "spiffe://example.org/web")
-	_, err := l.MintX509SVIDs(context.Background(), []agent.X509Request{{Entry: web, Key: mustKey(t)}})
+	_, err := l.MintX509SVIDs(context.Background(), []agent.X509Request{{Entry: web, Key: testkit.NewKey(t)}})
 	if err == nil || !strings.Contains(err.Error(), "not saved") {
 		t.Fatalf("signing with an unsaved CA: %v", err)
 	}
@@ -291,19 +230,7 @@ func swapState(t *testing.T, l *Local, mode os.FileMode, uid int) *authority {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmp := l.statePath + ".swap"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(tmp, mode); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(tmp, uid, uid); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, l.statePath); err != nil {
-		t.Fatal(err)
-	}
+	testkit.ReplaceFile(t, l.statePath, data, uid, mode)
 	return other.authorities[other.active]
 }
 
@@ -313,7 +240,7 @@ func swapState(t *testing.T, l *Local, mode os.FileMode, uid int) *authority {
 // is a warning with the new CA's fingerprint, and the reloaded CA is in
 // the published bundle before it signs.
 func TestStateReloadOnlyFromOwnPrivateFile(t *testing.T) {
-	testbin.RequireRoot(t, "to chown")
+	testkit.RequireRoot(t, "to chown")
 	dir := t.TempDir()
 	l, logs := newLoggedLocal(t, dir, webEntry)
 	web := entryFor(t, l, "spiffe://example.org/web")
