@@ -5,14 +5,9 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
-	"math/big"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -21,8 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -45,80 +39,26 @@ const (
 
 // apiTestPKI holds a real CA, a federated CA and a JWT signing key.
 type apiTestPKI struct {
-	td      spiffeid.TrustDomain
-	caCert  *x509.Certificate
-	caKey   *ecdsa.PrivateKey
-	fedCert *x509.Certificate
-	jwtKey  *ecdsa.PrivateKey
-}
-
-func apiTestKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func apiTestCA(t *testing.T, id string, key *ecdsa.PrivateKey) *x509.Certificate {
-	t.Helper()
-	u, _ := url.Parse(id)
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{Organization: []string{"lanyard test"}},
-		URIs:                  []*url.URL{u},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	td     spiffeid.TrustDomain
+	ca     *testkit.CA
+	fed    *testkit.CA
+	jwtKey *ecdsa.PrivateKey
 }
 
 func newAPITestPKI(t *testing.T) *apiTestPKI {
-	caKey := apiTestKey(t)
 	return &apiTestPKI{
-		td:      spiffeid.RequireTrustDomainFromString("example.org"),
-		caCert:  apiTestCA(t, "spiffe://example.org", caKey),
-		caKey:   caKey,
-		fedCert: apiTestCA(t, apiTestFedTD, apiTestKey(t)),
-		jwtKey:  apiTestKey(t),
+		td:     spiffeid.RequireTrustDomainFromString("example.org"),
+		ca:     testkit.NewCA(t, "spiffe://example.org"),
+		fed:    testkit.NewCA(t, apiTestFedTD),
+		jwtKey: testkit.NewKey(t),
 	}
 }
 
-// leaf issues an X509-SVID and returns its DER chain and PKCS#8 key.
+// leaf issues an X509-SVID and returns its DER and PKCS#8 key.
 func (p *apiTestPKI) leaf(t *testing.T, id string) ([]byte, []byte) {
 	t.Helper()
-	key := apiTestKey(t)
-	u, _ := url.Parse(id)
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		URIs:                  []*url.URL{u},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment | x509.KeyUsageKeyAgreement,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.caCert, key.Public(), p.caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pk, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return der, pk
+	cert, key := p.ca.SVID(t, id, time.Hour)
+	return cert.Raw, testkit.PKCS8(t, key)
 }
 
 func (p *apiTestPKI) x509Response(t *testing.T, id, hint string) *workload.X509SVIDResponse {
@@ -128,27 +68,17 @@ func (p *apiTestPKI) x509Response(t *testing.T, id, hint string) *workload.X509S
 			SpiffeId:    id,
 			X509Svid:    der,
 			X509SvidKey: key,
-			Bundle:      p.caCert.Raw,
+			Bundle:      p.ca.Cert.Raw,
 			Hint:        hint,
 		}},
-		FederatedBundles: map[string][]byte{apiTestFedTD: p.fedCert.Raw},
+		FederatedBundles: map[string][]byte{apiTestFedTD: p.fed.Cert.Raw},
 	}
 }
 
 func (p *apiTestPKI) signJWT(t *testing.T, key *ecdsa.PrivateKey, sub string, aud []string) string {
 	t.Helper()
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: apiTestKID}},
-		(&jose.SignerOptions{}).WithType("JWT"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now()
-	tok, err := jwt.Signed(signer).Claims(jwt.Claims{
-		Subject:  sub,
-		Audience: jwt.Audience(aud),
-		IssuedAt: jwt.NewNumericDate(now),
-		Expiry:   jwt.NewNumericDate(now.Add(5 * time.Minute)),
-	}).Serialize()
+	tok, err := testkit.SignJWT(key, apiTestKID, sub, aud, now, now.Add(5*time.Minute))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -323,7 +253,7 @@ func TestAPIFetchX509PrintsAndWrites(t *testing.T) {
 		"SPIFFE ID:\t\t" + apiTestID + "\n",
 		"Hint:\t\t\tinternal\n",
 		"SVID Valid After:\t",
-		"CA #1 Valid Until:\t" + pki.caCert.NotAfter.String(),
+		"CA #1 Valid Until:\t" + pki.ca.Cert.NotAfter.String(),
 		"[" + apiTestFedTD + "] CA #1 Valid After:\t",
 		"Writing key #0 to file " + filepath.Join(dir, "svid.0.key") + ".",
 	} {
@@ -352,14 +282,14 @@ func TestAPIFetchX509PrintsAndWrites(t *testing.T) {
 		t.Error("written key does not match the written SVID")
 	}
 	bundle := apiReadPEM(t, filepath.Join(dir, "bundle.0.pem"), 0o644)
-	if !bytes.Equal(bundle[0].Bytes, pki.caCert.Raw) {
+	if !bytes.Equal(bundle[0].Bytes, pki.ca.Cert.Raw) {
 		t.Error("bundle.0.pem is not the trust domain CA")
 	}
 	fed := apiReadPEM(t, filepath.Join(dir, "federated_bundle.0.0.pem"), 0o644)
-	if !bytes.Equal(fed[0].Bytes, pki.fedCert.Raw) {
+	if !bytes.Equal(fed[0].Bytes, pki.fed.Cert.Raw) {
 		t.Error("federated_bundle.0.0.pem is not the federated CA")
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: apiTestPool(pki.caCert), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: apiTestPool(pki.ca.Cert), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		t.Errorf("written SVID does not chain to the written bundle: %v", err)
 	}
 	left, _ := filepath.Glob(filepath.Join(dir, ".*tmp*"))
@@ -466,7 +396,7 @@ func TestAPIValidateJWT(t *testing.T) {
 	if code != 1 || !strings.HasPrefix(errOut, "SVID is not valid: ") {
 		t.Errorf("wrong audience: exit %d, stderr %q", code, errOut)
 	}
-	forged := pki.signJWT(t, apiTestKey(t), apiTestID, []string{"svc"})
+	forged := pki.signJWT(t, testkit.NewKey(t), apiTestID, []string{"svc"})
 	code, _, errOut = apiInvoke(t, apiCmd, "validate", "jwt", "-socketPath", sock, "-audience", "svc", "-svid", forged)
 	if code != 1 || !strings.HasPrefix(errOut, "SVID is not valid: ") {
 		t.Errorf("forged token: exit %d, stderr %q", code, errOut)
