@@ -4,14 +4,12 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
@@ -19,11 +17,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // popServer plays the SPIRE Server's x509pop attestor: it checks the chain
@@ -128,52 +126,19 @@ type pki struct {
 func newPKI(t *testing.T, rsaKey bool, usage x509.KeyUsage) *pki {
 	t.Helper()
 	dir := t.TempDir()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	ca := sign(t, &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "ca"}, IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}, nil, caKey.Public(), caKey)
-	intKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	inter := sign(t, &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "inter"}, IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}, ca, intKey.Public(), caKey)
-	var nodeKey crypto.Signer
+	ca := testkit.NewCA(t, "", testkit.WithCommonName("ca"))
+	inter := ca.NewIntermediate(t, "", testkit.WithCommonName("inter"))
+	var nodeKey crypto.Signer = testkit.NewKey(t)
 	if rsaKey {
 		nodeKey, _ = rsa.GenerateKey(rand.Reader, 2048)
-	} else {
-		nodeKey, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	}
-	node := sign(t, &x509.Certificate{SerialNumber: big.NewInt(3), Subject: pkix.Name{CommonName: "node"}, KeyUsage: usage}, inter, nodeKey.Public(), intKey)
-	keyDER, err := x509.MarshalPKCS8PrivateKey(nodeKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &pki{dir: dir, ca: ca, inter: inter,
+	node := inter.Issue(t, &x509.Certificate{Subject: pkix.Name{CommonName: "node"}, KeyUsage: usage}, nodeKey.Public())
+	p := &pki{dir: dir, ca: ca.Cert, inter: inter.Cert,
 		certPath: filepath.Join(dir, "node.pem"), keyPath: filepath.Join(dir, "node.key"), intPath: filepath.Join(dir, "inter.pem")}
-	writePEM(t, p.certPath, "CERTIFICATE", node.Raw)
-	writePEM(t, p.keyPath, "PRIVATE KEY", keyDER)
-	writePEM(t, p.intPath, "CERTIFICATE", inter.Raw)
+	testkit.WritePEM(t, p.certPath, "CERTIFICATE", node.Raw)
+	testkit.WritePEM(t, p.keyPath, "PRIVATE KEY", testkit.PKCS8(t, nodeKey))
+	testkit.WritePEM(t, p.intPath, "CERTIFICATE", inter.Cert.Raw)
 	return p
-}
-
-func sign(t *testing.T, tmpl, parent *x509.Certificate, pub crypto.PublicKey, key crypto.Signer) *x509.Certificate {
-	t.Helper()
-	tmpl.NotBefore = time.Now().Add(-time.Minute)
-	tmpl.NotAfter = time.Now().Add(time.Hour)
-	if parent == nil {
-		parent = tmpl
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-func writePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
 }
 
 func build(t *testing.T, body string) (agent.NodeAttestor, error) {
