@@ -1,9 +1,6 @@
 package spire
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"path/filepath"
 	"strings"
@@ -12,6 +9,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 )
@@ -26,9 +24,9 @@ func TestRedactID(t *testing.T) {
 }
 
 func TestRenewAtIsNearHalfLife(t *testing.T) {
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	leaf := newSVID(t, ca, caKey, key, time.Hour)
+	ca := testkit.NewTrustDomainCA(t, td)
+	key := testkit.NewKey(t)
+	leaf := newSVID(t, ca, key, time.Hour)
 	life := leaf.NotAfter.Sub(leaf.NotBefore)
 	for range 50 {
 		at := renewAt(leaf).Sub(leaf.NotBefore)
@@ -43,9 +41,8 @@ func TestRenewAtIsNearHalfLife(t *testing.T) {
 func newTestIdentity(t *testing.T) *agentIdentity {
 	t.Helper()
 	dir := t.TempDir()
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key}
+	ca := testkit.NewTrustDomainCA(t, td)
+	creds := newCreds(t, ca)
 	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: dir, td: td}
 	id := newAgentIdentity(hclog.NewNullLogger(), td, &agent.ServerConfig{NodeAttestorName: "join_token"}, st)
 	id.client = newTestClient(t, id.refused)
@@ -53,7 +50,7 @@ func newTestIdentity(t *testing.T) *agentIdentity {
 		t.Fatal(err)
 	}
 	id.mu.Lock()
-	id.roots = []*x509.Certificate{ca}
+	id.roots = []*x509.Certificate{ca.Cert}
 	id.mu.Unlock()
 	return id
 }
@@ -92,7 +89,7 @@ func TestRefusedByServer(t *testing.T) {
 // longer holds the SVID's CA asks for a renewal.
 func TestSetRoots(t *testing.T) {
 	id := newTestIdentity(t)
-	other, _ := newCA(t)
+	other := testkit.NewTrustDomainCA(t, td).Cert
 	id.setRoots([]*x509.Certificate{other})
 	select {
 	case <-id.renewKick:

@@ -3,9 +3,6 @@ package spire
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,8 +15,9 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/time/rate"
@@ -30,63 +28,24 @@ import (
 
 const testNodeID = "spiffe://example.org/node"
 
-// recordingSink keeps the last entries and bundles it was given.
-type recordingSink struct {
-	mu      sync.Mutex
-	entries map[string]*agent.Entry
-	local   *spiffebundle.Bundle
-	sets    int
-	changed chan struct{}
-}
-
-func (r *recordingSink) TaintX509Authorities([]*x509.Certificate) {}
-func (r *recordingSink) TaintJWTAuthorities([]string)             {}
-func (r *recordingSink) ReportUpstream(error)                     {}
-func (r *recordingSink) ReportSave(string, error)                 {}
-
-func newRecordingSink() *recordingSink {
-	return &recordingSink{changed: make(chan struct{}, 1)}
-}
-
-func (r *recordingSink) SetEntries(entries []*agent.Entry) {
-	r.mu.Lock()
-	r.entries = map[string]*agent.Entry{}
-	for _, e := range entries {
-		r.entries[e.ID] = e
-	}
-	r.sets++
-	r.mu.Unlock()
-	kick(r.changed)
-}
-
-func (r *recordingSink) SetBundles(local *spiffebundle.Bundle, _ []*spiffebundle.Bundle) {
-	r.mu.Lock()
-	r.local = local
-	r.mu.Unlock()
-	kick(r.changed)
-}
-
-func (r *recordingSink) snapshot() (map[string]*agent.Entry, *spiffebundle.Bundle) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.entries, r.local
-}
-
-// waitUntil waits for cond on the sink's state, up to bound.
-func (r *recordingSink) waitUntil(t *testing.T, bound time.Duration, what string, cond func(map[string]*agent.Entry) bool) {
+// waitEntries waits up to bound for cond on the entries the sink holds,
+// keyed by ID (nil before the first set).
+func waitEntries(t *testing.T, sink *fakeagent.Sink, bound time.Duration, what string, cond func(map[string]*agent.Entry) bool) {
 	t.Helper()
-	deadline := time.After(bound)
-	for {
-		entries, _ := r.snapshot()
-		if cond(entries) {
-			return
+	held := 0
+	defer func() {
+		if t.Failed() {
+			t.Logf("the sink held %d entries", held)
 		}
-		select {
-		case <-r.changed:
-		case <-deadline:
-			t.Fatalf("timed out after %s waiting for %s (%d entries)", bound, what, len(entries))
+	}()
+	sink.WaitFor(t, bound, what, func() bool {
+		if sink.EntrySets() == 0 {
+			return cond(nil)
 		}
-	}
+		m := sink.EntriesByID()
+		held = len(m)
+		return cond(m)
+	})
 }
 
 // running is a Run in progress; done closes when it returns, with err.
@@ -163,20 +122,20 @@ func TestManyEntries(t *testing.T) {
 	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
 	const n = 1100
 	createEntries(t, s, n)
-	sink := newRecordingSink()
+	sink := fakeagent.NewSink()
 	start := time.Now()
 	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "500ms")
-	sink.waitUntil(t, 60*time.Second, fmt.Sprintf("%d entries", n), func(m map[string]*agent.Entry) bool { return len(m) == n })
+	waitEntries(t, sink, 60*time.Second, fmt.Sprintf("%d entries", n), func(m map[string]*agent.Entry) bool { return len(m) == n })
 	t.Logf("attestation and first sync of %d entries: %s", n, time.Since(start).Round(time.Millisecond))
 
-	entries, local := sink.snapshot()
+	entries, local := sink.EntriesByID(), sink.LocalBundle()
 	var one *agent.Entry
 	reqs := make([]agent.X509Request, 0, 600)
 	for _, e := range entries {
 		if len(reqs) == 600 {
 			break
 		}
-		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		key := testkit.NewKey(t)
 		reqs = append(reqs, agent.X509Request{Entry: e, Key: key})
 		one = e
 	}
@@ -225,20 +184,20 @@ func TestManyEntries(t *testing.T) {
 	// objects, so the cache keeps their SVIDs without comparing fields.
 	s.CLI(t, "entry", "update", "-entryID", one.ID, "-parentID", testNodeID, "-spiffeID", one.SPIFFEID.String(),
 		"-selector", one.Selectors[0].String(), "-hint", "updated")
-	sink.waitUntil(t, 30*time.Second, "the updated entry", func(m map[string]*agent.Entry) bool {
+	waitEntries(t, sink, 30*time.Second, "the updated entry", func(m map[string]*agent.Entry) bool {
 		return m[one.ID] != nil && m[one.ID].Hint == "updated"
 	})
 	if more := up.syncer.fetched.Load() - fetched; more != 1 {
 		t.Fatalf("%d entries were fetched for one update, want 1", more)
 	}
-	after, _ := sink.snapshot()
+	after := sink.EntriesByID()
 	for id, e := range entries {
 		if id != one.ID && after[id] != e {
 			t.Fatalf("entry %s was replaced though it did not change", id)
 		}
 	}
 	s.DeleteEntry(t, one.ID)
-	sink.waitUntil(t, 30*time.Second, "the deleted entry gone", func(m map[string]*agent.Entry) bool {
+	waitEntries(t, sink, 30*time.Second, "the deleted entry gone", func(m map[string]*agent.Entry) bool {
 		return len(m) == n-1 && m[one.ID] == nil
 	})
 }
@@ -248,9 +207,9 @@ func TestManyEntries(t *testing.T) {
 // to do and the stored SVID is dropped.
 func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 	s := spiretest.StartServer(t)
-	sink := newRecordingSink()
+	sink := fakeagent.NewSink()
 	up, run := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "500ms")
-	sink.waitUntil(t, 60*time.Second, "the first sync", func(m map[string]*agent.Entry) bool { return m != nil })
+	waitEntries(t, sink, 60*time.Second, "the first sync", func(m map[string]*agent.Entry) bool { return m != nil })
 	s.CLI(t, "agent", "evict", "-spiffeID", up.identity.current().id().String())
 	select {
 	case <-run.done:
@@ -270,7 +229,7 @@ func TestEvictedAgentStopsWithAdvice(t *testing.T) {
 // identity cannot flood the server.
 func TestResyncBudget(t *testing.T) {
 	s := spiretest.StartServer(t)
-	sink := newRecordingSink()
+	sink := fakeagent.NewSink()
 	const firstSpacing, spacing = 50 * time.Millisecond, 200 * time.Millisecond
 	up, _ := startUpstream(t, s, s.JoinToken(t, testNodeID), sink, "1h", func(up *Spire) {
 		up.syncer.resync.budget = rate.NewLimiter(rate.Every(time.Hour), 20)
@@ -278,7 +237,7 @@ func TestResyncBudget(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	sink.waitUntil(t, time.Minute, "the first sync", func(e map[string]*agent.Entry) bool { return e != nil })
+	waitEntries(t, sink, time.Minute, "the first sync", func(e map[string]*agent.Entry) bool { return e != nil })
 	before := up.syncer.syncs.Load()
 
 	// Twenty callers at once: the sync under way when a caller asks may

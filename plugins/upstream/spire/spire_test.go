@@ -2,14 +2,8 @@ package spire
 
 import (
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/join_token"
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -27,49 +22,32 @@ import (
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
 
-// newCA returns a self-signed CA certificate and its key.
-func newCA(t *testing.T) (*x509.Certificate, *ecdsa.PrivateKey) {
+// agentID is the SPIFFE ID of the agent SVIDs the tests make.
+var agentID = spiffeid.RequireFromPath(td, "/spire/agent/join_token/secret-token")
+
+// newSVID signs an agent SVID for key, backdated 10s as the server does.
+func newSVID(t *testing.T, ca *testkit.CA, key *ecdsa.PrivateKey, ttl time.Duration) *x509.Certificate {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	now := time.Now()
+	c, err := ca.SignSVID(key.Public(), agentID.String(), now.Add(-10*time.Second), now.Add(ttl))
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "ca"},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-		URIs: []*url.URL{td.ID().URL()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	return c, key
+	return c
 }
 
-// newSVID signs an agent SVID for key.
-func newSVID(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, key *ecdsa.PrivateKey, ttl time.Duration) *x509.Certificate {
+// newCreds is a new key and an agent SVID for it, valid for an hour.
+func newCreds(t *testing.T, ca *testkit.CA) *credentials {
 	t.Helper()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		NotBefore:    time.Now().Add(-10 * time.Second), NotAfter: time.Now().Add(ttl),
-		KeyUsage: x509.KeyUsageDigitalSignature,
-		URIs:     []*url.URL{spiffeid.RequireFromPath(td, "/spire/agent/join_token/secret-token").URL()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	return c
+	key := testkit.NewKey(t)
+	return &credentials{svid: []*x509.Certificate{newSVID(t, ca, key, time.Hour)}, key: key}
 }
 
 func writeBundle(t *testing.T, dir string, certs ...*x509.Certificate) string {
 	t.Helper()
 	var out []byte
 	for _, c := range certs {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+		out = append(out, testkit.PEM("CERTIFICATE", c.Raw)...)
 	}
 	path := filepath.Join(dir, "bundle.pem")
 	if err := os.WriteFile(path, out, 0o600); err != nil {
@@ -122,7 +100,7 @@ plugins {
 
 func TestSPIREAgentConfigLoads(t *testing.T) {
 	dir := t.TempDir()
-	ca, _ := newCA(t)
+	ca := testkit.NewTrustDomainCA(t, td).Cert
 	s, err := build(t, fmt.Sprintf(spireConf, dir, writeBundle(t, dir, ca)))
 	if err != nil {
 		t.Fatal(err)
@@ -143,7 +121,7 @@ func TestSPIREAgentConfigLoads(t *testing.T) {
 
 func TestConfigErrors(t *testing.T) {
 	dir := t.TempDir()
-	ca, _ := newCA(t)
+	ca := testkit.NewTrustDomainCA(t, td).Cert
 	bundle := writeBundle(t, dir, ca)
 	notPEM := filepath.Join(dir, "notpem")
 	if err := os.WriteFile(notPEM, []byte("hello"), 0o600); err != nil {
@@ -203,7 +181,7 @@ func TestUpstreamAuthorityDataIsRefused(t *testing.T) {
 
 func TestSPIFFEBundleAndInsecureBootstrap(t *testing.T) {
 	dir := t.TempDir()
-	ca, _ := newCA(t)
+	ca := testkit.NewTrustDomainCA(t, td).Cert
 	doc, err := spiffebundle.FromX509Authorities(td, []*x509.Certificate{ca}).Marshal()
 	if err != nil {
 		t.Fatal(err)

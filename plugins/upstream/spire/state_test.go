@@ -5,12 +5,9 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -19,10 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/test/testbin"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sys/unix"
 )
 
@@ -107,7 +103,7 @@ func wantRefused(t *testing.T, what string, err error, names ...string) {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	testbin.RequireRoot(t, "to give a file to another uid")
+	testkit.RequireRoot(t, "to give a file to another uid")
 }
 
 // Lanyard's own state and key files are read only if they are the agent's
@@ -116,20 +112,19 @@ func requireRoot(t *testing.T) {
 // target, and what to do; the node is not attested again over it.
 func TestStoreRefusesUnsafeFiles(t *testing.T) {
 	requireRoot(t)
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key}
+	ca := testkit.NewTrustDomainCA(t, td)
+	creds := newCreds(t, ca)
 	// setup returns an agent whose state and key files are valid.
 	setup := func(t *testing.T) *Spire {
 		dir := t.TempDir()
-		s, err := build(t, fmt.Sprintf(spireConf, dir, writeBundle(t, dir, ca)))
+		s, err := build(t, fmt.Sprintf(spireConf, dir, writeBundle(t, dir, ca.Cert)))
 		if err != nil {
 			t.Fatal(err)
 		}
 		if err := os.MkdirAll(filepath.Dir(s.identity.store.statePath), 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca.Cert}); err != nil {
 			t.Fatal(err)
 		}
 		if c, _, why, err := s.identity.store.load(); err != nil || c == nil {
@@ -185,7 +180,7 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 		s := setup(t)
 		plantSymlink(t, s.identity.store.statePath)
 		plantSymlink(t, s.identity.store.keysPath())
-		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+		if err := s.identity.store.save(nil, creds, []*x509.Certificate{ca.Cert}); err != nil {
 			t.Fatal(err)
 		}
 		if c, _, why, err := s.identity.store.load(); err != nil || c == nil {
@@ -201,16 +196,10 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 // agent-data.json always did, rather than attest the node again.
 func TestSpireAgentTakeoverRefusesUnsafeFiles(t *testing.T) {
 	requireRoot(t)
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	svid := newSVID(t, ca, caKey, key, time.Hour)
-	pemOf := func(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}) }
-	agentData, _ := json.Marshal(map[string]any{"svid": [][]byte{pemOf(svid.Raw)}, "bundle": [][]byte{pemOf(ca.Raw)}})
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keysJSON, _ := json.Marshal(map[string]any{"keys": map[string][]byte{"agent-svid-A": keyDER}})
+	ca := testkit.NewTrustDomainCA(t, td)
+	key := testkit.NewKey(t)
+	svid := newSVID(t, ca, key, time.Hour)
+	agentData, keysJSON := spireAgentFiles(t, svid, ca.Cert, map[string]*ecdsa.PrivateKey{"agent-svid-A": key})
 	// setup returns a store beside spire-agent's files, as spire-agent
 	// writes them (mode 0600, the agent's user) and the two paths.
 	setup := func(t *testing.T) (st *store, dataPath, keysPath string) {
@@ -288,11 +277,11 @@ func TestSpireAgentTakeoverRefusesUnsafeFiles(t *testing.T) {
 
 func TestStoreRoundTrip(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key, reattestable: true}
+	ca := testkit.NewTrustDomainCA(t, td)
+	creds := newCreds(t, ca)
+	creds.reattestable = true
 	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: filepath.Join(dir, "keys"), td: td}
-	if err := st.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+	if err := st.save(nil, creds, []*x509.Certificate{ca.Cert}); err != nil {
 		t.Fatal(err)
 	}
 	for _, f := range []string{st.statePath, st.keysPath()} {
@@ -308,10 +297,10 @@ func TestStoreRoundTrip(t *testing.T) {
 	if err != nil || got == nil {
 		t.Fatalf("load: %v (%s)", err, why)
 	}
-	if !got.svid[0].Equal(creds.svid[0]) || !got.key.Public().(*ecdsa.PublicKey).Equal(key.Public()) || !got.reattestable {
+	if !got.svid[0].Equal(creds.svid[0]) || !got.key.Public().(*ecdsa.PublicKey).Equal(creds.key.Public()) || !got.reattestable {
 		t.Fatal("loaded other credentials than stored")
 	}
-	if len(bundle) != 1 || !bundle[0].Equal(ca) {
+	if len(bundle) != 1 || !bundle[0].Equal(ca.Cert) {
 		t.Fatal("the bundle was not kept")
 	}
 	// Another trust domain's state is not used.
@@ -325,11 +314,11 @@ func TestStoreRoundTrip(t *testing.T) {
 // the state file holds.
 func TestStoreRenewalIsCrashSafe(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey := newCA(t)
-	oldKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	newKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	prev := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, oldKey, time.Hour)}, key: oldKey}
-	next := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, newKey, time.Hour)}, key: newKey}
+	ca := testkit.NewTrustDomainCA(t, td)
+	oldKey := testkit.NewKey(t)
+	newKey := testkit.NewKey(t)
+	prev := &credentials{svid: []*x509.Certificate{newSVID(t, ca, oldKey, time.Hour)}, key: oldKey}
+	next := &credentials{svid: []*x509.Certificate{newSVID(t, ca, newKey, time.Hour)}, key: newKey}
 	st := &store{statePath: filepath.Join(dir, stateFileName), keyDir: dir, td: td}
 	if err := st.save(nil, prev, nil); err != nil {
 		t.Fatal(err)
@@ -358,12 +347,11 @@ func TestStoreRenewalIsCrashSafe(t *testing.T) {
 
 func TestStoreEdgeCases(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	creds := &credentials{svid: []*x509.Certificate{newSVID(t, ca, caKey, key, time.Hour)}, key: key}
+	ca := testkit.NewTrustDomainCA(t, td)
+	creds := newCreds(t, ca)
 
 	mem := &store{statePath: filepath.Join(dir, "mem.json"), td: td}
-	if err := mem.save(nil, creds, []*x509.Certificate{ca}); err != nil {
+	if err := mem.save(nil, creds, []*x509.Certificate{ca.Cert}); err != nil {
 		t.Fatal(err)
 	}
 	data, _ := os.ReadFile(mem.statePath)
@@ -398,17 +386,29 @@ func TestStoreEdgeCases(t *testing.T) {
 	}
 }
 
+// spireAgentFiles are agent-data.json and keys.json as spire-agent writes
+// them (pkg/agent/storage, keymanager/disk).
+func spireAgentFiles(t *testing.T, svid, ca *x509.Certificate, keys map[string]*ecdsa.PrivateKey) (agentData, keysJSON []byte) {
+	t.Helper()
+	pemOf := func(c *x509.Certificate) [][]byte { return [][]byte{testkit.PEM("CERTIFICATE", c.Raw)} }
+	agentData, _ = json.Marshal(map[string]any{"svid": pemOf(svid), "bundle": pemOf(ca), "reattestable": false})
+	ders := map[string][]byte{}
+	for name, k := range keys {
+		ders[name] = testkit.PKCS8(t, k)
+	}
+	keysJSON, _ = json.Marshal(map[string]any{"keys": ders})
+	return agentData, keysJSON
+}
+
 // spire-agent's stored SVID and disk key are taken over, so swapping the
 // binaries needs no new attestation.
 func TestLoadsSpireAgentState(t *testing.T) {
 	dir := t.TempDir()
-	ca, caKey := newCA(t)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	svid := newSVID(t, ca, caKey, key, time.Hour)
-	// The files as spire-agent writes them (pkg/agent/storage, keymanager/disk).
-	pemOf := func(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}) }
-	data, _ := json.Marshal(map[string]any{"svid": [][]byte{pemOf(svid.Raw)}, "bundle": [][]byte{pemOf(ca.Raw)}, "reattestable": false})
+	ca := testkit.NewTrustDomainCA(t, td)
+	key := testkit.NewKey(t)
+	other := testkit.NewKey(t)
+	svid := newSVID(t, ca, key, time.Hour)
+	data, keys := spireAgentFiles(t, svid, ca.Cert, map[string]*ecdsa.PrivateKey{"agent-svid-A": other, "agent-svid-B": key})
 	if err := os.WriteFile(filepath.Join(dir, "agent-data.json"), data, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -416,14 +416,6 @@ func TestLoadsSpireAgentState(t *testing.T) {
 	if err := os.Mkdir(keysDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	der := func(k *ecdsa.PrivateKey) []byte {
-		b, err := x509.MarshalPKCS8PrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
-	keys, _ := json.Marshal(map[string]any{"keys": map[string][]byte{"agent-svid-A": der(other), "agent-svid-B": der(key)}})
 	if err := os.WriteFile(filepath.Join(keysDir, "keys.json"), keys, 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -2,9 +2,6 @@ package spire
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -13,6 +10,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	"google.golang.org/protobuf/proto"
@@ -77,8 +75,8 @@ func TestEntryConversion(t *testing.T) {
 }
 
 func TestBundleConversion(t *testing.T) {
-	ca, _ := newCA(t)
-	jwtKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca := testkit.NewTrustDomainCA(t, td).Cert
+	jwtKey := testkit.NewKey(t)
 	pub, err := x509.MarshalPKIXPublicKey(jwtKey.Public())
 	if err != nil {
 		t.Fatal(err)
