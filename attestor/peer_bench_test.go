@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // BenchmarkVerify is the check after every attestation that the caller is
@@ -32,11 +34,7 @@ func BenchmarkVerify(b *testing.B) {
 // server before gRPC sees it: accept, SO_PEERCRED, and pinning the caller.
 // The client's connect is in the loop too.
 func BenchmarkServerHandshake(b *testing.B) {
-	dir, err := os.MkdirTemp("", "hs-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := testkit.ShortDir(b, "hs-")
 	l, err := net.Listen("unix", filepath.Join(dir, "s.sock"))
 	if err != nil {
 		b.Fatal(err)

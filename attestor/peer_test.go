@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -18,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -334,7 +334,7 @@ func TestPIDZeroIsNotVisible(t *testing.T) {
 // TestHandshakeFromOtherPIDNamespace runs the server side in a new PID
 // namespace, where this process's PID does not exist, so SO_PEERCRED gives 0.
 func TestHandshakeFromOtherPIDNamespace(t *testing.T) {
-	testbin.RequireRoot(t, "to create a PID namespace")
+	testkit.RequireRoot(t, "to create a PID namespace")
 	sock := filepath.Join(t.TempDir(), "ns.sock")
 	cmd := exec.Command(os.Args[0], "-test.run=^TestPeerHelperProcess$")
 	cmd.Env = append(os.Environ(), helperEnv+"=serve", "LANYARD_PEER_SOCK="+sock, "GORACE=atexit_sleep_ms=0")
@@ -388,6 +388,20 @@ func acceptOne(t *testing.T) (string, <-chan net.Conn) {
 	return sock, ch
 }
 
+// connectSelf connects this process to itself over a new Unix socket:
+// the client's end and the server's accepted end. The client's end closes
+// when the test ends.
+func connectSelf(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	sock, accepted := acceptOne(t)
+	client, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	return client, <-accepted
+}
+
 func handshake(t *testing.T, conn net.Conn) (net.Conn, *Caller) {
 	t.Helper()
 	wrapped, ai, err := Credentials().ServerHandshake(conn)
@@ -427,7 +441,7 @@ func TestHandshakeAfterCallerExited(t *testing.T) {
 // that connected and exited, the race a PID check alone cannot see. It needs
 // root (to steer the next PID) and SO_PEERPIDFD (Linux 6.5).
 func TestHandshakeAfterPIDReused(t *testing.T) {
-	testbin.RequireRoot(t, "to steer PID allocation through ns_last_pid")
+	testkit.RequireRoot(t, "to steer PID allocation through ns_last_pid")
 	if noPeerPidfd.Load() {
 		t.Skip("the kernel has no SO_PEERPIDFD; a reused PID before accept cannot be detected")
 	}
@@ -466,15 +480,9 @@ func TestHandshakeAfterPIDReused(t *testing.T) {
 }
 
 func TestHandshakeWithoutPeerCredentials(t *testing.T) {
-	sock, accepted := acceptOne(t)
-	client, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	conn := <-accepted
+	_, conn := connectSelf(t)
 	conn.Close() // the socket is gone, so SO_PEERCRED cannot be read
-	_, _, err = Credentials().ServerHandshake(conn)
+	_, _, err := Credentials().ServerHandshake(conn)
 	if err == nil || !strings.Contains(err.Error(), "SO_PEERCRED") {
 		t.Fatalf("handshake on a closed socket = %v, want an SO_PEERCRED error", err)
 	}
@@ -503,13 +511,8 @@ func TestHandshakeRejectsTCP(t *testing.T) {
 }
 
 func TestCloseConnDropsConnection(t *testing.T) {
-	sock, accepted := acceptOne(t)
-	client, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	_, c := handshake(t, <-accepted)
+	client, server := connectSelf(t)
+	_, c := handshake(t, server)
 	if err := c.Verify(); err != nil {
 		t.Fatalf("Verify of this process: %v", err)
 	}
@@ -668,13 +671,7 @@ func TestVerifyDoesNotAllocate(t *testing.T) {
 // every new connection: the wrapper (with Caller and AuthInfo inside), the
 // Control callback, net's RawConn and unix.GetsockoptUcred's result.
 func TestHandshakeAllocations(t *testing.T) {
-	sock, accepted := acceptOne(t)
-	client, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	conn := <-accepted
+	_, conn := connectSelf(t)
 	defer conn.Close()
 	creds := Credentials()
 	a := testing.AllocsPerRun(50, func() {
@@ -693,13 +690,8 @@ func TestHandshakeAllocations(t *testing.T) {
 // TestVerifyRacesClose runs Verify while the connection closes: the fd must
 // not be closed (and its number reused) under a running Verify.
 func TestVerifyRacesClose(t *testing.T) {
-	sock, accepted := acceptOne(t)
-	client, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	wrapped, c := handshake(t, <-accepted)
+	_, server := connectSelf(t)
+	wrapped, c := handshake(t, server)
 	var wg sync.WaitGroup
 	errs := make([]error, 4)
 	for i := range errs {

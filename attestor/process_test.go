@@ -2,7 +2,6 @@ package attestor
 
 import (
 	"errors"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"net"
 	"os"
 	"os/exec"
@@ -11,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
@@ -18,18 +18,11 @@ import (
 // supplementary groups the kernel recorded at connect and the executable
 // the process ran, for the attestors.
 func TestHandshakeRecordsGroupsAndExecutable(t *testing.T) {
-	testbin.RequireRoot(t, "to start a process with other groups")
+	testkit.RequireRoot(t, "to start a process with other groups")
 	groups := []uint32{64010, 64011, 64012}
 	// A copy of the test binary, and a socket, that another user may
 	// reach: the test's own directories are private.
-	dir, err := os.MkdirTemp("", "lanyard-attestor-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	dir := testkit.ShortDir(t, "lanyard-attestor-")
 	sock := filepath.Join(dir, "raw.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
