@@ -12,20 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	sysunix "golang.org/x/sys/unix"
 )
-
-// waitFor polls cond until it holds, failing the test after 10 seconds.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up after 10s waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
 
 func openFds(t *testing.T) int {
 	t.Helper()
@@ -65,9 +54,9 @@ func (c *hashCache) inflightLen() int {
 // goroutine, descriptor or in-flight entry, and caches no partial sum.
 func checkReleased(t *testing.T, c *hashCache, fds, goroutines int) {
 	t.Helper()
-	waitFor(t, "every compute goroutine to end", func() bool { return c.computes.Load() == 0 })
-	waitFor(t, "the descriptors to be closed", func() bool { return openFds(t) <= fds })
-	waitFor(t, "the goroutines to end", func() bool { return runtime.NumGoroutine() <= goroutines })
+	testkit.WaitFor(t, 10*time.Second, "every compute goroutine to end", func() bool { return c.computes.Load() == 0 })
+	testkit.WaitFor(t, 10*time.Second, "the descriptors to be closed", func() bool { return openFds(t) <= fds })
+	testkit.WaitFor(t, 10*time.Second, "the goroutines to end", func() bool { return runtime.NumGoroutine() <= goroutines })
 	if n := c.inflightLen(); n != 0 {
 		t.Errorf("%d calls still in flight", n)
 	}
@@ -111,7 +100,7 @@ func TestHashesBoundedAndReleased(t *testing.T) {
 			cancel()
 		}
 	}()
-	waitFor(t, "every version to be in flight and the slots to fill", func() bool {
+	testkit.WaitFor(t, 10*time.Second, "every version to be in flight and the slots to fill", func() bool {
 		return c.inflightLen() == versions && c.running.Load() >= maxConcurrentHashes
 	})
 
@@ -192,7 +181,7 @@ func TestAbandonedHashStops(t *testing.T) {
 		_, err := c.get(ctx, key, fd)
 		errc <- err
 	}()
-	waitFor(t, "the read to begin", func() bool { return c.hashed.Load() > 0 })
+	testkit.WaitFor(t, 10*time.Second, "the read to begin", func() bool { return c.hashed.Load() > 0 })
 	cancel()
 	start := time.Now()
 	select {
@@ -218,7 +207,7 @@ func TestAbandonedHashStops(t *testing.T) {
 		_, err := c.get(ctx, key, fd)
 		errc <- err
 	}()
-	waitFor(t, "a second read to begin", func() bool { return c.reads.Load() == 2 })
+	testkit.WaitFor(t, 10*time.Second, "a second read to begin", func() bool { return c.reads.Load() == 2 })
 	cancel()
 	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Errorf("second caller: got %v, want context.Canceled", err)

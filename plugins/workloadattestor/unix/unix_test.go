@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"os"
 	"os/exec"
@@ -23,6 +22,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 func newTestAttestor(t testing.TB, hcl string) *Attestor {
@@ -161,7 +161,7 @@ func TestAttestSelf(t *testing.T) {
 }
 
 func TestSupplementaryGroups(t *testing.T) {
-	testbin.RequireRoot(t, "to start a process with other credentials")
+	testkit.RequireRoot(t, "to start a process with other credentials")
 	// One group that resolves and one that does not: the latter gets only
 	// its supplementary_gid selector.
 	known := uint32(1)
