@@ -88,6 +88,21 @@ func chownToAttacker(t *testing.T, path string) {
 	}
 }
 
+// attacks are what another user plants at a path the agent reads: each
+// plant returns the words the refusal must hold.
+var attacks = []struct {
+	name  string
+	plant func(t *testing.T, path string) []string
+}{
+	{"a symlink", func(t *testing.T, path string) []string {
+		return []string{"symbolic link", plantSymlink(t, path)}
+	}},
+	{"owned by another uid", func(t *testing.T, path string) []string {
+		chownToAttacker(t, path)
+		return []string{"uid 47001", "0600"}
+	}},
+}
+
 func wantRefused(t *testing.T, what string, err error, names ...string) {
 	t.Helper()
 	var unsafe *agent.UnsafeFileError
@@ -147,26 +162,19 @@ func TestStoreRefusesUnsafeFiles(t *testing.T) {
 		return err
 	}
 
-	t.Run("state a symlink", func(t *testing.T) {
-		s := setup(t)
-		target := plantSymlink(t, s.identity.store.statePath)
-		wantRefused(t, "state a symlink", start(t, s), s.identity.store.statePath, "symbolic link", target, "remove it")
-	})
-	t.Run("state owned by another uid", func(t *testing.T) {
-		s := setup(t)
-		chownToAttacker(t, s.identity.store.statePath)
-		wantRefused(t, "state of uid 47001", start(t, s), s.identity.store.statePath, "uid 47001", "0600", "remove it")
-	})
-	t.Run("keys a symlink", func(t *testing.T) {
-		s := setup(t)
-		target := plantSymlink(t, s.identity.store.keysPath())
-		wantRefused(t, "keys a symlink", start(t, s), s.identity.store.keysPath(), "symbolic link", target, "remove it")
-	})
-	t.Run("keys owned by another uid", func(t *testing.T) {
-		s := setup(t)
-		chownToAttacker(t, s.identity.store.keysPath())
-		wantRefused(t, "keys of uid 47001", start(t, s), s.identity.store.keysPath(), "uid 47001", "0600", "remove it")
-	})
+	for _, file := range []struct {
+		name string
+		path func(*store) string
+	}{{"state", func(st *store) string { return st.statePath }}, {"keys", (*store).keysPath}} {
+		for _, a := range attacks {
+			t.Run(file.name+" "+a.name, func(t *testing.T) {
+				s := setup(t)
+				path := file.path(s.identity.store)
+				words := append(a.plant(t, path), path, "remove it")
+				wantRefused(t, file.name+" "+a.name, start(t, s), words...)
+			})
+		}
+	}
 	t.Run("state open to others", func(t *testing.T) {
 		s := setup(t)
 		if err := os.Chmod(s.identity.store.statePath, 0o644); err != nil {
@@ -228,26 +236,18 @@ func TestSpireAgentTakeoverRefusesUnsafeFiles(t *testing.T) {
 		wantRefused(t, what, err, append(names, "chown", "remove")...)
 	}
 
-	t.Run("agent-data.json a symlink", func(t *testing.T) {
-		st, dataPath, _ := setup(t)
-		target := plantSymlink(t, dataPath)
-		refused(t, st, "agent-data.json a symlink", dataPath, "symbolic link", target)
-	})
-	t.Run("agent-data.json owned by another uid", func(t *testing.T) {
-		st, dataPath, _ := setup(t)
-		chownToAttacker(t, dataPath)
-		refused(t, st, "agent-data.json of uid 47001", dataPath, "uid 47001", "0600")
-	})
-	t.Run("keys.json a symlink", func(t *testing.T) {
-		st, _, keysPath := setup(t)
-		target := plantSymlink(t, keysPath)
-		refused(t, st, "keys.json a symlink", keysPath, "symbolic link", target)
-	})
-	t.Run("keys.json owned by another uid", func(t *testing.T) {
-		st, _, keysPath := setup(t)
-		chownToAttacker(t, keysPath)
-		refused(t, st, "keys.json of uid 47001", keysPath, "uid 47001", "0600")
-	})
+	for _, file := range []string{"agent-data.json", "keys.json"} {
+		for _, a := range attacks {
+			t.Run(file+" "+a.name, func(t *testing.T) {
+				st, dataPath, keysPath := setup(t)
+				path := dataPath
+				if file == "keys.json" {
+					path = keysPath
+				}
+				refused(t, st, file+" "+a.name, append(a.plant(t, path), path)...)
+			})
+		}
+	}
 	t.Run("keys.json readable by the group", func(t *testing.T) {
 		st, _, keysPath := setup(t)
 		if err := os.Chmod(keysPath, 0o640); err != nil {
