@@ -17,8 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
@@ -284,11 +282,7 @@ func jwtKID(t *testing.T, l *Local) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, err := jwt.ParseSigned(svid.Token, []jose.SignatureAlgorithm{jose.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tok.Headers[0].KeyID
+	return parseJWT(t, svid.Token).Headers[0].KeyID
 }
 
 // fileCA writes a CA chain and key for ca_cert_path and ca_key_path and

@@ -303,6 +303,16 @@ func TestCACertificate(t *testing.T) {
 	}
 }
 
+// parseJWT parses an ES256 token without verifying it.
+func parseJWT(t *testing.T, token string) *jwt.JSONWebToken {
+	t.Helper()
+	tok, err := jwt.ParseSigned(token, []jose.SignatureAlgorithm{jose.ES256})
+	if err != nil {
+		t.Fatalf("parsing the token: %v", err)
+	}
+	return tok
+}
+
 func TestJWTSVIDFollowsSpec(t *testing.T) {
 	l := newLocal(t, t.TempDir(), webEntry)
 	bundle, _ := mustBundles(t, l)
@@ -319,10 +329,7 @@ func TestJWTSVIDFollowsSpec(t *testing.T) {
 		if err != nil {
 			t.Fatalf("MintJWTSVID: %v", err)
 		}
-		tok, err := jwt.ParseSigned(svid.Token, []jose.SignatureAlgorithm{jose.ES256})
-		if err != nil {
-			t.Fatalf("parsing the token: %v", err)
-		}
+		tok := parseJWT(t, svid.Token)
 		if len(tok.Headers) != 1 {
 			t.Fatalf("%d JOSE headers", len(tok.Headers))
 		}

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
@@ -80,10 +79,7 @@ func checkSigns(t *testing.T, l *Local, e *agent.Entry, now time.Time, want *aut
 
 func checkJWT(t *testing.T, token string, b *spiffebundle.Bundle, wantKID string) {
 	t.Helper()
-	tok, err := jwt.ParseSigned(token, []jose.SignatureAlgorithm{jose.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := parseJWT(t, token)
 	kid := tok.Headers[0].KeyID
 	key, ok := b.FindJWTAuthority(kid)
 	if !ok {
