@@ -109,15 +109,6 @@ func startHelper(t *testing.T, path, mode string, env ...string) (*exec.Cmd, io.
 	return cmd, stdin
 }
 
-func countFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 func startServer(t *testing.T, interceptor grpc.UnaryServerInterceptor) string {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "api.sock")
@@ -627,7 +618,7 @@ func TestProcPath(t *testing.T) {
 // that the caller fds go away with them.
 func TestFDsReleased(t *testing.T) {
 	sock := startServer(t, nil)
-	base := countFDs(t)
+	base := testkit.OpenFDs(t)
 	const n = 50
 	conns := make([]*grpc.ClientConn, n)
 	for i := range conns {
@@ -635,7 +626,7 @@ func TestFDsReleased(t *testing.T) {
 		check(t, conns[i])
 	}
 	// Each connection holds a client socket, a server socket and a pidfd.
-	if open := countFDs(t); open < base+3*n {
+	if open := testkit.OpenFDs(t); open < base+3*n {
 		t.Fatalf("%d fds open with %d connections, want at least %d", open, n, base+3*n)
 	}
 	for _, cc := range conns {
@@ -643,7 +634,7 @@ func TestFDsReleased(t *testing.T) {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		open := countFDs(t)
+		open := testkit.OpenFDs(t)
 		if open <= base {
 			return
 		}

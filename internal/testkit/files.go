@@ -24,3 +24,14 @@ func ReplaceFile(t testing.TB, path string, data []byte, uid int, mode os.FileMo
 		t.Fatal(err)
 	}
 }
+
+// OpenFDs is how many file descriptors this process has open, for tests
+// that check nothing leaks one.
+func OpenFDs(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}

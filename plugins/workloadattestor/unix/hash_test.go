@@ -16,15 +16,6 @@ import (
 	sysunix "golang.org/x/sys/unix"
 )
 
-func openFds(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 // sparseFile creates a file of size bytes that is one hole, cheap on disk
 // however large, and returns its descriptor and version.
 func sparseFile(t *testing.T, path string, size int64) (int, hashKey) {
@@ -55,7 +46,7 @@ func (c *hashCache) inflightLen() int {
 func checkReleased(t *testing.T, c *hashCache, fds, goroutines int) {
 	t.Helper()
 	testkit.WaitFor(t, 10*time.Second, "every compute goroutine to end", func() bool { return c.computes.Load() == 0 })
-	testkit.WaitFor(t, 10*time.Second, "the descriptors to be closed", func() bool { return openFds(t) <= fds })
+	testkit.WaitFor(t, 10*time.Second, "the descriptors to be closed", func() bool { return testkit.OpenFDs(t) <= fds })
 	testkit.WaitFor(t, 10*time.Second, "the goroutines to end", func() bool { return runtime.NumGoroutine() <= goroutines })
 	if n := c.inflightLen(); n != 0 {
 		t.Errorf("%d calls still in flight", n)
@@ -83,7 +74,7 @@ func TestHashesBoundedAndReleased(t *testing.T) {
 	for i := range versions {
 		fds[i], keys[i] = sparseFile(t, filepath.Join(dir, "big"+strconv.Itoa(i)), size)
 	}
-	fdsBefore, goroutinesBefore := openFds(t), runtime.NumGoroutine()
+	fdsBefore, goroutinesBefore := testkit.OpenFDs(t), runtime.NumGoroutine()
 
 	cancels := make([]context.CancelFunc, versions)
 	errcs := make([]chan error, versions)
@@ -172,7 +163,7 @@ func TestAbandonedHashStops(t *testing.T) {
 	const size = 4 << 30
 	c := newHashCache(maxHashEntries)
 	fd, key := sparseFile(t, filepath.Join(t.TempDir(), "big"), size)
-	fdsBefore, goroutinesBefore := openFds(t), runtime.NumGoroutine()
+	fdsBefore, goroutinesBefore := testkit.OpenFDs(t), runtime.NumGoroutine()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
