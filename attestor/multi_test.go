@@ -1,15 +1,14 @@
 package attestor
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // attestorFunc adapts a function to WorkloadAttestor.
@@ -46,23 +45,6 @@ func failing(err error) WorkloadAttestor {
 	return attestorFunc(func(context.Context, Process) ([]Selector, error) { return nil, err })
 }
 
-// logged is a log the attestors' goroutines write while a test reads it.
-type logged struct {
-	mu  sync.Mutex // hclog holds it while it writes
-	buf bytes.Buffer
-}
-
-func (l *logged) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-func testLogger() (hclog.Logger, *logged) {
-	l := &logged{}
-	return hclog.New(&hclog.LoggerOptions{Output: &l.buf, Mutex: &l.mu, Level: hclog.Debug}), l
-}
-
 // TestMultiAttestorDeadline: an attestor that does not answer within the
 // deadline, whether it ignores ctx or honours it, fails the attestation
 // with ErrAttestorTimeout at the deadline, logged at Warn with its name,
@@ -73,7 +55,7 @@ func TestMultiAttestorDeadline(t *testing.T) {
 	const timeout = 100 * time.Millisecond
 	for name, slow := range map[string]WorkloadAttestor{"ignores ctx": stuck(release), "honours ctx": sleeper(time.Hour)} {
 		t.Run(name, func(t *testing.T) {
-			log, logs := testLogger()
+			log, logs := testkit.NewLogger(hclog.Debug)
 			m := NewMultiAttestor(log, timeout, Plugin{"unix", answering(Selector{"unix", "uid:1"})}, Plugin{"kubelet", slow})
 			start := time.Now()
 			sels, err := m.Attest(context.Background(), Process{PID: 42})
@@ -97,7 +79,7 @@ func TestMultiAttestorDeadline(t *testing.T) {
 
 // TestMultiAttestorAlone: the common case of one attestor, slow or not.
 func TestMultiAttestorAlone(t *testing.T) {
-	log, _ := testLogger()
+	log, _ := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, 50*time.Millisecond, Plugin{"unix", sleeper(time.Hour)})
 	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrAttestorTimeout) {
 		t.Fatalf("Attest of a slow attestor = %v, want ErrAttestorTimeout", err)
@@ -112,7 +94,7 @@ func TestMultiAttestorAlone(t *testing.T) {
 // TestMultiAttestorMerges: selectors of every attestor that answered,
 // sorted without duplicates; a failed attestor contributes nothing.
 func TestMultiAttestorMerges(t *testing.T) {
-	log, logs := testLogger()
+	log, logs := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, time.Minute,
 		Plugin{"unix", answering(Selector{"unix", "uid:1"}, Selector{"unix", "gid:2"})},
 		Plugin{"docker", failing(errors.New("engine unreachable"))},
@@ -146,7 +128,7 @@ func TestMultiAttestorMerges(t *testing.T) {
 func TestMultiAttestorRefusalFirst(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	log, _ := testLogger()
+	log, _ := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, time.Minute, Plugin{"kubelet", stuck(release)}, Plugin{"unix", failing(ErrCallerChanged)})
 	done := make(chan error, 1)
 	go func() {
@@ -168,7 +150,7 @@ func TestMultiAttestorRefusalFirst(t *testing.T) {
 func TestMultiAttestorCallerGone(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	log, logs := testLogger()
+	log, logs := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, time.Minute, Plugin{"kubelet", stuck(release)})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -184,7 +166,7 @@ func TestMultiAttestorCallerGone(t *testing.T) {
 // BenchmarkMultiAttestor is the cost the deadline adds to every
 // attestation of the common case, one attestor that answers at once.
 func BenchmarkMultiAttestor(b *testing.B) {
-	log, _ := testLogger()
+	log, _ := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, DefaultTimeout, Plugin{"unix", answering(Selector{"unix", "uid:1"})})
 	ctx := context.Background()
 	b.ReportAllocs()

@@ -1,7 +1,6 @@
 package local
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
@@ -102,13 +101,13 @@ func TestCorruptStateFile(t *testing.T) {
 			dir := t.TempDir()
 			path := filepath.Join(dir, stateFileName)
 			writeFile(t, path, []byte(tc.content))
-			var logs bytes.Buffer
+			log, logs := testkit.NewLogger(hclog.Error)
 			sec, err := conf.NewSection("test.conf", webEntry)
 			if err != nil {
 				t.Fatal(err)
 			}
 			up, err := New(agent.UpstreamConfig{Name: "local", Data: sec, TrustDomain: td, DataDir: dir,
-				Log: hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Error})})
+				Log: log})
 			if err != nil {
 				t.Fatalf("New: %v (a bad state file must not stop the agent)", err)
 			}

@@ -3,8 +3,6 @@ package local
 import (
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
@@ -134,10 +132,7 @@ func entryFor(t *testing.T, l *Local, id string) *agent.Entry {
 
 func mintX509(t *testing.T, l *Local, e *agent.Entry) ([]*x509.Certificate, *ecdsa.PrivateKey) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
+	key := testkit.NewKey(t)
 	res, err := l.MintX509SVIDs(context.Background(), []agent.X509Request{{Entry: e, Key: key}})
 	if err != nil {
 		t.Fatalf("MintX509SVIDs: %v", err)
