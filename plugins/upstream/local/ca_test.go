@@ -195,15 +195,7 @@ x509_svid_ttl = "10m"
 	}
 	seqPrepared, _ := b.SequenceNumber()
 	chain, _ := mintX509(t, l, web)
-	if err := chain[0].CheckSignatureFrom(old.cert); err != nil {
-		t.Errorf("after half-life SVIDs must still be signed by the old CA: %v", err)
-	}
-	if _, _, err := x509svid.Verify(chain, b, x509svid.WithTime(now)); err != nil {
-		t.Errorf("x509svid.Verify: %v", err)
-	}
-	if kid := jwtKID(t, l); kid != old.jwtKID {
-		t.Errorf("JWT kid %s, want the old %s", kid, old.jwtKID)
-	}
+	checkSignedBy(t, l, web, chain, b, now, old) // after half-life, still the old CA
 	// Calling again changes nothing.
 	if _, changed, _ := l.rotate(); changed {
 		t.Error("a second rotate at the same time changed something")
@@ -232,15 +224,7 @@ x509_svid_ttl = "10m"
 		t.Errorf("sequence number %d did not grow past %d", seq, seqPrepared)
 	}
 	chain, _ = mintX509(t, l, web)
-	if err := chain[0].CheckSignatureFrom(nextCA.cert); err != nil {
-		t.Errorf("after 2/3 SVIDs must be signed by the new CA: %v", err)
-	}
-	if _, _, err := x509svid.Verify(chain, b, x509svid.WithTime(now)); err != nil {
-		t.Errorf("x509svid.Verify: %v", err)
-	}
-	if kid := jwtKID(t, l); kid != nextCA.jwtKID {
-		t.Errorf("JWT kid %s, want the new %s", kid, nextCA.jwtKID)
-	}
+	checkSignedBy(t, l, web, chain, b, now, nextCA) // after 2/3, the new CA
 
 	// A restart now loads both, with the new one active. It rewrites the
 	// state file, which l reloads from then on.
@@ -273,15 +257,6 @@ x509_svid_ttl = "10m"
 	if len(b.X509Authorities()) != len(l.authorities) || len(b.JWTAuthorities()) != len(l.authorities) {
 		t.Errorf("bundle has %d roots and %d JWT keys for %d authorities", len(b.X509Authorities()), len(b.JWTAuthorities()), len(l.authorities))
 	}
-}
-
-func jwtKID(t *testing.T, l *Local) string {
-	t.Helper()
-	svid, err := l.MintJWTSVID(t.Context(), entryFor(t, l, "spiffe://example.org/web"), []string{"a"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return parseJWT(t, svid.Token).Headers[0].KeyID
 }
 
 // fileCA writes a CA chain and key for ca_cert_path and ca_key_path and

@@ -2,6 +2,7 @@ package local
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -64,6 +65,13 @@ func checkSigns(t *testing.T, l *Local, e *agent.Entry, now time.Time, want *aut
 	if b == nil {
 		t.Fatal("an SVID was signed before any bundle was published")
 	}
+	checkSignedBy(t, l, e, chain, b, now, want)
+}
+
+// checkSignedBy checks that want signed chain, an X509-SVID for e, and a
+// JWT-SVID it mints for e, and that both verify against b at now.
+func checkSignedBy(t *testing.T, l *Local, e *agent.Entry, chain []*x509.Certificate, b *spiffebundle.Bundle, now time.Time, want *authority) {
+	t.Helper()
 	if _, _, err := x509svid.Verify(chain, b, x509svid.WithTime(now)); err != nil {
 		t.Errorf("the X509-SVID does not verify against the published bundle: %v", err)
 	}
