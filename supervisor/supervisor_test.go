@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 const waitLimit = 5 * time.Second
@@ -51,13 +52,7 @@ func runAsync(ctx context.Context, s *Supervisor) <-chan error {
 
 func wait(t *testing.T, done <-chan error) error {
 	t.Helper()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(waitLimit):
-		t.Fatal("the supervisor did not return")
-		return nil
-	}
+	return testkit.Receive(t, done, waitLimit, "the supervisor to return")
 }
 
 func TestStagesStopInReverseWhenTheContextEnds(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // An HTTP listener serves until stopped, then closes its port.
@@ -39,13 +40,8 @@ func TestHTTPServiceServesUntilStopped(t *testing.T) {
 		t.Fatalf("GET /live = %q", body)
 	}
 	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Run after its context ended = %v, want nil", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Run did not return")
+	if err := testkit.Receive(t, done, 5*time.Second, "Run to return"); err != nil {
+		t.Fatalf("Run after its context ended = %v, want nil", err)
 	}
 	if c, err := net.Dial("tcp", addr); err == nil {
 		c.Close()

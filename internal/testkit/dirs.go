@@ -43,6 +43,20 @@ func WaitFor(t testing.TB, bound time.Duration, what string, cond func() bool) {
 	}
 }
 
+// Receive waits for a value from ch (a goroutine's result), failing the
+// test after bound: what says what was awaited.
+func Receive[T any](t testing.TB, ch <-chan T, bound time.Duration, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(bound):
+		t.Fatalf("timed out after %s waiting for %s", bound, what)
+		var zero T
+		return zero
+	}
+}
+
 // RequireRoot skips a test that needs root (to chown, to run processes
 // under other uids, to mount) when it runs as another user, and fails it
 // under CI, which runs as root: there a skip would hide a test that must

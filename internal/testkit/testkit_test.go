@@ -2,6 +2,7 @@ package testkit
 
 import (
 	"crypto/x509"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -75,5 +76,22 @@ func TestBufferLimit(t *testing.T) {
 	log.Info("hello", "k", "v")
 	if !strings.Contains(logs.String(), "hello: k=v") {
 		t.Errorf("logged %q", logs.String())
+	}
+}
+
+func TestReceiveAndOpenFDs(t *testing.T) {
+	ch := make(chan int, 1)
+	go func() { ch <- 7 }()
+	if got := Receive(t, ch, 10*time.Second, "the value"); got != 7 {
+		t.Errorf("Receive = %d, want 7", got)
+	}
+	before := OpenFDs(t)
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if after := OpenFDs(t); after != before+1 {
+		t.Errorf("OpenFDs = %d after opening one file, want %d", after, before+1)
 	}
 }

@@ -607,13 +607,8 @@ func runLocal(t *testing.T, l *Local) *fakeagent.Sink {
 	go func() { done <- l.Run(ctx, sink) }()
 	t.Cleanup(func() {
 		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Run: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("Run did not return after its context ended")
+		if err := testkit.Receive(t, done, 10*time.Second, "Run to return after its context ended"); err != nil {
+			t.Errorf("Run: %v", err)
 		}
 	})
 	return sink

@@ -123,13 +123,9 @@ func TestResyncGivesUpWithItsCaller(t *testing.T) {
 		_, err := s.Resync(ctx)
 		done <- err
 	}()
-	select {
-	case err := <-done:
-		if !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("Resync = %v, want the caller's deadline", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Resync kept waiting for the sync lock after its caller's context ended")
+	err := testkit.Receive(t, done, 10*time.Second, "Resync to leave the sync lock when its caller's context ended")
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Resync = %v, want the caller's deadline", err)
 	}
 }
 

@@ -3,6 +3,7 @@ package unix
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -112,16 +113,12 @@ func TestHashesBoundedAndReleased(t *testing.T) {
 	}
 	for _, i := range append(waiting, started...) {
 		cancels[i]()
-		select {
-		case err := <-errcs[i]:
-			if !errors.Is(err, context.Canceled) {
-				t.Errorf("caller %d: got %v, want context.Canceled", i, err)
-			}
-			if slices.Contains(waiting, i) && !strings.Contains(err.Error(), "free slot") {
-				t.Errorf("caller %d waited for a slot, but its error %q does not say so", i, err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("caller %d did not return within 10s of its cancel", i)
+		err := testkit.Receive(t, errcs[i], 10*time.Second, fmt.Sprintf("caller %d to return after its cancel", i))
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("caller %d: got %v, want context.Canceled", i, err)
+		}
+		if slices.Contains(waiting, i) && !strings.Contains(err.Error(), "free slot") {
+			t.Errorf("caller %d waited for a slot, but its error %q does not say so", i, err)
 		}
 	}
 	if p := c.peak.Load(); p > maxConcurrentHashes {
@@ -175,13 +172,8 @@ func TestAbandonedHashStops(t *testing.T) {
 	testkit.WaitFor(t, 10*time.Second, "the read to begin", func() bool { return c.hashed.Load() > 0 })
 	cancel()
 	start := time.Now()
-	select {
-	case err := <-errc:
-		if !errors.Is(err, context.Canceled) {
-			t.Errorf("got %v, want context.Canceled", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("the caller did not return within 10s of its cancel")
+	if err := testkit.Receive(t, errc, 10*time.Second, "the caller to return after its cancel"); !errors.Is(err, context.Canceled) {
+		t.Errorf("got %v, want context.Canceled", err)
 	}
 	atCancel := c.hashed.Load()
 	checkReleased(t, c, fdsBefore, goroutinesBefore)
