@@ -187,7 +187,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Add(3)
 	go func() {
 		defer wg.Done()
-		a.cache.RunRotation(ctx)
+		_ = a.cache.Rotator().Run(ctx)
 	}()
 	go func() {
 		defer wg.Done()
@@ -195,7 +195,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}()
 	go func() {
 		defer wg.Done()
-		a.cache.RunPersist(ctx)
+		_ = a.cache.Persister().Run(ctx)
 	}()
 	retry := NewBackoff(time.Second, 30*time.Second)
 	for ctx.Err() == nil {

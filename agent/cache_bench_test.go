@@ -173,13 +173,13 @@ func BenchmarkPersist(b *testing.B) {
 	if _, err := c.X509Identities(context.Background(), sels); err != nil {
 		b.Fatal(err)
 	}
-	c.persistPath = b.TempDir() + "/" + cacheFileName
+	c.persister.path = b.TempDir() + "/" + cacheFileName
 	b.ReportAllocs()
 	for b.Loop() {
-		c.mu.Lock()
-		c.dirty = true
-		c.mu.Unlock()
-		c.persist()
+		c.store.mu.Lock()
+		c.store.changedLocked()
+		c.store.mu.Unlock()
+		c.persister.persist()
 	}
 }
 

@@ -310,11 +310,11 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func (c *Cache) svidOf(entryID string) *X509SVID {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.svids[entryID]
-}
+func (c *Cache) svidOf(entryID string) *X509SVID { return c.store.svid(entryID) }
+
+// kickRenewal has the rotator look at its queue now, as after the clock
+// moved.
+func (c *Cache) kickRenewal() { c.rotator.kickLoop() }
 
 func expectSignal(t *testing.T, s *Subscription, what string) {
 	t.Helper()
@@ -404,7 +404,7 @@ func TestMatchIsSubset(t *testing.T) {
 				t.Fatalf("entries %v, want %v", got, tc.want)
 			}
 			for i, svid := range snap.SVIDs {
-				checkSVID(t, svid, c.entries.get(tc.want[i]), up.bundle())
+				checkSVID(t, svid, c.store.entry(tc.want[i]), up.bundle())
 			}
 			if snap.Local == nil || !snap.Local.Equal(up.bundle()) {
 				t.Error("the snapshot lacks the local bundle")
@@ -697,11 +697,11 @@ func TestSubscriptions(t *testing.T) {
 	b := up.bundle()
 	c.SetBundles(b, nil)
 	expectSignal(t, s, "the first bundles")
-	first := c.local
+	first := c.store.local
 
 	c.SetBundles(b.Clone(), nil)
 	expectNoSignal(t, s, "an identical SetBundles")
-	if c.local != first {
+	if c.store.local != first {
 		t.Error("an identical bundle replaced the cached one")
 	}
 	c.SetEntries([]*Entry{clone(e)})
@@ -891,9 +891,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 	both := up.bundle()
 	both.AddX509Authority(newCA.cert)
 	c.SetBundles(both, nil)
-	c.mu.RLock()
-	kept := c.svids["a"] == first && first.RenewAt.Equal(renewAt)
-	c.mu.RUnlock()
+	kept := c.svidOf("a") == first && first.RenewAt.Equal(renewAt) && !first.replace.Load()
 	if !kept {
 		t.Error("adding a CA to the bundle scheduled a renewal of SVIDs that still chain")
 	}
@@ -1477,7 +1475,7 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	c, up := newTestCache(t)
 	c.PersistTo(dir, testTD)
 	sels, saved := fetchFirst(t, c, up)
-	c.persist()
+	c.persister.persist()
 
 	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
 	up.set(func(u *testUpstream) { u.now = clock.Now; u.gate = make(chan struct{}) })
@@ -1501,7 +1499,7 @@ func startRotation(t *testing.T, c *Cache) (stop func()) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		c.RunRotation(ctx)
+		_ = c.Rotator().Run(ctx)
 	}()
 	stop = sync.OnceFunc(func() {
 		cancel()
@@ -1570,7 +1568,7 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	// Let the rotation loop take the kick the fetch gave (the SVID is now
 	// served) while the refresh is still in flight, as it would when the
 	// upstream hangs for longer.
-	eventually(t, "the rotation loop to take its kick", func() bool { return len(c.renewKick) == 0 })
+	eventually(t, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
 	time.Sleep(100 * time.Millisecond)
 	close(gate)
 	up.set(func(u *testUpstream) { u.gate = nil })
@@ -1592,17 +1590,13 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	if _, err := c.X509Identities(t.Context(), sels); err != nil {
 		t.Fatal(err)
 	}
-	c.mu.RLock()
-	inflight := len(c.inflight)
-	c.mu.RUnlock()
+	inflight := c.signer.inFlight()
 	if inflight != 1 {
 		t.Fatalf("%d signings in flight after the caller stopped waiting, want 1", inflight)
 	}
 	stop()
 	eventually(t, "the detached signing to end with the agent", func() bool {
-		c.mu.RLock()
-		defer c.mu.RUnlock()
-		return len(c.inflight) == 0
+		return c.signer.inFlight() == 0
 	})
 }
 
@@ -1614,13 +1608,13 @@ func TestKeyGenerationFailureSendsNoKeylessRequest(t *testing.T) {
 	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1"), testEntry("b", "spiffe://example.org/b", 1, "unix:uid:1")})
 	c.SetBundles(up.bundle(), nil)
 	var calls atomic.Int32
-	c.newKey = func() (*ecdsa.PrivateKey, error) {
+	c.signer.newKey = func() (*ecdsa.PrivateKey, error) {
 		if calls.Add(1) == 1 {
 			return nil, errors.New("no entropy")
 		}
 		return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	}
-	svids, errs := c.sign(t.Context(), []*mintCall{{entry: c.entries.get("a")}, {entry: c.entries.get("b")}})
+	svids, errs := c.signer.sign(t.Context(), []*mintCall{{entry: c.store.entry("a")}, {entry: c.store.entry("b")}})
 	if errs[0] == nil || !strings.Contains(errs[0].Error(), "no entropy") || svids[0] != nil {
 		t.Errorf("the call whose key failed: %v, %v", svids[0], errs[0])
 	}

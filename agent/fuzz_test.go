@@ -60,7 +60,7 @@ func FuzzLoadCache(f *testing.F) {
 	if _, err := c.X509Identities(context.Background(), e.Selectors); err != nil {
 		f.Fatal(err)
 	}
-	c.persist()
+	c.persister.persist()
 	good, err := os.ReadFile(filepath.Join(seedDir, cacheFileName))
 	if err != nil {
 		f.Fatal(err)
