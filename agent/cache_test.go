@@ -1506,7 +1506,7 @@ func startRotation(t *testing.T, c *Cache) (stop func()) {
 		select {
 		case <-done:
 		case <-time.After(15 * time.Second):
-			t.Error("RunRotation did not return after its context ended")
+			t.Error("the rotator did not return after its context ended")
 		}
 	})
 	t.Cleanup(stop)

@@ -38,7 +38,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	const streams = 1000
 	up := &rotatingUpstream{ca: newRotationCA(b)}
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
-	cache := agent.NewSVIDManager(log, up)
+	cache := agent.NewCache(log, up)
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	cache.SetEntries([]*agent.Entry{{
 		ID: "bench", SPIFFEID: spiffeid.RequireFromString("spiffe://example.org/bench"), CreatedAt: 1,

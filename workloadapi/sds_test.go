@@ -241,7 +241,7 @@ func newSDSEnv(t *testing.T, entries []*agent.Entry, federated ...*spiffebundle.
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		cache.RunRotation(ctx)
+		_ = cache.Rotator().Run(ctx)
 	}()
 	go func() {
 		defer wg.Done()

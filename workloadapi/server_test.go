@@ -352,7 +352,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		cache.RunRotation(ctx)
+		_ = cache.Rotator().Run(ctx)
 	}()
 	go func() {
 		defer wg.Done()
