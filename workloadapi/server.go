@@ -176,6 +176,7 @@ func NewServer(cfg Config) *Server {
 		grpc.ReadBufferSize(readBufferSize),
 		grpc.WriteBufferSize(writeBufferSize),
 		grpc.NumStreamWorkers(streamWorkers),
+		grpc.ForceServerCodecV2(newSharedCodec()),
 	)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
 	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
@@ -331,7 +332,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			// Keep what the client has; the next change tries again.
 			h.cfg.Log.Warn("Could not update an X509-SVID stream", "error", err)
 		case !snap.Same(last):
-			if err := h.send(caller, func() error { return stream.Send(x509Response(snap)) }); err != nil {
+			// Streams of the same entries share the snapshot, and so
+			// its one encoding.
+			msg := &encodedMessage{data: snap.Encoded(encodeX509Response)}
+			if err := h.send(caller, func() error { return stream.SendMsg(msg) }); err != nil {
 				return err
 			}
 			last = snap
@@ -346,6 +350,8 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 		}
 	}
 }
+
+func encodeX509Response(snap *agent.X509Snapshot) []byte { return encode(x509Response(snap)) }
 
 func x509Response(snap *agent.X509Snapshot) *workload.X509SVIDResponse {
 	resp := &workload.X509SVIDResponse{Svids: make([]*workload.X509SVID, len(snap.SVIDs))}
