@@ -1,6 +1,7 @@
 package workloadapi_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -68,7 +69,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	})
 
 	type msg struct {
-		issuer string
+		bundle []byte
 		at     time.Time
 	}
 	msgs := make(chan msg, streams)
@@ -85,11 +86,9 @@ func BenchmarkCARotationFanout(b *testing.B) {
 				if err != nil {
 					return
 				}
-				leaf, err := x509.ParseCertificate(resp.Svids[0].X509Svid)
-				if err != nil {
-					return
-				}
-				msgs <- msg{issuer: leaf.Issuer.CommonName, at: time.Now()}
+				// The bundle is the new CA's only once the SVID is one it
+				// signed: an SVID that does not chain is not served.
+				msgs <- msg{bundle: resp.Svids[0].Bundle, at: time.Now()}
 			}
 		}()
 	}
@@ -109,7 +108,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 		for len(times) < streams {
 			select {
 			case m := <-msgs:
-				if m.issuer == next.cert.Subject.CommonName {
+				if bytes.Equal(m.bundle, next.cert.Raw) {
 					times = append(times, m.at)
 				}
 			case <-time.After(30 * time.Second):
