@@ -204,7 +204,7 @@ func (u *rotatingUpstream) MintX509SVIDs(_ context.Context, reqs []agent.X509Req
 			SerialNumber: nextRotationSerial(), URIs: []*url.URL{id},
 			Subject:   pkix.Name{CommonName: "bench"},
 			NotBefore: time.Now().Add(-time.Second), NotAfter: time.Now().Add(time.Hour),
-			KeyUsage:  x509.KeyUsageDigitalSignature, AuthorityKeyId: ca.cert.SubjectKeyId,
+			KeyUsage: x509.KeyUsageDigitalSignature, AuthorityKeyId: ca.cert.SubjectKeyId,
 		}
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, r.Key.Public(), ca.key)
 		if err != nil {
