@@ -306,49 +306,17 @@ func statusOf(err error) error {
 }
 
 func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
-	ctx := stream.Context()
-	sels, caller, err := h.attest(ctx)
-	if err != nil {
-		return err
-	}
-	sub := h.cfg.Cache.Subscribe()
-	defer sub.Close()
-	var last *agent.X509Snapshot
-	awaited := false
-	for {
-		snap, err := h.cfg.Cache.X509Identities(ctx, sels)
-		// Only a new caller waits for its entry; a stream whose entries
-		// were deleted is told at once.
-		if errors.Is(err, agent.ErrNoIdentity) && last == nil && !awaited {
-			awaited = true
-			if h.cfg.Cache.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
-				continue
-			}
-		}
-		switch {
-		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
-			return statusOf(err)
-		case err != nil:
-			// Keep what the client has; the next change tries again.
-			h.cfg.Log.Warn("Could not update an X509-SVID stream", "error", err)
-		case !snap.Same(last):
-			// Streams of the same entries share the snapshot, and so
-			// its one encoding.
-			msg := &encodedMessage{data: snap.Encoded(encodeX509Response)}
-			if err := h.send(caller, func() error { return stream.SendMsg(msg) }); err != nil {
-				return err
-			}
-			last = snap
-			sub.WatchEntries(snap.EntryIDs())
-		}
-		select {
-		case <-sub.C:
-		case <-ctx.Done():
-			return nil
-		case <-h.stopping:
-			return errShuttingDown
-		}
-	}
+	return runStream(h, stream.Context(), streamOf[*agent.X509Snapshot]{
+		what:  "an X509-SVID stream",
+		fetch: h.cfg.Cache.X509Identities,
+		same:  (*agent.X509Snapshot).Same,
+		send: func(snap *agent.X509Snapshot) error {
+			// Streams of the same entries share the snapshot, and so its
+			// one encoding.
+			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
+		},
+		sent: func(sub *agent.Subscription, snap *agent.X509Snapshot) { sub.WatchEntries(snap.EntryIDs()) },
+	})
 }
 
 func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
