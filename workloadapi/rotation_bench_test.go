@@ -1,15 +1,9 @@
-package workloadapi_test
+package workloadapi
 
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"math/big"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -21,31 +15,28 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
-	"github.com/lanyard-dev/lanyard/conf"
-	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 )
 
 // BenchmarkCARotationFanout is a CA rotation reaching 1,000 open
 // FetchX509SVID streams, each on its own connection, over a real Unix
 // socket: every iteration replaces the CA in the bundle, which makes the
 // one SVID the streams share be re-signed, and waits until every stream
-// has an SVID of the new CA. spread-ms is from the first stream's message
-// to the last one's (what `make bench` reports as the rotation spread),
-// last-ms from the bundle change to the last one's.
+// has it. spread-ms is from the first stream's message to the last one's
+// (what `make bench` reports as the rotation spread), last-ms from the
+// bundle change to the last one's.
 func BenchmarkCARotationFanout(b *testing.B) {
 	const streams = 1000
-	up := &rotatingUpstream{ca: newRotationCA(b)}
+	up := &testUpstream{ca: newTestCA(b, tdExample, "ca 0")}
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
 	cache := agent.NewCache(log, up)
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	cache.SetEntries([]*agent.Entry{{
-		ID: "bench", SPIFFEID: spiffeid.RequireFromString("spiffe://example.org/bench"), CreatedAt: 1,
-		Selectors: []attestor.Selector{{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}},
-	}})
-	cache.SetBundles(spiffebundle.FromX509Authorities(td, []*x509.Certificate{up.current().cert}), nil)
+	mine := attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
+	cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{up.ca.cert}), nil)
 	dir, err := os.MkdirTemp("", "wrb-")
 	if err != nil {
 		b.Fatal(err)
@@ -56,8 +47,8 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := workloadapi.NewServer(workloadapi.Config{Log: log, Attestor: uidAttestor{}, Cache: cache})
-	ctx, cancel := context.WithCancel(headerCtx())
+	srv := NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Cache: cache})
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), headerKey, "true"))
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = cache.Rotator().Run(ctx) }()
@@ -74,9 +65,12 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	}
 	msgs := make(chan msg, streams)
 	for range streams {
-		c, done := benchClient(b, socket)
-		b.Cleanup(done)
-		stream, err := c.FetchX509SVID(ctx, &workload.X509SVIDRequest{})
+		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { conn.Close() })
+		stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(ctx, &workload.X509SVIDRequest{})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -97,13 +91,13 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	}
 	var spread, last time.Duration
 	b.ResetTimer()
-	for range b.N {
+	for i := range b.N {
 		b.StopTimer()
-		next := newRotationCA(b)
+		next := newTestCA(b, tdExample, "ca "+strconv.Itoa(i+1))
 		b.StartTimer()
-		up.rotate(next)
+		up.setCA(next)
 		start := time.Now()
-		cache.SetBundles(spiffebundle.FromX509Authorities(td, []*x509.Certificate{next.cert}), nil)
+		cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{next.cert}), nil)
 		var times []time.Time
 		for len(times) < streams {
 			select {
@@ -123,104 +117,10 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	b.ReportMetric(float64(last.Microseconds())/1000/float64(b.N), "last-ms")
 }
 
-// uidAttestor gives every caller its uid's selector, as the unix
-// attestor does, without reading /proc.
-type uidAttestor struct{}
+// fixedAttestor gives every caller the same selectors, without reading
+// /proc for each of a thousand connections.
+type fixedAttestor []attestor.Selector
 
-func (uidAttestor) Attest(_ context.Context, p attestor.Process) ([]attestor.Selector, error) {
-	return []attestor.Selector{{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}}, nil
+func (a fixedAttestor) Attest(context.Context, attestor.Process) ([]attestor.Selector, error) {
+	return a, nil
 }
-
-type rotationCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
-
-var rotationSerial struct {
-	sync.Mutex
-	n int64
-}
-
-func nextRotationSerial() *big.Int {
-	rotationSerial.Lock()
-	defer rotationSerial.Unlock()
-	rotationSerial.n++
-	return big.NewInt(rotationSerial.n)
-}
-
-func newRotationCA(b *testing.B) *rotationCA {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
-	serial := nextRotationSerial()
-	u, _ := url.Parse("spiffe://example.org")
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: "rotation CA " + serial.String()},
-		URIs: []*url.URL{u}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
-		SubjectKeyId: serial.Bytes(),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		b.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return &rotationCA{cert: cert, key: key}
-}
-
-// rotatingUpstream signs with its current CA.
-type rotatingUpstream struct {
-	mu sync.Mutex
-	ca *rotationCA
-}
-
-func (u *rotatingUpstream) current() *rotationCA {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.ca
-}
-
-func (u *rotatingUpstream) rotate(ca *rotationCA) {
-	u.mu.Lock()
-	u.ca = ca
-	u.mu.Unlock()
-}
-
-func (u *rotatingUpstream) Run(ctx context.Context, _ agent.Sink) error {
-	<-ctx.Done()
-	return nil
-}
-
-func (u *rotatingUpstream) MintX509SVIDs(_ context.Context, reqs []agent.X509Request) ([]agent.X509Result, error) {
-	ca := u.current()
-	out := make([]agent.X509Result, len(reqs))
-	for i, r := range reqs {
-		id, _ := url.Parse(r.Entry.SPIFFEID.String())
-		tmpl := &x509.Certificate{
-			SerialNumber: nextRotationSerial(), URIs: []*url.URL{id},
-			Subject:   pkix.Name{CommonName: "bench"},
-			NotBefore: time.Now().Add(-time.Second), NotAfter: time.Now().Add(time.Hour),
-			KeyUsage: x509.KeyUsageDigitalSignature, AuthorityKeyId: ca.cert.SubjectKeyId,
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, r.Key.Public(), ca.key)
-		if err != nil {
-			out[i].Err = err
-			continue
-		}
-		leaf, err := x509.ParseCertificate(der)
-		out[i] = agent.X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
-	}
-	return out, nil
-}
-
-func (u *rotatingUpstream) MintJWTSVID(context.Context, *agent.Entry, []string) (*agent.JWTSVID, error) {
-	return nil, context.Canceled
-}
-
-func (u *rotatingUpstream) Resync(context.Context) (bool, error) { return false, nil }
-
-func (u *rotatingUpstream) Reconfigure(*conf.Section) error { return nil }

@@ -72,7 +72,7 @@ type testCA struct {
 	key  *ecdsa.PrivateKey
 }
 
-func newTestKey(t *testing.T) *ecdsa.PrivateKey {
+func newTestKey(t testing.TB) *ecdsa.PrivateKey {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -89,7 +89,7 @@ func randomSerial() (*big.Int, error) {
 	return n.Add(n, big.NewInt(1)), nil
 }
 
-func newTestCA(t *testing.T, td spiffeid.TrustDomain, name string) *testCA {
+func newTestCA(t testing.TB, td spiffeid.TrustDomain, name string) *testCA {
 	t.Helper()
 	key := newTestKey(t)
 	serial, err := randomSerial()
