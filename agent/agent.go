@@ -38,7 +38,7 @@ func restartPlugins(cfg *conf.Config) string {
 // top of it (see workloadapi and cmd/lanyard).
 type Agent struct {
 	log       hclog.Logger
-	cache     *Cache
+	cache     *SVIDManager
 	upstream  Upstream
 	upstreamN string
 	attestors atomic.Pointer[attestor.Set]
@@ -104,7 +104,7 @@ func New(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{log: log, upstream: up, upstreamN: name, cfg: cfg}
-	a.cache = NewCache(log.Named("cache"), up)
+	a.cache = NewSVIDManager(log.Named("cache"), up)
 	a.cache.PersistTo(cfg.Agent.DataDir, cfg.Agent.TrustDomain)
 	a.attestors.Store(set)
 	return a, nil
@@ -171,8 +171,8 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.Set, error) {
 	return attestor.NewSet(log.Named("attestor"), named...), nil
 }
 
-// Cache returns the agent's cache, which the Workload API reads.
-func (a *Agent) Cache() *Cache { return a.cache }
+// SVIDManager returns the agent's SVID manager, which the Workload API reads.
+func (a *Agent) SVIDManager() *SVIDManager { return a.cache }
 
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {

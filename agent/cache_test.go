@@ -241,9 +241,9 @@ func (u *testUpstream) bundle() *spiffebundle.Bundle {
 	return b
 }
 
-func newTestCache(t *testing.T) (*Cache, *testUpstream) {
+func newTestCache(t *testing.T) (*SVIDManager, *testUpstream) {
 	up := newTestUpstream(t)
-	return NewCache(hclog.NewNullLogger(), up), up
+	return NewSVIDManager(hclog.NewNullLogger(), up), up
 }
 
 func testEntry(id, spiffeID string, created int64, sels ...string) *Entry {
@@ -306,11 +306,11 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func (c *Cache) svidOf(entryID string) *X509SVID { return c.store.svid(entryID) }
+func (c *SVIDManager) svidOf(entryID string) *X509SVID { return c.store.svid(entryID) }
 
 // kickRenewal has the rotator look at its queue now, as after the clock
 // moved.
-func (c *Cache) kickRenewal() { c.rotator.kickLoop() }
+func (c *SVIDManager) kickRenewal() { c.rotator.kickLoop() }
 
 func expectSignal(t *testing.T, s *Subscription, what string) {
 	t.Helper()
@@ -364,7 +364,7 @@ func checkSVID(t *testing.T, svid *X509SVID, e *Entry, bundle *spiffebundle.Bund
 
 // newClockedCache is newTestCache with the cache and its upstream on one
 // fake clock.
-func newClockedCache(t *testing.T) (*Cache, *testUpstream, *fakeClock) {
+func newClockedCache(t *testing.T) (*SVIDManager, *testUpstream, *fakeClock) {
 	c, up := newTestCache(t)
 	clock := &fakeClock{now: time.Now()}
 	c.now, up.now = clock.Now, clock.Now

@@ -82,7 +82,7 @@ func FuzzLoadCache(f *testing.F) {
 			t.Fatal(err)
 		}
 		// The upstream only mints; loading never calls it, so one serves all.
-		c := NewCache(hclog.NewNullLogger(), up)
+		c := NewSVIDManager(hclog.NewNullLogger(), up)
 		c.PersistTo(dir, testTD)
 		h := c.Health()
 		if _, err := os.Stat(filepath.Join(dir, cacheFileName+".corrupt")); err == nil {

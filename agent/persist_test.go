@@ -23,7 +23,7 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 
 	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
 	up.set(func(u *testUpstream) { u.now = clock.Now; u.gate = make(chan struct{}) })
-	restarted := NewCache(hclog.NewNullLogger(), up)
+	restarted := NewSVIDManager(hclog.NewNullLogger(), up)
 	restarted.now = clock.Now
 	restarted.PersistTo(dir, testTD)
 	calls := up.x509Calls.Load()

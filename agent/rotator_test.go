@@ -265,7 +265,7 @@ func TestBackoff(t *testing.T) {
 
 // startRotation runs c's rotation loop until the test ends or stop is
 // called, and fails the test if the loop does not stop then.
-func startRotation(t *testing.T, c *Cache) (stop func()) {
+func startRotation(t *testing.T, c *SVIDManager) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -286,7 +286,7 @@ func startRotation(t *testing.T, c *Cache) (stop func()) {
 
 // renewedOnce moves the clock past the renewal time of svid, entry "a"'s
 // (see fetchFirst), and returns the SVID the rotation loop renews it into.
-func renewedOnce(t *testing.T, c *Cache, clock *fakeClock, svid *X509SVID) *X509SVID {
+func renewedOnce(t *testing.T, c *SVIDManager, clock *fakeClock, svid *X509SVID) *X509SVID {
 	t.Helper()
 	clock.Set(svid.RenewAt.Add(time.Second))
 	c.kickRenewal()
@@ -296,7 +296,7 @@ func renewedOnce(t *testing.T, c *Cache, clock *fakeClock, svid *X509SVID) *X509
 
 // fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
 // SVID.
-func fetchFirst(t *testing.T, c *Cache, up *testUpstream) ([]attestor.Selector, *X509SVID) {
+func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream) ([]attestor.Selector, *X509SVID) {
 	t.Helper()
 	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
 	c.SetBundles(up.bundle(), nil)

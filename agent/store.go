@@ -444,7 +444,7 @@ func (s *entryStore) federatedForLocked(entries []*Entry) []*Bundle {
 	return out
 }
 
-// bundles returns the bundles a caller may see (see Cache.Bundles).
+// bundles returns the bundles a caller may see (see SVIDManager.Bundles).
 func (s *entryStore) bundles(sels []attestor.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()

@@ -7,11 +7,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-var _ Sink = (*Cache)(nil)
+var _ Sink = (*SVIDManager)(nil)
 
 // TaintX509Authorities marks the SVIDs that chain to a tainted authority
 // for replacement, and has the rotator replace them now.
-func (c *Cache) TaintX509Authorities(authorities []*x509.Certificate) {
+func (c *SVIDManager) TaintX509Authorities(authorities []*x509.Certificate) {
 	if len(authorities) == 0 {
 		return
 	}
@@ -25,7 +25,7 @@ func (c *Cache) TaintX509Authorities(authorities []*x509.Certificate) {
 
 // TaintJWTAuthorities drops every cached JWT-SVID: tokens are cheap to
 // sign again, and the cache does not keep which key signed each.
-func (c *Cache) TaintJWTAuthorities(keyIDs []string) {
+func (c *SVIDManager) TaintJWTAuthorities(keyIDs []string) {
 	if len(keyIDs) == 0 {
 		return
 	}

@@ -33,7 +33,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	const streams = 1000
 	up := &testUpstream{ca: newTestCA(b, tdExample, "ca 0")}
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
-	cache := agent.NewCache(log, up)
+	cache := agent.NewSVIDManager(log, up)
 	mine := attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
 	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
 	cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{up.ca.cert}), nil)
@@ -47,7 +47,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Cache: cache})
+	srv := NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache})
 	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), headerKey, "true"))
 	var wg sync.WaitGroup
 	wg.Add(2)

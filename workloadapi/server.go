@@ -33,8 +33,9 @@ type Attestor interface {
 	Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error)
 }
 
-// Cache answers for identities and bundles; *agent.Cache is the real one.
-type Cache interface {
+// Identities answers for identities and bundles; *agent.SVIDManager is the
+// real one.
+type Identities interface {
 	X509Identities(ctx context.Context, sels []attestor.Selector) (*agent.X509Snapshot, error)
 	Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*agent.BundleSnapshot, error)
 	JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
@@ -48,9 +49,9 @@ type Cache interface {
 
 // Config configures the Workload API.
 type Config struct {
-	Log      hclog.Logger
-	Attestor Attestor
-	Cache    Cache
+	Log        hclog.Logger
+	Attestor   Attestor
+	Identities Identities
 	// AllowUnauthenticatedVerifiers lets callers with no identity fetch
 	// bundles, as spire-agent's allow_unauthenticated_verifiers does.
 	AllowUnauthenticatedVerifiers bool
@@ -308,7 +309,7 @@ func statusOf(err error) error {
 func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
 	return runStream(h, stream.Context(), streamOf[*agent.X509Snapshot]{
 		what:  "an X509-SVID stream",
-		fetch: h.cfg.Cache.X509Identities,
+		fetch: h.cfg.Identities.X509Identities,
 		same:  (*agent.X509Snapshot).Same,
 		send: func(snap *agent.X509Snapshot) error {
 			// Streams of the same entries share the snapshot, and so its
@@ -353,7 +354,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	// 7519 makes aud a StringOrURI, any JSON string, and a caller only
 	// chooses whom its own token is for. What an audience cannot do is
 	// reach a token signed for another list: the cache keys lists
-	// unambiguously and checks each token's aud claim (agent.Cache.JWTSVIDs).
+	// unambiguously and checks each token's aud claim (agent.SVIDManager.JWTSVIDs).
 	total := 0
 	for _, aud := range req.Audience {
 		if aud == "" {
@@ -375,9 +376,9 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if err != nil {
 		return nil, err
 	}
-	svids, err := h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
-	if errors.Is(err, agent.ErrNoIdentity) && h.cfg.Cache.AwaitIdentity(ctx, sels, id) {
-		svids, err = h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
+	svids, err := h.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, id)
+	if errors.Is(err, agent.ErrNoIdentity) && h.cfg.Identities.AwaitIdentity(ctx, sels, id) {
+		svids, err = h.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, id)
 	}
 	if err != nil {
 		return nil, statusOf(err)
@@ -400,7 +401,7 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	if err != nil {
 		return nil, err
 	}
-	svid, err := h.cfg.Cache.ValidateJWTSVID(ctx, sels, req.Svid, req.Audience)
+	svid, err := h.cfg.Identities.ValidateJWTSVID(ctx, sels, req.Svid, req.Audience)
 	if err != nil {
 		if errors.Is(err, agent.ErrNotReady) {
 			return nil, statusOf(err)

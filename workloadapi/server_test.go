@@ -297,7 +297,7 @@ type envOptions struct {
 type testEnv struct {
 	up     *testUpstream
 	ca     *testCA
-	cache  *agent.Cache
+	cache  *agent.SVIDManager
 	srv    *Server
 	socket string
 	logs   *syncBuffer
@@ -313,7 +313,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	if opt.upstream != nil {
 		upstream = opt.upstream(up)
 	}
-	cache := agent.NewCache(log.Named("cache"), upstream)
+	cache := agent.NewSVIDManager(log.Named("cache"), upstream)
 	e := &testEnv{up: up, ca: ca, cache: cache, logs: logs}
 	if !opt.notReady {
 		cache.SetEntries(opt.entries)
@@ -331,7 +331,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	e.srv = NewServer(Config{
 		Log:                           log.Named("workloadapi"),
 		Attestor:                      attestor.NewSet(log.Named("attestor"), attestor.Named{Name: "unix", Attestor: wa}),
-		Cache:                         cache,
+		Identities:                    cache,
 		AllowUnauthenticatedVerifiers: opt.allowUnauthenticated,
 		SendTimeout:                   opt.sendTimeout,
 	})

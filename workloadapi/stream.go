@@ -37,7 +37,7 @@ func (h *handler) streamBundles(ctx context.Context, same func(a, b *agent.Bundl
 	return runStream(h, ctx, streamOf[*agent.BundleSnapshot]{
 		what: "a bundle stream",
 		fetch: func(ctx context.Context, sels []attestor.Selector) (*agent.BundleSnapshot, error) {
-			return h.cfg.Cache.Bundles(ctx, sels, h.cfg.AllowUnauthenticatedVerifiers)
+			return h.cfg.Identities.Bundles(ctx, sels, h.cfg.AllowUnauthenticatedVerifiers)
 		},
 		same: same,
 		send: send,
@@ -60,7 +60,7 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 	if err != nil {
 		return err
 	}
-	sub := h.cfg.Cache.Subscribe()
+	sub := h.cfg.Identities.Subscribe()
 	defer sub.Close()
 	var last S
 	sentOnce, awaited := false, false
@@ -70,7 +70,7 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 		// were deleted is told at once.
 		if errors.Is(err, agent.ErrNoIdentity) && !sentOnce && !awaited {
 			awaited = true
-			if h.cfg.Cache.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
+			if h.cfg.Identities.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
 				continue
 			}
 		}

@@ -175,7 +175,7 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 	srv := workloadapi.NewServer(workloadapi.Config{
 		Log:                           log.Named("workloadapi"),
 		Attestor:                      a,
-		Cache:                         a.Cache(),
+		Identities:                    a.SVIDManager(),
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
 		TrustDomain:                   cfg.Agent.TrustDomain,
 		SDS:                           workloadapi.SDSConfig(cfg.Agent.SDS),
@@ -197,7 +197,7 @@ func serve(cfg *conf.Config, f *runFlags, log hclog.Logger, a *agent.Agent, list
 	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "max_connections", maxConns, "version", version)
 	go func() {
 		select {
-		case <-a.Cache().Ready():
+		case <-a.SVIDManager().Ready():
 			srv.Health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 			log.Info("Agent is ready: entries and bundles are loaded")
 		case <-runCtx.Done():
@@ -248,7 +248,7 @@ func startHealthListener(hc conf.HealthChecks, a *agent.Agent, log hclog.Logger)
 		fmt.Fprintln(w, `{"live":true}`)
 	})
 	mux.HandleFunc(hc.ReadyPath, func(w http.ResponseWriter, _ *http.Request) {
-		writeReadiness(w, a.Cache().Health())
+		writeReadiness(w, a.SVIDManager().Health())
 	})
 	addr := net.JoinHostPort(hc.BindAddress, strconv.Itoa(hc.BindPort))
 	log.Info("Serving health checks", "address", addr, "live_path", hc.LivePath, "ready_path", hc.ReadyPath)

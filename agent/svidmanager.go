@@ -19,13 +19,13 @@ var ErrNoIdentity = errors.New("no identity issued")
 // ErrNotReady means the upstream has not delivered entries and bundles yet.
 var ErrNotReady = errors.New("the agent has no entries and bundles from its upstream yet")
 
-// Cache is what the Workload API and the upstream talk to: it answers
-// callers from the entry store, has the signer mint what is missing, and
-// takes the upstream's entries, bundles and reports (it is the Sink). Its
-// parts, each with one job: the entry store (store.go) with its notifier,
-// the signer, the rotator, the JWT issuer, the persister and the health
-// source.
-type Cache struct {
+// SVIDManager keeps workloads supplied with SVIDs and bundles. It is what
+// the Workload API and the upstream talk to: it answers callers from the
+// entry store, has the signer sign what is missing, and takes the
+// upstream's entries, bundles and reports (it is the Sink). Its parts, each
+// with one job: the entry store (store.go) with its notifier, the signer,
+// the rotator, the JWT issuer, the persister and the health source.
+type SVIDManager struct {
 	log      hclog.Logger
 	upstream Upstream
 	now      func() time.Time
@@ -38,9 +38,9 @@ type Cache struct {
 	persister *Persister
 }
 
-// NewCache returns an empty cache that mints through upstream.
-func NewCache(log hclog.Logger, upstream Upstream) *Cache {
-	c := &Cache{log: log, upstream: upstream, now: time.Now}
+// NewSVIDManager returns an empty SVID manager that signs through upstream.
+func NewSVIDManager(log hclog.Logger, upstream Upstream) *SVIDManager {
+	c := &SVIDManager{log: log, upstream: upstream, now: time.Now}
 	// The parts read the clock through c, which tests replace.
 	now := func() time.Time { return c.now() }
 	c.health = newHealthSource(now)
@@ -54,7 +54,7 @@ func NewCache(log hclog.Logger, upstream Upstream) *Cache {
 }
 
 // delivered stores what a signing batch produced.
-func (c *Cache) delivered(calls []*mintCall, svids []*X509SVID) {
+func (c *SVIDManager) delivered(calls []*mintCall, svids []*X509SVID) {
 	entries := make([]*Entry, len(calls))
 	for i, call := range calls {
 		entries[i] = call.entry
@@ -65,7 +65,7 @@ func (c *Cache) delivered(calls []*mintCall, svids []*X509SVID) {
 // signed has the rotator look at every entry of a completed signing
 // batch: a new SVID is scheduled, and one that could not be replaced is
 // retried.
-func (c *Cache) signed(calls []*mintCall) {
+func (c *SVIDManager) signed(calls []*mintCall) {
 	ids := make([]string, len(calls))
 	kick := false
 	for i, call := range calls {
@@ -76,23 +76,23 @@ func (c *Cache) signed(calls []*mintCall) {
 }
 
 // Ready is closed once the upstream has delivered entries and bundles.
-func (c *Cache) Ready() <-chan struct{} { return c.store.ready }
+func (c *SVIDManager) Ready() <-chan struct{} { return c.store.ready }
 
 // Rotator is the service that renews X509-SVIDs.
-func (c *Cache) Rotator() *Rotator { return c.rotator }
+func (c *SVIDManager) Rotator() *Rotator { return c.rotator }
 
 // Persister is the service that saves the cache (see PersistTo).
-func (c *Cache) Persister() *Persister { return c.persister }
+func (c *SVIDManager) Persister() *Persister { return c.persister }
 
 // PersistTo makes the cache save itself to dir (see Persister) and loads
 // what an earlier run saved there.
-func (c *Cache) PersistTo(dir string, td spiffeid.TrustDomain) {
+func (c *SVIDManager) PersistTo(dir string, td spiffeid.TrustDomain) {
 	c.rotator.wake(c.persister.loadFrom(dir, td)...)
 }
 
 // SetEntries replaces the registration entries. Unchanged entries keep their
 // SVIDs; removed or reshaped ones lose them.
-func (c *Cache) SetEntries(entries []*Entry) {
+func (c *SVIDManager) SetEntries(entries []*Entry) {
 	if c.store.setEntries(entries) {
 		c.jwts.dropChanged()
 	}
@@ -100,7 +100,7 @@ func (c *Cache) SetEntries(entries []*Entry) {
 
 // SetBundles replaces the trust bundles. SVIDs that no longer chain to the
 // local bundle are renewed at once.
-func (c *Cache) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle) {
+func (c *SVIDManager) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle) {
 	change := c.store.setBundles(local, federated)
 	if change.jwtKeys {
 		c.jwts.dropAll()
@@ -110,14 +110,14 @@ func (c *Cache) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle
 
 // ReportUpstream records the outcome of an upstream call: the agent reports
 // degraded readiness while the upstream fails.
-func (c *Cache) ReportUpstream(err error) { c.health.reportUpstream(err) }
+func (c *SVIDManager) ReportUpstream(err error) { c.health.reportUpstream(err) }
 
 // ReportSave records the outcome of saving path, a file in the data
 // directory: the agent reports degraded readiness while a save fails.
-func (c *Cache) ReportSave(path string, err error) { c.health.reportSave(path, err) }
+func (c *SVIDManager) ReportSave(path string, err error) { c.health.reportSave(path, err) }
 
 // Health returns the agent's state of health.
-func (c *Cache) Health() Health {
+func (c *SVIDManager) Health() Health {
 	var h Health
 	c.health.fill(&h)
 	c.store.fillHealth(&h)
@@ -125,12 +125,12 @@ func (c *Cache) Health() Health {
 }
 
 // Subscribe returns a new subscription; Close it when done.
-func (c *Cache) Subscribe() *Subscription { return c.store.notifier.subscribe() }
+func (c *SVIDManager) Subscribe() *Subscription { return c.store.notifier.subscribe() }
 
 // X509Identities returns the caller's X.509-SVIDs, minting those it does not
 // hold yet. It returns ErrNoIdentity when no entry matches. Callers that
 // match the same entries share one snapshot until something changes.
-func (c *Cache) X509Identities(ctx context.Context, sels []attestor.Selector) (*X509Snapshot, error) {
+func (c *SVIDManager) X509Identities(ctx context.Context, sels []attestor.Selector) (*X509Snapshot, error) {
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -171,7 +171,7 @@ const refreshWait = 2 * time.Second
 // signing goes on detached until it ends or the rotator stops, and a caller
 // that stops waiting (or whose refresh fails, the upstream being down) is
 // served the still-valid SVIDs.
-func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
+func (c *SVIDManager) refresh(ctx context.Context, entries []*Entry) {
 	now := c.now()
 	// Another caller may have refreshed it since the caller looked.
 	mine, theirs := c.signer.claim(entries, func(e *Entry) bool {
@@ -196,7 +196,7 @@ func (c *Cache) refresh(ctx context.Context, entries []*Entry) {
 // mint signs SVIDs for entries that have none (or, when unchained, none
 // that chains to the local bundle), sharing in-flight work with other
 // callers that need the same entries.
-func (c *Cache) mint(ctx context.Context, entries []*Entry, unchained bool) error {
+func (c *SVIDManager) mint(ctx context.Context, entries []*Entry, unchained bool) error {
 	now := c.now()
 	mine, theirs := c.signer.claim(entries, func(e *Entry) bool {
 		return !c.store.servable(e.ID, now, unchained)
@@ -214,7 +214,7 @@ func (c *Cache) mint(ctx context.Context, entries []*Entry, unchained bool) erro
 // caller's own deadline would leave it nothing to tell the client.
 const maxReadyWait = time.Second
 
-func (c *Cache) waitReady(ctx context.Context) error {
+func (c *SVIDManager) waitReady(ctx context.Context) error {
 	select {
 	case <-c.store.ready:
 		return nil
@@ -235,7 +235,7 @@ func (c *Cache) waitReady(ctx context.Context) error {
 // Bundles returns the bundles a caller may see: the local one and those its
 // entries federate with. A caller with no entry gets ErrNoIdentity unless
 // allowUnauthenticated, in which case it sees every bundle.
-func (c *Cache) Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
+func (c *SVIDManager) Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -245,7 +245,7 @@ func (c *Cache) Bundles(ctx context.Context, sels []attestor.Selector, allowUnau
 // JWTSVIDs returns a JWT-SVID for audience for each of the caller's
 // identities, or only for id when it is not zero. Tokens are reused until
 // half their lifetime has passed.
-func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
+func (c *SVIDManager) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -259,7 +259,7 @@ func (c *Cache) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience
 // ValidateJWTSVID checks a token against the bundle of its subject's trust
 // domain and the audience. The caller may rely on the bundles it could fetch
 // itself: the local one and those its entries federate with.
-func (c *Cache) ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error) {
+func (c *SVIDManager) ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error) {
 	snap, err := c.Bundles(ctx, sels, true)
 	if err != nil {
 		return nil, err
@@ -277,7 +277,7 @@ const maxEntryWait = 8 * time.Second
 // whether an entry now matches; it gives up when the upstream declines to
 // sync (its rate limit), after maxEntryWait, or when ctx ends, so a caller
 // with no entry anywhere is answered PermissionDenied at most that late.
-func (c *Cache) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool {
+func (c *SVIDManager) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool {
 	ctx, cancel := context.WithTimeout(ctx, maxEntryWait)
 	defer cancel()
 	for ctx.Err() == nil {
