@@ -188,9 +188,17 @@ func (c *SVIDManager) refresh(ctx context.Context, entries []*Entry) {
 			c.signer.mintBatch(mctx, mine)
 		}()
 	}
-	wctx, cancel := context.WithTimeout(ctx, refreshWait)
-	defer cancel()
-	_ = wait(wctx, append(mine, theirs...))
+	timer := time.NewTimer(refreshWait)
+	defer timer.Stop()
+	for _, call := range append(mine, theirs...) {
+		select {
+		case <-call.done:
+		case <-timer.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // mint signs SVIDs for entries that have none (or, when unchained, none
