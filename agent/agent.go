@@ -37,7 +37,7 @@ func restartPlugins(cfg *conf.Config) string {
 // top of it (see workloadapi and cmd/lanyard).
 type Agent struct {
 	log          hclog.Logger
-	cache        *Cache
+	cache        *SVIDManager
 	upstream     Upstream
 	upstreamName string
 	attestors    atomic.Pointer[attestor.MultiAttestor]
@@ -78,7 +78,7 @@ func build(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{log: log, upstream: up, upstreamName: name, cfg: cfg}
-	a.cache = NewCache(log.Named("cache"), up)
+	a.cache = NewSVIDManager(log.Named("cache"), up)
 	a.attestors.Store(set)
 	return a, nil
 }
@@ -212,8 +212,8 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor
 	return attestor.NewMultiAttestor(log.Named("attestor"), cfg.Agent.WorkloadAttestorTimeout, named...), nil
 }
 
-// Cache returns the agent's cache, which the Workload API reads.
-func (a *Agent) Cache() *Cache { return a.cache }
+// SVIDManager returns the agent's SVID manager, which the Workload API reads.
+func (a *Agent) SVIDManager() *SVIDManager { return a.cache }
 
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {

@@ -54,14 +54,14 @@ func benchCA(b testing.TB) *testCA {
 // benchCache is a ready cache with n entries, one of which matches sels
 // (unix:uid:1000 with its user and group); the others match uids no caller
 // has.
-func benchCache(b testing.TB, n int) (*Cache, []attestor.Selector) {
+func benchCache(b testing.TB, n int) (*SVIDManager, []attestor.Selector) {
 	b.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		b.Fatal(err)
 	}
 	up := &testUpstream{ca: benchCA(b), jwtKID: "kid-1", jwtKey: key, now: time.Now}
-	c := NewCache(hclog.NewNullLogger(), up)
+	c := NewSVIDManager(hclog.NewNullLogger(), up)
 	c.SetEntries(benchEntries(n))
 	c.SetBundles(up.bundle(), nil)
 	sels := mustSels("unix:uid:1000", "unix:user:app", "unix:gid:1000", "unix:group:app", "unix:supplementary_gid:1000", "unix:supplementary_group:app")
@@ -173,13 +173,13 @@ func BenchmarkPersist(b *testing.B) {
 	if _, err := c.X509Identities(context.Background(), sels); err != nil {
 		b.Fatal(err)
 	}
-	c.persistPath = b.TempDir() + "/" + cacheFileName
+	c.persister.path = b.TempDir() + "/" + cacheFileName
 	b.ReportAllocs()
 	for b.Loop() {
-		c.mu.Lock()
-		c.dirty = true
-		c.mu.Unlock()
-		c.persist()
+		c.store.mu.Lock()
+		c.store.changedLocked()
+		c.store.mu.Unlock()
+		c.persister.persist()
 	}
 }
 

@@ -60,7 +60,7 @@ func FuzzLoadCache(f *testing.F) {
 	if _, err := c.X509Identities(context.Background(), e.Selectors); err != nil {
 		f.Fatal(err)
 	}
-	c.persist()
+	c.persister.persist()
 	good, err := os.ReadFile(filepath.Join(seedDir, cacheFileName))
 	if err != nil {
 		f.Fatal(err)
@@ -82,7 +82,7 @@ func FuzzLoadCache(f *testing.F) {
 			t.Fatal(err)
 		}
 		// The upstream only mints; loading never calls it, so one serves all.
-		c := NewCache(hclog.NewNullLogger(), up)
+		c := NewSVIDManager(hclog.NewNullLogger(), up)
 		c.PersistTo(dir, testTD)
 		h := c.Health()
 		if _, err := os.Stat(filepath.Join(dir, cacheFileName+".corrupt")); err == nil {

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"maps"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -39,59 +41,66 @@ func (h Health) Reason() string {
 	return ""
 }
 
-// ReportSave records the outcome of saving path, a file in the data
-// directory: the agent reports degraded readiness while a save fails.
-func (c *Cache) ReportSave(path string, err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// healthSource records how the upstream and the saves fare: the agent
+// reports degraded readiness while either fails.
+type healthSource struct {
+	now func() time.Time
+	// up mirrors upstreamErr == nil for the fetch path, which asks on
+	// every call.
+	up atomic.Bool
+
+	mu                sync.Mutex
+	upstreamErr       error
+	upstreamDownSince time.Time
+	saveErrs          map[string]error // by path; see reportSave
+}
+
+func newHealthSource(now func() time.Time) *healthSource {
+	h := &healthSource{now: now}
+	h.up.Store(true)
+	return h
+}
+
+// reportSave records the outcome of saving path, a file in the data
+// directory.
+func (h *healthSource) reportSave(path string, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	if err == nil {
-		delete(c.saveErrs, path)
+		delete(h.saveErrs, path)
 		return
 	}
-	if c.saveErrs == nil {
-		c.saveErrs = map[string]error{}
+	if h.saveErrs == nil {
+		h.saveErrs = map[string]error{}
 	}
-	c.saveErrs[path] = err
+	h.saveErrs[path] = err
 }
 
-// ReportUpstream records the outcome of an upstream call. Upstreams call it
-// through the Sink (it is optional there); the cache calls it after minting.
-func (c *Cache) ReportUpstream(err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// reportUpstream records the outcome of an upstream call.
+func (h *healthSource) reportUpstream(err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	switch {
 	case err == nil:
-		c.upstreamErr = nil
-		c.upstreamDownSince = time.Time{}
-	case c.upstreamErr == nil:
-		c.upstreamErr, c.upstreamDownSince = err, c.now()
+		h.upstreamErr = nil
+		h.upstreamDownSince = time.Time{}
+	case h.upstreamErr == nil:
+		h.upstreamErr, h.upstreamDownSince = err, h.now()
 	default:
-		c.upstreamErr = err
+		h.upstreamErr = err
 	}
+	h.up.Store(err == nil)
 }
 
-// Health returns the cache's state of health.
-func (c *Cache) Health() Health {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	h := Health{
-		UpstreamErr:       c.upstreamErr,
-		UpstreamDownSince: c.upstreamDownSince,
-		Entries:           c.entries.len(),
-		X509SVIDs:         len(c.svids),
+// upstreamUp reports whether the last upstream call succeeded.
+func (h *healthSource) upstreamUp() bool { return h.up.Load() }
+
+// fill sets what the source knows of the agent's health.
+func (h *healthSource) fill(out *Health) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out.UpstreamErr, out.UpstreamDownSince = h.upstreamErr, h.upstreamDownSince
+	for _, path := range slices.Sorted(maps.Keys(h.saveErrs)) {
+		out.SaveErr = errors.Join(out.SaveErr, h.saveErrs[path])
 	}
-	for _, path := range slices.Sorted(maps.Keys(c.saveErrs)) {
-		h.SaveErr = errors.Join(h.SaveErr, c.saveErrs[path])
-	}
-	select {
-	case <-c.ready:
-		h.Ready = true
-	default:
-	}
-	for _, svid := range c.svids {
-		if h.FirstExpiry.IsZero() || svid.NotAfter.Before(h.FirstExpiry) {
-			h.FirstExpiry = svid.NotAfter
-		}
-	}
-	return h
 }

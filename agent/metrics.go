@@ -9,7 +9,7 @@ import (
 // healthCollector exposes Health as Prometheus gauges, read when scraped so
 // that the fetch path pays nothing for them.
 type healthCollector struct {
-	cache *Cache
+	cache *SVIDManager
 	descs struct {
 		ready, upstreamUp, downSeconds, firstExpiry, entries, svids *prometheus.Desc
 	}

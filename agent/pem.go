@@ -6,28 +6,26 @@ import (
 	"encoding/pem"
 	"fmt"
 	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // ParseCertificatesPEM returns the certificates of a PEM file in order,
 // skipping blocks of other types (keys, parameters) that often share it.
-// An empty result is not an error: callers say what they expected.
+// An empty result is not an error: callers say what they expected. It is
+// go-spiffe's bundle parser, which also drops a repeated certificate; the
+// trust domain is moot, only the certificates are read.
 func ParseCertificatesPEM(data []byte) ([]*x509.Certificate, error) {
-	var certs []*x509.Certificate
-	for rest := data; ; {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			return certs, nil
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("certificate %d: %w", len(certs)+1, err)
-		}
-		certs = append(certs, c)
+	// go-spiffe refuses data with no PEM block at all.
+	if block, _ := pem.Decode(data); block == nil {
+		return nil, nil
 	}
+	b, err := x509bundle.Parse(spiffeid.TrustDomain{}, data)
+	if err != nil {
+		return nil, err
+	}
+	return b.X509Authorities(), nil
 }
 
 // Fingerprint is the SHA-256 of a certificate's DER, in the colon-separated

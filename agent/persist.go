@@ -10,8 +10,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -58,111 +60,127 @@ type storedSVID struct {
 	Key     []byte   `json:"key"`
 }
 
-// PersistTo makes the cache save itself to dir (see RunPersist) and loads
-// what an earlier run saved there. A file that cannot be used is logged with
-// what was wrong, moved aside, and the cache starts empty: the upstream
-// rebuilds it.
-func (c *Cache) PersistTo(dir string, td spiffeid.TrustDomain) {
-	c.persistPath = filepath.Join(dir, cacheFileName)
-	err := c.load(td)
-	if err == nil || errors.Is(err, os.ErrNotExist) {
-		return
-	}
-	aside := c.persistPath + ".corrupt"
-	c.log.Error("The saved cache cannot be used; starting empty and rebuilding it from the upstream",
-		"path", c.persistPath, "moved_to", aside, "error", err)
-	if rerr := os.Rename(c.persistPath, aside); rerr != nil {
-		c.log.Error("Could not move the unusable cache aside", "path", c.persistPath, "error", rerr)
-	}
+// Persister saves the store to the data directory whenever it changes (see
+// Run) and loads what an earlier run saved there.
+type Persister struct {
+	log    hclog.Logger
+	now    func() time.Time
+	store  *entryStore
+	report func(path string, err error) // the health source
+	path   string                       // empty: not persisted
+
+	saved atomic.Uint64 // the store's gen when last saved
+	warn  rate.Sometimes
 }
 
-func (c *Cache) load(want spiffeid.TrustDomain) error {
-	data, err := ReadPrivateFile(c.persistPath)
+func newPersister(log hclog.Logger, now func() time.Time, store *entryStore, report func(string, error)) *Persister {
+	return &Persister{log: log, now: now, store: store, report: report, warn: rate.Sometimes{First: 1, Interval: saveWarnEvery}}
+}
+
+// Name names the service.
+func (p *Persister) Name() string { return "cache-persister" }
+
+// loadFrom makes the persister save to dir and loads what an earlier run
+// saved there, returning the entries whose SVIDs it loaded. A file that
+// cannot be used is logged with what was wrong, moved aside, and the store
+// starts empty: the upstream rebuilds it.
+func (p *Persister) loadFrom(dir string, td spiffeid.TrustDomain) []string {
+	p.path = filepath.Join(dir, cacheFileName)
+	loaded, err := p.load(td)
+	if err == nil || errors.Is(err, os.ErrNotExist) {
+		return loaded
+	}
+	aside := p.path + ".corrupt"
+	p.log.Error("The saved cache cannot be used; starting empty and rebuilding it from the upstream",
+		"path", p.path, "moved_to", aside, "error", err)
+	if rerr := os.Rename(p.path, aside); rerr != nil {
+		p.log.Error("Could not move the unusable cache aside", "path", p.path, "error", rerr)
+	}
+	return nil
+}
+
+func (p *Persister) load(want spiffeid.TrustDomain) ([]string, error) {
+	data, err := ReadPrivateFile(p.path)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var f cacheFile
 	if err := json.Unmarshal(data, &f); err != nil {
-		return fmt.Errorf("not valid JSON (%d bytes, truncated or overwritten?): %w", len(data), err)
+		return nil, fmt.Errorf("not valid JSON (%d bytes, truncated or overwritten?): %w", len(data), err)
 	}
 	if f.Version != cacheFileVersion {
-		return fmt.Errorf("format version %d, this agent reads %d", f.Version, cacheFileVersion)
+		return nil, fmt.Errorf("format version %d, this agent reads %d", f.Version, cacheFileVersion)
 	}
 	entries := make([]*Entry, 0, len(f.Entries))
 	for i, se := range f.Entries {
 		e, err := se.entry()
 		if err != nil {
-			return fmt.Errorf("entry %d (%s): %w", i, se.ID, err)
+			return nil, fmt.Errorf("entry %d (%s): %w", i, se.ID, err)
 		}
 		entries = append(entries, e)
 	}
 	td, err := spiffeid.TrustDomainFromString(f.TrustDomain)
 	if err != nil {
-		return fmt.Errorf("trust domain: %w", err)
+		return nil, fmt.Errorf("trust domain: %w", err)
 	}
 	if td != want {
-		return fmt.Errorf("saved for trust domain %s, the agent's is %s", td, want)
+		return nil, fmt.Errorf("saved for trust domain %s, the agent's is %s", td, want)
 	}
 	if len(f.Local) == 0 {
-		return errors.New("no local bundle")
+		return nil, errors.New("no local bundle")
 	}
 	local, err := spiffebundle.Parse(td, f.Local)
 	if err != nil {
-		return fmt.Errorf("local bundle: %w", err)
+		return nil, fmt.Errorf("local bundle: %w", err)
 	}
 	var federated []*spiffebundle.Bundle
 	for name, raw := range f.Federated {
 		td, err := spiffeid.TrustDomainFromString(name)
 		if err != nil {
-			return fmt.Errorf("federated bundle %q: %w", name, err)
+			return nil, fmt.Errorf("federated bundle %q: %w", name, err)
 		}
 		b, err := spiffebundle.Parse(td, raw)
 		if err != nil {
-			return fmt.Errorf("federated bundle %s: %w", name, err)
+			return nil, fmt.Errorf("federated bundle %s: %w", name, err)
 		}
 		federated = append(federated, b)
 	}
 	for _, e := range entries {
 		if e.SPIFFEID.TrustDomain() != td {
-			return fmt.Errorf("entry %s is in trust domain %s, the cache's is %s", e.ID, e.SPIFFEID.TrustDomain(), td)
+			return nil, fmt.Errorf("entry %s is in trust domain %s, the cache's is %s", e.ID, e.SPIFFEID.TrustDomain(), td)
 		}
 	}
 	byID := make(map[string]*Entry, len(entries))
 	for _, e := range entries {
 		byID[e.ID] = e
 	}
-	now := c.now()
-	svids := make(map[string]*X509SVID, len(f.SVIDs))
+	now := p.now()
+	var svids []*X509SVID
+	var owners []*Entry
 	expired := 0
 	for i, ss := range f.SVIDs {
 		e := byID[ss.EntryID]
 		if e == nil {
-			return fmt.Errorf("X509-SVID %d belongs to entry %s, which is not saved", i, ss.EntryID)
+			return nil, fmt.Errorf("X509-SVID %d belongs to entry %s, which is not saved", i, ss.EntryID)
 		}
 		svid, err := ss.svid(e, now)
 		if err != nil {
-			return fmt.Errorf("X509-SVID %d (%s): %w", i, e.SPIFFEID, err)
+			return nil, fmt.Errorf("X509-SVID %d (%s): %w", i, e.SPIFFEID, err)
 		}
 		if !now.Before(svid.NotAfter) {
 			expired++
 			continue
 		}
-		svids[e.ID] = svid
+		svids, owners = append(svids, svid), append(owners, e)
 	}
 
-	c.SetEntries(entries)
-	c.SetBundles(local, federated)
-	c.mu.Lock()
-	for id, svid := range svids {
-		if e := c.entries.get(id); e != nil && svid.chainsTo(c.local) {
-			c.svids[id] = svid
-		}
-	}
-	c.dirty = false
-	c.mu.Unlock()
-	c.log.Info("Loaded the saved cache", "path", c.persistPath, "saved_at", f.SavedAt,
+	p.store.setEntries(entries)
+	p.store.setBundles(local, federated)
+	loaded := p.store.putLoaded(owners, svids)
+	p.saved.Store(p.store.gen.Load())
+	p.log.Info("Loaded the saved cache", "path", p.path, "saved_at", f.SavedAt,
 		"entries", len(entries), "x509_svids", len(svids), "expired_dropped", expired)
-	return nil
+	return loaded, nil
 }
 
 func (se storedEntry) entry() (*Entry, error) {
@@ -237,60 +255,84 @@ func publicKeyMatches(a, b crypto.PublicKey) bool {
 	return ok && k.Equal(b)
 }
 
-// RunPersist saves the cache whenever it changes, at most once per
-// persistEvery, and once more when ctx ends.
-func (c *Cache) RunPersist(ctx context.Context) {
-	if c.persistPath == "" {
-		return
+// Run saves the store whenever it changes, at most once per persistEvery,
+// and once more when ctx ends. Without a data directory it only waits.
+func (p *Persister) Run(ctx context.Context) error {
+	if p.path == "" {
+		<-ctx.Done()
+		return nil
 	}
 	ticker := time.NewTicker(persistEvery)
 	defer ticker.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			c.persist()
-			return
+			p.persist()
+			return nil
 		case <-ticker.C:
-			c.persist()
+			p.persist()
 		}
 	}
 }
 
-func (c *Cache) persist() {
-	c.mu.Lock()
-	if !c.dirty || c.local == nil || !c.haveEntries {
-		c.mu.Unlock()
+func (p *Persister) persist() {
+	snap, gen, ok := p.store.persistSnapshot(p.now(), p.saved.Load())
+	if !ok {
 		return
 	}
-	c.dirty = false
-	// Entries, SVIDs and bundles are immutable: take the pointers and
-	// encode outside the lock.
-	snap := persistSnapshot{
-		savedAt:   c.now(),
-		local:     c.local,
-		entries:   c.entries.byID,
-		svids:     make([]*X509SVID, 0, len(c.svids)),
-		federated: make([]*Bundle, 0, len(c.federated)),
+	err := WriteFileAtomicFunc(p.path, snap.encode)
+	p.report(p.path, err)
+	if err != nil {
+		p.warn.Do(func() {
+			p.log.Warn("Could not save the cache; retrying every second (this warning repeats once a minute while it fails)", "path", p.path, "error", err)
+		})
+		return
 	}
-	for _, svid := range c.svids {
+	p.saved.Store(gen)
+	p.warn = rate.Sometimes{First: 1, Interval: saveWarnEvery}
+}
+
+// persistSnapshot returns what to save and the gen it shows, or false when
+// nothing changed since gen saved or there is nothing to save yet.
+// Entries, SVIDs and bundles are immutable: it takes the pointers, and the
+// file is encoded outside the lock.
+func (s *entryStore) persistSnapshot(now time.Time, saved uint64) (*persistSnapshot, uint64, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	gen := s.gen.Load()
+	if gen == saved || s.local == nil || !s.haveEntries {
+		return nil, 0, false
+	}
+	snap := &persistSnapshot{
+		savedAt:   now,
+		local:     s.local,
+		entries:   s.entries.byID,
+		svids:     make([]*X509SVID, 0, len(s.svids)),
+		federated: make([]*Bundle, 0, len(s.federated)),
+	}
+	for _, svid := range s.svids {
 		snap.svids = append(snap.svids, svid)
 	}
-	for _, b := range c.federated {
+	for _, b := range s.federated {
 		snap.federated = append(snap.federated, b)
 	}
-	c.mu.Unlock()
-	err := WriteFileAtomicFunc(c.persistPath, snap.encode)
-	c.ReportSave(c.persistPath, err)
-	if err != nil {
-		c.persistWarn.Do(func() {
-			c.log.Warn("Could not save the cache; retrying every second (this warning repeats once a minute while it fails)", "path", c.persistPath, "error", err)
-		})
-		c.mu.Lock()
-		c.dirty = true
-		c.mu.Unlock()
-		return
+	return snap, gen, true
+}
+
+// putLoaded stores SVIDs read from the saved cache, those whose entry is
+// held and that chain to the local bundle, and returns their entries.
+func (s *entryStore) putLoaded(entries []*Entry, svids []*X509SVID) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ids []string
+	for i, svid := range svids {
+		if e := s.entries.get(entries[i].ID); e != nil && svid.chainsTo(s.local) {
+			s.svids[e.ID] = svid
+			ids = append(ids, e.ID)
+		}
 	}
-	c.persistWarn = rate.Sometimes{First: 1, Interval: saveWarnEvery}
+	s.changedLocked()
+	return ids
 }
 
 // saveWarnEvery spaces the warnings while a file cannot be saved (a full

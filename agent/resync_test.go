@@ -16,7 +16,7 @@ import (
 // upstream does.
 type resyncUpstream struct {
 	*testUpstream
-	cache     *Cache
+	cache     *SVIDManager
 	pending   []*Entry
 	deliverOn int32
 	budget    int32
@@ -34,9 +34,9 @@ func (u *resyncUpstream) Resync(context.Context) (bool, error) {
 	return true, nil
 }
 
-func newResyncCache(t *testing.T, deliverOn, budget int32, pending ...*Entry) (*Cache, *resyncUpstream) {
+func newResyncCache(t *testing.T, deliverOn, budget int32, pending ...*Entry) (*SVIDManager, *resyncUpstream) {
 	up := &resyncUpstream{testUpstream: newTestUpstream(t), pending: pending, deliverOn: deliverOn, budget: budget}
-	c := NewCache(hclog.NewNullLogger(), up)
+	c := NewSVIDManager(hclog.NewNullLogger(), up)
 	up.cache = c
 	c.SetEntries(nil)
 	c.SetBundles(up.bundle(), nil)
@@ -99,7 +99,7 @@ func TestAwaitIdentity(t *testing.T) {
 // (the embedded CA) never holds a caller.
 func TestAwaitIdentityWithoutResyncer(t *testing.T) {
 	up := newTestUpstream(t)
-	c := NewCache(hclog.NewNullLogger(), up)
+	c := NewSVIDManager(hclog.NewNullLogger(), up)
 	c.SetEntries(nil)
 	c.SetBundles(up.bundle(), nil)
 	if c.AwaitIdentity(context.Background(), mustSels("unix:uid:1000"), spiffeid.ID{}) {

@@ -15,10 +15,7 @@ import (
 // Run it in the first stage of the supervisor, so that it stops last, once
 // nothing changes the cache any more.
 func (a *Agent) Persister() supervisor.Service {
-	return supervisor.Func("persister", func(ctx context.Context) error {
-		a.cache.RunPersist(ctx)
-		return nil
-	})
+	return a.cache.Persister()
 }
 
 // Workers are the services that keep the cache supplied: the upstream,
@@ -26,10 +23,7 @@ func (a *Agent) Persister() supervisor.Service {
 func (a *Agent) Workers() []supervisor.Service {
 	return []supervisor.Service{
 		supervisor.Func("upstream", a.runUpstream),
-		supervisor.Func("rotator", func(ctx context.Context) error {
-			a.cache.RunRotation(ctx)
-			return nil
-		}),
+		a.cache.Rotator(),
 		supervisor.Func("health-watcher", func(ctx context.Context) error {
 			a.watchHealth(ctx, degradedLogEvery)
 			return nil

@@ -59,7 +59,10 @@ type X509SVID struct {
 	KeyDER    []byte // PKCS#8
 	NotBefore time.Time
 	NotAfter  time.Time
-	RenewAt   time.Time // half-life with jitter
+	RenewAt   time.Time // half-life with jitter; see state
+	// replace marks an SVID to replace at once, whatever its age: its CA
+	// left the bundle or its signer was tainted.
+	replace atomic.Bool
 	// served records that a workload was handed this SVID. One that no
 	// workload fetched since it was signed is not renewed: it is served
 	// until it expires, then dropped, so that a node's cache holds the
@@ -89,11 +92,11 @@ func (s *X509SVID) chainsTo(b *Bundle) bool {
 	return ok
 }
 
-// renewalSkipped reports whether the SVID's renewal time has passed while
-// no workload was handed it, so that the rotation loop let it be: still
-// valid, maybe about to expire.
+// renewalSkipped reports whether the SVID's renewal time has passed (or it
+// was marked for replacement) while no workload was handed it, so that the
+// rotator let it be: still valid, maybe about to expire.
 func (s *X509SVID) renewalSkipped(now time.Time) bool {
-	return !s.served.Load() && !now.Before(s.RenewAt)
+	return !s.served.Load() && (s.replace.Load() || !now.Before(s.RenewAt))
 }
 
 // JWTSVID is a signed JWT-SVID.

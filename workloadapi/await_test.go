@@ -18,7 +18,7 @@ import (
 type resyncingUpstream struct {
 	*testUpstream
 	mu        sync.Mutex
-	cache     *agent.Cache
+	cache     *agent.SVIDManager
 	pending   []*agent.Entry
 	deliverOn int32
 	calls     atomic.Int32

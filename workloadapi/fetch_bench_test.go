@@ -86,7 +86,7 @@ func benchAgent(b *testing.B) (string, *agent.Agent) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := workloadapi.NewServer(workloadapi.Config{Log: log, Attestor: a, Cache: a.Cache()})
+	srv := workloadapi.NewServer(workloadapi.Config{Log: log, Attestor: a, Identities: a.SVIDManager()})
 	ctx, cancel := context.WithCancel(context.Background())
 	agentDone := make(chan struct{})
 	go func() {
@@ -100,7 +100,7 @@ func benchAgent(b *testing.B) (string, *agent.Agent) {
 		<-agentDone
 	})
 	select {
-	case <-a.Cache().Ready():
+	case <-a.SVIDManager().Ready():
 	case <-time.After(30 * time.Second):
 		b.Fatal("the agent did not become ready")
 	}
@@ -229,7 +229,7 @@ func BenchmarkFetchParallel(b *testing.B) {
 func BenchmarkRotationFanout(b *testing.B) {
 	const streams = 1000
 	socket, a := benchAgent(b)
-	cache := a.Cache()
+	cache := a.SVIDManager()
 	ctx, cancel := context.WithCancel(headerCtx())
 	defer cancel()
 	type msg struct {

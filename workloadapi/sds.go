@@ -97,14 +97,14 @@ func (v *sdsView) same(o *sdsView) bool {
 // gets the bundle of the agent's trust domain, as from spire-agent: it is
 // public, and Envoy may only verify peers.
 func (s *sdsHandler) view(ctx context.Context, sels []attestor.Selector) (*sdsView, error) {
-	snap, err := s.h.cfg.Cache.X509Identities(ctx, sels)
+	snap, err := s.h.cfg.Identities.X509Identities(ctx, sels)
 	if err == nil {
 		return &sdsView{svids: snap.SVIDs, local: snap.Local, federated: snap.Federated}, nil
 	}
 	if !errors.Is(err, agent.ErrNoIdentity) {
 		return nil, err
 	}
-	bundles, err := s.h.cfg.Cache.Bundles(ctx, sels, true)
+	bundles, err := s.h.cfg.Identities.Bundles(ctx, sels, true)
 	if err != nil {
 		return nil, err
 	}
@@ -129,7 +129,7 @@ func (s *sdsHandler) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.D
 		return err
 	}
 	log := s.h.cfg.Log.With("pid", caller.PID)
-	sub := s.h.cfg.Cache.Subscribe()
+	sub := s.h.cfg.Identities.Subscribe()
 	defer sub.Close()
 
 	reqs := make(chan *discoveryv3.DiscoveryRequest)

@@ -197,7 +197,7 @@ type sdsEnv struct {
 	up     *sdsUpstream
 	ca     *sdsCA
 	srv    *workloadapi.Server
-	cache  *agent.Cache
+	cache  *agent.SVIDManager
 	client secretv3.SecretDiscoveryServiceClient
 	logs   *lockedBuffer
 }
@@ -208,7 +208,7 @@ func newSDSEnv(t *testing.T, entries []*agent.Entry, federated ...*spiffebundle.
 	log := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Debug, Output: logs})
 	ca := newSDSCA(t, sdsTD)
 	up := &sdsUpstream{ca: ca}
-	cache := agent.NewCache(log.Named("cache"), up)
+	cache := agent.NewSVIDManager(log.Named("cache"), up)
 	cache.SetEntries(entries)
 	cache.SetBundles(ca.bundle(sdsTD), federated)
 
@@ -221,9 +221,9 @@ func newSDSEnv(t *testing.T, entries []*agent.Entry, federated ...*spiffebundle.
 		t.Fatal(err)
 	}
 	srv := workloadapi.NewServer(workloadapi.Config{
-		Log:      log.Named("workloadapi"),
-		Attestor: attestor.NewMultiAttestor(log.Named("attestor"), attestor.DefaultTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
-		Cache:    cache,
+		Log:        log.Named("workloadapi"),
+		Attestor:   attestor.NewMultiAttestor(log.Named("attestor"), attestor.DefaultTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
+		Identities: cache,
 	})
 	// A short directory keeps the socket path under the 108-byte limit.
 	dir, err := os.MkdirTemp("", "sds-")
@@ -241,7 +241,7 @@ func newSDSEnv(t *testing.T, entries []*agent.Entry, federated ...*spiffebundle.
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		cache.RunRotation(ctx)
+		_ = cache.Rotator().Run(ctx)
 	}()
 	go func() {
 		defer wg.Done()

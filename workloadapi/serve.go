@@ -70,6 +70,7 @@ func NewServer(cfg Config) *Server {
 		grpc.ReadBufferSize(readBufferSize),
 		grpc.WriteBufferSize(writeBufferSize),
 		grpc.NumStreamWorkers(streamWorkers),
+		grpc.ForceServerCodecV2(newSharedCodec()),
 	)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
 	workload.RegisterSpiffeWorkloadAPIServer(s, wh)

@@ -27,8 +27,9 @@ type Attestor interface {
 	Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error)
 }
 
-// Cache answers for identities and bundles; *agent.Cache is the real one.
-type Cache interface {
+// Identities answers for identities and bundles; *agent.SVIDManager is the
+// real one.
+type Identities interface {
 	X509Identities(ctx context.Context, sels []attestor.Selector) (*agent.X509Snapshot, error)
 	Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*agent.BundleSnapshot, error)
 	JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
@@ -42,9 +43,9 @@ type Cache interface {
 
 // Config configures the Workload API.
 type Config struct {
-	Log      hclog.Logger
-	Attestor Attestor
-	Cache    Cache
+	Log        hclog.Logger
+	Attestor   Attestor
+	Identities Identities
 	// AllowUnauthenticatedVerifiers lets callers with no identity fetch
 	// bundles, as spire-agent's allow_unauthenticated_verifiers does.
 	AllowUnauthenticatedVerifiers bool
@@ -167,105 +168,17 @@ func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Ca
 }
 
 func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
-	ctx := stream.Context()
-	sels, caller, err := h.attest(ctx)
-	if err != nil {
-		return err
-	}
-	sub := h.cfg.Cache.Subscribe()
-	defer sub.Close()
-	var last *agent.X509Snapshot
-	awaited := false
-	for {
-		snap, err := h.cfg.Cache.X509Identities(ctx, sels)
-		// Only a new caller waits for its entry; a stream whose entries
-		// were deleted is told at once.
-		if errors.Is(err, agent.ErrNoIdentity) && last == nil && !awaited {
-			awaited = true
-			if h.cfg.Cache.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
-				continue
-			}
-		}
-		switch {
-		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
-			return statusOf(err)
-		case err != nil:
-			// Keep what the client has; the next change tries again.
-			h.cfg.Log.Warn("Could not update an X509-SVID stream", "error", err)
-		case !snap.Same(last):
-			if err := h.send(caller, func() error { return stream.Send(x509Response(snap)) }); err != nil {
-				return err
-			}
-			last = snap
-			sub.WatchEntries(snap.EntryIDs())
-		}
-		select {
-		case <-sub.C:
-		case <-ctx.Done():
-			return nil
-		case <-h.stopping:
-			return errShuttingDown
-		}
-	}
-}
-
-func x509Response(snap *agent.X509Snapshot) *workload.X509SVIDResponse {
-	resp := &workload.X509SVIDResponse{Svids: make([]*workload.X509SVID, len(snap.SVIDs))}
-	for i, svid := range snap.SVIDs {
-		resp.Svids[i] = &workload.X509SVID{
-			SpiffeId:    svid.ID.String(),
-			X509Svid:    svid.ChainDER,
-			X509SvidKey: svid.KeyDER,
-			Bundle:      snap.Local.X509DER,
-			Hint:        snap.Hints[i],
-		}
-	}
-	if len(snap.Federated) > 0 {
-		resp.FederatedBundles = make(map[string][]byte, len(snap.Federated))
-		for _, b := range snap.Federated {
-			resp.FederatedBundles[b.TrustDomain().IDString()] = b.X509DER
-		}
-	}
-	return resp
-}
-
-// streamBundles runs a bundle stream: the full set first, then on change.
-func (h *handler) streamBundles(ctx context.Context, same func(a, b *agent.BundleSnapshot) bool, send func(*agent.BundleSnapshot) error) error {
-	sels, caller, err := h.attest(ctx)
-	if err != nil {
-		return err
-	}
-	sub := h.cfg.Cache.Subscribe()
-	defer sub.Close()
-	var last *agent.BundleSnapshot
-	awaited := false
-	for {
-		snap, err := h.cfg.Cache.Bundles(ctx, sels, h.cfg.AllowUnauthenticatedVerifiers)
-		if errors.Is(err, agent.ErrNoIdentity) && last == nil && !awaited {
-			awaited = true
-			if h.cfg.Cache.AwaitIdentity(ctx, sels, spiffeid.ID{}) {
-				continue
-			}
-		}
-		switch {
-		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && last == nil):
-			return statusOf(err)
-		case err != nil:
-			h.cfg.Log.Warn("Could not update a bundle stream", "error", err)
-		case last == nil || !same(snap, last):
-			if err := h.send(caller, func() error { return send(snap) }); err != nil {
-				return err
-			}
-			last = snap
-		}
-		select {
-		case <-sub.C:
-		case <-ctx.Done():
-			return nil
-		case <-h.stopping:
-			return errShuttingDown
-		}
-	}
+	return runStream(h, stream.Context(), streamOf[*agent.X509Snapshot]{
+		what:  "an X509-SVID stream",
+		fetch: h.cfg.Identities.X509Identities,
+		same:  (*agent.X509Snapshot).Same,
+		send: func(snap *agent.X509Snapshot) error {
+			// Streams of the same entries share the snapshot, and so its
+			// one encoding.
+			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
+		},
+		sent: func(sub *agent.Subscription, snap *agent.X509Snapshot) { sub.WatchEntries(snap.EntryIDs()) },
+	})
 }
 
 func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
@@ -302,7 +215,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	// 7519 makes aud a StringOrURI, any JSON string, and a caller only
 	// chooses whom its own token is for. What an audience cannot do is
 	// reach a token signed for another list: the cache keys lists
-	// unambiguously and checks each token's aud claim (agent.Cache.JWTSVIDs).
+	// unambiguously and checks each token's aud claim (agent.SVIDManager.JWTSVIDs).
 	total := 0
 	for _, aud := range req.Audience {
 		if aud == "" {
@@ -324,9 +237,9 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if err != nil {
 		return nil, err
 	}
-	svids, err := h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
-	if errors.Is(err, agent.ErrNoIdentity) && h.cfg.Cache.AwaitIdentity(ctx, sels, id) {
-		svids, err = h.cfg.Cache.JWTSVIDs(ctx, sels, req.Audience, id)
+	svids, err := h.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, id)
+	if errors.Is(err, agent.ErrNoIdentity) && h.cfg.Identities.AwaitIdentity(ctx, sels, id) {
+		svids, err = h.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, id)
 	}
 	if err != nil {
 		return nil, statusOf(err)
@@ -349,7 +262,7 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	if err != nil {
 		return nil, err
 	}
-	svid, err := h.cfg.Cache.ValidateJWTSVID(ctx, sels, req.Svid, req.Audience)
+	svid, err := h.cfg.Identities.ValidateJWTSVID(ctx, sels, req.Svid, req.Audience)
 	if err != nil {
 		if errors.Is(err, agent.ErrNotReady) {
 			return nil, statusOf(err)

@@ -72,7 +72,7 @@ type testCA struct {
 	key  *ecdsa.PrivateKey
 }
 
-func newTestKey(t *testing.T) *ecdsa.PrivateKey {
+func newTestKey(t testing.TB) *ecdsa.PrivateKey {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -89,7 +89,7 @@ func randomSerial() (*big.Int, error) {
 	return n.Add(n, big.NewInt(1)), nil
 }
 
-func newTestCA(t *testing.T, td spiffeid.TrustDomain, name string) *testCA {
+func newTestCA(t testing.TB, td spiffeid.TrustDomain, name string) *testCA {
 	t.Helper()
 	key := newTestKey(t)
 	serial, err := randomSerial()
@@ -301,7 +301,7 @@ type envOptions struct {
 type testEnv struct {
 	up     *testUpstream
 	ca     *testCA
-	cache  *agent.Cache
+	cache  *agent.SVIDManager
 	srv    *Server
 	socket string
 	logs   *syncBuffer
@@ -317,7 +317,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	if opt.upstream != nil {
 		upstream = opt.upstream(up)
 	}
-	cache := agent.NewCache(log.Named("cache"), upstream)
+	cache := agent.NewSVIDManager(log.Named("cache"), upstream)
 	e := &testEnv{up: up, ca: ca, cache: cache, logs: logs}
 	if !opt.notReady {
 		cache.SetEntries(opt.entries)
@@ -338,7 +338,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	e.srv = NewServer(Config{
 		Log:                           log.Named("workloadapi"),
 		Attestor:                      attestor.NewMultiAttestor(log.Named("attestor"), opt.attestorTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
-		Cache:                         cache,
+		Identities:                    cache,
 		AllowUnauthenticatedVerifiers: opt.allowUnauthenticated,
 		SendTimeout:                   opt.sendTimeout,
 	})
@@ -359,7 +359,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		cache.RunRotation(ctx)
+		_ = cache.Rotator().Run(ctx)
 	}()
 	go func() {
 		defer wg.Done()

@@ -156,7 +156,7 @@ func runAgent(args []string, stderr io.Writer) int {
 	srv := workloadapi.NewServer(workloadapi.Config{
 		Log:                           log.Named("workloadapi"),
 		Attestor:                      a,
-		Cache:                         a.Cache(),
+		Identities:                    a.SVIDManager(),
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
 		TrustDomain:                   cfg.Agent.TrustDomain,
 		SDS:                           workloadapi.SDSConfig(cfg.Agent.SDS),
@@ -165,7 +165,7 @@ func runAgent(args []string, stderr io.Writer) int {
 	// streams with Unavailable), then what feeds the cache, and the cache
 	// is saved last, once nothing changes it.
 	front := append([]supervisor.Service{
-		srv.Endpoint(listener, a.Cache().Ready(), shutdownGrace),
+		srv.Endpoint(listener, a.SVIDManager().Ready(), shutdownGrace),
 		reloader(f, a, hup, log),
 	}, listeners...)
 	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "max_connections", maxConns, "version", version)

@@ -102,7 +102,7 @@ func healthListener(cfg *conf.Config, a *agent.Agent, log hclog.Logger) (*httpSe
 		fmt.Fprintln(w, `{"live":true}`)
 	})
 	mux.HandleFunc(hc.ReadyPath, func(w http.ResponseWriter, _ *http.Request) {
-		writeReadiness(w, a.Cache().Health())
+		writeReadiness(w, a.SVIDManager().Health())
 	})
 	addr := net.JoinHostPort(hc.BindAddress, strconv.Itoa(hc.BindPort))
 	return newHTTPService("health-checks", addr, mux, log, "Serving health checks", "live_path", hc.LivePath, "ready_path", hc.ReadyPath)

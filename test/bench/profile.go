@@ -62,7 +62,7 @@ func Profile(pc ProfileConfig) (string, error) {
 	srv := workloadapi.NewServer(workloadapi.Config{
 		Log:                           log.Named("workloadapi"),
 		Attestor:                      a,
-		Cache:                         a.Cache(),
+		Identities:                    a.SVIDManager(),
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
 	})
 	ctx, cancel := context.WithCancel(context.Background())

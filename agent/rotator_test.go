@@ -1,0 +1,381 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/attestor"
+)
+
+func TestRotationRenewsShortLivedSVID(t *testing.T) {
+	c, up := newTestCache(t)
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	e.X509SVIDTTL = 2 * time.Second
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := snap.SVIDs[0]
+	s := c.Subscribe()
+	defer s.Close()
+	startRotation(t, c)
+	deadline := time.After(15 * time.Second)
+	for c.svidOf("a") == first {
+		select {
+		case <-s.C:
+		case <-deadline:
+			t.Fatal("the SVID was not renewed")
+		}
+	}
+	renewed := c.svidOf("a")
+	// Certificate times have one-second resolution: with a 2s TTL renewed
+	// after about 1s, both may end in the same second.
+	if renewed.NotAfter.Before(first.NotAfter) {
+		t.Errorf("renewed SVID ends %v, before the old %v", renewed.NotAfter, first.NotAfter)
+	}
+	if renewed.Key == first.Key {
+		t.Error("renewal reused the private key")
+	}
+	checkSVID(t, renewed, e, up.bundle())
+	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	if err != nil || snap.SVIDs[0] != renewed {
+		t.Errorf("X509Identities after renewal = %v, %v; want the renewed SVID", snap, err)
+	}
+}
+
+func TestFailedRenewalKeepsOldSVID(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := snap.SVIDs[0]
+	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	clock.Set(first.RenewAt.Add(time.Second))
+
+	startRotation(t, c)
+	eventually(t, "a renewal attempt", func() bool { return up.x509Calls.Load() >= 2 })
+	if c.svidOf("a") != first {
+		t.Fatal("a failed renewal dropped the SVID")
+	}
+	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	if err != nil || snap.SVIDs[0] != first {
+		t.Fatalf("X509Identities during failed renewals = %v, want the old SVID", err)
+	}
+	// It retries, and succeeds once the upstream is back.
+	up.set(func(u *testUpstream) { u.fail = nil })
+	eventually(t, "a retried renewal", func() bool { return c.svidOf("a") != first })
+	if got := c.svidOf("a"); !got.NotAfter.After(first.NotAfter) {
+		t.Error("the retried renewal did not extend the SVID")
+	}
+}
+
+func TestNewCARenewsAtOnce(t *testing.T) {
+	c, up := newTestCache(t)
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := snap.SVIDs[0]
+	renewAt := first.RenewAt
+	oldCA := up.ca
+
+	startRotation(t, c)
+
+	// A bundle that still holds the old CA keeps the SVID.
+	newCA := newTestCA(t, testTD)
+	both := up.bundle()
+	both.AddX509Authority(newCA.cert)
+	c.SetBundles(both, nil)
+	kept := c.svidOf("a") == first && first.RenewAt.Equal(renewAt) && !first.replace.Load()
+	if !kept {
+		t.Error("adding a CA to the bundle scheduled a renewal of SVIDs that still chain")
+	}
+
+	up.set(func(u *testUpstream) { u.ca = newCA })
+	c.SetBundles(up.bundle(), nil)
+	eventually(t, "renewal under the new CA", func() bool { return c.svidOf("a") != first })
+	renewed := c.svidOf("a")
+	if err := renewed.Chain[0].CheckSignatureFrom(newCA.cert); err != nil {
+		t.Errorf("the renewed SVID is not signed by the new CA: %v", err)
+	}
+	if renewed.Chain[0].CheckSignatureFrom(oldCA.cert) == nil {
+		t.Error("the renewed SVID is still signed by the old CA")
+	}
+	checkSVID(t, renewed, e, up.bundle())
+}
+
+// TestUnfetchedSVIDIsNotRenewed: an SVID no workload fetched since it was
+// signed (its workload is gone) is not renewed, is served while it lasts,
+// and is dropped when it expires or must be replaced; a workload that asks
+// for it again gets it renewed.
+func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	sels, first := fetchFirst(t, c, up)
+	startRotation(t, c)
+	advance := func(to time.Time) {
+		clock.Set(to)
+		c.kickRenewal()
+	}
+
+	// Fetched: renewed at its renewal time.
+	second := renewedOnce(t, c, clock, first)
+	calls := up.x509Calls.Load()
+
+	// Not fetched since: its renewal time passes and it is kept, not renewed.
+	advance(second.RenewAt.Add(time.Second))
+	for range 20 {
+		c.kickRenewal()
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c.svidOf("a") != second || up.x509Calls.Load() != calls {
+		t.Fatal("an SVID no workload fetched was renewed")
+	}
+	// Fetched again past its renewal time: re-signed before it is handed
+	// out, so the workload gets as much lifetime as from a renewed one.
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil || snap.SVIDs[0] == second || !snap.SVIDs[0].NotAfter.After(second.NotAfter) {
+		t.Fatalf("fetch of the unrenewed SVID = %v, %v; want a fresh one", snap, err)
+	}
+	if c.svidOf("a") != snap.SVIDs[0] || up.x509Calls.Load() != calls+1 {
+		t.Fatalf("the fresh SVID was not kept, or took %d signing calls", up.x509Calls.Load()-calls)
+	}
+	refreshed := snap.SVIDs[0]
+
+	// The same with the upstream failing: the still-valid SVID is served,
+	// and renewed once the upstream is back.
+	unrenewed := renewedOnce(t, c, clock, refreshed)
+	advance(unrenewed.RenewAt.Add(time.Second))
+	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	snap, err = c.X509Identities(t.Context(), sels)
+	if err != nil || snap.SVIDs[0] != unrenewed {
+		t.Fatalf("fetch with the upstream down = %v, %v; want the still-valid SVID", snap, err)
+	}
+	up.set(func(u *testUpstream) { u.fail = nil })
+	eventually(t, "the renewal once fetched and the upstream back", func() bool {
+		c.kickRenewal()
+		return c.svidOf("a") != unrenewed
+	})
+	third := c.svidOf("a")
+
+	// Not fetched, and expired: dropped.
+	advance(third.NotAfter.Add(time.Second))
+	eventually(t, "the expired unfetched SVID dropped", func() bool { return c.svidOf("a") == nil })
+	calls = up.x509Calls.Load()
+	if snap, err = c.X509Identities(t.Context(), sels); err != nil || up.x509Calls.Load() != calls+1 {
+		t.Fatalf("a workload asking after the drop: %v, %d signing calls; want a new SVID", err, up.x509Calls.Load()-calls)
+	}
+	if snap.SVIDs[0] == third || !snap.SVIDs[0].NotAfter.After(clock.Now()) {
+		t.Fatal("the workload asking after the drop did not get a new, valid SVID")
+	}
+
+	// Renewed once fetched, then not fetched, then its CA leaves the
+	// bundle: dropped at once instead of re-signed.
+	renewedOnce(t, c, clock, snap.SVIDs[0])
+	calls = up.x509Calls.Load()
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil)
+	eventually(t, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
+	if up.x509Calls.Load() != calls {
+		t.Fatal("an unfetched SVID was re-signed for the new CA")
+	}
+}
+
+// TestAbandonedRefreshIsRenewedLater: a caller that stops waiting for the
+// refresh of an SVID whose renewal was skipped is handed the old SVID; when
+// that refresh then fails, the rotation loop still renews the SVID, which
+// is now served, once the upstream is back.
+func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	sels, first := fetchFirst(t, c, up)
+	startRotation(t, c)
+	unfetched := renewedOnce(t, c, clock, first)
+
+	// Not fetched past its renewal time; then fetched while the upstream
+	// hangs past refreshWait and then fails.
+	clock.Set(unfetched.RenewAt.Add(time.Second))
+	gate := make(chan struct{})
+	up.set(func(u *testUpstream) { u.gate, u.fail = gate, errors.New("upstream down") })
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil || snap.SVIDs[0] != unfetched {
+		t.Fatalf("fetch while the refresh hangs = %v, %v; want the still-valid SVID", snap, err)
+	}
+	// Let the rotation loop take the kick the fetch gave (the SVID is now
+	// served) while the refresh is still in flight, as it would when the
+	// upstream hangs for longer.
+	eventually(t, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
+	time.Sleep(100 * time.Millisecond)
+	close(gate)
+	up.set(func(u *testUpstream) { u.gate = nil })
+	eventually(t, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
+	up.set(func(u *testUpstream) { u.fail = nil })
+	// No kick from the test: the loop must come back by itself.
+	eventually(t, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
+}
+
+// TestDetachedRefreshEndsWithTheAgent: signing a caller stopped waiting for
+// does not outlive the rotation loop (the agent's run).
+func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	sels, first := fetchFirst(t, c, up)
+	stop := startRotation(t, c)
+	unfetched := renewedOnce(t, c, clock, first)
+	clock.Set(unfetched.RenewAt.Add(time.Second))
+	up.set(func(u *testUpstream) { u.gate = make(chan struct{}) }) // never opens
+	if _, err := c.X509Identities(t.Context(), sels); err != nil {
+		t.Fatal(err)
+	}
+	inflight := c.signer.inFlight()
+	if inflight != 1 {
+		t.Fatalf("%d signings in flight after the caller stopped waiting, want 1", inflight)
+	}
+	stop()
+	eventually(t, "the detached signing to end with the agent", func() bool {
+		return c.signer.inFlight() == 0
+	})
+}
+
+func TestBackoff(t *testing.T) {
+	b := NewBackoff(time.Second, 8*time.Second)
+	for i, ceiling := range []time.Duration{1, 2, 4, 8, 8, 8} {
+		ceiling *= time.Second
+		d := b.Next()
+		if d < ceiling/2 || d > ceiling {
+			t.Errorf("step %d: %v, want within [%v, %v]", i, d, ceiling/2, ceiling)
+		}
+	}
+	b.Reset()
+	if d := b.Next(); d > time.Second {
+		t.Errorf("after reset: %v, want at most 1s", d)
+	}
+}
+
+// startRotation runs c's rotation loop until the test ends or stop is
+// called, and fails the test if the loop does not stop then.
+func startRotation(t *testing.T, c *SVIDManager) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = c.Rotator().Run(ctx)
+	}()
+	stop = sync.OnceFunc(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			t.Error("the rotator did not return after its context ended")
+		}
+	})
+	t.Cleanup(stop)
+	return stop
+}
+
+// renewedOnce moves the clock past the renewal time of svid, entry "a"'s
+// (see fetchFirst), and returns the SVID the rotation loop renews it into.
+func renewedOnce(t *testing.T, c *SVIDManager, clock *fakeClock, svid *X509SVID) *X509SVID {
+	t.Helper()
+	clock.Set(svid.RenewAt.Add(time.Second))
+	c.kickRenewal()
+	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != svid })
+	return c.svidOf("a")
+}
+
+// fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
+// SVID.
+func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream) ([]attestor.Selector, *X509SVID) {
+	t.Helper()
+	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
+	c.SetBundles(up.bundle(), nil)
+	sels := mustSels("unix:uid:1")
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sels, snap.SVIDs[0]
+}
+
+func TestSVIDState(t *testing.T) {
+	now := time.Now()
+	svid := func(renew, end time.Duration, served, replace bool) *X509SVID {
+		s := &X509SVID{RenewAt: now.Add(renew), NotAfter: now.Add(end)}
+		s.served.Store(served)
+		s.replace.Store(replace)
+		return s
+	}
+	for _, tc := range []struct {
+		name string
+		svid *X509SVID
+		want svidState
+	}{
+		{"before its renewal", svid(time.Minute, time.Hour, true, false), svidValid},
+		{"before its renewal, unfetched", svid(time.Minute, time.Hour, false, false), svidValid},
+		{"due and fetched", svid(-time.Minute, time.Hour, true, false), svidRenewDue},
+		{"due and unfetched", svid(-time.Minute, time.Hour, false, false), svidUnused},
+		{"expired", svid(-time.Hour, -time.Minute, true, false), svidExpired},
+		{"marked for replacement", svid(time.Minute, time.Hour, false, true), svidTainted},
+	} {
+		if got := tc.svid.state(now); got != tc.want {
+			t.Errorf("%s: state %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestRotatorReadsOnlyWhatIsDue: a wake-up looks at the items of the queue
+// that are due, not at every SVID, and the next wake-up is the earliest
+// renewal time.
+func TestRotatorReadsOnlyWhatIsDue(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	var entries []*Entry
+	for i := range 50 {
+		entries = append(entries, testEntry(fmt.Sprint("e", i), fmt.Sprint("spiffe://example.org/w", i), int64(i), fmt.Sprint("unix:uid:", i)))
+	}
+	c.SetEntries(entries)
+	c.SetBundles(up.bundle(), nil)
+	for i := range entries {
+		if _, err := c.X509Identities(t.Context(), mustSels(fmt.Sprint("unix:uid:", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Signing woke each entry: the first look places them at their
+	// renewal times.
+	if due, unused, _ := c.rotator.takeDue(clock.Now()); len(due)+len(unused) != 0 {
+		t.Fatalf("fresh SVIDs due: %d, unused: %d", len(due), len(unused))
+	}
+	if n := len(c.rotator.queue); n != len(entries) {
+		t.Fatalf("%d queued, want one per entry (%d)", n, len(entries))
+	}
+	first := slices.MinFunc(entries, func(a, b *Entry) int { return c.svidOf(a.ID).RenewAt.Compare(c.svidOf(b.ID).RenewAt) })
+	_, _, next := c.rotator.takeDue(clock.Now())
+	if want := c.svidOf(first.ID).RenewAt; !next.Equal(want) {
+		t.Errorf("next wake-up %v, want the earliest renewal %v", next, want)
+	}
+	due, _, _ := c.rotator.takeDue(next)
+	if len(due) != 1 || due[0].ID != first.ID {
+		t.Errorf("due at the earliest renewal: %v, want only %s", entryIDsOf(due), first.ID)
+	}
+	if n := len(c.rotator.queue); n != len(entries)-1 {
+		t.Errorf("%d queued after taking one, want %d", n, len(entries)-1)
+	}
+}
+
+func entryIDsOf(entries []*Entry) []string {
+	var ids []string
+	for _, e := range entries {
+		ids = append(ids, e.ID)
+	}
+	return ids
+}

@@ -1,0 +1,126 @@
+package workloadapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+)
+
+// BenchmarkCARotationFanout is a CA rotation reaching 1,000 open
+// FetchX509SVID streams, each on its own connection, over a real Unix
+// socket: every iteration replaces the CA in the bundle, which makes the
+// one SVID the streams share be re-signed, and waits until every stream
+// has it. spread-ms is from the first stream's message to the last one's
+// (what `make bench` reports as the rotation spread), last-ms from the
+// bundle change to the last one's.
+func BenchmarkCARotationFanout(b *testing.B) {
+	const streams = 1000
+	up := &testUpstream{ca: newTestCA(b, tdExample, "ca 0")}
+	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
+	cache := agent.NewSVIDManager(log, up)
+	mine := attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
+	cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{up.ca.cert}), nil)
+	dir, err := os.MkdirTemp("", "wrb-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	socket := filepath.Join(dir, "api.sock")
+	l, err := agent.Listen(socket, agent.DefaultMaxConnections(), log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache})
+	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), headerKey, "true"))
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = cache.Rotator().Run(ctx) }()
+	go func() { defer wg.Done(); _ = srv.GRPC.Serve(l) }()
+	b.Cleanup(func() {
+		cancel()
+		srv.Shutdown(time.Second)
+		wg.Wait()
+	})
+
+	type msg struct {
+		bundle []byte
+		at     time.Time
+	}
+	msgs := make(chan msg, streams)
+	for range streams {
+		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { conn.Close() })
+		stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(ctx, &workload.X509SVIDRequest{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		go func() {
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					return
+				}
+				// The bundle is the new CA's only once the SVID is one it
+				// signed: an SVID that does not chain is not served.
+				msgs <- msg{bundle: resp.Svids[0].Bundle, at: time.Now()}
+			}
+		}()
+	}
+	for range streams {
+		<-msgs
+	}
+	var spread, last time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		b.StopTimer()
+		next := newTestCA(b, tdExample, "ca "+strconv.Itoa(i+1))
+		b.StartTimer()
+		up.setCA(next)
+		start := time.Now()
+		cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{next.cert}), nil)
+		var times []time.Time
+		for len(times) < streams {
+			select {
+			case m := <-msgs:
+				if bytes.Equal(m.bundle, next.cert.Raw) {
+					times = append(times, m.at)
+				}
+			case <-time.After(30 * time.Second):
+				b.Fatalf("%d of %d streams got an SVID of the new CA", len(times), streams)
+			}
+		}
+		first, end := slices.MinFunc(times, time.Time.Compare), slices.MaxFunc(times, time.Time.Compare)
+		spread += end.Sub(first)
+		last += end.Sub(start)
+	}
+	b.ReportMetric(float64(spread.Microseconds())/1000/float64(b.N), "spread-ms")
+	b.ReportMetric(float64(last.Microseconds())/1000/float64(b.N), "last-ms")
+}
+
+// fixedAttestor gives every caller the same selectors, without reading
+// /proc for each of a thousand connections.
+type fixedAttestor []attestor.Selector
+
+func (a fixedAttestor) Attest(context.Context, attestor.Process) ([]attestor.Selector, error) {
+	return a, nil
+}
