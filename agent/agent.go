@@ -10,6 +10,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 )
 
@@ -216,7 +217,7 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor
 func (a *Agent) SVIDManager() *SVIDManager { return a.cache }
 
 // Attest runs the configured workload attestors.
-func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {
+func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	return a.attestors.Load().Attest(ctx, p)
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 )
 
@@ -38,7 +39,7 @@ func (fakeNodeAttestor) Attest(context.Context, AttestationStream) error { retur
 
 type fakeWorkloadAttestor struct{}
 
-func (fakeWorkloadAttestor) Attest(context.Context, attestor.Process) ([]attestor.Selector, error) {
+func (fakeWorkloadAttestor) Attest(context.Context, attestor.Process) ([]selector.Selector, error) {
 	return nil, nil
 }
 

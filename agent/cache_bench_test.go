@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -54,7 +54,7 @@ func benchCA(b testing.TB) *testCA {
 // benchCache is a ready cache with n entries, one of which matches sels
 // (unix:uid:1000 with its user and group); the others match uids no caller
 // has.
-func benchCache(b testing.TB, n int) (*SVIDManager, []attestor.Selector) {
+func benchCache(b testing.TB, n int) (*SVIDManager, []selector.Selector) {
 	b.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

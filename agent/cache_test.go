@@ -21,7 +21,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -250,16 +250,16 @@ func testEntry(id, spiffeID string, created int64, sels ...string) *Entry {
 	return &Entry{ID: id, SPIFFEID: spiffeid.RequireFromString(spiffeID), CreatedAt: created, Selectors: mustSels(sels...)}
 }
 
-func mustSels(ss ...string) []attestor.Selector {
-	var out []attestor.Selector
+func mustSels(ss ...string) []selector.Selector {
+	var out []selector.Selector
 	for _, s := range ss {
-		sel, err := attestor.ParseSelector(s)
+		sel, err := selector.Parse(s)
 		if err != nil {
 			panic(err)
 		}
 		out = append(out, sel)
 	}
-	return attestor.SortSelectors(out)
+	return selector.Sort(out)
 }
 
 func clone(e *Entry) *Entry {

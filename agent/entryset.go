@@ -7,7 +7,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
 // entrySet is the cache's registration entries, kept in two sorted slices
@@ -37,7 +37,7 @@ type selectorRef struct {
 
 var selectorSeed = maphash.MakeSeed()
 
-func selectorHash(s attestor.Selector) uint64 {
+func selectorHash(s selector.Selector) uint64 {
 	// Collisions are harmless (lookups compare the selector itself), so a
 	// plain combination of the two parts' hashes will do.
 	return maphash.String(selectorSeed, s.Type)*0x9E3779B97F4A7C15 ^ maphash.String(selectorSeed, s.Value)
@@ -117,7 +117,7 @@ func (s *entrySet) get(id string) *Entry { return entryByID(s.byID, id) }
 func (s *entrySet) len() int { return len(s.byID) }
 
 // withSelector yields the entries that have sel among their selectors.
-func (s *entrySet) withSelector(sel attestor.Selector) iter.Seq[*Entry] {
+func (s *entrySet) withSelector(sel selector.Selector) iter.Seq[*Entry] {
 	return func(yield func(*Entry) bool) {
 		if len(s.bySel) == 0 {
 			return

@@ -6,10 +6,10 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
-func collect(s *entrySet, sel attestor.Selector) []string {
+func collect(s *entrySet, sel selector.Selector) []string {
 	var ids []string
 	for e := range s.withSelector(sel) {
 		ids = append(ids, e.ID)
@@ -31,7 +31,7 @@ func TestEntrySetMatchesBruteForce(t *testing.T) {
 				sels = append(sels, fmt.Sprintf("unix:uid:%d", rng.IntN(n/2+1)))
 			}
 			e := testEntry(fmt.Sprintf("e%03d", i), fmt.Sprintf("spiffe://example.org/w/%d", i), int64(i), sels...)
-			e.Selectors = attestor.SortSelectors(e.Selectors)
+			e.Selectors = selector.Sort(e.Selectors)
 			entries = append(entries, e)
 		}
 		sorted, _ := sortEntries(entries, nil)
@@ -48,7 +48,7 @@ func TestEntrySetMatchesBruteForce(t *testing.T) {
 			t.Fatalf("n=%d: get of an absent ID returned an entry", n)
 		}
 		for u := range n/2 + 2 {
-			sel := attestor.Selector{Type: "unix", Value: fmt.Sprintf("uid:%d", u)}
+			sel := selector.Selector{Type: "unix", Value: fmt.Sprintf("uid:%d", u)}
 			var want []string
 			for _, e := range entries {
 				if slices.Contains(e.Selectors, sel) {

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/time/rate"
@@ -196,13 +196,13 @@ func (se storedEntry) entry() (*Entry, error) {
 		return nil, errors.New("no ID or no selectors")
 	}
 	for _, raw := range se.Selectors {
-		s, err := attestor.ParseSelector(raw)
+		s, err := selector.Parse(raw)
 		if err != nil {
 			return nil, err
 		}
 		e.Selectors = append(e.Selectors, s)
 	}
-	e.Selectors = attestor.SortSelectors(e.Selectors)
+	e.Selectors = selector.Sort(e.Selectors)
 	for _, raw := range se.FederatesWith {
 		td, err := spiffeid.TrustDomainFromString(raw)
 		if err != nil {

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
 func TestRotationRenewsShortLivedSVID(t *testing.T) {
@@ -296,7 +296,7 @@ func renewedOnce(t *testing.T, c *SVIDManager, clock *fakeClock, svid *X509SVID)
 
 // fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
 // SVID.
-func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream) ([]attestor.Selector, *X509SVID) {
+func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream) ([]selector.Selector, *X509SVID) {
 	t.Helper()
 	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
 	c.SetBundles(up.bundle(), nil)

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -187,7 +187,7 @@ func (s *entryStore) taint(tainted *Bundle) []string {
 
 // matchLocked returns the entries whose selectors are all among sels,
 // oldest first.
-func (s *entryStore) matchLocked(sels []attestor.Selector) []*Entry {
+func (s *entryStore) matchLocked(sels []selector.Selector) []*Entry {
 	var matched []*Entry
 	if len(sels) == 0 {
 		return nil
@@ -213,7 +213,7 @@ func (s *entryStore) matchLocked(sels []attestor.Selector) []*Entry {
 
 // match returns the entries that match sels, keeping those for id only
 // when it is not zero.
-func (s *entryStore) match(sels []attestor.Selector, id spiffeid.ID) []*Entry {
+func (s *entryStore) match(sels []selector.Selector, id spiffeid.ID) []*Entry {
 	s.mu.RLock()
 	entries := s.matchLocked(sels)
 	s.mu.RUnlock()
@@ -354,7 +354,7 @@ type x509Lookup struct {
 // lookupX509 matches sels and reports what must be signed before they can
 // be served, or the snapshot to serve. It returns ErrNoIdentity when no
 // entry matches.
-func (s *entryStore) lookupX509(sels []attestor.Selector, now time.Time, refresh, resigned bool) (x509Lookup, error) {
+func (s *entryStore) lookupX509(sels []selector.Selector, now time.Time, refresh, resigned bool) (x509Lookup, error) {
 	var out x509Lookup
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -445,7 +445,7 @@ func (s *entryStore) federatedForLocked(entries []*Entry) []*Bundle {
 }
 
 // bundles returns the bundles a caller may see (see SVIDManager.Bundles).
-func (s *entryStore) bundles(sels []attestor.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
+func (s *entryStore) bundles(sels []selector.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if entries := s.matchLocked(sels); len(entries) > 0 {

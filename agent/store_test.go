@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -20,10 +20,10 @@ func TestMatchIsSubset(t *testing.T) {
 	cc := testEntry("c", "spiffe://example.org/c", 3, "unix:uid:3")
 	c.SetEntries([]*Entry{cc, ab, a})
 	c.SetBundles(up.bundle(), nil)
-	sel := func(s string) attestor.Selector { return mustSels(s)[0] }
+	sel := func(s string) selector.Selector { return mustSels(s)[0] }
 	for _, tc := range []struct {
 		name string
-		sels []attestor.Selector
+		sels []selector.Selector
 		want []string
 	}{
 		{"one selector", mustSels("unix:uid:1"), []string{"a"}},
@@ -32,9 +32,9 @@ func TestMatchIsSubset(t *testing.T) {
 		{"part of an entry", mustSels("unix:gid:2"), nil},
 		{"unrelated", mustSels("unix:uid:9"), nil},
 		{"none", nil, nil},
-		{"unsorted", []attestor.Selector{sel("unix:uid:3"), sel("unix:gid:2"), sel("unix:uid:1")}, []string{"a", "ab", "c"}},
+		{"unsorted", []selector.Selector{sel("unix:uid:3"), sel("unix:gid:2"), sel("unix:uid:1")}, []string{"a", "ab", "c"}},
 		// A repeated selector must not stand in for a missing one.
-		{"duplicates", []attestor.Selector{sel("unix:uid:1"), sel("unix:uid:1")}, []string{"a"}},
+		{"duplicates", []selector.Selector{sel("unix:uid:1"), sel("unix:uid:1")}, []string{"a"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			snap, err := c.X509Identities(t.Context(), tc.sels)

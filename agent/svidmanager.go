@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -130,7 +130,7 @@ func (c *SVIDManager) Subscribe() *Subscription { return c.store.notifier.subscr
 // X509Identities returns the caller's X.509-SVIDs, minting those it does not
 // hold yet. It returns ErrNoIdentity when no entry matches. Callers that
 // match the same entries share one snapshot until something changes.
-func (c *SVIDManager) X509Identities(ctx context.Context, sels []attestor.Selector) (*X509Snapshot, error) {
+func (c *SVIDManager) X509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -243,7 +243,7 @@ func (c *SVIDManager) waitReady(ctx context.Context) error {
 // Bundles returns the bundles a caller may see: the local one and those its
 // entries federate with. A caller with no entry gets ErrNoIdentity unless
 // allowUnauthenticated, in which case it sees every bundle.
-func (c *SVIDManager) Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
+func (c *SVIDManager) Bundles(ctx context.Context, sels []selector.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -253,7 +253,7 @@ func (c *SVIDManager) Bundles(ctx context.Context, sels []attestor.Selector, all
 // JWTSVIDs returns a JWT-SVID for audience for each of the caller's
 // identities, or only for id when it is not zero. Tokens are reused until
 // half their lifetime has passed.
-func (c *SVIDManager) JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
+func (c *SVIDManager) JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
 	if err := c.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -267,7 +267,7 @@ func (c *SVIDManager) JWTSVIDs(ctx context.Context, sels []attestor.Selector, au
 // ValidateJWTSVID checks a token against the bundle of its subject's trust
 // domain and the audience. The caller may rely on the bundles it could fetch
 // itself: the local one and those its entries federate with.
-func (c *SVIDManager) ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error) {
+func (c *SVIDManager) ValidateJWTSVID(ctx context.Context, sels []selector.Selector, token, audience string) (*jwtsvid.SVID, error) {
 	snap, err := c.Bundles(ctx, sels, true)
 	if err != nil {
 		return nil, err
@@ -285,7 +285,7 @@ const maxEntryWait = 8 * time.Second
 // whether an entry now matches; it gives up when the upstream declines to
 // sync (its rate limit), after maxEntryWait, or when ctx ends, so a caller
 // with no entry anywhere is answered PermissionDenied at most that late.
-func (c *SVIDManager) AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool {
+func (c *SVIDManager) AwaitIdentity(ctx context.Context, sels []selector.Selector, id spiffeid.ID) bool {
 	ctx, cancel := context.WithTimeout(ctx, maxEntryWait)
 	defer cancel()
 	for ctx.Err() == nil {

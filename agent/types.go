@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -22,7 +22,7 @@ import (
 type Entry struct {
 	ID            string
 	SPIFFEID      spiffeid.ID
-	Selectors     []attestor.Selector // sorted, unique
+	Selectors     []selector.Selector // sorted, unique
 	X509SVIDTTL   time.Duration       // 0: the upstream's default
 	JWTSVIDTTL    time.Duration       // 0: the upstream's default
 	Hint          string

@@ -8,6 +8,7 @@ import (
 	"errors"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/registry"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -23,7 +24,7 @@ import (
 // must read /proc for them compares what it read with p and fails with
 // ErrCallerChanged when they differ.
 type WorkloadAttestor interface {
-	Attest(ctx context.Context, p Process) ([]Selector, error)
+	Attest(ctx context.Context, p Process) ([]selector.Selector, error)
 }
 
 // Process is a workload to attest, as the kernel described it when it
@@ -85,6 +86,9 @@ type PluginConfig struct {
 type Factory func(cfg PluginConfig) (WorkloadAttestor, error)
 
 var registered = registry.New[Factory]("attestor: workload attestor")
+
+// ErrNoSelectors is returned when no attestor could describe a process.
+var ErrNoSelectors = errors.New("no workload attestor produced a selector for the caller")
 
 // Register makes a workload attestor available under name. It is called from
 // the init function of each plugin package.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 )
 
@@ -49,7 +50,7 @@ func NewMultiAttestor(log hclog.Logger, timeout time.Duration, plugins ...Plugin
 
 type pluginResult struct {
 	plugin int
-	sels   []Selector
+	sels   []selector.Selector
 	err    error
 }
 
@@ -62,7 +63,7 @@ type pluginResult struct {
 // otherwise is logged and contributes nothing, as in SPIRE: the others may
 // still identify the workload. An attestor that ignores ctx is not waited
 // for past the deadline.
-func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]Selector, error) {
+func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selector, error) {
 	if len(m.plugins) == 0 {
 		return nil, ErrNoSelectors
 	}
@@ -81,7 +82,7 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]Selector, erro
 		}()
 	}
 	answered := make([]bool, len(m.plugins))
-	var all []Selector
+	var all []selector.Selector
 	var failed []string
 	for range m.plugins {
 		select {
@@ -110,7 +111,7 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]Selector, erro
 		}
 		return nil, ErrNoSelectors
 	}
-	return SortSelectors(all), nil
+	return selector.Sort(all), nil
 }
 
 // timedOut logs each attestor that has not answered and returns the

@@ -8,41 +8,44 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // attestorFunc adapts a function to WorkloadAttestor.
-type attestorFunc func(ctx context.Context, p Process) ([]Selector, error)
+type attestorFunc func(ctx context.Context, p Process) ([]selector.Selector, error)
 
-func (f attestorFunc) Attest(ctx context.Context, p Process) ([]Selector, error) { return f(ctx, p) }
+func (f attestorFunc) Attest(ctx context.Context, p Process) ([]selector.Selector, error) {
+	return f(ctx, p)
+}
 
 // stuck is an attestor that ignores ctx and answers only once released, as
 // a plugin blocked in a call without a deadline would.
 func stuck(release <-chan struct{}) WorkloadAttestor {
-	return attestorFunc(func(context.Context, Process) ([]Selector, error) {
+	return attestorFunc(func(context.Context, Process) ([]selector.Selector, error) {
 		<-release
-		return []Selector{{"slow", "late"}}, nil
+		return []selector.Selector{{Type: "slow", Value: "late"}}, nil
 	})
 }
 
 // sleeper honours ctx, as an HTTP call to a hung kubelet would.
 func sleeper(d time.Duration) WorkloadAttestor {
-	return attestorFunc(func(ctx context.Context, _ Process) ([]Selector, error) {
+	return attestorFunc(func(ctx context.Context, _ Process) ([]selector.Selector, error) {
 		select {
 		case <-time.After(d):
-			return []Selector{{"slow", "late"}}, nil
+			return []selector.Selector{{Type: "slow", Value: "late"}}, nil
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
 	})
 }
 
-func answering(sels ...Selector) WorkloadAttestor {
-	return attestorFunc(func(context.Context, Process) ([]Selector, error) { return sels, nil })
+func answering(sels ...selector.Selector) WorkloadAttestor {
+	return attestorFunc(func(context.Context, Process) ([]selector.Selector, error) { return sels, nil })
 }
 
 func failing(err error) WorkloadAttestor {
-	return attestorFunc(func(context.Context, Process) ([]Selector, error) { return nil, err })
+	return attestorFunc(func(context.Context, Process) ([]selector.Selector, error) { return nil, err })
 }
 
 // TestMultiAttestorDeadline: an attestor that does not answer within the
@@ -56,7 +59,7 @@ func TestMultiAttestorDeadline(t *testing.T) {
 	for name, slow := range map[string]WorkloadAttestor{"ignores ctx": stuck(release), "honours ctx": sleeper(time.Hour)} {
 		t.Run(name, func(t *testing.T) {
 			log, logs := testkit.NewLogger(hclog.Debug)
-			m := NewMultiAttestor(log, timeout, Plugin{"unix", answering(Selector{"unix", "uid:1"})}, Plugin{"kubelet", slow})
+			m := NewMultiAttestor(log, timeout, Plugin{"unix", answering(selector.Selector{Type: "unix", Value: "uid:1"})}, Plugin{"kubelet", slow})
 			start := time.Now()
 			sels, err := m.Attest(context.Background(), Process{PID: 42})
 			took := time.Since(start)
@@ -86,7 +89,7 @@ func TestMultiAttestorAlone(t *testing.T) {
 	}
 	m = NewMultiAttestor(log, time.Minute, Plugin{"unix", sleeper(10 * time.Millisecond)})
 	sels, err := m.Attest(context.Background(), Process{PID: 42})
-	if err != nil || len(sels) != 1 || sels[0] != (Selector{"slow", "late"}) {
+	if err != nil || len(sels) != 1 || sels[0] != (selector.Selector{Type: "slow", Value: "late"}) {
 		t.Fatalf("Attest within the deadline = %v, %v", sels, err)
 	}
 }
@@ -96,12 +99,12 @@ func TestMultiAttestorAlone(t *testing.T) {
 func TestMultiAttestorMerges(t *testing.T) {
 	log, logs := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, time.Minute,
-		Plugin{"unix", answering(Selector{"unix", "uid:1"}, Selector{"unix", "gid:2"})},
+		Plugin{"unix", answering(selector.Selector{Type: "unix", Value: "uid:1"}, selector.Selector{Type: "unix", Value: "gid:2"})},
 		Plugin{"docker", failing(errors.New("engine unreachable"))},
-		Plugin{"k8s", answering(Selector{"k8s", "ns:a"}, Selector{"unix", "uid:1"})},
+		Plugin{"k8s", answering(selector.Selector{Type: "k8s", Value: "ns:a"}, selector.Selector{Type: "unix", Value: "uid:1"})},
 	)
 	sels, err := m.Attest(context.Background(), Process{PID: 42})
-	want := []Selector{{"k8s", "ns:a"}, {"unix", "gid:2"}, {"unix", "uid:1"}}
+	want := []selector.Selector{{Type: "k8s", Value: "ns:a"}, {Type: "unix", Value: "gid:2"}, {Type: "unix", Value: "uid:1"}}
 	if err != nil || len(sels) != len(want) {
 		t.Fatalf("Attest = %v, %v; want %v", sels, err, want)
 	}
@@ -163,7 +166,7 @@ func TestMultiAttestorCallerGone(t *testing.T) {
 // attestation of the common case, one attestor that answers at once.
 func BenchmarkMultiAttestor(b *testing.B) {
 	log, _ := testkit.NewLogger(hclog.Debug)
-	m := NewMultiAttestor(log, DefaultTimeout, Plugin{"unix", answering(Selector{"unix", "uid:1"})})
+	m := NewMultiAttestor(log, DefaultTimeout, Plugin{"unix", answering(selector.Selector{Type: "unix", Value: "uid:1"})})
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {

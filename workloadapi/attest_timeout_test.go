@@ -8,6 +8,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -20,7 +21,7 @@ type slowAttestor struct {
 	release chan struct{}
 }
 
-func (s slowAttestor) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {
+func (s slowAttestor) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	<-s.release
 	return s.WorkloadAttestor.Attest(ctx, p)
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
@@ -34,7 +35,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	up := &testUpstream{ca: newTestCA(b, tdExample, "ca 0")}
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
 	cache := agent.NewSVIDManager(log, up)
-	mine := attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+	mine := selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
 	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
 	cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{up.ca.cert}), nil)
 	dir, err := os.MkdirTemp("", "wrb-")
@@ -119,8 +120,8 @@ func BenchmarkCARotationFanout(b *testing.B) {
 
 // fixedAttestor gives every caller the same selectors, without reading
 // /proc for each of a thousand connections.
-type fixedAttestor []attestor.Selector
+type fixedAttestor []selector.Selector
 
-func (a fixedAttestor) Attest(context.Context, attestor.Process) ([]attestor.Selector, error) {
+func (a fixedAttestor) Attest(context.Context, attestor.Process) ([]selector.Selector, error) {
 	return a, nil
 }

@@ -15,7 +15,7 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -96,7 +96,7 @@ func (v *sdsView) same(o *sdsView) bool {
 // view reads the caller's SVIDs and bundles. A caller with no identity still
 // gets the bundle of the agent's trust domain, as from spire-agent: it is
 // public, and Envoy may only verify peers.
-func (s *sdsHandler) view(ctx context.Context, sels []attestor.Selector) (*sdsView, error) {
+func (s *sdsHandler) view(ctx context.Context, sels []selector.Selector) (*sdsView, error) {
 	snap, err := s.h.cfg.Identities.X509Identities(ctx, sels)
 	if err == nil {
 		return &sdsView{svids: snap.SVIDs, local: snap.Local, federated: snap.Federated}, nil

@@ -29,6 +29,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 	"github.com/lanyard-dev/lanyard/workloadapi"
@@ -160,15 +161,15 @@ func cmpOr(d, def time.Duration) time.Duration {
 }
 
 // callerSelector is what the unix attestor reports for this test process.
-func callerSelector() attestor.Selector {
-	return attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+func callerSelector() selector.Selector {
+	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
 }
 
-func sdsEntry(path string, createdAt int64, sel attestor.Selector, federates ...spiffeid.TrustDomain) *agent.Entry {
+func sdsEntry(path string, createdAt int64, sel selector.Selector, federates ...spiffeid.TrustDomain) *agent.Entry {
 	return &agent.Entry{
 		ID:            "entry" + strings.ReplaceAll(path, "/", "-"),
 		SPIFFEID:      spiffeid.RequireFromPath(sdsTD, path),
-		Selectors:     []attestor.Selector{sel},
+		Selectors:     []selector.Selector{sel},
 		FederatesWith: federates,
 		CreatedAt:     createdAt,
 	}
@@ -642,7 +643,7 @@ func TestSDSFetchSecrets(t *testing.T) {
 // has no right to end the stream with InvalidArgument.
 func TestSDSSPIFFEIDAndUnknownNames(t *testing.T) {
 	a, b := sdsEntry("/a", 1, callerSelector()), sdsEntry("/b", 2, callerSelector())
-	e := newSDSEnv(t, []*agent.Entry{a, b, sdsEntry("/not-mine", 3, attestor.Selector{Type: "unix", Value: "uid:4242424"})})
+	e := newSDSEnv(t, []*agent.Entry{a, b, sdsEntry("/not-mine", 3, selector.Selector{Type: "unix", Value: "uid:4242424"})})
 
 	st := e.stream(t)
 	st.send(t, &discoveryv3.DiscoveryRequest{ResourceNames: []string{b.SPIFFEID.String(), "default"}})
@@ -745,7 +746,7 @@ func TestSDSBundles(t *testing.T) {
 // A caller with no identity gets the trust domain's bundle, as from
 // spire-agent, and PermissionDenied for anything else.
 func TestSDSNoIdentity(t *testing.T) {
-	e := newSDSEnv(t, []*agent.Entry{sdsEntry("/svc", 1, attestor.Selector{Type: "unix", Value: "uid:4242424"})})
+	e := newSDSEnv(t, []*agent.Entry{sdsEntry("/svc", 1, selector.Selector{Type: "unix", Value: "uid:4242424"})})
 	resp, err := e.client.FetchSecrets(t.Context(), &discoveryv3.DiscoveryRequest{ResourceNames: []string{"ROOTCA"}})
 	if err != nil {
 		t.Fatal(err)

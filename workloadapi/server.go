@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -24,21 +25,21 @@ import (
 
 // Attestor turns a caller into selectors.
 type Attestor interface {
-	Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error)
+	Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error)
 }
 
 // Identities answers for identities and bundles; *agent.SVIDManager is the
 // real one.
 type Identities interface {
-	X509Identities(ctx context.Context, sels []attestor.Selector) (*agent.X509Snapshot, error)
-	Bundles(ctx context.Context, sels []attestor.Selector, allowUnauthenticated bool) (*agent.BundleSnapshot, error)
-	JWTSVIDs(ctx context.Context, sels []attestor.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
-	ValidateJWTSVID(ctx context.Context, sels []attestor.Selector, token, audience string) (*jwtsvid.SVID, error)
+	X509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
+	Bundles(ctx context.Context, sels []selector.Selector, allowUnauthenticated bool) (*agent.BundleSnapshot, error)
+	JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
+	ValidateJWTSVID(ctx context.Context, sels []selector.Selector, token, audience string) (*jwtsvid.SVID, error)
 	Subscribe() *agent.Subscription
 	// AwaitIdentity holds a caller with no identity (for id, when not zero)
 	// while the upstream looks for a just-created entry; it reports whether
 	// one now matches.
-	AwaitIdentity(ctx context.Context, sels []attestor.Selector, id spiffeid.ID) bool
+	AwaitIdentity(ctx context.Context, sels []selector.Selector, id spiffeid.ID) bool
 }
 
 // Config configures the Workload API.
@@ -140,7 +141,7 @@ type handler struct {
 // reason (the agent out of file descriptors) is answered Unavailable and
 // the connection closed the same way. An attestor that did not answer
 // within its deadline is answered Unavailable too, and the connection kept.
-func (h *handler) attest(ctx context.Context) ([]attestor.Selector, *attestor.Caller, error) {
+func (h *handler) attest(ctx context.Context) ([]selector.Selector, *attestor.Caller, error) {
 	caller, ok := attestor.CallerFromContext(ctx)
 	if !ok {
 		return nil, nil, status.Error(codes.Unauthenticated, "could not resolve caller information: the connection carries no peer credentials")

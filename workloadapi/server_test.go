@@ -31,6 +31,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -246,21 +247,21 @@ func federatedBundle(t *testing.T, td spiffeid.TrustDomain) *spiffebundle.Bundle
 
 // mySelector is what the unix attestor reports for this test process, the
 // caller of every call; otherSelector belongs to no process here.
-func mySelector() attestor.Selector {
-	return attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+func mySelector() selector.Selector {
+	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
 }
 
-func otherSelector() attestor.Selector {
-	return attestor.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid()+4242)}
+func otherSelector() selector.Selector {
+	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid()+4242)}
 }
 
 // newEntry returns an entry; entries are immutable once in the cache, so a
 // change is a new entry with the same ID.
-func newEntry(path string, createdAt int64, sel attestor.Selector) *agent.Entry {
+func newEntry(path string, createdAt int64, sel selector.Selector) *agent.Entry {
 	return &agent.Entry{
 		ID:        "entry" + strings.ReplaceAll(path, "/", "-"),
 		SPIFFEID:  spiffeid.RequireFromPath(tdExample, path),
-		Selectors: []attestor.Selector{sel},
+		Selectors: []selector.Selector{sel},
 		CreatedAt: createdAt,
 	}
 }

@@ -5,7 +5,7 @@ import (
 	"errors"
 
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -36,7 +36,7 @@ func x509Response(snap *agent.X509Snapshot) *workload.X509SVIDResponse {
 func (h *handler) streamBundles(ctx context.Context, same func(a, b *agent.BundleSnapshot) bool, send func(*agent.BundleSnapshot) error) error {
 	return runStream(h, ctx, streamOf[*agent.BundleSnapshot]{
 		what: "a bundle stream",
-		fetch: func(ctx context.Context, sels []attestor.Selector) (*agent.BundleSnapshot, error) {
+		fetch: func(ctx context.Context, sels []selector.Selector) (*agent.BundleSnapshot, error) {
 			return h.cfg.Identities.Bundles(ctx, sels, h.cfg.AllowUnauthenticatedVerifiers)
 		},
 		same: same,
@@ -47,7 +47,7 @@ func (h *handler) streamBundles(ctx context.Context, same func(a, b *agent.Bundl
 // streamOf is what sets the Workload API's streams apart.
 type streamOf[S any] struct {
 	what  string // in the log: "an X509-SVID stream"
-	fetch func(ctx context.Context, sels []attestor.Selector) (S, error)
+	fetch func(ctx context.Context, sels []selector.Selector) (S, error)
 	same  func(last, next S) bool // next would send what last did
 	send  func(S) error
 	sent  func(*agent.Subscription, S) // optional: told what was sent

@@ -9,7 +9,7 @@ import (
 	"strings"
 
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -59,13 +59,13 @@ func parseEntries(data *conf.Section, td spiffeid.TrustDomain, cfgs []entryConfi
 		}
 		e := &agent.Entry{SPIFFEID: id, Hint: ec.Hint, DNSNames: ec.DNSNames, CreatedAt: int64(i)}
 		for _, raw := range ec.Selectors {
-			sel, err := attestor.ParseSelector(raw)
+			sel, err := selector.Parse(raw)
 			if err != nil {
 				return nil, data.Errorf(key("selectors"), "%v", err)
 			}
 			e.Selectors = append(e.Selectors, sel)
 		}
-		e.Selectors = attestor.SortSelectors(e.Selectors)
+		e.Selectors = selector.Sort(e.Selectors)
 		if ec.X509SVIDTTL != "" {
 			if e.X509SVIDTTL, err = data.Duration(key("x509_svid_ttl"), ec.X509SVIDTTL); err != nil {
 				return nil, err

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	entryv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/entry/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
@@ -251,9 +251,9 @@ func (s *syncer) entryFromProto(e *types.Entry) (*agent.Entry, error) {
 		if sel.Type == "" || sel.Value == "" {
 			return nil, fmt.Errorf("selector %q:%q has an empty part", sel.Type, sel.Value)
 		}
-		out.Selectors = append(out.Selectors, attestor.Selector{Type: sel.Type, Value: sel.Value})
+		out.Selectors = append(out.Selectors, selector.Selector{Type: sel.Type, Value: sel.Value})
 	}
-	out.Selectors = attestor.SortSelectors(out.Selectors)
+	out.Selectors = selector.Sort(out.Selectors)
 	if len(e.DnsNames) > 0 {
 		out.DNSNames = slices.Clone(e.DnsNames)
 	}

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
@@ -30,7 +30,7 @@ func TestEntryConversion(t *testing.T) {
 	if e == nil {
 		t.Fatal("the entry was not converted")
 	}
-	want := []attestor.Selector{{Type: "k8s", Value: "ns:default"}, {Type: "unix", Value: "uid:1000"}}
+	want := []selector.Selector{{Type: "k8s", Value: "ns:default"}, {Type: "unix", Value: "uid:1000"}}
 	if fmt.Sprint(e.Selectors) != fmt.Sprint(want) {
 		t.Fatalf("selectors %v, want %v", e.Selectors, want)
 	}

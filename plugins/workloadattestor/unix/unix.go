@@ -21,6 +21,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/procfs"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
 // PluginName is the name the attestor registers under and its selector type.
@@ -100,7 +101,7 @@ var statusBufs = sync.Pool{New: func() any { b := make([]byte, 4096); return &b 
 // without SO_PEERGROUPS the groups are read from /proc/<pid>/status, and
 // its effective uid and gid must be the connect-time ones, which makes its
 // groups line (from the same snapshot of credentials) theirs too.
-func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]attestor.Selector, error) {
+func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	pid := p.PID
 	if pid <= 0 {
 		return nil, fmt.Errorf("pid %d is not a process id", pid)
@@ -127,7 +128,7 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]attestor.S
 		statusGroups, numGroups = st.groups, st.numGroups()
 	}
 
-	sels := make([]attestor.Selector, 0, 6+2*numGroups)
+	sels := make([]selector.Selector, 0, 6+2*numGroups)
 	u := a.users.get(p.UID)
 	sels = append(sels, sel(u.id))
 	if u.name != "" {
@@ -168,7 +169,7 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]attestor.S
 	return sels, nil
 }
 
-func (a *Attestor) appendSupplementary(sels []attestor.Selector, gid uint32) []attestor.Selector {
+func (a *Attestor) appendSupplementary(sels []selector.Selector, gid uint32) []selector.Selector {
 	sg := a.groups.get(gid)
 	sels = append(sels, sel(sg.suppID))
 	if sg.suppName != "" {
@@ -177,8 +178,8 @@ func (a *Attestor) appendSupplementary(sels []attestor.Selector, gid uint32) []a
 	return sels
 }
 
-func sel(value string) attestor.Selector {
-	return attestor.Selector{Type: PluginName, Value: value}
+func sel(value string) selector.Selector {
+	return selector.Selector{Type: PluginName, Value: value}
 }
 
 // procErr names the pid and the step that failed, and says plainly when the

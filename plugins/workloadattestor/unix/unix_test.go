@@ -21,6 +21,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
@@ -38,7 +39,7 @@ func newTestAttestor(t testing.TB, hcl string) *Attestor {
 	return a
 }
 
-func values(sels []attestor.Selector) []string {
+func values(sels []selector.Selector) []string {
 	var out []string
 	for _, s := range sels {
 		out = append(out, s.String())

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
 // JoinToken generates a join token. If spiffeID is not empty, the agent that
@@ -53,14 +53,14 @@ const entriesPerCall = 1000
 // thousand per call, and returns their IDs in order.
 func (s *Server) CreateEntries(t testing.TB, entries []Entry) []string {
 	t.Helper()
-	type selector struct {
+	type jsonSelector struct {
 		Type  string `json:"type"`
 		Value string `json:"value"`
 	}
 	type entry struct {
-		SPIFFEID  string     `json:"spiffe_id"`
-		ParentID  string     `json:"parent_id"`
-		Selectors []selector `json:"selectors"`
+		SPIFFEID  string         `json:"spiffe_id"`
+		ParentID  string         `json:"parent_id"`
+		Selectors []jsonSelector `json:"selectors"`
 	}
 	var ids []string
 	for chunk := range slices.Chunk(entries, entriesPerCall) {
@@ -70,11 +70,11 @@ func (s *Server) CreateEntries(t testing.TB, entries []Entry) []string {
 		for _, e := range chunk {
 			je := entry{SPIFFEID: e.SPIFFEID, ParentID: e.ParentID}
 			for _, sel := range e.Selectors {
-				parsed, err := attestor.ParseSelector(sel)
+				parsed, err := selector.Parse(sel)
 				if err != nil {
 					t.Fatalf("entry %s: %v", e.SPIFFEID, err)
 				}
-				je.Selectors = append(je.Selectors, selector{Type: parsed.Type, Value: parsed.Value})
+				je.Selectors = append(je.Selectors, jsonSelector{Type: parsed.Type, Value: parsed.Value})
 			}
 			doc.Entries = append(doc.Entries, je)
 		}

@@ -1,7 +1,9 @@
-package attestor
+// Package selector holds the selector, one fact about a workload such as
+// unix:uid:1000, and its parsing: what attestors produce and registration
+// entries require. It makes no system calls, so any part can use it.
+package selector
 
 import (
-	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -18,8 +20,8 @@ type Selector struct {
 // never need more, and it keeps hostile input from growing the index.
 const maxSelectorLen = 4096
 
-// ParseSelector parses "type:value" as written in registration entries.
-func ParseSelector(s string) (Selector, error) {
+// Parse parses "type:value" as written in registration entries.
+func Parse(s string) (Selector, error) {
 	if len(s) > maxSelectorLen {
 		return Selector{}, fmt.Errorf("selector is %d bytes long, the limit is %d", len(s), maxSelectorLen)
 	}
@@ -39,8 +41,8 @@ func ParseSelector(s string) (Selector, error) {
 
 func (s Selector) String() string { return s.Type + ":" + s.Value }
 
-// SortSelectors orders selectors by type, then value, and drops duplicates.
-func SortSelectors(sels []Selector) []Selector {
+// Sort orders selectors by type, then value, and drops duplicates.
+func Sort(sels []Selector) []Selector {
 	sort.Slice(sels, func(i, j int) bool {
 		if sels[i].Type != sels[j].Type {
 			return sels[i].Type < sels[j].Type
@@ -56,6 +58,3 @@ func SortSelectors(sels []Selector) []Selector {
 	}
 	return out
 }
-
-// ErrNoSelectors is returned when no attestor could describe a process.
-var ErrNoSelectors = errors.New("no workload attestor produced a selector for the caller")

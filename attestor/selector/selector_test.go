@@ -1,4 +1,4 @@
-package attestor
+package selector
 
 import (
 	"strings"
@@ -10,7 +10,7 @@ func FuzzParseSelector(f *testing.F) {
 		f.Add(seed)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		sel, err := ParseSelector(s)
+		sel, err := Parse(s)
 		if err != nil {
 			if err.Error() == "" {
 				t.Fatal("an error without a message")
@@ -18,18 +18,18 @@ func FuzzParseSelector(f *testing.F) {
 			return
 		}
 		if sel.Type == "" || sel.Value == "" || strings.Contains(sel.Type, ":") {
-			t.Fatalf("ParseSelector(%q) = %+v", s, sel)
+			t.Fatalf("Parse(%q) = %+v", s, sel)
 		}
 		if sel.String() != s {
-			t.Fatalf("ParseSelector(%q).String() = %q", s, sel.String())
+			t.Fatalf("Parse(%q).String() = %q", s, sel.String())
 		}
-		if again, err := ParseSelector(sel.String()); err != nil || again != sel {
+		if again, err := Parse(sel.String()); err != nil || again != sel {
 			t.Fatalf("round trip of %q: %+v, %v", s, again, err)
 		}
 	})
 }
 
-func TestParseSelector(t *testing.T) {
+func TestParse(t *testing.T) {
 	for _, tc := range []struct {
 		in, typ, value, err string
 	}{
@@ -41,21 +41,21 @@ func TestParseSelector(t *testing.T) {
 		{in: "un ix:uid", err: "whitespace"},
 		{in: "unix:" + strings.Repeat("x", maxSelectorLen), err: "limit"},
 	} {
-		sel, err := ParseSelector(tc.in)
+		sel, err := Parse(tc.in)
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("ParseSelector(%.20q): %v, want an error with %q", tc.in, err, tc.err)
+				t.Errorf("Parse(%.20q): %v, want an error with %q", tc.in, err, tc.err)
 			}
 			continue
 		}
 		if err != nil || sel.Type != tc.typ || sel.Value != tc.value {
-			t.Errorf("ParseSelector(%q) = %+v, %v", tc.in, sel, err)
+			t.Errorf("Parse(%q) = %+v, %v", tc.in, sel, err)
 		}
 	}
 }
 
-func TestSortSelectorsDropsDuplicates(t *testing.T) {
-	got := SortSelectors([]Selector{{"unix", "uid:1"}, {"k8s", "ns:a"}, {"unix", "uid:1"}, {"unix", "gid:2"}})
+func TestSortDropsDuplicates(t *testing.T) {
+	got := Sort([]Selector{{"unix", "uid:1"}, {"k8s", "ns:a"}, {"unix", "uid:1"}, {"unix", "gid:2"}})
 	want := []Selector{{"k8s", "ns:a"}, {"unix", "gid:2"}, {"unix", "uid:1"}}
 	if len(got) != len(want) {
 		t.Fatalf("%v", got)
