@@ -53,6 +53,22 @@ func parseRunFlags(name string, args []string, stderr io.Writer) (*runFlags, int
 	return f, 0, true
 }
 
+// startCommand parses the flags of run or validate and loads the config.
+// When ok is false the command is over: exit with code (a usage error or
+// an unusable config, already printed to stderr; 0 for -help).
+func startCommand(name string, args []string, stderr io.Writer) (f *runFlags, cfg *conf.Config, code int, ok bool) {
+	f, code, ok = parseRunFlags(name, args, stderr)
+	if !ok {
+		return nil, nil, code, false
+	}
+	cfg, err := f.loadConfig()
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return nil, nil, 1, false
+	}
+	return f, cfg, 0, true
+}
+
 // loadConfig loads the config and applies command-line overrides.
 func (f *runFlags) loadConfig() (*conf.Config, error) {
 	cfg, err := conf.Load(f.config, f.expandEnv)
@@ -75,14 +91,9 @@ func (f *runFlags) loadConfig() (*conf.Config, error) {
 }
 
 func runValidate(args []string, stdout, stderr io.Writer) int {
-	f, code, ok := parseRunFlags("validate", args, stderr)
+	f, cfg, code, ok := startCommand("validate", args, stderr)
 	if !ok {
 		return code
-	}
-	cfg, err := f.loadConfig()
-	if err != nil {
-		fmt.Fprintln(stderr, err)
-		return 1
 	}
 	// Plugins check their own plugin_data; building them touches no state.
 	if err := agent.Check(cfg, hclog.NewNullLogger()); err != nil {
@@ -111,14 +122,9 @@ func newLogger(cfg *conf.Config, stderr io.Writer) (hclog.Logger, io.Closer, err
 }
 
 func runAgent(args []string, stderr io.Writer) int {
-	f, code, ok := parseRunFlags("run", args, stderr)
+	f, cfg, code, ok := startCommand("run", args, stderr)
 	if !ok {
 		return code
-	}
-	cfg, err := f.loadConfig()
-	if err != nil {
-		fmt.Fprintln(stderr, err)
-		return 1
 	}
 	log, closer, err := newLogger(cfg, stderr)
 	if err != nil {

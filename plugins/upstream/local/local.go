@@ -181,33 +181,42 @@ func (l *Local) Run(ctx context.Context, sink agent.Sink) error {
 	}
 	l.publishEntries(sink)
 	retry := agent.NewBackoff(time.Second, 30*time.Second)
-	timer := time.NewTimer(0)
-	defer timer.Stop()
 	for {
-		select {
-		case <-ctx.Done():
+		next := l.rotateOrRetry(sink, retry)
+		if !l.sleepUntil(ctx, next, sink) {
 			return nil
-		case <-l.changed:
-			l.publishEntries(sink)
-		case <-timer.C:
 		}
-		next, _, err := l.rotate()
-		sink.ReportUpstream(err)
-		if err != nil {
-			wait := retry.Next()
-			l.log.Error("The local CA is unavailable; retrying", "retry_in", wait.Round(time.Millisecond), "error", err)
-			next = l.now().Add(wait)
-		} else {
-			retry.Reset()
-		}
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
-		}
-		timer.Reset(max(next.Sub(l.now()), 0))
 	}
+}
+
+// rotateOrRetry rotates the CA when due and says when to look again: at
+// its next rotation, or after a backoff while the CA is unavailable.
+func (l *Local) rotateOrRetry(sink agent.Sink, retry *agent.Backoff) time.Time {
+	next, _, err := l.rotate()
+	sink.ReportUpstream(err)
+	if err != nil {
+		wait := retry.Next()
+		l.log.Error("The local CA is unavailable; retrying", "retry_in", wait.Round(time.Millisecond), "error", err)
+		return l.now().Add(wait)
+	}
+	retry.Reset()
+	return next
+}
+
+// sleepUntil waits until t or a new config (published at once, and the CA
+// looked at again, as its settings may have changed); it reports false
+// when ctx ends first.
+func (l *Local) sleepUntil(ctx context.Context, t time.Time, sink agent.Sink) bool {
+	timer := time.NewTimer(max(t.Sub(l.now()), 0))
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-l.changed:
+		l.publishEntries(sink)
+	case <-timer.C:
+	}
+	return true
 }
 
 func (l *Local) publishEntries(sink agent.Sink) {
