@@ -34,11 +34,11 @@ func restartPlugins(cfg *conf.Config) string {
 }
 
 // Agent is the node agent's state: its attestors, its upstream and the
-// cache of what the upstream delivered. The Workload API server is built on
+// SVID manager that holds what the upstream delivered. The Workload API server is built on
 // top of it (see workloadapi and cmd/lanyard).
 type Agent struct {
 	log          hclog.Logger
-	cache        *SVIDManager
+	svids        *SVIDManager
 	upstream     Upstream
 	upstreamName string
 	attestors    atomic.Pointer[attestor.MultiAttestor]
@@ -79,7 +79,7 @@ func build(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{log: log, upstream: up, upstreamName: name, cfg: cfg}
-	a.cache = NewSVIDManager(log.Named("cache"), up)
+	a.svids = NewSVIDManager(log.Named("cache"), up)
 	a.attestors.Store(set)
 	return a, nil
 }
@@ -98,7 +98,7 @@ func (a *Agent) openDataDir() error {
 	if err != nil {
 		return err
 	}
-	a.cache.PersistTo(dir, a.cfg.Agent.TrustDomain)
+	a.svids.PersistTo(dir, a.cfg.Agent.TrustDomain)
 	return nil
 }
 
@@ -214,7 +214,7 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor
 }
 
 // SVIDManager returns the agent's SVID manager, which the Workload API reads.
-func (a *Agent) SVIDManager() *SVIDManager { return a.cache }
+func (a *Agent) SVIDManager() *SVIDManager { return a.svids }
 
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {

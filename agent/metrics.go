@@ -17,7 +17,7 @@ type healthCollector struct {
 
 // NewCollector returns the agent's Prometheus collector.
 func (a *Agent) NewCollector() prometheus.Collector {
-	c := &healthCollector{cache: a.cache}
+	c := &healthCollector{cache: a.svids}
 	c.descs.ready = prometheus.NewDesc("lanyard_ready", "1 once entries and bundles are loaded.", nil, nil)
 	c.descs.upstreamUp = prometheus.NewDesc("lanyard_upstream_up", "1 while the upstream answers, 0 while the agent serves from its cache.", nil, nil)
 	c.descs.downSeconds = prometheus.NewDesc("lanyard_upstream_down_seconds", "How long the upstream has been unavailable (0 when up).", nil, nil)

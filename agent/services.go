@@ -15,7 +15,7 @@ import (
 // Run it in the first stage of the supervisor, so that it stops last, once
 // nothing changes the cache any more.
 func (a *Agent) Persister() supervisor.Service {
-	return a.cache.Persister()
+	return a.svids.Persister()
 }
 
 // Workers are the services that keep the cache supplied: the upstream,
@@ -23,7 +23,7 @@ func (a *Agent) Persister() supervisor.Service {
 func (a *Agent) Workers() []supervisor.Service {
 	return []supervisor.Service{
 		supervisor.Func("upstream", a.runUpstream),
-		a.cache.Rotator(),
+		a.svids.Rotator(),
 		supervisor.Func("health-watcher", func(ctx context.Context) error {
 			a.watchHealth(ctx, degradedLogEvery)
 			return nil
@@ -43,11 +43,11 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) runUpstream(ctx context.Context) error {
 	retry := NewBackoff(time.Second, 30*time.Second)
 	for ctx.Err() == nil {
-		err := a.upstream.Run(ctx, a.cache)
+		err := a.upstream.Run(ctx, a.svids)
 		if ctx.Err() != nil {
 			break
 		}
-		a.cache.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
+		a.svids.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
 		wait := retry.Next()
 		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamName, "retry_in", wait.Round(time.Millisecond), "error", err)
 		select {
@@ -73,7 +73,7 @@ func (a *Agent) watchHealth(ctx context.Context, every time.Duration) {
 			return
 		case <-ticker.C:
 		}
-		h := a.cache.Health()
+		h := a.svids.Health()
 		switch {
 		case h.UpstreamErr != nil:
 			args := []any{"upstream", a.upstreamName, "down_for", time.Since(h.UpstreamDownSince).Round(time.Second), "error", h.UpstreamErr}
