@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // TestPeerKeyHelperProcess is not a test: it is a peer of the peer key
@@ -118,7 +118,7 @@ type peerKeyEnv struct {
 }
 
 func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
-	testbin.RequireRoot(t, "to make user namespaces that map several uids")
+	testkit.RequireRoot(t, "to make user namespaces that map several uids")
 	dir := t.TempDir()
 	for d := dir; d != os.TempDir(); d = filepath.Dir(d) {
 		if err := os.Chmod(d, 0o755); err != nil {
@@ -266,7 +266,7 @@ func TestPeerKeyUserNamespacesAreTheirOwner(t *testing.T) {
 // namespaces tells peers of its own namespace by their uid_map, and keys
 // all the others together.
 func TestPeerKeyHiddenNamespaces(t *testing.T) {
-	testbin.RequireRoot(t, "to make a user namespace that maps several uids")
+	testkit.RequireRoot(t, "to make a user namespace that maps several uids")
 	cmd := exec.Command("sleep", "60")
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags:  syscall.CLONE_NEWUSER,

@@ -3,7 +3,6 @@ package agent
 import (
 	"bufio"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
@@ -367,7 +367,7 @@ const otherUID = 47001
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	testbin.RequireRoot(t, "to give files to another user")
+	testkit.RequireRoot(t, "to give files to another user")
 }
 
 // listenRefused runs Listen on path and requires a refusal that says each
