@@ -3,7 +3,6 @@ package workloadapi
 import (
 	"bytes"
 	"context"
-	"crypto/x509"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,7 +15,8 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -32,18 +32,13 @@ import (
 // bundle change to the last one's.
 func BenchmarkCARotationFanout(b *testing.B) {
 	const streams = 1000
-	up := &testUpstream{ca: newTestCA(b, tdExample, "ca 0")}
+	up := fakeagent.NewUpstream(b, tdExample)
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
 	cache := agent.NewSVIDManager(log, up)
-	mine := selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+	mine := mySelector()
 	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
-	cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{up.ca.cert}), nil)
-	dir, err := os.MkdirTemp("", "wrb-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	socket := filepath.Join(dir, "api.sock")
+	cache.SetBundles(up.CA().Bundle(tdExample), nil)
+	socket := filepath.Join(testkit.ShortDir(b, "wrb-"), "api.sock")
 	l, err := agent.Listen(socket, agent.DefaultMaxConnections(), log)
 	if err != nil {
 		b.Fatal(err)
@@ -96,14 +91,14 @@ func BenchmarkCARotationFanout(b *testing.B) {
 		b.StopTimer()
 		next := newTestCA(b, tdExample, "ca "+strconv.Itoa(i+1))
 		b.StartTimer()
-		up.setCA(next)
+		up.SetCA(next)
 		start := time.Now()
-		cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{next.cert}), nil)
+		cache.SetBundles(next.Bundle(tdExample), nil)
 		var times []time.Time
 		for len(times) < streams {
 			select {
 			case m := <-msgs:
-				if bytes.Equal(m.bundle, next.cert.Raw) {
+				if bytes.Equal(m.bundle, next.Cert.Raw) {
 					times = append(times, m.at)
 				}
 			case <-time.After(30 * time.Second):
