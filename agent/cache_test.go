@@ -3,26 +3,19 @@ package agent
 import (
 	"bytes"
 	"context"
-	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"math/big"
-	"net/url"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -34,85 +27,21 @@ var (
 	thirdTD = spiffeid.RequireTrustDomainFromString("third.org")
 )
 
-// testCA is a real self-signed CA that signs X.509-SVIDs.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
+// waitLimit bounds every wait for something that must happen.
+const waitLimit = 15 * time.Second
 
-func newTestCA(t *testing.T, td spiffeid.TrustDomain) *testCA {
+// newTestCA is a CA of td, valid from a day ago for a year: tests move the
+// fake clock hours ahead.
+func newTestCA(t testing.TB, td spiffeid.TrustDomain) *testkit.CA {
 	t.Helper()
-	key := newKey(t)
-	u, _ := url.Parse(td.IDString())
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial(t),
-		Subject:               pkix.Name{CommonName: "test CA " + td.Name()},
-		URIs:                  []*url.URL{u},
-		NotBefore:             time.Now().Add(-24 * time.Hour),
-		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key}
-}
-
-func newKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return key
-}
-
-func serial(t *testing.T) *big.Int {
-	t.Helper()
-	n, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n.Add(n, big.NewInt(1))
-}
-
-func (ca *testCA) sign(pub crypto.PublicKey, id string, notBefore, notAfter time.Time) (*x509.Certificate, error) {
-	u, err := url.Parse(id)
-	if err != nil {
-		return nil, err
-	}
-	n, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          n.Add(n, big.NewInt(1)),
-		Subject:               pkix.Name{Organization: []string{"test"}},
-		URIs:                  []*url.URL{u},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
-	if err != nil {
-		return nil, err
-	}
-	return x509.ParseCertificate(der)
+	now := time.Now()
+	return testkit.NewTrustDomainCA(t, td, testkit.WithValidity(now.Add(-24*time.Hour), now.Add(365*24*time.Hour)))
 }
 
 // testUpstream signs with real keys and counts what it is asked.
 type testUpstream struct {
 	mu       sync.Mutex
-	ca       *testCA
+	ca       *testkit.CA
 	jwtKID   string
 	jwtKey   *ecdsa.PrivateKey
 	now      func() time.Time
@@ -140,8 +69,8 @@ func (u *testUpstream) Resync(context.Context) (bool, error) { return false, nil
 
 func (u *testUpstream) Reconfigure(*conf.Section) error { return nil }
 
-func newTestUpstream(t *testing.T) *testUpstream {
-	return &testUpstream{ca: newTestCA(t, testTD), jwtKID: "kid-1", jwtKey: newKey(t), now: time.Now}
+func newTestUpstream(t testing.TB) *testUpstream {
+	return &testUpstream{ca: newTestCA(t, testTD), jwtKID: "kid-1", jwtKey: testkit.NewKey(t), now: time.Now}
 }
 
 func (u *testUpstream) Run(ctx context.Context, _ Sink) error {
@@ -175,7 +104,7 @@ func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([
 		if ttl == 0 {
 			ttl = time.Hour
 		}
-		leaf, err := ca.sign(r.Key.Public(), r.Entry.SPIFFEID.String(), now.Add(-backdate), now.Add(ttl))
+		leaf, err := ca.SignSVID(r.Key.Public(), r.Entry.SPIFFEID.String(), now.Add(-backdate), now.Add(ttl))
 		out[i] = X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
 	}
 	if hook != nil {
@@ -204,7 +133,7 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 		ttl = 5 * time.Minute
 	}
 	now := u.now().Truncate(time.Second)
-	token, err := signJWT(key, kid, subject, audience, now, now.Add(ttl))
+	token, err := testkit.SignJWT(key, kid, subject, audience, now, now.Add(ttl))
 	if err != nil {
 		return nil, err
 	}
@@ -212,16 +141,6 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 		hook()
 	}
 	return &JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: now, ExpiresAt: now.Add(ttl)}, nil
-}
-
-func signJWT(key crypto.Signer, kid, sub string, aud []string, iat, exp time.Time) (string, error) {
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}},
-		(&jose.SignerOptions{}).WithType("JWT"))
-	if err != nil {
-		return "", err
-	}
-	return jwt.Signed(signer).Claims(jwt.Claims{Subject: sub, Audience: aud,
-		IssuedAt: jwt.NewNumericDate(iat), Expiry: jwt.NewNumericDate(exp)}).Serialize()
 }
 
 func (u *testUpstream) set(f func(u *testUpstream)) {
@@ -234,7 +153,7 @@ func (u *testUpstream) set(f func(u *testUpstream)) {
 func (u *testUpstream) bundle() *spiffebundle.Bundle {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	b := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{u.ca.cert})
+	b := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{u.ca.Cert})
 	if err := b.AddJWTAuthority(u.jwtKID, u.jwtKey.Public()); err != nil {
 		panic(err)
 	}
@@ -292,18 +211,6 @@ func (f *fakeClock) Set(t time.Time) {
 	f.mu.Lock()
 	f.now = t
 	f.mu.Unlock()
-}
-
-// eventually polls cond for a bounded time.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 func (c *SVIDManager) svidOf(entryID string) *X509SVID { return c.store.svid(entryID) }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // FuzzValidateJWTSVID feeds arbitrary tokens to validation: it must never
@@ -20,7 +21,7 @@ func FuzzValidateJWTSVID(f *testing.F) {
 	c.SetEntries(nil)
 	c.SetBundles(up.bundle(), nil)
 	now := time.Now()
-	valid, err := signJWT(up.jwtKey, up.jwtKID, "spiffe://example.org/web", []string{"db"}, now, now.Add(time.Hour))
+	valid, err := testkit.SignJWT(up.jwtKey, up.jwtKID, "spiffe://example.org/web", []string{"db"}, now, now.Add(time.Hour))
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -92,12 +93,12 @@ func TestJWTSVIDs(t *testing.T) {
 	}
 	cur := fetch([]string{"x"}, a.SPIFFEID)[0].Token
 	withRoot := up.bundle()
-	withRoot.AddX509Authority(newTestCA(t, testTD).cert)
+	withRoot.AddX509Authority(newTestCA(t, testTD).Cert)
 	c.SetBundles(withRoot, nil)
 	if fetch([]string{"x"}, a.SPIFFEID)[0].Token != cur {
 		t.Error("an X.509-only bundle change dropped cached JWT-SVIDs")
 	}
-	up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", newKey(t) })
+	up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", testkit.NewKey(t) })
 	c.SetBundles(up.bundle(), nil)
 	if fetch([]string{"x"}, a.SPIFFEID)[0].Token == cur {
 		t.Error("new JWT keys did not drop cached tokens")
@@ -185,7 +186,7 @@ func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
 				return
 			}
 			rotated = true
-			up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", newKey(t) })
+			up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", testkit.NewKey(t) })
 			c.SetBundles(up.bundle(), nil)
 		}
 	})
@@ -201,7 +202,7 @@ func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
 	}
 
 	// An upstream that signs with a key it has not delivered yet.
-	up.set(func(u *testUpstream) { u.jwtHook, u.jwtKID, u.jwtKey = nil, "kid-3", newKey(t) })
+	up.set(func(u *testUpstream) { u.jwtHook, u.jwtKID, u.jwtKey = nil, "kid-3", testkit.NewKey(t) })
 	for range 2 {
 		if _, err := fetch("y"); err == nil || !strings.Contains(err.Error(), `"kid-3"`) {
 			t.Fatalf("a token signed with a key not in the bundle: %v, want refused", err)
@@ -263,7 +264,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	if _, err := c.ValidateJWTSVID(ctx, nil, "x", "y"); !errors.Is(err, ErrNotReady) {
 		t.Errorf("before ready: %v", err)
 	}
-	fedKey := newKey(t)
+	fedKey := testkit.NewKey(t)
 	fed := spiffebundle.New(otherTD)
 	if err := fed.AddJWTAuthority("fed-1", fedKey.Public()); err != nil {
 		t.Fatal(err)
@@ -275,7 +276,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	c.SetBundles(up.bundle(), []*spiffebundle.Bundle{fed})
 	now := time.Now()
 	sign := func(key crypto.Signer, kid, sub string) string {
-		tok, err := signJWT(key, kid, sub, []string{"aud"}, now, now.Add(time.Minute))
+		tok, err := testkit.SignJWT(key, kid, sub, []string{"aud"}, now, now.Add(time.Minute))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -289,7 +290,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	if _, err := c.ValidateJWTSVID(t.Context(), caller, good, "other"); err == nil {
 		t.Error("a token validated for another audience")
 	}
-	foreign := newKey(t)
+	foreign := testkit.NewKey(t)
 	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(foreign, up.jwtKID, "spiffe://example.org/w"), "aud"); err == nil {
 		t.Error("a token signed by a foreign key under a known kid validated")
 	}

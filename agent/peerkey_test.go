@@ -113,23 +113,18 @@ type peerKeyEnv struct {
 	bin    string
 	socket string
 	l      *limitListener
-	log    *bytes.Buffer
+	log    *testkit.Buffer
 	conns  chan *limitConn
 }
 
 func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
 	testkit.RequireRoot(t, "to make user namespaces that map several uids")
-	dir := t.TempDir()
-	for d := dir; d != os.TempDir(); d = filepath.Dir(d) {
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dir := testkit.ShortDir(t, "peerkey-")
 	self, err := os.ReadFile(os.Args[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &peerKeyEnv{t: t, bin: filepath.Join(dir, "agent.test"), socket: filepath.Join(dir, "s"), log: &bytes.Buffer{}, conns: make(chan *limitConn, 64)}
+	e := &peerKeyEnv{t: t, bin: filepath.Join(dir, "agent.test"), socket: filepath.Join(dir, "s"), conns: make(chan *limitConn, 64)}
 	if err := os.WriteFile(e.bin, self, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +135,8 @@ func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
 	if err := os.Chmod(e.socket, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	log := hclog.New(&hclog.LoggerOptions{Output: e.log, Level: hclog.Warn})
+	var log hclog.Logger
+	log, e.log = testkit.NewLogger(hclog.Warn)
 	e.l = newLimitListener(ul, 64, log)
 	t.Cleanup(func() { e.l.Close() })
 	go func() {
@@ -278,8 +274,8 @@ func TestPeerKeyHiddenNamespaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	var buf bytes.Buffer
-	k := newPeerKeyer(hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Warn}))
+	log, buf := testkit.NewLogger(hclog.Warn)
+	k := newPeerKeyer(log)
 	self := int32(os.Getpid())
 	if got := k.hiddenKey("/proc/"+strconv.Itoa(int(self)), self, 47006); got != uidKey(47006) {
 		t.Fatalf("a peer of the agent's namespace is keyed %v", got.logArgs())

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 func TestRotationRenewsShortLivedSVID(t *testing.T) {
@@ -64,7 +65,7 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	clock.Set(first.RenewAt.Add(time.Second))
 
 	startRotation(t, c)
-	eventually(t, "a renewal attempt", func() bool { return up.x509Calls.Load() >= 2 })
+	testkit.WaitFor(t, waitLimit, "a renewal attempt", func() bool { return up.x509Calls.Load() >= 2 })
 	if c.svidOf("a") != first {
 		t.Fatal("a failed renewal dropped the SVID")
 	}
@@ -74,7 +75,7 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	}
 	// It retries, and succeeds once the upstream is back.
 	up.set(func(u *testUpstream) { u.fail = nil })
-	eventually(t, "a retried renewal", func() bool { return c.svidOf("a") != first })
+	testkit.WaitFor(t, waitLimit, "a retried renewal", func() bool { return c.svidOf("a") != first })
 	if got := c.svidOf("a"); !got.NotAfter.After(first.NotAfter) {
 		t.Error("the retried renewal did not extend the SVID")
 	}
@@ -98,7 +99,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 	// A bundle that still holds the old CA keeps the SVID.
 	newCA := newTestCA(t, testTD)
 	both := up.bundle()
-	both.AddX509Authority(newCA.cert)
+	both.AddX509Authority(newCA.Cert)
 	c.SetBundles(both, nil)
 	kept := c.svidOf("a") == first && first.RenewAt.Equal(renewAt) && !first.replace.Load()
 	if !kept {
@@ -107,12 +108,12 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 
 	up.set(func(u *testUpstream) { u.ca = newCA })
 	c.SetBundles(up.bundle(), nil)
-	eventually(t, "renewal under the new CA", func() bool { return c.svidOf("a") != first })
+	testkit.WaitFor(t, waitLimit, "renewal under the new CA", func() bool { return c.svidOf("a") != first })
 	renewed := c.svidOf("a")
-	if err := renewed.Chain[0].CheckSignatureFrom(newCA.cert); err != nil {
+	if err := renewed.Chain[0].CheckSignatureFrom(newCA.Cert); err != nil {
 		t.Errorf("the renewed SVID is not signed by the new CA: %v", err)
 	}
-	if renewed.Chain[0].CheckSignatureFrom(oldCA.cert) == nil {
+	if renewed.Chain[0].CheckSignatureFrom(oldCA.Cert) == nil {
 		t.Error("the renewed SVID is still signed by the old CA")
 	}
 	checkSVID(t, renewed, e, up.bundle())
@@ -165,7 +166,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 		t.Fatalf("fetch with the upstream down = %v, %v; want the still-valid SVID", snap, err)
 	}
 	up.set(func(u *testUpstream) { u.fail = nil })
-	eventually(t, "the renewal once fetched and the upstream back", func() bool {
+	testkit.WaitFor(t, waitLimit, "the renewal once fetched and the upstream back", func() bool {
 		c.kickRenewal()
 		return c.svidOf("a") != unrenewed
 	})
@@ -173,7 +174,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 
 	// Not fetched, and expired: dropped.
 	advance(third.NotAfter.Add(time.Second))
-	eventually(t, "the expired unfetched SVID dropped", func() bool { return c.svidOf("a") == nil })
+	testkit.WaitFor(t, waitLimit, "the expired unfetched SVID dropped", func() bool { return c.svidOf("a") == nil })
 	calls = up.x509Calls.Load()
 	if snap, err = c.X509Identities(t.Context(), sels); err != nil || up.x509Calls.Load() != calls+1 {
 		t.Fatalf("a workload asking after the drop: %v, %d signing calls; want a new SVID", err, up.x509Calls.Load()-calls)
@@ -188,7 +189,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	calls = up.x509Calls.Load()
 	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
 	c.SetBundles(up.bundle(), nil)
-	eventually(t, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
+	testkit.WaitFor(t, waitLimit, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
 	if up.x509Calls.Load() != calls {
 		t.Fatal("an unfetched SVID was re-signed for the new CA")
 	}
@@ -216,14 +217,14 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	// Let the rotation loop take the kick the fetch gave (the SVID is now
 	// served) while the refresh is still in flight, as it would when the
 	// upstream hangs for longer.
-	eventually(t, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
+	testkit.WaitFor(t, waitLimit, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
 	time.Sleep(100 * time.Millisecond)
 	close(gate)
 	up.set(func(u *testUpstream) { u.gate = nil })
-	eventually(t, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
+	testkit.WaitFor(t, waitLimit, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
 	up.set(func(u *testUpstream) { u.fail = nil })
 	// No kick from the test: the loop must come back by itself.
-	eventually(t, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
+	testkit.WaitFor(t, waitLimit, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
 }
 
 // TestDetachedRefreshEndsWithTheAgent: signing a caller stopped waiting for
@@ -243,7 +244,7 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 		t.Fatalf("%d signings in flight after the caller stopped waiting, want 1", inflight)
 	}
 	stop()
-	eventually(t, "the detached signing to end with the agent", func() bool {
+	testkit.WaitFor(t, waitLimit, "the detached signing to end with the agent", func() bool {
 		return c.signer.inFlight() == 0
 	})
 }
@@ -290,7 +291,7 @@ func renewedOnce(t *testing.T, c *SVIDManager, clock *fakeClock, svid *X509SVID)
 	t.Helper()
 	clock.Set(svid.RenewAt.Add(time.Second))
 	c.kickRenewal()
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != svid })
+	testkit.WaitFor(t, waitLimit, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != svid })
 	return c.svidOf("a")
 }
 

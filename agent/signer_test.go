@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -37,7 +38,7 @@ func TestConcurrentFetchMintsOnce(t *testing.T) {
 			results <- snap.SVIDs[0]
 		}()
 	}
-	eventually(t, "the first signing call", func() bool { return up.x509Calls.Load() >= 1 })
+	testkit.WaitFor(t, waitLimit, "the first signing call", func() bool { return up.x509Calls.Load() >= 1 })
 	// Give the other callers time to pile up on the signing in flight.
 	time.Sleep(100 * time.Millisecond)
 	close(gate)
@@ -101,7 +102,7 @@ func TestEntryChangedWhileMinting(t *testing.T) {
 		}
 		done <- snap
 	}()
-	eventually(t, "the signing call", func() bool { return up.x509Calls.Load() >= 1 })
+	testkit.WaitFor(t, waitLimit, "the signing call", func() bool { return up.x509Calls.Load() >= 1 })
 	changed := clone(e)
 	changed.SPIFFEID = spiffeid.RequireFromString("spiffe://example.org/new")
 	c.SetEntries([]*Entry{changed})
@@ -135,7 +136,7 @@ func TestUpstreamErrors(t *testing.T) {
 		}, "entry refused"},
 		{"wrong SPIFFE ID", func(u *testUpstream) {
 			u.hook = func(r []X509Result) []X509Result {
-				leaf, err := u.ca.sign(r[0].Chain[0].PublicKey, "spiffe://example.org/else", time.Now(), time.Now().Add(time.Hour))
+				leaf, err := u.ca.SignSVID(r[0].Chain[0].PublicKey, "spiffe://example.org/else", time.Now(), time.Now().Add(time.Hour))
 				return []X509Result{{Chain: []*x509.Certificate{leaf}, Err: err}}
 			}
 		}, "not spiffe://example.org/a"},

@@ -224,10 +224,10 @@ func TestSnapshotSame(t *testing.T) {
 
 func TestBundlesVisibility(t *testing.T) {
 	c, up := newTestCache(t)
-	fedOther := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).cert})
-	fedThird := spiffebundle.FromX509Authorities(thirdTD, []*x509.Certificate{newTestCA(t, thirdTD).cert})
+	fedOther := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).Cert})
+	fedThird := spiffebundle.FromX509Authorities(thirdTD, []*x509.Certificate{newTestCA(t, thirdTD).Cert})
 	// A "federated" bundle for our own trust domain is ignored.
-	own := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{newTestCA(t, testTD).cert})
+	own := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{newTestCA(t, testTD).Cert})
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	a.FederatesWith = []spiffeid.TrustDomain{otherTD, spiffeid.RequireTrustDomainFromString("unknown.org")}
 	plain := testEntry("p", "spiffe://example.org/p", 2, "unix:uid:2")
