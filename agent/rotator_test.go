@@ -15,6 +15,7 @@ import (
 
 func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	c, up := newTestCache(t)
+	signedAt := recordSigningTimes(up)
 	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	e.X509SVIDTTL = 2 * time.Second
 	c.SetEntries([]*Entry{e})
@@ -37,9 +38,14 @@ func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	}
 	renewed := c.svidOf("a")
 	// Certificate times have one-second resolution: with a 2s TTL renewed
-	// after about 1s, both may end in the same second.
-	if renewed.NotAfter.Before(first.NotAfter) {
-		t.Errorf("renewed SVID ends %v, before the old %v", renewed.NotAfter, first.NotAfter)
+	// after about 1s, both may end in the same second. When each was signed
+	// tells when each ends.
+	renewedAt, firstAt := signedAt(renewed), signedAt(first)
+	if !renewedAt.After(firstAt) {
+		t.Errorf("renewed SVID signed at %v, not after the old at %v: it ends no later", renewedAt, firstAt)
+	}
+	if renewedAt.Before(first.RenewAt) {
+		t.Errorf("renewed at %v, before the old SVID's renewal time %v", renewedAt, first.RenewAt)
 	}
 	if renewed.Key == first.Key {
 		t.Error("renewal reused the private key")
@@ -48,6 +54,38 @@ func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 	if err != nil || snap.SVIDs[0] != renewed {
 		t.Errorf("X509Identities after renewal = %v, %v; want the renewed SVID", snap, err)
+	}
+}
+
+// recordSigningTimes has up note when it signs each X509-SVID (finer than
+// certificate times) and returns the lookup by SVID; call it before up signs,
+// for tests whose signings do not overlap.
+func recordSigningTimes(up *testUpstream) func(*X509SVID) time.Time {
+	var mu sync.Mutex
+	var now time.Time
+	signed := map[string]time.Time{}
+	up.set(func(u *testUpstream) {
+		u.now = func() time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			now = time.Now()
+			return now
+		}
+		u.hook = func(out []X509Result) []X509Result {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, r := range out {
+				if r.Err == nil {
+					signed[r.Chain[0].SerialNumber.String()] = now
+				}
+			}
+			return out
+		}
+	})
+	return func(s *X509SVID) time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return signed[s.Chain[0].SerialNumber.String()]
 	}
 }
 
