@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"bufio"
-	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -51,8 +49,7 @@ func peerKeyHelper(socket string, steps []string) error {
 			if err != nil {
 				return err
 			}
-			cmd := exec.Command(os.Args[0], "-test.run=^TestPeerKeyHelperProcess$")
-			cmd.Env = append(os.Environ(), "LANYARD_PEERKEY_STEPS="+strings.Join(steps[i+1:], " "))
+			cmd := testkit.HelperCommand("", "TestPeerKeyHelperProcess", "LANYARD_PEERKEY_STEPS="+strings.Join(steps[i+1:], " "))
 			cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 			cmd.SysProcAttr = &syscall.SysProcAttr{
 				Cloneflags: syscall.CLONE_NEWUSER,
@@ -157,39 +154,21 @@ func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
 // it makes.
 func (e *peerKeyEnv) peer(uid int, steps string, n int) []peerKey {
 	t := e.t
-	cmd := exec.Command(e.bin, "-test.run=^TestPeerKeyHelperProcess$")
-	cmd.Env = append(os.Environ(), "LANYARD_PEERKEY_HELPER="+e.socket, "LANYARD_PEERKEY_STEPS="+steps)
+	cmd := testkit.HelperCommand(e.bin, "TestPeerKeyHelperProcess", "LANYARD_PEERKEY_HELPER="+e.socket, "LANYARD_PEERKEY_STEPS="+steps)
 	cmd.Dir = filepath.Dir(e.bin)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if uid != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true}
 		cmd.SysProcAttr.AmbientCaps = []uintptr{6 /* CAP_SETGID */, 7 /* CAP_SETUID */}
 	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		stdin.Close()
-		_ = cmd.Wait()
-	})
-	go func() { _, _ = io.Copy(io.Discard, bufio.NewReader(out)) }()
+	child := testkit.StartChild(t, cmd)
 	var keys []peerKey
 	for len(keys) < n {
 		select {
 		case c := <-e.conns:
 			keys = append(keys, c.key)
 		case <-time.After(20 * time.Second):
-			t.Fatalf("the peer made %d of %d connections; stderr:\n%s", len(keys), n, stderr.String())
+			t.Fatalf("the peer made %d of %d connections; stderr:\n%s", len(keys), n, child.Stderr.String())
 		}
 	}
 	return keys

@@ -1,12 +1,10 @@
 package agent
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -207,39 +205,9 @@ func TestListenHelperProcess(t *testing.T) {
 
 func TestListenAcrossProcesses(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "agent.sock")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestListenHelperProcess$")
-	cmd.Env = append(os.Environ(), "LANYARD_LISTEN_HELPER="+path)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	}()
-	lines := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			select {
-			case lines <- sc.Text():
-			default:
-			}
-		}
-		_ = cmd.Wait()
-		close(exited)
-	}()
-	select {
-	case line := <-lines:
-		if line != "ready" {
-			t.Fatalf("the helper said %q", line)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the helper did not start listening")
+	helper := testkit.StartChild(t, testkit.HelperCommand("", "TestListenHelperProcess", "LANYARD_LISTEN_HELPER="+path))
+	if line, _ := helper.Next(t, 30*time.Second); line != "ready" {
+		t.Fatalf("the helper said %q", line)
 	}
 
 	if l, err := listen(path); err == nil {
@@ -250,11 +218,11 @@ func TestListenAcrossProcesses(t *testing.T) {
 	}
 
 	// The other agent crashes: its socket file stays, its lock goes.
-	if err := cmd.Process.Kill(); err != nil {
+	if err := helper.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case <-exited:
+	case <-helper.Exited:
 	case <-time.After(30 * time.Second):
 		t.Fatal("the helper did not exit after SIGKILL")
 	}
