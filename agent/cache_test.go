@@ -169,6 +169,27 @@ func testEntry(id, spiffeID string, created int64, sels ...string) *Entry {
 	return &Entry{ID: id, SPIFFEID: spiffeid.RequireFromString(spiffeID), CreatedAt: created, Selectors: mustSels(sels...)}
 }
 
+// entryA is the entry most tests hold: a, for unix:uid:1.
+func entryA() *Entry { return testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1") }
+
+// hold has c hold entries and up's bundle.
+func hold(c *SVIDManager, up *testUpstream, entries ...*Entry) {
+	c.SetEntries(entries)
+	c.SetBundles(up.bundle(), nil)
+}
+
+// fetchFirst has c hold e and returns e's selectors and the first SVID
+// fetched with them.
+func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream, e *Entry) ([]selector.Selector, *X509SVID) {
+	t.Helper()
+	hold(c, up, e)
+	snap, err := c.X509Identities(t.Context(), e.Selectors)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e.Selectors, snap.SVIDs[0]
+}
+
 func mustSels(ss ...string) []selector.Selector {
 	var out []selector.Selector
 	for _, s := range ss {

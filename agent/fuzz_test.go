@@ -56,8 +56,7 @@ func FuzzLoadCache(f *testing.F) {
 	c, up := newTestCache(&testing.T{})
 	c.PersistTo(seedDir, testTD)
 	e := testEntry("e1", "spiffe://example.org/web", 1, "unix:uid:1000")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, e)
 	if _, err := c.X509Identities(context.Background(), e.Selectors); err != nil {
 		f.Fatal(err)
 	}

@@ -26,8 +26,7 @@ func TestJWTSVIDs(t *testing.T) {
 	b.JWTSVIDTTL = time.Minute
 	// Same identity as a, younger: it adds no second token.
 	a2 := testEntry("a2", "spiffe://example.org/a", 3, "unix:uid:1")
-	c.SetEntries([]*Entry{b, a2, a})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, b, a2, a)
 	sels := mustSels("unix:uid:1")
 	fetch := func(aud []string, id spiffeid.ID) []*JWTSVID {
 		t.Helper()
@@ -160,9 +159,8 @@ func TestJWTSVIDAudienceIsExact(t *testing.T) {
 // cached, until the bundle catches up.
 func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	sels := mustSels("unix:uid:1")
 	fetch := func(aud string) ([]*JWTSVID, error) {
 		return c.JWTSVIDs(t.Context(), sels, []string{aud}, spiffeid.ID{})

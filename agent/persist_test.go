@@ -18,7 +18,7 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	dir := t.TempDir()
 	c, up := newTestCache(t)
 	c.PersistTo(dir, testTD)
-	sels, saved := fetchFirst(t, c, up)
+	sels, saved := fetchFirst(t, c, up, entryA())
 	c.persister.persist()
 
 	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
@@ -42,7 +42,7 @@ func TestPersisterWritesOnlyChanges(t *testing.T) {
 	dir := t.TempDir()
 	c, up := newTestCache(t)
 	c.PersistTo(dir, testTD)
-	fetchFirst(t, c, up)
+	fetchFirst(t, c, up, entryA())
 	path := filepath.Join(dir, cacheFileName)
 	c.persister.persist()
 	if _, err := os.Stat(path); err != nil {

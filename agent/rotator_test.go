@@ -9,22 +9,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	c, up := newTestCache(t)
 	signedAt := recordSigningTimes(up)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	e := entryA()
 	e.X509SVIDTTL = 2 * time.Second
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
+	_, first := fetchFirst(t, c, up, e)
 	s := c.Subscribe()
 	defer s.Close()
 	startRotation(t, c)
@@ -51,7 +44,7 @@ func TestRotationRenewsShortLivedSVID(t *testing.T) {
 		t.Error("renewal reused the private key")
 	}
 	checkSVID(t, renewed, e, up.bundle())
-	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	snap, err := c.X509Identities(t.Context(), e.Selectors)
 	if err != nil || snap.SVIDs[0] != renewed {
 		t.Errorf("X509Identities after renewal = %v, %v; want the renewed SVID", snap, err)
 	}
@@ -91,14 +84,8 @@ func recordSigningTimes(up *testUpstream) func(*X509SVID) time.Time {
 
 func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
+	e := entryA()
+	_, first := fetchFirst(t, c, up, e)
 	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
 	clock.Set(first.RenewAt.Add(time.Second))
 
@@ -107,7 +94,7 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	if c.svidOf("a") != first {
 		t.Fatal("a failed renewal dropped the SVID")
 	}
-	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	snap, err := c.X509Identities(t.Context(), e.Selectors)
 	if err != nil || snap.SVIDs[0] != first {
 		t.Fatalf("X509Identities during failed renewals = %v, want the old SVID", err)
 	}
@@ -121,14 +108,8 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 
 func TestNewCARenewsAtOnce(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
+	e := entryA()
+	_, first := fetchFirst(t, c, up, e)
 	renewAt := first.RenewAt
 	oldCA := up.ca
 
@@ -163,7 +144,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 // for it again gets it renewed.
 func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	sels, first := fetchFirst(t, c, up)
+	sels, first := fetchFirst(t, c, up, entryA())
 	startRotation(t, c)
 	advance := func(to time.Time) {
 		clock.Set(to)
@@ -239,7 +220,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 // is now served, once the upstream is back.
 func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	sels, first := fetchFirst(t, c, up)
+	sels, first := fetchFirst(t, c, up, entryA())
 	startRotation(t, c)
 	unfetched := renewedOnce(t, c, clock, first)
 
@@ -269,7 +250,7 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 // does not outlive the rotation loop (the agent's run).
 func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	sels, first := fetchFirst(t, c, up)
+	sels, first := fetchFirst(t, c, up, entryA())
 	stop := startRotation(t, c)
 	unfetched := renewedOnce(t, c, clock, first)
 	clock.Set(unfetched.RenewAt.Add(time.Second))
@@ -335,18 +316,6 @@ func renewedOnce(t *testing.T, c *SVIDManager, clock *fakeClock, svid *X509SVID)
 
 // fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
 // SVID.
-func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream) ([]selector.Selector, *X509SVID) {
-	t.Helper()
-	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
-	c.SetBundles(up.bundle(), nil)
-	sels := mustSels("unix:uid:1")
-	snap, err := c.X509Identities(t.Context(), sels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sels, snap.SVIDs[0]
-}
-
 func TestSVIDState(t *testing.T) {
 	now := time.Now()
 	svid := func(renew, end time.Duration, served, replace bool) *X509SVID {

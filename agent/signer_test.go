@@ -19,9 +19,8 @@ import (
 
 func TestConcurrentFetchMintsOnce(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	gate := make(chan struct{})
 	up.set(func(u *testUpstream) { u.gate = gate })
 
@@ -88,8 +87,7 @@ func TestMintBatches(t *testing.T) {
 func TestEntryChangedWhileMinting(t *testing.T) {
 	c, up := newTestCache(t)
 	e := testEntry("a", "spiffe://example.org/old", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, e)
 	gate := make(chan struct{})
 	up.set(func(u *testUpstream) { u.gate = gate })
 	done := make(chan *X509Snapshot, 1)
@@ -122,9 +120,8 @@ func TestEntryChangedWhileMinting(t *testing.T) {
 
 func TestUpstreamErrors(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	for _, tc := range []struct {
 		name string
 		set  func(u *testUpstream)
@@ -196,10 +193,9 @@ func TestKeyGenerationFailureSendsNoKeylessRequest(t *testing.T) {
 func TestRenewAtAfterMinting(t *testing.T) {
 	c, up := newTestCache(t)
 	up.backdate = 10 * time.Second
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	e := entryA()
 	e.X509SVIDTTL = 2 * time.Second
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, e)
 	before := time.Now()
 	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 	if err != nil {
