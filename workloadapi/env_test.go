@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
+	"github.com/lanyard-dev/lanyard/supervisor"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -145,31 +145,36 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 		SendTimeout:                   opt.sendTimeout,
 	})
 
-	e.socket = filepath.Join(testkit.ShortDir(t, "wa-"), "api.sock")
-	l, err := agent.Listen(e.socket, 256, log.Named("listener"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		_ = cache.Rotator().Run(ctx)
-	}()
-	go func() {
-		defer wg.Done()
-		_ = e.srv.GRPC.Serve(l)
-	}()
 	t.Cleanup(func() {
-		e.srv.Shutdown(2 * time.Second)
-		cancel()
-		wg.Wait()
 		if t.Failed() {
 			t.Logf("agent log:\n%s", logs.String())
 		}
 	})
+	e.socket = filepath.Join(testkit.ShortDir(t, "wa-"), "api.sock")
+	serve(t, log, e.socket, e.srv, cache.Rotator())
 	return e
+}
+
+// serve runs srv on socket, and the services that feed its cache, staged
+// as `lanyard run` stages them, until the test ends. Its health stays
+// NOT_SERVING: the tests of the health status run their own endpoint of
+// srv, which shares it.
+func serve(tb testing.TB, log hclog.Logger, socket string, srv *Server, feeders ...supervisor.Service) {
+	tb.Helper()
+	l, err := agent.Listen(socket, agent.DefaultMaxConnections(), log.Named("listener"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = supervisor.New(log).Stage(feeders...).Stage(srv.Endpoint(l, nil, 2*time.Second)).Run(ctx)
+	}()
+	tb.Cleanup(func() {
+		cancel()
+		<-done
+	})
 }
 
 // client is a raw Workload API client on its own connection.

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,8 +17,6 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -39,49 +36,10 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
 	cache.SetBundles(up.CA().Bundle(tdExample), nil)
 	socket := filepath.Join(testkit.ShortDir(b, "wrb-"), "api.sock")
-	l, err := agent.Listen(socket, agent.DefaultMaxConnections(), log)
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv := NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache})
-	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), headerKey, "true"))
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); _ = cache.Rotator().Run(ctx) }()
-	go func() { defer wg.Done(); _ = srv.GRPC.Serve(l) }()
-	b.Cleanup(func() {
-		cancel()
-		srv.Shutdown(time.Second)
-		wg.Wait()
-	})
-
-	type msg struct {
-		bundle []byte
-		at     time.Time
-	}
-	msgs := make(chan msg, streams)
-	for range streams {
-		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { conn.Close() })
-		stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(ctx, &workload.X509SVIDRequest{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		go func() {
-			for {
-				resp, err := stream.Recv()
-				if err != nil {
-					return
-				}
-				// The bundle is the new CA's only once the SVID is one it
-				// signed: an SVID that does not chain is not served.
-				msgs <- msg{bundle: resp.Svids[0].Bundle, at: time.Now()}
-			}
-		}()
-	}
+	serve(b, log, socket, NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache}), cache.Rotator())
+	// The bundle is the new CA's only once the SVID is one it signed: an
+	// SVID that does not chain is not served.
+	msgs := openX509Streams(b, socket, streams)
 	for range streams {
 		<-msgs
 	}
@@ -111,6 +69,37 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	}
 	b.ReportMetric(float64(spread.Microseconds())/1000/float64(b.N), "spread-ms")
 	b.ReportMetric(float64(last.Microseconds())/1000/float64(b.N), "last-ms")
+}
+
+// x509Message is one message of one of many FetchX509SVID streams: its
+// first SVID's bundle, and when it came.
+type x509Message struct {
+	bundle []byte
+	at     time.Time
+}
+
+// openX509Streams opens n FetchX509SVID streams, each on its own
+// connection, and sends every message of each into the channel returned.
+func openX509Streams(b *testing.B, socket string, n int) <-chan x509Message {
+	b.Helper()
+	ctx := metadata.AppendToOutgoingContext(b.Context(), headerKey, "true")
+	msgs := make(chan x509Message, n)
+	for range n {
+		stream, err := workload.NewSpiffeWorkloadAPIClient(testkit.Dial(b, socket)).FetchX509SVID(ctx, &workload.X509SVIDRequest{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		go func() {
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					return
+				}
+				msgs <- x509Message{bundle: resp.Svids[0].Bundle, at: time.Now()}
+			}
+		}()
+	}
+	return msgs
 }
 
 // fixedAttestor gives every caller the same selectors, without reading
