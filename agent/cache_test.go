@@ -38,16 +38,18 @@ func newTestCA(t testing.TB, td spiffeid.TrustDomain) *testkit.CA {
 	return testkit.NewTrustDomainCA(t, td, testkit.WithValidity(now.Add(-24*time.Hour), now.Add(365*24*time.Hour)))
 }
 
-// testUpstream signs with real keys and counts what it is asked.
+// testUpstream signs with real keys and counts what it is asked: a small
+// twin of fakeagent.Upstream, which imports this package. Its Faults make
+// signing calls fail or (X.509 only) wait.
 type testUpstream struct {
+	testkit.Faults
+
 	mu       sync.Mutex
 	ca       *testkit.CA
 	jwtKID   string
 	jwtKey   *ecdsa.PrivateKey
 	now      func() time.Time
 	backdate time.Duration
-	fail     error
-	gate     chan struct{} // when set, signing waits for it to close
 	// jwtAudience, when set, is the audience of every JWT-SVID signed,
 	// whatever was asked: an upstream that gets it wrong.
 	jwtAudience []string
@@ -81,18 +83,11 @@ func (u *testUpstream) Run(ctx context.Context, _ Sink) error {
 func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([]X509Result, error) {
 	u.x509Calls.Add(1)
 	u.mu.Lock()
-	gate, fail, ca, hook, backdate := u.gate, u.fail, u.ca, u.hook, u.backdate
+	ca, hook, backdate := u.ca, u.hook, u.backdate
 	u.batches = append(u.batches, len(reqs))
 	u.mu.Unlock()
-	if gate != nil {
-		select {
-		case <-gate:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-	if fail != nil {
-		return nil, fail
+	if err := u.Enter(ctx); err != nil {
+		return nil, err
 	}
 	now := u.now()
 	out := make([]X509Result, len(reqs))
@@ -116,7 +111,7 @@ func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([
 func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []string) (*JWTSVID, error) {
 	u.jwtCalls.Add(1)
 	u.mu.Lock()
-	kid, key, fail, hook := u.jwtKID, u.jwtKey, u.fail, u.jwtHook
+	kid, key, hook := u.jwtKID, u.jwtKey, u.jwtHook
 	if u.jwtAudience != nil {
 		audience = u.jwtAudience
 	}
@@ -125,8 +120,8 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 		subject = u.jwtSubject
 	}
 	u.mu.Unlock()
-	if fail != nil {
-		return nil, fail
+	if err := u.Err(); err != nil {
+		return nil, err
 	}
 	ttl := e.JWTSVIDTTL
 	if ttl == 0 {

@@ -103,7 +103,7 @@ func TestJWTSVIDs(t *testing.T) {
 		t.Error("new JWT keys did not drop cached tokens")
 	}
 
-	up.set(func(u *testUpstream) { u.fail = errors.New("no signer") })
+	up.SetFail(errors.New("no signer"))
 	if _, err := c.JWTSVIDs(t.Context(), sels, []string{"z"}, spiffeid.ID{}); err == nil || !strings.Contains(err.Error(), "no signer") {
 		t.Errorf("upstream failure: %v", err)
 	}

@@ -22,7 +22,8 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	c.persister.persist()
 
 	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
-	up.set(func(u *testUpstream) { u.now = clock.Now; u.gate = make(chan struct{}) })
+	up.set(func(u *testUpstream) { u.now = clock.Now })
+	up.SetGate(make(chan struct{}))
 	restarted := NewSVIDManager(hclog.NewNullLogger(), up)
 	restarted.now = clock.Now
 	restarted.PersistTo(dir, testTD)

@@ -86,7 +86,7 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	c, up, clock := newClockedCache(t)
 	e := entryA()
 	_, first := fetchFirst(t, c, up, e)
-	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	up.SetFail(errors.New("upstream down"))
 	clock.Set(first.RenewAt.Add(time.Second))
 
 	startRotation(t, c)
@@ -99,7 +99,7 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 		t.Fatalf("X509Identities during failed renewals = %v, want the old SVID", err)
 	}
 	// It retries, and succeeds once the upstream is back.
-	up.set(func(u *testUpstream) { u.fail = nil })
+	up.SetFail(nil)
 	testkit.WaitFor(t, waitLimit, "a retried renewal", func() bool { return c.svidOf("a") != first })
 	if got := c.svidOf("a"); !got.NotAfter.After(first.NotAfter) {
 		t.Error("the retried renewal did not extend the SVID")
@@ -179,12 +179,12 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	// and renewed once the upstream is back.
 	unrenewed := renewedOnce(t, c, clock, refreshed)
 	advance(unrenewed.RenewAt.Add(time.Second))
-	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	up.SetFail(errors.New("upstream down"))
 	snap, err = c.X509Identities(t.Context(), sels)
 	if err != nil || snap.SVIDs[0] != unrenewed {
 		t.Fatalf("fetch with the upstream down = %v, %v; want the still-valid SVID", snap, err)
 	}
-	up.set(func(u *testUpstream) { u.fail = nil })
+	up.SetFail(nil)
 	testkit.WaitFor(t, waitLimit, "the renewal once fetched and the upstream back", func() bool {
 		c.kickRenewal()
 		return c.svidOf("a") != unrenewed
@@ -228,7 +228,8 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	// hangs past refreshWait and then fails.
 	clock.Set(unfetched.RenewAt.Add(time.Second))
 	gate := make(chan struct{})
-	up.set(func(u *testUpstream) { u.gate, u.fail = gate, errors.New("upstream down") })
+	up.SetGate(gate)
+	up.SetFail(errors.New("upstream down"))
 	snap, err := c.X509Identities(t.Context(), sels)
 	if err != nil || snap.SVIDs[0] != unfetched {
 		t.Fatalf("fetch while the refresh hangs = %v, %v; want the still-valid SVID", snap, err)
@@ -239,9 +240,9 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	testkit.WaitFor(t, waitLimit, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
 	time.Sleep(100 * time.Millisecond)
 	close(gate)
-	up.set(func(u *testUpstream) { u.gate = nil })
+	up.SetGate(nil)
 	testkit.WaitFor(t, waitLimit, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
-	up.set(func(u *testUpstream) { u.fail = nil })
+	up.SetFail(nil)
 	// No kick from the test: the loop must come back by itself.
 	testkit.WaitFor(t, waitLimit, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
 }
@@ -254,7 +255,7 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	stop := startRotation(t, c)
 	unfetched := renewedOnce(t, c, clock, first)
 	clock.Set(unfetched.RenewAt.Add(time.Second))
-	up.set(func(u *testUpstream) { u.gate = make(chan struct{}) }) // never opens
+	up.SetGate(make(chan struct{})) // never opens
 	if _, err := c.X509Identities(t.Context(), sels); err != nil {
 		t.Fatal(err)
 	}

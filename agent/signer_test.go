@@ -22,7 +22,7 @@ func TestConcurrentFetchMintsOnce(t *testing.T) {
 	e := entryA()
 	hold(c, up, e)
 	gate := make(chan struct{})
-	up.set(func(u *testUpstream) { u.gate = gate })
+	up.SetGate(gate)
 
 	const n = 16
 	results := make(chan *X509SVID, n)
@@ -89,7 +89,7 @@ func TestEntryChangedWhileMinting(t *testing.T) {
 	e := testEntry("a", "spiffe://example.org/old", 1, "unix:uid:1")
 	hold(c, up, e)
 	gate := make(chan struct{})
-	up.set(func(u *testUpstream) { u.gate = gate })
+	up.SetGate(gate)
 	done := make(chan *X509Snapshot, 1)
 	errc := make(chan error, 1)
 	go func() {
@@ -104,7 +104,7 @@ func TestEntryChangedWhileMinting(t *testing.T) {
 	changed := clone(e)
 	changed.SPIFFEID = spiffeid.RequireFromString("spiffe://example.org/new")
 	c.SetEntries([]*Entry{changed})
-	up.set(func(u *testUpstream) { u.gate = nil })
+	up.SetGate(nil)
 	close(gate)
 	select {
 	case snap := <-done:
@@ -127,7 +127,7 @@ func TestUpstreamErrors(t *testing.T) {
 		set  func(u *testUpstream)
 		want string
 	}{
-		{"call fails", func(u *testUpstream) { u.fail = errors.New("upstream down") }, "upstream down"},
+		{"call fails", func(u *testUpstream) { u.SetFail(errors.New("upstream down")) }, "upstream down"},
 		{"one result fails", func(u *testUpstream) {
 			u.hook = func(r []X509Result) []X509Result { return []X509Result{{Err: errors.New("entry refused")}} }
 		}, "entry refused"},
@@ -145,7 +145,8 @@ func TestUpstreamErrors(t *testing.T) {
 		}, "empty chain"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			up.set(func(u *testUpstream) { u.fail, u.hook = nil, nil })
+			up.SetFail(nil)
+			up.set(func(u *testUpstream) { u.hook = nil })
 			up.set(tc.set)
 			_, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -156,7 +157,8 @@ func TestUpstreamErrors(t *testing.T) {
 			}
 		})
 	}
-	up.set(func(u *testUpstream) { u.fail, u.hook = nil, nil })
+	up.SetFail(nil)
+	up.set(func(u *testUpstream) { u.hook = nil })
 	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 	if err != nil {
 		t.Fatalf("after the upstream recovered: %v", err)
