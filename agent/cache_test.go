@@ -123,19 +123,14 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 	if err := u.Err(); err != nil {
 		return nil, err
 	}
-	ttl := e.JWTSVIDTTL
-	if ttl == 0 {
-		ttl = 5 * time.Minute
-	}
-	now := u.now().Truncate(time.Second)
-	token, err := testkit.SignJWT(key, kid, subject, audience, now, now.Add(ttl))
+	token, iat, exp, err := testkit.SignJWTSVID(key, kid, subject, audience, u.now(), e.JWTSVIDTTL)
 	if err != nil {
 		return nil, err
 	}
 	if hook != nil {
 		hook()
 	}
-	return &JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: now, ExpiresAt: now.Add(ttl)}, nil
+	return &JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: iat, ExpiresAt: exp}, nil
 }
 
 func (u *testUpstream) set(f func(u *testUpstream)) {

@@ -188,17 +188,12 @@ func (u *Upstream) MintJWTSVID(_ context.Context, e *agent.Entry, audience []str
 	if key == nil {
 		return nil, ErrNoJWTKey
 	}
-	ttl := e.JWTSVIDTTL
-	if ttl == 0 {
-		ttl = 5 * time.Minute
-	}
-	now := u.Now().Truncate(time.Second)
-	token, err := testkit.SignJWT(key, kid, subject, audience, now, now.Add(ttl))
+	token, iat, exp, err := testkit.SignJWTSVID(key, kid, subject, audience, u.Now(), e.JWTSVIDTTL)
 	if err != nil {
 		return nil, err
 	}
 	if u.JWTHook != nil {
 		u.JWTHook()
 	}
-	return &agent.JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: now, ExpiresAt: now.Add(ttl)}, nil
+	return &agent.JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: iat, ExpiresAt: exp}, nil
 }
