@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ecdsa"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -92,14 +93,10 @@ func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([
 	now := u.now()
 	out := make([]X509Result, len(reqs))
 	for i, r := range reqs {
-		if k, ok := r.Key.(*ecdsa.PrivateKey); !ok || k == nil {
-			return nil, fmt.Errorf("request %d for %s has no key", i, r.Entry.SPIFFEID)
+		leaf, err := ca.UpstreamSVID(r.Key, r.Entry.SPIFFEID.String(), now, backdate, r.Entry.X509SVIDTTL, r.Entry.DNSNames...)
+		if errors.Is(err, testkit.ErrNoKey) {
+			return nil, fmt.Errorf("request %d for %s: %w", i, r.Entry.SPIFFEID, err)
 		}
-		ttl := r.Entry.X509SVIDTTL
-		if ttl == 0 {
-			ttl = time.Hour
-		}
-		leaf, err := ca.SignSVID(r.Key.Public(), r.Entry.SPIFFEID.String(), now.Add(-backdate), now.Add(ttl))
 		out[i] = X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
 	}
 	if hook != nil {

@@ -152,14 +152,10 @@ func (u *Upstream) MintX509SVIDs(ctx context.Context, reqs []agent.X509Request) 
 	now := u.Now()
 	out := make([]agent.X509Result, len(reqs))
 	for i, r := range reqs {
-		if k, ok := r.Key.(*ecdsa.PrivateKey); !ok || k == nil {
-			return nil, fmt.Errorf("request %d for %s has no key", i, r.Entry.SPIFFEID)
+		leaf, err := ca.UpstreamSVID(r.Key, r.Entry.SPIFFEID.String(), now, u.Backdate, r.Entry.X509SVIDTTL, r.Entry.DNSNames...)
+		if errors.Is(err, testkit.ErrNoKey) {
+			return nil, fmt.Errorf("request %d for %s: %w", i, r.Entry.SPIFFEID, err)
 		}
-		ttl := r.Entry.X509SVIDTTL
-		if ttl == 0 {
-			ttl = time.Hour
-		}
-		leaf, err := ca.SignSVID(r.Key.Public(), r.Entry.SPIFFEID.String(), now.Add(-u.Backdate), now.Add(ttl), r.Entry.DNSNames...)
 		out[i] = agent.X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
 	}
 	if u.Hook != nil {
