@@ -221,11 +221,7 @@ func TestListenAcrossProcesses(t *testing.T) {
 	if err := helper.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-helper.Exited:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the helper did not exit after SIGKILL")
-	}
+	testkit.Receive(t, helper.Exited, 30*time.Second, "the helper to exit after SIGKILL")
 	if info, err := os.Lstat(path); err != nil || info.Mode()&os.ModeSocket == 0 {
 		t.Fatalf("the crashed agent's socket is not left behind (%v); the test cannot check stale-socket recovery", err)
 	}
@@ -269,13 +265,7 @@ func TestListenLimitsConnections(t *testing.T) {
 	}
 	next := func() net.Conn {
 		t.Helper()
-		select {
-		case c := <-accepted:
-			return c
-		case <-time.After(10 * time.Second):
-			t.Fatal("a connection under the limit was not accepted")
-			return nil
-		}
+		return testkit.Receive(t, accepted, 10*time.Second, "a connection under the limit to be accepted")
 	}
 	dial()
 	dial()

@@ -359,13 +359,7 @@ func TestSDSNACKAndStaleNonce(t *testing.T) {
 		ErrorDetail: &status.Status{Code: int32(codes.InvalidArgument), Message: "bad certificate from the test"},
 	})
 	st.quiet(t, "after a NACK")
-	deadline := time.Now().Add(waitLimit)
-	for !strings.Contains(e.logs.String(), "bad certificate from the test") {
-		if time.Now().After(deadline) {
-			t.Fatal("the NACK's error detail was not logged")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testkit.WaitFor(t, waitLimit, "the NACK's error detail in the log", func() bool { return strings.Contains(e.logs.String(), "bad certificate from the test") })
 
 	// A request naming other resources with a nonce that is not the last
 	// one sent is stale and ignored.

@@ -743,13 +743,7 @@ func TestSendTimeoutDropsAClientThatDoesNotRead(t *testing.T) {
 	case <-time.After(waitLimit):
 		t.Fatal("the connection of the client that does not read was not closed")
 	}
-	deadline := time.Now().Add(waitLimit)
-	for !strings.Contains(e.logs.String(), "stopped reading") {
-		if time.Now().After(deadline) {
-			t.Fatal("the agent did not log why it dropped the client")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testkit.WaitFor(t, waitLimit, "the agent to log why it dropped the client", func() bool { return strings.Contains(e.logs.String(), "stopped reading") })
 	// The reading client's stream is unaffected.
 	ca := newTestCA(t, tdExample, "after the drop")
 	roots = append(roots, ca.Cert)
