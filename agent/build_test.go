@@ -2,13 +2,8 @@ package agent
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +15,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // The plugins these tests build: fakes registered under the names the
@@ -79,17 +75,9 @@ func parseConfig(t *testing.T, body string) *conf.Config {
 
 func writeCertPEM(t *testing.T, path string) *x509.Certificate {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return cert
+	ca := testkit.NewCA(t, "")
+	testkit.WritePEM(t, path, "CERTIFICATE", ca.Cert.Raw)
+	return ca.Cert
 }
 
 // The SPIRE Server upstream gets typed settings and the node attestor the

@@ -2,17 +2,9 @@ package agent
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"math/big"
-	"net/url"
 	"runtime"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
@@ -23,44 +15,12 @@ import (
 // entries and answering from memory. Run with -benchmem; compare versions
 // with benchstat.
 
-func benchCA(b testing.TB) *testCA {
-	b.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
-	u, _ := url.Parse(testTD.IDString())
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "bench CA"},
-		URIs:                  []*url.URL{u},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		b.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key}
-}
-
 // benchCache is a ready cache with n entries, one of which matches sels
 // (unix:uid:1000 with its user and group); the others match uids no caller
 // has.
 func benchCache(b testing.TB, n int) (*SVIDManager, []selector.Selector) {
 	b.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
-	up := &testUpstream{ca: benchCA(b), jwtKID: "kid-1", jwtKey: key, now: time.Now}
+	up := newTestUpstream(b)
 	c := NewSVIDManager(hclog.NewNullLogger(), up)
 	c.SetEntries(benchEntries(n))
 	c.SetBundles(up.bundle(), nil)

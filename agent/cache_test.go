@@ -3,26 +3,20 @@ package agent
 import (
 	"bytes"
 	"context"
-	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
+	"errors"
 	"fmt"
-	"math/big"
-	"net/url"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -34,91 +28,29 @@ var (
 	thirdTD = spiffeid.RequireTrustDomainFromString("third.org")
 )
 
-// testCA is a real self-signed CA that signs X.509-SVIDs.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
+// waitLimit bounds every wait for something that must happen.
+const waitLimit = 15 * time.Second
 
-func newTestCA(t *testing.T, td spiffeid.TrustDomain) *testCA {
+// newTestCA is a CA of td, valid from a day ago for a year: tests move the
+// fake clock hours ahead.
+func newTestCA(t testing.TB, td spiffeid.TrustDomain) *testkit.CA {
 	t.Helper()
-	key := newKey(t)
-	u, _ := url.Parse(td.IDString())
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial(t),
-		Subject:               pkix.Name{CommonName: "test CA " + td.Name()},
-		URIs:                  []*url.URL{u},
-		NotBefore:             time.Now().Add(-24 * time.Hour),
-		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key}
+	now := time.Now()
+	return testkit.NewTrustDomainCA(t, td, testkit.WithValidity(now.Add(-24*time.Hour), now.Add(365*24*time.Hour)))
 }
 
-func newKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return key
-}
-
-func serial(t *testing.T) *big.Int {
-	t.Helper()
-	n, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n.Add(n, big.NewInt(1))
-}
-
-func (ca *testCA) sign(pub crypto.PublicKey, id string, notBefore, notAfter time.Time) (*x509.Certificate, error) {
-	u, err := url.Parse(id)
-	if err != nil {
-		return nil, err
-	}
-	n, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          n.Add(n, big.NewInt(1)),
-		Subject:               pkix.Name{Organization: []string{"test"}},
-		URIs:                  []*url.URL{u},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
-	if err != nil {
-		return nil, err
-	}
-	return x509.ParseCertificate(der)
-}
-
-// testUpstream signs with real keys and counts what it is asked.
+// testUpstream signs with real keys and counts what it is asked: a small
+// twin of fakeagent.Upstream, which imports this package. Its Faults make
+// signing calls fail or (X.509 only) wait.
 type testUpstream struct {
+	testkit.Faults
+
 	mu       sync.Mutex
-	ca       *testCA
+	ca       *testkit.CA
 	jwtKID   string
 	jwtKey   *ecdsa.PrivateKey
 	now      func() time.Time
 	backdate time.Duration
-	fail     error
-	gate     chan struct{} // when set, signing waits for it to close
 	// jwtAudience, when set, is the audience of every JWT-SVID signed,
 	// whatever was asked: an upstream that gets it wrong.
 	jwtAudience []string
@@ -140,8 +72,8 @@ func (u *testUpstream) Resync(context.Context) (bool, error) { return false, nil
 
 func (u *testUpstream) Reconfigure(*conf.Section) error { return nil }
 
-func newTestUpstream(t *testing.T) *testUpstream {
-	return &testUpstream{ca: newTestCA(t, testTD), jwtKID: "kid-1", jwtKey: newKey(t), now: time.Now}
+func newTestUpstream(t testing.TB) *testUpstream {
+	return &testUpstream{ca: newTestCA(t, testTD), jwtKID: "kid-1", jwtKey: testkit.NewKey(t), now: time.Now}
 }
 
 func (u *testUpstream) Run(ctx context.Context, _ Sink) error {
@@ -152,30 +84,19 @@ func (u *testUpstream) Run(ctx context.Context, _ Sink) error {
 func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([]X509Result, error) {
 	u.x509Calls.Add(1)
 	u.mu.Lock()
-	gate, fail, ca, hook, backdate := u.gate, u.fail, u.ca, u.hook, u.backdate
+	ca, hook, backdate := u.ca, u.hook, u.backdate
 	u.batches = append(u.batches, len(reqs))
 	u.mu.Unlock()
-	if gate != nil {
-		select {
-		case <-gate:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-	if fail != nil {
-		return nil, fail
+	if err := u.Enter(ctx); err != nil {
+		return nil, err
 	}
 	now := u.now()
 	out := make([]X509Result, len(reqs))
 	for i, r := range reqs {
-		if k, ok := r.Key.(*ecdsa.PrivateKey); !ok || k == nil {
-			return nil, fmt.Errorf("request %d for %s has no key", i, r.Entry.SPIFFEID)
+		leaf, err := ca.UpstreamSVID(r.Key, r.Entry.SPIFFEID.String(), now, backdate, r.Entry.X509SVIDTTL, r.Entry.DNSNames...)
+		if errors.Is(err, testkit.ErrNoKey) {
+			return nil, fmt.Errorf("request %d for %s: %w", i, r.Entry.SPIFFEID, err)
 		}
-		ttl := r.Entry.X509SVIDTTL
-		if ttl == 0 {
-			ttl = time.Hour
-		}
-		leaf, err := ca.sign(r.Key.Public(), r.Entry.SPIFFEID.String(), now.Add(-backdate), now.Add(ttl))
 		out[i] = X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
 	}
 	if hook != nil {
@@ -187,7 +108,7 @@ func (u *testUpstream) MintX509SVIDs(ctx context.Context, reqs []X509Request) ([
 func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []string) (*JWTSVID, error) {
 	u.jwtCalls.Add(1)
 	u.mu.Lock()
-	kid, key, fail, hook := u.jwtKID, u.jwtKey, u.fail, u.jwtHook
+	kid, key, hook := u.jwtKID, u.jwtKey, u.jwtHook
 	if u.jwtAudience != nil {
 		audience = u.jwtAudience
 	}
@@ -196,32 +117,17 @@ func (u *testUpstream) MintJWTSVID(_ context.Context, e *Entry, audience []strin
 		subject = u.jwtSubject
 	}
 	u.mu.Unlock()
-	if fail != nil {
-		return nil, fail
+	if err := u.Err(); err != nil {
+		return nil, err
 	}
-	ttl := e.JWTSVIDTTL
-	if ttl == 0 {
-		ttl = 5 * time.Minute
-	}
-	now := u.now().Truncate(time.Second)
-	token, err := signJWT(key, kid, subject, audience, now, now.Add(ttl))
+	token, iat, exp, err := testkit.SignJWTSVID(key, kid, subject, audience, u.now(), e.JWTSVIDTTL)
 	if err != nil {
 		return nil, err
 	}
 	if hook != nil {
 		hook()
 	}
-	return &JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: now, ExpiresAt: now.Add(ttl)}, nil
-}
-
-func signJWT(key crypto.Signer, kid, sub string, aud []string, iat, exp time.Time) (string, error) {
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}},
-		(&jose.SignerOptions{}).WithType("JWT"))
-	if err != nil {
-		return "", err
-	}
-	return jwt.Signed(signer).Claims(jwt.Claims{Subject: sub, Audience: aud,
-		IssuedAt: jwt.NewNumericDate(iat), Expiry: jwt.NewNumericDate(exp)}).Serialize()
+	return &JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: iat, ExpiresAt: exp}, nil
 }
 
 func (u *testUpstream) set(f func(u *testUpstream)) {
@@ -234,7 +140,7 @@ func (u *testUpstream) set(f func(u *testUpstream)) {
 func (u *testUpstream) bundle() *spiffebundle.Bundle {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	b := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{u.ca.cert})
+	b := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{u.ca.Cert})
 	if err := b.AddJWTAuthority(u.jwtKID, u.jwtKey.Public()); err != nil {
 		panic(err)
 	}
@@ -248,6 +154,27 @@ func newTestCache(t *testing.T) (*SVIDManager, *testUpstream) {
 
 func testEntry(id, spiffeID string, created int64, sels ...string) *Entry {
 	return &Entry{ID: id, SPIFFEID: spiffeid.RequireFromString(spiffeID), CreatedAt: created, Selectors: mustSels(sels...)}
+}
+
+// entryA is the entry most tests hold: a, for unix:uid:1.
+func entryA() *Entry { return testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1") }
+
+// hold has c hold entries and up's bundle.
+func hold(c *SVIDManager, up *testUpstream, entries ...*Entry) {
+	c.SetEntries(entries)
+	c.SetBundles(up.bundle(), nil)
+}
+
+// fetchFirst has c hold e and returns e's selectors and the first SVID
+// fetched with them.
+func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream, e *Entry) ([]selector.Selector, *X509SVID) {
+	t.Helper()
+	hold(c, up, e)
+	snap, err := c.X509Identities(t.Context(), e.Selectors)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e.Selectors, snap.SVIDs[0]
 }
 
 func mustSels(ss ...string) []selector.Selector {
@@ -292,18 +219,6 @@ func (f *fakeClock) Set(t time.Time) {
 	f.mu.Lock()
 	f.now = t
 	f.mu.Unlock()
-}
-
-// eventually polls cond for a bounded time.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 func (c *SVIDManager) svidOf(entryID string) *X509SVID { return c.store.svid(entryID) }

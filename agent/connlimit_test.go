@@ -1,12 +1,12 @@
 package agent
 
 import (
-	"bytes"
 	"net"
 	"strings"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // fairListener is a limitListener whose connections are made up: the
@@ -14,13 +14,12 @@ import (
 type fairListener struct {
 	*limitListener
 	t   *testing.T
-	log *bytes.Buffer
+	log *testkit.Buffer
 }
 
 func newFairListener(t *testing.T, maxConns int) *fairListener {
-	var buf bytes.Buffer
-	log := hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Warn})
-	return &fairListener{limitListener: newLimitListener(nil, maxConns, log), t: t, log: &buf}
+	log, buf := testkit.NewLogger(hclog.Warn)
+	return &fairListener{limitListener: newLimitListener(nil, maxConns, log), t: t, log: buf}
 }
 
 // connect admits a connection of uid that was last active at second active.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"io/fs"
 	"os"
@@ -14,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 func TestEnsureDataDir(t *testing.T) {
@@ -183,7 +184,7 @@ func checkErrNames(t *testing.T, what string, err error, want ...string) {
 // adopted: its owner (or anyone who can write to it or to a directory
 // above it) could replace the CA in it.
 func TestEnsureDataDirRefusesUnsafeDirectories(t *testing.T) {
-	testbin.RequireRoot(t, "to chown")
+	testkit.RequireRoot(t, "to chown")
 	mk := func(t *testing.T, path string, mode os.FileMode, uid int) {
 		t.Helper()
 		if err := os.MkdirAll(path, 0o700); err != nil {
@@ -499,7 +500,7 @@ func TestWriteFileAtomicTempIsPrivate(t *testing.T) {
 // TestEnsureKeyDir: a key manager's directory is held to data_dir's rules,
 // and refusals name its own config key.
 func TestEnsureKeyDir(t *testing.T) {
-	testbin.RequireRoot(t, "to chown")
+	testkit.RequireRoot(t, "to chown")
 	dir := filepath.Join(t.TempDir(), "keys")
 	if err := EnsureKeyDir(dir, `KeyManager "disk" directory`); err != nil {
 		t.Fatal(err)

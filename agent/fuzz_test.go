@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // FuzzValidateJWTSVID feeds arbitrary tokens to validation: it must never
@@ -20,7 +21,7 @@ func FuzzValidateJWTSVID(f *testing.F) {
 	c.SetEntries(nil)
 	c.SetBundles(up.bundle(), nil)
 	now := time.Now()
-	valid, err := signJWT(up.jwtKey, up.jwtKID, "spiffe://example.org/web", []string{"db"}, now, now.Add(time.Hour))
+	valid, err := testkit.SignJWT(up.jwtKey, up.jwtKID, "spiffe://example.org/web", []string{"db"}, now, now.Add(time.Hour))
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -55,8 +56,7 @@ func FuzzLoadCache(f *testing.F) {
 	c, up := newTestCache(&testing.T{})
 	c.PersistTo(seedDir, testTD)
 	e := testEntry("e1", "spiffe://example.org/web", 1, "unix:uid:1000")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, e)
 	if _, err := c.X509Identities(context.Background(), e.Selectors); err != nil {
 		f.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -25,8 +26,7 @@ func TestJWTSVIDs(t *testing.T) {
 	b.JWTSVIDTTL = time.Minute
 	// Same identity as a, younger: it adds no second token.
 	a2 := testEntry("a2", "spiffe://example.org/a", 3, "unix:uid:1")
-	c.SetEntries([]*Entry{b, a2, a})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, b, a2, a)
 	sels := mustSels("unix:uid:1")
 	fetch := func(aud []string, id spiffeid.ID) []*JWTSVID {
 		t.Helper()
@@ -92,18 +92,18 @@ func TestJWTSVIDs(t *testing.T) {
 	}
 	cur := fetch([]string{"x"}, a.SPIFFEID)[0].Token
 	withRoot := up.bundle()
-	withRoot.AddX509Authority(newTestCA(t, testTD).cert)
+	withRoot.AddX509Authority(newTestCA(t, testTD).Cert)
 	c.SetBundles(withRoot, nil)
 	if fetch([]string{"x"}, a.SPIFFEID)[0].Token != cur {
 		t.Error("an X.509-only bundle change dropped cached JWT-SVIDs")
 	}
-	up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", newKey(t) })
+	up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", testkit.NewKey(t) })
 	c.SetBundles(up.bundle(), nil)
 	if fetch([]string{"x"}, a.SPIFFEID)[0].Token == cur {
 		t.Error("new JWT keys did not drop cached tokens")
 	}
 
-	up.set(func(u *testUpstream) { u.fail = errors.New("no signer") })
+	up.SetFail(errors.New("no signer"))
 	if _, err := c.JWTSVIDs(t.Context(), sels, []string{"z"}, spiffeid.ID{}); err == nil || !strings.Contains(err.Error(), "no signer") {
 		t.Errorf("upstream failure: %v", err)
 	}
@@ -159,9 +159,8 @@ func TestJWTSVIDAudienceIsExact(t *testing.T) {
 // cached, until the bundle catches up.
 func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	sels := mustSels("unix:uid:1")
 	fetch := func(aud string) ([]*JWTSVID, error) {
 		return c.JWTSVIDs(t.Context(), sels, []string{aud}, spiffeid.ID{})
@@ -185,7 +184,7 @@ func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
 				return
 			}
 			rotated = true
-			up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", newKey(t) })
+			up.set(func(u *testUpstream) { u.jwtKID, u.jwtKey = "kid-2", testkit.NewKey(t) })
 			c.SetBundles(up.bundle(), nil)
 		}
 	})
@@ -201,7 +200,7 @@ func TestJWTSVIDSignedWithKeyNotInBundleIsNotServed(t *testing.T) {
 	}
 
 	// An upstream that signs with a key it has not delivered yet.
-	up.set(func(u *testUpstream) { u.jwtHook, u.jwtKID, u.jwtKey = nil, "kid-3", newKey(t) })
+	up.set(func(u *testUpstream) { u.jwtHook, u.jwtKID, u.jwtKey = nil, "kid-3", testkit.NewKey(t) })
 	for range 2 {
 		if _, err := fetch("y"); err == nil || !strings.Contains(err.Error(), `"kid-3"`) {
 			t.Fatalf("a token signed with a key not in the bundle: %v, want refused", err)
@@ -263,7 +262,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	if _, err := c.ValidateJWTSVID(ctx, nil, "x", "y"); !errors.Is(err, ErrNotReady) {
 		t.Errorf("before ready: %v", err)
 	}
-	fedKey := newKey(t)
+	fedKey := testkit.NewKey(t)
 	fed := spiffebundle.New(otherTD)
 	if err := fed.AddJWTAuthority("fed-1", fedKey.Public()); err != nil {
 		t.Fatal(err)
@@ -275,7 +274,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	c.SetBundles(up.bundle(), []*spiffebundle.Bundle{fed})
 	now := time.Now()
 	sign := func(key crypto.Signer, kid, sub string) string {
-		tok, err := signJWT(key, kid, sub, []string{"aud"}, now, now.Add(time.Minute))
+		tok, err := testkit.SignJWT(key, kid, sub, []string{"aud"}, now, now.Add(time.Minute))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -289,7 +288,7 @@ func TestValidateJWTSVID(t *testing.T) {
 	if _, err := c.ValidateJWTSVID(t.Context(), caller, good, "other"); err == nil {
 		t.Error("a token validated for another audience")
 	}
-	foreign := newKey(t)
+	foreign := testkit.NewKey(t)
 	if _, err := c.ValidateJWTSVID(t.Context(), caller, sign(foreign, up.jwtKID, "spiffe://example.org/w"), "aud"); err == nil {
 		t.Error("a token signed by a foreign key under a known kid validated")
 	}

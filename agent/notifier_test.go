@@ -26,7 +26,7 @@ func TestSubscriptions(t *testing.T) {
 	c.SetEntries([]*Entry{clone(e)})
 	expectNoSignal(t, s, "an identical SetEntries")
 
-	fed := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).cert})
+	fed := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).Cert})
 	c.SetBundles(b, []*spiffebundle.Bundle{fed})
 	expectSignal(t, s, "a new federated bundle")
 	c.SetBundles(b, []*spiffebundle.Bundle{fed.Clone()})

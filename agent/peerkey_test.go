@@ -1,10 +1,7 @@
 package agent
 
 import (
-	"bufio"
-	"bytes"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
@@ -17,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // TestPeerKeyHelperProcess is not a test: it is a peer of the peer key
@@ -51,8 +49,7 @@ func peerKeyHelper(socket string, steps []string) error {
 			if err != nil {
 				return err
 			}
-			cmd := exec.Command(os.Args[0], "-test.run=^TestPeerKeyHelperProcess$")
-			cmd.Env = append(os.Environ(), "LANYARD_PEERKEY_STEPS="+strings.Join(steps[i+1:], " "))
+			cmd := testkit.HelperCommand("", "TestPeerKeyHelperProcess", "LANYARD_PEERKEY_STEPS="+strings.Join(steps[i+1:], " "))
 			cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 			cmd.SysProcAttr = &syscall.SysProcAttr{
 				Cloneflags: syscall.CLONE_NEWUSER,
@@ -113,23 +110,18 @@ type peerKeyEnv struct {
 	bin    string
 	socket string
 	l      *limitListener
-	log    *bytes.Buffer
+	log    *testkit.Buffer
 	conns  chan *limitConn
 }
 
 func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
-	testbin.RequireRoot(t, "to make user namespaces that map several uids")
-	dir := t.TempDir()
-	for d := dir; d != os.TempDir(); d = filepath.Dir(d) {
-		if err := os.Chmod(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
+	testkit.RequireRoot(t, "to make user namespaces that map several uids")
+	dir := testkit.ShortDir(t, "peerkey-")
 	self, err := os.ReadFile(os.Args[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &peerKeyEnv{t: t, bin: filepath.Join(dir, "agent.test"), socket: filepath.Join(dir, "s"), log: &bytes.Buffer{}, conns: make(chan *limitConn, 64)}
+	e := &peerKeyEnv{t: t, bin: filepath.Join(dir, "agent.test"), socket: filepath.Join(dir, "s"), conns: make(chan *limitConn, 64)}
 	if err := os.WriteFile(e.bin, self, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -140,7 +132,8 @@ func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
 	if err := os.Chmod(e.socket, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	log := hclog.New(&hclog.LoggerOptions{Output: e.log, Level: hclog.Warn})
+	var log hclog.Logger
+	log, e.log = testkit.NewLogger(hclog.Warn)
 	e.l = newLimitListener(ul, 64, log)
 	t.Cleanup(func() { e.l.Close() })
 	go func() {
@@ -161,39 +154,21 @@ func newPeerKeyEnv(t *testing.T) *peerKeyEnv {
 // it makes.
 func (e *peerKeyEnv) peer(uid int, steps string, n int) []peerKey {
 	t := e.t
-	cmd := exec.Command(e.bin, "-test.run=^TestPeerKeyHelperProcess$")
-	cmd.Env = append(os.Environ(), "LANYARD_PEERKEY_HELPER="+e.socket, "LANYARD_PEERKEY_STEPS="+steps)
+	cmd := testkit.HelperCommand(e.bin, "TestPeerKeyHelperProcess", "LANYARD_PEERKEY_HELPER="+e.socket, "LANYARD_PEERKEY_STEPS="+steps)
 	cmd.Dir = filepath.Dir(e.bin)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if uid != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), NoSetGroups: true}
 		cmd.SysProcAttr.AmbientCaps = []uintptr{6 /* CAP_SETGID */, 7 /* CAP_SETUID */}
 	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		stdin.Close()
-		_ = cmd.Wait()
-	})
-	go func() { _, _ = io.Copy(io.Discard, bufio.NewReader(out)) }()
+	child := testkit.StartChild(t, cmd)
 	var keys []peerKey
 	for len(keys) < n {
 		select {
 		case c := <-e.conns:
 			keys = append(keys, c.key)
 		case <-time.After(20 * time.Second):
-			t.Fatalf("the peer made %d of %d connections; stderr:\n%s", len(keys), n, stderr.String())
+			t.Fatalf("the peer made %d of %d connections; stderr:\n%s", len(keys), n, child.Stderr.String())
 		}
 	}
 	return keys
@@ -266,7 +241,7 @@ func TestPeerKeyUserNamespacesAreTheirOwner(t *testing.T) {
 // namespaces tells peers of its own namespace by their uid_map, and keys
 // all the others together.
 func TestPeerKeyHiddenNamespaces(t *testing.T) {
-	testbin.RequireRoot(t, "to make a user namespace that maps several uids")
+	testkit.RequireRoot(t, "to make a user namespace that maps several uids")
 	cmd := exec.Command("sleep", "60")
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags:  syscall.CLONE_NEWUSER,
@@ -278,8 +253,8 @@ func TestPeerKeyHiddenNamespaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	var buf bytes.Buffer
-	k := newPeerKeyer(hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Warn}))
+	log, buf := testkit.NewLogger(hclog.Warn)
+	k := newPeerKeyer(log)
 	self := int32(os.Getpid())
 	if got := k.hiddenKey("/proc/"+strconv.Itoa(int(self)), self, 47006); got != uidKey(47006) {
 		t.Fatalf("a peer of the agent's namespace is keyed %v", got.logArgs())

@@ -8,7 +8,7 @@ import (
 )
 
 func TestParseCertificatesPEM(t *testing.T) {
-	a, b := newTestCA(t, testTD).cert, newTestCA(t, testTD).cert
+	a, b := newTestCA(t, testTD).Cert, newTestCA(t, testTD).Cert
 	var data []byte
 	data = append(data, "preamble\n"...)
 	data = append(data, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.Raw})...)

@@ -18,11 +18,12 @@ func TestSavedSVIDIsServedAtOnce(t *testing.T) {
 	dir := t.TempDir()
 	c, up := newTestCache(t)
 	c.PersistTo(dir, testTD)
-	sels, saved := fetchFirst(t, c, up)
+	sels, saved := fetchFirst(t, c, up, entryA())
 	c.persister.persist()
 
 	clock := &fakeClock{now: saved.RenewAt.Add(time.Second)}
-	up.set(func(u *testUpstream) { u.now = clock.Now; u.gate = make(chan struct{}) })
+	up.set(func(u *testUpstream) { u.now = clock.Now })
+	up.SetGate(make(chan struct{}))
 	restarted := NewSVIDManager(hclog.NewNullLogger(), up)
 	restarted.now = clock.Now
 	restarted.PersistTo(dir, testTD)
@@ -42,7 +43,7 @@ func TestPersisterWritesOnlyChanges(t *testing.T) {
 	dir := t.TempDir()
 	c, up := newTestCache(t)
 	c.PersistTo(dir, testTD)
-	fetchFirst(t, c, up)
+	fetchFirst(t, c, up, entryA())
 	path := filepath.Join(dir, cacheFileName)
 	c.persister.persist()
 	if _, err := os.Stat(path); err != nil {

@@ -9,20 +9,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	signedAt := recordSigningTimes(up)
+	e := entryA()
 	e.X509SVIDTTL = 2 * time.Second
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
+	_, first := fetchFirst(t, c, up, e)
 	s := c.Subscribe()
 	defer s.Close()
 	startRotation(t, c)
@@ -36,45 +31,76 @@ func TestRotationRenewsShortLivedSVID(t *testing.T) {
 	}
 	renewed := c.svidOf("a")
 	// Certificate times have one-second resolution: with a 2s TTL renewed
-	// after about 1s, both may end in the same second.
-	if renewed.NotAfter.Before(first.NotAfter) {
-		t.Errorf("renewed SVID ends %v, before the old %v", renewed.NotAfter, first.NotAfter)
+	// after about 1s, both may end in the same second. When each was signed
+	// tells when each ends.
+	renewedAt, firstAt := signedAt(renewed), signedAt(first)
+	if !renewedAt.After(firstAt) {
+		t.Errorf("renewed SVID signed at %v, not after the old at %v: it ends no later", renewedAt, firstAt)
+	}
+	if renewedAt.Before(first.RenewAt) {
+		t.Errorf("renewed at %v, before the old SVID's renewal time %v", renewedAt, first.RenewAt)
 	}
 	if renewed.Key == first.Key {
 		t.Error("renewal reused the private key")
 	}
 	checkSVID(t, renewed, e, up.bundle())
-	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	snap, err := c.X509Identities(t.Context(), e.Selectors)
 	if err != nil || snap.SVIDs[0] != renewed {
 		t.Errorf("X509Identities after renewal = %v, %v; want the renewed SVID", snap, err)
 	}
 }
 
+// recordSigningTimes has up note when it signs each X509-SVID (finer than
+// certificate times) and returns the lookup by SVID; call it before up signs,
+// for tests whose signings do not overlap.
+func recordSigningTimes(up *testUpstream) func(*X509SVID) time.Time {
+	var mu sync.Mutex
+	var now time.Time
+	signed := map[string]time.Time{}
+	up.set(func(u *testUpstream) {
+		u.now = func() time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			now = time.Now()
+			return now
+		}
+		u.hook = func(out []X509Result) []X509Result {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, r := range out {
+				if r.Err == nil {
+					signed[r.Chain[0].SerialNumber.String()] = now
+				}
+			}
+			return out
+		}
+	})
+	return func(s *X509SVID) time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return signed[s.Chain[0].SerialNumber.String()]
+	}
+}
+
 func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
-	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	e := entryA()
+	_, first := fetchFirst(t, c, up, e)
+	up.SetFail(errors.New("upstream down"))
 	clock.Set(first.RenewAt.Add(time.Second))
 
 	startRotation(t, c)
-	eventually(t, "a renewal attempt", func() bool { return up.x509Calls.Load() >= 2 })
+	testkit.WaitFor(t, waitLimit, "a renewal attempt", func() bool { return up.x509Calls.Load() >= 2 })
 	if c.svidOf("a") != first {
 		t.Fatal("a failed renewal dropped the SVID")
 	}
-	snap, err = c.X509Identities(t.Context(), mustSels("unix:uid:1"))
+	snap, err := c.X509Identities(t.Context(), e.Selectors)
 	if err != nil || snap.SVIDs[0] != first {
 		t.Fatalf("X509Identities during failed renewals = %v, want the old SVID", err)
 	}
 	// It retries, and succeeds once the upstream is back.
-	up.set(func(u *testUpstream) { u.fail = nil })
-	eventually(t, "a retried renewal", func() bool { return c.svidOf("a") != first })
+	up.SetFail(nil)
+	testkit.WaitFor(t, waitLimit, "a retried renewal", func() bool { return c.svidOf("a") != first })
 	if got := c.svidOf("a"); !got.NotAfter.After(first.NotAfter) {
 		t.Error("the retried renewal did not extend the SVID")
 	}
@@ -82,14 +108,8 @@ func TestFailedRenewalKeepsOldSVID(t *testing.T) {
 
 func TestNewCARenewsAtOnce(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
-	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := snap.SVIDs[0]
+	e := entryA()
+	_, first := fetchFirst(t, c, up, e)
 	renewAt := first.RenewAt
 	oldCA := up.ca
 
@@ -98,7 +118,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 	// A bundle that still holds the old CA keeps the SVID.
 	newCA := newTestCA(t, testTD)
 	both := up.bundle()
-	both.AddX509Authority(newCA.cert)
+	both.AddX509Authority(newCA.Cert)
 	c.SetBundles(both, nil)
 	kept := c.svidOf("a") == first && first.RenewAt.Equal(renewAt) && !first.replace.Load()
 	if !kept {
@@ -107,12 +127,12 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 
 	up.set(func(u *testUpstream) { u.ca = newCA })
 	c.SetBundles(up.bundle(), nil)
-	eventually(t, "renewal under the new CA", func() bool { return c.svidOf("a") != first })
+	testkit.WaitFor(t, waitLimit, "renewal under the new CA", func() bool { return c.svidOf("a") != first })
 	renewed := c.svidOf("a")
-	if err := renewed.Chain[0].CheckSignatureFrom(newCA.cert); err != nil {
+	if err := renewed.Chain[0].CheckSignatureFrom(newCA.Cert); err != nil {
 		t.Errorf("the renewed SVID is not signed by the new CA: %v", err)
 	}
-	if renewed.Chain[0].CheckSignatureFrom(oldCA.cert) == nil {
+	if renewed.Chain[0].CheckSignatureFrom(oldCA.Cert) == nil {
 		t.Error("the renewed SVID is still signed by the old CA")
 	}
 	checkSVID(t, renewed, e, up.bundle())
@@ -124,7 +144,7 @@ func TestNewCARenewsAtOnce(t *testing.T) {
 // for it again gets it renewed.
 func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	sels, first := fetchFirst(t, c, up)
+	sels, first := fetchFirst(t, c, up, entryA())
 	startRotation(t, c)
 	advance := func(to time.Time) {
 		clock.Set(to)
@@ -159,13 +179,13 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	// and renewed once the upstream is back.
 	unrenewed := renewedOnce(t, c, clock, refreshed)
 	advance(unrenewed.RenewAt.Add(time.Second))
-	up.set(func(u *testUpstream) { u.fail = errors.New("upstream down") })
+	up.SetFail(errors.New("upstream down"))
 	snap, err = c.X509Identities(t.Context(), sels)
 	if err != nil || snap.SVIDs[0] != unrenewed {
 		t.Fatalf("fetch with the upstream down = %v, %v; want the still-valid SVID", snap, err)
 	}
-	up.set(func(u *testUpstream) { u.fail = nil })
-	eventually(t, "the renewal once fetched and the upstream back", func() bool {
+	up.SetFail(nil)
+	testkit.WaitFor(t, waitLimit, "the renewal once fetched and the upstream back", func() bool {
 		c.kickRenewal()
 		return c.svidOf("a") != unrenewed
 	})
@@ -173,7 +193,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 
 	// Not fetched, and expired: dropped.
 	advance(third.NotAfter.Add(time.Second))
-	eventually(t, "the expired unfetched SVID dropped", func() bool { return c.svidOf("a") == nil })
+	testkit.WaitFor(t, waitLimit, "the expired unfetched SVID dropped", func() bool { return c.svidOf("a") == nil })
 	calls = up.x509Calls.Load()
 	if snap, err = c.X509Identities(t.Context(), sels); err != nil || up.x509Calls.Load() != calls+1 {
 		t.Fatalf("a workload asking after the drop: %v, %d signing calls; want a new SVID", err, up.x509Calls.Load()-calls)
@@ -188,7 +208,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 	calls = up.x509Calls.Load()
 	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
 	c.SetBundles(up.bundle(), nil)
-	eventually(t, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
+	testkit.WaitFor(t, waitLimit, "the unfetched SVID of a replaced CA dropped", func() bool { return c.svidOf("a") == nil })
 	if up.x509Calls.Load() != calls {
 		t.Fatal("an unfetched SVID was re-signed for the new CA")
 	}
@@ -200,7 +220,7 @@ func TestUnfetchedSVIDIsNotRenewed(t *testing.T) {
 // is now served, once the upstream is back.
 func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	sels, first := fetchFirst(t, c, up)
+	sels, first := fetchFirst(t, c, up, entryA())
 	startRotation(t, c)
 	unfetched := renewedOnce(t, c, clock, first)
 
@@ -208,7 +228,8 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	// hangs past refreshWait and then fails.
 	clock.Set(unfetched.RenewAt.Add(time.Second))
 	gate := make(chan struct{})
-	up.set(func(u *testUpstream) { u.gate, u.fail = gate, errors.New("upstream down") })
+	up.SetGate(gate)
+	up.SetFail(errors.New("upstream down"))
 	snap, err := c.X509Identities(t.Context(), sels)
 	if err != nil || snap.SVIDs[0] != unfetched {
 		t.Fatalf("fetch while the refresh hangs = %v, %v; want the still-valid SVID", snap, err)
@@ -216,25 +237,25 @@ func TestAbandonedRefreshIsRenewedLater(t *testing.T) {
 	// Let the rotation loop take the kick the fetch gave (the SVID is now
 	// served) while the refresh is still in flight, as it would when the
 	// upstream hangs for longer.
-	eventually(t, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
+	testkit.WaitFor(t, waitLimit, "the rotation loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
 	time.Sleep(100 * time.Millisecond)
 	close(gate)
-	up.set(func(u *testUpstream) { u.gate = nil })
-	eventually(t, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
-	up.set(func(u *testUpstream) { u.fail = nil })
+	up.SetGate(nil)
+	testkit.WaitFor(t, waitLimit, "the failed refresh", func() bool { return c.Health().UpstreamErr != nil })
+	up.SetFail(nil)
 	// No kick from the test: the loop must come back by itself.
-	eventually(t, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
+	testkit.WaitFor(t, waitLimit, "the renewal after the upstream came back", func() bool { return c.svidOf("a") != unfetched })
 }
 
 // TestDetachedRefreshEndsWithTheAgent: signing a caller stopped waiting for
 // does not outlive the rotation loop (the agent's run).
 func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	c, up, clock := newClockedCache(t)
-	sels, first := fetchFirst(t, c, up)
+	sels, first := fetchFirst(t, c, up, entryA())
 	stop := startRotation(t, c)
 	unfetched := renewedOnce(t, c, clock, first)
 	clock.Set(unfetched.RenewAt.Add(time.Second))
-	up.set(func(u *testUpstream) { u.gate = make(chan struct{}) }) // never opens
+	up.SetGate(make(chan struct{})) // never opens
 	if _, err := c.X509Identities(t.Context(), sels); err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +264,7 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 		t.Fatalf("%d signings in flight after the caller stopped waiting, want 1", inflight)
 	}
 	stop()
-	eventually(t, "the detached signing to end with the agent", func() bool {
+	testkit.WaitFor(t, waitLimit, "the detached signing to end with the agent", func() bool {
 		return c.signer.inFlight() == 0
 	})
 }
@@ -290,24 +311,12 @@ func renewedOnce(t *testing.T, c *SVIDManager, clock *fakeClock, svid *X509SVID)
 	t.Helper()
 	clock.Set(svid.RenewAt.Add(time.Second))
 	c.kickRenewal()
-	eventually(t, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != svid })
+	testkit.WaitFor(t, waitLimit, "the renewal of a fetched SVID", func() bool { return c.svidOf("a") != svid })
 	return c.svidOf("a")
 }
 
 // fetchFirst gives the cache one entry, "a" for unix:uid:1, and fetches its
 // SVID.
-func fetchFirst(t *testing.T, c *SVIDManager, up *testUpstream) ([]selector.Selector, *X509SVID) {
-	t.Helper()
-	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
-	c.SetBundles(up.bundle(), nil)
-	sels := mustSels("unix:uid:1")
-	snap, err := c.X509Identities(t.Context(), sels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sels, snap.SVIDs[0]
-}
-
 func TestSVIDState(t *testing.T) {
 	now := time.Now()
 	svid := func(renew, end time.Duration, served, replace bool) *X509SVID {

@@ -13,16 +13,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 func TestConcurrentFetchMintsOnce(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	gate := make(chan struct{})
-	up.set(func(u *testUpstream) { u.gate = gate })
+	up.SetGate(gate)
 
 	const n = 16
 	results := make(chan *X509SVID, n)
@@ -37,7 +37,7 @@ func TestConcurrentFetchMintsOnce(t *testing.T) {
 			results <- snap.SVIDs[0]
 		}()
 	}
-	eventually(t, "the first signing call", func() bool { return up.x509Calls.Load() >= 1 })
+	testkit.WaitFor(t, waitLimit, "the first signing call", func() bool { return up.x509Calls.Load() >= 1 })
 	// Give the other callers time to pile up on the signing in flight.
 	time.Sleep(100 * time.Millisecond)
 	close(gate)
@@ -87,10 +87,9 @@ func TestMintBatches(t *testing.T) {
 func TestEntryChangedWhileMinting(t *testing.T) {
 	c, up := newTestCache(t)
 	e := testEntry("a", "spiffe://example.org/old", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, e)
 	gate := make(chan struct{})
-	up.set(func(u *testUpstream) { u.gate = gate })
+	up.SetGate(gate)
 	done := make(chan *X509Snapshot, 1)
 	errc := make(chan error, 1)
 	go func() {
@@ -101,11 +100,11 @@ func TestEntryChangedWhileMinting(t *testing.T) {
 		}
 		done <- snap
 	}()
-	eventually(t, "the signing call", func() bool { return up.x509Calls.Load() >= 1 })
+	testkit.WaitFor(t, waitLimit, "the signing call", func() bool { return up.x509Calls.Load() >= 1 })
 	changed := clone(e)
 	changed.SPIFFEID = spiffeid.RequireFromString("spiffe://example.org/new")
 	c.SetEntries([]*Entry{changed})
-	up.set(func(u *testUpstream) { u.gate = nil })
+	up.SetGate(nil)
 	close(gate)
 	select {
 	case snap := <-done:
@@ -121,21 +120,20 @@ func TestEntryChangedWhileMinting(t *testing.T) {
 
 func TestUpstreamErrors(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	for _, tc := range []struct {
 		name string
 		set  func(u *testUpstream)
 		want string
 	}{
-		{"call fails", func(u *testUpstream) { u.fail = errors.New("upstream down") }, "upstream down"},
+		{"call fails", func(u *testUpstream) { u.SetFail(errors.New("upstream down")) }, "upstream down"},
 		{"one result fails", func(u *testUpstream) {
 			u.hook = func(r []X509Result) []X509Result { return []X509Result{{Err: errors.New("entry refused")}} }
 		}, "entry refused"},
 		{"wrong SPIFFE ID", func(u *testUpstream) {
 			u.hook = func(r []X509Result) []X509Result {
-				leaf, err := u.ca.sign(r[0].Chain[0].PublicKey, "spiffe://example.org/else", time.Now(), time.Now().Add(time.Hour))
+				leaf, err := u.ca.SignSVID(r[0].Chain[0].PublicKey, "spiffe://example.org/else", time.Now(), time.Now().Add(time.Hour))
 				return []X509Result{{Chain: []*x509.Certificate{leaf}, Err: err}}
 			}
 		}, "not spiffe://example.org/a"},
@@ -147,7 +145,8 @@ func TestUpstreamErrors(t *testing.T) {
 		}, "empty chain"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			up.set(func(u *testUpstream) { u.fail, u.hook = nil, nil })
+			up.SetFail(nil)
+			up.set(func(u *testUpstream) { u.hook = nil })
 			up.set(tc.set)
 			_, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -158,7 +157,8 @@ func TestUpstreamErrors(t *testing.T) {
 			}
 		})
 	}
-	up.set(func(u *testUpstream) { u.fail, u.hook = nil, nil })
+	up.SetFail(nil)
+	up.set(func(u *testUpstream) { u.hook = nil })
 	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 	if err != nil {
 		t.Fatalf("after the upstream recovered: %v", err)
@@ -195,10 +195,9 @@ func TestKeyGenerationFailureSendsNoKeylessRequest(t *testing.T) {
 func TestRenewAtAfterMinting(t *testing.T) {
 	c, up := newTestCache(t)
 	up.backdate = 10 * time.Second
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	e := entryA()
 	e.X509SVIDTTL = 2 * time.Second
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, e)
 	before := time.Now()
 	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 	if err != nil {

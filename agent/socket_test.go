@@ -1,13 +1,10 @@
 package agent
 
 import (
-	"bufio"
 	"fmt"
-	"github.com/lanyard-dev/lanyard/test/testbin"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
@@ -207,39 +205,9 @@ func TestListenHelperProcess(t *testing.T) {
 
 func TestListenAcrossProcesses(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "agent.sock")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestListenHelperProcess$")
-	cmd.Env = append(os.Environ(), "LANYARD_LISTEN_HELPER="+path)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	}()
-	lines := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			select {
-			case lines <- sc.Text():
-			default:
-			}
-		}
-		_ = cmd.Wait()
-		close(exited)
-	}()
-	select {
-	case line := <-lines:
-		if line != "ready" {
-			t.Fatalf("the helper said %q", line)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the helper did not start listening")
+	helper := testkit.StartChild(t, testkit.HelperCommand("", "TestListenHelperProcess", "LANYARD_LISTEN_HELPER="+path))
+	if line, _ := helper.Next(t, 30*time.Second); line != "ready" {
+		t.Fatalf("the helper said %q", line)
 	}
 
 	if l, err := listen(path); err == nil {
@@ -250,14 +218,10 @@ func TestListenAcrossProcesses(t *testing.T) {
 	}
 
 	// The other agent crashes: its socket file stays, its lock goes.
-	if err := cmd.Process.Kill(); err != nil {
+	if err := helper.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-exited:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the helper did not exit after SIGKILL")
-	}
+	testkit.Receive(t, helper.Exited, 30*time.Second, "the helper to exit after SIGKILL")
 	if info, err := os.Lstat(path); err != nil || info.Mode()&os.ModeSocket == 0 {
 		t.Fatalf("the crashed agent's socket is not left behind (%v); the test cannot check stale-socket recovery", err)
 	}
@@ -301,13 +265,7 @@ func TestListenLimitsConnections(t *testing.T) {
 	}
 	next := func() net.Conn {
 		t.Helper()
-		select {
-		case c := <-accepted:
-			return c
-		case <-time.After(10 * time.Second):
-			t.Fatal("a connection under the limit was not accepted")
-			return nil
-		}
+		return testkit.Receive(t, accepted, 10*time.Second, "a connection under the limit to be accepted")
 	}
 	dial()
 	dial()
@@ -367,7 +325,7 @@ const otherUID = 47001
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	testbin.RequireRoot(t, "to give files to another user")
+	testkit.RequireRoot(t, "to give files to another user")
 }
 
 // listenRefused runs Listen on path and requires a refusal that says each

@@ -18,8 +18,7 @@ func TestMatchIsSubset(t *testing.T) {
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	ab := testEntry("ab", "spiffe://example.org/ab", 2, "unix:uid:1", "unix:gid:2")
 	cc := testEntry("c", "spiffe://example.org/c", 3, "unix:uid:3")
-	c.SetEntries([]*Entry{cc, ab, a})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, cc, ab, a)
 	sel := func(s string) selector.Selector { return mustSels(s)[0] }
 	for _, tc := range []struct {
 		name string
@@ -68,8 +67,7 @@ func TestOrderAndHints(t *testing.T) {
 	a := testEntry("a", "spiffe://example.org/a", 5, "unix:uid:1")
 	a.Hint = "h" // younger than y: dropped
 	w := testEntry("w", "spiffe://example.org/w", 7, "unix:uid:1")
-	c.SetEntries([]*Entry{z, a, w, y})
-	c.SetBundles(up.bundle(), nil)
+	hold(c, up, z, a, w, y)
 	snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
 	if err != nil {
 		t.Fatal(err)
@@ -118,10 +116,8 @@ func TestNotReady(t *testing.T) {
 
 func TestSetEntriesKeepsAndDropsSVIDs(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	other := testEntry("b", "spiffe://example.org/b", 2, "unix:uid:2")
-	c.SetEntries([]*Entry{e, other})
-	c.SetBundles(up.bundle(), nil)
+	e, other := entryA(), testEntry("b", "spiffe://example.org/b", 2, "unix:uid:2")
+	hold(c, up, e, other)
 	fetch := func() *X509Snapshot {
 		t.Helper()
 		snap, err := c.X509Identities(t.Context(), mustSels("unix:uid:1"))
@@ -224,10 +220,10 @@ func TestSnapshotSame(t *testing.T) {
 
 func TestBundlesVisibility(t *testing.T) {
 	c, up := newTestCache(t)
-	fedOther := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).cert})
-	fedThird := spiffebundle.FromX509Authorities(thirdTD, []*x509.Certificate{newTestCA(t, thirdTD).cert})
+	fedOther := spiffebundle.FromX509Authorities(otherTD, []*x509.Certificate{newTestCA(t, otherTD).Cert})
+	fedThird := spiffebundle.FromX509Authorities(thirdTD, []*x509.Certificate{newTestCA(t, thirdTD).Cert})
 	// A "federated" bundle for our own trust domain is ignored.
-	own := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{newTestCA(t, testTD).cert})
+	own := spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{newTestCA(t, testTD).Cert})
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
 	a.FederatesWith = []spiffeid.TrustDomain{otherTD, spiffeid.RequireTrustDomainFromString("unknown.org")}
 	plain := testEntry("p", "spiffe://example.org/p", 2, "unix:uid:2")
@@ -280,9 +276,8 @@ func TestBundlesVisibility(t *testing.T) {
 // against: it gets one signed by the new CA.
 func TestSVIDNotChainingToBundleIsNotServed(t *testing.T) {
 	c, up := newTestCache(t)
-	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
-	c.SetEntries([]*Entry{e})
-	c.SetBundles(up.bundle(), nil)
+	e := entryA()
+	hold(c, up, e)
 	if _, err := c.X509Identities(t.Context(), mustSels("unix:uid:1")); err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc/codes"
 )
@@ -16,7 +17,7 @@ import (
 // resyncingUpstream delivers the entries it holds back on the deliverOn-th
 // sync on demand, as a server whose entry cache catches up does.
 type resyncingUpstream struct {
-	*testUpstream
+	*fakeagent.Upstream
 	mu        sync.Mutex
 	cache     *agent.SVIDManager
 	pending   []*agent.Entry
@@ -59,8 +60,8 @@ func TestCallerWaitsForItsEntry(t *testing.T) {
 	for name, call := range calls {
 		t.Run(name, func(t *testing.T) {
 			var up *resyncingUpstream
-			e := newTestEnv(t, envOptions{upstream: func(tu *testUpstream) agent.Upstream {
-				up = &resyncingUpstream{testUpstream: tu, deliverOn: 3, pending: []*agent.Entry{newEntry("/web", 1, mySelector())}}
+			e := newTestEnv(t, envOptions{upstream: func(tu *fakeagent.Upstream) agent.Upstream {
+				up = &resyncingUpstream{Upstream: tu, deliverOn: 3, pending: []*agent.Entry{newEntry("/web", 1, mySelector())}}
 				return up
 			}})
 			up.mu.Lock()
@@ -77,8 +78,8 @@ func TestCallerWaitsForItsEntry(t *testing.T) {
 
 	t.Run("deleted entries", func(t *testing.T) {
 		var up *resyncingUpstream
-		e := newTestEnv(t, envOptions{entries: []*agent.Entry{newEntry("/web", 1, mySelector())}, upstream: func(tu *testUpstream) agent.Upstream {
-			up = &resyncingUpstream{testUpstream: tu, deliverOn: -1}
+		e := newTestEnv(t, envOptions{entries: []*agent.Entry{newEntry("/web", 1, mySelector())}, upstream: func(tu *fakeagent.Upstream) agent.Upstream {
+			up = &resyncingUpstream{Upstream: tu, deliverOn: -1}
 			return up
 		}})
 		ch := openX509Stream(t, e.client(t))

@@ -1,15 +1,10 @@
-package workloadapi_test
+package workloadapi
 
 import (
+	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"math/big"
-	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -18,7 +13,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
-	"github.com/lanyard-dev/lanyard/workloadapi"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/supervisor"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -29,7 +25,7 @@ import (
 )
 
 // The fetch path as `lanyard run` wires it (config file, agent.New with the
-// embedded CA and the unix attestor, workloadapi.NewServer, agent.Listen),
+// embedded CA and the unix attestor, NewServer, agent.Listen),
 // measured over a real Unix socket from a gRPC client in this process.
 // Client and server share the CPU, so these figures are for comparing
 // versions (benchstat), not for comparing with other agents: test/bench
@@ -64,11 +60,7 @@ func benchServer(b *testing.B) string {
 // benchAgent is benchServer that also returns the agent.
 func benchAgent(b *testing.B) (string, *agent.Agent) {
 	b.Helper()
-	dir, err := os.MkdirTemp("", "wab-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
+	dir := testkit.ShortDir(b, "wab-")
 	path := filepath.Join(dir, "agent.conf")
 	if err := os.WriteFile(path, fmt.Appendf(nil, benchConf, dir, os.Getuid()), 0o600); err != nil {
 		b.Fatal(err)
@@ -82,23 +74,8 @@ func benchAgent(b *testing.B) (string, *agent.Agent) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	l, err := agent.Listen(cfg.Agent.SocketPath, agent.DefaultMaxConnections(), log)
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv := workloadapi.NewServer(workloadapi.Config{Log: log, Attestor: a, Identities: a.SVIDManager()})
-	ctx, cancel := context.WithCancel(context.Background())
-	agentDone := make(chan struct{})
-	go func() {
-		defer close(agentDone)
-		_ = a.Run(ctx)
-	}()
-	go func() { _ = srv.GRPC.Serve(l) }()
-	b.Cleanup(func() {
-		srv.Shutdown(time.Second)
-		cancel()
-		<-agentDone
-	})
+	srv := NewServer(Config{Log: log, Attestor: a, Identities: a.SVIDManager()})
+	serve(b, log, cfg.Agent.SocketPath, srv, supervisor.Func("agent", a.Run))
 	select {
 	case <-a.SVIDManager().Ready():
 	case <-time.After(30 * time.Second):
@@ -232,30 +209,8 @@ func BenchmarkRotationFanout(b *testing.B) {
 	cache := a.SVIDManager()
 	ctx, cancel := context.WithCancel(headerCtx())
 	defer cancel()
-	type msg struct {
-		stream int
-		bundle int // bytes of the bundle
-		at     time.Time
-	}
-	msgs := make(chan msg, streams)
-	for i := range streams {
-		c, done := benchClient(b, socket)
-		defer done()
-		stream, err := c.FetchX509SVID(ctx, &workload.X509SVIDRequest{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		go func() {
-			for {
-				resp, err := stream.Recv()
-				if err != nil {
-					return
-				}
-				msgs <- msg{stream: i, bundle: len(resp.Svids[0].Bundle), at: time.Now()}
-			}
-		}()
-	}
-	first := 0
+	msgs := openX509Streams(b, socket, streams)
+	var first []byte
 	for range streams {
 		m := <-msgs
 		first = m.bundle
@@ -276,7 +231,7 @@ func BenchmarkRotationFanout(b *testing.B) {
 		for n := 0; n < streams; {
 			select {
 			case m := <-msgs:
-				if m.bundle == first {
+				if bytes.Equal(m.bundle, first) {
 					continue
 				}
 				if n == 0 {
@@ -296,23 +251,5 @@ func BenchmarkRotationFanout(b *testing.B) {
 // benchRoot is a self-signed CA certificate for the trust domain.
 func benchRoot(b *testing.B) *x509.Certificate {
 	b.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		b.Fatal(err)
-	}
-	u, _ := url.Parse("spiffe://example.org")
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "bench root"},
-		URIs: []*url.URL{u}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		b.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return cert
+	return testkit.NewTrustDomainCA(b, tdExample).Cert
 }

@@ -3,12 +3,10 @@ package workloadapi
 import (
 	"bytes"
 	"context"
-	"crypto/x509"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,10 +14,9 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -32,61 +29,17 @@ import (
 // bundle change to the last one's.
 func BenchmarkCARotationFanout(b *testing.B) {
 	const streams = 1000
-	up := &testUpstream{ca: newTestCA(b, tdExample, "ca 0")}
+	up := fakeagent.NewUpstream(b, tdExample)
 	log := hclog.New(&hclog.LoggerOptions{Level: hclog.Warn, Output: os.Stderr})
 	cache := agent.NewSVIDManager(log, up)
-	mine := selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+	mine := mySelector()
 	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
-	cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{up.ca.cert}), nil)
-	dir, err := os.MkdirTemp("", "wrb-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(dir) })
-	socket := filepath.Join(dir, "api.sock")
-	l, err := agent.Listen(socket, agent.DefaultMaxConnections(), log)
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv := NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache})
-	ctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(context.Background(), headerKey, "true"))
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); _ = cache.Rotator().Run(ctx) }()
-	go func() { defer wg.Done(); _ = srv.GRPC.Serve(l) }()
-	b.Cleanup(func() {
-		cancel()
-		srv.Shutdown(time.Second)
-		wg.Wait()
-	})
-
-	type msg struct {
-		bundle []byte
-		at     time.Time
-	}
-	msgs := make(chan msg, streams)
-	for range streams {
-		conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { conn.Close() })
-		stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(ctx, &workload.X509SVIDRequest{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		go func() {
-			for {
-				resp, err := stream.Recv()
-				if err != nil {
-					return
-				}
-				// The bundle is the new CA's only once the SVID is one it
-				// signed: an SVID that does not chain is not served.
-				msgs <- msg{bundle: resp.Svids[0].Bundle, at: time.Now()}
-			}
-		}()
-	}
+	cache.SetBundles(up.CA().Bundle(tdExample), nil)
+	socket := filepath.Join(testkit.ShortDir(b, "wrb-"), "api.sock")
+	serve(b, log, socket, NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache}), cache.Rotator())
+	// The bundle is the new CA's only once the SVID is one it signed: an
+	// SVID that does not chain is not served.
+	msgs := openX509Streams(b, socket, streams)
 	for range streams {
 		<-msgs
 	}
@@ -96,14 +49,14 @@ func BenchmarkCARotationFanout(b *testing.B) {
 		b.StopTimer()
 		next := newTestCA(b, tdExample, "ca "+strconv.Itoa(i+1))
 		b.StartTimer()
-		up.setCA(next)
+		up.SetCA(next)
 		start := time.Now()
-		cache.SetBundles(spiffebundle.FromX509Authorities(tdExample, []*x509.Certificate{next.cert}), nil)
+		cache.SetBundles(next.Bundle(tdExample), nil)
 		var times []time.Time
 		for len(times) < streams {
 			select {
 			case m := <-msgs:
-				if bytes.Equal(m.bundle, next.cert.Raw) {
+				if bytes.Equal(m.bundle, next.Cert.Raw) {
 					times = append(times, m.at)
 				}
 			case <-time.After(30 * time.Second):
@@ -116,6 +69,37 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	}
 	b.ReportMetric(float64(spread.Microseconds())/1000/float64(b.N), "spread-ms")
 	b.ReportMetric(float64(last.Microseconds())/1000/float64(b.N), "last-ms")
+}
+
+// x509Message is one message of one of many FetchX509SVID streams: its
+// first SVID's bundle, and when it came.
+type x509Message struct {
+	bundle []byte
+	at     time.Time
+}
+
+// openX509Streams opens n FetchX509SVID streams, each on its own
+// connection, and sends every message of each into the channel returned.
+func openX509Streams(b *testing.B, socket string, n int) <-chan x509Message {
+	b.Helper()
+	ctx := metadata.AppendToOutgoingContext(b.Context(), headerKey, "true")
+	msgs := make(chan x509Message, n)
+	for range n {
+		stream, err := workload.NewSpiffeWorkloadAPIClient(testkit.Dial(b, socket)).FetchX509SVID(ctx, &workload.X509SVIDRequest{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		go func() {
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					return
+				}
+				msgs <- x509Message{bundle: resp.Svids[0].Bundle, at: time.Now()}
+			}
+		}()
+	}
+	return msgs
 }
 
 // fixedAttestor gives every caller the same selectors, without reading

@@ -1,23 +1,13 @@
-package workloadapi_test
+package workloadapi
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
-	"math/big"
-	"net/url"
-	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -26,243 +16,28 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
-	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
-	"github.com/lanyard-dev/lanyard/conf"
-	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
-	"github.com/lanyard-dev/lanyard/workloadapi"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
-const (
-	sdsWait  = 10 * time.Second       // bound on anything that must happen
-	sdsQuiet = 300 * time.Millisecond // silence that shows nothing was sent
-)
-
-var (
-	sdsTD      = spiffeid.RequireTrustDomainFromString("example.org")
-	sdsOtherTD = spiffeid.RequireTrustDomainFromString("other.org")
-	sdsThirdTD = spiffeid.RequireTrustDomainFromString("third.org")
-)
-
-type sdsCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
-
-func newSDSCA(t *testing.T, td spiffeid.TrustDomain) *sdsCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tdURL, err := url.Parse(td.IDString())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: "CA of " + td.Name()},
-		URIs:                  []*url.URL{tdURL},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &sdsCA{cert: cert, key: key}
-}
-
-func (ca *sdsCA) bundle(td spiffeid.TrustDomain) *spiffebundle.Bundle {
-	return spiffebundle.FromX509Authorities(td, []*x509.Certificate{ca.cert})
-}
-
-// sdsUpstream signs X509-SVIDs with its current CA.
-type sdsUpstream struct {
-	mu     sync.Mutex
-	ca     *sdsCA
-	serial int64
-}
-
-// Resync reports false: the SDS test upstream's entries change only when the
-// test sets them.
-func (u *sdsUpstream) Resync(context.Context) (bool, error) { return false, nil }
-
-func (u *sdsUpstream) Reconfigure(*conf.Section) error { return nil }
-
-func (u *sdsUpstream) Run(ctx context.Context, _ agent.Sink) error {
-	<-ctx.Done()
-	return nil
-}
-
-func (u *sdsUpstream) MintX509SVIDs(_ context.Context, reqs []agent.X509Request) ([]agent.X509Result, error) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	out := make([]agent.X509Result, len(reqs))
-	for i, r := range reqs {
-		ttl := cmpOr(r.Entry.X509SVIDTTL, time.Hour)
-		id, err := url.Parse(r.Entry.SPIFFEID.String())
-		if err != nil {
-			return nil, err
-		}
-		u.serial++
-		tmpl := &x509.Certificate{
-			SerialNumber:          big.NewInt(u.serial),
-			URIs:                  []*url.URL{id},
-			NotBefore:             time.Now().Add(-time.Second),
-			NotAfter:              time.Now().Add(ttl),
-			KeyUsage:              x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-			BasicConstraintsValid: true,
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, u.ca.cert, r.Key.Public(), u.ca.key)
-		if err != nil {
-			out[i].Err = err
-			continue
-		}
-		leaf, err := x509.ParseCertificate(der)
-		out[i] = agent.X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
-	}
-	return out, nil
-}
-
-func (u *sdsUpstream) MintJWTSVID(context.Context, *agent.Entry, []string) (*agent.JWTSVID, error) {
-	return nil, errors.New("the SDS tests sign no JWT-SVIDs")
-}
-
-func (u *sdsUpstream) setCA(ca *sdsCA) {
-	u.mu.Lock()
-	u.ca = ca
-	u.mu.Unlock()
-}
-
-func cmpOr(d, def time.Duration) time.Duration {
-	if d == 0 {
-		return def
-	}
-	return d
-}
-
-// callerSelector is what the unix attestor reports for this test process.
-func callerSelector() selector.Selector {
-	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
-}
-
-func sdsEntry(path string, createdAt int64, sel selector.Selector, federates ...spiffeid.TrustDomain) *agent.Entry {
-	return &agent.Entry{
-		ID:            "entry" + strings.ReplaceAll(path, "/", "-"),
-		SPIFFEID:      spiffeid.RequireFromPath(sdsTD, path),
-		Selectors:     []selector.Selector{sel},
-		FederatesWith: federates,
-		CreatedAt:     createdAt,
-	}
-}
-
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// sdsEnv is the agent's gRPC server on a real Unix socket, over a real
-// cache and the real unix attestor.
+// sdsEnv is the test environment with an SDS client: the upstream has no
+// JWT key, as the SDS tests sign no JWT-SVIDs.
 type sdsEnv struct {
-	up     *sdsUpstream
-	ca     *sdsCA
-	srv    *workloadapi.Server
-	cache  *agent.SVIDManager
+	*testEnv
 	client secretv3.SecretDiscoveryServiceClient
-	logs   *lockedBuffer
 }
 
 func newSDSEnv(t *testing.T, entries []*agent.Entry, federated ...*spiffebundle.Bundle) *sdsEnv {
 	t.Helper()
-	logs := &lockedBuffer{}
-	log := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Debug, Output: logs})
-	ca := newSDSCA(t, sdsTD)
-	up := &sdsUpstream{ca: ca}
-	cache := agent.NewSVIDManager(log.Named("cache"), up)
-	cache.SetEntries(entries)
-	cache.SetBundles(ca.bundle(sdsTD), federated)
-
-	section, err := conf.NewSection("test.conf", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wa, err := unixattestor.New(attestor.PluginConfig{Name: "unix", Data: section, Log: log.Named("unix"), TrustDomain: sdsTD})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := workloadapi.NewServer(workloadapi.Config{
-		Log:        log.Named("workloadapi"),
-		Attestor:   attestor.NewMultiAttestor(log.Named("attestor"), attestor.DefaultTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
-		Identities: cache,
-	})
-	// A short directory keeps the socket path under the 108-byte limit.
-	dir, err := os.MkdirTemp("", "sds-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	socket := filepath.Join(dir, "api.sock")
-	l, err := agent.Listen(socket, 64, log.Named("listener"))
-	if err != nil {
-		os.RemoveAll(dir)
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		_ = cache.Rotator().Run(ctx)
-	}()
-	go func() {
-		defer wg.Done()
-		_ = srv.GRPC.Serve(l)
-	}()
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		conn.Close()
-		srv.Shutdown(2 * time.Second)
-		cancel()
-		wg.Wait()
-		os.RemoveAll(dir)
-		if t.Failed() {
-			t.Logf("agent log:\n%s", logs.String())
-		}
-	})
-	return &sdsEnv{up: up, ca: ca, srv: srv, cache: cache, client: secretv3.NewSecretDiscoveryServiceClient(conn), logs: logs}
+	e := newTestEnv(t, envOptions{entries: entries, federated: federated, noJWTKey: true})
+	return &sdsEnv{testEnv: e, client: secretv3.NewSecretDiscoveryServiceClient(testkit.Dial(t, e.socket))}
 }
 
 const secretType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -339,8 +114,8 @@ func (st *sdsStream) next(t *testing.T, what string) *discoveryv3.DiscoveryRespo
 			t.Fatalf("%s: the stream ended: %v", what, r.err)
 		}
 		return r.resp
-	case <-time.After(sdsWait):
-		t.Fatalf("%s: no response within %s", what, sdsWait)
+	case <-time.After(waitLimit):
+		t.Fatalf("%s: no response within %s", what, waitLimit)
 	}
 	return nil
 }
@@ -350,7 +125,7 @@ func (st *sdsStream) quiet(t *testing.T, what string) {
 	select {
 	case r := <-st.ch:
 		t.Fatalf("%s: want no response, got %v (error %v)", what, r.resp, r.err)
-	case <-time.After(sdsQuiet):
+	case <-time.After(quietFor):
 	}
 }
 
@@ -365,8 +140,8 @@ func (st *sdsStream) end(t *testing.T, code codes.Code, what string) error {
 			t.Fatalf("%s: the stream ended with %v, want %s", what, r.err, code)
 		}
 		return r.err
-	case <-time.After(sdsWait):
-		t.Fatalf("%s: the stream did not end within %s", what, sdsWait)
+	case <-time.After(waitLimit):
+		t.Fatalf("%s: the stream did not end within %s", what, waitLimit)
 	}
 	return nil
 }
@@ -429,7 +204,7 @@ func parsePEMCerts(t *testing.T, data []byte) []*x509.Certificate {
 
 // checkTLSCertificate checks the secret holds an SVID for id signed by ca,
 // with its matching key, and returns the leaf.
-func checkTLSCertificate(t *testing.T, s *tlsv3.Secret, id string, ca *sdsCA) *x509.Certificate {
+func checkTLSCertificate(t *testing.T, s *tlsv3.Secret, id string, ca *testkit.CA) *x509.Certificate {
 	t.Helper()
 	tc := s.GetTlsCertificate()
 	if tc == nil {
@@ -441,7 +216,7 @@ func checkTLSCertificate(t *testing.T, s *tlsv3.Secret, id string, ca *sdsCA) *x
 		t.Fatalf("secret %q: leaf URIs %v, want %s", s.Name, leaf.URIs, id)
 	}
 	roots := x509.NewCertPool()
-	roots.AddCert(ca.cert)
+	roots.AddCert(ca.Cert)
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		t.Fatalf("secret %q: the leaf does not chain to the CA: %v", s.Name, err)
 	}
@@ -498,7 +273,7 @@ func sameCerts(got []*x509.Certificate, want ...*x509.Certificate) bool {
 // Envoy's usual pair of secrets over one stream, then ACK, rotation and
 // bundle change, each pushed as a new version; no security header is sent.
 func TestSDSStreamDefaultAndRootCA(t *testing.T) {
-	entry := sdsEntry("/svc", 1, callerSelector())
+	entry := newEntry("/svc", 1, mySelector())
 	entry.X509SVIDTTL = 3 * time.Second
 	e := newSDSEnv(t, []*agent.Entry{entry})
 	st := e.stream(t)
@@ -512,7 +287,7 @@ func TestSDSStreamDefaultAndRootCA(t *testing.T) {
 		t.Fatalf("secrets %v", names(got))
 	}
 	first := checkTLSCertificate(t, got["default"], entry.SPIFFEID.String(), e.ca)
-	if cas := trustedCA(t, got["ROOTCA"]); !sameCerts(cas, e.ca.cert) {
+	if cas := trustedCA(t, got["ROOTCA"]); !sameCerts(cas, e.ca.Cert) {
 		t.Fatalf("ROOTCA has %d CAs, not the trust domain's CA", len(cas))
 	}
 
@@ -543,19 +318,19 @@ func TestSDSStreamDefaultAndRootCA(t *testing.T) {
 	}
 
 	// A new CA: the bundle change is pushed, and SVIDs signed by it.
-	ca2 := newSDSCA(t, sdsTD)
-	e.up.setCA(ca2)
-	e.cache.SetBundles(ca2.bundle(sdsTD), nil)
+	ca2 := testkit.NewTrustDomainCA(t, tdExample)
+	e.up.SetCA(ca2)
+	e.cache.SetBundles(ca2.Bundle(tdExample), nil)
 	for i := 0; ; i++ {
 		if i == 5 {
 			t.Fatal("no SVID from the new CA in 5 responses")
 		}
 		resp = st.next(t, "CA rotation")
 		got = secrets(t, resp)
-		if !sameCerts(trustedCA(t, got["ROOTCA"]), ca2.cert) {
+		if !sameCerts(trustedCA(t, got["ROOTCA"]), ca2.Cert) {
 			continue
 		}
-		if chain := parsePEMCerts(t, got["default"].GetTlsCertificate().GetCertificateChain().GetInlineBytes()); chain[0].CheckSignatureFrom(ca2.cert) == nil {
+		if chain := parsePEMCerts(t, got["default"].GetTlsCertificate().GetCertificateChain().GetInlineBytes()); chain[0].CheckSignatureFrom(ca2.Cert) == nil {
 			checkTLSCertificate(t, got["default"], entry.SPIFFEID.String(), ca2)
 			break
 		}
@@ -574,7 +349,7 @@ func mustAtoi(t *testing.T, s string) int {
 // A NACK is logged and not answered; stale nonces are ignored; new names
 // and later changes are still answered.
 func TestSDSNACKAndStaleNonce(t *testing.T) {
-	e := newSDSEnv(t, []*agent.Entry{sdsEntry("/svc", 1, callerSelector())})
+	e := newSDSEnv(t, []*agent.Entry{newEntry("/svc", 1, mySelector())})
 	st := e.stream(t)
 	st.send(t, &discoveryv3.DiscoveryRequest{ResourceNames: []string{"default"}})
 	first := st.next(t, "first response")
@@ -584,13 +359,7 @@ func TestSDSNACKAndStaleNonce(t *testing.T) {
 		ErrorDetail: &status.Status{Code: int32(codes.InvalidArgument), Message: "bad certificate from the test"},
 	})
 	st.quiet(t, "after a NACK")
-	deadline := time.Now().Add(sdsWait)
-	for !strings.Contains(e.logs.String(), "bad certificate from the test") {
-		if time.Now().After(deadline) {
-			t.Fatal("the NACK's error detail was not logged")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testkit.WaitFor(t, waitLimit, "the NACK's error detail in the log", func() bool { return strings.Contains(e.logs.String(), "bad certificate from the test") })
 
 	// A request naming other resources with a nonce that is not the last
 	// one sent is stale and ignored.
@@ -608,8 +377,8 @@ func TestSDSNACKAndStaleNonce(t *testing.T) {
 	}
 
 	// A change still reaches a stream whose last answer was rejected.
-	e.cache.SetEntries([]*agent.Entry{sdsEntry("/svc", 1, callerSelector()), sdsEntry("/two", 2, callerSelector(), sdsOtherTD)})
-	e.cache.SetBundles(e.ca.bundle(sdsTD), []*spiffebundle.Bundle{newSDSCA(t, sdsOtherTD).bundle(sdsOtherTD)})
+	e.cache.SetEntries([]*agent.Entry{newEntry("/svc", 1, mySelector()), newEntry("/two", 2, mySelector(), tdOther)})
+	e.cache.SetBundles(e.ca.Bundle(tdExample), []*spiffebundle.Bundle{testkit.NewTrustDomainCA(t, tdOther).Bundle(tdOther)})
 	resp = st.next(t, "after a change")
 	if v := mustAtoi(t, resp.VersionInfo); v <= mustAtoi(t, first.VersionInfo) {
 		t.Fatalf("version %d after %s", v, first.VersionInfo)
@@ -618,7 +387,7 @@ func TestSDSNACKAndStaleNonce(t *testing.T) {
 
 // FetchSecrets answers once, without version or nonce.
 func TestSDSFetchSecrets(t *testing.T) {
-	entry := sdsEntry("/svc", 1, callerSelector())
+	entry := newEntry("/svc", 1, mySelector())
 	e := newSDSEnv(t, []*agent.Entry{entry})
 	resp, err := e.client.FetchSecrets(t.Context(), &discoveryv3.DiscoveryRequest{TypeUrl: secretType, ResourceNames: []string{"default"}})
 	if err != nil {
@@ -642,8 +411,8 @@ func TestSDSFetchSecrets(t *testing.T) {
 // Identities by SPIFFE ID, the default only once per name; names the caller
 // has no right to end the stream with InvalidArgument.
 func TestSDSSPIFFEIDAndUnknownNames(t *testing.T) {
-	a, b := sdsEntry("/a", 1, callerSelector()), sdsEntry("/b", 2, callerSelector())
-	e := newSDSEnv(t, []*agent.Entry{a, b, sdsEntry("/not-mine", 3, selector.Selector{Type: "unix", Value: "uid:4242424"})})
+	a, b := newEntry("/a", 1, mySelector()), newEntry("/b", 2, mySelector())
+	e := newSDSEnv(t, []*agent.Entry{a, b, newEntry("/not-mine", 3, selector.Selector{Type: "unix", Value: "uid:4242424"})})
 
 	st := e.stream(t)
 	st.send(t, &discoveryv3.DiscoveryRequest{ResourceNames: []string{b.SPIFFEID.String(), "default"}})
@@ -682,9 +451,9 @@ func TestSDSSPIFFEIDAndUnknownNames(t *testing.T) {
 // Trust domain IDs and ALL; the SPIFFE validator for Envoy 1.18 and later
 // unless disabled by node metadata; empty names mean everything.
 func TestSDSBundles(t *testing.T) {
-	otherCA, thirdCA := newSDSCA(t, sdsOtherTD), newSDSCA(t, sdsThirdTD)
-	entry := sdsEntry("/svc", 1, callerSelector(), sdsOtherTD)
-	e := newSDSEnv(t, []*agent.Entry{entry}, otherCA.bundle(sdsOtherTD), thirdCA.bundle(sdsThirdTD))
+	otherCA, thirdCA := testkit.NewTrustDomainCA(t, tdOther), testkit.NewTrustDomainCA(t, tdThird)
+	entry := newEntry("/svc", 1, mySelector(), tdOther)
+	e := newSDSEnv(t, []*agent.Entry{entry}, otherCA.Bundle(tdOther), thirdCA.Bundle(tdThird))
 	want := []string{"ALL", "ROOTCA", "spiffe://example.org", "spiffe://other.org"}
 
 	st := e.stream(t)
@@ -695,9 +464,9 @@ func TestSDSBundles(t *testing.T) {
 	}
 	for name, wantTD := range map[string]string{"ROOTCA": "example.org", "spiffe://example.org": "example.org", "spiffe://other.org": "other.org"} {
 		tds, cas := spiffeValidator(t, got[name])
-		wantCA := e.ca.cert
+		wantCA := e.ca.Cert
 		if wantTD == "other.org" {
-			wantCA = otherCA.cert
+			wantCA = otherCA.Cert
 		}
 		if !slices.Equal(tds, []string{wantTD}) || !sameCerts(cas[0], wantCA) {
 			t.Fatalf("%s: trust domains %v, want %s with its CA", name, tds, wantTD)
@@ -705,7 +474,7 @@ func TestSDSBundles(t *testing.T) {
 	}
 	// ALL is every bundle the caller may see: not third.org.
 	tds, cas := spiffeValidator(t, got["ALL"])
-	if !slices.Equal(tds, []string{"example.org", "other.org"}) || !sameCerts(cas[0], e.ca.cert) || !sameCerts(cas[1], otherCA.cert) {
+	if !slices.Equal(tds, []string{"example.org", "other.org"}) || !sameCerts(cas[0], e.ca.Cert) || !sameCerts(cas[1], otherCA.Cert) {
 		t.Fatalf("ALL: trust domains %v", tds)
 	}
 
@@ -718,7 +487,7 @@ func TestSDSBundles(t *testing.T) {
 		t.Fatal(err)
 	}
 	got = secrets(t, resp)
-	if !sameCerts(trustedCA(t, got["spiffe://other.org"]), otherCA.cert) || !sameCerts(trustedCA(t, got["ROOTCA"]), e.ca.cert) {
+	if !sameCerts(trustedCA(t, got["spiffe://other.org"]), otherCA.Cert) || !sameCerts(trustedCA(t, got["ROOTCA"]), e.ca.Cert) {
 		t.Fatal("wrong trusted CAs with the SPIFFE validator disabled")
 	}
 
@@ -738,7 +507,7 @@ func TestSDSBundles(t *testing.T) {
 		t.Fatalf("secrets %v, want %v", names(got), all)
 	}
 	checkTLSCertificate(t, got["spiffe://example.org/svc"], "spiffe://example.org/svc", e.ca)
-	if !sameCerts(trustedCA(t, got["spiffe://other.org"]), otherCA.cert) {
+	if !sameCerts(trustedCA(t, got["spiffe://other.org"]), otherCA.Cert) {
 		t.Fatal("other.org: wrong CA")
 	}
 }
@@ -746,12 +515,12 @@ func TestSDSBundles(t *testing.T) {
 // A caller with no identity gets the trust domain's bundle, as from
 // spire-agent, and PermissionDenied for anything else.
 func TestSDSNoIdentity(t *testing.T) {
-	e := newSDSEnv(t, []*agent.Entry{sdsEntry("/svc", 1, selector.Selector{Type: "unix", Value: "uid:4242424"})})
+	e := newSDSEnv(t, []*agent.Entry{newEntry("/svc", 1, selector.Selector{Type: "unix", Value: "uid:4242424"})})
 	resp, err := e.client.FetchSecrets(t.Context(), &discoveryv3.DiscoveryRequest{ResourceNames: []string{"ROOTCA"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := secrets(t, resp); !sameCerts(trustedCA(t, got["ROOTCA"]), e.ca.cert) {
+	if got := secrets(t, resp); !sameCerts(trustedCA(t, got["ROOTCA"]), e.ca.Cert) {
 		t.Fatal("ROOTCA: wrong CA")
 	}
 	st := e.stream(t)
@@ -761,7 +530,7 @@ func TestSDSNoIdentity(t *testing.T) {
 
 // Shutdown ends open SDS streams with Unavailable, so Envoy reconnects.
 func TestSDSShutdown(t *testing.T) {
-	e := newSDSEnv(t, []*agent.Entry{sdsEntry("/svc", 1, callerSelector())})
+	e := newSDSEnv(t, []*agent.Entry{newEntry("/svc", 1, mySelector())})
 	st := e.stream(t)
 	st.send(t, &discoveryv3.DiscoveryRequest{ResourceNames: []string{"default"}})
 	st.next(t, "first response")

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -64,13 +65,7 @@ func TestEndpointServesUntilStoppedThenEndsStreams(t *testing.T) {
 		t.Fatalf("health before the cache is ready: %s", got)
 	}
 	close(ready)
-	deadline := time.Now().Add(waitLimit)
-	for healthOf(t, ep.socket) != healthpb.HealthCheckResponse_SERVING {
-		if time.Now().After(deadline) {
-			t.Fatal("health is not SERVING once the cache is ready")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testkit.WaitFor(t, waitLimit, "health SERVING once the cache is ready", func() bool { return healthOf(t, ep.socket) == healthpb.HealthCheckResponse_SERVING })
 
 	svids := openX509Stream(t, ep.client(t))
 	nextMsg(t, svids, "X509-SVIDs through the endpoint")

@@ -18,3 +18,16 @@ func SignJWT(key crypto.Signer, kid, subject string, audience []string, issuedAt
 	return jwt.Signed(signer).Claims(jwt.Claims{Subject: subject, Audience: audience,
 		IssuedAt: jwt.NewNumericDate(issuedAt), Expiry: jwt.NewNumericDate(expiry)}).Serialize()
 }
+
+// SignJWTSVID signs a JWT-SVID as an upstream does: issued at now (whole
+// seconds, the resolution of JWT times) for ttl, five minutes when zero.
+// It returns the token and its issue and expiry times.
+func SignJWTSVID(key crypto.Signer, kid, subject string, audience []string, now time.Time, ttl time.Duration) (token string, issuedAt, expiry time.Time, err error) {
+	if ttl == 0 {
+		ttl = 5 * time.Minute
+	}
+	issuedAt = now.Truncate(time.Second)
+	expiry = issuedAt.Add(ttl)
+	token, err = SignJWT(key, kid, subject, audience, issuedAt, expiry)
+	return token, issuedAt, expiry, err
+}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"net/url"
 	"testing"
 	"time"
@@ -118,6 +119,22 @@ func (ca *CA) SignSVID(pub crypto.PublicKey, id string, notBefore, notAfter time
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
 	}, pub)
+}
+
+// ErrNoKey is UpstreamSVID's error for a request without a key: the agent
+// always sends one, so this is a bug in the agent.
+var ErrNoKey = errors.New("the request has no ECDSA key")
+
+// UpstreamSVID signs an X.509-SVID as a fake upstream does for a request:
+// for key, valid from backdate before now for ttl (an hour when zero).
+func (ca *CA) UpstreamSVID(key crypto.Signer, id string, now time.Time, backdate, ttl time.Duration, dnsNames ...string) (*x509.Certificate, error) {
+	if k, ok := key.(*ecdsa.PrivateKey); !ok || k == nil {
+		return nil, ErrNoKey
+	}
+	if ttl == 0 {
+		ttl = time.Hour
+	}
+	return ca.SignSVID(key.Public(), id, now.Add(-backdate), now.Add(ttl), dnsNames...)
 }
 
 // SVID makes a key and an X.509-SVID for id signed by ca, valid from a

@@ -3,6 +3,7 @@ package testkit
 import (
 	"crypto/x509"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -94,4 +95,21 @@ func TestReceiveAndOpenFDs(t *testing.T) {
 	if after := OpenFDs(t); after != before+1 {
 		t.Errorf("OpenFDs = %d after opening one file, want %d", after, before+1)
 	}
+}
+
+// A child's lines arrive in order, its stdin closing ends it, and the end
+// of its output closes Lines.
+func TestStartChild(t *testing.T) {
+	c := StartChild(t, exec.Command("sh", "-c", "echo ready; cat >/dev/null; echo done"))
+	if line, ok := c.Next(t, 5*time.Second); !ok || line != "ready" {
+		t.Fatalf("first line %q, %v", line, ok)
+	}
+	c.Stdin.Close()
+	if line, ok := c.Next(t, 5*time.Second); !ok || line != "done" {
+		t.Fatalf("line after stdin closed %q, %v", line, ok)
+	}
+	if line, ok := c.Next(t, 5*time.Second); ok {
+		t.Fatalf("a line %q after the output ended", line)
+	}
+	Receive(t, c.Exited, 5*time.Second, "the child to exit")
 }

@@ -30,12 +30,14 @@ var ErrNoJWTKey = errors.New("the fake upstream has no JWT key")
 // delivers nothing. Its fields may be changed while it runs through the
 // setters; set the others before the agent uses it.
 type Upstream struct {
+	// Faults: SetFail makes every signing call fail, SetGate makes them
+	// wait (X.509 only).
+	testkit.Faults
+
 	mu     sync.Mutex
 	ca     *testkit.CA
 	jwtKID string
 	jwtKey *ecdsa.PrivateKey
-	fail   error
-	gate   chan struct{}
 
 	// Now is the signing time (default time.Now).
 	Now func() time.Time
@@ -95,21 +97,6 @@ func (u *Upstream) SetJWTKey(kid string, key *ecdsa.PrivateKey) {
 	u.mu.Unlock()
 }
 
-// SetFail makes every signing call fail with err (nil: succeed again).
-func (u *Upstream) SetFail(err error) {
-	u.mu.Lock()
-	u.fail = err
-	u.mu.Unlock()
-}
-
-// SetGate makes signing calls wait until gate closes or their context ends
-// (nil: do not wait).
-func (u *Upstream) SetGate(gate chan struct{}) {
-	u.mu.Lock()
-	u.gate = gate
-	u.mu.Unlock()
-}
-
 // Batches is the size of every MintX509SVIDs batch so far, in order.
 func (u *Upstream) Batches() []int {
 	u.mu.Lock()
@@ -156,30 +143,19 @@ func (u *Upstream) Reconfigure(*conf.Section) error { return nil }
 func (u *Upstream) MintX509SVIDs(ctx context.Context, reqs []agent.X509Request) ([]agent.X509Result, error) {
 	u.x509Calls.Add(1)
 	u.mu.Lock()
-	gate, fail, ca := u.gate, u.fail, u.ca
+	ca := u.ca
 	u.batches = append(u.batches, len(reqs))
 	u.mu.Unlock()
-	if gate != nil {
-		select {
-		case <-gate:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-	if fail != nil {
-		return nil, fail
+	if err := u.Enter(ctx); err != nil {
+		return nil, err
 	}
 	now := u.Now()
 	out := make([]agent.X509Result, len(reqs))
 	for i, r := range reqs {
-		if k, ok := r.Key.(*ecdsa.PrivateKey); !ok || k == nil {
-			return nil, fmt.Errorf("request %d for %s has no key", i, r.Entry.SPIFFEID)
+		leaf, err := ca.UpstreamSVID(r.Key, r.Entry.SPIFFEID.String(), now, u.Backdate, r.Entry.X509SVIDTTL, r.Entry.DNSNames...)
+		if errors.Is(err, testkit.ErrNoKey) {
+			return nil, fmt.Errorf("request %d for %s: %w", i, r.Entry.SPIFFEID, err)
 		}
-		ttl := r.Entry.X509SVIDTTL
-		if ttl == 0 {
-			ttl = time.Hour
-		}
-		leaf, err := ca.SignSVID(r.Key.Public(), r.Entry.SPIFFEID.String(), now.Add(-u.Backdate), now.Add(ttl), r.Entry.DNSNames...)
 		out[i] = agent.X509Result{Chain: []*x509.Certificate{leaf}, Err: err}
 	}
 	if u.Hook != nil {
@@ -193,7 +169,7 @@ func (u *Upstream) MintX509SVIDs(ctx context.Context, reqs []agent.X509Request) 
 func (u *Upstream) MintJWTSVID(_ context.Context, e *agent.Entry, audience []string) (*agent.JWTSVID, error) {
 	u.jwtCalls.Add(1)
 	u.mu.Lock()
-	kid, key, fail := u.jwtKID, u.jwtKey, u.fail
+	kid, key := u.jwtKID, u.jwtKey
 	u.mu.Unlock()
 	if u.JWTAudience != nil {
 		audience = u.JWTAudience
@@ -202,23 +178,18 @@ func (u *Upstream) MintJWTSVID(_ context.Context, e *agent.Entry, audience []str
 	if u.JWTSubject != "" {
 		subject = u.JWTSubject
 	}
-	if fail != nil {
-		return nil, fail
+	if err := u.Err(); err != nil {
+		return nil, err
 	}
 	if key == nil {
 		return nil, ErrNoJWTKey
 	}
-	ttl := e.JWTSVIDTTL
-	if ttl == 0 {
-		ttl = 5 * time.Minute
-	}
-	now := u.Now().Truncate(time.Second)
-	token, err := testkit.SignJWT(key, kid, subject, audience, now, now.Add(ttl))
+	token, iat, exp, err := testkit.SignJWTSVID(key, kid, subject, audience, u.Now(), e.JWTSVIDTTL)
 	if err != nil {
 		return nil, err
 	}
 	if u.JWTHook != nil {
 		u.JWTHook()
 	}
-	return &agent.JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: now, ExpiresAt: now.Add(ttl)}, nil
+	return &agent.JWTSVID{Token: token, ID: e.SPIFFEID, Audience: audience, IssuedAt: iat, ExpiresAt: exp}, nil
 }
