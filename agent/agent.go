@@ -191,11 +191,11 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor
 		if p.Type != typeWorkloadAttestor || !p.Enabled {
 			continue
 		}
-		factory, ok := attestor.Lookup(p.Name)
+		reg, ok := attestor.Lookup(p.Name)
 		if !ok {
 			return nil, p.Errorf("unknown workload attestor %q (compiled in: %s)", p.Name, strings.Join(attestor.Registered(), ", "))
 		}
-		wa, err := factory(attestor.PluginConfig{
+		wa, err := reg.New(attestor.PluginConfig{
 			Name:        p.Name,
 			Data:        p.Data,
 			Log:         log.Named("attestor." + p.Name),
@@ -205,7 +205,7 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor
 		if err != nil {
 			return nil, err
 		}
-		named = append(named, attestor.Plugin{Name: p.Name, Attestor: wa})
+		named = append(named, attestor.Plugin{Name: p.Name, Attestor: wa, InProcess: reg.InProcess})
 	}
 	if len(named) == 0 {
 		return nil, fmt.Errorf("%s: no WorkloadAttestor is configured: add one to the plugins block, e.g. WorkloadAttestor \"unix\" { plugin_data {} }", cfg.File)

@@ -85,17 +85,31 @@ type PluginConfig struct {
 // from cfg.Data.Errorf so that they name the file, line and key.
 type Factory func(cfg PluginConfig) (WorkloadAttestor, error)
 
-var registered = registry.New[Factory]("attestor: workload attestor")
+// Registration is a compiled-in workload attestor: its factory, and
+// whether it runs in process (see Plugin.InProcess).
+type Registration struct {
+	New       Factory
+	InProcess bool
+}
+
+var registered = registry.New[Registration]("attestor: workload attestor")
 
 // ErrNoSelectors is returned when no attestor could describe a process.
 var ErrNoSelectors = errors.New("no workload attestor produced a selector for the caller")
 
 // Register makes a workload attestor available under name. It is called from
 // the init function of each plugin package.
-func Register(name string, f Factory) { registered.Register(name, f) }
+func Register(name string, f Factory) { registered.Register(name, Registration{New: f}) }
 
-// Lookup returns the factory registered under name.
-func Lookup(name string) (Factory, bool) { return registered.Lookup(name) }
+// RegisterInProcess makes available under name a workload attestor that
+// reads only the kernel's state and honours ctx, so that it can run on the
+// caller's goroutine (Plugin.InProcess).
+func RegisterInProcess(name string, f Factory) {
+	registered.Register(name, Registration{New: f, InProcess: true})
+}
+
+// Lookup returns the attestor registered under name.
+func Lookup(name string) (Registration, bool) { return registered.Lookup(name) }
 
 // Registered lists the names of the compiled-in workload attestors.
 func Registered() []string { return registered.Names() }

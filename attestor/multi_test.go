@@ -3,6 +3,7 @@ package attestor
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -59,7 +60,7 @@ func TestMultiAttestorDeadline(t *testing.T) {
 	for name, slow := range map[string]WorkloadAttestor{"ignores ctx": stuck(release), "honours ctx": sleeper(time.Hour)} {
 		t.Run(name, func(t *testing.T) {
 			log, logs := testkit.NewLogger(hclog.Debug)
-			m := NewMultiAttestor(log, timeout, Plugin{"unix", answering(selector.Selector{Type: "unix", Value: "uid:1"})}, Plugin{"kubelet", slow})
+			m := NewMultiAttestor(log, timeout, Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"})}, Plugin{Name: "kubelet", Attestor: slow})
 			start := time.Now()
 			sels, err := m.Attest(context.Background(), Process{PID: 42})
 			took := time.Since(start)
@@ -83,11 +84,11 @@ func TestMultiAttestorDeadline(t *testing.T) {
 // TestMultiAttestorAlone: the common case of one attestor, slow or not.
 func TestMultiAttestorAlone(t *testing.T) {
 	log, _ := testkit.NewLogger(hclog.Debug)
-	m := NewMultiAttestor(log, 50*time.Millisecond, Plugin{"unix", sleeper(time.Hour)})
+	m := NewMultiAttestor(log, 50*time.Millisecond, Plugin{Name: "unix", Attestor: sleeper(time.Hour)})
 	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrAttestorTimeout) {
 		t.Fatalf("Attest of a slow attestor = %v, want ErrAttestorTimeout", err)
 	}
-	m = NewMultiAttestor(log, time.Minute, Plugin{"unix", sleeper(10 * time.Millisecond)})
+	m = NewMultiAttestor(log, time.Minute, Plugin{Name: "unix", Attestor: sleeper(10 * time.Millisecond)})
 	sels, err := m.Attest(context.Background(), Process{PID: 42})
 	if err != nil || len(sels) != 1 || sels[0] != (selector.Selector{Type: "slow", Value: "late"}) {
 		t.Fatalf("Attest within the deadline = %v, %v", sels, err)
@@ -99,9 +100,9 @@ func TestMultiAttestorAlone(t *testing.T) {
 func TestMultiAttestorMerges(t *testing.T) {
 	log, logs := testkit.NewLogger(hclog.Debug)
 	m := NewMultiAttestor(log, time.Minute,
-		Plugin{"unix", answering(selector.Selector{Type: "unix", Value: "uid:1"}, selector.Selector{Type: "unix", Value: "gid:2"})},
-		Plugin{"docker", failing(errors.New("engine unreachable"))},
-		Plugin{"k8s", answering(selector.Selector{Type: "k8s", Value: "ns:a"}, selector.Selector{Type: "unix", Value: "uid:1"})},
+		Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"}, selector.Selector{Type: "unix", Value: "gid:2"})},
+		Plugin{Name: "docker", Attestor: failing(errors.New("engine unreachable"))},
+		Plugin{Name: "k8s", Attestor: answering(selector.Selector{Type: "k8s", Value: "ns:a"}, selector.Selector{Type: "unix", Value: "uid:1"})},
 	)
 	sels, err := m.Attest(context.Background(), Process{PID: 42})
 	want := []selector.Selector{{Type: "k8s", Value: "ns:a"}, {Type: "unix", Value: "gid:2"}, {Type: "unix", Value: "uid:1"}}
@@ -117,7 +118,7 @@ func TestMultiAttestorMerges(t *testing.T) {
 		t.Errorf("log %q does not name the failed attestor", out)
 	}
 
-	m = NewMultiAttestor(log, time.Minute, Plugin{"docker", failing(errors.New("engine unreachable"))})
+	m = NewMultiAttestor(log, time.Minute, Plugin{Name: "docker", Attestor: failing(errors.New("engine unreachable"))})
 	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrNoSelectors) || !strings.Contains(err.Error(), "docker: engine unreachable") {
 		t.Errorf("Attest of a failing attestor = %v, want ErrNoSelectors with its reason", err)
 	}
@@ -132,7 +133,7 @@ func TestMultiAttestorRefusalFirst(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
 	log, _ := testkit.NewLogger(hclog.Debug)
-	m := NewMultiAttestor(log, time.Minute, Plugin{"kubelet", stuck(release)}, Plugin{"unix", failing(ErrCallerChanged)})
+	m := NewMultiAttestor(log, time.Minute, Plugin{Name: "kubelet", Attestor: stuck(release)}, Plugin{Name: "unix", Attestor: failing(ErrCallerChanged)})
 	done := make(chan error, 1)
 	go func() {
 		_, err := m.Attest(context.Background(), Process{PID: 42})
@@ -150,7 +151,7 @@ func TestMultiAttestorCallerGone(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
 	log, logs := testkit.NewLogger(hclog.Debug)
-	m := NewMultiAttestor(log, time.Minute, Plugin{"kubelet", stuck(release)})
+	m := NewMultiAttestor(log, time.Minute, Plugin{Name: "kubelet", Attestor: stuck(release)})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	_, err := m.Attest(ctx, Process{PID: 42})
@@ -166,12 +167,38 @@ func TestMultiAttestorCallerGone(t *testing.T) {
 // attestation of the common case, one attestor that answers at once.
 func BenchmarkMultiAttestor(b *testing.B) {
 	log, _ := testkit.NewLogger(hclog.Debug)
-	m := NewMultiAttestor(log, DefaultTimeout, Plugin{"unix", answering(selector.Selector{Type: "unix", Value: "uid:1"})})
+	m := NewMultiAttestor(log, DefaultTimeout, Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"})})
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := m.Attest(ctx, Process{PID: 42}); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestMultiAttestorInProcess: an attestor that runs on the caller's
+// goroutine is bounded by the same deadline (through ctx), its refusal
+// still ends the attestation, and it is merged with the others.
+func TestMultiAttestorInProcess(t *testing.T) {
+	log, logs := testkit.NewLogger(hclog.Debug)
+	m := NewMultiAttestor(log, 50*time.Millisecond, Plugin{Name: "unix", Attestor: sleeper(time.Hour), InProcess: true})
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrAttestorTimeout) {
+		t.Fatalf("Attest of a slow in-process attestor = %v, want ErrAttestorTimeout", err)
+	}
+	if !strings.Contains(logs.String(), "attestor=unix") {
+		t.Errorf("the deadline was not logged with the attestor's name: %s", logs.String())
+	}
+	m = NewMultiAttestor(log, time.Minute, Plugin{Name: "unix", Attestor: failing(ErrCallerGone), InProcess: true},
+		Plugin{Name: "k8s", Attestor: answering(selector.Selector{Type: "k8s", Value: "ns:a"})})
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrCallerGone) {
+		t.Fatalf("Attest with an in-process refusal = %v, want ErrCallerGone", err)
+	}
+	m = NewMultiAttestor(log, time.Minute, Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"}), InProcess: true},
+		Plugin{Name: "k8s", Attestor: answering(selector.Selector{Type: "k8s", Value: "ns:a"})})
+	sels, err := m.Attest(context.Background(), Process{PID: 42})
+	want := []selector.Selector{{Type: "k8s", Value: "ns:a"}, {Type: "unix", Value: "uid:1"}}
+	if err != nil || !slices.Equal(sels, want) {
+		t.Fatalf("Attest = %v, %v, want %v", sels, err, want)
 	}
 }

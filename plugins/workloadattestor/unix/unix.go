@@ -27,8 +27,9 @@ import (
 // PluginName is the name the attestor registers under and its selector type.
 const PluginName = "unix"
 
+// In process: it reads /proc and hashes files, and stops when ctx ends.
 func init() {
-	attestor.Register(PluginName, New)
+	attestor.RegisterInProcess(PluginName, New)
 }
 
 // Config is the plugin_data of the unix attestor; the keys are SPIRE's.
