@@ -308,21 +308,14 @@ func swapSocket(args []string) error {
 	return nil
 }
 
-// roleProc is a role running as a child process.
-type roleProc struct {
-	cmd    *exec.Cmd
-	lines  chan string // its stdout, line by line; closed when it exits
-	stderr *testkit.Buffer
-}
-
 // startRole runs a role under uid. It is killed when the test ends.
-func startRole(t *testing.T, uid int, args ...string) *roleProc {
+func startRole(t *testing.T, uid int, args ...string) *testkit.Child {
 	t.Helper()
 	return startRoleCaps(t, uid, nil, args...)
 }
 
 // startRoleCaps runs a role under uid with the capabilities caps.
-func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *roleProc {
+func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *testkit.Child {
 	t.Helper()
 	cmd := exec.Command(roleBin, append([]string{roleArg}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
@@ -330,45 +323,8 @@ func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *roleP
 		AmbientCaps: caps,
 		Pdeathsig:   syscall.SIGKILL,
 	}
-	p := &roleProc{cmd: cmd, lines: make(chan string, 1024), stderr: &testkit.Buffer{}}
-	cmd.Stderr = p.stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			p.lines <- sc.Text()
-		}
-		close(p.lines)
-		_ = cmd.Wait()
-		close(exited)
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	})
-	return p
+	return testkit.StartChild(t, cmd)
 }
-
-// next returns the role's next line, or fails the test after bound.
-func (p *roleProc) next(t *testing.T, bound time.Duration) (string, bool) {
-	t.Helper()
-	select {
-	case line, ok := <-p.lines:
-		return line, ok
-	case <-time.After(bound):
-		t.Fatalf("the %s role said nothing for %s; stderr:\n%s", p.cmd.Args[2], bound, p.errors())
-		return "", false
-	}
-}
-
-func (p *roleProc) errors() string { return p.stderr.String() }
 
 // heldCount parses the attacker's "held N".
 func heldCount(line string) (int, bool) {
