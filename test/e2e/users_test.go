@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -190,36 +189,13 @@ func usernsHold(args []string) error {
 	if _, err := cmd.StdinPipe(); err != nil {
 		return err
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags: syscall.CLONE_NEWUSER,
-		UidMappings: []syscall.SysProcIDMap{
-			{ContainerID: 0, HostID: os.Geteuid(), Size: 1},
-			{ContainerID: 1, HostID: usernsMapBase + 1, Size: 65535},
-		},
-		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
-		Pdeathsig:   syscall.SIGKILL,
-	}
+	cmd.SysProcAttr = testkit.UserNamespace(usernsMapBase+1, 65535)
 	return cmd.Run()
 }
 
-// dialAsUID dials socket as euid i+1. seteuid changes every thread, so the
-// dials take turns; SO_PEERCRED records the euid at connect.
+// dialAsUID dials socket as euid i+1.
 func dialAsUID(socket string) func(i int) (net.Conn, error) {
-	var mu sync.Mutex
-	return func(i int) (net.Conn, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		if err := syscall.Seteuid(i + 1); err != nil {
-			return nil, err
-		}
-		c, err := net.Dial("unix", socket)
-		if err := syscall.Seteuid(0); err != nil {
-			// Cannot go on as the wrong uid.
-			fmt.Fprintln(os.Stderr, "seteuid(0):", err)
-			os.Exit(1)
-		}
-		return c, err
-	}
+	return func(i int) (net.Conn, error) { return testkit.DialAs(socket, i+1) }
 }
 
 // openHTTP2 sends the HTTP/2 preface, and a health Watch call when stream,
