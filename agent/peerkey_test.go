@@ -51,15 +51,7 @@ func peerKeyHelper(socket string, steps []string) error {
 			}
 			cmd := testkit.HelperCommand("", "TestPeerKeyHelperProcess", "LANYARD_PEERKEY_STEPS="+strings.Join(steps[i+1:], " "))
 			cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-			cmd.SysProcAttr = &syscall.SysProcAttr{
-				Cloneflags: syscall.CLONE_NEWUSER,
-				UidMappings: []syscall.SysProcIDMap{
-					{ContainerID: 0, HostID: os.Geteuid(), Size: 1},
-					{ContainerID: 1, HostID: base, Size: 1000},
-				},
-				GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
-				Pdeathsig:   syscall.SIGKILL,
-			}
+			cmd.SysProcAttr = testkit.UserNamespace(base, 1000)
 			// The rest happens in the child; the connections made so
 			// far stay open until it exits.
 			return cmd.Run()
@@ -83,8 +75,7 @@ func peerKeyHelper(socket string, steps []string) error {
 	return nil
 }
 
-// dialAs connects as euid u: the credentials SO_PEERCRED records are the
-// connecting thread's at connect.
+// dialAs connects as euid u ("-": as this process is).
 func dialAs(socket, u string) (net.Conn, error) {
 	if u == "-" {
 		return net.Dial("unix", socket)
@@ -93,14 +84,7 @@ func dialAs(socket, u string) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := syscall.Seteuid(uid); err != nil {
-		return nil, fmt.Errorf("seteuid(%d): %w", uid, err)
-	}
-	c, err := net.Dial("unix", socket)
-	if err := syscall.Seteuid(0); err != nil {
-		return nil, fmt.Errorf("seteuid(0): %w", err)
-	}
-	return c, err
+	return testkit.DialAs(socket, uid)
 }
 
 // peerKeyEnv is a listener on a socket every uid can reach, and a copy of

@@ -34,8 +34,8 @@ func withoutPidfdInfo(t *testing.T, f func()) {
 // before 6.13 take for a pidfd: start time, credentials, and exit.
 func TestVerifyPidfdFallbackReadsProc(t *testing.T) {
 	withoutPidfdInfo(t, func() {
-		cmd, _ := startHelper(t, "", "wait")
-		c := trackedCaller(t, cmd.Process.Pid, false, kindPidfd)
+		child := startHelper(t, "", "wait")
+		c := trackedCaller(t, child.Cmd.Process.Pid, false, kindPidfd)
 		if err := c.Verify(); err != nil {
 			t.Fatalf("Verify of a live caller = %v", err)
 		}
@@ -49,10 +49,10 @@ func TestVerifyPidfdFallbackReadsProc(t *testing.T) {
 			t.Fatalf("Verify with other credentials = %v", err)
 		}
 		c.UID--
-		if err := cmd.Process.Kill(); err != nil {
+		if err := child.Cmd.Process.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		cmd.Wait()
+		_ = reaped(child)
 		if err := c.Verify(); !errors.Is(err, ErrCallerGone) {
 			t.Fatalf("Verify after the child was reaped = %v, want ErrCallerGone", err)
 		}
@@ -65,8 +65,8 @@ func TestVerifyPidfdInfo(t *testing.T) {
 	if !pidfdInfoWorks(t) {
 		t.Skip("this kernel has no PIDFD_GET_INFO (Linux 6.13)")
 	}
-	cmd, _ := startHelper(t, "", "wait")
-	c := trackedCaller(t, cmd.Process.Pid, false, kindPidfd)
+	child := startHelper(t, "", "wait")
+	c := trackedCaller(t, child.Cmd.Process.Pid, false, kindPidfd)
 	if done, err := c.verifyPidfdInfo(); !done || err != nil {
 		t.Fatalf("verifyPidfdInfo of a live caller = %v, %v", done, err)
 	}
@@ -75,10 +75,10 @@ func TestVerifyPidfdInfo(t *testing.T) {
 		t.Fatalf("verifyPidfdInfo with another gid = %v, %v", done, err)
 	}
 	c.GID--
-	if err := cmd.Process.Kill(); err != nil {
+	if err := child.Cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	cmd.Wait()
+	_ = reaped(child)
 	if done, err := c.verifyPidfdInfo(); !done || !errors.Is(err, ErrCallerGone) {
 		t.Fatalf("verifyPidfdInfo after the child was reaped = %v, %v; want ErrCallerGone", done, err)
 	}

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -84,29 +83,24 @@ func TestPeerHelperProcess(t *testing.T) {
 }
 
 // startHelper runs the test binary (or a link to it at path, to give the
-// process another name) in the given mode and kills it at cleanup.
-func startHelper(t *testing.T, path, mode string, env ...string) (*exec.Cmd, io.WriteCloser) {
+// process another name) in the given mode; the kit kills and reaps it at
+// cleanup.
+func startHelper(t *testing.T, path, mode string, env ...string) *testkit.Child {
 	t.Helper()
-	if path == "" {
-		path = os.Args[0]
-	}
-	cmd := exec.Command(path, "-test.run=^TestPeerHelperProcess$")
 	// GORACE: a -race binary otherwise sleeps a second before exiting.
-	cmd.Env = append(append(os.Environ(), helperEnv+"="+mode, "GORACE=atexit_sleep_ms=0"), env...)
+	cmd := testkit.HelperCommand(path, "TestPeerHelperProcess", append([]string{helperEnv + "=" + mode, "GORACE=atexit_sleep_ms=0"}, env...)...)
 	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
+	return testkit.StartChild(t, cmd)
+}
+
+// reaped waits until the child has exited and was waited for (its PID is
+// free for reuse) and says whether it failed.
+func reaped(c *testkit.Child) error {
+	<-c.Exited
+	if st := c.Cmd.ProcessState; !st.Success() {
+		return errors.New(st.String())
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		stdin.Close()
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return cmd, stdin
+	return nil
 }
 
 func startServer(t *testing.T, interceptor grpc.UnaryServerInterceptor) string {
@@ -240,12 +234,12 @@ func trackedCaller(t *testing.T, pid int, procDir bool, want fdKind) *Caller {
 func TestVerifyAfterChildExitsAndIsReaped(t *testing.T) {
 	for _, tr := range trackers {
 		t.Run(tr.name, func(t *testing.T) {
-			cmd, _ := startHelper(t, "", "wait")
-			c := trackedCaller(t, cmd.Process.Pid, tr.procDir, tr.want)
-			if err := cmd.Process.Kill(); err != nil {
+			child := startHelper(t, "", "wait")
+			c := trackedCaller(t, child.Cmd.Process.Pid, tr.procDir, tr.want)
+			if err := child.Cmd.Process.Kill(); err != nil {
 				t.Fatal(err)
 			}
-			cmd.Wait() // reaped: the PID is free for reuse
+			_ = reaped(child) // the PID is free for reuse
 			err := c.Verify()
 			if !errors.Is(err, ErrCallerGone) {
 				t.Fatalf("Verify after the child was reaped = %v, want ErrCallerGone", err)
@@ -258,8 +252,8 @@ func TestVerifyStartTimeMismatch(t *testing.T) {
 	for _, tr := range trackers {
 		t.Run(tr.name, func(t *testing.T) {
 			check := func() {
-				cmd, _ := startHelper(t, "", "wait")
-				c := trackedCaller(t, cmd.Process.Pid, tr.procDir, tr.want)
+				child := startHelper(t, "", "wait")
+				c := trackedCaller(t, child.Cmd.Process.Pid, tr.procDir, tr.want)
 				// As if the PID now belonged to a process started later.
 				c.start++
 				err := c.Verify()
@@ -298,10 +292,10 @@ func TestVerifyAfterCloseConn(t *testing.T) {
 }
 
 func TestNewCallerOfMissingProcess(t *testing.T) {
-	cmd, _ := startHelper(t, "", "wait")
-	pid := cmd.Process.Pid
-	cmd.Process.Kill()
-	cmd.Wait()
+	child := startHelper(t, "", "wait")
+	pid := child.Cmd.Process.Pid
+	child.Cmd.Process.Kill()
+	_ = reaped(child)
 	for _, tr := range trackers {
 		c := &Caller{}
 		c.init(int32(pid), 0, 0, -1, tr.procDir)
@@ -327,8 +321,7 @@ func TestPIDZeroIsNotVisible(t *testing.T) {
 func TestHandshakeFromOtherPIDNamespace(t *testing.T) {
 	testkit.RequireRoot(t, "to create a PID namespace")
 	sock := filepath.Join(t.TempDir(), "ns.sock")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestPeerHelperProcess$")
-	cmd.Env = append(os.Environ(), helperEnv+"=serve", "LANYARD_PEER_SOCK="+sock, "GORACE=atexit_sleep_ms=0")
+	cmd := testkit.HelperCommand("", "TestPeerHelperProcess", helperEnv+"=serve", "LANYARD_PEER_SOCK="+sock, "GORACE=atexit_sleep_ms=0")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -411,8 +404,8 @@ func handshake(t *testing.T, conn net.Conn) (net.Conn, *Caller) {
 // before the server looked at it; SO_PEERCRED still names its old PID.
 func TestHandshakeAfterCallerExited(t *testing.T) {
 	sock, accepted := acceptOne(t)
-	cmd, _ := startHelper(t, "", "connect", "LANYARD_PEER_SOCK="+sock)
-	if err := cmd.Wait(); err != nil {
+	child := startHelper(t, "", "connect", "LANYARD_PEER_SOCK="+sock)
+	if err := reaped(child); err != nil {
 		t.Fatalf("connecting child: %v", err)
 	}
 	conn := <-accepted
@@ -420,8 +413,8 @@ func TestHandshakeAfterCallerExited(t *testing.T) {
 		t.Fatal("accept failed")
 	}
 	_, c := handshake(t, conn)
-	if c.PID != int32(cmd.Process.Pid) {
-		t.Fatalf("caller pid %d, want the child's %d", c.PID, cmd.Process.Pid)
+	if c.PID != int32(child.Cmd.Process.Pid) {
+		t.Fatalf("caller pid %d, want the child's %d", c.PID, child.Cmd.Process.Pid)
 	}
 	if err := c.Verify(); !errors.Is(err, ErrCallerGone) {
 		t.Fatalf("Verify of a caller that exited before accept = %v, want ErrCallerGone", err)
@@ -438,15 +431,15 @@ func TestHandshakeAfterPIDReused(t *testing.T) {
 	}
 	for attempt := 0; attempt < 20; attempt++ {
 		sock, accepted := acceptOne(t)
-		cmd, _ := startHelper(t, "", "connect", "LANYARD_PEER_SOCK="+sock)
-		if err := cmd.Wait(); err != nil {
+		child := startHelper(t, "", "connect", "LANYARD_PEER_SOCK="+sock)
+		if err := reaped(child); err != nil {
 			t.Fatalf("connecting child: %v", err)
 		}
-		oldPID := cmd.Process.Pid
+		oldPID := child.Cmd.Process.Pid
 		if err := os.WriteFile("/proc/sys/kernel/ns_last_pid", []byte(strconv.Itoa(oldPID-1)), 0); err != nil {
 			t.Skipf("cannot steer PID allocation: %v", err)
 		}
-		reuser, _ := startHelper(t, "", "wait")
+		reuser := startHelper(t, "", "wait").Cmd
 		conn := <-accepted
 		if conn == nil {
 			t.Fatal("accept failed")
@@ -529,8 +522,7 @@ func TestCallerWithOddName(t *testing.T) {
 	if err := os.Symlink(exe, link); err != nil {
 		t.Fatal(err)
 	}
-	cmd, _ := startHelper(t, link, "wait")
-	pid := cmd.Process.Pid
+	pid := startHelper(t, link, "wait").Cmd.Process.Pid
 	// The name is set at exec; wait (bounded) for it.
 	var comm []byte
 	for i := 0; i < 200; i++ {

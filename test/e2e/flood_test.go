@@ -167,7 +167,7 @@ func TestStuckReaderIsDroppedOthersKeepGettingRotations(t *testing.T) {
 // with a stream open, reconnecting whenever one is closed. Another user's
 // workload must still get every fetch, and a probe by root must be served.
 func TestConnectionFloodByOneUserDoesNotStarveAnother(t *testing.T) {
-	testFloodDoesNotStarve(t, func(socket string, n int) *roleProc {
+	testFloodDoesNotStarve(t, func(socket string, n int) *testkit.Child {
 		return startRole(t, attackerUID, "hold", socket, itoa(n))
 	})
 }
@@ -178,7 +178,7 @@ func TestConnectionFloodByOneUserDoesNotStarveAnother(t *testing.T) {
 // Before the cap was shared per user namespace, each uid got a share and
 // the victim got none of its 40 fetches.
 func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
-	testFloodDoesNotStarve(t, func(socket string, n int) *roleProc {
+	testFloodDoesNotStarve(t, func(socket string, n int) *testkit.Child {
 		const capSetgid, capSetuid = 6, 7
 		return startRoleCaps(t, attackerUID, []uintptr{capSetgid, capSetuid}, "userns-hold", socket, itoa(n))
 	})
@@ -188,7 +188,7 @@ func TestConnectionFloodFromManyUIDsInAUserNamespace(t *testing.T) {
 // lets attack(socket, n) hold all of it with n connections, and checks that
 // victimUID gets 40 of 40 fetches, root's probe is served, and the
 // attacker's uid is named in the log.
-func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *roleProc) {
+func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *testkit.Child) {
 	testkit.RequireRoot(t, "to run clients under other uids")
 	a := newAgentProc(t, newAgentDir(t), withEntries(`
       entry {
@@ -215,9 +215,9 @@ func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *rol
 		if time.Now().After(deadline) {
 			t.Fatalf("the attacker holds %d connections after 60s, want the limit %d", held, limit)
 		}
-		line, ok := attacker.next(t, 60*time.Second)
+		line, ok := attacker.Next(t, 60*time.Second)
 		if !ok {
-			t.Fatalf("the attacker exited: %s", attacker.errors())
+			t.Fatalf("the attacker exited: %s", attacker.Stderr.String())
 		}
 		if n, ok := heldCount(line); ok {
 			held = n
@@ -229,9 +229,9 @@ func testFloodDoesNotStarve(t *testing.T, attack func(socket string, n int) *rol
 	var got int
 	var fails []string
 	for range fetches {
-		line, ok := victim.next(t, 60*time.Second)
+		line, ok := victim.Next(t, 60*time.Second)
 		if !ok {
-			t.Fatalf("the victim exited early: %s", victim.errors())
+			t.Fatalf("the victim exited early: %s", victim.Stderr.String())
 		}
 		if line == "ok" {
 			got++

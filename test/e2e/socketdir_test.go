@@ -63,13 +63,13 @@ func plantedSocketDir(t *testing.T, mode os.FileMode, owner int, wantInLogs []st
 		// It serves from a directory the attacker can write: show what
 		// that gives.
 		swap := startRole(t, attackerUID, "swap", a.socket)
-		if line, _ := swap.next(t, 30*time.Second); line != "swapped" {
-			t.Fatalf("the agent started in %s (mode %o, uid %d); the attacker could not swap its socket: %q %s", public, mode, owner, line, swap.errors())
+		if line, _ := swap.Next(t, 30*time.Second); line != "swapped" {
+			t.Fatalf("the agent started in %s (mode %o, uid %d); the attacker could not swap its socket: %q %s", public, mode, owner, line, swap.Stderr.String())
 		}
 		if c, err := net.Dial("unix", a.socket); err == nil {
 			c.Close()
 		}
-		line, _ := swap.next(t, 30*time.Second)
+		line, _ := swap.Next(t, 30*time.Second)
 		_, lockErr := os.Lstat(target)
 		t.Fatalf("the agent started in %s (mode %o, uid %d); the attacker then replaced its socket and a workload's connection reached the attacker (%q); root created the lock symlink's target: %v", public, mode, owner, line, lockErr == nil)
 	}

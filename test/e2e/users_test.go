@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -190,36 +189,13 @@ func usernsHold(args []string) error {
 	if _, err := cmd.StdinPipe(); err != nil {
 		return err
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags: syscall.CLONE_NEWUSER,
-		UidMappings: []syscall.SysProcIDMap{
-			{ContainerID: 0, HostID: os.Geteuid(), Size: 1},
-			{ContainerID: 1, HostID: usernsMapBase + 1, Size: 65535},
-		},
-		GidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}},
-		Pdeathsig:   syscall.SIGKILL,
-	}
+	cmd.SysProcAttr = testkit.UserNamespace(usernsMapBase+1, 65535)
 	return cmd.Run()
 }
 
-// dialAsUID dials socket as euid i+1. seteuid changes every thread, so the
-// dials take turns; SO_PEERCRED records the euid at connect.
+// dialAsUID dials socket as euid i+1.
 func dialAsUID(socket string) func(i int) (net.Conn, error) {
-	var mu sync.Mutex
-	return func(i int) (net.Conn, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		if err := syscall.Seteuid(i + 1); err != nil {
-			return nil, err
-		}
-		c, err := net.Dial("unix", socket)
-		if err := syscall.Seteuid(0); err != nil {
-			// Cannot go on as the wrong uid.
-			fmt.Fprintln(os.Stderr, "seteuid(0):", err)
-			os.Exit(1)
-		}
-		return c, err
-	}
+	return func(i int) (net.Conn, error) { return testkit.DialAs(socket, i+1) }
 }
 
 // openHTTP2 sends the HTTP/2 preface, and a health Watch call when stream,
@@ -308,21 +284,14 @@ func swapSocket(args []string) error {
 	return nil
 }
 
-// roleProc is a role running as a child process.
-type roleProc struct {
-	cmd    *exec.Cmd
-	lines  chan string // its stdout, line by line; closed when it exits
-	stderr *testkit.Buffer
-}
-
 // startRole runs a role under uid. It is killed when the test ends.
-func startRole(t *testing.T, uid int, args ...string) *roleProc {
+func startRole(t *testing.T, uid int, args ...string) *testkit.Child {
 	t.Helper()
 	return startRoleCaps(t, uid, nil, args...)
 }
 
 // startRoleCaps runs a role under uid with the capabilities caps.
-func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *roleProc {
+func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *testkit.Child {
 	t.Helper()
 	cmd := exec.Command(roleBin, append([]string{roleArg}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
@@ -330,45 +299,8 @@ func startRoleCaps(t *testing.T, uid int, caps []uintptr, args ...string) *roleP
 		AmbientCaps: caps,
 		Pdeathsig:   syscall.SIGKILL,
 	}
-	p := &roleProc{cmd: cmd, lines: make(chan string, 1024), stderr: &testkit.Buffer{}}
-	cmd.Stderr = p.stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			p.lines <- sc.Text()
-		}
-		close(p.lines)
-		_ = cmd.Wait()
-		close(exited)
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	})
-	return p
+	return testkit.StartChild(t, cmd)
 }
-
-// next returns the role's next line, or fails the test after bound.
-func (p *roleProc) next(t *testing.T, bound time.Duration) (string, bool) {
-	t.Helper()
-	select {
-	case line, ok := <-p.lines:
-		return line, ok
-	case <-time.After(bound):
-		t.Fatalf("the %s role said nothing for %s; stderr:\n%s", p.cmd.Args[2], bound, p.errors())
-		return "", false
-	}
-}
-
-func (p *roleProc) errors() string { return p.stderr.String() }
 
 // heldCount parses the attacker's "held N".
 func heldCount(line string) (int, bool) {
