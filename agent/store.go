@@ -36,8 +36,8 @@ type entryStore struct {
 	gen atomic.Uint64
 	// snapshots memoizes the X509Snapshot of each list of matched entries
 	// for the current gen, so that streams woken by one change share one
-	// snapshot and its encoding. Replaced when entries change, so that
-	// lists of removed entries do not accumulate.
+	// snapshot and its encoding. Replaced at every change, so that it
+	// never holds SVIDs (and their keys) the store has replaced or dropped.
 	snapshots atomic.Pointer[sync.Map]
 }
 
@@ -53,7 +53,10 @@ func newEntryStore(log hclog.Logger) *entryStore {
 }
 
 // changedLocked records a change: snapshots and the saved cache are stale.
-func (s *entryStore) changedLocked() { s.gen.Add(1) }
+func (s *entryStore) changedLocked() {
+	s.gen.Add(1)
+	s.snapshots.Store(&sync.Map{})
+}
 
 // setEntries replaces the registration entries. Unchanged entries keep their
 // SVIDs; removed or reshaped ones lose them. It reports whether anything
@@ -73,7 +76,6 @@ func (s *entryStore) setEntries(entries []*Entry) bool {
 	}
 	s.entries = next
 	s.haveEntries = true
-	s.snapshots.Store(&sync.Map{})
 	s.changedLocked()
 	s.markReadyLocked()
 	s.mu.Unlock()

@@ -326,3 +326,28 @@ func TestSnapshotsAreShared(t *testing.T) {
 		t.Error("a new bundle did not make a new snapshot")
 	}
 }
+
+// TestSnapshotMemoHoldsNoReplacedSVID: a change empties the memo of
+// snapshots, so that it never keeps alive an SVID (and its key) that the
+// store replaced or dropped.
+func TestSnapshotMemoHoldsNoReplacedSVID(t *testing.T) {
+	c, up := newTestCache(t)
+	c.SetEntries([]*Entry{testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")})
+	c.SetBundles(up.bundle(), nil)
+	if _, err := c.X509Identities(t.Context(), mustSels("unix:uid:1")); err != nil {
+		t.Fatal(err)
+	}
+	memoized := func() int {
+		n := 0
+		c.store.snapshots.Load().Range(func(any, any) bool { n++; return true })
+		return n
+	}
+	if memoized() != 1 {
+		t.Fatalf("%d snapshots memoized after a fetch, want 1", memoized())
+	}
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil)
+	if n := memoized(); n != 0 {
+		t.Fatalf("%d snapshots memoized after the bundle changed, want 0", n)
+	}
+}
