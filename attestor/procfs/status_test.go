@@ -37,7 +37,7 @@ func TestParseStatus(t *testing.T) {
 	}
 	b, err := os.ReadFile("/proc/self/status")
 	if err != nil {
-		t.Skip(err)
+		t.Fatalf("reading our own status: %v", err)
 	}
 	st, complete, err = ParseStatus(b, UIDLine|GIDLine|GroupsLine)
 	if err != nil || !complete || st.UID.Effective != uint32(os.Geteuid()) || st.GID.Effective != uint32(os.Getegid()) {
