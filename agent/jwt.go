@@ -95,12 +95,18 @@ func tokenClaims(token string) (kid, sub string, aud []string, err error) {
 func (j *jwtIssuer) forEntries(ctx context.Context, entries []*Entry, audience []string) ([]*JWTSVID, error) {
 	aud := audienceKey(audience)
 	out := make([]*JWTSVID, 0, len(entries))
-	seen := make(map[spiffeid.ID]struct{}, len(entries))
+	// One token per SPIFFE ID. Most callers match one entry: no map then.
+	var seen map[spiffeid.ID]struct{}
+	if len(entries) > 1 {
+		seen = make(map[spiffeid.ID]struct{}, len(entries))
+	}
 	for _, e := range entries {
 		if _, dup := seen[e.SPIFFEID]; dup {
 			continue
 		}
-		seen[e.SPIFFEID] = struct{}{}
+		if seen != nil {
+			seen[e.SPIFFEID] = struct{}{}
+		}
 		key := jwtKey{entryID: e.ID, audience: aud}
 		now := j.now()
 		// The cached token's audience is the one read from it, so a token

@@ -24,6 +24,8 @@ import (
 // must read /proc for them compares what it read with p and fails with
 // ErrCallerChanged when they differ.
 type WorkloadAttestor interface {
+	// Attest returns p's selectors in a slice the caller may keep and
+	// change (it is sorted in place). It returns when ctx ends.
 	Attest(ctx context.Context, p Process) ([]selector.Selector, error)
 }
 

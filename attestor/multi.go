@@ -93,7 +93,14 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 			results <- pluginResult{plugin: i, sels: sels, err: err}
 		})
 	}
-	g := merge{m: m, ctx: ctx, actx: actx, p: p, answered: make([]bool, len(m.plugins))}
+	g := merge{m: m, ctx: ctx, actx: actx, p: p}
+	// No allocation for the usual handful of attestors.
+	var answered [8]bool
+	if len(m.plugins) <= len(answered) {
+		g.answered = answered[:len(m.plugins)]
+	} else {
+		g.answered = make([]bool, len(m.plugins))
+	}
 	for i, pl := range m.plugins {
 		if pl.InProcess {
 			sels, err := pl.Attestor.Attest(actx, p)
@@ -132,7 +139,13 @@ func (g *merge) add(r pluginResult) error {
 	switch {
 	case r.err == nil:
 		g.answered[r.plugin] = true
-		g.all = append(g.all, r.sels...)
+		if g.all == nil {
+			// The attestor's slice is the caller's: no copy for the
+			// usual single attestor.
+			g.all = r.sels
+		} else {
+			g.all = append(g.all, r.sels...)
+		}
 	case IsRefusal(r.err):
 		// Nothing the others find can be trusted.
 		return fmt.Errorf("%s: %w", name, r.err)
