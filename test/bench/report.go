@@ -50,7 +50,7 @@ type Report struct {
 	FreshProbe map[string]*EntriesStats `json:"fresh_server_probe,omitempty"`
 	// K8sBurst is the burst of new workloads on a Kubernetes node.
 	K8sBurst map[string]*K8sBurstStats `json:"k8s_burst,omitempty"`
-	Checks     []Check                  `json:"targets_checked"`
+	Checks   []Check                   `json:"targets_checked"`
 }
 
 func newReport(cfg Config) *Report {
