@@ -11,25 +11,25 @@ var _ Sink = (*SVIDManager)(nil)
 
 // TaintX509Authorities marks the SVIDs that chain to a tainted authority
 // for replacement, and has the rotator replace them now.
-func (c *SVIDManager) TaintX509Authorities(authorities []*x509.Certificate) {
+func (m *SVIDManager) TaintX509Authorities(authorities []*x509.Certificate) {
 	if len(authorities) == 0 {
 		return
 	}
 	// chainsTo only reads the X.509 authorities; the trust domain is moot.
 	tainted := &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, authorities)}
-	if ids := c.store.taint(tainted); len(ids) > 0 {
-		c.log.Info("Re-signing X509-SVIDs issued by a tainted authority", "count", len(ids))
-		c.rotator.wake(ids...)
+	if ids := m.store.taint(tainted); len(ids) > 0 {
+		m.log.Info("Re-signing X509-SVIDs issued by a tainted authority", "count", len(ids))
+		m.rotator.wake(ids...)
 	}
 }
 
 // TaintJWTAuthorities drops every cached JWT-SVID: tokens are cheap to
 // sign again, and the cache does not keep which key signed each.
-func (c *SVIDManager) TaintJWTAuthorities(keyIDs []string) {
+func (m *SVIDManager) TaintJWTAuthorities(keyIDs []string) {
 	if len(keyIDs) == 0 {
 		return
 	}
-	if n := c.jwts.dropAll(); n > 0 {
-		c.log.Info("Dropping cached JWT-SVIDs after a JWT authority was tainted", "count", n)
+	if n := m.jwts.dropAll(); n > 0 {
+		m.log.Info("Dropping cached JWT-SVIDs after a JWT authority was tainted", "count", n)
 	}
 }
