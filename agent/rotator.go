@@ -60,18 +60,20 @@ type Rotator struct {
 	byEntry map[string]*renewItem
 
 	kick chan struct{}
-	// stopped is closed when Run returns: signing detached from its caller
-	// (see detach) ends with it.
-	stopped  chan struct{}
-	stopOnce sync.Once
+	// stopped ends when Run returns: signing detached from its caller (see
+	// detach) ends with it, so that no signing outlives the agent's stop.
+	stopped context.Context
+	stop    context.CancelFunc
 }
 
 func newRotator(log hclog.Logger, now func() time.Time, store *entryStore, signer *signer) *Rotator {
+	stopped, stop := context.WithCancel(context.Background())
 	return &Rotator{
 		log: log, now: now, store: store, signer: signer,
 		byEntry: map[string]*renewItem{},
 		kick:    make(chan struct{}, 1),
-		stopped: make(chan struct{}),
+		stopped: stopped,
+		stop:    stop,
 	}
 }
 
@@ -128,7 +130,7 @@ func (r *Rotator) kickLoop() {
 // Run renews SVIDs as they reach their renewal time, until ctx ends. A
 // failed renewal keeps the old SVID and is retried with capped backoff.
 func (r *Rotator) Run(ctx context.Context) error {
-	defer r.stopOnce.Do(func() { close(r.stopped) })
+	defer r.stop()
 	backoff := NewBackoff(time.Second, 30*time.Second)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -222,17 +224,15 @@ func (r *Rotator) renew(ctx context.Context, due []*Entry) bool {
 
 // detach returns the context of a signing that outlives the caller that
 // started it, so that the other callers waiting on it are not failed; it
-// ends after mintTimeout or when Run returns.
+// ends after mintTimeout or when Run returns (at once if it has), so that
+// a hung upstream holds no caller, and no stop, past the agent's stop.
 func (r *Rotator) detach(ctx context.Context) (context.Context, context.CancelFunc) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
-	go func() {
-		select {
-		case <-r.stopped:
-			cancel()
-		case <-dctx.Done():
-		}
-	}()
-	return dctx, cancel
+	unhook := context.AfterFunc(r.stopped, cancel)
+	return dctx, func() {
+		unhook()
+		cancel()
+	}
 }
 
 // renewItem is an entry whose SVID the rotator looks at again at at.

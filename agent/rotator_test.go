@@ -269,6 +269,37 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	})
 }
 
+// TestDetachedMintEndsWithTheAgent: a caller's signing of an SVID it does
+// not hold yet runs detached (others may wait on it), yet ends when the
+// agent stops rather than at mintTimeout, and so does the caller: a hung
+// upstream cannot hold the agent's stop past its grace.
+func TestDetachedMintEndsWithTheAgent(t *testing.T) {
+	c, up := newTestCache(t)
+	e := entryA()
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	stop := startRotation(t, c)
+	up.SetGate(make(chan struct{})) // never opens
+	fetched := make(chan error, 1)
+	go func() {
+		_, err := c.X509Identities(context.Background(), e.Selectors)
+		fetched <- err
+	}()
+	testkit.WaitFor(t, waitLimit, "the signing in flight", func() bool { return up.x509Calls.Load() == 1 })
+	stop()
+	select {
+	case err := <-fetched:
+		if err == nil {
+			t.Fatal("the fetch succeeded with the upstream hung")
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("the caller still waits on its signing after the agent stopped")
+	}
+	if n := c.signer.inFlight(); n != 0 {
+		t.Fatalf("%d signings in flight after the agent stopped", n)
+	}
+}
+
 func TestBackoff(t *testing.T) {
 	b := NewBackoff(time.Second, 8*time.Second)
 	for i, ceiling := range []time.Duration{1, 2, 4, 8, 8, 8} {

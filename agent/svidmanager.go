@@ -210,7 +210,8 @@ func (m *SVIDManager) mint(ctx context.Context, entries []*Entry, unchained bool
 		return !m.store.servable(e.ID, now, unchained)
 	})
 	if len(mine) > 0 {
-		mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
+		// Detached: other callers may be waiting on these signings.
+		mctx, cancel := m.rotator.detach(ctx)
 		m.signer.mintBatch(mctx, mine)
 		cancel()
 	}
