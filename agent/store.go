@@ -49,6 +49,7 @@ func newEntryStore(log hclog.Logger) *entryStore {
 		ready:     make(chan struct{}),
 	}
 	s.snapshots.Store(&sync.Map{})
+	s.notifier.gen = &s.gen
 	return s
 }
 
