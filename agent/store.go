@@ -2,6 +2,7 @@ package agent
 
 import (
 	"cmp"
+	"crypto/x509"
 	"slices"
 	"strings"
 	"sync"
@@ -27,6 +28,11 @@ type entryStore struct {
 	local     *Bundle
 	federated map[spiffeid.TrustDomain]*Bundle
 	svids     map[string]*X509SVID
+	// tainted holds the X.509 authorities the upstream tainted that are
+	// still in the local bundle (nil when none), so that an SVID one of
+	// them signed is marked for replacement when it lands, not only when
+	// it was held at the taint: its signing may have been in flight.
+	tainted *Bundle
 
 	haveEntries, haveBundles bool
 	ready                    chan struct{}
@@ -105,6 +111,7 @@ func (s *entryStore) setBundles(local *spiffebundle.Bundle, federated []*spiffeb
 		} else {
 			out.jwtKeys = s.local == nil || !jwtAuthoritiesEqual(s.local.Bundle, local)
 			s.local, changed = b, true
+			s.tainted = keepTainted(s.tainted, local)
 			for id, svid := range s.svids {
 				if !svid.chainsTo(b) {
 					svid.replace.Store(true)
@@ -174,18 +181,46 @@ func (s *entryStore) markReadyLocked() {
 }
 
 // taint marks for replacement the SVIDs that chain to a tainted authority
-// and returns their entries.
-func (s *entryStore) taint(tainted *Bundle) []string {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
+// and returns their entries; the SVIDs they sign from now on are marked
+// as they land (see put).
+func (s *entryStore) taint(authorities []*x509.Certificate) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var all []*x509.Certificate
+	if s.tainted != nil {
+		all = s.tainted.X509Authorities()
+	}
+	for _, a := range authorities {
+		if !slices.ContainsFunc(all, a.Equal) {
+			all = append(all, a)
+		}
+	}
+	// chainsTo only reads the X.509 authorities; the trust domain is moot.
+	s.tainted = &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, all)}
 	var ids []string
 	for id, svid := range s.svids {
-		if tainted.chainsTo(svid.Chain) {
+		if s.tainted.chainsTo(svid.Chain) {
 			svid.replace.Store(true)
 			ids = append(ids, id)
 		}
 	}
 	return ids
+}
+
+// keepTainted keeps of the tainted authorities those still in the local
+// bundle, so that they are kept no longer than they sign anything served.
+func keepTainted(tainted *Bundle, local *spiffebundle.Bundle) *Bundle {
+	if tainted == nil {
+		return nil
+	}
+	in := local.X509Authorities()
+	kept := slices.DeleteFunc(tainted.X509Authorities(), func(a *x509.Certificate) bool {
+		return !slices.ContainsFunc(in, a.Equal)
+	})
+	if len(kept) == 0 {
+		return nil
+	}
+	return &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, kept)}
 }
 
 // matchLocked returns the entries whose selectors are all among sels,
@@ -288,6 +323,11 @@ func (s *entryStore) put(entries []*Entry, svids []*X509SVID) []string {
 		}
 		// An entry that changed meanwhile gets no SVID of its old shape.
 		if cur := s.entries.get(e.ID); cur != nil && cur.sameSVIDShape(e) {
+			// Its signing may have been in flight at the taint; the
+			// rotator looks at every SVID signed (SVIDManager.signed).
+			if s.tainted.chainsTo(svids[i].Chain) {
+				svids[i].replace.Store(true)
+			}
 			s.svids[e.ID] = svids[i]
 			stored = append(stored, e.ID)
 		}

@@ -2,22 +2,19 @@ package agent
 
 import (
 	"crypto/x509"
-
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 var _ Sink = (*SVIDManager)(nil)
 
 // TaintX509Authorities marks the SVIDs that chain to a tainted authority
-// for replacement, and has the rotator replace them now.
+// for replacement, and has the rotator replace them now. The store keeps
+// the authorities while they are in the bundle: an SVID one signed that
+// lands later (its signing was in flight) is marked as it lands.
 func (m *SVIDManager) TaintX509Authorities(authorities []*x509.Certificate) {
 	if len(authorities) == 0 {
 		return
 	}
-	// chainsTo only reads the X.509 authorities; the trust domain is moot.
-	tainted := &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, authorities)}
-	if ids := m.store.taint(tainted); len(ids) > 0 {
+	if ids := m.store.taint(authorities); len(ids) > 0 {
 		m.log.Info("Re-signing X509-SVIDs issued by a tainted authority", "count", len(ids))
 		m.rotator.wake(ids...)
 	}
