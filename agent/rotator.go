@@ -45,6 +45,13 @@ func (s *X509SVID) state(now time.Time) svidState {
 	}
 }
 
+// renewalDue reports whether the rotator must re-sign the SVID now: a
+// workload was handed it, and it is past its renewal time, expired or
+// marked for replacement.
+func (s *X509SVID) renewalDue(now time.Time) bool {
+	return s.served.Load() && s.state(now) != svidValid
+}
+
 // Rotator renews X509-SVIDs as they come due. It keeps one item per entry
 // in a priority queue keyed on the time the entry's SVID must be looked at
 // again (its renewal time, or its expiry while unused), so that a wake-up
@@ -202,8 +209,13 @@ func (r *Rotator) takeDue(now time.Time) (due []*Entry, unused []*X509SVID, next
 
 // renew re-signs the due entries' SVIDs; it reports whether all succeeded.
 func (r *Rotator) renew(ctx context.Context, due []*Entry) bool {
-	// Those another caller started signing meanwhile are theirs.
-	mine, _ := r.signer.claim(due, nil)
+	// Those another caller started signing since takeDue are theirs, and
+	// those it re-signed since (after a new CA) are no longer due.
+	now := r.now()
+	mine, _ := r.signer.claim(due, func(e *Entry) bool {
+		svid := r.store.svid(e.ID)
+		return svid != nil && svid.renewalDue(now)
+	})
 	for _, call := range mine {
 		call.byRotator = true
 	}

@@ -419,3 +419,28 @@ func entryIDsOf(entries []*Entry) []string {
 	}
 	return ids
 }
+
+// TestRotatorLeavesWhatACallerRenewedSinceItLooked: after a new CA, the
+// rotator takes an SVID as due and a caller re-signs it before the rotator
+// claims its signing; the rotator then leaves the caller's SVID be.
+func TestRotatorLeavesWhatACallerRenewedSinceItLooked(t *testing.T) {
+	c, up := newTestCache(t)
+	sels, _ := fetchFirst(t, c, up, entryA())
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil)
+	due, _, _ := c.rotator.takeDue(time.Now())
+	if len(due) != 1 {
+		t.Fatalf("due after a new CA: %v, want a", entryIDsOf(due))
+	}
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := up.x509Calls.Load()
+	if !c.rotator.renew(t.Context(), due) {
+		t.Fatal("the renewal failed")
+	}
+	if up.x509Calls.Load() != calls || c.svidOf("a") != snap.SVIDs[0] {
+		t.Fatal("the rotator re-signed the SVID a caller had just signed under the new CA")
+	}
+}
