@@ -67,6 +67,8 @@ type Rotator struct {
 	byEntry map[string]*renewItem
 
 	kick chan struct{}
+	// retry spaces the renewals after one failed (the upstream is down).
+	retry *Backoff
 	// stopped ends when Run returns: signing detached from its caller (see
 	// detach) ends with it, so that no signing outlives the agent's stop.
 	stopped context.Context
@@ -79,6 +81,7 @@ func newRotator(log hclog.Logger, now func() time.Time, store *entryStore, signe
 		log: log, now: now, store: store, signer: signer,
 		byEntry: map[string]*renewItem{},
 		kick:    make(chan struct{}, 1),
+		retry:   NewBackoff(time.Second, 30*time.Second),
 		stopped: stopped,
 		stop:    stop,
 	}
@@ -138,29 +141,35 @@ func (r *Rotator) kickLoop() {
 // failed renewal keeps the old SVID and is retried with capped backoff.
 func (r *Rotator) Run(ctx context.Context) error {
 	defer r.stop()
-	backoff := NewBackoff(time.Second, 30*time.Second)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	// backingOff lasts from a failed renewal until the timer fires. The
+	// failed entries stay due (their completion put them first), and a
+	// kick meanwhile (during an outage, one from every caller whose own
+	// signing failed) must not have the loop try the upstream sooner:
+	// what it was kicked for waits in the queue until the backoff ends.
+	backingOff := false
 	for {
-		now := r.now()
-		due, unused, next := r.takeDue(now)
-		if n := r.store.dropUnused(unused); n > 0 {
-			r.log.Debug("Dropped X509-SVIDs no workload fetched since they were signed", "count", n)
-		}
-		if len(due) > 0 {
-			if r.renew(ctx, due) {
-				backoff.Reset()
-				continue
+		if !backingOff {
+			now := r.now()
+			due, unused, next := r.takeDue(now)
+			if n := r.store.dropUnused(unused); n > 0 {
+				r.log.Debug("Dropped X509-SVIDs no workload fetched since they were signed", "count", n)
 			}
-			// The failed ones stay due (their completion woke them):
-			// the loop waits before it tries again, unless kicked.
-			next = now.Add(backoff.Next())
+			if len(due) > 0 {
+				if r.renew(ctx, due) {
+					r.retry.Reset()
+					continue
+				}
+				next, backingOff = now.Add(r.retry.Next()), true
+			}
+			timer.Reset(next.Sub(now))
 		}
-		timer.Reset(next.Sub(now))
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-timer.C:
+			backingOff = false
 		case <-r.kick:
 		}
 	}

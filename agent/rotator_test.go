@@ -444,3 +444,30 @@ func TestRotatorLeavesWhatACallerRenewedSinceItLooked(t *testing.T) {
 		t.Fatal("the rotator re-signed the SVID a caller had just signed under the new CA")
 	}
 }
+
+// TestKicksWaitOutTheRenewalBackoff: once a renewal failed, the wake-ups
+// the loop gets (callers fetching, or failing to sign, during an outage)
+// do not have it try the upstream again before its backoff ends.
+func TestKicksWaitOutTheRenewalBackoff(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	_, first := fetchFirst(t, c, up, entryA())
+	up.SetFail(errors.New("upstream down"))
+	c.rotator.retry = NewBackoff(time.Hour, time.Hour) // the test ends first
+	clock.Set(first.RenewAt.Add(time.Second))
+	startRotation(t, c)
+	testkit.WaitFor(t, waitLimit, "a failed renewal", func() bool { return up.x509Calls.Load() >= 2 })
+	// The loop takes a kick only once it is done with the one before.
+	kick := func() {
+		c.kickRenewal()
+		testkit.WaitFor(t, waitLimit, "the loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
+	}
+	kick()
+	calls := up.x509Calls.Load()
+	for range 5 {
+		kick()
+	}
+	kick()
+	if n := up.x509Calls.Load() - calls; n != 0 {
+		t.Fatalf("%d renewal attempts on kicks during the backoff, want none", n)
+	}
+}
