@@ -195,8 +195,7 @@ func (s *entryStore) taint(authorities []*x509.Certificate) []string {
 			all = append(all, a)
 		}
 	}
-	// chainsTo only reads the X.509 authorities; the trust domain is moot.
-	s.tainted = &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, all)}
+	s.tainted = authoritiesBundle(all)
 	var ids []string
 	for id, svid := range s.svids {
 		if s.tainted.chainsTo(svid.Chain) {
@@ -217,10 +216,16 @@ func keepTainted(tainted *Bundle, local *spiffebundle.Bundle) *Bundle {
 	kept := slices.DeleteFunc(tainted.X509Authorities(), func(a *x509.Certificate) bool {
 		return !slices.ContainsFunc(in, a.Equal)
 	})
-	if len(kept) == 0 {
+	return authoritiesBundle(kept)
+}
+
+// authoritiesBundle holds X.509 authorities for chainsTo, which reads
+// nothing else (the trust domain is moot); nil when there are none.
+func authoritiesBundle(authorities []*x509.Certificate) *Bundle {
+	if len(authorities) == 0 {
 		return nil
 	}
-	return &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, kept)}
+	return &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, authorities)}
 }
 
 // matchLocked returns the entries whose selectors are all among sels,
