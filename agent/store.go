@@ -2,7 +2,6 @@ package agent
 
 import (
 	"cmp"
-	"crypto/x509"
 	"slices"
 	"strings"
 	"sync"
@@ -178,54 +177,6 @@ func (s *entryStore) markReadyLocked() {
 			close(s.ready)
 		}
 	}
-}
-
-// taint marks for replacement the SVIDs that chain to a tainted authority
-// and returns their entries; the SVIDs they sign from now on are marked
-// as they land (see put).
-func (s *entryStore) taint(authorities []*x509.Certificate) []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var all []*x509.Certificate
-	if s.tainted != nil {
-		all = s.tainted.X509Authorities()
-	}
-	for _, a := range authorities {
-		if !slices.ContainsFunc(all, a.Equal) {
-			all = append(all, a)
-		}
-	}
-	s.tainted = authoritiesBundle(all)
-	var ids []string
-	for id, svid := range s.svids {
-		if s.tainted.chainsTo(svid.Chain) {
-			svid.replace.Store(true)
-			ids = append(ids, id)
-		}
-	}
-	return ids
-}
-
-// keepTainted keeps of the tainted authorities those still in the local
-// bundle, so that they are kept no longer than they sign anything served.
-func keepTainted(tainted *Bundle, local *spiffebundle.Bundle) *Bundle {
-	if tainted == nil {
-		return nil
-	}
-	in := local.X509Authorities()
-	kept := slices.DeleteFunc(tainted.X509Authorities(), func(a *x509.Certificate) bool {
-		return !slices.ContainsFunc(in, a.Equal)
-	})
-	return authoritiesBundle(kept)
-}
-
-// authoritiesBundle holds X.509 authorities for chainsTo, which reads
-// nothing else (the trust domain is moot); nil when there are none.
-func authoritiesBundle(authorities []*x509.Certificate) *Bundle {
-	if len(authorities) == 0 {
-		return nil
-	}
-	return &Bundle{Bundle: spiffebundle.FromX509Authorities(spiffeid.TrustDomain{}, authorities)}
 }
 
 // matchLocked returns the entries whose selectors are all among sels,
