@@ -120,7 +120,7 @@ func TestDaemonSetPod(t *testing.T) {
 			t.Errorf("%s: priorityClassName %q", m.dir, spec.PriorityClassName)
 		}
 		if g := spec.TerminationGracePeriodSeconds; g == nil || *g <= agentStopSeconds {
-			t.Errorf("%s: terminationGracePeriodSeconds %v is not above the agent's %d s stop", m.dir, g, agentStopSeconds)
+			t.Errorf("%s: terminationGracePeriodSeconds is not above the agent's %d s stop", m.dir, agentStopSeconds)
 		}
 		s := m.daemonSet.Spec.UpdateStrategy
 		if s.Type != "RollingUpdate" || s.RollingUpdate == nil ||
