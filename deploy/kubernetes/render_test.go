@@ -65,8 +65,9 @@ var strictDecoder = func() runtime.Decoder {
 }()
 
 // render runs kustomize on dir (a directory on disk) and decodes every
-// object it produces. Only the kinds Lanyard ships are expected; any other
-// is an error, as is a second object of a kind there should be one of.
+// object it produces. It returns an error for a kind Lanyard does not ship,
+// for a second object of a kind there should be one of, and for a missing
+// one (the Namespace may be missing).
 func render(dir string) (*manifests, error) {
 	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
 	resMap, err := k.Run(filesys.MakeFsOnDisk(), dir)
@@ -87,35 +88,37 @@ func render(dir string) (*manifests, error) {
 			return nil, fmt.Errorf("%s: %w", dir, err)
 		}
 	}
+	if m.account == nil || m.role == nil || m.binding == nil || m.daemonSet == nil || len(m.configMaps) != 1 {
+		return nil, fmt.Errorf("%s: want a ServiceAccount, ClusterRole, ClusterRoleBinding, DaemonSet and one ConfigMap; ConfigMaps: %v", dir, sortedKeys(m.configMaps))
+	}
 	return m, nil
 }
 
 func (m *manifests) add(obj runtime.Object) error {
-	var slot, have bool
 	switch o := obj.(type) {
 	case *corev1.Namespace:
-		slot, have = true, m.namespace != nil
-		m.namespace = o
+		return setOnce(&m.namespace, o)
 	case *corev1.ServiceAccount:
-		slot, have = true, m.account != nil
-		m.account = o
+		return setOnce(&m.account, o)
 	case *rbacv1.ClusterRole:
-		slot, have = true, m.role != nil
-		m.role = o
+		return setOnce(&m.role, o)
 	case *rbacv1.ClusterRoleBinding:
-		slot, have = true, m.binding != nil
-		m.binding = o
+		return setOnce(&m.binding, o)
 	case *appsv1.DaemonSet:
-		slot, have = true, m.daemonSet != nil
-		m.daemonSet = o
+		return setOnce(&m.daemonSet, o)
 	case *corev1.ConfigMap:
 		m.configMaps[o.Name] = o
-	default:
-		return fmt.Errorf("unexpected object %T", obj)
+		return nil
 	}
-	if slot && have {
+	return fmt.Errorf("unexpected object %T", obj)
+}
+
+// setOnce fills a slot for a kind there should be one object of.
+func setOnce[T any](slot **T, obj *T) error {
+	if *slot != nil {
 		return fmt.Errorf("two objects of type %T", obj)
 	}
+	*slot = obj
 	return nil
 }
 
