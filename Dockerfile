@@ -19,8 +19,8 @@ RUN go mod download
 COPY . .
 # What `lanyard version` prints (main.version); "dev" when not given.
 ARG VERSION=dev
-# Set by BuildKit and buildah for the platform being built; empty means
-# the builder's own.
+# Set by BuildKit (and recent buildah) for the platform being built;
+# empty means the builder's own.
 ARG TARGETOS
 ARG TARGETARCH
 # Static (no cgo), and the same bytes for the same source and VERSION:
