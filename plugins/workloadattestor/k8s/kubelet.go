@@ -43,6 +43,8 @@ type kubeletClient struct {
 	transport *http.Transport
 	http      *http.Client
 	warn      func(msg string, args ...any)
+	// timeout bounds each request: kubeletRequestTimeout.
+	timeout time.Duration
 }
 
 // dialFunc connects to the kubelet; tests point a node name at their
@@ -73,6 +75,7 @@ func newKubeletClient(s settings, dial dialFunc, warn func(string, ...any)) *kub
 		transport: transport,
 		http:      &http.Client{Transport: transport, CheckRedirect: noRedirects},
 		warn:      warn,
+		timeout:   kubeletRequestTimeout,
 	}
 }
 
@@ -91,7 +94,7 @@ func (k *kubeletClient) fetch(ctx context.Context) (*podList, error) {
 		// old client certificate.
 		k.transport.CloseIdleConnections()
 	}
-	ctx, cancel := context.WithTimeout(ctx, kubeletRequestTimeout)
+	ctx, cancel := context.WithTimeout(ctx, k.timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, k.url, nil)
 	if err != nil {
@@ -113,7 +116,7 @@ func (k *kubeletClient) fetch(ctx context.Context) (*podList, error) {
 	list, err := decodePodList(body, k.warn)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
-			return nil, fmt.Errorf("%w: GET %s: the pod list (%d bytes so far) did not arrive within %s", errKubeletUnreachable, k.url, body.n, kubeletRequestTimeout)
+			return nil, fmt.Errorf("%w: GET %s: the pod list (%d bytes so far) did not arrive within %s", errKubeletUnreachable, k.url, body.n, k.timeout)
 		}
 		return nil, fmt.Errorf("GET %s: %w", k.url, err)
 	}
@@ -129,7 +132,7 @@ func (k *kubeletClient) requestError(err error) error {
 	)
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
-		hint = fmt.Sprintf("no answer within %s: is the kubelet up and listening on port %d?", kubeletRequestTimeout, k.s.port)
+		hint = fmt.Sprintf("no answer within %s: is the kubelet up and listening on port %d?", k.timeout, k.s.port)
 	case errors.Is(err, syscall.ECONNREFUSED):
 		hint = fmt.Sprintf("nothing listens on port %d: check %s", k.s.port, k.portKey())
 		if k.s.nodeName == "" && k.s.secure {
