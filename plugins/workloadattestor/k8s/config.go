@@ -114,10 +114,12 @@ func (s *settings) kubeletURL() string {
 // the node name's variable.
 func parseConfig(sec *conf.Section, getenv func(string) string, log hclog.Logger) (settings, error) {
 	var c Config
-	if err := refuseUnbuilt(sec, sec.Decode(&c)); err != nil {
-		return settings{}, err
-	}
+	// Decoding errors and those found below are reported together, so one
+	// pass over the file fixes them all.
 	var errs []error
+	if err := refuseUnbuilt(sec, sec.Decode(&c)); err != nil {
+		errs = append(errs, err)
+	}
 	fail := func(key, format string, args ...any) { errs = append(errs, sec.Errorf(key, format, args...)) }
 
 	s := settings{

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"syscall"
 	"time"
@@ -126,6 +127,11 @@ func (k *kubeletClient) fetch(ctx context.Context) (*podList, error) {
 
 // requestError says why no answer came, and where to look.
 func (k *kubeletClient) requestError(err error) error {
+	// The URL is said once, below.
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		err = uerr.Err
+	}
 	var (
 		hint   string
 		dnsErr *net.DNSError
@@ -142,10 +148,10 @@ func (k *kubeletClient) requestError(err error) error {
 		hint = fmt.Sprintf("the node name %q does not resolve: set node_name, or node_name_env to a variable holding spec.nodeName", k.s.nodeName)
 	case errors.Is(err, errKubeletNotTrusted):
 		return fmt.Errorf("%w: GET %s: %w", errKubeletUnreachable, k.url, err)
+	case strings.Contains(err.Error(), "remote error: tls:") && k.s.auth == authCertificate:
+		hint = fmt.Sprintf("the kubelet refused the client certificate %s in the TLS handshake: it must be valid and signed by the kubelet's --client-ca-file", k.s.certPath)
 	case strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
 		hint = fmt.Sprintf("port %d serves plain HTTP: use kubelet_read_only_port for it", k.s.port)
-	case strings.Contains(err.Error(), "malformed HTTP response"):
-		hint = fmt.Sprintf("port %d serves TLS: use kubelet_secure_port for it", k.s.port)
 	}
 	if hint == "" {
 		return fmt.Errorf("%w: GET %s: %v", errKubeletUnreachable, k.url, err)
@@ -180,6 +186,9 @@ func (k *kubeletClient) statusError(resp *http.Response) error {
 		return fmt.Errorf("%w: GET %s: %s (the kubelet said %q)", errKubeletUnauthorized, k.url, hint, said)
 	case http.StatusForbidden:
 		return fmt.Errorf("%w: GET %s: the kubelet said %q: grant the agent's identity get on nodes/proxy (a ClusterRole with resources [nodes/proxy] and verbs [get], bound to its service account)", errKubeletForbidden, k.url, said)
+	}
+	if !k.s.secure && strings.Contains(said, "HTTP request to an HTTPS server") {
+		return fmt.Errorf("%w: GET %s: port %d serves TLS: use kubelet_secure_port for it (the kubelet said %q)", errKubeletStatus, k.url, k.s.port, said)
 	}
 	return fmt.Errorf("%w: GET %s: %s: %q", errKubeletStatus, k.url, resp.Status, said)
 }

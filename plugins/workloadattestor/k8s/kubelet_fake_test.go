@@ -8,6 +8,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -63,6 +65,8 @@ func newFakeKubelet(t testing.TB, opts kubeletOptions) *fakeKubelet {
 		pods:    func(int) []corev1.Pod { return nil },
 	}
 	k.srv = httptest.NewUnstartedServer(http.HandlerFunc(k.serve))
+	// Refused handshakes are what some tests want.
+	k.srv.Config.ErrorLog = log.New(io.Discard, "", 0)
 	if opts.plain {
 		k.srv.Start()
 		t.Cleanup(k.srv.Close)
@@ -168,15 +172,21 @@ func (k *fakeKubelet) count() int {
 func (k *fakeKubelet) clientCert(t testing.TB, dir, user string) (certPath, keyPath string) {
 	t.Helper()
 	key := testkit.NewKey(t)
-	cert := k.clientCA.Issue(t, &x509.Certificate{
-		Subject:     pkix.Name{CommonName: user},
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}, key.Public())
+	cert := k.clientCA.Issue(t, clientTemplate(user), key.Public())
 	certPath, keyPath = dir+"/client.crt", dir+"/client.key"
 	testkit.WritePEM(t, certPath, "CERTIFICATE", cert.Raw)
 	testkit.WritePEM(t, keyPath, "PRIVATE KEY", testkit.PKCS8(t, key))
 	return certPath, keyPath
+}
+
+// clientTemplate is a client certificate for user: the kubelet takes the
+// user from its common name.
+func clientTemplate(user string) *x509.Certificate {
+	return &x509.Certificate{
+		Subject:     pkix.Name{CommonName: user},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
 }
 
 func podListJSON(pods []corev1.Pod) []byte {
