@@ -26,33 +26,30 @@ const (
 // pod.metadata.uid) ; containerID is the bare runtime ID (64 hex for
 // containerd/CRI-O/Docker).
 //
-// podUID is empty, with found true, when the path does not show the pod: the
-// agent reads cgroup paths relative to its own cgroup namespace, so a
-// container of the agent's own pod shows as "/../<id>" (SPIRE #2578, #4917).
-// The caller then matches the container ID against every pod, as SPIRE does.
+// podUID is empty, with found true, for a container of the agent's own pod:
+// paths are relative to the agent's cgroup namespace, so such a container
+// shows as "/../<id>", its pod above the namespace (SPIRE #2578, #4917). The
+// caller then looks for the container ID in every pod, as SPIRE does.
 //
-// Each line is "hierarchy-ID:controllers:path". In a path, the outermost pod
-// decides: the first segment naming a pod ("pod<uid>" with the cgroupfs
-// driver, "<parent>-pod<uid>.slice" with systemd) and the container segment
-// right after it ("<id>", "<runtime>-<id>.scope", or the same segment's
-// ":<runtime>:<id>" tail). Whatever precedes the pod (kind's /kubelet,
-// docker-in-docker's /docker/<id>, QoS slices, "..") is skipped; whatever
-// follows the container (its own sub-cgroups, a nested kind's pods) belongs
-// to that container, so a container that can create cgroups cannot claim
-// another pod by naming one inside itself. Not found: a host process, a
-// container outside a pod (its path has no pod segment), a pod-level cgroup
-// with no container segment (the agent's own container shows as "0::/"),
-// and CRI-O's conmon ("crio-conmon-<id>.scope", SPIRE #4088), which monitors
-// a container but is not it.
+// In each "hierarchy-ID:controllers:path" line the outermost pod decides:
+// the first segment naming a pod ("pod<uid>", or "<parent>-pod<uid>.slice"
+// with systemd) and the container segment right after it ("<id>",
+// "<runtime>-<id>.scope", or the pod segment's ":<runtime>:<id>" tail).
+// What comes before the pod (kind's /kubelet, /docker/<id>, QoS classes) is
+// skipped; what comes after the container is the container's own, so a
+// container that can make cgroups cannot claim a pod by naming one inside
+// itself. Not found: no pod segment (a host process, a container outside
+// Kubernetes), a pod with no container segment (the pod-level cgroup; the
+// agent's own container, "0::/"), and CRI-O's conmon scope
+// ("crio-conmon-<id>.scope", SPIRE #4088), which watches a container but is
+// not one.
 //
-// Errors refuse the attestation: lines naming different pods or different
-// containers (as SPIRE: the kernel keeps one cgroup per hierarchy, so this is
-// no real process's file), a pod under a user's delegated cgroup tree
-// (user.slice or user@<uid>.service, where systemd lets a local user create
-// cgroups of any name, such as a victim's pod and container read from the
-// world-readable /proc/<pid>/cgroup), a malformed line, or a file over
-// maxCgroupFileSize. The kernel refuses '\n' in cgroup names, so a name
-// cannot forge a line.
+// Errors refuse the attestation: lines naming two pods or two containers
+// (as SPIRE), a pod under a user's delegated tree (user.slice,
+// user@<uid>.service: systemd lets the user name cgroups there after any
+// pod and container, which /proc/<pid>/cgroup shows to everyone), a
+// malformed line, or a file over maxCgroupFileSize. The kernel refuses '\n'
+// in cgroup names, so no name can forge a line.
 func podFromCgroups(data []byte) (podUID, containerID string, found bool, err error) {
 	if len(data) > maxCgroupFileSize {
 		return "", "", false, fmt.Errorf("the cgroup file is over %d bytes", maxCgroupFileSize)
@@ -198,8 +195,9 @@ func isUserDelegation(seg []byte) bool {
 // what follows the ".slice:", or nil.
 func podSegment(seg []byte) (uid canonicalUID, tail []byte, ok bool) {
 	if bytes.HasPrefix(seg, []byte("pod")) {
-		uid, ok = parsePodUID(seg[len("pod"):])
-		return uid, nil, ok
+		if uid, ok = parsePodUID(seg[len("pod"):]); ok {
+			return uid, nil, true
+		}
 	}
 	const slice = ".slice"
 	end := bytes.Index(seg, []byte(slice))

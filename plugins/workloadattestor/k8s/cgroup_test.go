@@ -170,6 +170,8 @@ func TestPodFromCgroupsPaths(t *testing.T) {
 		// hide it), underscores are canonicalized in either form.
 		{"no kubepods", "/something/pod" + cgPodUID + "/" + cgContainerID, cgInPod(cgPodUID, cgContainerID)},
 		{"underscores cgroupfs", "/kubepods/pod" + cgPodUIDSystemd + "/" + cgContainerID, cgInPod(cgPodUID, cgContainerID)},
+		// A cgroup root whose name starts with "pod" (--cgroup-root=pods).
+		{"parent named pod", "/pods.slice/pods-besteffort.slice/pods-besteffort-pod" + cgPodUIDSystemd + ".slice/cri-containerd-" + cgContainerID + ".scope", cgInPod(cgPodUID, cgContainerID)},
 		// CRI-O's cgroupfs driver and crun's payload subgroup.
 		{"crio cgroupfs", "/kubepods/besteffort/pod" + cgPodUID + "/crio-" + cgContainerID, cgInPod(cgPodUID, cgContainerID)},
 		{"crun subgroup", "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + cgPodUIDSystemd + ".slice/crio-" + cgContainerID + ".scope/container", cgInPod(cgPodUID, cgContainerID)},
