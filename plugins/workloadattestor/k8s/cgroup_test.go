@@ -45,6 +45,14 @@ var cgroupFiles = map[string]cgroupWant{
 	"issue2578-kind-besteffort-v2.txt":             cgInPod("dfd874dc-ab52-4793-af47-d06b78b68337", "a3804295d867b752119eab99a9e6364fdf7fe6a4be5af0b11f9915fa7b64ff95"),
 	"issue2578-kind-burstable-v2.txt":              cgInPod("bd445127-8720-434d-b38c-d308e9ff9b59", "a6fa3112ac317b1f2e8986a1fb4b783add5cf3ee6b6c9947dc513a6984da88fb"),
 	"here-absolute-pod.txt":                        cgInPod("e84bf471-c04b-41ea-9f3a-a0d873d6af96", "ad2195fe9538badf6066c9983929282425f90d34472dadeb57e6756c9754cf6e"),
+	// A real kubelet 1.30 and containerd 1.6 on this machine: every QoS
+	// class, API and static pods.
+	"kubelet-containerd-besteffort-api.txt":    cgInPod("0affb5da-7d31-4656-84c7-07b719d02adc", "b5fdc1b1fe47cc21f598ae82a994960d721b921aff7ec6a9c3b86037adb84f10"),
+	"kubelet-containerd-burstable-api.txt":     cgInPod("8a0f290f-41f4-456e-9c23-2a82cdcf61fe", "680df2e519202ff93fa3996b70ec0ad9631c1805f968b69ba590ee78723719a6"),
+	"kubelet-containerd-guaranteed-api.txt":    cgInPod("f663e315-2027-4341-91e2-bb3e73061562", "4d03a62431e53df3113dbe14d2877d5982828376884e0b17224645f779f3b10b"),
+	"kubelet-containerd-besteffort-static.txt": cgInPod("82c6484b32db499aeb4cb34d20899b2f", "0863f30516c169a8e30a489e7de05c8ec168c66e7840b4cc73e1e025787e5020"),
+	"kubelet-containerd-burstable-static.txt":  cgInPod("58b7e0bafcff416273cb0b700b02b94a", "02a8b427c18de498ab4b444ee4958e918f56d04fb4d7b6e6492007fd3bea7736"),
+	"kubelet-containerd-host-process.txt":      cgNotInPod,
 	// The agent in its own cgroup namespace sees other pods relative to it.
 	"issue2578-relative-besteffort-v2.txt": cgInPod("055a09a0-eef1-43da-84a8-330ee9a68c52", "d504cebc2d0152abc58f72ab203ba05d224f76aafd2a6f4e3011b28f9179d089"),
 	"issue2578-relative-burstable-v2.txt":  cgInPod("095e82d2-713c-467a-a18a-cbb50a075296", "6d1234da0f5aa7fa0ccae4c7d2d109929eb9a81694e6357bcd4547ab3985911b"),
