@@ -272,10 +272,10 @@ func checkPodFromCgroups(t *testing.T, data []byte, want cgroupWant) {
 
 func BenchmarkPodFromCgroups(b *testing.B) {
 	for _, name := range []string{
-		"spire-cgroupfs-burstable-v1.txt",      // 11 lines, cgroupfs
-		"spire-systemd-crio-besteffort-v1.txt", // 13 lines, systemd
-		"neuvector-containerd-systemd-v2.txt",  // one line
-		"spire-host-user-slice-v1.txt",         // not in a pod
+		"kubelet-containerd-besteffort-api.txt", // 10 lines, cgroupfs, captured here
+		"spire-systemd-crio-besteffort-v1.txt",  // 13 lines, systemd
+		"neuvector-containerd-systemd-v2.txt",   // one line
+		"kubelet-containerd-host-process.txt",   // not in a pod
 	} {
 		data, err := os.ReadFile(filepath.Join("testdata", "cgroup", name))
 		if err != nil {
