@@ -370,4 +370,3 @@ func TestMatchByContainerID(t *testing.T) {
 		t.Errorf("a pod UID twice: %v", err)
 	}
 }
-

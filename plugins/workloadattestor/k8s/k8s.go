@@ -91,7 +91,7 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]selector.S
 		// another container engine. SPIRE gives no selectors either.
 		return nil, nil
 	}
-	return a.attestContainer(ctx, canonicalUID(podUID), containerID)
+	return a.attestContainer(ctx, podKey(podUID), containerID)
 }
 
 // attestContainer polls the shared pod list until the container is in it,

@@ -41,7 +41,9 @@ func TestKubeletTokenRotation(t *testing.T) {
 	}
 	// The kubelet's token review now accepts only the new token, which
 	// replaces the file as a projected volume rotates it.
-	e.kubelet.set(func(k *fakeKubelet) { k.tokens = map[string]string{"rotated-token": "system:serviceaccount:spire:spire-agent"} })
+	e.kubelet.set(func(k *fakeKubelet) {
+		k.tokens = map[string]string{"rotated-token": "system:serviceaccount:spire:spire-agent"}
+	})
 	e.writeToken("rotated-token")
 	if _, err := e.fetch(); err != nil {
 		t.Fatalf("after rotation: %v", err)
@@ -60,7 +62,9 @@ func TestKubeletTokenRefused(t *testing.T) {
 		t.Errorf("the token is in an error or a log")
 	}
 	// Fixed on the kubelet's side: the next fetch works.
-	e.kubelet.set(func(k *fakeKubelet) { k.tokens = map[string]string{testToken: "system:serviceaccount:spire:spire-agent"} })
+	e.kubelet.set(func(k *fakeKubelet) {
+		k.tokens = map[string]string{testToken: "system:serviceaccount:spire:spire-agent"}
+	})
 	if _, err := e.fetch(); err != nil {
 		t.Errorf("after the kubelet accepts the token again: %v", err)
 	}
@@ -260,4 +264,3 @@ func TestKubeletUnreachable(t *testing.T) {
 	_, err = e.fetch()
 	wantErr(t, err, errKubeletUnreachable, "no answer within 100ms")
 }
-

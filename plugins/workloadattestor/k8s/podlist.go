@@ -247,7 +247,7 @@ func (l *podList) index(warn func(msg string, args ...any)) {
 	l.byContainer = make(map[string]int, 2*len(kept))
 	for i := range kept {
 		p := &kept[i]
-		put(l.byUID, canonicalUID(p.Metadata.UID), i)
+		put(l.byUID, podKey(p.Metadata.UID), i)
 		for _, statuses := range [][]containerStatus{p.Status.ContainerStatuses, p.Status.InitContainerStatuses, p.Status.EphemeralContainerStatuses} {
 			for _, st := range statuses {
 				if id, ok := runtimeID(st.ContainerID); ok {
@@ -272,9 +272,9 @@ func runtimeID(containerID string) (string, bool) {
 	return id, ok && id != ""
 }
 
-// canonicalUID compares pod UIDs as the kubelet lists them (dashed, or 32
+// podKey compares pod UIDs as the kubelet lists them (dashed, or 32
 // hex digits for static pods) with what a systemd cgroup path shows
 // (underscores).
-func canonicalUID(uid string) string {
+func podKey(uid string) string {
 	return strings.ToLower(strings.ReplaceAll(uid, "_", "-"))
 }

@@ -148,7 +148,7 @@ func FuzzDecodePodList(f *testing.F) {
 			t.Fatalf("accepted invalid JSON %q", data)
 		}
 		for uid, i := range list.byUID {
-			if i != ambiguous && canonicalUID(list.pods[i].Metadata.UID) != uid {
+			if i != ambiguous && podKey(list.pods[i].Metadata.UID) != uid {
 				t.Fatalf("index %q points at pod %q", uid, list.pods[i].Metadata.UID)
 			}
 		}

@@ -9,12 +9,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxCgroupFileSize bounds /proc/<pid>/cgroup: a line per hierarchy, about
-// 1 KiB on cgroup v1 with every controller, 100 bytes on v2.
-const maxCgroupFileSize = 64 << 10
-
 // readCgroupFile reads /proc/<pid>/cgroup under procRoot. The file is
-// opened without following a symlink and read whole, up to the bound.
+// opened without following a symlink and read whole, up to
+// maxCgroupFileSize (cgroup.go).
 func readCgroupFile(procRoot string, pid int32) ([]byte, error) {
 	path := procRoot + "/" + strconv.FormatInt(int64(pid), 10) + "/cgroup"
 	fd, err := openNoFollow(path)
