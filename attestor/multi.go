@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -37,13 +38,26 @@ type Plugin struct {
 	InProcess bool
 }
 
+// MaxStuckCalls is how many of one attestor's calls may still be running
+// past the end of their attestation (a kubelet or an engine that ignores
+// ctx) before the attestor's next calls fail at once with
+// ErrAttestorTimeout instead of starting yet another goroutine.
+const MaxStuckCalls = 64
+
 // MultiAttestor is the workload attestation of the agent: it runs every
 // configured attestor at once, each within a deadline, and merges their
 // selectors.
 type MultiAttestor struct {
 	plugins []Plugin
+	stuck   []stuckCalls // by plugin; used only for those not InProcess
 	timeout time.Duration
 	log     hclog.Logger
+}
+
+// stuckCalls counts one attestor's calls that outlived their attestation.
+type stuckCalls struct {
+	n      atomic.Int32
+	capped atomic.Bool // logged once each time the cap is reached
 }
 
 // NewMultiAttestor returns a MultiAttestor over plugins that gives each
@@ -52,8 +66,20 @@ func NewMultiAttestor(log hclog.Logger, timeout time.Duration, plugins ...Plugin
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	return &MultiAttestor{plugins: plugins, timeout: timeout, log: log}
+	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), timeout: timeout, log: log}
 }
+
+// call is one attestor's call on a worker. Exactly one of the worker
+// (finished) and the attestation (abandoned) moves it out of running.
+type call struct {
+	state atomic.Int32
+}
+
+const (
+	callRunning int32 = iota
+	callFinished
+	callAbandoned
+)
 
 type pluginResult struct {
 	plugin int
@@ -77,6 +103,7 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 	actx, cancel := context.WithTimeout(ctx, m.timeout)
 	defer cancel()
 	var results chan pluginResult
+	var calls []*call // by plugin; nil for InProcess ones
 	waiting := 0
 	for i, pl := range m.plugins {
 		if pl.InProcess {
@@ -86,13 +113,26 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 			// Buffered: an attestor that answers after the deadline does
 			// not block.
 			results = make(chan pluginResult, len(m.plugins))
+			calls = make([]*call, len(m.plugins))
 		}
+		if err := m.admit(i); err != nil {
+			abandon(m, calls)
+			return nil, err
+		}
+		c := &call{}
+		calls[i] = c
 		waiting++
 		workers.run(func() {
 			sels, err := pl.Attestor.Attest(actx, p)
+			if !c.state.CompareAndSwap(callRunning, callFinished) {
+				m.stuck[i].n.Add(-1)
+			}
 			results <- pluginResult{plugin: i, sels: sels, err: err}
 		})
 	}
+	// Calls still running when the attestation ends count as stuck until
+	// they return.
+	defer abandon(m, calls)
 	g := merge{m: m, ctx: ctx, actx: actx, p: p}
 	// No allocation for the usual handful of attestors.
 	var answered [8]bool
@@ -120,6 +160,32 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 		}
 	}
 	return g.result()
+}
+
+// admit refuses a call to plugin i while MaxStuckCalls of its calls are
+// still running past their attestation: an attestor that ignores ctx would
+// otherwise take a goroutine for every fetch, for good.
+func (m *MultiAttestor) admit(i int) error {
+	s := &m.stuck[i]
+	if s.n.Load() < MaxStuckCalls {
+		if s.capped.CompareAndSwap(true, false) {
+			m.log.Info("Workload attestor answers again", "attestor", m.plugins[i].Name)
+		}
+		return nil
+	}
+	if s.capped.CompareAndSwap(false, true) {
+		m.log.Error("Workload attestor has too many calls stuck past their deadline; failing its calls until they return", "attestor", m.plugins[i].Name, "stuck", MaxStuckCalls)
+	}
+	return fmt.Errorf("%w: %s has %d calls still running past their deadline", ErrAttestorTimeout, m.plugins[i].Name, MaxStuckCalls)
+}
+
+// abandon marks the calls still running as stuck.
+func abandon(m *MultiAttestor, calls []*call) {
+	for i, c := range calls {
+		if c != nil && c.state.CompareAndSwap(callRunning, callAbandoned) {
+			m.stuck[i].n.Add(1)
+		}
+	}
 }
 
 // merge gathers the answers of one attestation.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -214,5 +215,51 @@ func BenchmarkMultiAttestorInProcess(b *testing.B) {
 		if _, err := m.Attest(ctx, Process{PID: 42}); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestMultiAttestorCapsStuckCalls: an attestor that ignores ctx holds at
+// most MaxStuckCalls goroutines; past that its calls fail at once with
+// ErrAttestorTimeout, logged once, until the stuck calls return.
+func TestMultiAttestorCapsStuckCalls(t *testing.T) {
+	release := make(chan struct{})
+	var started atomic.Int32
+	blocked := attestorFunc(func(context.Context, Process) ([]selector.Selector, error) {
+		if started.Add(1) > MaxStuckCalls+1 {
+			return []selector.Selector{{Type: "engine", Value: "ok"}}, nil
+		}
+		<-release
+		return nil, errors.New("too late")
+	})
+	log, logs := testkit.NewLogger(hclog.Debug)
+	m := NewMultiAttestor(log, time.Millisecond, Plugin{Name: "engine", Attestor: blocked})
+	for i := 0; i < MaxStuckCalls; i++ {
+		if _, err := m.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrAttestorTimeout) {
+			t.Fatalf("attestation %d = %v, want ErrAttestorTimeout", i, err)
+		}
+	}
+	_, err := m.Attest(context.Background(), Process{PID: 42})
+	if !errors.Is(err, ErrAttestorTimeout) || !strings.Contains(err.Error(), "still running") {
+		t.Fatalf("attestation past the cap = %v, want ErrAttestorTimeout naming the stuck calls", err)
+	}
+	if n := started.Load(); n != MaxStuckCalls {
+		t.Fatalf("the attestor was called %d times, want %d: the cap must not start another call", n, MaxStuckCalls)
+	}
+	if got := strings.Count(logs.String(), "too many calls stuck"); got != 1 {
+		t.Errorf("the cap was logged %d times, want once:\n%s", got, logs)
+	}
+	close(release)
+	testkit.WaitFor(t, 10*time.Second, "the stuck calls to be counted out", func() bool {
+		return m.stuck[0].n.Load() == 0
+	})
+	// The next call gets the first answer past the blocked ones.
+	started.Store(MaxStuckCalls + 1)
+	m.timeout = time.Minute
+	sels, err := m.Attest(context.Background(), Process{PID: 42})
+	if err != nil || len(sels) != 1 {
+		t.Fatalf("attestation after the stuck calls returned = %v, %v", sels, err)
+	}
+	if !strings.Contains(logs.String(), "answers again") {
+		t.Errorf("the end of the cap was not logged:\n%s", logs)
 	}
 }

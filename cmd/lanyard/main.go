@@ -10,6 +10,7 @@ import (
 
 	// The compiled-in plugins register themselves by name.
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/join_token"
+	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/k8s_psat"
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"

@@ -51,7 +51,7 @@ const startupBound = 90 * time.Second
 
 // lanyardSPIREConf is a spire-agent agent.conf as SPIRE's docs write it,
 // which Lanyard runs unchanged: %[1]s is the node dir, %[2]s the server's
-// port, %[3]s the socket, %[4]s the join token.
+// port, %[3]s the socket, %[4]s the join token, %[5]s the plugins block.
 const lanyardSPIREConf = `agent {
     data_dir = "%[1]s/data"
     log_level = "INFO"
@@ -63,7 +63,7 @@ const lanyardSPIREConf = `agent {
     join_token = "%[4]s"
 }
 
-` + spiretest.AgentPlugins
+%[5]s`
 
 // lanyardLocalConf runs Lanyard on its embedded CA with one entry for
 // %[4]s (the uid of the load generator).
@@ -93,6 +93,13 @@ plugins {
 // nil for the embedded CA. It returns once Lanyard serves an X509-SVID.
 func startLanyard(tb testing.TB, bin string, s *spiretest.Server, joinToken string) Target {
 	tb.Helper()
+	return startLanyardWith(tb, bin, s, joinToken, spiretest.AgentPlugins)
+}
+
+// startLanyardWith is startLanyard with the plugins block of a SPIRE
+// upstream's config.
+func startLanyardWith(tb testing.TB, bin string, s *spiretest.Server, joinToken, plugins string) Target {
+	tb.Helper()
 	dir := tb.TempDir()
 	if err := os.Chmod(dir, 0o755); err != nil {
 		tb.Fatalf("making the socket dir reachable by other uids: %v", err)
@@ -107,7 +114,7 @@ func startLanyard(tb testing.TB, bin string, s *spiretest.Server, joinToken stri
 		if err != nil {
 			tb.Fatal(err)
 		}
-		body = fmt.Sprintf(lanyardSPIREConf, dir, port, socket, joinToken)
+		body = fmt.Sprintf(lanyardSPIREConf, dir, port, socket, joinToken, plugins)
 	} else {
 		body = fmt.Sprintf(lanyardLocalConf, dir, socket, workloadID, os.Getuid())
 	}
@@ -236,9 +243,9 @@ func BuildLanyard(dir string) (string, error) {
 
 // startSPIREAgent runs spire-agent with joinToken and returns it once it
 // serves an X509-SVID.
-func startSPIREAgent(tb testing.TB, s *spiretest.Server, joinToken string) Target {
+func startSPIREAgent(tb testing.TB, s *spiretest.Server, joinToken string, opts ...spiretest.AgentOption) Target {
 	tb.Helper()
-	sock := s.StartAgent(tb, joinToken, spiretest.WithAgentLogLevel("INFO"))
+	sock := s.StartAgent(tb, joinToken, append([]spiretest.AgentOption{spiretest.WithAgentLogLevel("INFO")}, opts...)...)
 	// Workloads of other uids connect too.
 	if err := os.Chmod(filepath.Dir(sock), 0o755); err != nil {
 		tb.Fatalf("making spire-agent's socket dir reachable by other uids: %v", err)

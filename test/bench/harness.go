@@ -66,6 +66,10 @@ type Config struct {
 	// second spire-server that reloads its entry cache this often, so that
 	// the agents' own sync policy is all that is measured (0 skips it).
 	FreshServerReload time.Duration
+
+	// K8sBurst workloads attest at once with the k8s workload attestor, on
+	// a node whose kubelet lists K8sPods pods (0 skips it).
+	K8sBurst, K8sPods int
 }
 
 // DefaultConfig is the full run, or the -quick one.
@@ -83,6 +87,8 @@ func DefaultConfig(quick bool) Config {
 		Entries:      10000,
 		Live:         100,
 		ProbeRounds:  3,
+		K8sBurst:     100,
+		K8sPods:      500,
 
 		FreshServerReload: 100 * time.Millisecond,
 	}
@@ -90,6 +96,7 @@ func DefaultConfig(quick bool) Config {
 		c.Rounds, c.Warmup, c.Window = 1, 300*time.Millisecond, time.Second
 		c.StreamRounds = 1
 		c.Entries, c.Live, c.ProbeRounds = 2000, 20, 1
+		c.K8sBurst, c.K8sPods = 20, 100
 	}
 	return c
 }
@@ -146,6 +153,9 @@ func Run(tb testing.TB, cfg Config) *Report {
 	}
 	if cfg.FreshServerReload > 0 && cfg.ProbeRounds > 0 && r.spire != nil {
 		r.freshServerProbe(ctx)
+	}
+	if cfg.K8sBurst > 0 && r.spire != nil {
+		r.k8sBurstWorkload()
 	}
 	r.report.Duration = time.Since(start).Round(time.Second).String()
 	r.report.check()

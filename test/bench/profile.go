@@ -215,7 +215,7 @@ func ProfileWithSPIRE(tb testing.TB, pc ProfileConfig, entries int) (string, err
 		return "", err
 	}
 	pc.Config = dir + "/agent.conf"
-	body := fmt.Sprintf(lanyardSPIREConf, dir, port, dir+"/api.sock", s.JoinToken(tb, nodeID))
+	body := fmt.Sprintf(lanyardSPIREConf, dir, port, dir+"/api.sock", s.JoinToken(tb, nodeID), spiretest.AgentPlugins)
 	if err := os.WriteFile(pc.Config, []byte(body), 0o600); err != nil {
 		return "", err
 	}

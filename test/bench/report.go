@@ -48,7 +48,9 @@ type Report struct {
 	// FreshProbe is entry-to-SVID against a spire-server whose entry
 	// cache is fresh (Config.FreshServerReload).
 	FreshProbe map[string]*EntriesStats `json:"fresh_server_probe,omitempty"`
-	Checks     []Check                  `json:"targets_checked"`
+	// K8sBurst is the burst of new workloads on a Kubernetes node.
+	K8sBurst map[string]*K8sBurstStats `json:"k8s_burst,omitempty"`
+	Checks   []Check                   `json:"targets_checked"`
 }
 
 func newReport(cfg Config) *Report {
@@ -60,6 +62,7 @@ func newReport(cfg Config) *Report {
 		Streams:    map[string]*StreamStats{},
 		Entries:    map[string]*EntriesStats{},
 		FreshProbe: map[string]*EntriesStats{},
+		K8sBurst:   map[string]*K8sBurstStats{},
 	}
 	c := &r.Config
 	c.Quick, c.LocalOnly, c.Rounds = cfg.Quick, cfg.LocalOnly, cfg.Rounds
@@ -343,6 +346,17 @@ func (r *Report) WriteTable(w io.Writer) {
 		}
 		line(p+": create->open stream max (s)", "s", probe(func(e *EntriesStats) float64 { return maxDur(e.OpenStream).Seconds() }))
 		line(p+": create->new workload max (s)", "s", probe(func(e *EntriesStats) float64 { return maxDur(e.NewWorkload).Seconds() }))
+	}
+	if lk := r.K8sBurst[NameLanyard]; lk != nil {
+		p := fmt.Sprintf("k8s burst of %d, %d pods", lk.Workloads, lk.Pods)
+		burst := func(f func(*K8sBurstStats) float64) func(string) (float64, bool) {
+			return ofTarget(r.K8sBurst, func(*K8sBurstStats) bool { return true }, f)
+		}
+		line(p+": kubelet requests", "", burst(func(s *K8sBurstStats) float64 { return float64(s.KubeletRequests) }))
+		line(p+": kubelet MB read", "MB", burst(func(s *K8sBurstStats) float64 { return float64(s.KubeletBytes) / 1e6 }))
+		line(p+": peak RSS growth (MB)", "MB", burst(func(s *K8sBurstStats) float64 { return float64(s.PeakGrowth()) / 1e6 }))
+		line(p+": time to SVID p50 (ms)", "ms", burst(func(s *K8sBurstStats) float64 { return msf(s.TimeToSVID.P50) }))
+		line(p+": time to SVID p99 (ms)", "ms", burst(func(s *K8sBurstStats) float64 { return msf(s.TimeToSVID.P99) }))
 	}
 	tw.Flush()
 	if len(r.Checks) > 0 {

@@ -199,6 +199,10 @@ func retryable(err error) bool {
 
 type firstFetchArgs struct {
 	Socket string `json:"socket"`
+	// WaitGo makes the child print "ready" and wait for a line on stdin
+	// before it connects, so that the harness can place it in a cgroup and
+	// start many at once.
+	WaitGo bool `json:"wait_go,omitempty"`
 }
 
 // FirstFetch is what a first-fetch child reports: when it got its first
@@ -215,6 +219,12 @@ func firstFetchRole() error {
 	var a firstFetchArgs
 	if err := roleArgs(&a); err != nil {
 		return err
+	}
+	if a.WaitGo {
+		fmt.Println("ready")
+		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+			return fmt.Errorf("waiting for the go line: %w", err)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), childBound)
 	defer cancel()

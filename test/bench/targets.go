@@ -14,6 +14,9 @@ const (
 	maxEntriesRSS      = 1.0 / 3
 	maxRotationSpread  = 50 * time.Millisecond
 	maxNewWorkload     = time.Second
+	// Of spire-agent's, in the Kubernetes burst (issue 10).
+	maxBurstKubeletRequests = 0.5
+	maxBurstPeakGrowth      = 0.5
 )
 
 // Check is one target, met or not.
@@ -71,6 +74,16 @@ func (r *Report) check() {
 		r.addCheck(fmt.Sprintf("a workload connecting right after its entry was created has its SVID within 1 s (agents at default settings, spire-server cache reload %s)", r.Config.FreshServerReload),
 			nw <= maxNewWorkload, "slowest %s (spire-agent %s)",
 			nw.Round(time.Millisecond), maxDur(sf.NewWorkload).Round(time.Millisecond))
+	}
+	lk, sk := r.K8sBurst[NameLanyard], r.K8sBurst[NameSpire]
+	if lk != nil && sk != nil {
+		p := fmt.Sprintf("k8s burst of %d workloads, %d pods:", lk.Workloads, lk.Pods)
+		r.addCheck(p+" kubelet requests <= half of spire-agent's", float64(lk.KubeletRequests) <= maxBurstKubeletRequests*float64(sk.KubeletRequests),
+			"%d vs %d", lk.KubeletRequests, sk.KubeletRequests)
+		r.addCheck(p+" peak RSS growth <= half of spire-agent's", float64(lk.PeakGrowth()) <= maxBurstPeakGrowth*float64(sk.PeakGrowth()),
+			"%s vs %s", mb(lk.PeakGrowth()), mb(sk.PeakGrowth()))
+		r.addCheck(p+" time to SVID p99 no worse than spire-agent's", lk.TimeToSVID.P99 <= sk.TimeToSVID.P99,
+			"%s vs %s", ms(lk.TimeToSVID.P99), ms(sk.TimeToSVID.P99))
 	}
 }
 

@@ -9,23 +9,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 )
-
-// recordingStream plays the server: it records what the attestor sends and
-// answers with a scripted challenge.
-type recordingStream struct {
-	data      []agent.AttestationData
-	challenge []byte
-}
-
-func (r *recordingStream) SendAttestationData(_ context.Context, d agent.AttestationData) ([]byte, error) {
-	r.data = append(r.data, d)
-	return r.challenge, nil
-}
-
-func (r *recordingStream) SendChallengeResponse(context.Context, []byte) ([]byte, error) {
-	return nil, errors.New("join_token must not answer challenges")
-}
 
 func build(t *testing.T, body, token string) (agent.NodeAttestor, error) {
 	t.Helper()
@@ -41,12 +26,12 @@ func TestSendsTheToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &recordingStream{}
+	s := &fakeagent.AttestationRecorder{}
 	if err := a.Attest(context.Background(), s); err != nil {
 		t.Fatal(err)
 	}
-	if len(s.data) != 1 || s.data[0].Type != "join_token" || string(s.data[0].Payload) != "abc-123" {
-		t.Fatalf("sent %+v, want one join_token message carrying the token", s.data)
+	if len(s.Data) != 1 || s.Data[0].Type != "join_token" || string(s.Data[0].Payload) != "abc-123" {
+		t.Fatalf("sent %+v, want one join_token message carrying the token", s.Data)
 	}
 }
 
@@ -55,7 +40,7 @@ func TestRefusesAChallenge(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = a.Attest(context.Background(), &recordingStream{challenge: []byte("nonce")})
+	err = a.Attest(context.Background(), &fakeagent.AttestationRecorder{Challenge: []byte("nonce")})
 	if err == nil || !strings.Contains(err.Error(), "challenge") {
 		t.Fatalf("err = %v, want a complaint about the challenge", err)
 	}
@@ -66,13 +51,13 @@ func TestNoTokenSaysHowToGetOne(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &recordingStream{}
+	s := &fakeagent.AttestationRecorder{}
 	err = a.Attest(context.Background(), s)
 	if !errors.Is(err, ErrNoToken) || !strings.Contains(err.Error(), "-joinToken") {
 		t.Fatalf("err = %v, want ErrNoToken naming -joinToken", err)
 	}
-	if len(s.data) != 0 {
-		t.Fatalf("sent %d messages without a token", len(s.data))
+	if len(s.Data) != 0 {
+		t.Fatalf("sent %d messages without a token", len(s.Data))
 	}
 }
 

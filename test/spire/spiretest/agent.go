@@ -31,10 +31,17 @@ const AgentPlugins = `plugins {
 type agentConfig struct {
 	syncInterval time.Duration
 	logLevel     string
+	plugins      string
 }
 
 // AgentOption configures StartAgent.
 type AgentOption func(*agentConfig)
+
+// WithAgentPlugins replaces AgentPlugins, the plugins block of the agent's
+// config.
+func WithAgentPlugins(plugins string) AgentOption {
+	return func(c *agentConfig) { c.plugins = plugins }
+}
 
 // WithSyncInterval sets experimental.sync_interval, how often the agent
 // pulls entries and SVIDs from the server (SPIRE's default is 5s).
@@ -53,7 +60,7 @@ func WithAgentLogLevel(level string) AgentOption {
 // stops the agent in t.Cleanup.
 func (s *Server) StartAgent(t testing.TB, joinToken string, opts ...AgentOption) (socketPath string) {
 	t.Helper()
-	cfg := agentConfig{logLevel: "DEBUG"}
+	cfg := agentConfig{logLevel: "DEBUG", plugins: AgentPlugins}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -81,7 +88,7 @@ func (s *Server) StartAgent(t testing.TB, joinToken string, opts ...AgentOption)
     trust_domain = %q
 %s}
 
-`+AgentPlugins, filepath.Join(dir, "data"), cfg.logLevel, host, port, socketPath, bundlePath, s.TrustDomain, extra)
+%s`, filepath.Join(dir, "data"), cfg.logLevel, host, port, socketPath, bundlePath, s.TrustDomain, extra, cfg.plugins)
 	confPath := filepath.Join(dir, "agent.conf")
 	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {
 		t.Fatalf("writing spire-agent config: %v", err)

@@ -38,6 +38,7 @@ type serverConfig struct {
 	jwtSVIDTTL          time.Duration
 	cacheReloadInterval time.Duration
 	logLevel            string
+	nodeAttestors       []string // extra NodeAttestor blocks
 }
 
 // ServerOption configures StartServer.
@@ -72,6 +73,14 @@ func WithCacheReloadInterval(d time.Duration) ServerOption {
 // WithServerLogLevel sets log_level (default "DEBUG").
 func WithServerLogLevel(level string) ServerOption {
 	return func(c *serverConfig) { c.logLevel = level }
+}
+
+// WithNodeAttestor adds NodeAttestor name with pluginData (HCL, the body of
+// its plugin_data block) beside join_token.
+func WithNodeAttestor(name, pluginData string) ServerOption {
+	return func(c *serverConfig) {
+		c.nodeAttestors = append(c.nodeAttestors, fmt.Sprintf("    NodeAttestor %q {\n        plugin_data {\n%s\n        }\n    }\n", name, pluginData))
+	}
 }
 
 // StartServer starts spire-server on 127.0.0.1 with a free port, a sqlite
@@ -140,9 +149,9 @@ plugins {
     NodeAttestor "join_token" {
         plugin_data {}
     }
-}
+%s}
 `, port, s.SocketPath, s.TrustDomain, filepath.Join(dir, "data"), cfg.logLevel, extra.String(),
-		filepath.Join(dir, "data", "datastore.sqlite3"), filepath.Join(dir, "data", "keys.json"))
+		filepath.Join(dir, "data", "datastore.sqlite3"), filepath.Join(dir, "data", "keys.json"), strings.Join(cfg.nodeAttestors, ""))
 	if err := os.WriteFile(s.ConfigPath, []byte(conf), 0o600); err != nil {
 		t.Fatalf("writing spire-server config: %v", err)
 	}

@@ -25,6 +25,7 @@ import (
 
 	// The plugins `lanyard run` has, for the profile command.
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/join_token"
+	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/k8s_psat"
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
@@ -84,6 +85,8 @@ func run() int {
 	entries := flag.Int("entries", -1, "registration entries for the node (0: skip; default 10000, quick 2000)")
 	cacheReload := flag.Duration("server-cache-reload", 0, "spire-server's experimental.cache_reload_interval (default: SPIRE's, 5s)")
 	freshReload := flag.Duration("fresh-server-reload", 100*time.Millisecond, "entry-to-SVID probe against a second spire-server with this entry cache reload interval (0: skip)")
+	k8sBurst := flag.Int("k8s-burst", -1, "workloads attesting at once with the k8s attestor (0: skip; default 100, quick 20)")
+	k8sPods := flag.Int("k8s-pods", -1, "pods the kubelet lists in the k8s burst (default 500, quick 100)")
 	flag.Parse()
 
 	cfg := bench.DefaultConfig(*quick)
@@ -125,6 +128,12 @@ func run() int {
 	if *entries >= 0 {
 		cfg.Entries = *entries
 		cfg.Live = min(cfg.Live, cfg.Entries)
+	}
+	if *k8sBurst >= 0 {
+		cfg.K8sBurst = *k8sBurst
+	}
+	if *k8sPods >= 0 {
+		cfg.K8sPods = max(*k8sPods, cfg.K8sBurst+1)
 	}
 
 	prog := spiretest.NewProgram("lanyard-bench", os.Stderr)
