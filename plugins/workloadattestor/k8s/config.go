@@ -2,7 +2,6 @@ package k8s
 
 import (
 	"errors"
-	"fmt"
 	"net"
 	"net/url"
 	"strconv"
@@ -20,7 +19,6 @@ const (
 	defaultTokenPath         = "/var/run/secrets/kubernetes.io/serviceaccount/token" //nolint:gosec // a path, not a token
 	defaultNodeNameEnv       = "MY_NODE_NAME"
 	defaultPollRetryInterval = 500 * time.Millisecond
-	defaultMaxPollAttempts   = 60
 	defaultReloadInterval    = time.Minute
 	// defaultMaxPodListSize bounds the kubelet's answer. A pod as the
 	// kubelet lists it is 5-20 KiB (managedFields make most of it), so a
@@ -79,7 +77,13 @@ type settings struct {
 	certPath  string
 	keyPath   string
 
-	pollInterval   time.Duration
+	pollInterval time.Duration
+	// maxPolls, when set, ends an attestation after that many lists were
+	// searched. SPIRE's default is 60, which at 500 ms is the 30 s of
+	// workload_attestor_timeout; Lanyard's default is the attestation's
+	// deadline alone, so that one raising the timeout waits longer, and a
+	// container not yet listed always ends as a timeout (Unavailable: the
+	// caller retries), never as a failure that races with the deadline.
 	maxPolls       int
 	reloadInterval time.Duration
 	maxPodListSize int64
@@ -129,7 +133,6 @@ func parseConfig(sec *conf.Section, getenv func(string) string, log hclog.Logger
 		certPath:                  c.CertificatePath,
 		keyPath:                   c.PrivateKeyPath,
 		pollInterval:              defaultPollRetryInterval,
-		maxPolls:                  defaultMaxPollAttempts,
 		reloadInterval:            defaultReloadInterval,
 		maxPodListSize:            defaultMaxPodListSize,
 		disableContainerSelectors: c.DisableContainerSelectors,
@@ -184,7 +187,7 @@ func parseConfig(sec *conf.Section, getenv func(string) string, log hclog.Logger
 	}
 	switch {
 	case c.MaxPollAttempts < 0:
-		fail("max_poll_attempts", "%d is negative: use a count of polls, or leave it out for %d", c.MaxPollAttempts, defaultMaxPollAttempts)
+		fail("max_poll_attempts", "%d is negative: use a count of polls, or leave it out to poll until workload_attestor_timeout", c.MaxPollAttempts)
 	case c.MaxPollAttempts > 0:
 		s.maxPolls = c.MaxPollAttempts
 	}
@@ -287,8 +290,4 @@ func orDefault(v, def string) string {
 		return def
 	}
 	return v
-}
-
-func (s settings) String() string {
-	return fmt.Sprintf("%s (poll every %s, at most %d polls)", s.kubeletURL(), s.pollInterval, s.maxPolls)
 }

@@ -18,7 +18,7 @@ func TestConfigDefaults(t *testing.T) {
 	s := a.s
 	want := settings{
 		secure: true, port: 10250, caPath: defaultKubeletCAPath, tokenPath: defaultTokenPath, auth: authToken,
-		pollInterval: 500 * time.Millisecond, maxPolls: 60, reloadInterval: time.Minute, maxPodListSize: 64 << 20,
+		pollInterval: 500 * time.Millisecond, reloadInterval: time.Minute, maxPodListSize: 64 << 20,
 	}
 	if s != want {
 		t.Errorf("defaults:\n got %+v\nwant %+v", s, want)

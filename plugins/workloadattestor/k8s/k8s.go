@@ -95,7 +95,7 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]selector.S
 }
 
 // attestContainer polls the shared pod list until the container is in it,
-// max_poll_attempts lists were searched, or ctx ends.
+// ctx ends, or max_poll_attempts lists were searched when it is set.
 func (a *Attestor) attestContainer(ctx context.Context, podUID, containerID string) ([]selector.Selector, error) {
 	start := time.Now()
 	var searched uint64
@@ -113,7 +113,7 @@ func (a *Attestor) attestContainer(ctx context.Context, podUID, containerID stri
 				return sels, err
 			}
 		}
-		if poll >= a.s.maxPolls {
+		if a.s.maxPolls > 0 && poll >= a.s.maxPolls {
 			return nil, a.notFound(nil, podUID, containerID, poll, start, lastErr)
 		}
 	}
