@@ -262,7 +262,7 @@ func testPod(i int) corev1.Pod {
 			}},
 			ManagedFields: []metav1.ManagedFieldsEntry{{
 				Manager: "kube-controller-manager", Operation: metav1.ManagedFieldsOperationUpdate, APIVersion: "v1",
-				Time: &started, FieldsType: "FieldsV1", FieldsV1: &metav1.FieldsV1{Raw: fields},
+				Time: &started, FieldsType: "FieldsV1", FieldsV1: metav1.NewFieldsV1(string(fields)),
 			}},
 		},
 		Spec: corev1.PodSpec{
