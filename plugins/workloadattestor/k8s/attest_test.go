@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	corev1 "k8s.io/api/core/v1"
@@ -52,17 +53,29 @@ func wantPod1(withContainer bool) []string {
 	return sorted(v...)
 }
 
-func TestAttestSecurePort(t *testing.T) {
-	e := newSecureEnv(t, "")
-	pods := testPods(5)
+// attestPod1 serves testPods(3) and attests a process in pod 1's named
+// container.
+func (e *testEnv) attestPod1(container string) []string {
+	e.t.Helper()
+	pods := testPods(3)
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
-	got, err := e.attest(testkit.Context(t, time.Minute), e.inPod(4001, string(pods[1].UID), containerOf(pods[1], "app")))
+	got, err := e.attest(testkit.Context(e.t, time.Minute), e.inPod(4001, string(pods[1].UID), containerOf(pods[1], container)))
 	if err != nil {
-		t.Fatal(err)
+		e.t.Fatal(err)
 	}
-	if want := wantPod1(true); !slices.Equal(got, want) {
+	return got
+}
+
+func wantSelectors(t *testing.T, got, want []string) {
+	t.Helper()
+	if !slices.Equal(got, want) {
 		t.Errorf("selectors:\n got %q\nwant %q", got, want)
 	}
+}
+
+func TestAttestSecurePort(t *testing.T) {
+	e := newSecureEnv(t, "")
+	wantSelectors(t, e.attestPod1("app"), wantPod1(true))
 	if e.kubelet.lastToken != testToken {
 		t.Errorf("the kubelet saw token %q, want the token file's %q", e.kubelet.lastToken, testToken)
 	}
@@ -70,33 +83,16 @@ func TestAttestSecurePort(t *testing.T) {
 
 func TestAttestReadOnlyPort(t *testing.T) {
 	e := newReadOnlyEnv(t, "")
-	pods := testPods(3)
-	e.kubelet.pods = func(int) []corev1.Pod { return pods }
-	got, err := e.attest(testkit.Context(t, time.Minute), e.inPod(4001, string(pods[1].UID), containerOf(pods[1], "app")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want := wantPod1(true); !slices.Equal(got, want) {
-		t.Errorf("selectors:\n got %q\nwant %q", got, want)
-	}
+	wantSelectors(t, e.attestPod1("app"), wantPod1(true))
 }
 
 func TestAttestInitContainer(t *testing.T) {
 	e := newReadOnlyEnv(t, "")
-	pods := testPods(3)
-	e.kubelet.pods = func(int) []corev1.Pod { return pods }
-	got, err := e.attest(testkit.Context(t, time.Minute), e.inPod(4001, string(pods[1].UID), containerOf(pods[1], "init")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := sorted(append(wantPod1(false),
+	wantSelectors(t, e.attestPod1("init"), sorted(append(wantPod1(false),
 		"k8s:container-name:init",
 		"k8s:container-image:busybox:1.36",
 		"k8s:container-image:docker.io/library/busybox:1.36",
-		"k8s:container-image:docker.io/library/busybox@sha256:"+hexID("digest", "docker.io/library/busybox:1.36"))...)
-	if !slices.Equal(got, want) {
-		t.Errorf("selectors:\n got %q\nwant %q", got, want)
-	}
+		"k8s:container-image:docker.io/library/busybox@sha256:"+hexID("digest", "docker.io/library/busybox:1.36"))...))
 }
 
 // A systemd driver's cgroup path writes the pod UID with underscores.
@@ -368,5 +364,36 @@ func TestMatchByContainerID(t *testing.T) {
 	list = decodeTestList(t, podListJSON(pods))
 	if _, _, err := e.a.match(list, string(pods[1].UID), containerOf(pods[1], "app")); err == nil || !strings.Contains(err.Error(), "two pods with UID") {
 		t.Errorf("a pod UID twice: %v", err)
+	}
+}
+
+// What the Workload API makes of each outcome, through the agent's
+// MultiAttestor: a container never listed, or a kubelet that keeps
+// refusing, ends as ErrAttestorTimeout (Unavailable, retry); an answer
+// that cannot be trusted leaves the k8s selectors out, with the reason.
+func TestAttestThroughMultiAttestor(t *testing.T) {
+	e := newSecureEnv(t, `poll_retry_interval = "10ms"`)
+	pods := testPods(3)
+	e.kubelet.pods = func(int) []corev1.Pod { return pods }
+	log, _ := testkit.NewLogger(hclog.Warn)
+	m := attestor.NewMultiAttestor(log, 300*time.Millisecond, attestor.Plugin{Name: PluginName, Attestor: e.a})
+	ctx := testkit.Context(t, time.Minute)
+
+	sels, err := m.Attest(ctx, e.inPod(4001, string(pods[1].UID), containerOf(pods[1], "app")))
+	if err != nil || !slices.Equal(values(sels), wantPod1(true)) {
+		t.Errorf("listed: %q, %v", values(sels), err)
+	}
+	if _, err := m.Attest(ctx, e.inPod(4002, podUID(99), hexID("c"))); !errors.Is(err, attestor.ErrAttestorTimeout) {
+		t.Errorf("never listed: %v; want ErrAttestorTimeout", err)
+	}
+	pods[2].Status.EphemeralContainerStatuses = []corev1.ContainerStatus{{Name: "dbg", ContainerID: "containerd://" + hexID("dbg")}}
+	e.kubelet.set(func(k *fakeKubelet) { k.allowed = map[string]bool{} })
+	if _, err := m.Attest(ctx, e.inPod(4003, podUID(98), hexID("c"))); !errors.Is(err, attestor.ErrAttestorTimeout) {
+		t.Errorf("kubelet refusing: %v; want ErrAttestorTimeout", err)
+	}
+	e.kubelet.set(func(k *fakeKubelet) { k.allowed = map[string]bool{"system:serviceaccount:spire:spire-agent": true} })
+	_, err = m.Attest(ctx, e.inPod(4004, string(pods[2].UID), hexID("dbg")))
+	if !errors.Is(err, attestor.ErrNoSelectors) || !strings.Contains(err.Error(), "ephemeral container") {
+		t.Errorf("an ephemeral container: %v; want ErrNoSelectors saying why", err)
 	}
 }
