@@ -221,11 +221,11 @@ func (f *fakeClock) Set(t time.Time) {
 	f.mu.Unlock()
 }
 
-func (c *SVIDManager) svidOf(entryID string) *X509SVID { return c.store.svid(entryID) }
+func (m *SVIDManager) svidOf(entryID string) *X509SVID { return m.store.svid(entryID) }
 
 // kickRenewal has the rotator look at its queue now, as after the clock
 // moved.
-func (c *SVIDManager) kickRenewal() { c.rotator.kickLoop() }
+func (m *SVIDManager) kickRenewal() { m.rotator.kickLoop() }
 
 func expectSignal(t *testing.T, s *Subscription, what string) {
 	t.Helper()

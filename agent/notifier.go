@@ -12,6 +12,9 @@ import (
 type notifier struct {
 	mu   sync.Mutex
 	subs map[*Subscription]struct{}
+	// gen is the store's change counter (nil in tests of the notifier
+	// alone): Watch reads it.
+	gen *atomic.Uint64
 }
 
 // Subscription is told, through C, whenever the cache changes in a way that
@@ -26,9 +29,27 @@ type Subscription struct {
 	entries atomic.Pointer[[]string]
 }
 
-// WatchEntries narrows the SVID changes that wake the subscriber to those of
-// the given entries. Entry and bundle changes always wake it.
-func (s *Subscription) WatchEntries(ids []string) {
+// Watch narrows the SVID changes that wake the subscriber to those of the
+// entries of snap, its last answer. Entry and bundle changes always wake
+// it. Call it once snap is sent.
+//
+// A new SVID stored since snap was built (while it was sent) was checked
+// against the entries watched until now, which may lack one snap added:
+// the subscriber is woken now if the store changed since snap, and looks
+// again (an extra look at worst, once per send). Watching snap's entries
+// before it was built cannot work: they are known only from it; watching
+// every change until Watch would wake the stream for every SVID signed
+// anywhere while it sends.
+func (s *Subscription) Watch(snap *X509Snapshot) {
+	s.watchEntries(snap.EntryIDs())
+	// After the store above: a change that read the entries watched before
+	// counted gen before it did (entryStore.put), so it shows here.
+	if s.notifier.gen != nil && s.notifier.gen.Load() != snap.gen {
+		s.signal()
+	}
+}
+
+func (s *Subscription) watchEntries(ids []string) {
 	s.entries.Store(&ids)
 }
 

@@ -69,8 +69,8 @@ func TestSubscriptions(t *testing.T) {
 func TestWatchEntries(t *testing.T) {
 	var n notifier
 	all, a, b := n.subscribe(), n.subscribe(), n.subscribe()
-	a.WatchEntries([]string{"a"})
-	b.WatchEntries([]string{"b", "c"})
+	a.watchEntries([]string{"a"})
+	b.watchEntries([]string{"b", "c"})
 	n.entries([]string{"c"})
 	expectSignal(t, all, "an SVID for a subscriber watching everything")
 	expectNoSignal(t, a, "an SVID of an entry it does not hold")
@@ -82,4 +82,43 @@ func TestWatchEntries(t *testing.T) {
 	b.Close()
 	n.all()
 	expectNoSignal(t, b, "Close")
+}
+
+// TestWatchCatchesAnSVIDStoredWhileSending: a stream whose new answer adds
+// an entry watches the entries of its previous answer until it has sent
+// it; a new SVID for the added entry stored meanwhile wakes it once it
+// watches the new answer, and with nothing changed since, nothing does.
+func TestWatchCatchesAnSVIDStoredWhileSending(t *testing.T) {
+	c, up := newTestCache(t)
+	a, b := entryA(), testEntry("b", "spiffe://example.org/b", 2, "unix:uid:1")
+	hold(c, up, a)
+	sub := c.Subscribe()
+	defer sub.Close()
+	first, err := c.X509Identities(t.Context(), a.Selectors)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub.Watch(first)
+	c.SetEntries([]*Entry{a, b})
+	expectSignal(t, sub, "an entry change")
+	second, err := c.X509Identities(t.Context(), a.Selectors)
+	if err != nil || len(second.SVIDs) != 2 {
+		t.Fatalf("the answer with b = %v, %v", second, err)
+	}
+
+	// While second is sent, b's SVID is replaced.
+	mine, _ := c.signer.claim([]*Entry{b}, nil)
+	c.signer.mintBatch(t.Context(), mine)
+	if c.svidOf("b") == second.SVIDs[1] {
+		t.Fatal("b's SVID was not replaced")
+	}
+	sub.Watch(second)
+	expectSignal(t, sub, "a new SVID of an entry of the answer, stored while it was sent")
+
+	third, err := c.X509Identities(t.Context(), a.Selectors)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub.Watch(third)
+	expectNoSignal(t, sub, "an answer with nothing changed since")
 }

@@ -45,6 +45,13 @@ func (s *X509SVID) state(now time.Time) svidState {
 	}
 }
 
+// renewalDue reports whether the rotator must re-sign the SVID now: a
+// workload was handed it, and it is past its renewal time, expired or
+// marked for replacement.
+func (s *X509SVID) renewalDue(now time.Time) bool {
+	return s.served.Load() && s.state(now) != svidValid
+}
+
 // Rotator renews X509-SVIDs as they come due. It keeps one item per entry
 // in a priority queue keyed on the time the entry's SVID must be looked at
 // again (its renewal time, or its expiry while unused), so that a wake-up
@@ -60,18 +67,23 @@ type Rotator struct {
 	byEntry map[string]*renewItem
 
 	kick chan struct{}
-	// stopped is closed when Run returns: signing detached from its caller
-	// (see detach) ends with it.
-	stopped  chan struct{}
-	stopOnce sync.Once
+	// retry spaces the renewals after one failed (the upstream is down).
+	retry *Backoff
+	// stopped ends when Run returns: signing detached from its caller (see
+	// detach) ends with it, so that no signing outlives the agent's stop.
+	stopped context.Context
+	stop    context.CancelFunc
 }
 
 func newRotator(log hclog.Logger, now func() time.Time, store *entryStore, signer *signer) *Rotator {
+	stopped, stop := context.WithCancel(context.Background())
 	return &Rotator{
 		log: log, now: now, store: store, signer: signer,
 		byEntry: map[string]*renewItem{},
 		kick:    make(chan struct{}, 1),
-		stopped: make(chan struct{}),
+		retry:   NewBackoff(time.Second, 30*time.Second),
+		stopped: stopped,
+		stop:    stop,
 	}
 }
 
@@ -128,30 +140,36 @@ func (r *Rotator) kickLoop() {
 // Run renews SVIDs as they reach their renewal time, until ctx ends. A
 // failed renewal keeps the old SVID and is retried with capped backoff.
 func (r *Rotator) Run(ctx context.Context) error {
-	defer r.stopOnce.Do(func() { close(r.stopped) })
-	backoff := NewBackoff(time.Second, 30*time.Second)
+	defer r.stop()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	// backingOff lasts from a failed renewal until the timer fires. The
+	// failed entries stay due (their completion put them first), and a
+	// kick meanwhile (during an outage, one from every caller whose own
+	// signing failed) must not have the loop try the upstream sooner:
+	// what it was kicked for waits in the queue until the backoff ends.
+	backingOff := false
 	for {
-		now := r.now()
-		due, unused, next := r.takeDue(now)
-		if n := r.store.dropUnused(unused); n > 0 {
-			r.log.Debug("Dropped X509-SVIDs no workload fetched since they were signed", "count", n)
-		}
-		if len(due) > 0 {
-			if r.renew(ctx, due) {
-				backoff.Reset()
-				continue
+		if !backingOff {
+			now := r.now()
+			due, unused, next := r.takeDue(now)
+			if n := r.store.dropUnused(unused); n > 0 {
+				r.log.Debug("Dropped X509-SVIDs no workload fetched since they were signed", "count", n)
 			}
-			// The failed ones stay due (their completion woke them):
-			// the loop waits before it tries again, unless kicked.
-			next = now.Add(backoff.Next())
+			if len(due) > 0 {
+				if r.renew(ctx, due) {
+					r.retry.Reset()
+					continue
+				}
+				next, backingOff = now.Add(r.retry.Next()), true
+			}
+			timer.Reset(next.Sub(now))
 		}
-		timer.Reset(next.Sub(now))
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-timer.C:
+			backingOff = false
 		case <-r.kick:
 		}
 	}
@@ -200,8 +218,13 @@ func (r *Rotator) takeDue(now time.Time) (due []*Entry, unused []*X509SVID, next
 
 // renew re-signs the due entries' SVIDs; it reports whether all succeeded.
 func (r *Rotator) renew(ctx context.Context, due []*Entry) bool {
-	// Those another caller started signing meanwhile are theirs.
-	mine, _ := r.signer.claim(due, nil)
+	// Those another caller started signing since takeDue are theirs, and
+	// those it re-signed since (after a new CA) are no longer due.
+	now := r.now()
+	mine, _ := r.signer.claim(due, func(e *Entry) bool {
+		svid := r.store.svid(e.ID)
+		return svid != nil && svid.renewalDue(now)
+	})
 	for _, call := range mine {
 		call.byRotator = true
 	}
@@ -222,17 +245,15 @@ func (r *Rotator) renew(ctx context.Context, due []*Entry) bool {
 
 // detach returns the context of a signing that outlives the caller that
 // started it, so that the other callers waiting on it are not failed; it
-// ends after mintTimeout or when Run returns.
+// ends after mintTimeout or when Run returns (at once if it has), so that
+// a hung upstream holds no caller, and no stop, past the agent's stop.
 func (r *Rotator) detach(ctx context.Context) (context.Context, context.CancelFunc) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
-	go func() {
-		select {
-		case <-r.stopped:
-			cancel()
-		case <-dctx.Done():
-		}
-	}()
-	return dctx, cancel
+	unhook := context.AfterFunc(r.stopped, cancel)
+	return dctx, func() {
+		unhook()
+		cancel()
+	}
 }
 
 // renewItem is an entry whose SVID the rotator looks at again at at.

@@ -269,6 +269,37 @@ func TestDetachedRefreshEndsWithTheAgent(t *testing.T) {
 	})
 }
 
+// TestDetachedMintEndsWithTheAgent: a caller's signing of an SVID it does
+// not hold yet runs detached (others may wait on it), yet ends when the
+// agent stops rather than at mintTimeout, and so does the caller: a hung
+// upstream cannot hold the agent's stop past its grace.
+func TestDetachedMintEndsWithTheAgent(t *testing.T) {
+	c, up := newTestCache(t)
+	e := entryA()
+	c.SetEntries([]*Entry{e})
+	c.SetBundles(up.bundle(), nil)
+	stop := startRotation(t, c)
+	up.SetGate(make(chan struct{})) // never opens
+	fetched := make(chan error, 1)
+	go func() {
+		_, err := c.X509Identities(context.Background(), e.Selectors)
+		fetched <- err
+	}()
+	testkit.WaitFor(t, waitLimit, "the signing in flight", func() bool { return up.x509Calls.Load() == 1 })
+	stop()
+	select {
+	case err := <-fetched:
+		if err == nil {
+			t.Fatal("the fetch succeeded with the upstream hung")
+		}
+	case <-time.After(waitLimit):
+		t.Fatal("the caller still waits on its signing after the agent stopped")
+	}
+	if n := c.signer.inFlight(); n != 0 {
+		t.Fatalf("%d signings in flight after the agent stopped", n)
+	}
+}
+
 func TestBackoff(t *testing.T) {
 	b := NewBackoff(time.Second, 8*time.Second)
 	for i, ceiling := range []time.Duration{1, 2, 4, 8, 8, 8} {
@@ -387,4 +418,56 @@ func entryIDsOf(entries []*Entry) []string {
 		ids = append(ids, e.ID)
 	}
 	return ids
+}
+
+// TestRotatorLeavesWhatACallerRenewedSinceItLooked: after a new CA, the
+// rotator takes an SVID as due and a caller re-signs it before the rotator
+// claims its signing; the rotator then leaves the caller's SVID be.
+func TestRotatorLeavesWhatACallerRenewedSinceItLooked(t *testing.T) {
+	c, up := newTestCache(t)
+	sels, _ := fetchFirst(t, c, up, entryA())
+	up.set(func(u *testUpstream) { u.ca = newTestCA(t, testTD) })
+	c.SetBundles(up.bundle(), nil)
+	due, _, _ := c.rotator.takeDue(time.Now())
+	if len(due) != 1 {
+		t.Fatalf("due after a new CA: %v, want a", entryIDsOf(due))
+	}
+	snap, err := c.X509Identities(t.Context(), sels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	calls := up.x509Calls.Load()
+	if !c.rotator.renew(t.Context(), due) {
+		t.Fatal("the renewal failed")
+	}
+	if up.x509Calls.Load() != calls || c.svidOf("a") != snap.SVIDs[0] {
+		t.Fatal("the rotator re-signed the SVID a caller had just signed under the new CA")
+	}
+}
+
+// TestKicksWaitOutTheRenewalBackoff: once a renewal failed, the wake-ups
+// the loop gets (callers fetching, or failing to sign, during an outage)
+// do not have it try the upstream again before its backoff ends.
+func TestKicksWaitOutTheRenewalBackoff(t *testing.T) {
+	c, up, clock := newClockedCache(t)
+	_, first := fetchFirst(t, c, up, entryA())
+	up.SetFail(errors.New("upstream down"))
+	c.rotator.retry = NewBackoff(time.Hour, time.Hour) // the test ends first
+	clock.Set(first.RenewAt.Add(time.Second))
+	startRotation(t, c)
+	testkit.WaitFor(t, waitLimit, "a failed renewal", func() bool { return up.x509Calls.Load() >= 2 })
+	// The loop takes a kick only once it is done with the one before.
+	kick := func() {
+		c.kickRenewal()
+		testkit.WaitFor(t, waitLimit, "the loop to take its kick", func() bool { return len(c.rotator.kick) == 0 })
+	}
+	kick()
+	calls := up.x509Calls.Load()
+	for range 5 {
+		kick()
+	}
+	kick()
+	if n := up.x509Calls.Load() - calls; n != 0 {
+		t.Fatalf("%d renewal attempts on kicks during the backoff, want none", n)
+	}
 }

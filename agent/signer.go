@@ -22,7 +22,8 @@ const (
 	maxBatch = 500
 	// mintTimeout bounds one upstream signing call. Minting runs detached
 	// from the caller that asked, so that one client hanging up does not
-	// fail the others waiting on the same SVID.
+	// fail the others waiting on the same SVID; it ends sooner when the
+	// agent stops (Rotator.detach).
 	mintTimeout = 30 * time.Second
 )
 

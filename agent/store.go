@@ -27,6 +27,11 @@ type entryStore struct {
 	local     *Bundle
 	federated map[spiffeid.TrustDomain]*Bundle
 	svids     map[string]*X509SVID
+	// tainted holds the X.509 authorities the upstream tainted that are
+	// still in the local bundle (nil when none), so that an SVID one of
+	// them signed is marked for replacement when it lands, not only when
+	// it was held at the taint: its signing may have been in flight.
+	tainted *Bundle
 
 	haveEntries, haveBundles bool
 	ready                    chan struct{}
@@ -49,6 +54,7 @@ func newEntryStore(log hclog.Logger) *entryStore {
 		ready:     make(chan struct{}),
 	}
 	s.snapshots.Store(&sync.Map{})
+	s.notifier.gen = &s.gen
 	return s
 }
 
@@ -104,6 +110,7 @@ func (s *entryStore) setBundles(local *spiffebundle.Bundle, federated []*spiffeb
 		} else {
 			out.jwtKeys = s.local == nil || !jwtAuthoritiesEqual(s.local.Bundle, local)
 			s.local, changed = b, true
+			s.tainted = keepTainted(s.tainted, local)
 			for id, svid := range s.svids {
 				if !svid.chainsTo(b) {
 					svid.replace.Store(true)
@@ -170,21 +177,6 @@ func (s *entryStore) markReadyLocked() {
 			close(s.ready)
 		}
 	}
-}
-
-// taint marks for replacement the SVIDs that chain to a tainted authority
-// and returns their entries.
-func (s *entryStore) taint(tainted *Bundle) []string {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	var ids []string
-	for id, svid := range s.svids {
-		if tainted.chainsTo(svid.Chain) {
-			svid.replace.Store(true)
-			ids = append(ids, id)
-		}
-	}
-	return ids
 }
 
 // matchLocked returns the entries whose selectors are all among sels,
@@ -287,6 +279,11 @@ func (s *entryStore) put(entries []*Entry, svids []*X509SVID) []string {
 		}
 		// An entry that changed meanwhile gets no SVID of its old shape.
 		if cur := s.entries.get(e.ID); cur != nil && cur.sameSVIDShape(e) {
+			// Its signing may have been in flight at the taint; the
+			// rotator looks at every SVID signed (SVIDManager.signed).
+			if s.tainted.chainsTo(svids[i].Chain) {
+				svids[i].replace.Store(true)
+			}
 			s.svids[e.ID] = svids[i]
 			stored = append(stored, e.ID)
 		}

@@ -40,105 +40,105 @@ type SVIDManager struct {
 
 // NewSVIDManager returns an empty SVID manager that signs through upstream.
 func NewSVIDManager(log hclog.Logger, upstream Upstream) *SVIDManager {
-	c := &SVIDManager{log: log, upstream: upstream, now: time.Now}
-	// The parts read the clock through c, which tests replace.
-	now := func() time.Time { return c.now() }
-	c.health = newHealthSource(now)
-	c.store = newEntryStore(log)
-	c.signer = newSigner(log, upstream, now, c.health.reportUpstream)
-	c.rotator = newRotator(log, now, c.store, c.signer)
-	c.signer.deliver, c.signer.completed = c.delivered, c.signed
-	c.jwts = newJWTIssuer(log, upstream, c.store, now, c.health.reportUpstream)
-	c.persister = newPersister(log, now, c.store, c.health.reportSave)
-	return c
+	m := &SVIDManager{log: log, upstream: upstream, now: time.Now}
+	// The parts read the clock through m, which tests replace.
+	now := func() time.Time { return m.now() }
+	m.health = newHealthSource(now)
+	m.store = newEntryStore(log)
+	m.signer = newSigner(log, upstream, now, m.health.reportUpstream)
+	m.rotator = newRotator(log, now, m.store, m.signer)
+	m.signer.deliver, m.signer.completed = m.delivered, m.signed
+	m.jwts = newJWTIssuer(log, upstream, m.store, now, m.health.reportUpstream)
+	m.persister = newPersister(log, now, m.store, m.health.reportSave)
+	return m
 }
 
 // delivered stores what a signing batch produced.
-func (c *SVIDManager) delivered(calls []*mintCall, svids []*X509SVID) {
+func (m *SVIDManager) delivered(calls []*mintCall, svids []*X509SVID) {
 	entries := make([]*Entry, len(calls))
 	for i, call := range calls {
 		entries[i] = call.entry
 	}
-	c.store.put(entries, svids)
+	m.store.put(entries, svids)
 }
 
 // signed has the rotator look at every entry of a completed signing
 // batch: a new SVID is scheduled, and one that could not be replaced is
 // retried.
-func (c *SVIDManager) signed(calls []*mintCall) {
+func (m *SVIDManager) signed(calls []*mintCall) {
 	ids := make([]string, len(calls))
 	kick := false
 	for i, call := range calls {
 		ids[i] = call.entry.ID
 		kick = kick || !call.byRotator
 	}
-	c.rotator.reschedule(ids, kick)
+	m.rotator.reschedule(ids, kick)
 }
 
 // Ready is closed once the upstream has delivered entries and bundles.
-func (c *SVIDManager) Ready() <-chan struct{} { return c.store.ready }
+func (m *SVIDManager) Ready() <-chan struct{} { return m.store.ready }
 
 // Rotator is the service that renews X509-SVIDs.
-func (c *SVIDManager) Rotator() *Rotator { return c.rotator }
+func (m *SVIDManager) Rotator() *Rotator { return m.rotator }
 
 // Persister is the service that saves the cache (see PersistTo).
-func (c *SVIDManager) Persister() *Persister { return c.persister }
+func (m *SVIDManager) Persister() *Persister { return m.persister }
 
 // PersistTo makes the cache save itself to dir (see Persister) and loads
 // what an earlier run saved there.
-func (c *SVIDManager) PersistTo(dir string, td spiffeid.TrustDomain) {
-	c.rotator.wake(c.persister.loadFrom(dir, td)...)
+func (m *SVIDManager) PersistTo(dir string, td spiffeid.TrustDomain) {
+	m.rotator.wake(m.persister.loadFrom(dir, td)...)
 }
 
 // SetEntries replaces the registration entries. Unchanged entries keep their
 // SVIDs; removed or reshaped ones lose them.
-func (c *SVIDManager) SetEntries(entries []*Entry) {
-	if c.store.setEntries(entries) {
-		c.jwts.dropChanged()
+func (m *SVIDManager) SetEntries(entries []*Entry) {
+	if m.store.setEntries(entries) {
+		m.jwts.dropChanged()
 	}
 }
 
 // SetBundles replaces the trust bundles. SVIDs that no longer chain to the
 // local bundle are renewed at once.
-func (c *SVIDManager) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle) {
-	change := c.store.setBundles(local, federated)
+func (m *SVIDManager) SetBundles(local *spiffebundle.Bundle, federated []*spiffebundle.Bundle) {
+	change := m.store.setBundles(local, federated)
 	if change.jwtKeys {
-		c.jwts.dropAll()
+		m.jwts.dropAll()
 	}
-	c.rotator.wake(change.unchained...)
+	m.rotator.wake(change.unchained...)
 }
 
 // ReportUpstream records the outcome of an upstream call: the agent reports
 // degraded readiness while the upstream fails.
-func (c *SVIDManager) ReportUpstream(err error) { c.health.reportUpstream(err) }
+func (m *SVIDManager) ReportUpstream(err error) { m.health.reportUpstream(err) }
 
 // ReportSave records the outcome of saving path, a file in the data
 // directory: the agent reports degraded readiness while a save fails.
-func (c *SVIDManager) ReportSave(path string, err error) { c.health.reportSave(path, err) }
+func (m *SVIDManager) ReportSave(path string, err error) { m.health.reportSave(path, err) }
 
 // Health returns the agent's state of health.
-func (c *SVIDManager) Health() Health {
+func (m *SVIDManager) Health() Health {
 	var h Health
-	c.health.fill(&h)
-	c.store.fillHealth(&h)
+	m.health.fill(&h)
+	m.store.fillHealth(&h)
 	return h
 }
 
 // Subscribe returns a new subscription; Close it when done.
-func (c *SVIDManager) Subscribe() *Subscription { return c.store.notifier.subscribe() }
+func (m *SVIDManager) Subscribe() *Subscription { return m.store.notifier.subscribe() }
 
 // X509Identities returns the caller's X.509-SVIDs, minting those it does not
 // hold yet. It returns ErrNoIdentity when no entry matches. Callers that
 // match the same entries share one snapshot until something changes.
-func (c *SVIDManager) X509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
-	if err := c.waitReady(ctx); err != nil {
+func (m *SVIDManager) X509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
+	if err := m.waitReady(ctx); err != nil {
 		return nil, err
 	}
 	// Entries may change while minting; a few rounds settle it, and one
 	// more may refresh SVIDs whose renewal was skipped.
 	refreshed, resigned := false, false
 	for range 4 {
-		look, err := c.store.lookupX509(sels, c.now(), !refreshed && c.health.upstreamUp(), resigned)
+		look, err := m.store.lookupX509(sels, m.now(), !refreshed && m.health.upstreamUp(), resigned)
 		switch {
 		case err != nil:
 			return nil, err
@@ -146,16 +146,16 @@ func (c *SVIDManager) X509Identities(ctx context.Context, sels []selector.Select
 			resigned = resigned || look.unchained
 			// Failing to re-sign one that does not chain leaves it served:
 			// the caller is no worse off than before.
-			if err := c.mint(ctx, look.missing, look.unchained); err != nil && (!look.unchained || look.absent) {
+			if err := m.mint(ctx, look.missing, look.unchained); err != nil && (!look.unchained || look.absent) {
 				return nil, err
 			}
 			continue
 		case len(look.stale) > 0:
 			refreshed = true
-			c.refresh(ctx, look.stale)
+			m.refresh(ctx, look.stale)
 			continue
 		}
-		c.rotator.wake(look.wake...)
+		m.rotator.wake(look.wake...)
 		return look.snap, nil
 	}
 	return nil, fmt.Errorf("registration entries kept changing while their SVIDs were signed")
@@ -171,21 +171,21 @@ const refreshWait = 2 * time.Second
 // signing goes on detached until it ends or the rotator stops, and a caller
 // that stops waiting (or whose refresh fails, the upstream being down) is
 // served the still-valid SVIDs.
-func (c *SVIDManager) refresh(ctx context.Context, entries []*Entry) {
-	now := c.now()
+func (m *SVIDManager) refresh(ctx context.Context, entries []*Entry) {
+	now := m.now()
 	// Another caller may have refreshed it since the caller looked.
-	mine, theirs := c.signer.claim(entries, func(e *Entry) bool {
-		svid := c.store.svid(e.ID)
+	mine, theirs := m.signer.claim(entries, func(e *Entry) bool {
+		svid := m.store.svid(e.ID)
 		return svid != nil && svid.renewalSkipped(now)
 	})
 	if len(mine) > 0 {
 		// The signer's delivery has the rotator look at these entries
 		// again whatever came of it: the caller may have stopped waiting
 		// and been handed the old SVID, now served and due.
-		mctx, cancel := c.rotator.detach(ctx)
+		mctx, cancel := m.rotator.detach(ctx)
 		go func() {
 			defer cancel()
-			c.signer.mintBatch(mctx, mine)
+			m.signer.mintBatch(mctx, mine)
 		}()
 	}
 	timer := time.NewTimer(refreshWait)
@@ -204,14 +204,15 @@ func (c *SVIDManager) refresh(ctx context.Context, entries []*Entry) {
 // mint signs SVIDs for entries that have none (or, when unchained, none
 // that chains to the local bundle), sharing in-flight work with other
 // callers that need the same entries.
-func (c *SVIDManager) mint(ctx context.Context, entries []*Entry, unchained bool) error {
-	now := c.now()
-	mine, theirs := c.signer.claim(entries, func(e *Entry) bool {
-		return !c.store.servable(e.ID, now, unchained)
+func (m *SVIDManager) mint(ctx context.Context, entries []*Entry, unchained bool) error {
+	now := m.now()
+	mine, theirs := m.signer.claim(entries, func(e *Entry) bool {
+		return !m.store.servable(e.ID, now, unchained)
 	})
 	if len(mine) > 0 {
-		mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), mintTimeout)
-		c.signer.mintBatch(mctx, mine)
+		// Detached: other callers may be waiting on these signings.
+		mctx, cancel := m.rotator.detach(ctx)
+		m.signer.mintBatch(mctx, mine)
 		cancel()
 	}
 	return wait(ctx, append(mine, theirs...))
@@ -222,16 +223,16 @@ func (c *SVIDManager) mint(ctx context.Context, entries []*Entry, unchained bool
 // caller's own deadline would leave it nothing to tell the client.
 const maxReadyWait = time.Second
 
-func (c *SVIDManager) waitReady(ctx context.Context) error {
+func (m *SVIDManager) waitReady(ctx context.Context) error {
 	select {
-	case <-c.store.ready:
+	case <-m.store.ready:
 		return nil
 	default:
 	}
 	timer := time.NewTimer(maxReadyWait)
 	defer timer.Stop()
 	select {
-	case <-c.store.ready:
+	case <-m.store.ready:
 		return nil
 	case <-timer.C:
 		return ErrNotReady
@@ -243,32 +244,32 @@ func (c *SVIDManager) waitReady(ctx context.Context) error {
 // Bundles returns the bundles a caller may see: the local one and those its
 // entries federate with. A caller with no entry gets ErrNoIdentity unless
 // allowUnauthenticated, in which case it sees every bundle.
-func (c *SVIDManager) Bundles(ctx context.Context, sels []selector.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
-	if err := c.waitReady(ctx); err != nil {
+func (m *SVIDManager) Bundles(ctx context.Context, sels []selector.Selector, allowUnauthenticated bool) (*BundleSnapshot, error) {
+	if err := m.waitReady(ctx); err != nil {
 		return nil, err
 	}
-	return c.store.bundles(sels, allowUnauthenticated)
+	return m.store.bundles(sels, allowUnauthenticated)
 }
 
 // JWTSVIDs returns a JWT-SVID for audience for each of the caller's
 // identities, or only for id when it is not zero. Tokens are reused until
 // half their lifetime has passed.
-func (c *SVIDManager) JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
-	if err := c.waitReady(ctx); err != nil {
+func (m *SVIDManager) JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*JWTSVID, error) {
+	if err := m.waitReady(ctx); err != nil {
 		return nil, err
 	}
-	entries := c.store.match(sels, id)
+	entries := m.store.match(sels, id)
 	if len(entries) == 0 {
 		return nil, ErrNoIdentity
 	}
-	return c.jwts.forEntries(ctx, entries, audience)
+	return m.jwts.forEntries(ctx, entries, audience)
 }
 
 // ValidateJWTSVID checks a token against the bundle of its subject's trust
 // domain and the audience. The caller may rely on the bundles it could fetch
 // itself: the local one and those its entries federate with.
-func (c *SVIDManager) ValidateJWTSVID(ctx context.Context, sels []selector.Selector, token, audience string) (*jwtsvid.SVID, error) {
-	snap, err := c.Bundles(ctx, sels, true)
+func (m *SVIDManager) ValidateJWTSVID(ctx context.Context, sels []selector.Selector, token, audience string) (*jwtsvid.SVID, error) {
+	snap, err := m.Bundles(ctx, sels, true)
 	if err != nil {
 		return nil, err
 	}
@@ -285,21 +286,21 @@ const maxEntryWait = 8 * time.Second
 // whether an entry now matches; it gives up when the upstream declines to
 // sync (its rate limit), after maxEntryWait, or when ctx ends, so a caller
 // with no entry anywhere is answered PermissionDenied at most that late.
-func (c *SVIDManager) AwaitIdentity(ctx context.Context, sels []selector.Selector, id spiffeid.ID) bool {
+func (m *SVIDManager) AwaitIdentity(ctx context.Context, sels []selector.Selector, id spiffeid.ID) bool {
 	ctx, cancel := context.WithTimeout(ctx, maxEntryWait)
 	defer cancel()
 	for ctx.Err() == nil {
-		synced, err := c.upstream.Resync(ctx)
+		synced, err := m.upstream.Resync(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
-				c.log.Debug("Sync for a caller with no identity failed", "error", err)
+				m.log.Debug("Sync for a caller with no identity failed", "error", err)
 			}
 			return false
 		}
 		if !synced {
 			return false
 		}
-		if len(c.store.match(sels, id)) > 0 {
+		if len(m.store.match(sels, id)) > 0 {
 			return true
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -93,6 +94,9 @@ type envOptions struct {
 	attestor func(attestor.WorkloadAttestor) attestor.WorkloadAttestor
 	// attestorTimeout, when set, is the deadline of the attestor.
 	attestorTimeout time.Duration
+	// persistDir, when set, is where the cache is saved, by its persister
+	// staged first, as lanyard run stages it.
+	persistDir string
 }
 
 // testEnv is a Workload API server on a real Unix socket, over a real cache
@@ -104,6 +108,9 @@ type testEnv struct {
 	srv    *Server
 	socket string
 	logs   *testkit.Buffer
+	// stop stops the server and the services that feed its cache, in the
+	// order lanyard run stops them on SIGTERM, and returns when all have.
+	stop func()
 }
 
 func newTestEnv(t *testing.T, opt envOptions) *testEnv {
@@ -151,30 +158,44 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 		}
 	})
 	e.socket = filepath.Join(testkit.ShortDir(t, "wa-"), "api.sock")
-	serve(t, log, e.socket, e.srv, cache.Rotator())
+	var first []supervisor.Service
+	if opt.persistDir != "" {
+		cache.PersistTo(opt.persistDir, tdExample)
+		first = append(first, cache.Persister())
+	}
+	e.stop = serve(t, log, e.socket, e.srv, first, []supervisor.Service{cache.Rotator()})
 	return e
 }
 
-// serve runs srv on socket, and the services that feed its cache, staged
-// as `lanyard run` stages them, until the test ends. Its health stays
-// NOT_SERVING: the tests of the health status run their own endpoint of
-// srv, which shares it.
-func serve(tb testing.TB, log hclog.Logger, socket string, srv *Server, feeders ...supervisor.Service) {
+// serve runs srv on socket after the stages of services that feed its
+// cache, staged as `lanyard run` stages them, until the test ends or stop
+// is called. Its health stays NOT_SERVING: the tests of the health status
+// run their own endpoint of srv, which shares it.
+func serve(tb testing.TB, log hclog.Logger, socket string, srv *Server, stages ...[]supervisor.Service) (stop func()) {
 	tb.Helper()
 	l, err := agent.Listen(socket, agent.DefaultMaxConnections(), log.Named("listener"))
 	if err != nil {
 		tb.Fatal(err)
 	}
+	sup := supervisor.New(log)
+	for _, stage := range stages {
+		if len(stage) > 0 {
+			sup.Stage(stage...)
+		}
+	}
+	sup.Stage(srv.Endpoint(l, nil, 2*time.Second))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_ = supervisor.New(log).Stage(feeders...).Stage(srv.Endpoint(l, nil, 2*time.Second)).Run(ctx)
+		_ = sup.Run(ctx)
 	}()
-	tb.Cleanup(func() {
+	stop = sync.OnceFunc(func() {
 		cancel()
 		<-done
 	})
+	tb.Cleanup(stop)
+	return stop
 }
 
 // client is a raw Workload API client on its own connection.

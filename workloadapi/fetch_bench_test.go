@@ -75,7 +75,7 @@ func benchAgent(b *testing.B) (string, *agent.Agent) {
 		b.Fatal(err)
 	}
 	srv := NewServer(Config{Log: log, Attestor: a, Identities: a.SVIDManager()})
-	serve(b, log, cfg.Agent.SocketPath, srv, supervisor.Func("agent", a.Run))
+	serve(b, log, cfg.Agent.SocketPath, srv, []supervisor.Service{supervisor.Func("agent", a.Run)})
 	select {
 	case <-a.SVIDManager().Ready():
 	case <-time.After(30 * time.Second):

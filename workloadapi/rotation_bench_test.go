@@ -16,6 +16,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
+	"github.com/lanyard-dev/lanyard/supervisor"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc/metadata"
 )
@@ -36,7 +37,7 @@ func BenchmarkCARotationFanout(b *testing.B) {
 	cache.SetEntries([]*agent.Entry{newEntry("/bench", 1, mine)})
 	cache.SetBundles(up.CA().Bundle(tdExample), nil)
 	socket := filepath.Join(testkit.ShortDir(b, "wrb-"), "api.sock")
-	serve(b, log, socket, NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache}), cache.Rotator())
+	serve(b, log, socket, NewServer(Config{Log: log, Attestor: fixedAttestor{mine}, Identities: cache}), []supervisor.Service{cache.Rotator()})
 	// The bundle is the new CA's only once the SVID is one it signed: an
 	// SVID that does not chain is not served.
 	msgs := openX509Streams(b, socket, streams)

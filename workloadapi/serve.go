@@ -33,7 +33,7 @@ type Server struct {
 var errShuttingDown = status.Error(codes.Unavailable, "the agent is shutting down")
 
 // Shutdown ends open streams with Unavailable, lets calls in flight finish,
-// and stops; after grace it cuts whatever is left.
+// and stops; after grace it cuts whatever is left and returns.
 func (s *Server) Shutdown(grace time.Duration) {
 	s.Health.Shutdown()
 	s.handler.stopOnce.Do(func() { close(s.handler.stopping) })
@@ -45,8 +45,11 @@ func (s *Server) Shutdown(grace time.Duration) {
 	select {
 	case <-done:
 	case <-time.After(grace):
+		// Stop closes every connection and ends the calls' contexts, but
+		// GracefulStop would still wait for each handler to return: one
+		// stuck on the upstream would hold the agent's stop, and its last
+		// save, past the grace. Those end when the agent's signings do.
 		s.GRPC.Stop()
-		<-done
 	}
 }
 

@@ -2,16 +2,20 @@ package workloadapi
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -137,5 +141,68 @@ func TestStatusOfSaysWhatWentWrong(t *testing.T) {
 				t.Errorf("%s: message %q does not say %q", tc.name, st.Message(), want)
 			}
 		}
+	}
+}
+
+// signingsInFlight counts the X509-SVID signings the upstream is in.
+type signingsInFlight struct {
+	*fakeagent.Upstream
+	n atomic.Int32
+}
+
+func (u *signingsInFlight) MintX509SVIDs(ctx context.Context, reqs []agent.X509Request) ([]agent.X509Result, error) {
+	u.n.Add(1)
+	defer u.n.Add(-1)
+	return u.Upstream.MintX509SVIDs(ctx, reqs)
+}
+
+// TestStopWhileTheUpstreamHangs: the agent told to stop while a stream's
+// fetch waits on an upstream that hangs stops within the grace, not once
+// the signing times out (30 s, past Kubernetes' grace period), the signing
+// ends with it, and the cache is still saved on the way out.
+func TestStopWhileTheUpstreamHangs(t *testing.T) {
+	a, b := newEntry("/a", 1, mySelector()), newEntry("/b", 2, mySelector())
+	dir := t.TempDir()
+	var up *signingsInFlight
+	e := newTestEnv(t, envOptions{entries: []*agent.Entry{a}, persistDir: dir, upstream: func(u *fakeagent.Upstream) agent.Upstream {
+		up = &signingsInFlight{Upstream: u}
+		return up
+	}})
+	svids := openX509Stream(t, e.client(t))
+	nextMsg(t, svids, "the SVID of /a")
+
+	// A new entry of the caller: the stream's fetch signs its SVID, and
+	// the upstream hangs until the call's context ends.
+	e.up.SetGate(make(chan struct{}))
+	e.cache.SetEntries([]*agent.Entry{a, b})
+	testkit.WaitFor(t, waitLimit, "the signing of /b in flight", func() bool { return up.n.Load() == 1 })
+
+	stopped := make(chan struct{})
+	go func() {
+		e.stop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(waitLimit):
+		t.Fatal("the agent did not stop while its upstream hung")
+	}
+	testkit.WaitFor(t, waitLimit, "the hung signing to end with the agent", func() bool { return up.n.Load() == 0 })
+
+	data, err := os.ReadFile(filepath.Join(dir, "cache.json"))
+	if err != nil {
+		t.Fatalf("the cache was not saved: %v", err)
+	}
+	var saved struct {
+		Entries []struct{ ID string }
+		SVIDs   []struct {
+			EntryID string `json:"entry_id"`
+		} `json:"x509_svids"`
+	}
+	if err := json.Unmarshal(data, &saved); err != nil {
+		t.Fatal(err)
+	}
+	if len(saved.Entries) != 2 || len(saved.SVIDs) != 1 || saved.SVIDs[0].EntryID != a.ID {
+		t.Fatalf("saved %+v, want both entries and the SVID of %s", saved, a.ID)
 	}
 }

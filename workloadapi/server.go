@@ -178,7 +178,7 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			// one encoding.
 			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
 		},
-		sent: func(sub *agent.Subscription, snap *agent.X509Snapshot) { sub.WatchEntries(snap.EntryIDs()) },
+		sent: (*agent.Subscription).Watch,
 	})
 }
 

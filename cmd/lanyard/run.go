@@ -122,6 +122,13 @@ func newLogger(cfg *conf.Config, stderr io.Writer) (hclog.Logger, io.Closer, err
 }
 
 func runAgent(args []string, stderr io.Writer) int {
+	// First, before the config is read: a SIGHUP with no subscriber ends
+	// the process (Go's default), and one may come while the agent starts
+	// (a config change rolled out as it restarts). It waits for the
+	// reloader instead, which applies the config again once running.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	f, cfg, code, ok := startCommand("run", args, stderr)
 	if !ok {
 		return code
@@ -155,9 +162,6 @@ func runAgent(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 
 	srv := workloadapi.NewServer(workloadapi.Config{
 		Log:                           log.Named("workloadapi"),

@@ -165,7 +165,8 @@ func profilingListener(cfg *conf.Config, _ *agent.Agent, log hclog.Logger) (*htt
 }
 
 // reloader applies the config file again on SIGHUP. hup is subscribed
-// before the agent starts: a SIGHUP with no subscriber would end it.
+// before the agent starts (runAgent): a SIGHUP with no subscriber would end
+// it, and one that came during the start is applied once this runs.
 func reloader(f *runFlags, a *agent.Agent, hup <-chan os.Signal, log hclog.Logger) supervisor.Service {
 	return supervisor.Func("reload", func(ctx context.Context) error {
 		for {

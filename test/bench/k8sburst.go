@@ -62,17 +62,7 @@ func (s *K8sBurstStats) PeakGrowth() uint64 {
 // k8sPlugins is the plugins block of both agents: unix for the harness's
 // own readiness probe, k8s on the kubelet's read-only port.
 func k8sPlugins(kubeletPort int) string {
-	return fmt.Sprintf(`plugins {
-    NodeAttestor "join_token" {
-        plugin_data {}
-    }
-    KeyManager "memory" {
-        plugin_data {}
-    }
-    WorkloadAttestor "unix" {
-        plugin_data {}
-    }
-    WorkloadAttestor "k8s" {
+	return strings.TrimSuffix(spiretest.AgentPlugins, "}\n") + fmt.Sprintf(`    WorkloadAttestor "k8s" {
         plugin_data {
             kubelet_read_only_port = %d
         }
