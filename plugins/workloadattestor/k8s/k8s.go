@@ -112,6 +112,7 @@ func (a *Attestor) attestContainer(ctx context.Context, podUID, containerID stri
 			if err != nil || ok {
 				return sels, err
 			}
+			a.log.Debug("The workload's container is not in the kubelet's pod list yet; polling again", "pod_uid", podUID, "container_id", containerID, "poll", poll)
 		}
 		if a.s.maxPolls > 0 && poll >= a.s.maxPolls {
 			return nil, a.notFound(nil, podUID, containerID, poll, start, lastErr)
