@@ -42,16 +42,10 @@ func renderAll(t *testing.T) []*manifests {
 	return all
 }
 
-// checkAgentConfOf parses and builds m's agent.conf; with the k8s
-// attestor not compiled in yet, a stand-in checks its keys.
+// checkAgentConfOf parses and builds m's agent.conf as `lanyard validate`
+// does.
 func checkAgentConfOf(t *testing.T, m *manifests) *conf.Config {
 	t.Helper()
-	if standInK8sAttestor() {
-		if _, err := os.Stat("../../plugins/workloadattestor/k8s"); err == nil {
-			t.Fatal("plugins/workloadattestor/k8s exists but is not compiled into this test: import it in render_test.go, as cmd/lanyard/main.go does")
-		}
-		t.Logf("WorkloadAttestor %q is not compiled in yet: its plugin_data is checked against SPIRE's keys only", k8sAttestor)
-	}
 	name, data, err := m.agentConf()
 	if err != nil {
 		t.Fatal(err)
@@ -393,7 +387,6 @@ func TestAgentConfTypoFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	standInK8sAttestor()
 	if _, err := checkAgentConf(name, data, ""); err == nil || !strings.Contains(err.Error(), "trust_domian") {
 		t.Fatalf("an agent.conf with trust_domian was accepted (%v)", err)
 	}

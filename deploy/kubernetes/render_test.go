@@ -6,17 +6,13 @@
 package kubernetes_test
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"sort"
 	"strings"
-	"sync"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
-	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -33,6 +29,7 @@ import (
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
+	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
 	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 )
 
@@ -271,34 +268,11 @@ func checkAgentConf(name string, data []byte, bundle string) (*conf.Config, erro
 	return cfg, nil
 }
 
-// k8sAttestor is the name of the k8s workload attestor (issue 10). Until
-// its package is compiled in, standInK8sAttestor takes its place so that
-// the rest of each config is still built, and its plugin_data is checked
-// against SPIRE 1.13's keys for that plugin.
+// k8sAttestor is the name of the k8s workload attestor.
 const k8sAttestor = "k8s"
 
-var registerStandIn sync.Once
-
-// standInK8sAttestor registers the stand-in, once, when no real k8s
-// attestor is registered; it reports whether it did.
-func standInK8sAttestor() bool {
-	if _, ok := attestor.Lookup(k8sAttestor); ok {
-		return false
-	}
-	registerStandIn.Do(func() {
-		attestor.Register(k8sAttestor, func(cfg attestor.PluginConfig) (attestor.WorkloadAttestor, error) {
-			var keys spireK8sAttestorKeys
-			if err := cfg.Data.Decode(&keys); err != nil {
-				return nil, err
-			}
-			return noSelectors{}, nil
-		})
-	})
-	return true
-}
-
 // spireK8sAttestorKeys are the plugin_data keys of SPIRE 1.13's k8s
-// workload attestor (pkg/agent/plugin/workloadattestor/k8s, HCLConfig),
+// workload attestor, which the tests read back (pkg/agent/plugin/workloadattestor/k8s, HCLConfig),
 // without the experimental (sigstore) block, which Lanyard refuses.
 type spireK8sAttestorKeys struct {
 	KubeletReadOnlyPort         int    `hcl:"kubelet_read_only_port"`
@@ -317,12 +291,6 @@ type spireK8sAttestorKeys struct {
 	DisableContainerSelectors   bool   `hcl:"disable_container_selectors"`
 	UseNewContainerLocator      *bool  `hcl:"use_new_container_locator"`
 	VerboseContainerLocatorLogs bool   `hcl:"verbose_container_locator_logs"`
-}
-
-type noSelectors struct{}
-
-func (noSelectors) Attest(context.Context, attestor.Process) ([]selector.Selector, error) {
-	return nil, nil
 }
 
 // pluginData decodes the plugin_data of the enabled plugin typ "name" of
