@@ -1,0 +1,170 @@
+package k8s_test
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/lanyard-dev/lanyard/test/k8s/k8stest"
+)
+
+// captureEnv names a dir where TestClusterRunsPods copies each workload
+// container's /proc/<pid>/cgroup as <qos>-<static|api>.txt (the captures
+// under testdata/cgroups came from there).
+const captureEnv = "LANYARD_K8S_CAPTURE_DIR"
+
+var (
+	staticUID = regexp.MustCompile(`^[0-9a-f]{32}$`)
+	apiUID    = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+)
+
+// TestClusterRunsPods runs static and API pods of every QoS class on the
+// real node and checks where their processes' cgroups put them.
+func TestClusterRunsPods(t *testing.T) {
+	c := k8stest.Start(t)
+	socketDir := t.TempDir() // no agent listens: the workload logs errors
+	socket := filepath.Join(socketDir, "api.sock")
+
+	type podCase struct {
+		name   string
+		static bool
+		qos    k8stest.QoS
+	}
+	cases := []podCase{
+		{"static-besteffort", true, k8stest.BestEffort},
+		{"static-burstable", true, k8stest.Burstable},
+		{"api-besteffort", false, k8stest.BestEffort},
+		{"api-burstable", false, k8stest.Burstable},
+		{"api-guaranteed", false, k8stest.Guaranteed},
+	}
+	refs := make([]k8stest.PodRef, len(cases))
+	for i, pc := range cases {
+		spec := k8stest.PodSpec{Name: pc.name, QoS: pc.qos, Socket: socket, Labels: map[string]string{"case": pc.name}}
+		if pc.static {
+			refs[i] = c.RunStaticPod(spec.Manifest())
+		} else {
+			refs[i] = c.CreatePod(spec.Manifest())
+		}
+	}
+
+	captureDir := os.Getenv(captureEnv)
+	for i, pc := range cases {
+		pod := c.WaitRunning(refs[i])
+		if pod.Static != pc.static || pod.QOSClass != pc.qos {
+			t.Errorf("%s: static %v, QoS %s; want %v, %s", pc.name, pod.Static, pod.QOSClass, pc.static, pc.qos)
+		}
+		uidForm := apiUID
+		if pc.static {
+			uidForm = staticUID
+		}
+		if !uidForm.MatchString(pod.UID) {
+			t.Errorf("%s: pod UID %q is not of the %s form", pc.name, pod.UID, uidForm)
+		}
+		pids := c.ContainerPIDs(pod)
+		cgroup, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pids["workload"]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// cgroupfs driver, cgroup v1: /kubepods[/<qos>]/pod<uid>/<container id>.
+		qosDir := "/" + strings.ToLower(string(pc.qos))
+		if pc.qos == k8stest.Guaranteed {
+			qosDir = ""
+		}
+		want := "/kubepods" + qosDir + "/pod" + pod.UID + "/" + pod.Containers[0].ID
+		if !strings.Contains(string(cgroup), ":"+want+"\n") {
+			t.Errorf("%s: /proc/%d/cgroup has no %s:\n%s", pc.name, pids["workload"], want, cgroup)
+		}
+		if captureDir != "" {
+			kind := "api"
+			if pc.static {
+				kind = "static"
+			}
+			name := fmt.Sprintf("%s-%s.txt", strings.ToLower(string(pc.qos)), kind)
+			if err := os.WriteFile(filepath.Join(captureDir, name), cgroup, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if i == 0 {
+			// The workload runs and its output reaches the test.
+			c.WaitLog(pod, "workload", func(line string) bool { return strings.HasPrefix(line, "error ") })
+		}
+	}
+
+	checkKubeletSecurePort(t, c)
+	checkBoundToken(t, c, refs[2].Name)
+
+	c.DeletePod(refs[0])
+	c.DeletePod(refs[2])
+}
+
+// checkKubeletSecurePort: the kubelet's certificate verifies against the
+// kubelet CA, the agent's service account may list pods there, another
+// account may not.
+func checkKubeletSecurePort(t *testing.T, c *k8stest.Cluster) {
+	pem, err := os.ReadFile(c.KubeletCAPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	get := func(token string) int {
+		req, _ := http.NewRequest("GET", fmt.Sprintf("https://127.0.0.1:%d/pods", c.KubeletPort), nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("kubelet secure port: %v", err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, tc := range []struct {
+		who   string
+		token string
+		want  int
+	}{
+		{"agent", c.Token(k8stest.AgentNamespace, k8stest.AgentServiceAccount, "", ""), http.StatusOK},
+		{"default", c.Token("default", "default", "", ""), http.StatusForbidden},
+		{"anonymous", "", http.StatusUnauthorized},
+	} {
+		if got := get(tc.token); got != tc.want {
+			t.Errorf("kubelet /pods as %s: %d, want %d", tc.who, got, tc.want)
+		}
+	}
+}
+
+// checkBoundToken: a pod-bound token for an audience passes a TokenReview
+// that names the pod.
+func checkBoundToken(t *testing.T, c *k8stest.Cluster, pod string) {
+	token := c.Token("default", "default", "spire-server", pod)
+	review := map[string]any{
+		"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+		"spec": map[string]any{"token": token, "audiences": []string{"spire-server"}},
+	}
+	var resp struct {
+		Status struct {
+			Authenticated bool
+			User          struct {
+				Username string
+				Extra    map[string][]string
+			}
+			Error string
+		}
+	}
+	if err := c.Do("POST", "/apis/authentication.k8s.io/v1/tokenreviews", review, &resp); err != nil {
+		t.Fatal(err)
+	}
+	s := resp.Status
+	if !s.Authenticated || s.User.Username != "system:serviceaccount:default:default" ||
+		len(s.User.Extra["authentication.kubernetes.io/pod-name"]) != 1 || s.User.Extra["authentication.kubernetes.io/pod-name"][0] != pod {
+		t.Errorf("TokenReview of a token bound to pod %s: %+v", pod, s)
+	}
+}

@@ -1,0 +1,293 @@
+// Package k8stest runs a real single-node Kubernetes for a test: etcd,
+// kube-apiserver, containerd and a kubelet registered with the API server,
+// each with its own data dir, socket and loopback ports, all stopped (and
+// their pods, mounts and cgroups removed) when the test ends, even when it
+// fails. The Kubernetes binaries come from test/k8s/build.sh, which builds
+// them from a separate Go module, so this package never imports Kubernetes:
+// it speaks JSON to the API server and the kubelet.
+//
+// It needs root. Outside CI a test without root skips; with CI=true any
+// missing prerequisite fails the test.
+//
+// One cluster runs on a machine at a time (a file lock): kubelets share the
+// /kubepods cgroups and would remove each other's pods.
+package k8stest
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+)
+
+const (
+	// DefaultNodeName is the node's name unless Options say otherwise.
+	DefaultNodeName = "lanyard-node"
+	// PauseImage is every pod's sandbox image (test/k8s/pause).
+	PauseImage = "lanyard.test/pause:1"
+	// WorkloadImage is the test workload (test/k8s/workload).
+	WorkloadImage = "lanyard.test/workload:1"
+	// WorkloadImageAlias is a second tag of WorkloadImage's image: two names
+	// of one digest, for the image selectors.
+	WorkloadImageAlias = "lanyard.test/workload-alias:1"
+
+	// dirPrefix names every cluster's data dir under os.TempDir(); Start
+	// removes what a killed run left under it.
+	dirPrefix = "lanyard-k8s-"
+)
+
+// Bounds of the waits; generous because the CI machine has 2 cores shared
+// with other tests. A warm start takes about 15 s.
+const (
+	startTimeout = 90 * time.Second
+	podTimeout   = 60 * time.Second
+	stopTimeout  = 15 * time.Second
+	pollEvery    = 100 * time.Millisecond
+)
+
+// Options change the cluster Start runs.
+type Options struct {
+	// NodeName is the node's name (DefaultNodeName when empty). The
+	// kubelet's serving certificate names it, "localhost" and 127.0.0.1.
+	NodeName string
+}
+
+// Cluster is a running single-node cluster.
+type Cluster struct {
+	// NodeName is the node's name.
+	NodeName string
+	// Dir holds every daemon's data, config and logs.
+	Dir string
+	// APIServer is the kube-apiserver's URL (https://127.0.0.1:port).
+	APIServer string
+	// KubeletPort and KubeletReadOnlyPort are the kubelet's secure port
+	// (webhook authn/authz: a token needs RBAC get on nodes/proxy) and its
+	// unauthenticated read-only port, both on 127.0.0.1.
+	KubeletPort, KubeletReadOnlyPort int
+	// StaticPodDir is the kubelet's staticPodPath.
+	StaticPodDir string
+
+	t        testing.TB
+	bin      string
+	pki      *clusterPKI
+	api      *apiClient
+	daemons  []*daemon
+	ctrAddr  string // containerd's socket
+	podLogs  string // the kubelet's podLogsDir
+	nodeUID  string
+	stopOnce sync.Once
+}
+
+// Start runs a cluster for t and waits until its node is Ready; everything
+// it started is stopped and removed when t ends.
+func Start(t testing.TB, opts ...Options) *Cluster {
+	t.Helper()
+	var o Options
+	if len(opts) > 0 {
+		o = opts[0]
+	}
+	if o.NodeName == "" {
+		o.NodeName = DefaultNodeName
+	}
+	bin := Binaries(t)
+	begin := time.Now()
+	holdMachineLock(t)
+	if err := sweepStale(); err != nil {
+		t.Fatalf("k8stest: removing what an earlier run left: %v", err)
+	}
+	dir, err := os.MkdirTemp("", dirPrefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Cluster{NodeName: o.NodeName, Dir: dir, t: t, bin: bin}
+	t.Cleanup(c.stop)
+	c.StaticPodDir = filepath.Join(dir, "manifests")
+	c.podLogs = filepath.Join(dir, "pod-logs")
+	c.ctrAddr = filepath.Join(dir, "containerd.sock")
+	for _, d := range []string{c.StaticPodDir, c.podLogs, filepath.Join(dir, "logs")} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.pki = newClusterPKI(t, dir, o.NodeName)
+	if err := c.run(); err != nil {
+		// stop, run at cleanup, logs the daemons' last lines.
+		t.Fatalf("k8stest: starting the cluster: %v", err)
+	}
+	t.Logf("k8stest: node %s Ready in %s (data in %s)", c.NodeName, time.Since(begin).Round(100*time.Millisecond), dir)
+	return c
+}
+
+// run starts the daemons in dependency order, doing independent work at
+// the same time: images build while etcd and containerd start.
+func (c *Cluster) run() error {
+	images := make(chan error, 1)
+	go func() { images <- c.buildImages() }()
+
+	ports, err := freePorts(6)
+	if err != nil {
+		return err
+	}
+	etcdPort, etcdPeer, apiPort := ports[0], ports[1], ports[2]
+	c.KubeletPort, c.KubeletReadOnlyPort = ports[3], ports[4]
+	healthzPort := ports[5]
+	c.APIServer = fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+
+	etcd, err := c.startEtcd(etcdPort, etcdPeer)
+	if err != nil {
+		return err
+	}
+	if err := c.startContainerd(); err != nil {
+		return err
+	}
+	if err := etcd.waitTCP(fmt.Sprintf("127.0.0.1:%d", etcdPort)); err != nil {
+		return err
+	}
+	if err := c.startAPIServer(etcdPort, apiPort); err != nil {
+		return err
+	}
+	if err := <-images; err != nil {
+		return fmt.Errorf("building the images: %w", err)
+	}
+	if err := c.importImages(); err != nil {
+		return err
+	}
+	if err := c.bootstrap(); err != nil {
+		return err
+	}
+	if err := c.startKubelet(healthzPort); err != nil {
+		return err
+	}
+	return c.waitNodeReady()
+}
+
+var (
+	binOnce sync.Once
+	binDir  string
+	binErr  error
+)
+
+// Binaries returns the dir holding kubelet, kube-apiserver and ociimage,
+// building them via build.sh if needed (which also installs containerd,
+// runc and etcd from Debian). The build runs once per test binary; build.sh
+// serializes concurrent builds itself. Without root it skips the test
+// (fails it under CI).
+func Binaries(t testing.TB) string {
+	t.Helper()
+	testkit.RequireRoot(t, "k8stest runs a kubelet and containerd")
+	binOnce.Do(func() { binDir, binErr = buildBinaries() })
+	if binErr != nil {
+		t.Fatalf("k8stest: readying the Kubernetes binaries: %v", binErr)
+	}
+	return binDir
+}
+
+func buildBinaries() (string, error) {
+	script := filepath.Join(sourceDir(), "..", "build.sh")
+	if _, err := os.Stat(script); err != nil {
+		return "", fmt.Errorf("test/k8s/build.sh not found from %s: run tests from inside the lanyard repo: %w", sourceDir(), err)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command("sh", script)
+	cmd.Stdout = &stdout
+	cmd.Stderr = &stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s failed: %w\n%s", script, err, tailString(stderr.String(), 8<<10))
+	}
+	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
+	dir := strings.TrimSpace(lines[len(lines)-1])
+	for _, name := range []string{"kubelet", "kube-apiserver", "ociimage"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			return "", fmt.Errorf("%s printed bin dir %q but %s is not there: %w", script, dir, name, err)
+		}
+	}
+	for _, name := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc", "etcd"} {
+		if _, err := exec.LookPath(name); err != nil {
+			return "", fmt.Errorf("%s ran but %s is not in PATH: %w", script, name, err)
+		}
+	}
+	return dir, nil
+}
+
+// sourceDir is this package's source dir (test/k8s/k8stest), from which the
+// build script and the image sources are found.
+func sourceDir() string {
+	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
+		return filepath.Dir(file)
+	}
+	// Built with -trimpath: go test runs in the package's dir.
+	wd, _ := os.Getwd()
+	return wd
+}
+
+// holdMachineLock makes this test the machine's only cluster until it ends.
+func holdMachineLock(t testing.TB) {
+	t.Helper()
+	path := filepath.Join(os.TempDir(), "lanyard-k8stest.lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatalf("k8stest: opening %s: %v", path, err)
+	}
+	// Blocks while another test's cluster runs; go test's -timeout bounds it.
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		t.Fatalf("k8stest: locking %s: %v", path, err)
+	}
+	// Registered first, so it runs last: after the cluster is gone.
+	t.Cleanup(func() { f.Close() })
+}
+
+// stop kills every daemon and removes their pods, mounts, cgroups and data.
+func (c *Cluster) stop() {
+	c.stopOnce.Do(func() {
+		if c.t.Failed() {
+			c.t.Logf("k8stest: the test failed; daemon logs:%s", c.logTails())
+		}
+		begin := time.Now()
+		// Kubelet first, so that nobody restarts what is killed next.
+		for i := len(c.daemons) - 1; i >= 0; i-- {
+			c.daemons[i].kill()
+		}
+		if err := sweep(c.Dir); err != nil {
+			c.t.Errorf("k8stest: cleaning up %s: %v", c.Dir, err)
+			return
+		}
+		c.t.Logf("k8stest: cluster stopped and removed in %s", time.Since(begin).Round(10*time.Millisecond))
+	})
+}
+
+// logTails is the end of every daemon's log, for a failure message.
+func (c *Cluster) logTails() string {
+	var b strings.Builder
+	for _, d := range c.daemons {
+		data, err := os.ReadFile(d.logPath)
+		if err != nil {
+			continue
+		}
+		fmt.Fprintf(&b, "\n--- %s (%s), last lines:\n%s", d.name, d.logPath, tailString(string(data), 4<<10))
+	}
+	return b.String()
+}
+
+func tailString(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[len(s)-n:]
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[i+1:]
+	}
+	return s
+}
