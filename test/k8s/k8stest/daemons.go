@@ -107,7 +107,7 @@ func (c *Cluster) startAPIServer(etcdPort, port int) error {
 		"--client-ca-file="+p.path(clusterCAFile),
 		"--token-auth-file="+p.path(tokensFile),
 		"--service-account-issuer="+serviceAccountIssuer,
-		"--service-account-key-file="+p.path(saKeyFile),
+		"--service-account-key-file="+p.path(saPubFile),
 		"--service-account-signing-key-file="+p.path(saKeyFile),
 		"--service-cluster-ip-range=10.96.0.0/24",
 		"--authorization-mode=RBAC",

@@ -36,6 +36,7 @@ const (
 	kubeletCertFile = "kubelet.crt"
 	kubeletKeyFile  = "kubelet.key"
 	saKeyFile       = "service-account.key"
+	saPubFile       = "service-account.pub"
 	tokensFile      = "tokens.csv"
 )
 
@@ -56,6 +57,12 @@ func newClusterPKI(t testing.TB, dir, nodeName string) *clusterPKI {
 		[]string{nodeName, "localhost"}, loopback)
 	saKey := testkit.NewKey(t)
 	testkit.WritePEM(t, p.path(saKeyFile), "PRIVATE KEY", testkit.PKCS8(t, saKey))
+	pub, err := x509.MarshalPKIXPublicKey(saKey.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The API server reads public keys from PEM "PUBLIC KEY" blocks only.
+	testkit.WritePEM(t, p.path(saPubFile), "PUBLIC KEY", pub)
 
 	var token [16]byte
 	if _, err := rand.Read(token[:]); err != nil {
@@ -126,9 +133,9 @@ func (c *Cluster) KubeletCAPath() string { return c.pki.path(kubeletCAFile) }
 // get as kube-root-ca.crt (a service account's ca.crt).
 func (c *Cluster) ClusterCAPath() string { return c.pki.path(clusterCAFile) }
 
-// ServiceAccountKeyPath is the key that signs service account tokens (PKCS#8
-// ECDSA); its public half verifies them.
-func (c *Cluster) ServiceAccountKeyPath() string { return c.pki.path(saKeyFile) }
+// ServiceAccountPublicKeyPath is the public key (PEM, PKIX ECDSA) that
+// verifies the cluster's service account tokens.
+func (c *Cluster) ServiceAccountPublicKeyPath() string { return c.pki.path(saPubFile) }
 
 // Kubeconfig is the path of a kubeconfig for the cluster's admin
 // (system:masters).
