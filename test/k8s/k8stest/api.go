@@ -295,4 +295,3 @@ func (c *Cluster) KubeconfigFor(ns, sa string) string {
 
 // NodeUID is the node object's UID (k8s_psat's agent ID ends with it).
 func (c *Cluster) NodeUID() string { return c.nodeUID }
-

@@ -215,7 +215,7 @@ func (c *Cluster) waitNodeReady() error {
 		for _, cond := range node.Status.Conditions {
 			if cond.Type == "Ready" {
 				if cond.Status != "True" {
-					return fmt.Errorf("Ready is %s: %s", cond.Status, cond.Message)
+					return fmt.Errorf("condition Ready is %s: %s", cond.Status, cond.Message)
 				}
 				c.nodeUID = node.Metadata.UID
 				return nil

@@ -87,6 +87,9 @@ type Cluster struct {
 	podLogs  string // the kubelet's podLogsDir
 	nodeUID  string
 	stopOnce sync.Once
+	// phases are the start's steps and when each ended, for the log.
+	phases []string
+	begin  time.Time
 }
 
 // Start runs a cluster for t and waits until its node is Ready; everything
@@ -110,7 +113,7 @@ func Start(t testing.TB, opts ...Options) *Cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &Cluster{NodeName: o.NodeName, Dir: dir, t: t, bin: bin}
+	c := &Cluster{NodeName: o.NodeName, Dir: dir, t: t, bin: bin, begin: begin}
 	t.Cleanup(c.stop)
 	c.StaticPodDir = filepath.Join(dir, "manifests")
 	c.podLogs = filepath.Join(dir, "pod-logs")
@@ -125,7 +128,8 @@ func Start(t testing.TB, opts ...Options) *Cluster {
 		// stop, run at cleanup, logs the daemons' last lines.
 		t.Fatalf("k8stest: starting the cluster: %v", err)
 	}
-	t.Logf("k8stest: node %s Ready in %s (data in %s)", c.NodeName, time.Since(begin).Round(100*time.Millisecond), dir)
+	t.Logf("k8stest: node %s Ready in %s (%s; data in %s)", c.NodeName,
+		time.Since(begin).Round(100*time.Millisecond), strings.Join(c.phases, ", "), dir)
 	return c
 }
 
@@ -144,6 +148,7 @@ func (c *Cluster) run() error {
 	healthzPort := ports[5]
 	c.APIServer = fmt.Sprintf("https://127.0.0.1:%d", apiPort)
 
+	c.phase("locked")
 	etcd, err := c.startEtcd(etcdPort, etcdPeer)
 	if err != nil {
 		return err
@@ -151,25 +156,40 @@ func (c *Cluster) run() error {
 	if err := c.startContainerd(); err != nil {
 		return err
 	}
+	c.phase("containerd")
 	if err := etcd.waitTCP(fmt.Sprintf("127.0.0.1:%d", etcdPort)); err != nil {
 		return err
 	}
+	c.phase("etcd")
 	if err := c.startAPIServer(etcdPort, apiPort); err != nil {
 		return err
 	}
+	c.phase("apiserver")
 	if err := <-images; err != nil {
 		return fmt.Errorf("building the images: %w", err)
 	}
+	c.phase("images built")
 	if err := c.importImages(); err != nil {
 		return err
 	}
+	c.phase("imported")
 	if err := c.bootstrap(); err != nil {
 		return err
 	}
+	c.phase("bootstrap")
 	if err := c.startKubelet(healthzPort); err != nil {
 		return err
 	}
-	return c.waitNodeReady()
+	if err := c.waitNodeReady(); err != nil {
+		return err
+	}
+	c.phase("node Ready")
+	return nil
+}
+
+// phase records that a step of the start ended, and when.
+func (c *Cluster) phase(name string) {
+	c.phases = append(c.phases, fmt.Sprintf("%s %.1fs", name, time.Since(c.begin).Seconds()))
 }
 
 var (

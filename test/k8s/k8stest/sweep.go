@@ -3,6 +3,8 @@ package k8stest
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -56,6 +58,10 @@ func sweep(dir string) error {
 		return err
 	}
 	removeLogLinks(dir)
+	// containerd puts its shims' sockets here whatever its state dir; the
+	// dirs go only when empty, so another containerd's stay.
+	os.Remove(shimSocketDir)
+	os.Remove(filepath.Dir(shimSocketDir))
 	return os.RemoveAll(dir)
 }
 
@@ -105,10 +111,36 @@ func killNaming(dir string) error {
 		for pid, cmdline := range processes() {
 			if pid != self && bytes.Contains(cmdline, inDir) {
 				pids = append(pids, pid)
+				removeShimSocket(cmdline)
 			}
 		}
 		return pids
 	})
+}
+
+// shimSocketDir is where containerd 1.6's shims listen, whatever its state
+// dir; a killed shim leaves its socket there.
+const shimSocketDir = "/run/containerd/s"
+
+// removeShimSocket removes the socket of the shim with this command line
+// (no-op for other processes): containerd names it by the SHA-256 of
+// <containerd address>/<namespace>/<id>.
+func removeShimSocket(cmdline []byte) {
+	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
+	if len(args) == 0 || filepath.Base(args[0]) != "containerd-shim-runc-v2" {
+		return
+	}
+	flags := map[string]string{}
+	for i := 1; i+1 < len(args); i++ {
+		if strings.HasPrefix(args[i], "-") {
+			flags[strings.TrimLeft(args[i], "-")] = args[i+1]
+		}
+	}
+	if flags["address"] == "" || flags["namespace"] == "" || flags["id"] == "" {
+		return
+	}
+	sum := sha256.Sum256([]byte(filepath.Join(flags["address"], flags["namespace"], flags["id"])))
+	os.Remove(filepath.Join(shimSocketDir, hex.EncodeToString(sum[:])))
 }
 
 // untilGone kills the pids list returns until it returns none, bounded.
