@@ -10,9 +10,59 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/test/k8s/k8stest"
 )
+
+var lanyardBin string
+
+func TestMain(m *testing.M) {
+	os.Exit(testkit.RunWithLanyard(m, func(bin string) error {
+		lanyardBin = bin
+		return nil
+	}))
+}
+
+// agentConfig gives every root process, pods' included, one SPIFFE ID:
+// enough to show that a pod reaches the agent's socket through its hostPath
+// mount. The k8s selectors are the attestor's tests' business.
+const agentConfig = `agent {
+    trust_domain = "example.org"
+    data_dir = "%s"
+    socket_path = "%s"
+}
+plugins {
+    WorkloadAttestor "unix" {
+        plugin_data {}
+    }
+    UpstreamAuthority "local" {
+        plugin_data {
+            entry {
+                spiffe_id = "spiffe://example.org/root"
+                selectors = ["unix:uid:0"]
+            }
+        }
+    }
+}
+`
+
+// startAgent runs lanyard with its Workload API socket at socket.
+func startAgent(t *testing.T, socket string) {
+	conf := filepath.Join(t.TempDir(), "agent.conf")
+	data := fmt.Sprintf(agentConfig, t.TempDir(), socket)
+	if err := os.WriteFile(conf, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	agent, err := testkit.Start(t, lanyardBin, "run", "-config", conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := agent.WaitServing(socket, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
 
 // captureEnv names a dir where TestClusterRunsPods copies each workload
 // container's /proc/<pid>/cgroup as <qos>-<static|api>.txt (the captures
@@ -28,8 +78,8 @@ var (
 // real node and checks where their processes' cgroups put them.
 func TestClusterRunsPods(t *testing.T) {
 	c := k8stest.Start(t)
-	socketDir := t.TempDir() // no agent listens: the workload logs errors
-	socket := filepath.Join(socketDir, "api.sock")
+	socket := filepath.Join(t.TempDir(), "api.sock")
+	startAgent(t, socket)
 
 	type podCase struct {
 		name   string
@@ -90,10 +140,9 @@ func TestClusterRunsPods(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if i == 0 {
-			// The workload runs and its output reaches the test.
-			c.WaitLog(pod, "workload", func(line string) bool { return strings.HasPrefix(line, "error ") })
-		}
+		// The workload reached the agent through its hostPath mount, and
+		// its output reaches the test.
+		c.WaitLog(pod, "workload", func(line string) bool { return line == "svid spiffe://example.org/root" })
 	}
 
 	checkKubeletSecurePort(t, c)

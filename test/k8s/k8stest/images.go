@@ -14,13 +14,16 @@ const buildTimeout = 5 * time.Minute
 // into one image tarball (images/images.tar): no registry is reachable.
 func (c *Cluster) buildImages() error {
 	out := filepath.Join(c.Dir, "images")
-	src := filepath.Join(sourceDir(), "..")
+	src, err := findK8sDir()
+	if err != nil {
+		return err
+	}
 	static := []string{"CGO_ENABLED=0"}
 	if _, err := runTool(buildTimeout, src, static, "go", "build", "-trimpath", "-o", out+"/",
 		"./pause", "./workload"); err != nil {
 		return err
 	}
-	_, err := runTool(time.Minute, out, nil, filepath.Join(c.bin, "ociimage"),
+	_, err = runTool(time.Minute, out, nil, filepath.Join(c.bin, "ociimage"),
 		"-o", filepath.Join(out, "images.tar"),
 		"-image", PauseImage+"="+filepath.Join(out, "pause"),
 		"-image", WorkloadImage+"="+filepath.Join(out, "workload"),

@@ -214,10 +214,11 @@ func Binaries(t testing.TB) string {
 }
 
 func buildBinaries() (string, error) {
-	script := filepath.Join(sourceDir(), "..", "build.sh")
-	if _, err := os.Stat(script); err != nil {
-		return "", fmt.Errorf("test/k8s/build.sh not found from %s: run tests from inside the lanyard repo: %w", sourceDir(), err)
+	k8sDir, err := findK8sDir()
+	if err != nil {
+		return "", err
 	}
+	script := filepath.Join(k8sDir, "build.sh")
 	var stdout, stderr bytes.Buffer
 	cmd := exec.Command("sh", script)
 	cmd.Stdout = &stdout
@@ -241,15 +242,28 @@ func buildBinaries() (string, error) {
 	return dir, nil
 }
 
-// sourceDir is this package's source dir (test/k8s/k8stest), from which the
-// build script and the image sources are found.
-func sourceDir() string {
+// findK8sDir locates test/k8s (the build script, the image sources) from
+// this source file, or, when built with -trimpath, by walking up from the
+// working directory.
+func findK8sDir() (string, error) {
 	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		return filepath.Dir(file)
+		dir := filepath.Dir(filepath.Dir(file))
+		if _, err := os.Stat(filepath.Join(dir, "build.sh")); err == nil {
+			return dir, nil
+		}
 	}
-	// Built with -trimpath: go test runs in the package's dir.
-	wd, _ := os.Getwd()
-	return wd
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("finding test/k8s: %w", err)
+	}
+	for dir := wd; ; dir = filepath.Dir(dir) {
+		if _, err := os.Stat(filepath.Join(dir, "test", "k8s", "build.sh")); err == nil {
+			return filepath.Join(dir, "test", "k8s"), nil
+		}
+		if filepath.Dir(dir) == dir {
+			return "", fmt.Errorf("test/k8s/build.sh not found above %s; run tests from inside the lanyard repo", wd)
+		}
+	}
 }
 
 // holdMachineLock makes this test the machine's only cluster until it ends.
