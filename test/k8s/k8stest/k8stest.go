@@ -14,15 +14,12 @@
 package k8stest
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -192,11 +189,8 @@ func (c *Cluster) phase(name string) {
 	c.phases = append(c.phases, fmt.Sprintf("%s %.1fs", name, time.Since(c.begin).Seconds()))
 }
 
-var (
-	binOnce sync.Once
-	binDir  string
-	binErr  error
-)
+// buildOnce readies the binaries once per test binary.
+var buildOnce = sync.OnceValues(buildBinaries)
 
 // Binaries returns the dir holding kubelet, kube-apiserver and ociimage,
 // building them via build.sh if needed (which also installs containerd,
@@ -206,11 +200,11 @@ var (
 func Binaries(t testing.TB) string {
 	t.Helper()
 	testkit.RequireRoot(t, "k8stest runs a kubelet and containerd")
-	binOnce.Do(func() { binDir, binErr = buildBinaries() })
-	if binErr != nil {
-		t.Fatalf("k8stest: readying the Kubernetes binaries: %v", binErr)
+	dir, err := buildOnce()
+	if err != nil {
+		t.Fatalf("k8stest: readying the Kubernetes binaries: %v", err)
 	}
-	return binDir
+	return dir
 }
 
 func buildBinaries() (string, error) {
@@ -218,52 +212,22 @@ func buildBinaries() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	script := filepath.Join(k8sDir, "build.sh")
-	var stdout, stderr bytes.Buffer
-	cmd := exec.Command("sh", script)
-	cmd.Stdout = &stdout
-	cmd.Stderr = &stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s failed: %w\n%s", script, err, tailString(stderr.String(), 8<<10))
-	}
-	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
-	dir := strings.TrimSpace(lines[len(lines)-1])
-	for _, name := range []string{"kubelet", "kube-apiserver", "ociimage"} {
-		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
-			return "", fmt.Errorf("%s printed bin dir %q but %s is not there: %w", script, dir, name, err)
-		}
+	dir, err := testkit.RunBuildScript(filepath.Join(k8sDir, "build.sh"), "kubelet", "kube-apiserver", "ociimage")
+	if err != nil {
+		return "", err
 	}
 	for _, name := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc", "etcd"} {
 		if _, err := exec.LookPath(name); err != nil {
-			return "", fmt.Errorf("%s ran but %s is not in PATH: %w", script, name, err)
+			return "", fmt.Errorf("build.sh ran but %s is not in PATH: %w", name, err)
 		}
 	}
 	return dir, nil
 }
 
-// findK8sDir locates test/k8s (the build script, the image sources) from
-// this source file, or, when built with -trimpath, by walking up from the
-// working directory.
+// findK8sDir locates test/k8s: the build script and the images' sources.
 func findK8sDir() (string, error) {
-	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		dir := filepath.Dir(filepath.Dir(file))
-		if _, err := os.Stat(filepath.Join(dir, "build.sh")); err == nil {
-			return dir, nil
-		}
-	}
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("finding test/k8s: %w", err)
-	}
-	for dir := wd; ; dir = filepath.Dir(dir) {
-		if _, err := os.Stat(filepath.Join(dir, "test", "k8s", "build.sh")); err == nil {
-			return filepath.Join(dir, "test", "k8s"), nil
-		}
-		if filepath.Dir(dir) == dir {
-			return "", fmt.Errorf("test/k8s/build.sh not found above %s; run tests from inside the lanyard repo", wd)
-		}
-	}
+	script, err := testkit.RepoFile("test/k8s/build.sh")
+	return filepath.Dir(script), err
 }
 
 // holdMachineLock makes this test the machine's only cluster until it ends.
