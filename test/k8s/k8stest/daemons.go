@@ -184,7 +184,7 @@ func (c *Cluster) startKubelet(healthzPort int) error {
 		return err
 	}
 	root := filepath.Join(c.Dir, "kubelet")
-	_, err = c.startDaemon("kubelet", filepath.Join(c.bin, "kubelet"),
+	c.kubelet, err = c.startDaemon("kubelet", filepath.Join(c.bin, "kubelet"),
 		"--config="+config,
 		"--kubeconfig="+c.Kubeconfig(),
 		"--root-dir="+root,
@@ -197,8 +197,7 @@ func (c *Cluster) startKubelet(healthzPort int) error {
 
 // waitNodeReady waits for the node's Ready condition, and records its UID.
 func (c *Cluster) waitNodeReady() error {
-	kubelet := c.daemons[len(c.daemons)-1]
-	return kubelet.waitUntil(startTimeout, "node "+c.NodeName+" Ready", func(ctx context.Context) error {
+	return c.kubelet.waitUntil(startTimeout, "node "+c.NodeName+" Ready", func(ctx context.Context) error {
 		var node struct {
 			Metadata struct {
 				UID string `json:"uid"`

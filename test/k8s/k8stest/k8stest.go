@@ -79,7 +79,8 @@ type Cluster struct {
 	bin      string
 	pki      *clusterPKI
 	api      *apiClient
-	daemons  []*daemon
+	daemons  []*daemon // in start order
+	kubelet  *daemon
 	ctrAddr  string // containerd's socket
 	podLogs  string // the kubelet's podLogsDir
 	nodeUID  string
@@ -133,8 +134,14 @@ func Start(t testing.TB, opts ...Options) *Cluster {
 // run starts the daemons in dependency order, doing independent work at
 // the same time: images build while etcd and containerd start.
 func (c *Cluster) run() error {
-	images := make(chan error, 1)
-	go func() { images <- c.buildImages() }()
+	var imagesErr error
+	imagesDone := make(chan struct{})
+	go func() {
+		imagesErr = c.buildImages()
+		close(imagesDone)
+	}()
+	// Never leave a build writing into the dir that cleanup removes.
+	defer func() { <-imagesDone }()
 
 	ports, err := freePorts(6)
 	if err != nil {
@@ -162,8 +169,9 @@ func (c *Cluster) run() error {
 		return err
 	}
 	c.phase("apiserver")
-	if err := <-images; err != nil {
-		return fmt.Errorf("building the images: %w", err)
+	<-imagesDone
+	if imagesErr != nil {
+		return fmt.Errorf("building the images: %w", imagesErr)
 	}
 	c.phase("images built")
 	if err := c.importImages(); err != nil {

@@ -339,6 +339,5 @@ func (c *Cluster) DeletePod(ref PodRef) {
 
 // poll runs check until it succeeds, the kubelet exits or bound passes.
 func (c *Cluster) poll(bound time.Duration, check func(context.Context) error) error {
-	kubelet := c.daemons[len(c.daemons)-1]
-	return kubelet.waitUntil(bound, "the kubelet", check)
+	return c.kubelet.waitUntil(bound, "the kubelet", check)
 }
