@@ -43,6 +43,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{{pause}}"
   restrict_oom_score_adj = true
+  # A host with AppArmor would need apparmor_parser and containerd's
+  # profile loaded; the tests do not exercise AppArmor.
+  disable_apparmor = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".containerd]
