@@ -1,8 +1,10 @@
 package k8s_test
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -171,13 +173,7 @@ func TestClusterRunsPods(t *testing.T) {
 // kubelet CA, the agent's service account may list pods there, another
 // account may not.
 func checkKubeletSecurePort(t *testing.T, c *k8stest.Cluster) {
-	pem, err := os.ReadFile(c.KubeletCAPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	client := trusting(t, c.KubeletCAPath())
 	get := func(token string) int {
 		req, _ := http.NewRequest("GET", fmt.Sprintf("https://127.0.0.1:%d/pods", c.KubeletPort), nil)
 		if token != "" {
@@ -206,12 +202,29 @@ func checkKubeletSecurePort(t *testing.T, c *k8stest.Cluster) {
 }
 
 // checkBoundToken: a pod-bound token for an audience passes a TokenReview
-// that names the pod.
+// that names the pod, and the SPIRE server's account may do what k8s_psat
+// does with it: review it, get the pod and the node.
 func checkBoundToken(t *testing.T, c *k8stest.Cluster, pod string) {
 	token := c.Token("default", "default", "spire-server", pod)
 	review := map[string]any{
 		"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
 		"spec": map[string]any{"token": token, "audiences": []string{"spire-server"}},
+	}
+	asServer := apiAs(t, c, c.Token(k8stest.AgentNamespace, k8stest.ServerServiceAccount, "", ""))
+	asDefault := apiAs(t, c, c.Token("default", "default", "", ""))
+	for _, tc := range []struct {
+		method, path string
+		as           func(method, path string, body any) int
+		want         int
+	}{
+		{"POST", "/apis/authentication.k8s.io/v1/tokenreviews", asServer, http.StatusCreated},
+		{"GET", "/api/v1/namespaces/default/pods/" + pod, asServer, http.StatusOK},
+		{"GET", "/api/v1/nodes/" + c.NodeName, asServer, http.StatusOK},
+		{"POST", "/apis/authentication.k8s.io/v1/tokenreviews", asDefault, http.StatusForbidden},
+	} {
+		if got := tc.as(tc.method, tc.path, review); got != tc.want {
+			t.Errorf("%s %s: %d, want %d", tc.method, tc.path, got, tc.want)
+		}
 	}
 	var resp struct {
 		Status struct {
@@ -231,4 +244,35 @@ func checkBoundToken(t *testing.T, c *k8stest.Cluster, pod string) {
 		len(s.User.Extra["authentication.kubernetes.io/pod-name"]) != 1 || s.User.Extra["authentication.kubernetes.io/pod-name"][0] != pod {
 		t.Errorf("TokenReview of a token bound to pod %s: %+v", pod, s)
 	}
+}
+
+// apiAs calls the API server with token and gives the status code.
+func apiAs(t *testing.T, c *k8stest.Cluster, token string) func(method, path string, body any) int {
+	client := trusting(t, c.ClusterCAPath())
+	return func(method, path string, body any) int {
+		data, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req, _ := http.NewRequest(method, c.APIServer+path, bytes.NewReader(data))
+		req.Header.Set("Authorization", "Bearer "+token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, path, err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+}
+
+// trusting is an HTTPS client that trusts only the CA in caPath.
+func trusting(t *testing.T, caPath string) *http.Client {
+	pem, err := os.ReadFile(caPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 }
