@@ -58,6 +58,7 @@ func sweep(dir string) error {
 		return err
 	}
 	removeLogLinks(dir)
+	removeDevicePluginSocket()
 	// containerd puts its shims' sockets here whatever its state dir; the
 	// dirs go only when empty, so another containerd's stay.
 	os.Remove(shimSocketDir)
@@ -290,4 +291,18 @@ func removeLogLinks(dir string) {
 		}
 	}
 	os.Remove(links) // fails unless empty, as it should
+}
+
+// devicePluginDir is where every kubelet puts its device plugin socket,
+// whatever its root dir (k8s.io/kubelet's DevicePluginPath).
+const devicePluginDir = "/var/lib/kubelet/device-plugins"
+
+// removeDevicePluginSocket removes what the kubelet leaves in
+// devicePluginDir (no other kubelet runs: sweepStale checked), and the
+// dirs when that leaves them empty.
+func removeDevicePluginSocket() {
+	os.Remove(filepath.Join(devicePluginDir, "kubelet.sock"))
+	os.Remove(filepath.Join(devicePluginDir, "kubelet_internal_checkpoint"))
+	os.Remove(devicePluginDir)
+	os.Remove(filepath.Dir(devicePluginDir))
 }
