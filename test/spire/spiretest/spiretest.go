@@ -17,14 +17,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // SkipEnv names the environment variable that, set to "1", skips SPIRE
@@ -64,7 +64,7 @@ func Binaries(t testing.TB) string {
 }
 
 func buildBinaries() (string, error) {
-	script, err := findBuildScript()
+	script, err := testkit.RepoFile("test/spire/build.sh")
 	if err != nil {
 		return "", err
 	}
@@ -79,47 +79,7 @@ func buildBinaries() (string, error) {
 		return "", fmt.Errorf("locking %s: %w", lockPath, err)
 	}
 	// Closing the file (deferred above) releases the lock.
-
-	var stdout, stderr bytes.Buffer
-	cmd := exec.Command("sh", script)
-	cmd.Stdout = &stdout
-	cmd.Stderr = &stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s failed: %w\n%s", script, err, tail(stderr.Bytes()))
-	}
-	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
-	dir := strings.TrimSpace(lines[len(lines)-1])
-	for _, name := range []string{"spire-server", "spire-agent"} {
-		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
-			return "", fmt.Errorf("%s printed bin dir %q but %s is not there: %w", script, dir, name, err)
-		}
-	}
-	return dir, nil
-}
-
-// findBuildScript locates test/spire/build.sh from this source file, or,
-// when built with -trimpath, by walking up from the working directory.
-func findBuildScript() (string, error) {
-	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		p := filepath.Join(filepath.Dir(file), "..", "build.sh")
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-	}
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("finding build.sh: %w", err)
-	}
-	for dir := wd; ; dir = filepath.Dir(dir) {
-		p := filepath.Join(dir, "test", "spire", "build.sh")
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-		if filepath.Dir(dir) == dir {
-			return "", fmt.Errorf("test/spire/build.sh not found above %s; run tests from inside the lanyard repo", wd)
-		}
-	}
+	return testkit.RunBuildScript(script, "spire-server", "spire-agent")
 }
 
 type process struct {
@@ -231,13 +191,6 @@ func readTail(path string) string {
 	b, err := io.ReadAll(f)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Sprintf("(cannot read log: %v)", err)
-	}
-	return string(b)
-}
-
-func tail(b []byte) string {
-	if len(b) > logTailBytes {
-		b = b[len(b)-logTailBytes:]
 	}
 	return string(b)
 }
