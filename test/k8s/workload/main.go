@@ -1,11 +1,13 @@
 // Command workload is the k8s tests' pod workload: it fetches its X509-SVID
 // from the Workload API at SPIFFE_ENDPOINT_SOCKET, over and over, and logs one
-// line per attempt:
+// line per attempt: the default SVID's ID, then the others' sorted, or the
+// error:
 //
-//	svid spiffe://example.org/ns/default/sa/default
+//	svid spiffe://example.org/ns/default/sa/default spiffe://example.org/web
 //	error <the error>
 //
-// With the single argument "sleep" it only sleeps until told to stop.
+// With the single argument "sleep" it only sleeps until told to stop; with
+// "exit" it exits at once (an init container).
 // Environment: WORKLOAD_INTERVAL (a Go duration between attempts, default
 // 500ms) and WORKLOAD_TIMEOUT (each attempt's deadline, default 5s).
 package main
@@ -15,6 +17,8 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -29,8 +33,11 @@ func main() {
 		<-ctx.Done()
 		return
 	}
+	if len(os.Args) == 2 && os.Args[1] == "exit" {
+		return
+	}
 	if len(os.Args) > 1 {
-		fmt.Fprintln(os.Stderr, "usage: workload [sleep]")
+		fmt.Fprintln(os.Stderr, "usage: workload [sleep|exit]")
 		os.Exit(2)
 	}
 	interval := durationEnv("WORKLOAD_INTERVAL", 500*time.Millisecond)
@@ -49,12 +56,17 @@ func main() {
 func fetchOnce(ctx context.Context, timeout time.Duration) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	svid, err := workloadapi.FetchX509SVID(ctx)
+	svids, err := workloadapi.FetchX509SVIDs(ctx)
 	if err != nil {
 		fmt.Printf("error %v\n", err)
 		return
 	}
-	fmt.Printf("svid %s\n", svid.ID)
+	others := make([]string, 0, len(svids)-1)
+	for _, s := range svids[1:] {
+		others = append(others, s.ID.String())
+	}
+	sort.Strings(others)
+	fmt.Println(strings.Join(append([]string{"svid", svids[0].ID.String()}, others...), " "))
 }
 
 func durationEnv(name string, def time.Duration) time.Duration {
