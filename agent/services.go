@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -39,7 +40,8 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // runUpstream runs the upstream until ctx ends. An upstream that fails is
 // restarted with capped backoff: the agent keeps serving what it has
-// meanwhile, so its failure is not the service's.
+// meanwhile, so its failure is not the service's. The exception is a node
+// that cannot attest while the agent has nothing cached: that ends it.
 func (a *Agent) runUpstream(ctx context.Context) error {
 	retry := NewBackoff(time.Second, 30*time.Second)
 	for ctx.Err() == nil {
@@ -48,6 +50,11 @@ func (a *Agent) runUpstream(ctx context.Context) error {
 			break
 		}
 		a.svids.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
+		if errors.Is(err, ErrNodeAttestationRefused) && a.svids.Health().Entries == 0 {
+			// Nothing to serve, and retrying gets the same answer: exit,
+			// so that the operator (or the kubelet's restarts) sees why.
+			return fmt.Errorf("the agent has nothing cached to serve and cannot attest: %w", err)
+		}
 		wait := retry.Next()
 		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamName, "retry_in", wait.Round(time.Millisecond), "error", err)
 		select {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"errors"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -129,11 +130,19 @@ type X509Result struct {
 	Err   error
 }
 
+// ErrNodeAttestationRefused marks an upstream's Run that ended because the
+// node cannot attest (the server refused it, or the attestor cannot build
+// its proof): a retry gives the same answer. An agent with nothing cached
+// to serve exits on it, as spire-agent does; one with a cache keeps
+// serving it and retries.
+var ErrNodeAttestationRefused = errors.New("the node's attestation was refused")
+
 // Upstream is the CA that signs SVIDs and the source of registration entries
 // and trust bundles: the embedded local CA, or a SPIRE Server.
 type Upstream interface {
 	// Run delivers the current entries and bundles to sink as soon as it
-	// has them, and again on every change, until ctx ends.
+	// has them, and again on every change, until ctx ends. It wraps
+	// ErrNodeAttestationRefused when the node cannot attest.
 	Run(ctx context.Context, sink Sink) error
 	// MintX509SVIDs signs a batch; the results line up with reqs.
 	MintX509SVIDs(ctx context.Context, reqs []X509Request) ([]X509Result, error)

@@ -123,7 +123,7 @@ func (id *agentIdentity) attestUntilDone(ctx context.Context, why string) error 
 			return nil
 		}
 		if !transient(err) {
-			return fmt.Errorf("node attestation with %s failed: %w", id.attestorName, err)
+			return fmt.Errorf("node attestation with %s failed: %w (%w)", id.attestorName, err, agent.ErrNodeAttestationRefused)
 		}
 		d := bo.Next()
 		logRetry(id.log, "Could not reach the SPIRE Server to attest; retrying", d, err)
