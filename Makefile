@@ -8,13 +8,35 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FUZZTIME    ?= 50000x
 # Go test packages of the main module.
 PKGS        := ./...
+# What `lanyard version` prints.
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# `make image`: the image the overlays in deploy/kubernetes deploy.
+IMAGE       ?= ghcr.io/lanyard-dev/lanyard:dev
+IMAGE_TAR   ?= bin/lanyard-image.tar
+CA_CERTS    ?= /etc/ssl/certs/ca-certificates.crt
 
-.PHONY: all build run test lint spire kube unit fuzz interop bench clean
+.PHONY: all build run test lint spire kube unit fuzz interop bench clean image
 
 all: build
 
+# Static and reproducible, as the Dockerfile builds it: the same commit
+# gives the same bytes.
 build:
-	$(GO) build -o $(BIN) ./cmd/lanyard
+	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=false -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN) ./cmd/lanyard
+
+# The Dockerfile's image without a daemon or a registry (tools/mkimage): the
+# binary and the CA certificates, no shell, as a tarball for `docker load`
+# or `ctr -n k8s.io images import`. Same commit, same digest.
+image: build
+	$(GO) build -C tools/mkimage -trimpath -o $(abspath bin/mkimage) .
+	./bin/mkimage -o $(IMAGE_TAR) -tag $(IMAGE) \
+	  -file /lanyard=$(BIN):0755 \
+	  -file /etc/ssl/certs/ca-certificates.crt=$(CA_CERTS):0644 \
+	  -user 0:0 -entrypoint '["/lanyard","run"]' -cmd '["-config","/etc/lanyard/agent.conf"]' \
+	  -label org.opencontainers.image.title=lanyard \
+	  -label 'org.opencontainers.image.description=SPIFFE Workload API node agent, a drop-in for spire-agent' \
+	  -label org.opencontainers.image.source=https://github.com/lanyard-dev/lanyard \
+	  -label org.opencontainers.image.version=$(VERSION)
 
 # The example config grants spiffe://example.org/user/<uid> to the user
 # running it; the socket is /tmp/lanyard/public/api.sock.
@@ -35,9 +57,9 @@ spire:
 	./test/spire/build.sh
 
 # The real single-node Kubernetes of the k8s tests: containerd, runc and etcd
-# from Debian, kubelet and kube-apiserver built once from the Go module proxy
-# into a cache outside the repo (about 12 minutes cold on 2 cores, a second
-# warm). Needs root; without it the k8s tests skip (outside CI).
+# from Debian; kubelet, kube-apiserver, kube-controller-manager and
+# kube-scheduler built once from the Go module proxy into a cache outside the
+# repo (about 15 minutes cold on 2 cores, a second warm). Needs root; without it the k8s tests skip (outside CI).
 kube:
 	./test/k8s/build.sh
 

@@ -1,8 +1,9 @@
 #!/bin/sh
 # Readies the real single-node Kubernetes the k8s tests run against:
 #   - containerd, runc and etcd from Debian (installed when missing; root only);
-#   - kubelet and kube-apiserver (pinned in tools/go.mod) and the OCI image
-#     packer (images/go.mod), built from the Go module proxy into a cache dir
+#   - kubelet and kube-apiserver, then kube-controller-manager and
+#     kube-scheduler (pinned in tools/go.mod), and the image writer
+#     (tools/mkimage at the repo's root, its own module), built from the Go module proxy into a cache dir
 #     outside the repo, only when missing or stale.
 # Prints the bin dir on its last line.
 #
@@ -14,7 +15,7 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 tools="$here/tools"
-images="$here/images"
+mkimage="$here/../../tools/mkimage"
 
 die() {
 	echo "build.sh: $*" >&2
@@ -80,8 +81,10 @@ goid=$(go env GOVERSION GOOS GOARCH | tr '\n' ' ')
 kube_ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
 kube_recipe="CGO_ENABLED=0 go build -trimpath -ldflags=$kube_ldflags kubelet kube-apiserver"
 kube_stamp="$({ cat "$tools/go.mod" "$tools/go.sum"; echo "$kube_recipe"; } | sha) $goid"
-images_recipe="CGO_ENABLED=0 go build -trimpath -ldflags=-s -w ociimage"
-images_stamp="$({ cat "$images/go.mod" "$images/go.sum" "$images"/*.go; echo "$images_recipe"; } | sha) $goid"
+control_recipe="CGO_ENABLED=0 go build -trimpath -ldflags=$kube_ldflags kube-controller-manager kube-scheduler"
+control_stamp="$({ cat "$tools/go.mod" "$tools/go.sum"; echo "$control_recipe"; } | sha) $goid"
+images_recipe="CGO_ENABLED=0 go build -trimpath -ldflags=-s -w mkimage"
+images_stamp="$({ cat "$mkimage/go.mod" "$mkimage/go.sum" "$mkimage"/*.go; echo "$images_recipe"; } | sha) $goid"
 
 fresh() { # name stamp binaries...
 	name=$1
@@ -94,7 +97,9 @@ fresh() { # name stamp binaries...
 }
 
 all_fresh() {
-	fresh kube "$kube_stamp" kubelet kube-apiserver && fresh images "$images_stamp" ociimage
+	fresh kube "$kube_stamp" kubelet kube-apiserver &&
+		fresh control "$control_stamp" kube-controller-manager kube-scheduler &&
+		fresh images "$images_stamp" mkimage
 }
 
 if all_fresh; then
@@ -137,13 +142,30 @@ if ! fresh kube "$kube_stamp" kubelet kube-apiserver; then
 	echo "build.sh: built kubelet and kube-apiserver in $(($(date +%s) - start)) s" >&2
 fi
 
-if ! fresh images "$images_stamp" ociimage; then
+# A stamp of their own, so that adding them did not rebuild the two above.
+if ! fresh control "$control_stamp" kube-controller-manager kube-scheduler; then
+	echo "build.sh: building kube-controller-manager and kube-scheduler $version into $bin (about 2 minutes after the kubelet, 12 cold)..." >&2
+	start=$(date +%s)
 	(
-		cd "$images"
+		cd "$tools"
 		CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" \
-			go build -trimpath -ldflags="-s -w" -o "$tmp/ociimage" .
+			go build -p=2 -trimpath -ldflags="$kube_ldflags" -o "$tmp/" \
+			k8s.io/kubernetes/cmd/kube-controller-manager \
+			k8s.io/kubernetes/cmd/kube-scheduler
 	) >&2
-	mv "$tmp/ociimage" "$bin/ociimage"
+	mv "$tmp/kube-controller-manager" "$bin/kube-controller-manager"
+	mv "$tmp/kube-scheduler" "$bin/kube-scheduler"
+	printf '%s\n' "$control_stamp" >"$bin/.stamp-control"
+	echo "build.sh: built kube-controller-manager and kube-scheduler in $(($(date +%s) - start)) s" >&2
+fi
+
+if ! fresh images "$images_stamp" mkimage; then
+	(
+		cd "$mkimage"
+		CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" \
+			go build -trimpath -ldflags="-s -w" -o "$tmp/mkimage" .
+	) >&2
+	mv "$tmp/mkimage" "$bin/mkimage"
 	printf '%s\n' "$images_stamp" >"$bin/.stamp-images"
 fi
 

@@ -23,7 +23,7 @@ func (c *Cluster) buildImages() error {
 		"./pause", "./workload"); err != nil {
 		return err
 	}
-	_, err = runTool(time.Minute, out, nil, filepath.Join(c.bin, "ociimage"),
+	_, err = runTool(time.Minute, out, nil, filepath.Join(c.bin, "mkimage"),
 		"-o", filepath.Join(out, "images.tar"),
 		"-image", PauseImage+"="+filepath.Join(out, "pause"),
 		"-image", WorkloadImage+"="+filepath.Join(out, "workload"),

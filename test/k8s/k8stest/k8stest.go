@@ -200,7 +200,7 @@ func (c *Cluster) phase(name string) {
 // buildOnce readies the binaries once per test binary.
 var buildOnce = sync.OnceValues(buildBinaries)
 
-// Binaries returns the dir holding kubelet, kube-apiserver and ociimage,
+// Binaries returns the dir holding kubelet, kube-apiserver, kube-controller-manager, kube-scheduler and mkimage,
 // building them via build.sh if needed (which also installs containerd,
 // runc and etcd from Debian). The build runs once per test binary; build.sh
 // serializes concurrent builds itself. Without root it skips the test
@@ -220,7 +220,7 @@ func buildBinaries() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	dir, err := testkit.RunBuildScript(filepath.Join(k8sDir, "build.sh"), "kubelet", "kube-apiserver", "ociimage")
+	dir, err := testkit.RunBuildScript(filepath.Join(k8sDir, "build.sh"), "kubelet", "kube-apiserver", "mkimage")
 	if err != nil {
 		return "", err
 	}

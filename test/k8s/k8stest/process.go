@@ -130,7 +130,7 @@ func freePorts(n int) ([]int, error) {
 	return ports, nil
 }
 
-// runTool runs a short command (ctr, go build, ociimage), bounded.
+// runTool runs a short command (ctr, go build, mkimage), bounded.
 func runTool(bound time.Duration, dir string, env []string, name string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()

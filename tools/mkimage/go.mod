@@ -1,4 +1,4 @@
-module github.com/lanyard-dev/lanyard/test/k8s/images
+module github.com/lanyard-dev/lanyard/tools/mkimage
 
 go 1.26.8
 
