@@ -62,6 +62,11 @@ const maxResponse = 16 << 20
 // do sends body (JSON-encoded unless it is []byte) and decodes the answer
 // into out, when out is not nil.
 func (a *apiClient) do(ctx context.Context, method, path string, body, out any) error {
+	return a.send(ctx, method, path, "application/json", body, out)
+}
+
+// send is do with the body's content type.
+func (a *apiClient) send(ctx context.Context, method, path, contentType string, body, out any) error {
 	var rd io.Reader
 	switch b := body.(type) {
 	case nil:
@@ -81,7 +86,7 @@ func (a *apiClient) do(ctx context.Context, method, path string, body, out any) 
 	req.Header.Set("Authorization", "Bearer "+a.token)
 	req.Header.Set("Accept", "application/json")
 	if rd != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", contentType)
 	}
 	resp, err := a.http.Do(req)
 	if err != nil {

@@ -58,6 +58,13 @@ type Options struct {
 	// NodeName is the node's name (DefaultNodeName when empty). The
 	// kubelet's serving certificate names it, "localhost" and 127.0.0.1.
 	NodeName string
+	// KubeletPort is the kubelet's secure port; a free port when 0. The
+	// kubelet's default, 10250, is what an unpatched agent.conf expects.
+	KubeletPort int
+	// ControlPlane also runs kube-controller-manager and kube-scheduler,
+	// so that DaemonSets, Deployments and garbage collection work. Off by
+	// default: without them a test's owner references are free text.
+	ControlPlane bool
 }
 
 // Cluster is a running single-node cluster.
@@ -85,6 +92,7 @@ type Cluster struct {
 	podLogs  string // the kubelet's podLogsDir
 	nodeUID  string
 	stopOnce sync.Once
+	opts     Options
 	// phases are the start's steps and when each ended, for the log.
 	phases []string
 	begin  time.Time
@@ -111,7 +119,7 @@ func Start(t testing.TB, opts ...Options) *Cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &Cluster{NodeName: o.NodeName, Dir: dir, t: t, bin: bin, begin: begin}
+	c := &Cluster{NodeName: o.NodeName, Dir: dir, t: t, bin: bin, begin: begin, opts: o}
 	t.Cleanup(c.stop)
 	c.StaticPodDir = filepath.Join(dir, "manifests")
 	c.podLogs = filepath.Join(dir, "pod-logs")
@@ -149,6 +157,9 @@ func (c *Cluster) run() error {
 	}
 	etcdPort, etcdPeer, apiPort := ports[0], ports[1], ports[2]
 	c.KubeletPort, c.KubeletReadOnlyPort = ports[3], ports[4]
+	if c.opts.KubeletPort != 0 {
+		c.KubeletPort = c.opts.KubeletPort
+	}
 	healthzPort := ports[5]
 	c.APIServer = fmt.Sprintf("https://127.0.0.1:%d", apiPort)
 
@@ -182,6 +193,12 @@ func (c *Cluster) run() error {
 		return err
 	}
 	c.phase("bootstrap")
+	if c.opts.ControlPlane {
+		if err := c.startControlPlane(); err != nil {
+			return err
+		}
+		c.phase("control plane")
+	}
 	if err := c.startKubelet(healthzPort); err != nil {
 		return err
 	}
@@ -220,7 +237,8 @@ func buildBinaries() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	dir, err := testkit.RunBuildScript(filepath.Join(k8sDir, "build.sh"), "kubelet", "kube-apiserver", "mkimage")
+	dir, err := testkit.RunBuildScript(filepath.Join(k8sDir, "build.sh"),
+		"kubelet", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "mkimage")
 	if err != nil {
 		return "", err
 	}

@@ -7,7 +7,8 @@
 //	error <the error>
 //
 // With the single argument "sleep" it only sleeps until told to stop; with
-// "exit" it exits at once (an init container).
+// "exit" it exits at once (an init container). With "mtls-peer DIR ID" it
+// holds an X509Source and talks mTLS to its peers (see mtls.go).
 // Environment: WORKLOAD_INTERVAL (a Go duration between attempts, default
 // 500ms) and WORKLOAD_TIMEOUT (each attempt's deadline, default 5s).
 package main
@@ -36,8 +37,15 @@ func main() {
 	if len(os.Args) == 2 && os.Args[1] == "exit" {
 		return
 	}
+	if len(os.Args) == 4 && os.Args[1] == "mtls-peer" {
+		if err := mtlsPeer(ctx, os.Args[2], os.Args[3]); err != nil {
+			fmt.Fprintln(os.Stderr, "workload:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) > 1 {
-		fmt.Fprintln(os.Stderr, "usage: workload [sleep|exit]")
+		fmt.Fprintln(os.Stderr, "usage: workload [sleep|exit|mtls-peer DIR SPIFFE-ID]")
 		os.Exit(2)
 	}
 	interval := durationEnv("WORKLOAD_INTERVAL", 500*time.Millisecond)
