@@ -10,10 +10,12 @@ import (
 )
 
 // controllers are the controller-manager's loops the tests need: workloads
-// (DaemonSet, Deployment and its ReplicaSets) and the garbage collector
-// that removes what they own. Service accounts and kube-root-ca.crt are
-// bootstrap's.
-const controllers = "daemonset,deployment,replicaset,garbagecollector"
+// (DaemonSet, Deployment and its ReplicaSets), the garbage collector that
+// removes what they own, and the node lifecycle controller, which lifts the
+// node.kubernetes.io/not-ready taint the kubelet registers with (the
+// scheduler places nothing but DaemonSet pods until then). Service
+// accounts and kube-root-ca.crt are bootstrap's.
+const controllers = "daemonset,deployment,replicaset,garbagecollector,nodelifecycle"
 
 // startControlPlane runs kube-controller-manager and kube-scheduler as the
 // admin, on no port (nothing probes them; the objects they act on show
