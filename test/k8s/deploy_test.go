@@ -18,6 +18,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/test/k8s/k8stest"
+	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
 )
 
 const (
@@ -34,34 +35,61 @@ const (
 	rolloutTimeout = 2 * time.Minute
 )
 
-// testOverlay is the kustomization the test applies: the local overlay as
-// shipped, plus only what sharing this machine with other tests needs.
-// The hostPaths move into the cluster's dir, so the test neither reads nor
-// leaves /run/spire/agent-sockets and /var/lib/lanyard on the host (and the
-// agent's CA starts fresh each run). Nothing else: the node is named
+// testOverlay is the kustomization the test applies: an overlay as
+// shipped (%[1]s), plus only what sharing this machine with other tests
+// needs, and %[4]s, the spire overlay's server address. The hostPaths move
+// into the cluster's dir, so the test neither reads nor leaves
+// /run/spire/agent-sockets and /var/lib/lanyard on the host (and the
+// agent's state starts fresh each run). Nothing else: the node is named
 // "localhost" and the kubelet listens on 10250, so the attestor's default
 // address, https://$MY_NODE_NAME:10250, reaches it as on a real node.
 const testOverlay = `apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
-  - %s
+  - %[1]s
 patches:
-  - target: {kind: DaemonSet, name: lanyard}
-    patch: |
-      - op: replace
-        path: /spec/template/spec/volumes/1/hostPath/path
-        value: %s
-      - op: replace
-        path: /spec/template/spec/volumes/2/hostPath/path
-        value: %s
+  - patch: |
+      apiVersion: apps/v1
+      kind: DaemonSet
+      metadata: {name: lanyard, namespace: spire}
+      spec:
+        template:
+          spec:
+            volumes:
+              - {name: agent-sockets, hostPath: {path: %[2]s}}
+              - {name: data, hostPath: {path: %[3]s}}
+%[4]s`
+
+// serverAddressPatch is what a user writes into the spire overlay's
+// server-address.yaml: where the server is (%[1]s, a port on the node's
+// loopback here) and the cluster's name in its k8s_psat config.
+const serverAddressPatch = `  - patch: |
+      apiVersion: apps/v1
+      kind: DaemonSet
+      metadata: {name: lanyard, namespace: spire}
+      spec:
+        template:
+          spec:
+            containers:
+              - name: lanyard
+                env:
+                  - {name: SPIRE_SERVER_ADDRESS, value: "127.0.0.1"}
+                  - {name: SPIRE_SERVER_PORT, value: "%[1]s"}
+                  - {name: SPIRE_TRUST_DOMAIN, value: example.org}
+                  - {name: SPIRE_CLUSTER, value: %[2]s}
 `
 
-// TestDeployLocalOverlay deploys what we ship on a real cluster: the image
-// from `make image`, the local overlay; two pods of a Deployment get their
-// identity by k8s selectors and talk mTLS; a pod no entry matches is
-// denied; a rollout restart and the deletion of the agent's pod keep the
-// workloads' identities and trust bundle.
-func TestDeployLocalOverlay(t *testing.T) {
+// deployCluster is a cluster with `make image` imported, and the host dirs
+// the manifests' hostPaths are moved to.
+type deployCluster struct {
+	*k8stest.Cluster
+	sockets, data, peers string
+}
+
+// startDeployCluster runs the cluster the manifests deploy to: a node
+// named localhost with its kubelet on 10250, a controller-manager and a
+// scheduler, and the image `make image` builds.
+func startDeployCluster(t *testing.T) *deployCluster {
 	testkit.RequireRoot(t, "k8stest runs a kubelet and containerd")
 	for _, port := range []int{10250, 8088} {
 		requireFreePort(t, port)
@@ -75,29 +103,70 @@ func TestDeployLocalOverlay(t *testing.T) {
 			logEvents(t, c)
 		}
 	})
-
-	hostDir := filepath.Join(c.Dir, "host")
-	sockets := filepath.Join(hostDir, "agent-sockets")
-	data := filepath.Join(hostDir, "lanyard-data")
-	peers := filepath.Join(hostDir, "peers")
-	for _, d := range []string{sockets, data, peers} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
+	host := filepath.Join(c.Dir, "host")
+	d := &deployCluster{Cluster: c, sockets: filepath.Join(host, "agent-sockets"),
+		data: filepath.Join(host, "lanyard-data"), peers: filepath.Join(host, "peers")}
+	for _, dir := range []string{d.sockets, d.data, d.peers} {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	applyOverlay(t, c, sockets, data)
+	return d
+}
+
+// TestDeployLocalOverlay deploys what we ship on a real cluster: the image
+// from `make image`, the local overlay (the embedded CA); see exercise.
+func TestDeployLocalOverlay(t *testing.T) {
+	c := startDeployCluster(t)
+	applyOverlay(t, c, "local", "")
+	exercise(t, c)
+}
+
+// TestDeploySpireOverlay deploys the spire overlay against a real
+// spire-server on the node: the agent attests with k8s_psat (its pod's
+// projected token, reviewed by the server with the API server) and serves
+// the server's entry by k8s selectors; see exercise.
+func TestDeploySpireOverlay(t *testing.T) {
+	c := startDeployCluster(t)
+	const cluster = "lanyard-test"
+	server := spiretest.StartServer(t, spiretest.WithNodeAttestor("k8s_psat", fmt.Sprintf(`
+            clusters = {
+                %q = {
+                    service_account_allow_list = ["spire:lanyard"]
+                    kube_config_file = %q
+                }
+            }`, cluster, c.KubeconfigFor(k8stest.AgentNamespace, k8stest.ServerServiceAccount))))
+	agentID := "spiffe://example.org/spire/agent/k8s_psat/" + cluster + "/" + c.NodeUID()
+	server.CreateEntry(t, agentID, defaultID, "k8s:ns:default", "k8s:sa:default")
+	// The server's bundle, as its k8sbundle notifier would publish it.
+	c.Apply(map[string]any{"apiVersion": "v1", "kind": "ConfigMap",
+		"metadata": map[string]any{"name": "spire-bundle", "namespace": agentNamespace},
+		"data":     map[string]string{"bundle.crt": string(server.BundlePEM(t))}})
+	_, port, err := net.SplitHostPort(server.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	applyOverlay(t, c, "spire", fmt.Sprintf(serverAddressPatch, port, cluster))
+	exercise(t, c)
+}
+
+// exercise checks a deployed agent: its pod becomes Ready; two pods of a
+// Deployment get their identity by k8s selectors and talk mTLS; a pod no
+// entry matches is denied; a rollout restart and the deletion of the
+// agent's pod keep the workloads' identities and trust bundle, and fresh
+// fetches fail no longer than the agent is away.
+func exercise(t *testing.T, c *deployCluster) {
 	begin := time.Now()
-	agent := waitDaemonSetRolled(t, c, "")
+	agent := waitDaemonSetRolled(t, c.Cluster, "")
 	t.Logf("agent pod %s Ready %s after apply", agent, time.Since(begin).Round(100*time.Millisecond))
 
 	c.CreateServiceAccount("default", "other")
 	denied := c.CreatePod(k8stest.PodSpec{
 		Name: "denied", ServiceAccount: "other", Labels: map[string]string{"app": "denied"},
-		Socket: filepath.Join(sockets, "spire-agent.sock"),
+		Socket: filepath.Join(c.sockets, "spire-agent.sock"),
 	}.Manifest())
-	c.Apply(mtlsDeployment(sockets, peers))
-	workloads := waitWorkloads(t, c, 2)
-
+	c.Apply(mtlsDeployment(c.sockets, c.peers))
+	workloads := waitWorkloads(t, c.Cluster, 2)
 	t.Run("identities and mTLS", func(t *testing.T) {
 		for i, pod := range workloads {
 			other := workloads[1-i].Name
@@ -116,7 +185,7 @@ func TestDeployLocalOverlay(t *testing.T) {
 			}
 		}
 	})
-	before := sourceLines(t, c, workloads)
+	before := sourceLines(t, c.Cluster, workloads)
 
 	var windows []outage
 	t.Run("rollout restart", func(t *testing.T) {
@@ -124,18 +193,18 @@ func TestDeployLocalOverlay(t *testing.T) {
 		c.MergePatch("DaemonSet", agentNamespace, "lanyard", map[string]any{"spec": map[string]any{"template": map[string]any{
 			"metadata": map[string]any{"annotations": map[string]string{
 				"kubectl.kubernetes.io/restartedAt": start.UTC().Format(time.RFC3339)}}}}})
-		agent = waitDaemonSetRolled(t, c, agent)
+		agent = waitDaemonSetRolled(t, c.Cluster, agent)
 		ready := time.Since(start)
-		windows = append(windows, checkReconnected(t, c, workloads, before, "rollout restart", start, ready)...)
+		windows = append(windows, checkReconnected(t, c.Cluster, workloads, before, "rollout restart", start, ready)...)
 	})
 	t.Run("agent pod deleted", func(t *testing.T) {
 		start := time.Now()
 		if err := c.Do("DELETE", "/api/v1/namespaces/"+agentNamespace+"/pods/"+agent, nil, nil); err != nil {
 			t.Fatal(err)
 		}
-		agent = waitDaemonSetRolled(t, c, agent)
+		agent = waitDaemonSetRolled(t, c.Cluster, agent)
 		ready := time.Since(start)
-		windows = append(windows, checkReconnected(t, c, workloads, before, "pod deleted", start, ready)...)
+		windows = append(windows, checkReconnected(t, c.Cluster, workloads, before, "pod deleted", start, ready)...)
 	})
 	failed := 0
 	for _, w := range windows {
@@ -172,9 +241,10 @@ func requireFreePort(t *testing.T, port int) {
 
 // applyOverlay renders testOverlay with kustomize, as `kubectl apply -k`
 // does, and applies every object in kustomize's order (namespaces first).
-func applyOverlay(t *testing.T, c *k8stest.Cluster, sockets, data string) {
+func applyOverlay(t *testing.T, c *deployCluster, overlay, extraPatches string) {
 	t.Helper()
-	local, err := testkit.RepoFile("deploy/kubernetes/overlays/local/kustomization.yaml")
+	sockets, data := c.sockets, c.data
+	local, err := testkit.RepoFile("deploy/kubernetes/overlays/" + overlay + "/kustomization.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +254,7 @@ func applyOverlay(t *testing.T, c *k8stest.Cluster, sockets, data string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	kustomization := fmt.Sprintf(testOverlay, rel, sockets, data)
+	kustomization := fmt.Sprintf(testOverlay, rel, sockets, data, extraPatches)
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(kustomization), 0o644); err != nil {
 		t.Fatal(err)
 	}
