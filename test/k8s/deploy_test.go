@@ -48,29 +48,25 @@ kind: Kustomization
 resources:
   - %[1]s
 patches:
-  - patch: |
-      apiVersion: apps/v1
-      kind: DaemonSet
-      metadata: {name: lanyard, namespace: spire}
-      spec:
-        template:
-          spec:
-            volumes:
+` + daemonSetPatch + `            volumes:
               - {name: agent-sockets, hostPath: {path: %[2]s}}
               - {name: data, hostPath: {path: %[3]s}}
 %[4]s`
 
-// serverAddressPatch is what a user writes into the spire overlay's
-// server-address.yaml: where the server is (%[1]s, a port on the node's
-// loopback here) and the cluster's name in its k8s_psat config.
-const serverAddressPatch = `  - patch: |
+// daemonSetPatch opens a strategic merge patch of the agent's pod spec.
+const daemonSetPatch = `  - patch: |
       apiVersion: apps/v1
       kind: DaemonSet
       metadata: {name: lanyard, namespace: spire}
       spec:
         template:
           spec:
-            containers:
+`
+
+// serverAddressPatch is what a user writes into the spire overlay's
+// server-address.yaml: where the server is (%[1]s, a port on the node's
+// loopback here) and the cluster's name in its k8s_psat config.
+const serverAddressPatch = daemonSetPatch + `            containers:
               - name: lanyard
                 env:
                   - {name: SPIRE_SERVER_ADDRESS, value: "127.0.0.1"}

@@ -108,21 +108,7 @@ func readDockerArchive(t *testing.T, path string) ([]string, imageConfig) {
 	}
 	defer f.Close()
 	blobs := map[string][]byte{}
-	tr := tar.NewReader(f)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, err := io.ReadAll(io.LimitReader(tr, 64<<20))
-		if err != nil {
-			t.Fatal(err)
-		}
-		blobs[h.Name] = data
-	}
+	eachTarEntry(t, f, func(h *tar.Header, data []byte) { blobs[h.Name] = data })
 	var manifest []struct {
 		Config   string
 		RepoTags []string
@@ -143,22 +129,43 @@ func readDockerArchive(t *testing.T, path string) ([]string, imageConfig) {
 		t.Fatal(err)
 	}
 	var names []string
-	lr := tar.NewReader(zr)
-	for {
-		h, err := lr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	eachTarEntry(t, zr, func(h *tar.Header, _ []byte) {
 		if h.Uid != 0 || h.Gid != 0 || h.ModTime.Unix() != 0 {
 			t.Errorf("%s: owner %d:%d, time %s; want 0:0 at the epoch", h.Name, h.Uid, h.Gid, h.ModTime)
 		}
+		// The binary and directories 0755, the certificates 0644, as COPY
+		// gives them.
+		want := int64(0o755)
+		if h.Name == "etc/ssl/certs/ca-certificates.crt" {
+			want = 0o644
+		}
+		if h.Mode != want {
+			t.Errorf("%s: mode %o, want %o", h.Name, h.Mode, want)
+		}
 		names = append(names, h.Name)
-	}
+	})
 	if !sort.StringsAreSorted(names) {
 		t.Errorf("layer entries not sorted: %q", names)
 	}
 	return names, config
+}
+
+// eachTarEntry calls f with each entry of the tar stream r and its content.
+func eachTarEntry(t *testing.T, r io.Reader, f func(h *tar.Header, data []byte)) {
+	t.Helper()
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, err := io.ReadAll(io.LimitReader(tr, 64<<20))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(h, data)
+	}
 }
