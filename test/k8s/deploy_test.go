@@ -462,12 +462,15 @@ func checkReconnected(t *testing.T, c *k8stest.Cluster, pods []*k8stest.Pod, bef
 		var lines []logLine
 		testkit.WaitFor(t, rolloutTimeout, pod.Name+"'s stream and calls back after the "+event, func() bool {
 			lines = peerLog(c, pod)
-			var delivered, fetched, called bool
+			var broke, delivered, fetched, called bool
 			for _, l := range lines {
 				if l.at.Before(start) {
 					continue
 				}
-				delivered = delivered || strings.HasPrefix(l.text, "source ")
+				// The stream broke when the old agent stopped, and then
+				// delivered: from the new agent.
+				broke = broke || strings.HasPrefix(l.text, "watch-error ")
+				delivered = delivered || (broke && strings.HasPrefix(l.text, "source "))
 				fetched = fetched || (delivered && strings.HasPrefix(l.text, "svid "))
 				called = called || (delivered && strings.Contains(l.text, " ok hello-from-"))
 			}

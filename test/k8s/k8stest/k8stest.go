@@ -1,5 +1,7 @@
 // Package k8stest runs a real single-node Kubernetes for a test: etcd,
-// kube-apiserver, containerd and a kubelet registered with the API server,
+// kube-apiserver, containerd and a kubelet registered with the API server
+// (and, with Options.ControlPlane, kube-controller-manager and
+// kube-scheduler),
 // each with its own data dir, socket and loopback ports, all stopped (and
 // their pods, mounts and cgroups removed) when the test ends, even when it
 // fails. The Kubernetes binaries come from test/k8s/build.sh, which builds
