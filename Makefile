@@ -1,6 +1,7 @@
 # Lanyard: a SPIFFE Workload API node agent.
 #   make run    the agent on its embedded CA, giving the current user an identity
 #   make test   everything CI runs: lint, unit, end-to-end and interop tests, brief fuzzing
+#   make image  the container image, no daemon needed: bin/lanyard-image.tar (docker load, ctr import)
 
 GO          ?= go
 BIN         := bin/lanyard
