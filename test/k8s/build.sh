@@ -3,8 +3,9 @@
 #   - containerd, runc and etcd from Debian (installed when missing; root only);
 #   - kubelet and kube-apiserver, then kube-controller-manager and
 #     kube-scheduler (pinned in tools/go.mod), and the image writer
-#     (tools/mkimage at the repo's root, its own module), built from the Go module proxy into a cache dir
-#     outside the repo, only when missing or stale.
+#     (tools/mkimage at the repo's root, its own module), built from the
+#     Go module proxy into a cache dir outside the repo, only when missing
+#     or stale.
 # Prints the bin dir on its last line.
 #
 #   LANYARD_K8S_BIN  bin dir to use (default: next to the Go build cache)
@@ -142,7 +143,8 @@ if ! fresh kube "$kube_stamp" kubelet kube-apiserver; then
 	echo "build.sh: built kubelet and kube-apiserver in $(($(date +%s) - start)) s" >&2
 fi
 
-# A stamp of their own, so that adding them did not rebuild the two above.
+# A step and stamp of their own: they share most packages with the two
+# above, so this takes a minute or two once those are built.
 if ! fresh control "$control_stamp" kube-controller-manager kube-scheduler; then
 	echo "build.sh: building kube-controller-manager and kube-scheduler $version into $bin (about 2 minutes after the kubelet, 12 cold)..." >&2
 	start=$(date +%s)
