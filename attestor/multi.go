@@ -156,10 +156,50 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 				return nil, err
 			}
 		case <-actx.Done():
+			if ctx.Err() == nil {
+				g.collectLate(results, waiting)
+			}
 			return nil, g.ended()
 		}
 	}
 	return g.result()
+}
+
+// lateGrace is how long, past the deadline, an attestation waits for the
+// attestors that honour ctx to say why they had no answer (a kubelet's
+// 403, a container not listed): their reason then reaches the caller.
+const lateGrace = 50 * time.Millisecond
+
+// maxLateReason bounds each reason the caller is told: it comes from a
+// daemon (a kubelet's answer) and goes to a caller not yet identified.
+const maxLateReason = 512
+
+// addLate records why an attestor that answered after the deadline had no
+// answer in time.
+func (g *merge) addLate(r pluginResult) {
+	if r.err == nil || g.ctx.Err() != nil {
+		return
+	}
+	reason := r.err.Error()
+	if len(reason) > maxLateReason {
+		reason = reason[:maxLateReason] + "..."
+	}
+	g.late = append(g.late, g.m.plugins[r.plugin].Name+": "+reason)
+}
+
+// collectLate records the reasons of attestors that return within
+// lateGrace of the deadline.
+func (g *merge) collectLate(results <-chan pluginResult, waiting int) {
+	timer := time.NewTimer(lateGrace)
+	defer timer.Stop()
+	for ; waiting > 0; waiting-- {
+		select {
+		case r := <-results:
+			g.addLate(r)
+		case <-timer.C:
+			return
+		}
+	}
 }
 
 // admit refuses a call to plugin i while MaxStuckCalls of its calls are
@@ -197,6 +237,7 @@ type merge struct {
 	answered []bool
 	all      []selector.Selector
 	failed   []string
+	late     []string // why attestors past the deadline had no answer
 }
 
 // add takes one attestor's answer; an error ends the attestation.
@@ -217,6 +258,7 @@ func (g *merge) add(r pluginResult) error {
 		return fmt.Errorf("%s: %w", name, r.err)
 	case g.actx.Err() != nil:
 		// It gave up because the deadline passed or the caller left.
+		g.addLate(r)
 		return g.ended()
 	default:
 		g.answered[r.plugin] = true
@@ -232,7 +274,11 @@ func (g *merge) ended() error {
 	if err := g.ctx.Err(); err != nil {
 		return fmt.Errorf("workload attestation of pid %d: the caller gave up: %w", g.p.PID, err)
 	}
-	return g.m.timedOut(g.p, g.answered)
+	err := g.m.timedOut(g.p, g.answered)
+	if len(g.late) > 0 {
+		err = fmt.Errorf("%w; %s", err, strings.Join(g.late, "; "))
+	}
+	return err
 }
 
 func (g *merge) result() ([]selector.Selector, error) {

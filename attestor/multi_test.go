@@ -263,3 +263,24 @@ func TestMultiAttestorCapsStuckCalls(t *testing.T) {
 		t.Errorf("the end of the cap was not logged:\n%s", logs)
 	}
 }
+
+// TestMultiAttestorTimeoutSaysWhy: an attestor that honours ctx and says
+// why it had no answer (a kubelet's 403) has that reason in the timeout
+// error the caller gets, bounded.
+func TestMultiAttestorTimeoutSaysWhy(t *testing.T) {
+	reasoned := attestorFunc(func(ctx context.Context, _ Process) ([]selector.Selector, error) {
+		<-ctx.Done()
+		return nil, errors.New("the kubelet answered 403 Forbidden: grant get on nodes/proxy " + strings.Repeat("x", 2000))
+	})
+	log, _ := testkit.NewLogger(hclog.Debug)
+	for name, inProcess := range map[string]bool{"on a worker": false, "in process": true} {
+		m := NewMultiAttestor(log, 20*time.Millisecond, Plugin{Name: "k8s", Attestor: reasoned, InProcess: inProcess})
+		_, err := m.Attest(context.Background(), Process{PID: 42})
+		if !errors.Is(err, ErrAttestorTimeout) || !strings.Contains(err.Error(), "k8s: the kubelet answered 403 Forbidden: grant get on nodes/proxy") {
+			t.Errorf("%s: Attest = %v, want ErrAttestorTimeout with the attestor's reason", name, err)
+		}
+		if err != nil && len(err.Error()) > 1000 {
+			t.Errorf("%s: the reason is not bounded: %d bytes", name, len(err.Error()))
+		}
+	}
+}
