@@ -26,6 +26,8 @@ command -v go >/dev/null 2>&1 || die "go not found in PATH"
 cd "$repo"
 VERSION=${VERSION:-$(git describe --tags --always --dirty 2>/dev/null || echo dev)}
 GOARCH=${GOARCH:-$(go env GOARCH)}
+# The package's default agent.conf (AGENT_CONF: another, for a test).
+AGENT_CONF=${AGENT_CONF:-$systemd/agent.conf}
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 1)}
 DEB_OUT=${DEB_OUT:-$repo/bin}
 
@@ -46,14 +48,11 @@ trap 'rm -rf "$work"' EXIT
 CGO_ENABLED=0 GOOS=linux GOARCH=$GOARCH go build -trimpath -buildvcs=false \
 	-ldflags "-s -w -X main.version=$VERSION" -o "$work/lanyard" ./cmd/lanyard
 
-optional=""
-[ -f "$systemd/lanyard.sysusers" ] && optional="$optional -sysusers $systemd/lanyard.sysusers"
-[ -f "$systemd/lanyard.tmpfiles" ] && optional="$optional -tmpfiles $systemd/lanyard.tmpfiles"
 
 cd "$here"
 # go.sum is committed: no checksum look-ups. mkdeb runs for the host.
-# shellcheck disable=SC2086 # optional holds whole flags
 GOARCH= GOFLAGS="-mod=readonly" go run . \
 	-binary "$work/lanyard" -version "$debversion" -arch "$GOARCH" \
-	-unit "$systemd/lanyard.service" -config "$systemd/agent.conf" $optional \
+	-unit "$systemd/lanyard.service" -config "$AGENT_CONF" \
+	-sysusers "$systemd/sysusers.d/lanyard.conf" -tmpfiles "$systemd/tmpfiles.d/lanyard.conf" \
 	-scripts "$here/scripts" -mtime "$SOURCE_DATE_EPOCH" -o "$DEB_OUT"
