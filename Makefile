@@ -69,3 +69,19 @@ bench-micro:
 
 clean:
 	rm -rf bin .data
+
+# The Debian package bin/lanyard_<version>_<arch>.deb (deploy/packaging):
+# the static binary stamped with VERSION (git describe), the unit, the
+# sysusers.d and tmpfiles.d files and /etc/lanyard/agent.conf as a conffile.
+# Built with nFPM as a Go library; the same commit gives the same bytes.
+.PHONY: deb nspawn-root
+deb:
+	./deploy/packaging/build.sh
+
+# The Debian root the systemd tests boot with systemd-nspawn (test/systemd),
+# built once with debootstrap into a cache outside the repo (under a minute
+# cold, instant warm); installs debootstrap and systemd-container from
+# Debian when missing. Needs root; without it those tests skip (outside CI).
+nspawn-root:
+	./test/systemd/build.sh
+test: nspawn-root

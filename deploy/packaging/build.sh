@@ -34,9 +34,8 @@ DEB_OUT=${DEB_OUT:-$repo/bin}
 # Debian's version from git describe's: v0.3.0-5-gabc1234-dirty gives
 # 0.3.0+git5.gabc1234.dirty; a bare commit (no tag yet) abc1234 gives
 # 0~gitabc1234, which sorts before any release.
-debversion=$(echo "$VERSION" | sed -e 's/^v//' -e 's/-/+git/' -e 's/-/./g')
-case "$debversion" in
-[0-9]*) ;;
+case "$VERSION" in
+v[0-9]*.* | [0-9]*.*) debversion=$(echo "$VERSION" | sed -e 's/^v//' -e 's/-/+git/' -e 's/-/./g') ;;
 *) debversion="0~git$(echo "$VERSION" | tr -- - .)" ;;
 esac
 
@@ -47,7 +46,6 @@ trap 'rm -rf "$work"' EXIT
 # Static, reproducible: no build paths, no VCS stamp.
 CGO_ENABLED=0 GOOS=linux GOARCH=$GOARCH go build -trimpath -buildvcs=false \
 	-ldflags "-s -w -X main.version=$VERSION" -o "$work/lanyard" ./cmd/lanyard
-
 
 cd "$here"
 # go.sum is committed: no checksum look-ups. mkdeb runs for the host.
