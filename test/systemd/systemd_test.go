@@ -1,0 +1,326 @@
+// Package systemd_test runs Lanyard's Debian package under a real systemd:
+// a minimal Debian root (test/systemd/build.sh builds it once into a cache)
+// booted with systemd-nspawn, the .deb of deploy/packaging installed with
+// dpkg, the shipped lanyard.service started unchanged, workloads as units
+// of their own identified by the systemd attestor.
+//
+// It needs root. Outside CI a test without root skips; with CI=true any
+// missing prerequisite fails the test.
+package systemd_test
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+)
+
+const (
+	// socketPath is the shipped agent.conf's socket_path.
+	socketPath = "/run/lanyard/public/api.sock"
+	// testVersion is what the test's binary says `lanyard version` is.
+	testVersion = "systemd-test"
+	// workloadTimeout bounds the wait for a workload's answer.
+	workloadTimeout = 60 * time.Second
+)
+
+// The test's units: two services of the same user running the same binary,
+// told apart only by their unit.
+const (
+	workloadUnit = "lanyard-workload.service"
+	otherUnit    = "lanyard-other.service"
+	unitDir      = "/etc/systemd/system/"
+)
+
+// unitFile runs the k8s tests' workload (test/k8s/workload): it fetches its
+// X509-SVID every 200 ms and writes one line per attempt to
+// /inside/out/<unit>.log, which the test reads from the host.
+const unitFile = `[Unit]
+Description=Lanyard test workload %n
+After=lanyard.service
+
+[Service]
+User={{user}}
+Environment=SPIFFE_ENDPOINT_SOCKET=unix://` + socketPath + `
+Environment=WORKLOAD_INTERVAL=200ms
+ExecStart=/inside/workload
+StandardOutput=truncate:/inside/out/%n.log
+StandardError=inherit
+`
+
+// agentConf is the shipped agent.conf's agent block with the test's
+// entries; entries is HCL of entry blocks.
+func agentConf(entries string) string {
+	return `agent {
+    trust_domain = "example.org"
+    data_dir = "/var/lib/lanyard"
+    socket_path = "` + socketPath + `"
+    log_level = "debug"
+}
+plugins {
+    WorkloadAttestor "unix" {
+        plugin_data {}
+    }
+    UpstreamAuthority "local" {
+        plugin_data {
+` + entries + `
+        }
+    }
+}
+`
+}
+
+const (
+	workloadID    = "spiffe://example.org/service/workload"
+	workloadEntry = `            entry {
+                spiffe_id = "` + workloadID + `"
+                selectors = ["unix:user:nobody"]
+            }
+`
+	otherID    = "spiffe://example.org/service/other"
+	otherEntry = `            entry {
+                spiffe_id = "` + otherID + `"
+                selectors = ["unix:user:daemon"]
+            }
+`
+)
+
+func TestPackageUnderSystemd(t *testing.T) {
+	testkit.RequireRoot(t, "systemd-nspawn boots a container")
+	begin := time.Now()
+	files := readyFiles(t)
+	t.Logf("root, .deb and workload ready in %s", time.Since(begin).Round(10*time.Millisecond))
+
+	c := bootContainer(t, files.root, files.bind)
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := c.run("journalctl", "--no-pager", "-o", "short-precise", "-n", "300",
+				"-u", "lanyard.service", "-u", workloadUnit, "-u", otherUnit)
+			t.Logf("the test failed; the container's journal:\n%s", out)
+		}
+	})
+
+	t.Log("dpkg -i")
+	c.must("dpkg", "-i", "/inside/"+filepath.Base(files.deb))
+	checkInstalled(t, c)
+
+	// The test's entries, in place of the shipped config (a conffile: an
+	// upgrade would keep the admin's edit).
+	writeFile(t, c.path("/etc/lanyard/agent.conf"), agentConf(workloadEntry))
+	writeFile(t, c.path(unitDir+workloadUnit), strings.ReplaceAll(unitFile, "{{user}}", "nobody"))
+	writeFile(t, c.path(unitDir+otherUnit), strings.ReplaceAll(unitFile, "{{user}}", "daemon"))
+	c.must("systemctl", "daemon-reload")
+
+	// Type=notify: start returns once the socket serves.
+	start := time.Now()
+	c.must("systemctl", "start", "lanyard.service")
+	conn, err := net.Dial("unix", c.path(socketPath))
+	if err != nil {
+		t.Fatalf("systemctl start lanyard returned (after %s) but the socket does not serve: %v", time.Since(start).Round(time.Millisecond), err)
+	}
+	conn.Close()
+	t.Logf("systemctl start lanyard: serving after %s", time.Since(start).Round(time.Millisecond))
+	before := show(t, c, "lanyard.service", "MainPID", "NRestarts", "ActiveState", "User")
+	if before["ActiveState"] != "active" || before["User"] != "lanyard" || before["NRestarts"] != "0" {
+		t.Fatalf("lanyard.service after start: %v", before)
+	}
+
+	c.must("systemctl", "start", workloadUnit, otherUnit)
+	workloadLog := filepath.Join(files.bind, "out", workloadUnit+".log")
+	otherLog := filepath.Join(files.bind, "out", otherUnit+".log")
+	waitLine(t, workloadLog, 0, "svid "+workloadID)
+	// Same user, same binary: only the unit differs, and no entry has it.
+	if line := waitLine(t, otherLog, 0, "error "); !strings.Contains(line, "PermissionDenied") {
+		t.Fatalf("%s: want PermissionDenied, got %q", otherUnit, line)
+	}
+
+	// Reload: the new entry applies in the same process, which keeps
+	// serving throughout.
+	writeFile(t, c.path("/etc/lanyard/agent.conf"), agentConf(workloadEntry+otherEntry))
+	mark := len(readLines(workloadLog))
+	c.must("systemctl", "reload", "lanyard.service")
+	waitLine(t, otherLog, 0, "svid "+otherID)
+	waitLine(t, workloadLog, mark+3, "svid "+workloadID)
+	for _, line := range readLines(workloadLog)[mark:] {
+		if !strings.HasPrefix(line, "svid "+workloadID) {
+			t.Errorf("%s around the reload: %q", workloadUnit, line)
+		}
+	}
+	after := show(t, c, "lanyard.service", "MainPID", "NRestarts", "ActiveState")
+	if after["MainPID"] != before["MainPID"] || after["NRestarts"] != "0" || after["ActiveState"] != "active" {
+		t.Fatalf("after systemctl reload: %v, before: %v", after, before)
+	}
+
+	c.must("systemctl", "stop", workloadUnit, otherUnit)
+	stop := time.Now()
+	c.must("systemctl", "stop", "lanyard.service")
+	stopped := show(t, c, "lanyard.service", "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+	// ExecMainCode 1 is CLD_EXITED: it exited by itself, not by a signal.
+	if stopped["ActiveState"] != "inactive" || stopped["Result"] != "success" || stopped["ExecMainCode"] != "1" || stopped["ExecMainStatus"] != "0" {
+		t.Fatalf("after systemctl stop: %v", stopped)
+	}
+	t.Logf("systemctl stop lanyard: exited 0 after %s", time.Since(stop).Round(time.Millisecond))
+
+	// Removal stops a running agent (prerm); purge forgets it.
+	c.must("systemctl", "start", "lanyard.service")
+	c.must("dpkg", "--purge", "lanyard")
+	if out, _ := c.run("systemctl", "is-active", "lanyard.service"); strings.TrimSpace(out) != "inactive" {
+		t.Errorf("after dpkg --purge, lanyard.service is %q", strings.TrimSpace(out))
+	}
+	for _, gone := range []string{"/usr/bin/lanyard", "/usr/lib/systemd/system/lanyard.service", "/etc/lanyard/agent.conf", "/var/lib/lanyard"} {
+		if _, err := os.Lstat(c.path(gone)); err == nil {
+			t.Errorf("after dpkg --purge, %s is still there", gone)
+		}
+	}
+	t.Logf("whole test %s", time.Since(begin).Round(10*time.Millisecond))
+}
+
+// checkInstalled checks what dpkg -i did: the binary of this version, the
+// user from sysusers.d, the conffile, and the unit enabled but not started
+// (the agent needs its config first).
+func checkInstalled(t *testing.T, c *container) {
+	t.Helper()
+	if out := c.must("lanyard", "version"); !strings.Contains(out, testVersion) {
+		t.Errorf("lanyard version: %q, want %s", out, testVersion)
+	}
+	c.must("id", "lanyard")
+	if out := c.must("dpkg-query", "-W", "-f=${Conffiles}", "lanyard"); !strings.Contains(out, "/etc/lanyard/agent.conf") {
+		t.Errorf("conffiles: %q", out)
+	}
+	if out, _ := c.run("systemctl", "is-enabled", "lanyard.service"); strings.TrimSpace(out) != "enabled" {
+		t.Errorf("after dpkg -i, lanyard.service is-enabled: %q", out)
+	}
+	if out, _ := c.run("systemctl", "is-active", "lanyard.service"); strings.TrimSpace(out) != "inactive" {
+		t.Errorf("after dpkg -i, lanyard.service is-active: %q", out)
+	}
+}
+
+// show is systemctl show's properties of unit.
+func show(t *testing.T, c *container, unit string, props ...string) map[string]string {
+	t.Helper()
+	out := c.must("systemctl", "show", unit, "-p", strings.Join(props, ","))
+	m := map[string]string{}
+	for _, line := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+func writeFile(t *testing.T, path, data string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readLines are the complete lines of a workload's log so far.
+func readLines(path string) []string {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var lines []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	return lines
+}
+
+// waitLine waits until the log has a line from index from on that starts
+// with prefix, and returns it.
+func waitLine(t *testing.T, path string, from int, prefix string) string {
+	t.Helper()
+	deadline := time.Now().Add(workloadTimeout)
+	for {
+		lines := readLines(path)
+		for i := from; i < len(lines); i++ {
+			if strings.HasPrefix(lines[i], prefix) {
+				return lines[i]
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no line %q after %s; its lines:\n%s", filepath.Base(path), prefix, workloadTimeout, strings.Join(lines, "\n"))
+		}
+		time.Sleep(pollEvery)
+	}
+}
+
+// testFiles are what the container needs: the Debian root, and the host
+// dir bound at /inside with the .deb and the workload binary.
+type testFiles struct {
+	root, bind, deb string
+}
+
+// buildRootOnce readies the root once per test binary; build.sh
+// serializes concurrent builds itself.
+var buildRootOnce = sync.OnceValues(buildRoot)
+
+func buildRoot() (string, error) {
+	script, err := testkit.RepoFile("test/systemd/build.sh")
+	if err != nil {
+		return "", err
+	}
+	root, err := testkit.RunBuildScript(script, "usr/bin/systemctl", "usr/bin/dpkg")
+	if err != nil {
+		return "", err
+	}
+	for _, tool := range []string{"systemd-nspawn", "nsenter"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return "", fmt.Errorf("build.sh ran but %s is not in PATH: %w", tool, err)
+		}
+	}
+	return root, nil
+}
+
+// readyFiles builds the root (once per machine, cached), the .deb with
+// deploy/packaging/build.sh as `make deb` does, and the workload.
+func readyFiles(t *testing.T) testFiles {
+	t.Helper()
+	root, err := buildRootOnce()
+	if err != nil {
+		t.Fatalf("readying the Debian root: %v", err)
+	}
+	bind := testkit.ShortDir(t, "lanyard-nspawn-")
+	if err := os.Mkdir(filepath.Join(bind, "out"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	script, err := testkit.RepoFile("deploy/packaging/build.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	repo := filepath.Join(filepath.Dir(script), "..", "..")
+	cmd := exec.Command("sh", script)
+	cmd.Env = append(os.Environ(), "VERSION="+testVersion, "DEB_OUT="+bind)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("deploy/packaging/build.sh: %v\n%s%s", err, out, stderrOf(err))
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	deb := lines[len(lines)-1]
+	build := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(bind, "workload"), "./test/k8s/workload")
+	build.Dir = repo
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building the workload: %v\n%s", err, out)
+	}
+	return testFiles{root: root, bind: bind, deb: deb}
+}
+
+func stderrOf(err error) []byte {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.Stderr
+	}
+	return nil
+}
