@@ -20,8 +20,8 @@ const (
 	bootTimeout = 60 * time.Second
 	haltTimeout = 30 * time.Second
 	pollEvery   = 50 * time.Millisecond
-	// cgroupPrefix names each container's cgroups; boot removes what a
-	// killed run left under it.
+	// cgroupPrefix and the test process's PID name each container's
+	// cgroups and bind dir; a run removes what a killed one left.
 	cgroupPrefix = "lanyard-nspawn-"
 )
 
@@ -253,7 +253,7 @@ func sweepCgroups(roots []string) error {
 		dirs, _ := filepath.Glob(filepath.Join(r, cgroupPrefix+"*"))
 		for _, d := range dirs {
 			pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), cgroupPrefix))
-			if err == nil && syscall.Kill(pid, 0) == nil {
+			if err == nil && alive(pid) {
 				continue
 			}
 			stale = append(stale, d)
@@ -261,6 +261,9 @@ func sweepCgroups(roots []string) error {
 	}
 	return removeCgroups(stale)
 }
+
+// alive says whether process pid exists.
+func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 
 // removeCgroups kills any process left in the cgroups (a container that
 // did not halt) and removes them, children first. A cgroup's last process

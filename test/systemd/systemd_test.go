@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -82,7 +83,7 @@ const (
 	workloadID    = "spiffe://example.org/service/workload"
 	workloadEntry = `            entry {
                 spiffe_id = "` + workloadID + `"
-                selectors = ["unix:user:nobody"]
+                selectors = ["unix:user:workload"]
             }
 `
 	otherID    = "spiffe://example.org/service/other"
@@ -115,7 +116,9 @@ func TestPackageUnderSystemd(t *testing.T) {
 	// The test's entries, in place of the shipped config (a conffile: an
 	// upgrade would keep the admin's edit).
 	writeFile(t, c.path("/etc/lanyard/agent.conf"), agentConf(workloadEntry))
-	writeFile(t, c.path(unitDir+workloadUnit), strings.ReplaceAll(unitFile, "{{user}}", "nobody"))
+	// The workloads' user: not the agent's, not root.
+	c.must("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "workload")
+	writeFile(t, c.path(unitDir+workloadUnit), strings.ReplaceAll(unitFile, "{{user}}", "workload"))
 	writeFile(t, c.path(unitDir+otherUnit), strings.ReplaceAll(unitFile, "{{user}}", "daemon"))
 	c.must("systemctl", "daemon-reload")
 
@@ -292,10 +295,7 @@ func readyFiles(t *testing.T) testFiles {
 	if err != nil {
 		t.Fatalf("readying the Debian root: %v", err)
 	}
-	bind := testkit.ShortDir(t, "lanyard-nspawn-")
-	if err := os.Mkdir(filepath.Join(bind, "out"), 0o755); err != nil {
-		t.Fatal(err)
-	}
+	bind := bindDir(t)
 	script, err := testkit.RepoFile("deploy/packaging/build.sh")
 	if err != nil {
 		t.Fatal(err)
@@ -316,6 +316,28 @@ func readyFiles(t *testing.T) testFiles {
 		t.Fatalf("building the workload: %v\n%s", err, out)
 	}
 	return testFiles{root: root, bind: bind, deb: deb}
+}
+
+// bindDir makes the dir bound at /inside, removed when the test ends; it
+// is named after the test process, so a run removes what a killed one
+// left. Every user may traverse it (the workloads run as other users).
+func bindDir(t *testing.T) string {
+	t.Helper()
+	stale, _ := filepath.Glob(filepath.Join(os.TempDir(), cgroupPrefix+"*"))
+	for _, d := range stale {
+		if pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), cgroupPrefix)); err == nil && !alive(pid) {
+			os.RemoveAll(d)
+		}
+	}
+	dir := filepath.Join(os.TempDir(), fmt.Sprintf("%s%d", cgroupPrefix, os.Getpid()))
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "out"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 func stderrOf(err error) []byte {
