@@ -64,21 +64,8 @@ if [ "$(id -u)" != 0 ]; then
 	exit 0
 fi
 
-missing=""
-for pair in debootstrap:debootstrap systemd-container:systemd-nspawn util-linux:nsenter; do
-	pkg=${pair%%:*}
-	cmd=${pair#*:}
-	command -v "$cmd" >/dev/null 2>&1 || missing="$missing $pkg"
-done
-if [ -n "$missing" ]; then
-	command -v apt-get >/dev/null 2>&1 || die "missing$missing and no apt-get to install them"
-	echo "build.sh: installing$missing from Debian" >&2
-	DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 ||
-		die "apt-get update failed"
-	# shellcheck disable=SC2086 # one word per package
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >&2 ||
-		die "apt-get install$missing failed"
-fi
+sh "$(dirname "$0")/../../scripts/install-debian.sh" \
+	debootstrap:debootstrap systemd-container:systemd-nspawn util-linux:nsenter
 
 # A root is complete once its .done marker exists (written last).
 if [ -f "$root/.done" ]; then
