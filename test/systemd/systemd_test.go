@@ -291,6 +291,7 @@ func buildRoot() (string, error) {
 // deploy/packaging/build.sh as `make deb` does, and the workload.
 func readyFiles(t *testing.T) testFiles {
 	t.Helper()
+	t.Log("readying the Debian root with test/systemd/build.sh (about 45 s the first time, then cached)")
 	root, err := buildRootOnce()
 	if err != nil {
 		t.Fatalf("readying the Debian root: %v", err)
