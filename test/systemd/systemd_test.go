@@ -162,6 +162,16 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatalf("after systemctl reload: %v, before: %v", after, before)
 	}
 
+	// An upgrade (here the same version again) keeps the edited conffile
+	// and restarts a running agent.
+	c.must("dpkg", "-i", "/inside/"+filepath.Base(files.deb))
+	upgraded := show(t, c, "lanyard.service", "MainPID", "ActiveState")
+	if upgraded["ActiveState"] != "active" || upgraded["MainPID"] == after["MainPID"] {
+		t.Fatalf("after dpkg -i over the running agent: %v, want active with a new MainPID (was %s)", upgraded, after["MainPID"])
+	}
+	mark = len(readLines(otherLog))
+	waitLine(t, otherLog, mark+1, "svid "+otherID)
+
 	c.must("systemctl", "stop", workloadUnit, otherUnit)
 	stop := time.Now()
 	c.must("systemctl", "stop", "lanyard.service")
