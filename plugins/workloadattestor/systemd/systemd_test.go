@@ -3,8 +3,12 @@ package systemd
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"path/filepath"
+	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
@@ -230,4 +234,78 @@ func TestOtherPIDNamespace(t *testing.T) {
 	if n := strings.Count(logs.String(), causeOtherPIDNS); n != 1 {
 		t.Errorf("logged %d times, want once:\n%s", n, logs)
 	}
+}
+
+// TestUnprivilegedAgent: the agent runs as a user of its own
+// (deploy/systemd), and systemd's bus policy lets any user make the calls
+// the attestor makes. A copy of this test binary runs as nobody and
+// attests this process.
+func TestUnprivilegedAgent(t *testing.T) {
+	bus := newTestBus(t)
+	bus.start()
+	(&fakeSystemd{units: map[uint32]unit{
+		uint32(os.Getpid()): {id: "web-api.service", fragmentPath: "/etc/systemd/system/web-api.service"},
+	}}).serve(t, bus)
+	bin := filepath.Join(testkit.ShortDir(t, "bin-"), "systemd.test")
+	exe, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, exe, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := testkit.HelperCommand(bin, "TestHelperAttestParent", "LANYARD_TEST_BUS="+bus.address)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "selectors: systemd:fragment_path:/etc/systemd/system/web-api.service systemd:id:web-api.service\n") {
+		t.Fatalf("attesting as uid %d: %v\n%s", nobody, err, out)
+	}
+}
+
+const nobody = 65534
+
+// TestHelperAttestParent is TestUnprivilegedAgent's child: it attests its
+// parent through the bus at LANYARD_TEST_BUS.
+func TestHelperAttestParent(t *testing.T) {
+	address := os.Getenv("LANYARD_TEST_BUS")
+	if address == "" {
+		t.Skip("run by TestUnprivilegedAgent")
+	}
+	if os.Geteuid() != nobody {
+		t.Fatalf("runs as uid %d, want %d", os.Geteuid(), nobody)
+	}
+	a, _, err := newTestAttestor(t, address, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sels, err := attest(t, a, os.Getppid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, s := range selector.Sort(sels) {
+		got = append(got, s.String())
+	}
+	fmt.Printf("selectors: %s\n", strings.Join(got, " "))
+}
+
+// TestConnectionClosedWithAttestor: an attestor dropped on reload takes
+// its connection with it.
+func TestConnectionClosedWithAttestor(t *testing.T) {
+	bus := newTestBus(t)
+	bus.start()
+	(&fakeSystemd{units: map[uint32]unit{uint32(os.Getpid()): {id: "a.service"}}}).serve(t, bus)
+	a, _, err := newTestAttestor(t, bus.address, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := attest(t, a, os.Getpid()); err != nil {
+		t.Fatal(err)
+	}
+	conn := a.bus.current()
+	a = nil
+	testkit.WaitFor(t, waitLimit, "the connection to close once the attestor is unreachable", func() bool {
+		runtime.GC()
+		return !conn.Connected()
+	})
 }
