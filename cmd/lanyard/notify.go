@@ -50,14 +50,14 @@ func (n *systemdNotifier) Name() string { return "systemd-notify" }
 // SERVING, and STOPPING=1 when the agent stops: a unit ordered after
 // lanyard.service starts only once it can fetch.
 func (n *systemdNotifier) Run(ctx context.Context) error {
-	if err := n.awaitServing(ctx); err != nil {
-		return nil // stopping before it ever served
+	// An error is the agent stopping before it ever served.
+	if err := n.awaitServing(ctx); err == nil {
+		n.mu.Lock()
+		n.ready = true
+		n.send(daemon.SdNotifyReady, "serving the Workload API on "+n.socket)
+		n.mu.Unlock()
+		<-ctx.Done()
 	}
-	n.mu.Lock()
-	n.ready = true
-	n.send(daemon.SdNotifyReady, "serving the Workload API on "+n.socket)
-	n.mu.Unlock()
-	<-ctx.Done()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.send(daemon.SdNotifyStopping, "stopping")

@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
@@ -239,5 +240,29 @@ func TestSysusersAndTmpfiles(t *testing.T) {
 		if info.Mode().Perm() != mode || owner != uid {
 			t.Errorf("/%s: mode %o owner %s, want %o owner %s", dir, info.Mode().Perm(), owner, mode, uid)
 		}
+	}
+}
+
+// TestAgentConf: the agent.conf the package installs passes `lanyard
+// validate`, and puts the socket and data_dir where the unit lets the
+// agent write.
+func TestAgentConf(t *testing.T) {
+	out, code := testkit.RunCLI(t, lanyardBin, "validate", "-config", "agent.conf")
+	if code != 0 {
+		t.Fatalf("lanyard validate -config agent.conf: exit %d\n%s", code, out)
+	}
+	cfg, err := conf.Load("agent.conf", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := parseUnit(t, "lanyard.service")["Service"]
+	if want := "/run/" + svc["RuntimeDirectory"][0] + "/"; !strings.HasPrefix(cfg.Agent.SocketPath, want) {
+		t.Errorf("socket_path %s is not under %s, the one runtime directory the agent may write", cfg.Agent.SocketPath, want)
+	}
+	if want := "/var/lib/" + svc["StateDirectory"][0]; cfg.Agent.DataDir != want {
+		t.Errorf("data_dir %s, want %s (StateDirectory)", cfg.Agent.DataDir, want)
+	}
+	if want := "-config /etc/" + svc["ConfigurationDirectory"][0] + "/agent.conf"; !strings.HasSuffix(svc["ExecStart"][0], want) {
+		t.Errorf("ExecStart=%s does not end with %s", svc["ExecStart"][0], want)
 	}
 }
