@@ -49,7 +49,7 @@ Description=Lanyard test workload %n
 After=lanyard.service
 
 [Service]
-User={{user}}
+User=workload
 Environment=SPIFFE_ENDPOINT_SOCKET=unix://` + socketPath + `
 Environment=WORKLOAD_INTERVAL=200ms
 ExecStart=/inside/workload
@@ -70,6 +70,9 @@ plugins {
     WorkloadAttestor "unix" {
         plugin_data {}
     }
+    WorkloadAttestor "systemd" {
+        plugin_data {}
+    }
     UpstreamAuthority "local" {
         plugin_data {
 ` + entries + `
@@ -83,13 +86,13 @@ const (
 	workloadID    = "spiffe://example.org/service/workload"
 	workloadEntry = `            entry {
                 spiffe_id = "` + workloadID + `"
-                selectors = ["unix:user:workload"]
+                selectors = ["systemd:id:` + workloadUnit + `", "systemd:fragment_path:` + unitDir + workloadUnit + `"]
             }
 `
 	otherID    = "spiffe://example.org/service/other"
 	otherEntry = `            entry {
                 spiffe_id = "` + otherID + `"
-                selectors = ["unix:user:daemon"]
+                selectors = ["systemd:id:` + otherUnit + `"]
             }
 `
 )
@@ -113,16 +116,9 @@ func TestPackageUnderSystemd(t *testing.T) {
 	c.must("dpkg", "-i", "/inside/"+filepath.Base(files.deb))
 	checkInstalled(t, c)
 
-	// The test's entries, in place of the shipped config (a conffile: an
-	// upgrade would keep the admin's edit).
-	writeFile(t, c.path("/etc/lanyard/agent.conf"), agentConf(workloadEntry))
-	// The workloads' user: not the agent's, not root.
-	c.must("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "workload")
-	writeFile(t, c.path(unitDir+workloadUnit), strings.ReplaceAll(unitFile, "{{user}}", "workload"))
-	writeFile(t, c.path(unitDir+otherUnit), strings.ReplaceAll(unitFile, "{{user}}", "daemon"))
-	c.must("systemctl", "daemon-reload")
-
-	// Type=notify: start returns once the socket serves.
+	// The shipped unit with the shipped config. Type=notify: start
+	// returns once the socket serves.
+	c.must("lanyard", "validate", "-config", "/etc/lanyard/agent.conf")
 	start := time.Now()
 	c.must("systemctl", "start", "lanyard.service")
 	conn, err := net.Dial("unix", c.path(socketPath))
@@ -136,6 +132,16 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatalf("lanyard.service after start: %v", before)
 	}
 
+	// The test's entry, in place of the shipped config (a conffile: an
+	// upgrade keeps the admin's edit), applied by a reload.
+	writeFile(t, c.path("/etc/lanyard/agent.conf"), agentConf(workloadEntry))
+	c.must("systemctl", "reload", "lanyard.service")
+	// The workloads' user: not the agent's, not root.
+	c.must("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "workload")
+	for _, unit := range []string{workloadUnit, otherUnit} {
+		writeFile(t, c.path(unitDir+unit), unitFile)
+	}
+	c.must("systemctl", "daemon-reload")
 	c.must("systemctl", "start", workloadUnit, otherUnit)
 	workloadLog := filepath.Join(files.bind, "out", workloadUnit+".log")
 	otherLog := filepath.Join(files.bind, "out", otherUnit+".log")
@@ -145,8 +151,8 @@ func TestPackageUnderSystemd(t *testing.T) {
 		t.Fatalf("%s: want PermissionDenied, got %q", otherUnit, line)
 	}
 
-	// Reload: the new entry applies in the same process, which keeps
-	// serving throughout.
+	// Another reload: the new entry applies in the same process, which
+	// keeps serving throughout.
 	writeFile(t, c.path("/etc/lanyard/agent.conf"), agentConf(workloadEntry+otherEntry))
 	mark := len(readLines(workloadLog))
 	c.must("systemctl", "reload", "lanyard.service")
@@ -159,7 +165,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 	}
 	after := show(t, c, "lanyard.service", "MainPID", "NRestarts", "ActiveState")
 	if after["MainPID"] != before["MainPID"] || after["NRestarts"] != "0" || after["ActiveState"] != "active" {
-		t.Fatalf("after systemctl reload: %v, before: %v", after, before)
+		t.Fatalf("after two systemctl reloads: %v, before: %v", after, before)
 	}
 
 	// An upgrade (here the same version again) keeps the edited conffile
