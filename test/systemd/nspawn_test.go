@@ -130,7 +130,7 @@ func (c *container) waitBooted(deadline time.Time) string {
 		out, _ := c.runBounded(time.Until(deadline), "systemctl", "is-system-running", "--wait")
 		state := strings.TrimSpace(out)
 		switch state {
-		case "running", "degraded", "maintenance", "stopping", "offline":
+		case "running", "degraded", "maintenance", "stopping":
 			return state
 		}
 		if time.Now().After(deadline) {

@@ -10,18 +10,12 @@ package systemd_test
 
 import (
 	"bufio"
-	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
-
-	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 const (
@@ -98,20 +92,9 @@ const (
 )
 
 func TestPackageUnderSystemd(t *testing.T) {
-	testkit.RequireRoot(t, "systemd-nspawn boots a container")
 	begin := time.Now()
 	files := readyFiles(t)
-	t.Logf("root, .deb and workload ready in %s", time.Since(begin).Round(10*time.Millisecond))
-
-	c := bootContainer(t, files.root, files.bind)
-	t.Cleanup(func() {
-		if t.Failed() {
-			out, _ := c.run("journalctl", "--no-pager", "-o", "short-precise", "-n", "300",
-				"-u", "lanyard.service", "-u", workloadUnit, "-u", otherUnit)
-			t.Logf("the test failed; the container's journal:\n%s", out)
-		}
-	})
-
+	c := bootWithJournal(t, files)
 	t.Log("dpkg -i")
 	c.must("dpkg", "-i", "/inside/"+filepath.Base(files.deb))
 	checkInstalled(t, c)
@@ -170,11 +153,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 
 	// An upgrade (here the same version again) keeps the edited conffile
 	// and restarts a running agent.
-	c.must("dpkg", "-i", "/inside/"+filepath.Base(files.deb))
-	upgraded := show(t, c, "lanyard.service", "MainPID", "ActiveState")
-	if upgraded["ActiveState"] != "active" || upgraded["MainPID"] == after["MainPID"] {
-		t.Fatalf("after dpkg -i over the running agent: %v, want active with a new MainPID (was %s)", upgraded, after["MainPID"])
-	}
+	checkUpgradeRestarts(t, c, files.deb)
 	mark = len(readLines(otherLog))
 	waitLine(t, otherLog, mark+1, "svid "+otherID)
 
@@ -188,7 +167,58 @@ func TestPackageUnderSystemd(t *testing.T) {
 	}
 	t.Logf("systemctl stop lanyard: exited 0 after %s", time.Since(stop).Round(time.Millisecond))
 
-	// Removal stops a running agent (prerm); purge forgets it.
+	checkPurged(t, c)
+	t.Logf("whole test %s", time.Since(begin).Round(10*time.Millisecond))
+}
+
+// A root without init-system-helpers (deb-systemd-helper and -invoke):
+// the maintainer scripts fall back to systemctl.
+func TestPackageWithoutDebSystemdHelper(t *testing.T) {
+	files := readyFiles(t)
+	c := bootWithJournal(t, files)
+	// The root is an overlay on a tmpfs: nothing of the cache changes.
+	c.must("sh", "-c", "rm /usr/bin/deb-systemd-helper /usr/bin/deb-systemd-invoke")
+	c.must("dpkg", "-i", "/inside/"+filepath.Base(files.deb))
+	checkInstalled(t, c)
+	c.must("systemctl", "start", "lanyard.service")
+	checkUpgradeRestarts(t, c, files.deb)
+	checkPurged(t, c)
+	if out := c.must("find", "/etc/systemd/system", "-name", "lanyard.service"); strings.TrimSpace(out) != "" {
+		t.Errorf("after dpkg --purge, links to the unit remain: %s", out)
+	}
+}
+
+// bootWithJournal boots the root, and on failure logs the journal of the
+// agent and the workloads.
+func bootWithJournal(t *testing.T, files testFiles) *container {
+	t.Helper()
+	c := bootContainer(t, files.root, files.bind)
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := c.run("journalctl", "--no-pager", "-o", "short-precise", "-n", "300",
+				"-u", "lanyard.service", "-u", workloadUnit, "-u", otherUnit)
+			t.Logf("the test failed; the container's journal:\n%s", out)
+		}
+	})
+	return c
+}
+
+// checkUpgradeRestarts installs deb over the running agent, as an upgrade
+// does: postinst restarts it.
+func checkUpgradeRestarts(t *testing.T, c *container, deb string) {
+	t.Helper()
+	running := show(t, c, "lanyard.service", "MainPID")
+	c.must("dpkg", "-i", "/inside/"+filepath.Base(deb))
+	upgraded := show(t, c, "lanyard.service", "MainPID", "ActiveState")
+	if upgraded["ActiveState"] != "active" || upgraded["MainPID"] == running["MainPID"] {
+		t.Fatalf("after dpkg -i over the running agent: %v, want active with a new MainPID (was %s)", upgraded, running["MainPID"])
+	}
+}
+
+// checkPurged removes the package while the agent runs: prerm stops it,
+// purge removes its files, config and state.
+func checkPurged(t *testing.T, c *container) {
+	t.Helper()
 	c.must("systemctl", "start", "lanyard.service")
 	c.must("dpkg", "--purge", "lanyard")
 	if out, _ := c.run("systemctl", "is-active", "lanyard.service"); strings.TrimSpace(out) != "inactive" {
@@ -199,7 +229,6 @@ func TestPackageUnderSystemd(t *testing.T) {
 			t.Errorf("after dpkg --purge, %s is still there", gone)
 		}
 	}
-	t.Logf("whole test %s", time.Since(begin).Round(10*time.Millisecond))
 }
 
 // checkInstalled checks what dpkg -i did: the binary of this version, the
@@ -274,92 +303,4 @@ func waitLine(t *testing.T, path string, from int, prefix string) string {
 		}
 		time.Sleep(pollEvery)
 	}
-}
-
-// testFiles are what the container needs: the Debian root, and the host
-// dir bound at /inside with the .deb and the workload binary.
-type testFiles struct {
-	root, bind, deb string
-}
-
-// buildRootOnce readies the root once per test binary; build.sh
-// serializes concurrent builds itself.
-var buildRootOnce = sync.OnceValues(buildRoot)
-
-func buildRoot() (string, error) {
-	script, err := testkit.RepoFile("test/systemd/build.sh")
-	if err != nil {
-		return "", err
-	}
-	root, err := testkit.RunBuildScript(script, "usr/bin/systemctl", "usr/bin/dpkg")
-	if err != nil {
-		return "", err
-	}
-	for _, tool := range []string{"systemd-nspawn", "nsenter"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return "", fmt.Errorf("build.sh ran but %s is not in PATH: %w", tool, err)
-		}
-	}
-	return root, nil
-}
-
-// readyFiles builds the root (once per machine, cached), the .deb with
-// deploy/packaging/build.sh as `make deb` does, and the workload.
-func readyFiles(t *testing.T) testFiles {
-	t.Helper()
-	t.Log("readying the Debian root with test/systemd/build.sh (about 45 s the first time, then cached)")
-	root, err := buildRootOnce()
-	if err != nil {
-		t.Fatalf("readying the Debian root: %v", err)
-	}
-	bind := bindDir(t)
-	script, err := testkit.RepoFile("deploy/packaging/build.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	repo := filepath.Join(filepath.Dir(script), "..", "..")
-	cmd := exec.Command("sh", script)
-	cmd.Env = append(os.Environ(), "VERSION="+testVersion, "DEB_OUT="+bind)
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("deploy/packaging/build.sh: %v\n%s%s", err, out, stderrOf(err))
-	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	deb := lines[len(lines)-1]
-	build := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(bind, "workload"), "./test/k8s/workload")
-	build.Dir = repo
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building the workload: %v\n%s", err, out)
-	}
-	return testFiles{root: root, bind: bind, deb: deb}
-}
-
-// bindDir makes the dir bound at /inside, removed when the test ends; it
-// is named after the test process, so a run removes what a killed one
-// left. Every user may traverse it (the workloads run as other users).
-func bindDir(t *testing.T) string {
-	t.Helper()
-	stale, _ := filepath.Glob(filepath.Join(os.TempDir(), cgroupPrefix+"*"))
-	for _, d := range stale {
-		if pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), cgroupPrefix)); err == nil && !alive(pid) {
-			os.RemoveAll(d)
-		}
-	}
-	dir := filepath.Join(os.TempDir(), fmt.Sprintf("%s%d", cgroupPrefix, os.Getpid()))
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(filepath.Join(dir, "out"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
-func stderrOf(err error) []byte {
-	if ee, ok := err.(*exec.ExitError); ok {
-		return ee.Stderr
-	}
-	return nil
 }
