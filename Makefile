@@ -82,6 +82,13 @@ deb:
 # built once with debootstrap into a cache outside the repo (under a minute
 # cold, instant warm); installs debootstrap and systemd-container from
 # Debian when missing. Needs root; without it those tests skip (outside CI).
+# Before the unit tests, which include test/systemd.
 nspawn-root:
 	./test/systemd/build.sh
-test: nspawn-root
+unit: nspawn-root
+
+# deploy/packaging is a Go module of its own (nFPM stays out of go.mod).
+lint: lint-packaging
+.PHONY: lint-packaging
+lint-packaging:
+	cd deploy/packaging && $(GO) vet . && $(GO) run $(STATICCHECK) .

@@ -39,7 +39,7 @@ func main() {
 	flag.StringVar(&o.sysusers, "sysusers", "", "optional sysusers.d file, installed as /usr/lib/sysusers.d/lanyard.conf")
 	flag.StringVar(&o.tmpfiles, "tmpfiles", "", "optional tmpfiles.d file, installed as /usr/lib/tmpfiles.d/lanyard.conf")
 	flag.StringVar(&o.scripts, "scripts", "scripts", "the dir of the maintainer scripts (postinst, prerm, postrm)")
-	flag.StringVar(&o.version, "version", "", "the Debian version, as debVersion makes it from git describe")
+	flag.StringVar(&o.version, "version", "", "the Debian version (build.sh makes it from git describe)")
 	flag.StringVar(&o.arch, "arch", "", "GOARCH of the binary (amd64, arm64, ...)")
 	flag.StringVar(&o.out, "o", ".", "the dir to write the .deb into")
 	flag.Int64Var(&o.mtime, "mtime", 0, "Unix time of every file in the package (SOURCE_DATE_EPOCH)")
@@ -64,7 +64,7 @@ const (
 
 // A Debian version: an upstream part that starts with a digit, of
 // alphanumerics and . + ~ (no hyphen: no Debian revision, no epoch).
-var debVersionRE = regexp.MustCompile(`^[0-9][A-Za-z0-9.+~]*$`)
+var debVersion = regexp.MustCompile(`^[0-9][A-Za-z0-9.+~]*$`)
 
 func build(o options) (string, error) {
 	for name, v := range map[string]string{"-binary": o.binary, "-unit": o.unit, "-config": o.config, "-version": o.version, "-arch": o.arch} {
@@ -72,7 +72,7 @@ func build(o options) (string, error) {
 			return "", fmt.Errorf("%s is required", name)
 		}
 	}
-	if !debVersionRE.MatchString(o.version) {
+	if !debVersion.MatchString(o.version) {
 		return "", fmt.Errorf("-version %q is not a Debian upstream version (digits first; letters, digits, . + ~)", o.version)
 	}
 	if o.mtime <= 0 {
@@ -107,7 +107,7 @@ func build(o options) (string, error) {
 		Arch:          o.arch,
 		Platform:      "linux",
 		Version:       o.version,
-		VersionSchema: "none", // debVersion already made it Debian's
+		VersionSchema: "none", // build.sh made it a Debian version already
 		Section:       "net",
 		Priority:      "optional",
 		Maintainer:    "Lanyard developers <lanyard@lanyard.dev>",
