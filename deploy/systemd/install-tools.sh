@@ -10,17 +10,20 @@ die() {
 	exit 1
 }
 
+# need PKG CMD...: PKG is missing unless every CMD it provides is there.
 missing=""
-for pair in systemd:systemd-analyze systemd:systemd-sysusers systemd:systemd-tmpfiles dbus-daemon:dbus-daemon; do
-	pkg=${pair%%:*}
-	cmd=${pair#*:}
-	if ! command -v "$cmd" >/dev/null 2>&1; then
-		case " $missing " in
-		*" $pkg "*) ;;
-		*) missing="$missing $pkg" ;;
-		esac
-	fi
-done
+need() {
+	pkg=$1
+	shift
+	for cmd in "$@"; do
+		if ! command -v "$cmd" >/dev/null 2>&1; then
+			missing="$missing $pkg"
+			return
+		fi
+	done
+}
+need systemd systemd-analyze systemd-sysusers systemd-tmpfiles
+need dbus-daemon dbus-daemon
 [ -z "$missing" ] && exit 0
 [ "$(id -u)" = 0 ] || die "missing$missing: install as root (apt-get install --no-install-recommends$missing)"
 command -v apt-get >/dev/null 2>&1 || die "missing$missing and no apt-get to install them"
