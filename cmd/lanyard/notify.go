@@ -107,41 +107,42 @@ func watchServing(ctx context.Context, health healthpb.HealthClient) (bool, erro
 	}
 }
 
-// reloading reports a reload starting (SIGHUP), once the agent was ready.
-// MONOTONIC_USEC is what systemd 253 and later ask of RELOADING=1.
+// reloading reports a reload starting (SIGHUP). MONOTONIC_USEC is what
+// systemd 253 and later ask of RELOADING=1.
 func (n *systemdNotifier) reloading() {
-	if n == nil {
-		return
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	if !n.ready {
-		return
-	}
-	var now unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err != nil {
-		n.send(daemon.SdNotifyReloading, "reloading the config")
-		return
-	}
-	n.send(fmt.Sprintf("%s\nMONOTONIC_USEC=%d", daemon.SdNotifyReloading, now.Nano()/1000), "reloading the config")
+	n.whenReady(func() {
+		state := daemon.SdNotifyReloading
+		var now unix.Timespec
+		if unix.ClockGettime(unix.CLOCK_MONOTONIC, &now) == nil {
+			state += fmt.Sprintf("\nMONOTONIC_USEC=%d", now.Nano()/1000)
+		}
+		n.send(state, "reloading the config")
+	})
 }
 
 // reloaded reports a reload done, whether the new config was applied or
 // the previous one stays: the agent serves either way.
 func (n *systemdNotifier) reloaded(err error) {
+	n.whenReady(func() {
+		status := "serving the Workload API on " + n.socket
+		if err != nil {
+			status += "; the last reload failed: " + err.Error()
+		}
+		n.send(daemon.SdNotifyReady, status)
+	})
+}
+
+// whenReady runs report once READY=1 was sent: a reload during the start
+// is not systemd's business, and a nil notifier reports nothing.
+func (n *systemdNotifier) whenReady(report func()) {
 	if n == nil {
 		return
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if !n.ready {
-		return
+	if n.ready {
+		report()
 	}
-	status := "serving the Workload API on " + n.socket
-	if err != nil {
-		status += "; the last reload failed: " + err.Error()
-	}
-	n.send(daemon.SdNotifyReady, status)
 }
 
 // send sends state and a STATUS= line for systemctl status. A failure is

@@ -63,14 +63,7 @@ var monotonicUsec = regexp.MustCompile(`\nMONOTONIC_USEC=[0-9]+\n`)
 // SIGHUP (a failed reload too: the previous config serves on), and
 // STOPPING=1 on SIGTERM, all from the one process.
 func TestSystemdNotify(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the lanyard binary")
-	}
-	bin, cleanup, err := testkit.BuildLanyard()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cleanup)
+	bin := buildLanyard(t)
 	dir := testkit.ShortDir(t, "notify-")
 	notify := listenNotify(t, dir)
 	t.Setenv("NOTIFY_SOCKET", notify.path)

@@ -20,14 +20,7 @@ import (
 // config once running. The config file is a FIFO, so that the start waits
 // at a known point, reading it, until the test writes it.
 func TestSIGHUPDuringStartIsNotFatal(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the lanyard binary")
-	}
-	bin, cleanup, err := testkit.BuildLanyard()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cleanup)
+	bin := buildLanyard(t)
 	dir := testkit.ShortDir(t, "hup-")
 	config := filepath.Join(dir, "agent.conf")
 	body, socket := localConfig(dir)
@@ -67,6 +60,21 @@ func TestSIGHUPDuringStartIsNotFatal(t *testing.T) {
 	testkit.WaitFor(t, waitLimit, "the reload the SIGHUP asked for", func() bool {
 		return strings.Contains(p.Logs.String(), "Reloaded the config")
 	})
+}
+
+// buildLanyard builds the binary for a test that runs it, which -short
+// skips.
+func buildLanyard(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds and runs the lanyard binary")
+	}
+	bin, cleanup, err := testkit.BuildLanyard()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cleanup)
+	return bin
 }
 
 // localConfig is a config for an agent in dir on the embedded CA that

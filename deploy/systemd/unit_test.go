@@ -35,20 +35,20 @@ func TestMain(m *testing.M) {
 	}))
 }
 
-// requireTool finds a tool of systemd's, installing it from Debian through
-// install-tools.sh when it is missing. Without it the test skips, or fails
-// under CI=true.
+// requireTool finds a tool of systemd's, installing the systemd package
+// from Debian through scripts/install-debian.sh when it is missing.
+// Without it the test skips, or fails under CI=true.
 func requireTool(t *testing.T, name string) string {
 	t.Helper()
 	if path, err := exec.LookPath(name); err == nil {
 		return path
 	}
-	out, err := exec.Command("./install-tools.sh").CombinedOutput()
+	out, err := exec.Command("../../scripts/install-debian.sh", "systemd:"+name).CombinedOutput()
 	path, lookErr := exec.LookPath(name)
 	if lookErr == nil {
 		return path
 	}
-	msg := fmt.Sprintf("%s is missing and install-tools.sh did not install it: %v\n%s", name, err, out)
+	msg := fmt.Sprintf("%s is missing and scripts/install-debian.sh did not install it: %v\n%s", name, err, out)
 	if os.Getenv("CI") == "true" {
 		t.Fatal(msg)
 	}

@@ -88,12 +88,12 @@ func requireDBusDaemon(t *testing.T) string {
 	if path, err := exec.LookPath("dbus-daemon"); err == nil {
 		return path
 	}
-	out, err := exec.Command("../../../deploy/systemd/install-tools.sh").CombinedOutput()
+	out, err := exec.Command("../../../scripts/install-debian.sh", "dbus-daemon:dbus-daemon").CombinedOutput()
 	if path, lookErr := exec.LookPath("dbus-daemon"); lookErr == nil {
 		return path
 	}
 	if os.Getenv("CI") != "" {
-		t.Fatalf("dbus-daemon is missing and install-tools.sh did not install it: %v\n%s", err, out)
+		t.Fatalf("dbus-daemon is missing and scripts/install-debian.sh did not install it: %v\n%s", err, out)
 	}
 	t.Skipf("dbus-daemon is missing: %v\n%s", err, out)
 	return ""

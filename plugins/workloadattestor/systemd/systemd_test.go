@@ -31,6 +31,28 @@ func newTestAttestor(t *testing.T, address, body string) (*Attestor, *testkit.Bu
 	return a, logs, err
 }
 
+// onBus starts a bus with fake on it, and an attestor that dials it.
+func onBus(t *testing.T, fake *fakeSystemd) (*Attestor, *testBus, *testkit.Buffer) {
+	t.Helper()
+	bus := newTestBus(t)
+	bus.start()
+	fake.serve(t, bus)
+	a, logs, err := newTestAttestor(t, bus.address, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a, bus, logs
+}
+
+// selectorStrings is sels sorted, as type:value separated by spaces.
+func selectorStrings(sels []selector.Selector) string {
+	var out []string
+	for _, s := range selector.Sort(sels) {
+		out = append(out, s.String())
+	}
+	return strings.Join(out, " ")
+}
+
 func attest(t *testing.T, a *Attestor, pid int) ([]selector.Selector, error) {
 	t.Helper()
 	return a.Attest(testkit.Context(t, waitLimit), attestor.Process{PID: int32(pid)})
@@ -73,18 +95,11 @@ func TestUnixSocketPath(t *testing.T) {
 // TestAttest: systemd's answers become SPIRE's selectors, through a real
 // bus whose policy is systemd's own.
 func TestAttest(t *testing.T) {
-	bus := newTestBus(t)
-	bus.start()
 	service, scope, missing := os.Getpid(), os.Getppid(), 1<<22+1
-	fake := &fakeSystemd{units: map[uint32]unit{
+	a, _, logs := onBus(t, &fakeSystemd{units: map[uint32]unit{
 		uint32(service): {id: "web-api.service", fragmentPath: "/etc/systemd/system/web-api.service"},
 		uint32(scope):   {id: "session-3.scope"},
-	}}
-	fake.serve(t, bus)
-	a, logs, err := newTestAttestor(t, bus.address, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	}})
 	for pid, want := range map[int]string{
 		service: "systemd:fragment_path:/etc/systemd/system/web-api.service systemd:id:web-api.service",
 		// A scope has no unit file: an empty path, as SPIRE gives it.
@@ -94,15 +109,11 @@ func TestAttest(t *testing.T) {
 		if err != nil {
 			t.Fatalf("pid %d: %v", pid, err)
 		}
-		var got []string
-		for _, s := range selector.Sort(sels) {
-			got = append(got, s.String())
-		}
-		if strings.Join(got, " ") != want {
-			t.Errorf("pid %d: %v, want %s", pid, got, want)
+		if got := selectorStrings(sels); got != want {
+			t.Errorf("pid %d: %s, want %s", pid, got, want)
 		}
 	}
-	_, err = attest(t, a, missing)
+	_, err := attest(t, a, missing)
 	if err == nil || !strings.Contains(err.Error(), "systemd has no unit for pid") {
 		t.Errorf("a pid in no unit: %v", err)
 	}
@@ -155,14 +166,8 @@ func TestNoBusLoggedOnce(t *testing.T) {
 
 // TestBusRestart: a bus that goes away and comes back is dialled again.
 func TestBusRestart(t *testing.T) {
-	bus := newTestBus(t)
-	bus.start()
 	units := map[uint32]unit{uint32(os.Getpid()): {id: "a.service", fragmentPath: "/lib/systemd/system/a.service"}}
-	(&fakeSystemd{units: units}).serve(t, bus)
-	a, _, err := newTestAttestor(t, bus.address, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, bus, _ := onBus(t, &fakeSystemd{units: units})
 	if _, err := attest(t, a, os.Getpid()); err != nil {
 		t.Fatal(err)
 	}
@@ -185,15 +190,9 @@ func TestBusRestart(t *testing.T) {
 // TestAttestHonoursCtx: a systemd that does not answer holds the
 // attestation only until its ctx ends.
 func TestAttestHonoursCtx(t *testing.T) {
-	bus := newTestBus(t)
-	bus.start()
 	fake := &fakeSystemd{units: map[uint32]unit{}, block: make(chan struct{})}
 	t.Cleanup(func() { close(fake.block) })
-	fake.serve(t, bus)
-	a, logs, err := newTestAttestor(t, bus.address, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, _, logs := onBus(t, fake)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
@@ -218,13 +217,7 @@ func TestAttestHonoursCtx(t *testing.T) {
 // (another PID namespace) is refused, since systemd would describe other
 // processes than the callers.
 func TestOtherPIDNamespace(t *testing.T) {
-	bus := newTestBus(t)
-	bus.start()
-	(&fakeSystemd{units: map[uint32]unit{uint32(os.Getpid()): {id: "a.service"}}}).serve(t, bus)
-	a, logs, err := newTestAttestor(t, bus.address, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, _, logs := onBus(t, &fakeSystemd{units: map[uint32]unit{uint32(os.Getpid()): {id: "a.service"}}})
 	a.bus.getpid = func() int { return os.Getpid() + 1 }
 	for range 2 {
 		if _, err := attest(t, a, os.Getpid()); !errors.Is(err, errOtherPIDNamespace) {
@@ -282,23 +275,13 @@ func TestHelperAttestParent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var got []string
-	for _, s := range selector.Sort(sels) {
-		got = append(got, s.String())
-	}
-	fmt.Printf("selectors: %s\n", strings.Join(got, " "))
+	fmt.Printf("selectors: %s\n", selectorStrings(sels))
 }
 
 // TestConnectionClosedWithAttestor: an attestor dropped on reload takes
 // its connection with it.
 func TestConnectionClosedWithAttestor(t *testing.T) {
-	bus := newTestBus(t)
-	bus.start()
-	(&fakeSystemd{units: map[uint32]unit{uint32(os.Getpid()): {id: "a.service"}}}).serve(t, bus)
-	a, _, err := newTestAttestor(t, bus.address, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, _, _ := onBus(t, &fakeSystemd{units: map[uint32]unit{uint32(os.Getpid()): {id: "a.service"}}})
 	if _, err := attest(t, a, os.Getpid()); err != nil {
 		t.Fatal(err)
 	}
