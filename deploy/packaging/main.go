@@ -66,6 +66,8 @@ const (
 // alphanumerics and . + ~ (no hyphen: no Debian revision, no epoch).
 var debVersion = regexp.MustCompile(`^[0-9][A-Za-z0-9.+~]*$`)
 
+func (o options) mtimeTime() time.Time { return time.Unix(o.mtime, 0).UTC() }
+
 func build(o options) (string, error) {
 	for name, v := range map[string]string{"-binary": o.binary, "-unit": o.unit, "-config": o.config, "-version": o.version, "-arch": o.arch} {
 		if v == "" {
@@ -78,7 +80,7 @@ func build(o options) (string, error) {
 	if o.mtime <= 0 {
 		return "", errors.New("-mtime must be a positive Unix time (SOURCE_DATE_EPOCH)")
 	}
-	mtime := time.Unix(o.mtime, 0).UTC()
+	mtime := o.mtimeTime()
 	file := func(src, dst, typ string, mode os.FileMode) *files.Content {
 		return &files.Content{Source: src, Destination: dst, Type: typ,
 			FileInfo: &files.ContentFileInfo{Owner: "root", Group: "root", Mode: mode, MTime: mtime}}
