@@ -37,16 +37,18 @@ if [ -z "${LANYARD_SYSTEMD_CACHE:-}" ]; then
 fi
 cache=$LANYARD_SYSTEMD_CACHE
 
-# The mirror of the first Debian "main" source apt knows: one-line
-# sources.list entries or deb822 .sources files.
+# The mirror of the first Debian archive apt knows (an http(s) URL with
+# "debian" in it, not the security one): one-line sources.list entries or
+# deb822 .sources files. Third-party repos (other URLs) are skipped.
 apt_mirror() {
 	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
 		[ -f "$f" ] || continue
 		awk '
-			$1 == "deb" && $0 ~ / main/ && $0 !~ /security/ {
-				for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit }
+			function debian(u) { return u ~ /^https?:\/\// && u ~ /debian/ && u !~ /security/ }
+			$1 == "deb" {
+				for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { if (debian($i)) { print $i; exit } break }
 			}
-			$1 == "URIs:" && $2 ~ /^https?:/ && $2 !~ /security/ && $2 ~ /debian/ { print $2; exit }
+			$1 == "URIs:" && debian($2) { print $2; exit }
 		' "$f"
 	done | head -n 1
 }
