@@ -30,6 +30,7 @@ import (
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
 	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
+	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/systemd"
 	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 )
 
