@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,10 +49,42 @@ const MaxStuckCalls = 64
 // configured attestor at once, each within a deadline, and merges their
 // selectors.
 type MultiAttestor struct {
-	plugins []Plugin
-	stuck   []stuckCalls // by plugin; used only for those not InProcess
-	timeout time.Duration
-	log     hclog.Logger
+	plugins  []Plugin
+	stuck    []stuckCalls // by plugin; used only for those not InProcess
+	failures []failureLog // by plugin
+	timeout  time.Duration
+	log      hclog.Logger
+}
+
+// failureLogEvery spaces the warnings of an attestor that keeps failing for
+// the same cause (no D-Bus, an engine that is down): once per cause, then
+// once in this long, with how many were not logged.
+const failureLogEvery = 30 * time.Second
+
+// failureLog is what an attestor's last failure warning said, and when.
+type failureLog struct {
+	mu         sync.Mutex
+	cause      string
+	at         time.Time
+	suppressed int
+}
+
+// logFailure warns that plugin i failed, unless it failed for the same
+// cause within failureLogEvery.
+func (m *MultiAttestor) logFailure(i int, p Process, err error) {
+	f := &m.failures[i]
+	cause := err.Error()
+	f.mu.Lock()
+	now := time.Now()
+	if cause == f.cause && now.Sub(f.at) < failureLogEvery {
+		f.suppressed++
+		f.mu.Unlock()
+		return
+	}
+	suppressed := f.suppressed
+	f.cause, f.at, f.suppressed = cause, now, 0
+	f.mu.Unlock()
+	m.log.Warn("Workload attestor failed", "attestor", m.plugins[i].Name, "pid", p.PID, "error", err, "same_failures_not_logged", suppressed)
 }
 
 // stuckCalls counts one attestor's calls that outlived their attestation.
@@ -66,7 +99,7 @@ func NewMultiAttestor(log hclog.Logger, timeout time.Duration, plugins ...Plugin
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), timeout: timeout, log: log}
+	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), failures: make([]failureLog, len(plugins)), timeout: timeout, log: log}
 }
 
 // call is one attestor's call on a worker. Exactly one of the worker
@@ -262,7 +295,7 @@ func (g *merge) add(r pluginResult) error {
 		return g.ended()
 	default:
 		g.answered[r.plugin] = true
-		g.m.log.Warn("Workload attestor failed", "attestor", name, "pid", g.p.PID, "error", r.err)
+		g.m.logFailure(r.plugin, g.p, r.err)
 		g.failed = append(g.failed, fmt.Sprintf("%s: %v", name, r.err))
 	}
 	return nil

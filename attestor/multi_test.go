@@ -284,3 +284,31 @@ func TestMultiAttestorTimeoutSaysWhy(t *testing.T) {
 		}
 	}
 }
+
+// TestMultiAttestorLogsAFailureOncePerCause: an attestor that keeps failing
+// for one cause (no D-Bus, an engine down) is warned about once, not on
+// every fetch; a new cause is warned about at once.
+func TestMultiAttestorLogsAFailureOncePerCause(t *testing.T) {
+	cause := errors.New("the system bus is not reachable")
+	var current atomic.Pointer[error]
+	current.Store(&cause)
+	failingNow := attestorFunc(func(context.Context, Process) ([]selector.Selector, error) { return nil, *current.Load() })
+	log, logs := testkit.NewLogger(hclog.Debug)
+	m := NewMultiAttestor(log, time.Minute, Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"}), InProcess: true}, Plugin{Name: "systemd", Attestor: failingNow})
+	for range 5 {
+		if _, err := m.Attest(context.Background(), Process{PID: 42}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := strings.Count(logs.String(), "Workload attestor failed"); got != 1 {
+		t.Fatalf("5 failures for one cause logged %d times, want once:\n%s", got, logs)
+	}
+	other := errors.New("the bus sees the agent under another PID")
+	current.Store(&other)
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(logs.String(), "Workload attestor failed"); got != 2 || !strings.Contains(logs.String(), "another PID") {
+		t.Fatalf("a new cause was not logged at once:\n%s", logs)
+	}
+}
