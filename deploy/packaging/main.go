@@ -121,6 +121,9 @@ func build(o options) (string, error) {
 		License:  "Apache-2.0",
 		MTime:    mtime,
 		Overridables: nfpm.Overridables{
+			// The unit's ExecReload runs /bin/kill, which is procps' on
+			// Debian; the binary itself is static.
+			Depends:  []string{"procps"},
 			Contents: contents,
 			Scripts: nfpm.Scripts{
 				PostInstall: script("postinst"),
