@@ -51,6 +51,9 @@ func newEngine(s settings, log hclog.Logger) (*engine, error) {
 		// connect costs far less than an inspect.
 		client.WithHTTPClient(&http.Client{Transport: &http.Transport{DisableKeepAlives: true}}),
 		client.WithHost(s.endpoint()),
+		// Plain HTTP over the socket: a cloned http.Transport carries a
+		// TLS config, from which the client would otherwise infer https.
+		client.WithScheme("http"),
 		client.WithDialContext(dialLimited(s.socketPath)),
 		client.WithTimeout(engineTimeout),
 		client.WithTraceProvider(noop.NewTracerProvider()),
