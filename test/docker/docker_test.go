@@ -131,15 +131,16 @@ func startAgent(t *testing.T, e *engine) *agent {
 	return a
 }
 
-// prerequisites readies the engines' binaries and the images' tarball.
-func prerequisites(t *testing.T) (images string) {
+// prerequisites readies the engines, the images' tarball, and the bin dir
+// holding the workload.
+func prerequisites(t *testing.T) (images, bin string) {
 	t.Helper()
 	testkit.RequireRoot(t, "the container engines run as root")
 	script, err := testkit.RepoFile("test/docker/build.sh")
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin, err := testkit.RunBuildScript(script, "ociimage", "workload")
+	bin, err = testkit.RunBuildScript(script, "ociimage", "workload")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +152,7 @@ func prerequisites(t *testing.T) (images string) {
 	if out, err := exec.Command(filepath.Join(bin, "ociimage"), args...).CombinedOutput(); err != nil {
 		t.Fatalf("ociimage: %v\n%s", err, out)
 	}
-	return images
+	return images, bin
 }
 
 // runWorkload starts the test workload in a container that mounts the
@@ -212,7 +213,7 @@ func hostFetch(t *testing.T, a *agent) []string {
 // TestDockerEngine: label, env and image selectors of containers of a real
 // dockerd, a container that matches no entry, and a host process.
 func TestDockerEngine(t *testing.T) {
-	images := prerequisites(t)
+	images, _ := prerequisites(t)
 	e := startDocker(t)
 	e.mustRun("load", "--input", images)
 	a := startAgent(t, e)
@@ -240,7 +241,7 @@ func TestDockerEngine(t *testing.T) {
 // stopped: the callers get a clear status, the unix attestor's selectors
 // still count, and the cause is logged once.
 func TestPodman(t *testing.T) {
-	images := prerequisites(t)
+	images, _ := prerequisites(t)
 	e := startPodman(t)
 	e.mustRun("load", "--input", images)
 	a := startAgent(t, e)
