@@ -39,28 +39,21 @@ if [ "$(id -u)" != 0 ]; then
 	exit 0
 fi
 
-# Debian packages: the binary each one provides.
-missing=""
-for pair in docker.io:dockerd docker.io:docker podman:podman containerd:containerd runc:runc conmon:conmon; do
-	pkg=${pair%%:*}
-	cmd=${pair#*:}
-	# Debian's docker CLI is /usr/bin/docker; another one earlier in PATH
-	# works as well against the engine.
-	if ! command -v "$cmd" >/dev/null 2>&1; then
-		case " $missing " in
-		*" $pkg "*) ;;
-		*) missing="$missing $pkg" ;;
-		esac
-	fi
+# The engines and what they run containers with, from Debian; apt does not
+# start their services here (policy-rc.d), the tests start their own.
+# Debian's docker CLI is /usr/bin/docker; another one earlier in PATH
+# works as well against the engine.
+need="dockerd docker podman containerd runc conmon"
+for cmd in $need; do
+	command -v "$cmd" >/dev/null 2>&1 && continue
+	command -v apt-get >/dev/null 2>&1 || die "$cmd is missing, and there is no apt-get to install it"
+	echo "build.sh: $cmd is missing: installing docker.io podman from Debian" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq >&2 || die "apt-get update failed"
+	apt-get install -y -qq --no-install-recommends docker.io podman containerd runc conmon >&2 ||
+		die "apt-get install docker.io podman failed"
+	break
 done
-if [ -n "$missing" ]; then
-	command -v apt-get >/dev/null 2>&1 || die "missing$missing and no apt-get to install them"
-	echo "build.sh: installing$missing from Debian" >&2
-	DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
-	# shellcheck disable=SC2086 # one word per package
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >&2 ||
-		die "apt-get install$missing failed"
-fi
 
 mkdir -p "$bin"
 # One build at a time per cache dir; the Go build cache makes a repeat

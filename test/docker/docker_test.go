@@ -155,6 +155,16 @@ func prerequisites(t *testing.T) (images, bin string) {
 	return images, bin
 }
 
+// dockerWithAgent is a dockerd with the test images, and an agent that
+// attests its containers.
+func dockerWithAgent(t *testing.T) (*engine, *agent, string) {
+	t.Helper()
+	images, bin := prerequisites(t)
+	e := startDocker(t)
+	e.mustRun("load", "--input", images)
+	return e, startAgent(t, e), bin
+}
+
 // runWorkload starts the test workload in a container that mounts the
 // agent's socket dir, and returns the container's ID.
 func (e *engine) runWorkload(a *agent, user, image string, extra ...string) string {
@@ -168,20 +178,18 @@ func (e *engine) runWorkload(a *agent, user, image string, extra ...string) stri
 }
 
 // waitIDs waits for a fetch of the container's workload that got exactly
-// the IDs want (none: denied).
+// the IDs want, in any order.
 func (e *engine) waitIDs(id string, want ...string) {
 	e.t.Helper()
-	slices.Sort(want)
-	what := fmt.Sprintf("SVIDs %q", want)
-	e.waitLine(id, what, func(line string) bool {
+	wantSet := sortedJoin(want)
+	e.waitLine(id, "SVIDs "+wantSet, func(line string) bool {
 		ids, ok := strings.CutPrefix(line, "svid ")
-		if !ok {
-			return false
-		}
-		got := strings.Fields(ids)
-		slices.Sort(got)
-		return slices.Equal(got, want)
+		return ok && sortedJoin(strings.Fields(ids)) == wantSet
 	})
+}
+
+func sortedJoin(ids []string) string {
+	return strings.Join(slices.Sorted(slices.Values(ids)), " ")
 }
 
 // waitError waits for a fetch of the container's workload that failed
@@ -213,10 +221,7 @@ func hostFetch(t *testing.T, a *agent) []string {
 // TestDockerEngine: label, env and image selectors of containers of a real
 // dockerd, a container that matches no entry, and a host process.
 func TestDockerEngine(t *testing.T) {
-	images, _ := prerequisites(t)
-	e := startDocker(t)
-	e.mustRun("load", "--input", images)
-	a := startAgent(t, e)
+	e, a, _ := dockerWithAgent(t)
 
 	web := e.runWorkload(a, workloadUser, workloadImage, "--label", "app=web", "--env", "ROLE=frontend")
 	alias := e.runWorkload(a, workloadUser, aliasImage, "--label", "app=web")

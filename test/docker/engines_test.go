@@ -342,19 +342,24 @@ func removeIfNew(t *testing.T, paths ...string) {
 	}
 	t.Cleanup(func() {
 		for _, p := range slices.Backward(fresh) {
-			// A cgroup stays busy until its exited processes are reaped:
-			// conmon's by PID 1, a moment after they exit.
-			deadline := time.Now().Add(stopTimeout)
-			err := os.Remove(p)
-			for errors.Is(err, syscall.EBUSY) && time.Now().Before(deadline) {
-				time.Sleep(pollEvery)
-				err = os.Remove(p)
-			}
-			if err != nil && !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("left behind: %v", err)
-			}
+			removeWhenFree(t, p)
 		}
 	})
+}
+
+// removeWhenFree removes a file or an empty directory. A cgroup dir stays
+// busy until its exited processes are reaped (conmon's by PID 1, a moment
+// after they exit), so a busy one is tried again for a while.
+func removeWhenFree(t *testing.T, path string) {
+	deadline := time.Now().Add(stopTimeout)
+	err := os.Remove(path)
+	for errors.Is(err, syscall.EBUSY) && time.Now().Before(deadline) {
+		time.Sleep(pollEvery)
+		err = os.Remove(path)
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("left behind: %v", err)
+	}
 }
 
 // cgroupDirs is the cgroup directory rel in every mounted hierarchy.

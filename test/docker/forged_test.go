@@ -9,9 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
@@ -29,10 +27,7 @@ import (
 //     Made here by root in a tree of its own, as such a user would; the
 //     container's own process is not in it, so the attestor refuses.
 func TestForgedCgroups(t *testing.T) {
-	images, bin := prerequisites(t)
-	e := startDocker(t)
-	e.mustRun("load", "--input", images)
-	a := startAgent(t, e)
+	e, a, bin := dockerWithAgent(t)
 	victim := e.runWorkload(a, workloadUser, workloadImage, "--label", "app=web", "--env", "ROLE=frontend")
 	e.waitIDs(victim, "spiffe://example.org/label", "spiffe://example.org/env", "spiffe://example.org/image", "spiffe://example.org/label-and-env")
 	victimID := e.mustRun("inspect", "--format", "{{.Id}}", victim)
@@ -87,7 +82,7 @@ func TestForgedCgroups(t *testing.T) {
 				if err := os.Mkdir(d, 0o755); err != nil {
 					t.Fatal(err)
 				}
-				t.Cleanup(func() { removeCgroup(t, d) })
+				t.Cleanup(func() { removeWhenFree(t, d) })
 				inheritCpuset(t, d)
 			}
 			fmt.Fprintf(&script, "echo $$ > %s/cgroup.procs || exit 1\n", dir)
@@ -166,18 +161,5 @@ func inheritCpuset(t *testing.T, dir string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-	}
-}
-
-// removeCgroup removes a cgroup dir once its exited processes are reaped.
-func removeCgroup(t *testing.T, dir string) {
-	deadline := time.Now().Add(stopTimeout)
-	err := os.Remove(dir)
-	for errors.Is(err, syscall.EBUSY) && time.Now().Before(deadline) {
-		time.Sleep(pollEvery)
-		err = os.Remove(dir)
-	}
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("left behind: %v", err)
 	}
 }

@@ -28,21 +28,24 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// PluginName is the name the attestor registers under and its selector type.
+// PluginName names the plugin in agent.conf (WorkloadAttestor "docker")
+// and is the type of its selectors.
 const PluginName = "docker"
 
-// It calls the container engine, so it runs on a worker goroutine.
+// Registered as an attestor that is not in-process: an engine call stuck
+// despite ctx must not hold the caller past its deadline.
 func init() {
 	attestor.Register(PluginName, New)
 }
 
-// Attestor is the docker workload attestor. It is safe for concurrent use.
+// Attestor describes processes by their container; safe for concurrent
+// use.
 type Attestor struct {
+	engine   *engine
+	find     findFunc // the new locator, or the legacy matchers
+	procRoot string   // /proc, or HOST_PROC
 	s        settings
 	log      hclog.Logger
-	procRoot string
-	find     findFunc
-	engine   *engine
 }
 
 // New builds the docker attestor from its plugin_data. It connects to
