@@ -15,6 +15,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
@@ -29,7 +30,7 @@ const (
 )
 
 // fakeProc writes a /proc with one cgroup file per pid.
-func fakeProc(t *testing.T, cgroups map[int]string) string {
+func fakeProc(t testing.TB, cgroups map[int]string) string {
 	t.Helper()
 	root := t.TempDir()
 	for pid, data := range cgroups {
@@ -270,4 +271,28 @@ func capturedContainer(t *testing.T, raw []byte, engineName string) captured {
 		t.Fatalf("the captured cgroup file is not container %s's", c.ID)
 	}
 	return captured{id: c.ID, image: c.Config.Image, cgroup: string(cg), labels: c.Config.Labels, env: c.Config.Env}
+}
+
+// BenchmarkAttest is one attestation of a process in a container: the
+// cgroup files read and parsed, one inspect over the unix socket (a new
+// connection each), the answer decoded.
+func BenchmarkAttest(b *testing.B) {
+	b.ReportAllocs()
+	e := newFakeEngine(b, "docker")
+	e.add(constructed, fakeContainer{pid: initPID, labels: map[string]string{"app": "web"}, env: []string{"ROLE=frontend"}, image: "web:1"})
+	procRoot := fakeProc(b, map[int]string{workloadPID: hybridCgroup("/docker/" + constructed), initPID: hybridCgroup("/docker/" + constructed)})
+	sec, err := conf.NewSection("agent.conf", fmt.Sprintf("docker_socket_path = %q", "unix://"+e.socket))
+	if err != nil {
+		b.Fatal(err)
+	}
+	a, err := newAttestor(attestor.PluginConfig{Name: PluginName, Data: sec}, func(k string) string { return map[string]string{"HOST_PROC": procRoot}[k] })
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		sels, err := a.Attest(context.Background(), attestor.Process{PID: workloadPID})
+		if err != nil || len(sels) != 3 {
+			b.Fatal(sels, err)
+		}
+	}
 }

@@ -23,7 +23,7 @@ import (
 // they sent them. An inspected container is the captured one with its ID,
 // State.Pid and Config fields set by the test.
 type fakeEngine struct {
-	t      *testing.T
+	t      testing.TB
 	name   string // "docker" or "podman"
 	socket string
 	srv    *http.Server
@@ -42,7 +42,7 @@ type fakeContainer struct {
 	extra  string // appended to a label's value, to make the answer large
 }
 
-func newFakeEngine(t *testing.T, name string) *fakeEngine {
+func newFakeEngine(t testing.TB, name string) *fakeEngine {
 	t.Helper()
 	e := &fakeEngine{t: t, name: name, socket: filepath.Join(testkit.ShortDir(t, "eng"), "engine.sock"), containers: map[string]fakeContainer{}}
 	e.start()
