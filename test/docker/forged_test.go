@@ -19,9 +19,8 @@ import (
 //
 //   - Its mount namespace: any user may enter a user and mount namespace
 //     and bind-mount the container's cgroup directory; /proc/<pid>/mountinfo
-//     then shows a cgroup mount whose root names the container, which is
-//     where SPIRE 1.13's locator looks first. Lanyard reads only
-//     /proc/<pid>/cgroup, which the kernel writes.
+//     then shows a cgroup mount whose root names the container. Lanyard
+//     reads only /proc/<pid>/cgroup, which the kernel writes.
 //   - Its cgroup: under systemd, a user owns the cgroup tree of
 //     user@<uid>.service and may name a cgroup there after any container.
 //     Made here by root in a tree of its own, as such a user would; the

@@ -4,10 +4,9 @@
 // service), and describes it with SPIRE's docker selectors: label, env and
 // image_id.
 //
-// Unlike SPIRE's locator it reads no /proc/<pid>/mountinfo: a process
-// controls its own mount namespace, and any user can enter a user and mount
-// namespace and bind-mount another container's cgroup directory, whose
-// mount root then names that container. It also checks that the
+// It reads only /proc/<pid>/cgroup, which the kernel writes, and never
+// /proc/<pid>/mountinfo: a process controls its own mount namespace, and
+// any user can make one whose cgroup mounts name any container. It also checks that the
 // container's first process is in the cgroup the caller's path names
 // (checkSameContainer), so a cgroup named after a container proves nothing
 // by itself.
