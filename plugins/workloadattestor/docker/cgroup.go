@@ -51,8 +51,10 @@ func locate(data []byte, find findFunc) (m membership, found bool, err error) {
 			continue
 		}
 		switch {
-		case id == "":
-			return membership{}, false, fmt.Errorf("a container_id_cgroup_matchers pattern matched %q but captured an empty container ID", path)
+		case !validContainerRef(id):
+			// Only a legacy pattern can capture one; it would go into the
+			// inspect URL's path.
+			return membership{}, false, fmt.Errorf("a container_id_cgroup_matchers pattern matched %q but captured %q, which is no container ID or name", path, id)
 		case m.id != "" && id != m.id:
 			return membership{}, false, fmt.Errorf("the cgroups name two containers, %s and %s: refusing to choose one", m.id, id)
 		}
@@ -110,6 +112,18 @@ func findContainer(path string) (id, prefix string, found bool) {
 }
 
 const idLen = 64
+
+// validContainerRef accepts what an engine accepts as a container's ID or
+// name ([a-zA-Z0-9][a-zA-Z0-9_.-]*).
+func validContainerRef(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || i > 0 && (c == '_' || c == '.' || c == '-')) {
+			return false
+		}
+	}
+	return s != ""
+}
 
 func containerSegment(seg string) (id string, monitor bool) {
 	s := strings.TrimSuffix(seg, ".scope")

@@ -165,6 +165,12 @@ func TestMatchers(t *testing.T) {
 			t.Errorf("find(%q) = %q, %v; want %q", path, id, found, want)
 		}
 	}
+	for _, path := range []string{"/docker/..", "/docker/a%2fb", "/docker/-x", "/docker/"} {
+		_, _, err := locate([]byte("0::"+path+"\n"), m.find)
+		if err == nil || !strings.Contains(err.Error(), "no container ID") {
+			t.Errorf("%s: err %v, want the captured ID refused", path, err)
+		}
+	}
 	for _, bad := range [][]string{
 		{"/a/b/<id>", "/*/b/<id>"},
 		{"/a/<id>/<id>"},
