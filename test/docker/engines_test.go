@@ -357,7 +357,12 @@ func removeWhenFree(t *testing.T, path string) {
 		time.Sleep(pollEvery)
 		err = os.Remove(path)
 	}
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	switch {
+	case errors.Is(err, syscall.ENOTEMPTY):
+		// A shared dir (/run/containerd/s) another daemon uses now, such
+		// as the k8s tests' containerd: theirs to remove.
+		t.Logf("%s is in use by others: left", path)
+	case err != nil && !errors.Is(err, os.ErrNotExist):
 		t.Errorf("left behind: %v", err)
 	}
 }
