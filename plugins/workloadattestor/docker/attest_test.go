@@ -296,3 +296,14 @@ func BenchmarkAttest(b *testing.B) {
 		}
 	}
 }
+
+func TestAttestVerboseLocatorLogs(t *testing.T) {
+	a, e, logs := setup(t, "docker", "/docker/"+constructed, "verbose_container_locator_logs = true")
+	e.add(constructed, fakeContainer{pid: initPID, image: "web:1"})
+	if _, err := attest(t, a, workloadPID); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs(), "Container locator") || !strings.Contains(logs(), "container_id="+constructed) {
+		t.Errorf("no locator log:\n%s", logs())
+	}
+}
