@@ -136,6 +136,7 @@ func startAgent(t *testing.T, e *engine) *agent {
 func prerequisites(t *testing.T) (images, bin string) {
 	t.Helper()
 	testkit.RequireRoot(t, "the container engines run as root")
+	lockMachine(t)
 	script, err := testkit.RepoFile("test/docker/build.sh")
 	if err != nil {
 		t.Fatal(err)
