@@ -158,6 +158,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 		_, err := os.Stat(ctrdSock)
 		return err == nil || ctrd.exited()
 	})
+	if ctrd.exited() {
+		t.Fatalf("containerd exited while starting:\n%s", tail(ctrd.log))
+	}
 	e.service = startDaemon(t, dir, "dockerd", nil, "dockerd",
 		"--containerd", ctrdSock,
 		"--data-root", filepath.Join(dir, "data"),
