@@ -82,6 +82,14 @@ func sweepStale() error {
 			return err
 		}
 	}
+	// Podman 4.3 keeps its blob info cache there whatever its --root; a
+	// killed run may have made it. It is only a cache: another podman
+	// loses nothing but lookups.
+	if slices.ContainsFunc(dirs, func(d string) bool { return strings.HasPrefix(filepath.Base(d), "lpm") }) {
+		for _, p := range []string{"/var/lib/containers/cache/blob-info-cache-v1.boltdb", "/var/lib/containers/cache", "/var/lib/containers"} {
+			_ = os.Remove(p)
+		}
+	}
 	// The killed containers' cgroups, now empty, then their parents; a
 	// cgroup still in use (another engine's) refuses rmdir.
 	for _, parent := range []string{"docker", "libpod_parent"} {
