@@ -94,19 +94,19 @@ func splitCgroupLine(line string) (hierarchy, path string, ok bool) {
 func findContainer(path string) (id, prefix string, found bool) {
 	rest := path
 	for rest != "" {
-		var seg string
-		seg, rest, _ = strings.Cut(rest, "/")
+		seg, after, slash := strings.Cut(rest, "/")
 		id, monitor := containerSegment(seg)
 		switch {
 		case monitor:
 			return "", "", false
 		case id != "":
-			end := len(path) - len(rest)
-			if rest != "" {
+			end := len(path) - len(after)
+			if slash {
 				end-- // the "/" after the segment
 			}
 			return id, path[:end], true
 		}
+		rest = after
 	}
 	return "", "", false
 }
