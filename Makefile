@@ -87,6 +87,14 @@ nspawn-root:
 	./test/systemd/build.sh
 unit: nspawn-root
 
+# Docker Engine and Podman from Debian and the test images of the docker
+# attestor's tests (test/docker): installed once, before the unit tests
+# rather than inside their timeout.
+.PHONY: engines
+engines:
+	./test/docker/build.sh
+unit: engines
+
 # deploy/packaging is a Go module of its own (nFPM stays out of go.mod), so
 # ./... reaches neither its lint nor its tests.
 lint: packaging-module
