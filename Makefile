@@ -92,3 +92,35 @@ bench-micro:
 
 clean:
 	rm -rf bin .data
+
+# The Debian package bin/lanyard_<version>_<arch>.deb (deploy/packaging):
+# the static binary stamped with VERSION (git describe), the unit, the
+# sysusers.d and tmpfiles.d files and /etc/lanyard/agent.conf as a conffile.
+# Built with nFPM as a Go library; the same commit gives the same bytes.
+.PHONY: deb nspawn-root
+deb:
+	./deploy/packaging/build.sh
+
+# The Debian root the systemd tests boot with systemd-nspawn (test/systemd),
+# built once with debootstrap into a cache outside the repo (under a minute
+# cold, instant warm); installs debootstrap and systemd-container from
+# Debian when missing. Needs root; without it those tests skip (outside CI).
+# Before the unit tests, which include test/systemd.
+nspawn-root:
+	./test/systemd/build.sh
+unit: nspawn-root
+
+# Docker Engine and Podman from Debian and the test images of the docker
+# attestor's tests (test/docker): installed once, before the unit tests
+# rather than inside their timeout.
+.PHONY: engines
+engines:
+	./test/docker/build.sh
+unit: engines
+
+# deploy/packaging is a Go module of its own (nFPM stays out of go.mod), so
+# ./... reaches neither its lint nor its tests.
+lint: packaging-module
+.PHONY: packaging-module
+packaging-module:
+	cd deploy/packaging && $(GO) vet . && $(GO) run $(STATICCHECK) . && $(GO) test -count=1 .

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,10 +49,42 @@ const MaxStuckCalls = 64
 // configured attestor at once, each within a deadline, and merges their
 // selectors.
 type MultiAttestor struct {
-	plugins []Plugin
-	stuck   []stuckCalls // by plugin; used only for those not InProcess
-	timeout time.Duration
-	log     hclog.Logger
+	plugins  []Plugin
+	stuck    []stuckCalls // by plugin; used only for those not InProcess
+	failures []failureLog // by plugin
+	timeout  time.Duration
+	log      hclog.Logger
+}
+
+// failureLogEvery spaces the warnings of an attestor that keeps failing for
+// the same cause (no D-Bus, an engine that is down): once per cause, then
+// once in this long, with how many were not logged.
+const failureLogEvery = 30 * time.Second
+
+// failureLog is what an attestor's last failure warning said, and when.
+type failureLog struct {
+	mu         sync.Mutex
+	cause      string
+	at         time.Time
+	suppressed int
+}
+
+// logFailure warns that plugin i failed, unless it failed for the same
+// cause within failureLogEvery.
+func (m *MultiAttestor) logFailure(i int, p Process, err error) {
+	f := &m.failures[i]
+	cause := err.Error()
+	f.mu.Lock()
+	now := time.Now()
+	if cause == f.cause && now.Sub(f.at) < failureLogEvery {
+		f.suppressed++
+		f.mu.Unlock()
+		return
+	}
+	suppressed := f.suppressed
+	f.cause, f.at, f.suppressed = cause, now, 0
+	f.mu.Unlock()
+	m.log.Warn("Workload attestor failed", "attestor", m.plugins[i].Name, "pid", p.PID, "error", err, "same_failures_not_logged", suppressed)
 }
 
 // stuckCalls counts one attestor's calls that outlived their attestation.
@@ -66,7 +99,7 @@ func NewMultiAttestor(log hclog.Logger, timeout time.Duration, plugins ...Plugin
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), timeout: timeout, log: log}
+	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), failures: make([]failureLog, len(plugins)), timeout: timeout, log: log}
 }
 
 // call is one attestor's call on a worker. Exactly one of the worker
@@ -156,10 +189,50 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 				return nil, err
 			}
 		case <-actx.Done():
+			if ctx.Err() == nil {
+				g.collectLate(results, waiting)
+			}
 			return nil, g.ended()
 		}
 	}
 	return g.result()
+}
+
+// lateGrace is how long, past the deadline, an attestation waits for the
+// attestors that honour ctx to say why they had no answer (a kubelet's
+// 403, a container not listed): their reason then reaches the caller.
+const lateGrace = 50 * time.Millisecond
+
+// maxLateReason bounds each reason the caller is told: it comes from a
+// daemon (a kubelet's answer) and goes to a caller not yet identified.
+const maxLateReason = 512
+
+// addLate records why an attestor that answered after the deadline had no
+// answer in time.
+func (g *merge) addLate(r pluginResult) {
+	if r.err == nil || g.ctx.Err() != nil {
+		return
+	}
+	reason := r.err.Error()
+	if len(reason) > maxLateReason {
+		reason = reason[:maxLateReason] + "..."
+	}
+	g.late = append(g.late, g.m.plugins[r.plugin].Name+": "+reason)
+}
+
+// collectLate records the reasons of attestors that return within
+// lateGrace of the deadline.
+func (g *merge) collectLate(results <-chan pluginResult, waiting int) {
+	timer := time.NewTimer(lateGrace)
+	defer timer.Stop()
+	for ; waiting > 0; waiting-- {
+		select {
+		case r := <-results:
+			g.addLate(r)
+		case <-timer.C:
+			return
+		}
+	}
 }
 
 // admit refuses a call to plugin i while MaxStuckCalls of its calls are
@@ -197,6 +270,7 @@ type merge struct {
 	answered []bool
 	all      []selector.Selector
 	failed   []string
+	late     []string // why attestors past the deadline had no answer
 }
 
 // add takes one attestor's answer; an error ends the attestation.
@@ -217,10 +291,11 @@ func (g *merge) add(r pluginResult) error {
 		return fmt.Errorf("%s: %w", name, r.err)
 	case g.actx.Err() != nil:
 		// It gave up because the deadline passed or the caller left.
+		g.addLate(r)
 		return g.ended()
 	default:
 		g.answered[r.plugin] = true
-		g.m.log.Warn("Workload attestor failed", "attestor", name, "pid", g.p.PID, "error", r.err)
+		g.m.logFailure(r.plugin, g.p, r.err)
 		g.failed = append(g.failed, fmt.Sprintf("%s: %v", name, r.err))
 	}
 	return nil
@@ -232,7 +307,11 @@ func (g *merge) ended() error {
 	if err := g.ctx.Err(); err != nil {
 		return fmt.Errorf("workload attestation of pid %d: the caller gave up: %w", g.p.PID, err)
 	}
-	return g.m.timedOut(g.p, g.answered)
+	err := g.m.timedOut(g.p, g.answered)
+	if len(g.late) > 0 {
+		err = fmt.Errorf("%w; %s", err, strings.Join(g.late, "; "))
+	}
+	return err
 }
 
 func (g *merge) result() ([]selector.Selector, error) {

@@ -263,3 +263,52 @@ func TestMultiAttestorCapsStuckCalls(t *testing.T) {
 		t.Errorf("the end of the cap was not logged:\n%s", logs)
 	}
 }
+
+// TestMultiAttestorTimeoutSaysWhy: an attestor that honours ctx and says
+// why it had no answer (a kubelet's 403) has that reason in the timeout
+// error the caller gets, bounded.
+func TestMultiAttestorTimeoutSaysWhy(t *testing.T) {
+	reasoned := attestorFunc(func(ctx context.Context, _ Process) ([]selector.Selector, error) {
+		<-ctx.Done()
+		return nil, errors.New("the kubelet answered 403 Forbidden: grant get on nodes/proxy " + strings.Repeat("x", 2000))
+	})
+	log, _ := testkit.NewLogger(hclog.Debug)
+	for name, inProcess := range map[string]bool{"on a worker": false, "in process": true} {
+		m := NewMultiAttestor(log, 20*time.Millisecond, Plugin{Name: "k8s", Attestor: reasoned, InProcess: inProcess})
+		_, err := m.Attest(context.Background(), Process{PID: 42})
+		if !errors.Is(err, ErrAttestorTimeout) || !strings.Contains(err.Error(), "k8s: the kubelet answered 403 Forbidden: grant get on nodes/proxy") {
+			t.Errorf("%s: Attest = %v, want ErrAttestorTimeout with the attestor's reason", name, err)
+		}
+		if err != nil && len(err.Error()) > 1000 {
+			t.Errorf("%s: the reason is not bounded: %d bytes", name, len(err.Error()))
+		}
+	}
+}
+
+// TestMultiAttestorLogsAFailureOncePerCause: an attestor that keeps failing
+// for one cause (no D-Bus, an engine down) is warned about once, not on
+// every fetch; a new cause is warned about at once.
+func TestMultiAttestorLogsAFailureOncePerCause(t *testing.T) {
+	cause := errors.New("the system bus is not reachable")
+	var current atomic.Pointer[error]
+	current.Store(&cause)
+	failingNow := attestorFunc(func(context.Context, Process) ([]selector.Selector, error) { return nil, *current.Load() })
+	log, logs := testkit.NewLogger(hclog.Debug)
+	m := NewMultiAttestor(log, time.Minute, Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"}), InProcess: true}, Plugin{Name: "systemd", Attestor: failingNow})
+	for range 5 {
+		if _, err := m.Attest(context.Background(), Process{PID: 42}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := strings.Count(logs.String(), "Workload attestor failed"); got != 1 {
+		t.Fatalf("5 failures for one cause logged %d times, want once:\n%s", got, logs)
+	}
+	other := errors.New("the bus sees the agent under another PID")
+	current.Store(&other)
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(logs.String(), "Workload attestor failed"); got != 2 || !strings.Contains(logs.String(), "another PID") {
+		t.Fatalf("a new cause was not logged at once:\n%s", logs)
+	}
+}

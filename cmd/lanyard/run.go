@@ -174,10 +174,14 @@ func runAgent(args []string, stderr io.Writer) int {
 	// What accepts requests stops first (the Workload API ending its
 	// streams with Unavailable), then what feeds the cache, and the cache
 	// is saved last, once nothing changes it.
+	notifier := newSystemdNotifier(cfg.Agent.SocketPath, log.Named("systemd"))
 	front := append([]supervisor.Service{
 		srv.Endpoint(listener, a.SVIDManager().Ready(), shutdownGrace),
-		reloader(f, a, hup, log),
+		reloader(f, a, hup, notifier, log),
 	}, listeners...)
+	if notifier != nil {
+		front = append(front, notifier)
+	}
 	log.Info("Starting the Workload API", "socket_path", cfg.Agent.SocketPath, "trust_domain", cfg.Agent.TrustDomain, "max_connections", maxConns, "version", version)
 	err = supervisor.New(log).
 		Stage(a.Persister()).

@@ -20,33 +20,10 @@ import (
 // config once running. The config file is a FIFO, so that the start waits
 // at a known point, reading it, until the test writes it.
 func TestSIGHUPDuringStartIsNotFatal(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the lanyard binary")
-	}
-	bin, cleanup, err := testkit.BuildLanyard()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(cleanup)
+	bin := buildLanyard(t)
 	dir := testkit.ShortDir(t, "hup-")
-	config, socket := filepath.Join(dir, "agent.conf"), filepath.Join(dir, "public", "api.sock")
-	body := fmt.Sprintf(`agent {
-  trust_domain = "example.org"
-  data_dir     = %q
-  socket_path  = %q
-}
-plugins {
-  WorkloadAttestor "unix" { plugin_data {} }
-  UpstreamAuthority "local" {
-    plugin_data {
-      entry {
-        spiffe_id = "spiffe://example.org/user/%d"
-        selectors = ["unix:uid:%d"]
-      }
-    }
-  }
-}
-`, filepath.Join(dir, "data"), socket, os.Getuid(), os.Getuid())
+	config := filepath.Join(dir, "agent.conf")
+	body, socket := localConfig(dir)
 	if err := syscall.Mkfifo(config, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -83,6 +60,45 @@ plugins {
 	testkit.WaitFor(t, waitLimit, "the reload the SIGHUP asked for", func() bool {
 		return strings.Contains(p.Logs.String(), "Reloaded the config")
 	})
+}
+
+// buildLanyard builds the binary for a test that runs it, which -short
+// skips.
+func buildLanyard(t *testing.T) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("builds and runs the lanyard binary")
+	}
+	bin, cleanup, err := testkit.BuildLanyard()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(cleanup)
+	return bin
+}
+
+// localConfig is a config for an agent in dir on the embedded CA that
+// gives the test's user an identity, and the socket it serves.
+func localConfig(dir string) (body, socket string) {
+	socket = filepath.Join(dir, "public", "api.sock")
+	body = fmt.Sprintf(`agent {
+  trust_domain = "example.org"
+  data_dir     = %q
+  socket_path  = %q
+}
+plugins {
+  WorkloadAttestor "unix" { plugin_data {} }
+  UpstreamAuthority "local" {
+    plugin_data {
+      entry {
+        spiffe_id = "spiffe://example.org/user/%d"
+        selectors = ["unix:uid:%d"]
+      }
+    }
+  }
+}
+`, filepath.Join(dir, "data"), socket, os.Getuid(), os.Getuid())
+	return body, socket
 }
 
 // waitLimit bounds every wait for something that must happen.

@@ -166,8 +166,9 @@ func profilingListener(cfg *conf.Config, _ *agent.Agent, log hclog.Logger) (*htt
 
 // reloader applies the config file again on SIGHUP. hup is subscribed
 // before the agent starts (runAgent): a SIGHUP with no subscriber would end
-// it, and one that came during the start is applied once this runs.
-func reloader(f *runFlags, a *agent.Agent, hup <-chan os.Signal, log hclog.Logger) supervisor.Service {
+// it, and one that came during the start is applied once this runs. It
+// tells systemd through notifier (nil outside a Type=notify unit).
+func reloader(f *runFlags, a *agent.Agent, hup <-chan os.Signal, notifier *systemdNotifier, log hclog.Logger) supervisor.Service {
 	return supervisor.Func("reload", func(ctx context.Context) error {
 		for {
 			select {
@@ -175,10 +176,12 @@ func reloader(f *runFlags, a *agent.Agent, hup <-chan os.Signal, log hclog.Logge
 				return nil
 			case <-hup:
 			}
+			notifier.reloading()
 			next, err := f.loadConfig()
 			if err == nil {
 				err = a.Reload(next)
 			}
+			notifier.reloaded(err)
 			if err != nil {
 				log.Error("Reload failed; the previous config stays in force", "error", err)
 				continue

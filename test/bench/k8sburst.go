@@ -18,7 +18,7 @@ import (
 // The Kubernetes burst: many new workloads attest at once on a node whose
 // kubelet lists many pods. Each workload is a process the harness puts in
 // the cgroup a kubelet would give its container
-// (/kubepods/besteffort/pod<uid>/<container id>, cgroupfs driver), and a
+// (.../kubepods/besteffort/pod<uid>/<container id>, cgroupfs driver), and a
 // kubelet-shaped server lists its pod among the others. As a kubelet does,
 // it lists a new pod's container ID only some time after the container
 // started (its status is refreshed by the kubelet's PLEG relist, every
@@ -243,12 +243,18 @@ func cgroup2Root() (string, error) {
 	return "", errors.New("no cgroup2 hierarchy is mounted")
 }
 
+// benchCgroup is the parent of the burst's cgroups. A kubelet running on
+// the machine (the k8s tests') removes pod cgroups under /kubepods that it
+// does not know; below a parent of their own, as on a node whose kubelet
+// runs in a container (kind), the paths still read as a pod's.
+const benchCgroup = "lanyard-bench"
+
 // placeCgroups makes the container cgroup of each workload, as the
 // kubelet's cgroupfs driver names it for a BestEffort pod.
 func placeCgroups(root string, works []podWorkload) ([]string, error) {
 	var dirs []string
 	for _, w := range works {
-		d := filepath.Join(root, "kubepods", "besteffort", "pod"+string(w.UID), w.ContainerID)
+		d := filepath.Join(root, benchCgroup, "kubepods", "besteffort", "pod"+string(w.UID), w.ContainerID)
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return dirs, err
 		}
@@ -258,7 +264,7 @@ func placeCgroups(root string, works []podWorkload) ([]string, error) {
 }
 
 // removeCgroups removes the container and pod cgroups once their
-// processes have exited; the kubepods parents stay if a kubelet uses them.
+// processes have exited, then their parents.
 func removeCgroups(dirs []string) {
 	for _, d := range dirs {
 		for range 100 {
@@ -271,7 +277,9 @@ func removeCgroups(dirs []string) {
 	}
 	if len(dirs) > 0 {
 		besteffort := filepath.Dir(filepath.Dir(dirs[0]))
+		kubepods := filepath.Dir(besteffort)
 		_ = os.Remove(besteffort)
-		_ = os.Remove(filepath.Dir(besteffort))
+		_ = os.Remove(kubepods)
+		_ = os.Remove(filepath.Dir(kubepods))
 	}
 }

@@ -111,6 +111,16 @@ func TestK8sPSATNodeAttestation(t *testing.T) {
 		if !strings.Contains(p.Logs.String(), agentID) {
 			t.Errorf("the log does not name the agent ID %s:\n%s", agentID, p.Logs.String())
 		}
+
+		// k8s_psat is re-attestable: evicted, the agent attests again with
+		// its token instead of giving up.
+		server.CLI(t, "agent", "evict", "-spiffeID", agentID)
+		testkit.WaitFor(t, 60*time.Second, "the evicted agent to attest again", func() bool {
+			return strings.Contains(p.Logs.String(), "Agent SVID re-attested")
+		})
+		if _, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr("unix://"+socket)); err != nil {
+			t.Errorf("after re-attestation: %v", err)
+		}
 	})
 	t.Run("another service account is refused", func(t *testing.T) {
 		p, _ := start(t, c.Token("default", "default", "spire-server", otherPod.Name))

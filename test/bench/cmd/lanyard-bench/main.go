@@ -29,7 +29,9 @@ import (
 	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
 	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
+	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/docker"
 	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
+	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/systemd"
 	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 )
 
