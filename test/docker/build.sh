@@ -3,7 +3,7 @@
 #   - Docker Engine (docker.io), Podman and containerd from Debian,
 #     installed when missing (root only; apt never starts their services
 #     here, and the tests start their own);
-#   - the OCI image packer (test/k8s/images) and the test workload
+#   - the OCI image packer (tools/mkimage) and the test workload
 #     (test/k8s/workload), built into a cache dir outside the repo.
 # Prints the bin dir on its last line.
 #
@@ -65,13 +65,13 @@ fi
 tmp=$(mktemp -d "$bin/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 (
-	cd "$repo/test/k8s/images"
-	CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -ldflags="-s -w" -o "$tmp/ociimage" .
+	cd "$repo/tools/mkimage"
+	CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" go build -trimpath -ldflags="-s -w" -o "$tmp/mkimage" .
 ) >&2
 (
 	cd "$repo"
 	CGO_ENABLED=0 GOFLAGS="-buildvcs=false" go build -trimpath -ldflags="-s -w" -o "$tmp/workload" ./test/k8s/workload
 ) >&2
-mv "$tmp/ociimage" "$bin/ociimage"
+mv "$tmp/mkimage" "$bin/mkimage"
 mv "$tmp/workload" "$bin/workload"
 echo "$bin"

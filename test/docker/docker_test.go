@@ -141,7 +141,7 @@ func prerequisites(t *testing.T) (images, bin string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin, err = testkit.RunBuildScript(script, "ociimage", "workload")
+	bin, err = testkit.RunBuildScript(script, "mkimage", "workload")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,8 +150,8 @@ func prerequisites(t *testing.T) (images, bin string) {
 	for _, ref := range []string{workloadImage, aliasImage, deniedImage} {
 		args = append(args, "-image", ref+"="+filepath.Join(bin, "workload"))
 	}
-	if out, err := exec.Command(filepath.Join(bin, "ociimage"), args...).CombinedOutput(); err != nil {
-		t.Fatalf("ociimage: %v\n%s", err, out)
+	if out, err := exec.Command(filepath.Join(bin, "mkimage"), args...).CombinedOutput(); err != nil {
+		t.Fatalf("mkimage: %v\n%s", err, out)
 	}
 	return images, bin
 }
