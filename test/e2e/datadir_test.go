@@ -238,9 +238,11 @@ func TestCAStateReloadOnlyFromAgentsOwnFile(t *testing.T) {
 	if kid := mintedKID(t, c, "good"); kid != "attacker" {
 		t.Fatalf("the agent's own 0600 local_ca.json was not reloaded (kid %s)", kid)
 	}
-	if logs := a.Logs.String(); !strings.Contains(logs, "[WARN]") || !strings.Contains(logs, "Reloaded the local CA state") || !strings.Contains(logs, fingerprint(attackerCA)) {
-		t.Errorf("the reload was not warned about with the new CA's fingerprint %s:\n%s", fingerprint(attackerCA), logs)
-	}
+	// The new CA signs before the warning is written: wait for it.
+	waitFor(t, 10*time.Second, "the reload to be warned about with the new CA's fingerprint "+fingerprint(attackerCA), func() bool {
+		logs := a.Logs.String()
+		return strings.Contains(logs, "[WARN]") && strings.Contains(logs, "Reloaded the local CA state") && strings.Contains(logs, fingerprint(attackerCA))
+	})
 }
 
 // Finding 7: temporary files that a SIGKILL during a save left (each holds
