@@ -50,10 +50,11 @@ func (a *Agent) runUpstream(ctx context.Context) error {
 			break
 		}
 		a.svids.ReportUpstream(fmt.Errorf("the upstream stopped: %w", err))
-		if errors.Is(err, ErrNodeAttestationRefused) && a.svids.Health().Entries == 0 {
-			// Nothing to serve, and retrying gets the same answer: exit,
-			// so that the operator (or the kubelet's restarts) sees why.
-			return fmt.Errorf("the agent has nothing cached to serve and cannot attest: %w", err)
+		if errors.Is(err, ErrNodeAttestationRefused) && !a.svids.Health().Ready {
+			// Nothing to serve (no sync, no saved cache), and retrying
+			// gets the same answer: exit, so that the operator (or the
+			// kubelet's restarts) sees why.
+			return fmt.Errorf("the agent has no saved cache to serve and cannot attest: %w", err)
 		}
 		wait := retry.Next()
 		a.log.Error("The upstream stopped; restarting it", "upstream", a.upstreamName, "retry_in", wait.Round(time.Millisecond), "error", err)

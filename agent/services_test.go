@@ -40,7 +40,9 @@ func TestRefusedAttestationEndsAnAgentWithNothingToServe(t *testing.T) {
 
 	a, up := newAgent()
 	td := spiffeid.RequireTrustDomainFromString("example.org")
+	// As a saved cache loads them: the agent is ready and serves.
 	a.svids.SetEntries([]*Entry{{ID: "web", SPIFFEID: spiffeid.RequireFromPath(td, "/web")}})
+	a.svids.SetBundles(up.bundle(), nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- a.runUpstream(ctx) }()

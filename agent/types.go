@@ -132,9 +132,9 @@ type X509Result struct {
 
 // ErrNodeAttestationRefused marks an upstream's Run that ended because the
 // node cannot attest (the server refused it, or the attestor cannot build
-// its proof): a retry gives the same answer. An agent with nothing cached
-// to serve exits on it, as spire-agent does; one with a cache keeps
-// serving it and retries.
+// its proof): a retry gives the same answer. An agent that has nothing to
+// serve (no sync yet, no saved cache) exits on it, as spire-agent does;
+// one that loaded a saved cache keeps serving it and retries.
 var ErrNodeAttestationRefused = errors.New("the node's attestation was refused")
 
 // Upstream is the CA that signs SVIDs and the source of registration entries
