@@ -130,6 +130,25 @@ func waitListening(t *testing.T, port int, what string, exited <-chan struct{}) 
 	})
 }
 
+// requireStopped fails the test if the process in pidFile still runs
+// (the helper must stop its cmd when it stops), and kills it.
+func requireStopped(t *testing.T, name, pidFile string) {
+	pid, err := readPID(pidFile)
+	if err != nil {
+		t.Errorf("%s's pid file: %v", name, err)
+		return
+	}
+	gone := func() bool { return syscall.Kill(pid, 0) == syscall.ESRCH }
+	deadline := time.Now().Add(10 * time.Second)
+	for !gone() && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !gone() {
+		t.Errorf("%s (pid %d) still runs after the helper stopped", name, pid)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
 // readPID reads a daemon's pid file.
 func readPID(path string) (int, error) {
 	b, err := os.ReadFile(path)

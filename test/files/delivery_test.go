@@ -68,7 +68,6 @@ func readAcrossRotations(t *testing.T, what string, check func() (string, error)
 // the bundle read after it.
 func TestJWTFileValidatesAcrossRenewals(t *testing.T) {
 	testkit.RequireRoot(t, "runs with the nginx and HAProxy tests")
-	requireHelper(t)
 	socket := startAgent(t)
 	dir := t.TempDir()
 	const audience = "files-test"
@@ -134,7 +133,6 @@ func readJWTBundles(path string) (*jwtbundle.Set, error) {
 // in the standard's exact shape, and its key matches its certificate.
 func TestCredentialFolderAlwaysConsistent(t *testing.T) {
 	testkit.RequireRoot(t, "runs with the nginx and HAProxy tests")
-	requireHelper(t)
 	socket := startAgent(t)
 	folder := t.TempDir()
 	runHelper(t, helperConfig{socket: socket, certDir: t.TempDir(), extra: fmt.Sprintf("credential_folder = %q\n", folder)})
