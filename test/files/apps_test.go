@@ -54,17 +54,6 @@ func requireApp(t *testing.T, command string) string {
 	return p
 }
 
-// freePort is a loopback TCP port nothing listens on now.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // app is a daemon the test started: stopped with SIGTERM on cleanup, its
 // output shown if the test failed.
 type app struct {
@@ -207,7 +196,7 @@ func newNginx(t *testing.T) *nginx {
 // start runs nginx on a free port with the certificates in certDir.
 func (n *nginx) start(t *testing.T, bin, certDir string) {
 	t.Helper()
-	n.port = freePort(t)
+	n.port = testkit.FreePort(t)
 	conf := filepath.Join(n.dir, "nginx.conf")
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(nginxConf, n.dir, n.port, certDir)), 0o600); err != nil {
 		t.Fatal(err)
@@ -253,7 +242,7 @@ frontend tls
 func writeHAProxyConf(t *testing.T, certDir string) (conf string, port int) {
 	t.Helper()
 	dir := testkit.ShortDir(t, "haproxy-")
-	port = freePort(t)
+	port = testkit.FreePort(t)
 	conf = filepath.Join(dir, "haproxy.cfg")
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(haproxyConf, dir, port, certDir)), 0o600); err != nil {
 		t.Fatal(err)

@@ -168,10 +168,18 @@ func requireReloadsAcrossRotations(t *testing.T, socket, certFile string, port i
 	stopWatch := loop(20*time.Millisecond, func(context.Context) { written.add(leafOf(certFile)) })
 	t.Cleanup(stopWatch)
 	c, stopClients := startClientLoop(t, socket, port)
-	testkit.WaitFor(t, 90*time.Second, fmt.Sprintf("%d rotations served", rotations), func() bool {
+	served := func() bool {
 		w, s := written.snapshot(), c.served.snapshot()
 		return len(w) > rotations && len(s) > 0 && s[len(s)-1] == w[len(w)-1]
-	})
+	}
+	for deadline := time.Now().Add(90 * time.Second); !served(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			t.Fatalf("after 90s, certificates written %v, served %v; %d of %d requests failed\n%s",
+				written.snapshot(), c.served.snapshot(), len(c.failures), c.requests, appLog())
+		}
+	}
 	stopClients()
 	stopWatch()
 	w, s := written.snapshot(), c.served.snapshot()
