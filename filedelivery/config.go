@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/lanyard-dev/lanyard/conf"
 	"golang.org/x/sys/unix"
@@ -100,6 +101,24 @@ type Config struct {
 	HealthChecks HealthChecks
 }
 
+// Ignored lists the keys a one-shot run does not use, for a warning
+// (spiffe-helper warns about cmd and renew_signal too).
+func (c *Config) Ignored() []string {
+	var keys []string
+	if !c.DaemonMode {
+		if c.Cmd != "" {
+			keys = append(keys, "cmd")
+		}
+		if c.RenewSignal != 0 {
+			keys = append(keys, "renew_signal")
+		}
+		if c.HealthChecks.ListenerEnabled {
+			keys = append(keys, "health_checks")
+		}
+	}
+	return keys
+}
+
 // X509Enabled reports whether an X.509-SVID is fetched at all.
 func (c *Config) X509Enabled() bool { return c.SVIDFile != "" || c.CredentialFolder != "" }
 
@@ -153,6 +172,9 @@ func build(s *conf.Section, r *rawConfig, daemonMode *bool, getenv func(string) 
 			c.AgentAddress = DefaultAgentAddress
 		}
 	}
+	// SPIFFE_ENDPOINT_SOCKET is a URI by the standard; spiffe-helper
+	// would prefix a second unix:// and fail.
+	c.AgentAddress = strings.TrimPrefix(c.AgentAddress, "unix://")
 	for i, j := range r.JWTSVIDs {
 		if j.FileName == "" {
 			return nil, s.Errorf(fmt.Sprintf("jwt_svids[%d]", i), "jwt_svid_file_name is required in every jwt_svids element")

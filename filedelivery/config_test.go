@@ -151,6 +151,10 @@ jwt_bundle_file_name = "b.json"
 		{"flag true wins", base + "daemon_mode = false\n", &yes, "", func(c *Config) bool { return c.DaemonMode }},
 		{"default socket", base, nil, "", func(c *Config) bool { return c.AgentAddress == DefaultAgentAddress }},
 		{"socket from the environment", base, nil, "/run/x.sock", func(c *Config) bool { return c.AgentAddress == "/run/x.sock" }},
+		{"a URI from the environment", base, nil, "unix:///run/x.sock", func(c *Config) bool { return c.AgentAddress == "/run/x.sock" }},
+		{"one-shot ignores cmd", base + "daemon_mode = false\ncmd = \"x\"\nrenew_signal = \"SIGHUP\"\n", nil, "", func(c *Config) bool {
+			return strings.Join(c.Ignored(), ",") == "cmd,renew_signal"
+		}},
 		{"agent_address wins", base + "agent_address = \"/a.sock\"\n", nil, "/run/x.sock", func(c *Config) bool { return c.AgentAddress == "/a.sock" }},
 		{"health defaults", base + "health_checks {\n listener_enabled = true\n}\n", nil, "", func(c *Config) bool {
 			return c.HealthChecks == HealthChecks{ListenerEnabled: true, BindPort: 8081, LivenessPath: "/live", ReadinessPath: "/ready"}

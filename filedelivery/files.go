@@ -76,14 +76,20 @@ func encodeKey(svid *x509svid.SVID) ([]byte, error) {
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
 }
 
+// ownBundleAndKey is the bundle of the SVID's trust domain and its PEM key.
+func ownBundleAndKey(svid *x509svid.SVID, bundles *x509bundle.Set) (*x509bundle.Bundle, []byte, error) {
+	own, ok := bundles.Get(svid.ID.TrustDomain())
+	if !ok {
+		return nil, nil, fmt.Errorf("the Workload API sent no bundle for %s", svid.ID.TrustDomain())
+	}
+	key, err := encodeKey(svid)
+	return own, key, err
+}
+
 // writeX509 writes spiffe-helper's three files, the key first, so that a
 // certificate is never on disk before its key.
 func writeX509(c *Config, svid *x509svid.SVID, bundles *x509bundle.Set, now time.Time) error {
-	own, ok := bundles.Get(svid.ID.TrustDomain())
-	if !ok {
-		return fmt.Errorf("the Workload API sent no bundle for %s", svid.ID.TrustDomain())
-	}
-	key, err := encodeKey(svid)
+	own, key, err := ownBundleAndKey(svid, bundles)
 	if err != nil {
 		return err
 	}
@@ -115,11 +121,7 @@ func writeX509(c *Config, svid *x509svid.SVID, bundles *x509bundle.Set, now time
 // trust domain. Trust bundle files of trust domains no longer sent are
 // removed.
 func writeCredentialFolder(c *Config, svid *x509svid.SVID, bundles *x509bundle.Set) error {
-	own, ok := bundles.Get(svid.ID.TrustDomain())
-	if !ok {
-		return fmt.Errorf("the Workload API sent no bundle for %s", svid.ID.TrustDomain())
-	}
-	key, err := encodeKey(svid)
+	own, key, err := ownBundleAndKey(svid, bundles)
 	if err != nil {
 		return err
 	}

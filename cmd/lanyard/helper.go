@@ -52,6 +52,9 @@ func runHelper(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "lanyard helper: %v\n", err)
 		return 1
 	}
+	for _, key := range cfg.Ignored() {
+		log.Warn("daemon mode is off: this key is ignored", "key", key)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	h, err := filedelivery.New(ctx, cfg, log)
