@@ -124,3 +124,11 @@ lint: packaging-module
 .PHONY: packaging-module
 packaging-module:
 	cd deploy/packaging && $(GO) vet . && $(GO) run $(STATICCHECK) . && $(GO) test -count=1 .
+
+# nginx and HAProxy from Debian for the tests of apps that read their
+# certificates from files (test/files), installed once before the unit
+# tests. Needs root when missing; without it those tests skip (outside CI).
+.PHONY: file-apps
+file-apps:
+	./scripts/install-debian.sh nginx-light:nginx haproxy:haproxy
+unit: file-apps

@@ -29,6 +29,7 @@ Commands:
   api fetch jwt        fetch JWT-SVIDs (-audience A)
   api validate jwt     validate a JWT-SVID (-audience A -svid TOKEN)
   api watch            watch X.509-SVID updates
+  helper               keep SVIDs as files, spiffe-helper's config (-config FILE)
   healthcheck          check that the agent is serving
   version              print the version
 
@@ -54,6 +55,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runValidate(args[1:], stdout, stderr)
 	case "api":
 		return runAPI(args[1:], stdout, stderr)
+	case "helper":
+		return runHelper(args[1:], stdout, stderr)
 	case "healthcheck":
 		return runHealthcheck(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
