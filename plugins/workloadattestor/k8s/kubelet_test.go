@@ -262,5 +262,6 @@ func TestKubeletUnreachable(t *testing.T) {
 	e.kubelet.set(func(k *fakeKubelet) { k.gate = gate })
 	e.a.kubelet.timeout = 100 * time.Millisecond
 	_, err = e.fetch()
-	wantErr(t, err, errKubeletUnreachable, "no answer within 100ms")
+	// Headers may arrive before the deadline (the gate holds the body), or not.
+	wantErr(t, err, errKubeletUnreachable, "within 100ms")
 }
