@@ -217,7 +217,7 @@ func TestAttestContainerListedOnThirdPoll(t *testing.T) {
 func TestAttestPodNeverListed(t *testing.T) {
 	e := newReadOnlyEnv(t, `poll_retry_interval = "10ms"`)
 	e.kubelet.pods = func(int) []corev1.Pod { return testPods(3) }
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	uid := podUID(77)
 	_, err := e.a.Attest(ctx, e.inPod(4001, uid, hexID("c")))
@@ -251,7 +251,7 @@ func TestAttestMaxPollAttempts(t *testing.T) {
 func TestAttestKubeletForbidden(t *testing.T) {
 	e := newSecureEnv(t, `poll_retry_interval = "10ms"`)
 	e.kubelet.allowed = map[string]bool{}
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err := e.a.Attest(ctx, e.inPod(4001, podUID(1), hexID("c")))
 	if !errors.Is(err, errKubeletForbidden) || !errors.Is(err, context.DeadlineExceeded) {
@@ -376,7 +376,7 @@ func TestAttestThroughMultiAttestor(t *testing.T) {
 	pods := testPods(3)
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
 	log, _ := testkit.NewLogger(hclog.Warn)
-	m := attestor.NewMultiAttestor(log, 300*time.Millisecond, attestor.Plugin{Name: PluginName, Attestor: e.a})
+	m := attestor.NewMultiAttestor(log, 2*time.Second, attestor.Plugin{Name: PluginName, Attestor: e.a})
 	ctx := testkit.Context(t, time.Minute)
 
 	sels, err := m.Attest(ctx, e.inPod(4001, string(pods[1].UID), containerOf(pods[1], "app")))
