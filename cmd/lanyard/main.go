@@ -9,15 +9,7 @@ import (
 	"os"
 
 	// The compiled-in plugins register themselves by name.
-	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/join_token"
-	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/k8s_psat"
-	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
-	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
-	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/docker"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/systemd"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
+	_ "github.com/lanyard-dev/lanyard/plugins/builtin"
 )
 
 const usage = `Usage: lanyard <command> [flags]

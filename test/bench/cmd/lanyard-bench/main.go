@@ -24,15 +24,7 @@ import (
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
 
 	// The plugins `lanyard run` has, for the profile command.
-	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/join_token"
-	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/k8s_psat"
-	_ "github.com/lanyard-dev/lanyard/plugins/nodeattestor/x509pop"
-	_ "github.com/lanyard-dev/lanyard/plugins/upstream/local"
-	_ "github.com/lanyard-dev/lanyard/plugins/upstream/spire"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/docker"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/systemd"
-	_ "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
+	_ "github.com/lanyard-dev/lanyard/plugins/builtin"
 )
 
 func main() {
