@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	k8sattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
+
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	k8spsat "github.com/lanyard-dev/lanyard/plugins/nodeattestor/k8s_psat"
@@ -314,7 +316,7 @@ func TestLocalOverlayHasExampleEntry(t *testing.T) {
 		!slices.Equal(local.Entries[0].Selectors, want) {
 		t.Errorf("entries %+v, want spiffe://example.org/ns/default/sa/default for %v", local.Entries, want)
 	}
-	if ok, _ := pluginData(cfg, "WorkloadAttestor", k8sAttestor, &spireK8sAttestorKeys{}); !ok {
+	if ok, _ := pluginData(cfg, "WorkloadAttestor", k8sAttestor, &k8sattestor.Config{}); !ok {
 		t.Error("WorkloadAttestor \"k8s\" is not enabled")
 	}
 }
@@ -349,7 +351,7 @@ func TestSpireOverlayAttestsWithK8sPSAT(t *testing.T) {
 	if psat.TokenPath != "" && psat.TokenPath != k8spsat.DefaultTokenPath {
 		t.Errorf("k8s_psat token_path %s: the DaemonSet projects the token at %s", psat.TokenPath, k8spsat.DefaultTokenPath)
 	}
-	if ok, _ := pluginData(cfg, "WorkloadAttestor", k8sAttestor, &spireK8sAttestorKeys{}); !ok {
+	if ok, _ := pluginData(cfg, "WorkloadAttestor", k8sAttestor, &k8sattestor.Config{}); !ok {
 		t.Error("WorkloadAttestor \"k8s\" is not enabled")
 	}
 }

@@ -265,28 +265,6 @@ func checkAgentConf(name string, data []byte, bundle string) (*conf.Config, erro
 // k8sAttestor is the name of the k8s workload attestor.
 const k8sAttestor = "k8s"
 
-// spireK8sAttestorKeys are the plugin_data keys of SPIRE 1.13's k8s
-// workload attestor, which the tests read back (pkg/agent/plugin/workloadattestor/k8s, HCLConfig),
-// without the experimental (sigstore) block, which Lanyard refuses.
-type spireK8sAttestorKeys struct {
-	KubeletReadOnlyPort         int    `hcl:"kubelet_read_only_port"`
-	KubeletSecurePort           int    `hcl:"kubelet_secure_port"`
-	MaxPollAttempts             int    `hcl:"max_poll_attempts"`
-	PollRetryInterval           string `hcl:"poll_retry_interval"`
-	KubeletCAPath               string `hcl:"kubelet_ca_path"`
-	SkipKubeletVerification     bool   `hcl:"skip_kubelet_verification"`
-	TokenPath                   string `hcl:"token_path"`
-	CertificatePath             string `hcl:"certificate_path"`
-	PrivateKeyPath              string `hcl:"private_key_path"`
-	UseAnonymousAuthentication  bool   `hcl:"use_anonymous_authentication"`
-	NodeNameEnv                 string `hcl:"node_name_env"`
-	NodeName                    string `hcl:"node_name"`
-	ReloadInterval              string `hcl:"reload_interval"`
-	DisableContainerSelectors   bool   `hcl:"disable_container_selectors"`
-	UseNewContainerLocator      *bool  `hcl:"use_new_container_locator"`
-	VerboseContainerLocatorLogs bool   `hcl:"verbose_container_locator_logs"`
-}
-
 // pluginData decodes the plugin_data of the enabled plugin typ "name" of
 // cfg into v; it reports false when cfg has no such plugin.
 func pluginData(cfg *conf.Config, typ, name string, v any) (bool, error) {
