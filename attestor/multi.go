@@ -53,7 +53,10 @@ type MultiAttestor struct {
 	stuck    []stuckCalls // by plugin; used only for those not InProcess
 	failures []failureLog // by plugin
 	timeout  time.Duration
-	log      hclog.Logger
+	// lateGrace is defaultLateGrace; tests of the reasons make it long,
+	// since an attestor that answers ends the wait at once.
+	lateGrace time.Duration
+	log       hclog.Logger
 }
 
 // failureLogEvery spaces the warnings of an attestor that keeps failing for
@@ -99,7 +102,7 @@ func NewMultiAttestor(log hclog.Logger, timeout time.Duration, plugins ...Plugin
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), failures: make([]failureLog, len(plugins)), timeout: timeout, log: log}
+	return &MultiAttestor{plugins: plugins, stuck: make([]stuckCalls, len(plugins)), failures: make([]failureLog, len(plugins)), timeout: timeout, lateGrace: defaultLateGrace, log: log}
 }
 
 // call is one attestor's call on a worker. Exactly one of the worker
@@ -198,10 +201,10 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 	return g.result()
 }
 
-// lateGrace is how long, past the deadline, an attestation waits for the
+// defaultLateGrace is how long, past the deadline, an attestation waits for the
 // attestors that honour ctx to say why they had no answer (a kubelet's
 // 403, a container not listed): their reason then reaches the caller.
-const lateGrace = 50 * time.Millisecond
+const defaultLateGrace = 50 * time.Millisecond
 
 // maxLateReason bounds each reason the caller is told: it comes from a
 // daemon (a kubelet's answer) and goes to a caller not yet identified.
@@ -221,9 +224,9 @@ func (g *merge) addLate(r pluginResult) {
 }
 
 // collectLate records the reasons of attestors that return within
-// lateGrace of the deadline.
+// m.lateGrace of the deadline.
 func (g *merge) collectLate(results <-chan pluginResult, waiting int) {
-	timer := time.NewTimer(lateGrace)
+	timer := time.NewTimer(g.m.lateGrace)
 	defer timer.Stop()
 	for ; waiting > 0; waiting-- {
 		select {
