@@ -45,7 +45,12 @@ type Agent struct {
 	InsecureBootstrap bool
 	JoinToken         string
 	SyncInterval      time.Duration
-	AdminSocketPath   string
+
+	// AdminSocketPath, when set, serves SPIRE's admin API (Delegated
+	// Identity) there; AuthorizedDelegates are the SPIFFE IDs, all in
+	// TrustDomain, whose workloads may use it.
+	AdminSocketPath     string
+	AuthorizedDelegates []spiffeid.ID
 
 	// ProfilingPort, when not 0, serves net/http/pprof on localhost at
 	// this port (spire-agent's profiling_enabled and profiling_port).
@@ -79,25 +84,26 @@ func (a *Agent) Errorf(key string, format string, args ...any) error {
 
 // Pointers tell "left out" (take the default) from "set to the zero value".
 type rawAgent struct {
-	TrustDomain                   *string `hcl:"trust_domain"`
-	DataDir                       *string `hcl:"data_dir"`
-	SocketPath                    *string `hcl:"socket_path"`
-	LogLevel                      *string `hcl:"log_level"`
-	LogFormat                     *string `hcl:"log_format"`
-	LogFile                       string  `hcl:"log_file"`
-	AllowUnauthenticatedVerifiers bool    `hcl:"allow_unauthenticated_verifiers"`
-	ServerAddress                 *string `hcl:"server_address"`
-	ServerPort                    *int    `hcl:"server_port"`
-	TrustBundlePath               *string `hcl:"trust_bundle_path"`
-	TrustBundleFormat             *string `hcl:"trust_bundle_format"`
-	InsecureBootstrap             bool    `hcl:"insecure_bootstrap"`
-	JoinToken                     string  `hcl:"join_token"`
-	SyncInterval                  *string `hcl:"sync_interval"`
-	WorkloadAttestorTimeout       *string `hcl:"workload_attestor_timeout"`
-	AdminSocketPath               *string `hcl:"admin_socket_path"`
-	ProfilingEnabled              bool    `hcl:"profiling_enabled"`
-	ProfilingPort                 *int    `hcl:"profiling_port"`
-	SDS                           *rawSDS `hcl:"sds"`
+	TrustDomain                   *string  `hcl:"trust_domain"`
+	DataDir                       *string  `hcl:"data_dir"`
+	SocketPath                    *string  `hcl:"socket_path"`
+	LogLevel                      *string  `hcl:"log_level"`
+	LogFormat                     *string  `hcl:"log_format"`
+	LogFile                       string   `hcl:"log_file"`
+	AllowUnauthenticatedVerifiers bool     `hcl:"allow_unauthenticated_verifiers"`
+	ServerAddress                 *string  `hcl:"server_address"`
+	ServerPort                    *int     `hcl:"server_port"`
+	TrustBundlePath               *string  `hcl:"trust_bundle_path"`
+	TrustBundleFormat             *string  `hcl:"trust_bundle_format"`
+	InsecureBootstrap             bool     `hcl:"insecure_bootstrap"`
+	JoinToken                     string   `hcl:"join_token"`
+	SyncInterval                  *string  `hcl:"sync_interval"`
+	WorkloadAttestorTimeout       *string  `hcl:"workload_attestor_timeout"`
+	AdminSocketPath               *string  `hcl:"admin_socket_path"`
+	AuthorizedDelegates           []string `hcl:"authorized_delegates"`
+	ProfilingEnabled              bool     `hcl:"profiling_enabled"`
+	ProfilingPort                 *int     `hcl:"profiling_port"`
+	SDS                           *rawSDS  `hcl:"sds"`
 }
 
 type rawSDS struct {
@@ -231,15 +237,36 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 			// admin API must not be reachable from there.
 			fail("agent.admin_socket_path", "admin socket %q is in the directory of socket_path %q (or below it); put it in a directory workloads cannot reach", a.AdminSocketPath, a.SocketPath)
 		}
-		// Parsed and checked above for when the admin API comes; until
-		// then an agent that accepted the key would leave proxies that
-		// rely on it (Cilium, Istio's ztunnel) waiting on a socket nobody
-		// serves.
-		if !errs.has("agent.admin_socket_path") {
-			fail("agent.admin_socket_path", "admin_socket_path is not supported yet: this agent does not serve SPIRE's admin API (Delegated Identity); remove admin_socket_path")
+	}
+	a.AuthorizedDelegates = buildDelegates(top, a.TrustDomain, r.AuthorizedDelegates, errs)
+	return a
+}
+
+// buildDelegates parses authorized_delegates: SPIFFE IDs in the agent's
+// trust domain, as spire-agent requires. An unparsable trust domain was
+// reported already; the IDs are then only parsed.
+func buildDelegates(top *Section, td spiffeid.TrustDomain, raw []string, errs *errList) []spiffeid.ID {
+	var ids []spiffeid.ID
+	for i, s := range raw {
+		key := fmt.Sprintf("agent.authorized_delegates[%d]", i)
+		id, err := spiffeid.FromString(s)
+		switch {
+		case err != nil:
+			errs.addAll(top.Errorf(key, "invalid SPIFFE ID %q: %v; write it like \"spiffe://%s/proxy\"", s, err, trustDomainName(td)))
+		case !td.IsZero() && id.TrustDomain() != td:
+			errs.addAll(top.Errorf(key, "delegate %q is not in the agent's trust domain %q: only workloads of this trust domain can be delegates", s, td.Name()))
+		default:
+			ids = append(ids, id)
 		}
 	}
-	return a
+	return ids
+}
+
+func trustDomainName(td spiffeid.TrustDomain) string {
+	if td.IsZero() {
+		return "example.org"
+	}
+	return td.Name()
 }
 
 // checkServerAddress returns why addr is not a bare host name or IP, or "".

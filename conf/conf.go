@@ -150,7 +150,7 @@ var refusedKeys = func() map[string]map[string]string {
 		"log_source_location", "workload_x509_svid_key_type",
 		"trust_bundle_url", "trust_bundle_unix_socket", "allowed_foreign_jwt_claims",
 		"availability_target", "x509_svid_cache_max_size", "jwt_svid_cache_max_size",
-		"authorized_delegates", "profiling_freq", "profiling_names", "experimental",
+		"profiling_freq", "profiling_names", "experimental",
 		"umask", "plugin_dir")
 	for _, k := range []string{"profiling_freq", "profiling_names"} {
 		agent[k] += " (it writes profiles to files; take them from the profiling_port endpoint instead)"

@@ -2,6 +2,7 @@ package conf
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -30,7 +31,8 @@ agent {
     trust_bundle_path = "/run/spire/bundle/bundle.crt"
     trust_domain = "example.org"
     join_token = "8c4c0b3a-6ec0-4e1b-9d7c-4f0f1b8ad1c7"
-    # admin_socket_path is refused until the admin API is served
+    admin_socket_path = "/run/spire/private/admin.sock"
+    authorized_delegates = ["spiffe://example.org/cilium"]
 }
 
 plugins {
@@ -86,6 +88,8 @@ func TestLoadSPIREAgentConf(t *testing.T) {
 		{"TrustBundlePath", a.TrustBundlePath, "/run/spire/bundle/bundle.crt"},
 		{"TrustBundleFormat", a.TrustBundleFormat, "pem"},
 		{"JoinToken", a.JoinToken, "8c4c0b3a-6ec0-4e1b-9d7c-4f0f1b8ad1c7"},
+		{"AdminSocketPath", a.AdminSocketPath, "/run/spire/private/admin.sock"},
+		{"AuthorizedDelegates", fmt.Sprint(a.AuthorizedDelegates), "[spiffe://example.org/cilium]"},
 		{"Pos", a.Pos.String(), path + ":2:1"},
 	}
 	for _, c := range checks {
@@ -108,9 +112,9 @@ func TestLoadSPIREAgentConf(t *testing.T) {
 		}
 	}
 	want := []string{
-		"NodeAttestor/join_token@" + path + ":16:5",
-		"KeyManager/disk@" + path + ":20:5",
-		"WorkloadAttestor/unix@" + path + ":25:5",
+		"NodeAttestor/join_token@" + path + ":17:5",
+		"KeyManager/disk@" + path + ":21:5",
+		"WorkloadAttestor/unix@" + path + ":26:5",
 	}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("plugins = %v, want %v", got, want)
@@ -276,7 +280,7 @@ func TestParseErrors(t *testing.T) {
 		{name: "spire key retry_bootstrap", text: "agent {\n  trust_domain = \"example.org\"\n  retry_bootstrap = true\n}", want: []string{"t.conf:3:3: agent.retry_bootstrap: spire-agent key retry_bootstrap is not supported by Lanyard"}},
 		{name: "spire key rebootstrap", text: "agent {\n  trust_domain = \"example.org\"\n  rebootstrap_mode = \"auto\"\n  rebootstrap_delay = \"10m\"\n}", want: []string{"t.conf:3:3: agent.rebootstrap_mode: spire-agent key rebootstrap_mode is not supported", "t.conf:4:3: agent.rebootstrap_delay: spire-agent key rebootstrap_delay is not supported"}},
 		{name: "spire key caches", text: "agent {\n  trust_domain = \"example.org\"\n  availability_target = \"24h\"\n  x509_svid_cache_max_size = 10\n  jwt_svid_cache_max_size = 10\n}", want: []string{"t.conf:3:3: agent.availability_target: spire-agent key", "t.conf:4:3: agent.x509_svid_cache_max_size: spire-agent key", "t.conf:5:3: agent.jwt_svid_cache_max_size: spire-agent key"}},
-		{name: "spire key profiling_freq and delegates", text: "agent {\n  trust_domain = \"example.org\"\n  profiling_freq = 5\n  authorized_delegates = [\"spiffe://example.org/d\"]\n}", want: []string{"t.conf:3:3: agent.profiling_freq: spire-agent key profiling_freq is not supported", "t.conf:4:3: agent.authorized_delegates: spire-agent key authorized_delegates is not supported"}},
+		{name: "spire key profiling_freq", text: "agent {\n  trust_domain = \"example.org\"\n  profiling_freq = 5\n}", want: []string{"t.conf:3:3: agent.profiling_freq: spire-agent key profiling_freq is not supported"}},
 		{name: "profiling without a port", text: "agent {\n  trust_domain = \"example.org\"\n  profiling_enabled = true\n}", want: []string{"t.conf:3:3: agent.profiling_enabled: profiling_port is missing"}},
 		{name: "profiling port out of range", text: "agent {\n  trust_domain = \"example.org\"\n  profiling_enabled = true\n  profiling_port = 70000\n}", want: []string{"t.conf:4:3: agent.profiling_port: port 70000 is out of range"}},
 		{name: "bool as string", text: "agent {\n  trust_domain = \"example.org\"\n  insecure_bootstrap = \"true\"\n}", want: []string{"t.conf:3:24: agent.insecure_bootstrap: want true or false, got the string \"true\": drop the quotes"}},
@@ -296,7 +300,10 @@ func TestParseErrors(t *testing.T) {
 		{name: "zero sync interval", text: "agent {\n  trust_domain = \"example.org\"\n  sync_interval = \"0s\"\n}", want: []string{"t.conf:3:3: agent.sync_interval: bad duration \"0s\": it must be more than zero"}},
 		{name: "insecure bootstrap with bundle", text: "agent {\n  trust_domain = \"example.org\"\n  insecure_bootstrap = true\n  trust_bundle_path = \"/b.pem\"\n}", want: []string{"t.conf:4:3: agent.trust_bundle_path: trust_bundle_path and insecure_bootstrap = true exclude each other"}},
 		{name: "admin socket beside public socket", text: "agent {\n  trust_domain = \"example.org\"\n  socket_path = \"/run/lanyard/public/api.sock\"\n  admin_socket_path = \"/run/lanyard/public/admin/admin.sock\"\n}", want: []string{"t.conf:4:3: agent.admin_socket_path: admin socket \"/run/lanyard/public/admin/admin.sock\" is in the directory of socket_path"}},
-		{name: "admin socket not served", text: "agent {\n  trust_domain = \"example.org\"\n  admin_socket_path = \"/run/lanyard/admin/admin.sock\"\n}", want: []string{"t.conf:3:3: agent.admin_socket_path: admin_socket_path is not supported yet"}},
+		{name: "admin socket is the public socket's directory", text: "agent {\n  trust_domain = \"example.org\"\n  socket_path = \"/run/lanyard/api.sock\"\n  admin_socket_path = \"/run/lanyard/admin.sock\"\n}", want: []string{"t.conf:4:3: agent.admin_socket_path: admin socket \"/run/lanyard/admin.sock\" is in the directory of socket_path"}},
+		{name: "admin socket empty", text: "agent {\n  trust_domain = \"example.org\"\n  admin_socket_path = \"\"\n}", want: []string{"t.conf:3:3: agent.admin_socket_path: admin_socket_path is empty"}},
+		{name: "delegate not a SPIFFE ID", text: "agent {\n  trust_domain = \"example.org\"\n  authorized_delegates = [\n    \"spiffe://example.org/ok\",\n    \"example.org/cilium\",\n  ]\n}", want: []string{"t.conf:5:5: agent.authorized_delegates[1]: invalid SPIFFE ID \"example.org/cilium\"", "spiffe://example.org/proxy"}},
+		{name: "delegate in another trust domain", text: "agent {\n  trust_domain = \"example.org\"\n  authorized_delegates = [\"spiffe://other.org/cilium\"]\n}", want: []string{"t.conf:3:27: agent.authorized_delegates[0]: delegate \"spiffe://other.org/cilium\" is not in the agent's trust domain \"example.org\""}},
 		{name: "empty socket path", text: "agent {\n  trust_domain = \"example.org\"\n  socket_path = \"\"\n}", want: []string{"t.conf:3:3: agent.socket_path: socket_path is empty"}},
 		{name: "plugins scalar", text: td + "plugins = 5\n", want: []string{"t.conf:4:11: plugins: want a block like plugins {", "got the number 5"}},
 		{name: "unknown plugin type", text: td + "plugins {\n  WorkloadAttestr \"unix\" {}\n}", want: []string{"t.conf:5:3: plugins.WorkloadAttestr: unknown plugin type; did you mean \"WorkloadAttestor\"?", "known types: WorkloadAttestor, UpstreamAuthority, NodeAttestor, KeyManager"}},
