@@ -30,10 +30,22 @@ import (
 // exhaust the agent's file descriptors (each connection holds two: the
 // socket and the caller's pidfd) nor lock other users out.
 func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
-	if err := refuseDotDot(path, socketDirUse); err != nil {
+	return listenAt(path, socketDirUse, 0o777, maxConns, log)
+}
+
+// ListenAdmin opens the admin socket at path as Listen opens the Workload
+// API's, with the checks of Listen, except that the directories it creates
+// are 0750 and the socket 0770: only the agent's user and group reach it,
+// as spire-agent's admin socket.
+func ListenAdmin(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
+	return listenAt(path, adminDirUse, 0o770, maxConns, log)
+}
+
+func listenAt(path string, use dirUse, mode uint32, maxConns int, log hclog.Logger) (net.Listener, error) {
+	if err := refuseDotDot(path, use); err != nil {
 		return nil, err
 	}
-	dir, err := openSocketDir(filepath.Dir(path))
+	dir, err := openSocketDir(filepath.Dir(path), use)
 	if err != nil {
 		return nil, err
 	}
@@ -47,9 +59,9 @@ func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
 	}
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		lock.Close()
-		return nil, fmt.Errorf("the socket %s is in use by another running agent (its lock %s.lock is held): stop that agent or choose another socket_path", path, path)
+		return nil, fmt.Errorf("the socket %s is in use by another running agent (its lock %s.lock is held): stop that agent or choose another %s", path, path, use.key)
 	}
-	if err := removeStaleSocket(dir, name, path); err != nil {
+	if err := removeStaleSocket(dir, name, path, use.key); err != nil {
 		lock.Close()
 		return nil, err
 	}
@@ -59,10 +71,10 @@ func Listen(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
 		lock.Close()
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
-	if err := chmodSocket(dir, name, 0o777); err != nil {
+	if err := chmodSocket(dir, name, mode); err != nil {
 		l.Close()
 		lock.Close()
-		return nil, fmt.Errorf("making the socket %s reachable by workloads: %w", path, err)
+		return nil, fmt.Errorf("setting the mode of the socket %s to %s: %w", path, octalMode(mode), err)
 	}
 	return &lockedListener{Listener: newLimitListener(l, maxConns, log), lock: lock}, nil
 }
@@ -112,7 +124,7 @@ func chmodSocket(dir int, name string, mode uint32) error {
 
 // removeStaleSocket removes the socket name in dir when nothing listens on
 // it. It never follows a symlink: anything but a socket is refused.
-func removeStaleSocket(dir int, name, path string) error {
+func removeStaleSocket(dir int, name, path, key string) error {
 	var st unix.Stat_t
 	err := unix.Fstatat(dir, name, &st, unix.AT_SYMLINK_NOFOLLOW)
 	if errors.Is(err, unix.ENOENT) {
@@ -124,14 +136,14 @@ func removeStaleSocket(dir int, name, path string) error {
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFSOCK:
 	case unix.S_IFLNK:
-		return fmt.Errorf("%s exists and is a symlink, not a socket: remove it or choose another socket_path", path)
+		return fmt.Errorf("%s exists and is a symlink, not a socket: remove it or choose another %s", path, key)
 	default:
-		return fmt.Errorf("%s exists and is not a socket (it is %s): remove it or choose another socket_path", path, fileMode(&st))
+		return fmt.Errorf("%s exists and is not a socket (it is %s): remove it or choose another %s", path, fileMode(&st), key)
 	}
 	conn, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
 		conn.Close()
-		return fmt.Errorf("the socket %s is in use by a running process (another lanyard or spire-agent?): stop it or choose another socket_path", path)
+		return fmt.Errorf("the socket %s is in use by a running process (another lanyard or spire-agent?): stop it or choose another %s", path, key)
 	}
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("checking whether %s is in use: %w", path, err)

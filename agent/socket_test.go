@@ -526,3 +526,47 @@ func TestListenRefusesDotDot(t *testing.T) {
 		t.Errorf("EnsureDataDir with \"..\": %v, want it refused naming data_dir", err)
 	}
 }
+
+func TestListenAdminModes(t *testing.T) {
+	base := t.TempDir()
+	path := filepath.Join(base, "private", "admin", "admin.sock")
+	l, err := ListenAdmin(path, 8, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatalf("ListenAdmin: %v", err)
+	}
+	defer l.Close()
+	for _, dir := range []string{filepath.Join(base, "private"), filepath.Dir(path)} {
+		info, err := os.Stat(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Mode().Perm() != 0o750 {
+			t.Errorf("%s has mode %o, want 750", dir, info.Mode().Perm())
+		}
+	}
+	info, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Mode()&os.ModeSocket == 0 || info.Mode().Perm() != 0o770 {
+		t.Errorf("admin socket is %v, want a socket with mode 770", info.Mode())
+	}
+	serve(l, "admin")
+	if got := readFrom(t, path); got != "admin" {
+		t.Errorf("read %q through the admin socket", got)
+	}
+}
+
+func TestListenAdminRefusesStickyDir(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "shared")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o1777); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ListenAdmin(filepath.Join(dir, "admin.sock"), 8, hclog.NewNullLogger())
+	if err == nil || !strings.Contains(err.Error(), "admin socket directory") || !strings.Contains(err.Error(), "replace the admin socket") {
+		t.Fatalf("ListenAdmin in a sticky world-writable directory: %v", err)
+	}
+}

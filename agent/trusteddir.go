@@ -27,6 +27,8 @@ type dirUse struct {
 	// strictLast refuses a last directory that others can write even when
 	// it is sticky.
 	strictLast bool
+	// dirMode is the mode of the directories it creates; 0 means 0755.
+	dirMode uint32
 }
 
 var (
@@ -36,6 +38,16 @@ var (
 		risk:       "replace the socket with one of their own",
 		strictLast: true,
 	}
+	// adminDirUse is for the admin socket: reached by the agent's user and
+	// group only, so the directories made for it are 0750, as the admin
+	// socket's mode (0770) asks.
+	adminDirUse = dirUse{
+		what:       "admin socket directory",
+		key:        "admin_socket_path",
+		risk:       "replace the admin socket with one of their own",
+		strictLast: true,
+		dirMode:    0o750,
+	}
 	dataDirUse = dirUse{
 		what: "data directory",
 		key:  "data_dir",
@@ -43,8 +55,8 @@ var (
 	}
 )
 
-// openSocketDir opens the directory that holds the socket, creating what
-// is missing with mode 0755, and returns an O_PATH descriptor of it. The
+// openSocketDir opens the directory that holds a socket, creating what
+// is missing with mode 0755 (use's dirMode), and returns an O_PATH descriptor of it. The
 // socket's own directory must not be writable by others even when sticky,
 // since anyone who can add a name there can put a socket of their own
 // where workloads look for the agent's.
@@ -53,7 +65,7 @@ var (
 // rename, replace or add entries along the path: that is what makes the
 // path-based bind, dial and unlink in Listen safe, since Go's net package
 // cannot bind relative to a descriptor.
-func openSocketDir(dir string) (int, error) { return openTrustedDir(dir, dir, socketDirUse) }
+func openSocketDir(dir string, use dirUse) (int, error) { return openTrustedDir(dir, dir, use) }
 
 // refuseDotDot refuses a configured path with a ".." component: the
 // checks walk the path cleaned (filepath.Dir and Abs drop ".." as text),
@@ -239,8 +251,9 @@ func (w *dirWalk) check(path string, st *unix.Stat_t, strict bool) error {
 	return nil
 }
 
-// mkdir creates a missing directory with mode 0755 whatever the umask:
-// only the agent can change it, and workloads can reach what is below.
+// mkdir creates a missing directory with mode 0755 (or the use's dirMode)
+// whatever the umask: only the agent can change it, and workloads can
+// reach what is below.
 func (w *dirWalk) mkdir(parent int, name, path string) (int, error) {
 	if err := unix.Mkdirat(parent, name, 0o700); err != nil {
 		if errors.Is(err, unix.EEXIST) {
@@ -253,7 +266,11 @@ func (w *dirWalk) mkdir(parent int, name, path string) (int, error) {
 	if err != nil {
 		return -1, fmt.Errorf("opening %s, on the way to the %s: %w", path, w.use.what, err)
 	}
-	if err := unix.Fchmod(fd, 0o755); err != nil {
+	mode := w.use.dirMode
+	if mode == 0 {
+		mode = 0o755
+	}
+	if err := unix.Fchmod(fd, mode); err != nil {
 		unix.Close(fd)
 		return -1, fmt.Errorf("setting the mode of %s, on the way to the %s: %w", path, w.use.what, err)
 	}
