@@ -2,6 +2,7 @@ package agent
 
 import (
 	"cmp"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -437,10 +438,20 @@ func (s *entryStore) federatedForLocked(entries []*Entry) []*Bundle {
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b *Bundle) int {
-		return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
-	})
+	slices.SortFunc(out, byTrustDomain)
 	return out
+}
+
+func byTrustDomain(a, b *Bundle) int {
+	return strings.Compare(a.TrustDomain().Name(), b.TrustDomain().Name())
+}
+
+// allBundles returns the local bundle and every federated one.
+func (s *entryStore) allBundles() *BundleSnapshot {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	federated := slices.SortedFunc(maps.Values(s.federated), byTrustDomain)
+	return &BundleSnapshot{Local: s.local, Federated: federated}
 }
 
 // bundles returns the bundles a caller may see (see SVIDManager.Bundles).

@@ -251,6 +251,29 @@ func (m *SVIDManager) Bundles(ctx context.Context, sels []selector.Selector, all
 	return m.store.bundles(sels, allowUnauthenticated)
 }
 
+// AllBundles returns the local bundle and every federated one, for the
+// admin API, whose delegates serve workloads of any entry.
+func (m *SVIDManager) AllBundles(ctx context.Context) (*BundleSnapshot, error) {
+	if err := m.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	return m.store.allBundles(), nil
+}
+
+// EntryIDs returns the SPIFFE IDs of the entries that match sels, and
+// signs nothing: the admin API tells a delegate by them.
+func (m *SVIDManager) EntryIDs(ctx context.Context, sels []selector.Selector) ([]spiffeid.ID, error) {
+	if err := m.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	entries := m.store.match(sels, spiffeid.ID{})
+	ids := make([]spiffeid.ID, len(entries))
+	for i, e := range entries {
+		ids[i] = e.SPIFFEID
+	}
+	return ids, nil
+}
+
 // JWTSVIDs returns a JWT-SVID for audience for each of the caller's
 // identities, or only for id when it is not zero. Tokens are reused until
 // half their lifetime has passed.

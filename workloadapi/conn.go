@@ -3,6 +3,7 @@ package workloadapi
 import (
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -18,26 +19,31 @@ const refusedConnGrace = time.Second
 
 // refuse makes the refusal stick to the caller's connection, closes the
 // connection after refusedConnGrace, and logs it once per connection.
-func (h *handler) refuse(caller *attestor.Caller, err error) {
+func refuse(log hclog.Logger, caller *attestor.Caller, err error) {
 	if !caller.Refuse(err) {
 		return
 	}
 	time.AfterFunc(refusedConnGrace, caller.CloseConn)
-	h.cfg.Log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "uid", caller.UID, "gid", caller.GID, "error", err)
+	log.Warn("Refusing a caller that could not be verified", "pid", caller.PID, "uid", caller.UID, "gid", caller.GID, "error", err)
 }
 
-// send sends one stream message within the send timeout. gRPC's Send blocks
+// send sends one stream message within the send timeout (see SendWithin).
+func (h *handler) send(caller *attestor.Caller, send func() error) error {
+	return SendWithin(h.cfg.Log, caller, h.cfg.SendTimeout, send)
+}
+
+// SendWithin sends one stream message within timeout. gRPC's Send blocks
 // while the client's flow-control window is full, and cannot be cancelled,
 // so a client that stops reading has its connection closed, which ends the
 // Send; nothing else waits on it.
-func (h *handler) send(caller *attestor.Caller, send func() error) error {
-	timer := time.AfterFunc(h.cfg.SendTimeout, func() {
-		h.cfg.Log.Warn("Disconnecting a client that stopped reading its stream", "pid", caller.PID, "timeout", h.cfg.SendTimeout)
+func SendWithin(log hclog.Logger, caller *attestor.Caller, timeout time.Duration, send func() error) error {
+	timer := time.AfterFunc(timeout, func() {
+		log.Warn("Disconnecting a client that stopped reading its stream", "pid", caller.PID, "timeout", timeout)
 		caller.CloseConn()
 	})
 	err := send()
 	if !timer.Stop() {
-		return status.Errorf(codes.DeadlineExceeded, "the client did not read a message within %s", h.cfg.SendTimeout)
+		return status.Errorf(codes.DeadlineExceeded, "the client did not read a message within %s", timeout)
 	}
 	return err
 }

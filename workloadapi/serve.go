@@ -59,10 +59,27 @@ func NewServer(cfg Config) *Server {
 	if cfg.SendTimeout == 0 {
 		cfg.SendTimeout = DefaultSendTimeout
 	}
-	s := grpc.NewServer(
-		grpc.Creds(attestor.Credentials()),
+	s := grpc.NewServer(append(ServerOptions(),
 		grpc.ChainUnaryInterceptor(unaryHeaderCheck),
 		grpc.ChainStreamInterceptor(streamHeaderCheck),
+		grpc.ForceServerCodecV2(newSharedCodec()),
+	)...)
+	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
+	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
+	registerSDS(s, wh, cfg.SDS)
+	h := health.NewServer()
+	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	healthpb.RegisterHealthServer(s, h)
+	reflection.Register(s)
+	return &Server{GRPC: s, Health: h, handler: wh}
+}
+
+// ServerOptions are the peer-credential transport and the limits of
+// server.go, for every server on a socket that any local user may reach:
+// the Workload API's, and the admin API's.
+func ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.Creds(attestor.Credentials()),
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
@@ -73,16 +90,7 @@ func NewServer(cfg Config) *Server {
 		grpc.ReadBufferSize(readBufferSize),
 		grpc.WriteBufferSize(writeBufferSize),
 		grpc.NumStreamWorkers(streamWorkers),
-		grpc.ForceServerCodecV2(newSharedCodec()),
-	)
-	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
-	workload.RegisterSpiffeWorkloadAPIServer(s, wh)
-	registerSDS(s, wh, cfg.SDS)
-	h := health.NewServer()
-	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	healthpb.RegisterHealthServer(s, h)
-	reflection.Register(s)
-	return &Server{GRPC: s, Health: h, handler: wh}
+	}
 }
 
 const (

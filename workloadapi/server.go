@@ -130,36 +130,44 @@ type handler struct {
 	stopOnce sync.Once
 }
 
-// attest identifies the caller. A caller whose process is gone (it exited,
-// or its PID was reused), changed (it executed a setuid program or another
-// binary since it connected) or cannot be seen is refused with
-// Unauthenticated, now and on every later call of the connection: nothing
-// learned about its PID can be trusted. The connection is closed a moment
-// later (refusedConnGrace), so that the status reaches the client rather
-// than a broken connection, and the client then reconnects with the
-// credentials it has at that connect. A check that failed for another
-// reason (the agent out of file descriptors) is answered Unavailable and
-// the connection closed the same way. An attestor that did not answer
-// within its deadline is answered Unavailable too, and the connection kept.
+// attest identifies the caller (see AttestCaller).
 func (h *handler) attest(ctx context.Context) ([]selector.Selector, *attestor.Caller, error) {
+	return AttestCaller(ctx, h.cfg.Attestor, h.cfg.Log)
+}
+
+// AttestCaller identifies the caller of a call on a connection accepted
+// with attestor.Credentials; the admin API attests its callers with it too.
+// A caller whose process is gone (it exited, or its PID was reused),
+// changed (it executed a setuid program or another binary since it
+// connected) or cannot be seen is refused with Unauthenticated, now and on
+// every later call of the connection: nothing learned about its PID can be
+// trusted. The connection is closed a moment later (refusedConnGrace), so
+// that the status reaches the client rather than a broken connection, and
+// the client then reconnects with the credentials it has at that connect.
+// A check that failed for another reason (the agent out of file
+// descriptors) is answered Unavailable and the connection closed the same
+// way. An attestor that did not answer within its deadline is answered
+// Unavailable too, and the connection kept. Other attestation failures
+// leave the caller with no selectors (and a warning in log).
+func AttestCaller(ctx context.Context, a Attestor, log hclog.Logger) ([]selector.Selector, *attestor.Caller, error) {
 	caller, ok := attestor.CallerFromContext(ctx)
 	if !ok {
 		return nil, nil, status.Error(codes.Unauthenticated, "could not resolve caller information: the connection carries no peer credentials")
 	}
-	sels, err := h.cfg.Attestor.Attest(ctx, caller.Process())
+	sels, err := a.Attest(ctx, caller.Process())
 	verr := caller.Verify()
 	if verr == nil && err != nil && attestor.IsRefusal(err) {
 		verr = err
 	}
 	if verr != nil {
-		h.refuse(caller, verr)
+		refuse(log, caller, verr)
 		if !attestor.IsRefusal(verr) {
 			return nil, nil, status.Errorf(codes.Unavailable, "could not verify the caller, reconnect and retry: %v", verr)
 		}
 		return nil, nil, status.Errorf(codes.Unauthenticated, "could not verify the caller: %v", verr)
 	}
 	if err != nil {
-		h.cfg.Log.Warn("Workload attestation failed", "pid", caller.PID, "error", err)
+		log.Warn("Workload attestation failed", "pid", caller.PID, "error", err)
 		if errors.Is(err, attestor.ErrAttestorTimeout) {
 			return nil, nil, status.Errorf(codes.Unavailable, "could not attest the caller, retry: %v", err)
 		}
