@@ -1,0 +1,359 @@
+package adminapi
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
+	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
+	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+var (
+	td         = spiffeid.RequireTrustDomainFromString("example.org")
+	tdFed      = spiffeid.RequireTrustDomainFromString("other.org")
+	delegateID = spiffeid.RequireFromPath(td, "/delegate")
+	workloadID = spiffeid.RequireFromPath(td, "/workload")
+)
+
+const waitLimit = 10 * time.Second
+
+// mySelector is what the unix attestor reports for this test process, the
+// caller of every call: the delegate's selector.
+func mySelector() selector.Selector {
+	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
+}
+
+// podSelector stands for the workload a delegate serves; no process here
+// has it, so only a delegate can get its identity.
+var podSelector = selector.Selector{Type: "k8s", Value: "pod-uid:1234"}
+
+func entry(id spiffeid.ID, createdAt int64, sel selector.Selector, federatesWith ...spiffeid.TrustDomain) *agent.Entry {
+	return &agent.Entry{ID: "entry-" + id.Path()[1:], SPIFFEID: id, Selectors: []selector.Selector{sel}, CreatedAt: createdAt, FederatesWith: federatesWith}
+}
+
+type testEnv struct {
+	up     *fakeagent.Upstream
+	cache  *agent.SVIDManager
+	socket string
+}
+
+// newTestEnv serves the admin API on a real socket over a real cache and
+// the real unix attestor; delegates are authorized_delegates.
+func newTestEnv(t *testing.T, delegates []spiffeid.ID, entries ...*agent.Entry) *testEnv {
+	t.Helper()
+	log, logs := testkit.NewLogger(hclog.Debug)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agent log:\n%s", logs.String())
+		}
+	})
+	up := fakeagent.NewUpstream(t, td)
+	up.SetCA(testkit.NewTrustDomainCA(t, td, testkit.WithCommonName("ca 1")))
+	cache := agent.NewSVIDManager(log.Named("cache"), up)
+	cache.SetEntries(entries)
+	fed := testkit.NewTrustDomainCA(t, tdFed, testkit.WithCommonName("other ca")).Bundle(tdFed)
+	cache.SetBundles(up.LocalBundle(t, td), []*spiffebundle.Bundle{fed})
+
+	section, err := conf.NewSection("test.conf", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wa, err := unixattestor.New(attestor.PluginConfig{Name: "unix", Data: section, Log: log.Named("unix"), TrustDomain: td})
+	if err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(testkit.ShortDir(t, "adm-"), "private", "admin.sock")
+	e, err := New(Config{
+		Log:        log.Named("admin"),
+		Attestor:   attestor.NewMultiAttestor(log.Named("attestor"), 0, attestor.Plugin{Name: "unix", Attestor: wa}),
+		Identities: cache,
+		Delegates:  delegates,
+		Grace:      2 * time.Second,
+	}, socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	return &testEnv{up: up, cache: cache, socket: socket}
+}
+
+func (e *testEnv) client(t *testing.T) delegatedv1.DelegatedIdentityClient {
+	return delegatedv1.NewDelegatedIdentityClient(testkit.Dial(t, e.socket))
+}
+
+func podSelectors() []*types.Selector {
+	return []*types.Selector{{Type: podSelector.Type, Value: podSelector.Value}}
+}
+
+func wantCode(t *testing.T, err error, code codes.Code, what string) {
+	t.Helper()
+	if status.Code(err) != code {
+		t.Fatalf("%s: got %v, want %v", what, err, code)
+	}
+}
+
+// recvX509 receives one update of a stream opened with ctx.
+func recvX509(t *testing.T, s delegatedv1.DelegatedIdentity_SubscribeToX509SVIDsClient) *delegatedv1.SubscribeToX509SVIDsResponse {
+	t.Helper()
+	resp, err := s.Recv()
+	if err != nil {
+		t.Fatalf("Recv: %v", err)
+	}
+	return resp
+}
+
+func TestDelegateGetsWorkloadX509SVIDs(t *testing.T) {
+	env := newTestEnv(t, []spiffeid.ID{delegateID},
+		entry(delegateID, 1, mySelector()),
+		entry(workloadID, 2, podSelector, tdFed))
+	stream, err := env.client(t).SubscribeToX509SVIDs(testkit.Context(t, waitLimit), &delegatedv1.SubscribeToX509SVIDsRequest{Selectors: podSelectors()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := recvX509(t, stream)
+	if len(resp.X509Svids) != 1 {
+		t.Fatalf("got %d SVIDs, want 1", len(resp.X509Svids))
+	}
+	got := resp.X509Svids[0]
+	if id := "spiffe://" + got.X509Svid.Id.TrustDomain + got.X509Svid.Id.Path; id != workloadID.String() {
+		t.Errorf("SVID for %s, want %s", id, workloadID)
+	}
+	svid, err := x509svid.ParseRaw(concat(got.X509Svid.CertChain), got.X509SvidKey)
+	if err != nil {
+		t.Fatalf("the SVID and key do not parse: %v", err)
+	}
+	if _, _, err := x509svid.Verify(svid.Certificates, env.up.LocalBundle(t, td)); err != nil {
+		t.Errorf("the SVID does not verify against the bundle: %v", err)
+	}
+	if got.X509Svid.ExpiresAt != svid.Certificates[0].NotAfter.Unix() {
+		t.Errorf("expires_at %d, want %d", got.X509Svid.ExpiresAt, svid.Certificates[0].NotAfter.Unix())
+	}
+	if len(resp.FederatesWith) != 1 || resp.FederatesWith[0] != tdFed.IDString() {
+		t.Errorf("federates_with %v, want [%s]", resp.FederatesWith, tdFed.IDString())
+	}
+
+	// A new entry for the workload reaches the delegate's stream.
+	second := spiffeid.RequireFromPath(td, "/workload-2")
+	env.cache.SetEntries([]*agent.Entry{entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector, tdFed), entry(second, 3, podSelector)})
+	if resp := recvX509(t, stream); len(resp.X509Svids) != 2 {
+		t.Fatalf("after a second entry: %d SVIDs, want 2", len(resp.X509Svids))
+	}
+
+	// Dropping the delegate's entry ends the stream: it is re-checked on
+	// every update.
+	env.cache.SetEntries([]*agent.Entry{entry(workloadID, 2, podSelector)})
+	for {
+		_, err := stream.Recv()
+		if err != nil {
+			wantCode(t, err, codes.PermissionDenied, "stream after the delegate's entry went")
+			break
+		}
+	}
+}
+
+func concat(chain [][]byte) []byte {
+	var out []byte
+	for _, c := range chain {
+		out = append(out, c...)
+	}
+	return out
+}
+
+func TestWorkloadWithNoEntryGetsEmptyUpdate(t *testing.T) {
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	stream, err := env.client(t).SubscribeToX509SVIDs(testkit.Context(t, waitLimit), &delegatedv1.SubscribeToX509SVIDsRequest{Selectors: podSelectors()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp := recvX509(t, stream); len(resp.X509Svids) != 0 {
+		t.Fatalf("got %d SVIDs for a workload with no entry", len(resp.X509Svids))
+	}
+	env.cache.SetEntries([]*agent.Entry{entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector)})
+	if resp := recvX509(t, stream); len(resp.X509Svids) != 1 {
+		t.Fatalf("after its entry came: %d SVIDs, want 1", len(resp.X509Svids))
+	}
+}
+
+func TestNonDelegatesAreRefused(t *testing.T) {
+	other := spiffeid.RequireFromPath(td, "/not-a-delegate")
+	tests := []struct {
+		name    string
+		entries []*agent.Entry
+	}{
+		{"no entry", []*agent.Entry{entry(workloadID, 2, podSelector)}},
+		{"entry not authorized", []*agent.Entry{entry(other, 1, mySelector()), entry(workloadID, 2, podSelector)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newTestEnv(t, []spiffeid.ID{delegateID}, tt.entries...)
+			c := env.client(t)
+			ctx := testkit.Context(t, waitLimit)
+			_, err := c.FetchJWTSVIDs(ctx, &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"a"}, Selectors: podSelectors()})
+			wantCode(t, err, codes.PermissionDenied, "FetchJWTSVIDs")
+			streams := map[string]func() error{
+				"SubscribeToX509SVIDs": func() error {
+					s, err := c.SubscribeToX509SVIDs(ctx, &delegatedv1.SubscribeToX509SVIDsRequest{Selectors: podSelectors()})
+					return firstRecv(s, err)
+				},
+				"SubscribeToX509Bundles": func() error {
+					s, err := c.SubscribeToX509Bundles(ctx, &delegatedv1.SubscribeToX509BundlesRequest{})
+					return firstRecv(s, err)
+				},
+				"SubscribeToJWTBundles": func() error {
+					s, err := c.SubscribeToJWTBundles(ctx, &delegatedv1.SubscribeToJWTBundlesRequest{})
+					return firstRecv(s, err)
+				},
+			}
+			for name, call := range streams {
+				wantCode(t, call(), codes.PermissionDenied, name)
+			}
+		})
+	}
+}
+
+// firstRecv is the error of a stream's first message.
+func firstRecv[T any](s interface{ Recv() (T, error) }, err error) error {
+	if err != nil {
+		return err
+	}
+	_, err = s.Recv()
+	return err
+}
+
+func TestMalformedRequests(t *testing.T) {
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector))
+	c := env.client(t)
+	ctx := testkit.Context(t, waitLimit)
+	x509 := map[string]*delegatedv1.SubscribeToX509SVIDsRequest{
+		"neither":             {},
+		"both":                {Selectors: podSelectors(), Pid: 1},
+		"selector with colon": {Selectors: []*types.Selector{{Type: "k8s:ns", Value: "x"}}},
+		"empty value":         {Selectors: []*types.Selector{{Type: "k8s"}}},
+	}
+	for name, req := range x509 {
+		s, err := c.SubscribeToX509SVIDs(ctx, req)
+		wantCode(t, firstRecv(s, err), codes.InvalidArgument, "SubscribeToX509SVIDs "+name)
+	}
+	jwt := map[string]*delegatedv1.FetchJWTSVIDsRequest{
+		"no audience":    {Selectors: podSelectors()},
+		"empty audience": {Audience: []string{""}, Selectors: podSelectors()},
+		"neither":        {Audience: []string{"a"}},
+		"both":           {Audience: []string{"a"}, Selectors: podSelectors(), Pid: 1},
+	}
+	for name, req := range jwt {
+		_, err := c.FetchJWTSVIDs(ctx, req)
+		wantCode(t, err, codes.InvalidArgument, "FetchJWTSVIDs "+name)
+	}
+}
+
+func TestFetchJWTSVIDs(t *testing.T) {
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector))
+	resp, err := env.client(t).FetchJWTSVIDs(testkit.Context(t, waitLimit), &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"spire-test"}, Selectors: podSelectors()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Svids) != 1 || resp.Svids[0].Token == "" || resp.Svids[0].Id.Path != workloadID.Path() || resp.Svids[0].ExpiresAt <= resp.Svids[0].IssuedAt {
+		t.Fatalf("FetchJWTSVIDs = %v", resp.Svids)
+	}
+	_, err = env.client(t).FetchJWTSVIDs(testkit.Context(t, waitLimit), &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"a"}, Selectors: []*types.Selector{{Type: "k8s", Value: "pod-uid:none"}}})
+	wantCode(t, err, codes.PermissionDenied, "FetchJWTSVIDs for selectors no entry has")
+}
+
+func TestBundleStreams(t *testing.T) {
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	c := env.client(t)
+	ctx := testkit.Context(t, waitLimit)
+	xs, err := c.SubscribeToX509Bundles(ctx, &delegatedv1.SubscribeToX509BundlesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	xr, err := xs.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every bundle, the federated one too, though no entry federates.
+	if len(xr.CaCertificates) != 2 || xr.CaCertificates[tdFed.IDString()] == nil {
+		t.Fatalf("X.509 bundles for %v, want example.org and other.org", keys(xr.CaCertificates))
+	}
+	roots, err := x509.ParseCertificates(xr.CaCertificates[td.IDString()])
+	if err != nil || len(roots) == 0 || !roots[0].Equal(env.up.CA().Cert) {
+		t.Errorf("local X.509 bundle: %d roots, %v", len(roots), err)
+	}
+	js, err := c.SubscribeToJWTBundles(ctx, &delegatedv1.SubscribeToJWTBundlesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jr, err := js.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jr.Bundles) != 2 {
+		t.Fatalf("JWT bundles for %v, want 2", keys(jr.Bundles))
+	}
+	if _, err := spiffebundle.Parse(td, jr.Bundles[td.IDString()]); err != nil {
+		t.Errorf("local JWKS: %v", err)
+	}
+
+	// A new CA reaches the X.509 bundle stream.
+	ca2 := testkit.NewTrustDomainCA(t, td, testkit.WithCommonName("ca 2"))
+	env.cache.SetBundles(env.up.LocalBundle(t, td, env.up.CA().Cert, ca2.Cert), nil)
+	xr, err = xs.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, _ = x509.ParseCertificates(xr.CaCertificates[td.IDString()])
+	if len(roots) != 2 {
+		t.Errorf("after a CA was added: %d roots, want 2", len(roots))
+	}
+}
+
+func keys[V any](m map[string]V) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+func TestAdminSocketServesNoWorkloadAPI(t *testing.T) {
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	c := workload.NewSpiffeWorkloadAPIClient(testkit.Dial(t, env.socket))
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t, waitLimit), "workload.spiffe.io", "true")
+	s, err := c.FetchX509SVID(ctx, &workload.X509SVIDRequest{})
+	if err == nil {
+		_, err = s.Recv()
+	}
+	if errors.Is(err, io.EOF) || status.Code(err) != codes.Unimplemented {
+		t.Fatalf("FetchX509SVID on the admin socket: %v, want Unimplemented", err)
+	}
+}
