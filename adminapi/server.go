@@ -113,16 +113,7 @@ func (e *Endpoint) Run(ctx context.Context) error {
 // it cuts what is left.
 func (e *Endpoint) shutdown() {
 	e.stopOnce.Do(func() { close(e.stopping) })
-	done := make(chan struct{})
-	go func() {
-		e.grpc.GracefulStop()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(e.cfg.Grace):
-		e.grpc.Stop()
-	}
+	workloadapi.StopWithin(e.grpc, e.cfg.Grace)
 }
 
 var errShuttingDown = status.Error(codes.Unavailable, "the agent is shutting down")

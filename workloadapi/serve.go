@@ -37,9 +37,15 @@ var errShuttingDown = status.Error(codes.Unavailable, "the agent is shutting dow
 func (s *Server) Shutdown(grace time.Duration) {
 	s.Health.Shutdown()
 	s.handler.stopOnce.Do(func() { close(s.handler.stopping) })
+	StopWithin(s.GRPC, grace)
+}
+
+// StopWithin stops s, letting calls in flight finish; after grace it cuts
+// whatever is left and returns.
+func StopWithin(s *grpc.Server, grace time.Duration) {
 	done := make(chan struct{})
 	go func() {
-		s.GRPC.GracefulStop()
+		s.GracefulStop()
 		close(done)
 	}()
 	select {
@@ -49,7 +55,7 @@ func (s *Server) Shutdown(grace time.Duration) {
 		// GracefulStop would still wait for each handler to return: one
 		// stuck on the upstream would hold the agent's stop, and its last
 		// save, past the grace. Those end when the agent's signings do.
-		s.GRPC.Stop()
+		s.Stop()
 	}
 }
 
