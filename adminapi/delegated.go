@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
@@ -34,14 +35,15 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 	if err != nil {
 		return err
 	}
-	sels, err := requestSelectors(req.Selectors, req.Pid)
+	w, err := d.e.requestWorkload(ctx, req.Selectors, req.Pid)
 	if err != nil {
 		return err
 	}
+	defer w.release()
 	var last *agent.X509Snapshot
 	sentOnce := false
-	return d.e.follow(ctx, caller, callerSels, func(sub *agent.Subscription) error {
-		snap, err := d.e.cfg.Identities.X509Identities(ctx, sels)
+	return d.e.follow(ctx, caller, callerSels, w.pid, func(sub *agent.Subscription) error {
+		snap, err := d.e.cfg.Identities.X509Identities(ctx, w.sels)
 		switch {
 		case errors.Is(err, agent.ErrNoIdentity):
 			// As spire-agent: workloads with no entry yet get an empty
@@ -125,7 +127,7 @@ func (d *delegated) streamBundles(ctx context.Context, same func(a, b *agent.Bun
 		return err
 	}
 	var last *agent.BundleSnapshot
-	return d.e.follow(ctx, caller, callerSels, func(*agent.Subscription) error {
+	return d.e.follow(ctx, caller, callerSels, nil, func(*agent.Subscription) error {
 		snap, err := d.e.cfg.Identities.AllBundles(ctx)
 		switch {
 		case err != nil && last == nil:
@@ -151,11 +153,12 @@ func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWT
 	if _, _, err := d.e.authorize(ctx); err != nil {
 		return nil, err
 	}
-	sels, err := requestSelectors(req.Selectors, req.Pid)
+	w, err := d.e.requestWorkload(ctx, req.Selectors, req.Pid)
 	if err != nil {
 		return nil, err
 	}
-	svids, err := d.e.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, spiffeid.ID{})
+	defer w.release()
+	svids, err := d.e.cfg.Identities.JWTSVIDs(ctx, w.sels, req.Audience, spiffeid.ID{})
 	if errors.Is(err, agent.ErrNoIdentity) {
 		return nil, status.Error(codes.PermissionDenied, "no identity issued: no registration entry matches the selectors")
 	}
@@ -190,40 +193,98 @@ func checkAudience(audience []string) error {
 	return nil
 }
 
-// requestSelectors are the selectors of the workloads a delegate asks for:
-// given as selectors (trusted as attested, as spire-agent trusts them), or
-// by PID, never both.
-func requestSelectors(sels []*types.Selector, pid int32) ([]selector.Selector, error) {
+// target is what a delegate asks for: the selectors of the workloads it
+// serves (trusted as attested, as spire-agent trusts them), or a process
+// by PID, attested here and pinned for the life of the request.
+type target struct {
+	sels []selector.Selector
+	pid  *attestor.Caller // nil for selectors
+}
+
+// release stops tracking the process of a request by PID.
+func (w target) release() {
+	if w.pid != nil {
+		w.pid.Release()
+	}
+}
+
+// requestWorkload checks a request's selectors or PID, never both, and
+// attests a PID.
+func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, pid int32) (target, error) {
 	switch {
 	case (len(sels) == 0) == (pid == 0):
-		return nil, status.Error(codes.InvalidArgument, "must provide either selectors or non-zero PID, but not both")
+		return target{}, status.Error(codes.InvalidArgument, "must provide either selectors or non-zero PID, but not both")
+	case pid < 0:
+		return target{}, status.Errorf(codes.InvalidArgument, "pid %d is negative", pid)
 	case pid != 0:
-		// TODO(issue 14): attest the PID, pinned by a pidfd.
-		return nil, status.Error(codes.Unimplemented, "requests by PID are not served yet: give the workload's selectors")
+		return e.attestPID(ctx, pid)
 	case len(sels) > maxSelectors:
-		return nil, status.Errorf(codes.InvalidArgument, "too many selectors: %d, the limit is %d", len(sels), maxSelectors)
+		return target{}, status.Errorf(codes.InvalidArgument, "too many selectors: %d, the limit is %d", len(sels), maxSelectors)
 	}
 	out := make([]selector.Selector, 0, len(sels))
 	for i, s := range sels {
 		if s.GetType() == "" || s.GetValue() == "" || strings.Contains(s.GetType(), ":") {
-			return nil, status.Errorf(codes.InvalidArgument, "could not parse provided selectors: selector %d (%q, %q) needs a type without \":\" and a value", i, s.GetType(), s.GetValue())
+			return target{}, status.Errorf(codes.InvalidArgument, "could not parse provided selectors: selector %d (%q, %q) needs a type without \":\" and a value", i, s.GetType(), s.GetValue())
 		}
 		out = append(out, selector.Selector{Type: s.GetType(), Value: s.GetValue()})
 	}
-	return selector.Sort(out), nil
+	return target{sels: selector.Sort(out)}, nil
+}
+
+// attestPID attests the process pid with the workload attestors, pinned by
+// a pidfd so that a PID reused meanwhile is refused rather than attested
+// (spire-agent leaves that guard to the delegate).
+func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
+	c, err := attestor.TrackPID(pid)
+	if err != nil {
+		return target{}, pidStatus(pid, err)
+	}
+	sels, err := e.cfg.Attestor.Attest(ctx, c.Process())
+	if verr := c.Verify(); verr != nil {
+		err = verr
+	}
+	if err != nil {
+		c.Release()
+		if errors.Is(err, attestor.ErrAttestorTimeout) {
+			return target{}, status.Errorf(codes.Unavailable, "could not attest pid %d, retry: %v", pid, err)
+		}
+		return target{}, pidStatus(pid, err)
+	}
+	return target{sels: sels, pid: c}, nil
+}
+
+// pidStatus is the status of a process that could not be attested: one
+// gone (or never there) is NotFound, as the SPIFFE Broker API answers for
+// a PID reference.
+func pidStatus(pid int32, err error) error {
+	if attestor.IsRefusal(err) {
+		return status.Errorf(codes.NotFound, "pid %d: no such process, or it exited or changed: %v", pid, err)
+	}
+	return status.Errorf(codes.Unavailable, "could not attest pid %d: %v", pid, err)
 }
 
 func idProto(id spiffeid.ID) *types.SPIFFEID {
 	return &types.SPIFFEID{TrustDomain: id.TrustDomain().Name(), Path: id.Path()}
 }
 
+// pidCheckInterval is how often a stream for a PID checks that the process
+// is still there, so that its end ends the stream.
+const pidCheckInterval = time.Second
+
 // follow runs update now and again on every change of the cache, checking
 // before each later update that the caller is still a delegate (its entry
 // or authorized_delegates may have changed), until the client leaves or the
-// server stops.
-func (e *Endpoint) follow(ctx context.Context, caller *attestor.Caller, callerSels []selector.Selector, update func(*agent.Subscription) error) error {
+// server stops. A stream for a process (pid not nil) ends with NotFound
+// when the process exits.
+func (e *Endpoint) follow(ctx context.Context, caller *attestor.Caller, callerSels []selector.Selector, pid *attestor.Caller, update func(*agent.Subscription) error) error {
 	sub := e.cfg.Identities.Subscribe()
 	defer sub.Close()
+	var pidCheck <-chan time.Time
+	if pid != nil {
+		ticker := time.NewTicker(pidCheckInterval)
+		defer ticker.Stop()
+		pidCheck = ticker.C
+	}
 	for first := true; ; first = false {
 		if !first {
 			if err := e.checkDelegate(ctx, caller, callerSels); err != nil {
@@ -233,12 +294,28 @@ func (e *Endpoint) follow(ctx context.Context, caller *attestor.Caller, callerSe
 		if err := update(sub); err != nil {
 			return err
 		}
+		if done, err := e.waitChange(ctx, sub, pid, pidCheck); done {
+			return err
+		}
+	}
+}
+
+// waitChange waits for a change of the cache; it reports done (with the
+// stream's end) when the client left, the server stops, or the process of
+// the request exited.
+func (e *Endpoint) waitChange(ctx context.Context, sub *agent.Subscription, pid *attestor.Caller, pidCheck <-chan time.Time) (done bool, err error) {
+	for {
 		select {
 		case <-sub.C:
+			return false, nil
+		case <-pidCheck:
+			if err := pid.Verify(); err != nil {
+				return true, pidStatus(pid.PID, err)
+			}
 		case <-ctx.Done():
-			return nil
+			return true, nil
 		case <-e.stopping:
-			return errShuttingDown
+			return true, errShuttingDown
 		}
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -356,4 +358,49 @@ func TestAdminSocketServesNoWorkloadAPI(t *testing.T) {
 	if errors.Is(err, io.EOF) || status.Code(err) != codes.Unimplemented {
 		t.Fatalf("FetchX509SVID on the admin socket: %v, want Unimplemented", err)
 	}
+}
+
+// startSleeper starts a real process of this test's user, stopped and
+// reaped when the test ends (or by the returned stop).
+func startSleeper(t *testing.T) (pid int32, stop func()) {
+	t.Helper()
+	cmd := exec.Command("sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop = sync.OnceFunc(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	t.Cleanup(stop)
+	return int32(cmd.Process.Pid), stop
+}
+
+func TestDelegateByPID(t *testing.T) {
+	// The child has the test's uid, and so the delegate's selector too.
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	pid, stop := startSleeper(t)
+	c := env.client(t)
+	ctx := testkit.Context(t, waitLimit)
+
+	jwt, err := c.FetchJWTSVIDs(ctx, &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"a"}, Pid: pid})
+	if err != nil || len(jwt.Svids) != 1 || jwt.Svids[0].Id.Path != delegateID.Path() {
+		t.Fatalf("FetchJWTSVIDs by pid: %v, %v", jwt, err)
+	}
+	stream, err := c.SubscribeToX509SVIDs(ctx, &delegatedv1.SubscribeToX509SVIDsRequest{Pid: pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp := recvX509(t, stream); len(resp.X509Svids) != 1 || resp.X509Svids[0].X509Svid.Id.Path != delegateID.Path() {
+		t.Fatalf("SubscribeToX509SVIDs by pid: %v", resp.X509Svids)
+	}
+	// The process's end ends its subscription.
+	stop()
+	_, err = stream.Recv()
+	wantCode(t, err, codes.NotFound, "the stream of a process that exited")
+
+	_, err = c.FetchJWTSVIDs(ctx, &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"a"}, Pid: pid})
+	wantCode(t, err, codes.NotFound, "FetchJWTSVIDs for a process that exited")
+	s, err := c.SubscribeToX509SVIDs(ctx, &delegatedv1.SubscribeToX509SVIDsRequest{Pid: pid})
+	wantCode(t, firstRecv(s, err), codes.NotFound, "SubscribeToX509SVIDs for a process that exited")
 }

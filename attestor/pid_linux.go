@@ -1,0 +1,30 @@
+package attestor
+
+import "fmt"
+
+// TrackPID pins the process pid that a delegate names, as the handshake
+// pins a caller, so that attestation and Verify apply to that process: a
+// PID that exits or is reused fails Verify with ErrCallerGone. Its
+// effective IDs are read from the process, since no socket reports them;
+// a process that dies between that read and the pin fails here or in
+// Verify, which compares them again. Supplementary groups are unknown.
+// Release it when done.
+func TrackPID(pid int32) (*Caller, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("%w: pid %d names no process", ErrCallerGone, pid)
+	}
+	probe := &Caller{PID: pid}
+	var buf [procBufSize]byte
+	uid, gid, err := probe.readEffectiveIDs(&buf)
+	if err != nil {
+		return nil, err
+	}
+	c := newCaller(pid, uid, gid)
+	if c.err != nil {
+		return nil, c.err
+	}
+	return c, nil
+}
+
+// Release stops tracking a caller made by TrackPID.
+func (c *Caller) Release() { c.releaseFD() }
