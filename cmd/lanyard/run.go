@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/adminapi"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/supervisor"
@@ -159,6 +160,21 @@ func runAgent(args []string, stderr io.Writer) int {
 		listener.Close()
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
+	}
+	if cfg.Agent.AdminSocketPath != "" {
+		admin, err := adminapi.New(adminapi.Config{
+			Log:        log.Named("admin"),
+			Attestor:   a,
+			Identities: a.SVIDManager(),
+			Delegates:  cfg.Agent.AuthorizedDelegates,
+			Grace:      shutdownGrace,
+		}, cfg.Agent.AdminSocketPath)
+		if err != nil {
+			listener.Close()
+			fmt.Fprintln(stderr, "lanyard:", err)
+			return 1
+		}
+		listeners = append(listeners, admin)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
