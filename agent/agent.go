@@ -216,6 +216,13 @@ func buildAttestors(cfg *conf.Config, log hclog.Logger) (*attestor.MultiAttestor
 // SVIDManager returns the agent's SVID manager, which the Workload API reads.
 func (a *Agent) SVIDManager() *SVIDManager { return a.svids }
 
+// SelfIdentity returns the agent's own identity, or nil when its upstream
+// gives it none.
+func (a *Agent) SelfIdentity() SelfIdentity {
+	id, _ := a.upstream.(SelfIdentity)
+	return id
+}
+
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	return a.attestors.Load().Attest(ctx, p)

@@ -16,6 +16,7 @@ import (
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
 // Entry is a registration entry: the selectors a workload must have, and the
@@ -159,6 +160,18 @@ type Upstream interface {
 	// Reconfigure takes new plugin_data on SIGHUP. It must leave the
 	// upstream's state untouched when the new data is invalid.
 	Reconfigure(data *conf.Section) error
+}
+
+// SelfIdentity is an upstream that gives the agent an X509-SVID of its own:
+// the SPIRE Server upstream's agent SVID, the local CA's self-issued one.
+// The broker endpoint presents it in mTLS and the Debug API reports it.
+type SelfIdentity interface {
+	// GetX509SVID returns the agent's current SVID, its chain ending
+	// below a root of the local bundle; an error before it has one.
+	GetX509SVID() (*x509svid.SVID, error)
+	// LastSync is when the upstream last delivered entries and bundles
+	// with success; zero before the first.
+	LastSync() time.Time
 }
 
 // Sink receives the upstream's state and tells the agent's health how the

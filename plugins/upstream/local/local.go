@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -87,6 +88,9 @@ type Local struct {
 	saveRetry *agent.Backoff
 
 	saveWarn, reloadWarn rate.Sometimes
+
+	self     selfSVID
+	lastSync atomic.Int64 // Unix ns of the last good publication
 }
 
 // unavailableError marks a CA state that exists but cannot be used now: the
@@ -200,6 +204,7 @@ func (l *Local) rotateOrRetry(sink agent.Sink, retry *agent.Backoff) time.Time {
 		return l.now().Add(wait)
 	}
 	retry.Reset()
+	l.lastSync.Store(l.now().UnixNano())
 	return next
 }
 

@@ -129,6 +129,17 @@ func TestManyEntries(t *testing.T) {
 	t.Logf("attestation and first sync of %d entries: %s", n, time.Since(start).Round(time.Millisecond))
 
 	entries, local := sink.EntriesByID(), sink.LocalBundle()
+	// What the Debug API and the broker endpoint read of the agent itself.
+	if up.LastSync().Before(start) {
+		t.Errorf("LastSync = %v, want after the first sync", up.LastSync())
+	}
+	self, err := up.GetX509SVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := x509svid.Verify(self.Certificates, x509bundle.FromX509Authorities(td, local.X509Authorities())); err != nil || !strings.HasPrefix(self.ID.Path(), "/spire/agent/join_token/") {
+		t.Errorf("agent SVID %s does not verify against the bundle or is not a join_token agent ID: %v", self.ID, err)
+	}
 	var one *agent.Entry
 	reqs := make([]agent.X509Request, 0, 600)
 	for _, e := range entries {

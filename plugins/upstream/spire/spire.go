@@ -25,6 +25,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	svidv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/server/svid/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -39,6 +40,8 @@ const maxBatch = 500
 func init() {
 	agent.RegisterUpstream(Name, New)
 }
+
+var _ agent.SelfIdentity = (*Spire)(nil)
 
 // Spire is the SPIRE Server upstream.
 type Spire struct {
@@ -78,6 +81,17 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		client:   client,
 		syncer:   newSyncer(cfg.Log, cfg.TrustDomain, serverID, server.SyncInterval, client, identity),
 	}, nil
+}
+
+// GetX509SVID returns the agent SVID: the broker endpoint presents it.
+func (s *Spire) GetX509SVID() (*x509svid.SVID, error) { return s.identity.GetX509SVID() }
+
+// LastSync is when a sync with the server last succeeded.
+func (s *Spire) LastSync() time.Time {
+	if ns := s.syncer.lastSuccess.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // Run attests the node (or loads its stored SVID), then syncs entries and

@@ -43,6 +43,9 @@ type syncer struct {
 	// for tests and debugging.
 	fetched atomic.Int64
 	syncs   atomic.Int64
+	// lastSuccess is when a sync last finished well (Unix ns), for the
+	// Debug API.
+	lastSuccess atomic.Int64
 }
 
 func newSyncer(log hclog.Logger, td spiffeid.TrustDomain, serverID spiffeid.ID, interval time.Duration, client *serverClient, identity *agentIdentity) *syncer {
@@ -242,5 +245,6 @@ func (s *syncer) syncOnce(ctx context.Context, sink agent.Sink) error {
 		s.log.Info("First sync with the SPIRE Server done", "entries", len(st.entries), "federated_bundles", len(st.federated))
 	}
 	st.delivered = true
+	s.lastSuccess.Store(s.now().UnixNano())
 	return nil
 }
