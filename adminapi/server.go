@@ -21,9 +21,11 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	debugv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/debug/v1"
 	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 )
 
@@ -36,6 +38,8 @@ type Identities interface {
 	AllBundles(ctx context.Context) (*agent.BundleSnapshot, error)
 	JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
 	Subscribe() *agent.Subscription
+	// Health gives the cache sizes the Debug API reports.
+	Health() agent.Health
 }
 
 // Config configures the admin API.
@@ -53,6 +57,11 @@ type Config struct {
 	// Grace bounds the shutdown: streams end with Unavailable, calls in
 	// flight get this long.
 	Grace time.Duration
+	// Self is the agent's own identity, for the Debug API; nil when the
+	// upstream gives it none.
+	Self agent.SelfIdentity
+	// Started is when the agent started, for the Debug API's uptime.
+	Started time.Time
 }
 
 // maxConns bounds the admin socket's connections. Only the agent's user
@@ -68,6 +77,7 @@ type Endpoint struct {
 	listener net.Listener
 	stopping chan struct{}
 	stopOnce sync.Once
+	debug    *debug
 }
 
 // New binds the admin socket at path (agent.ListenAdmin: a trusted
@@ -77,6 +87,9 @@ func New(cfg Config, path string) (*Endpoint, error) {
 	if cfg.SendTimeout == 0 {
 		cfg.SendTimeout = workloadapi.DefaultSendTimeout
 	}
+	if cfg.Started.IsZero() {
+		cfg.Started = time.Now()
+	}
 	l, err := agent.ListenAdmin(path, maxConns, cfg.Log.Named("listener"))
 	if err != nil {
 		return nil, err
@@ -84,6 +97,11 @@ func New(cfg Config, path string) (*Endpoint, error) {
 	e := &Endpoint{cfg: cfg, listener: l, stopping: make(chan struct{})}
 	e.grpc = grpc.NewServer(workloadapi.ServerOptions()...)
 	delegatedv1.RegisterDelegatedIdentityServer(e.grpc, &delegated{e: e})
+	e.debug = &debug{e: e, now: time.Now}
+	debugv1.RegisterDebugServer(e.grpc, e.debug)
+	// Operators explore the admin socket with grpcurl; only the agent's
+	// user and group reach it.
+	reflection.Register(e.grpc)
 	return e, nil
 }
 

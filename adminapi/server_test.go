@@ -56,6 +56,7 @@ func entry(id spiffeid.ID, createdAt int64, sel selector.Selector, federatesWith
 }
 
 type testEnv struct {
+	admin  *Endpoint
 	up     *fakeagent.Upstream
 	cache  *agent.SVIDManager
 	socket string
@@ -64,6 +65,13 @@ type testEnv struct {
 // newTestEnv serves the admin API on a real socket over a real cache and
 // the real unix attestor; delegates are authorized_delegates.
 func newTestEnv(t *testing.T, delegates []spiffeid.ID, entries ...*agent.Entry) *testEnv {
+	t.Helper()
+	return newTestEnvWith(t, nil, delegates, entries...)
+}
+
+// newTestEnvWith is newTestEnv with tune applied to the Config, if not nil,
+// and to the fake upstream it made.
+func newTestEnvWith(t *testing.T, tune func(*Config, *fakeagent.Upstream), delegates []spiffeid.ID, entries ...*agent.Entry) *testEnv {
 	t.Helper()
 	log, logs := testkit.NewLogger(hclog.Debug)
 	t.Cleanup(func() {
@@ -87,13 +95,17 @@ func newTestEnv(t *testing.T, delegates []spiffeid.ID, entries ...*agent.Entry) 
 		t.Fatal(err)
 	}
 	socket := filepath.Join(testkit.ShortDir(t, "adm-"), "private", "admin.sock")
-	e, err := New(Config{
+	cfg := Config{
 		Log:        log.Named("admin"),
 		Attestor:   attestor.NewMultiAttestor(log.Named("attestor"), 0, attestor.Plugin{Name: "unix", Attestor: wa}),
 		Identities: cache,
 		Delegates:  delegates,
 		Grace:      2 * time.Second,
-	}, socket)
+	}
+	if tune != nil {
+		tune(&cfg, up)
+	}
+	e, err := New(cfg, socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +118,7 @@ func newTestEnv(t *testing.T, delegates []spiffeid.ID, entries ...*agent.Entry) 
 			t.Errorf("Run: %v", err)
 		}
 	})
-	return &testEnv{up: up, cache: cache, socket: socket}
+	return &testEnv{admin: e, up: up, cache: cache, socket: socket}
 }
 
 func (e *testEnv) client(t *testing.T) delegatedv1.DelegatedIdentityClient {

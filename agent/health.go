@@ -26,6 +26,7 @@ type Health struct {
 	FirstExpiry time.Time
 	Entries     int
 	X509SVIDs   int
+	JWTSVIDs    int // cached tokens
 }
 
 // Degraded reports whether the agent cannot do all of its work: it serves

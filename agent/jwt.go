@@ -213,6 +213,13 @@ func (j *jwtIssuer) pruneLocked(now time.Time) {
 	}
 }
 
+// count is how many tokens are cached.
+func (j *jwtIssuer) count() int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return len(j.tokens)
+}
+
 // dropAll forgets every cached token and returns how many there were.
 func (j *jwtIssuer) dropAll() int {
 	j.mu.Lock()

@@ -121,6 +121,7 @@ func (m *SVIDManager) Health() Health {
 	var h Health
 	m.health.fill(&h)
 	m.store.fillHealth(&h)
+	h.JWTSVIDs = m.jwts.count()
 	return h
 }
 

@@ -123,6 +123,7 @@ func newLogger(cfg *conf.Config, stderr io.Writer) (hclog.Logger, io.Closer, err
 }
 
 func runAgent(args []string, stderr io.Writer) int {
+	started := time.Now()
 	// First, before the config is read: a SIGHUP with no subscriber ends
 	// the process (Go's default), and one may come while the agent starts
 	// (a config change rolled out as it restarts). It waits for the
@@ -168,6 +169,8 @@ func runAgent(args []string, stderr io.Writer) int {
 			Identities: a.SVIDManager(),
 			Delegates:  cfg.Agent.AuthorizedDelegates,
 			Grace:      shutdownGrace,
+			Self:       a.SelfIdentity(),
+			Started:    started,
 		}, cfg.Agent.AdminSocketPath)
 		if err != nil {
 			listener.Close()
