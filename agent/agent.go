@@ -252,6 +252,9 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 		{"sync_interval", old.SyncInterval, cfg.Agent.SyncInterval},
 		{"sds", old.SDS, cfg.Agent.SDS},
 		{"profiling_port (or profiling_enabled)", old.ProfilingPort, cfg.Agent.ProfilingPort},
+		{"admin_socket_path", old.AdminSocketPath, cfg.Agent.AdminSocketPath},
+		// A list, which == cannot compare: its text can.
+		{"authorized_delegates", fmt.Sprint(old.AuthorizedDelegates), fmt.Sprint(cfg.Agent.AuthorizedDelegates)},
 		{"NodeAttestor and KeyManager plugins", restartPlugins(a.cfg), restartPlugins(cfg)},
 	} {
 		if k.was != k.is {

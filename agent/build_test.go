@@ -27,7 +27,9 @@ var (
 	builtNodeAttestor  NodeAttestorConfig
 )
 
-type builtFake struct{ Upstream } // only built, never run
+type builtFake struct{ Upstream } // only built and reconfigured, never run
+
+func (builtFake) Reconfigure(*conf.Section) error { return nil }
 
 type fakeNodeAttestor struct{}
 
@@ -171,5 +173,40 @@ plugins {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: err = %v, want it to contain %q", tc.plugin, err, tc.want)
 		}
+	}
+}
+
+// The admin socket is bound once, at start: SIGHUP refuses a change to it
+// or to its delegates by name rather than ignoring it.
+func TestReloadRefusesAdminChanges(t *testing.T) {
+	dir := t.TempDir()
+	body := func(admin, delegates string) string {
+		return fmt.Sprintf(`agent {
+  trust_domain = "example.org"
+  data_dir = %q
+  socket_path = %q
+  admin_socket_path = %q
+  authorized_delegates = [%s]
+}
+plugins {
+  WorkloadAttestor "build_test" { plugin_data {} }
+}`, filepath.Join(dir, "data"), filepath.Join(dir, "public", "api.sock"), admin, delegates)
+	}
+	adminPath := filepath.Join(dir, "private", "admin.sock")
+	a, err := New(parseConfig(t, body(adminPath, `"spiffe://example.org/cilium"`)), hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key, changed := range map[string]string{
+		"admin_socket_path":    body(adminPath+"2", `"spiffe://example.org/cilium"`),
+		"authorized_delegates": body(adminPath, `"spiffe://example.org/cilium", "spiffe://example.org/ztunnel"`),
+	} {
+		err := a.Reload(parseConfig(t, changed))
+		if err == nil || !strings.Contains(err.Error(), key+" changed: that needs a restart") {
+			t.Errorf("reload with a new %s: %v", key, err)
+		}
+	}
+	if err := a.Reload(parseConfig(t, body(adminPath, `"spiffe://example.org/cilium"`))); err != nil {
+		t.Errorf("reload with the same admin settings: %v", err)
 	}
 }
