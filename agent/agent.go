@@ -223,6 +223,15 @@ func (a *Agent) SelfIdentity() SelfIdentity {
 	return id
 }
 
+// UpstreamInUse names the upstream and, for one that talks to a server,
+// the server's address.
+func (a *Agent) UpstreamInUse() (name, server string) {
+	if c, ok := a.upstream.(ServerConnection); ok {
+		server = c.ServerAddress()
+	}
+	return a.upstreamName, server
+}
+
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	return a.attestors.Load().Attest(ctx, p)

@@ -174,6 +174,14 @@ type SelfIdentity interface {
 	LastSync() time.Time
 }
 
+// ServerConnection is an upstream that talks to a server: `lanyard status`
+// shows which.
+type ServerConnection interface {
+	// ServerAddress is the address (host:port) of the server in use, or
+	// the configured one before the first connection.
+	ServerAddress() string
+}
+
 // Sink receives the upstream's state and tells the agent's health how the
 // upstream fares. SetEntries and SetBundles carry the full set each call.
 type Sink interface {

@@ -59,6 +59,9 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// SDS names Envoy's SDS resources; empty names take spire-agent's.
 	SDS SDSConfig
+	// Streams, when not nil, records the open X509-SVID and SDS streams
+	// for `lanyard status`.
+	Streams *Streams
 }
 
 // Limits on what a client may make the agent hold.
@@ -187,6 +190,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
 		},
 		sent: (*agent.Subscription).Watch,
+		api:  "x509",
+		svids: func(snap *agent.X509Snapshot) ([]*agent.X509SVID, []string) {
+			return snap.SVIDs, snap.Hints
+		},
 	})
 }
 

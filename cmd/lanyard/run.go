@@ -162,15 +162,20 @@ func runAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
 	}
+	// The open streams are recorded only for the admin socket's status.
+	var streams *workloadapi.Streams
 	if cfg.Agent.AdminSocketPath != "" {
+		streams = workloadapi.NewStreams()
 		admin, err := adminapi.New(adminapi.Config{
-			Log:        log.Named("admin"),
-			Attestor:   a,
-			Identities: a.SVIDManager(),
-			Delegates:  cfg.Agent.AuthorizedDelegates,
-			Grace:      shutdownGrace,
-			Self:       a.SelfIdentity(),
-			Started:    started,
+			Log:         log.Named("admin"),
+			Attestor:    a,
+			Identities:  a.SVIDManager(),
+			Delegates:   cfg.Agent.AuthorizedDelegates,
+			Grace:       shutdownGrace,
+			Self:        a.SelfIdentity(),
+			Started:     started,
+			TrustDomain: cfg.Agent.TrustDomain,
+			Status:      adminapi.StatusInfo{Version: version, Upstream: a.UpstreamInUse, Streams: streams},
 		}, cfg.Agent.AdminSocketPath)
 		if err != nil {
 			listener.Close()
@@ -189,6 +194,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
 		TrustDomain:                   cfg.Agent.TrustDomain,
 		SDS:                           workloadapi.SDSConfig(cfg.Agent.SDS),
+		Streams:                       streams,
 	})
 	// What accepts requests stops first (the Workload API ending its
 	// streams with Unavailable), then what feeds the cache, and the cache
