@@ -97,6 +97,9 @@ type Endpoint struct {
 	listeners []net.Listener
 	stopping  chan struct{}
 	stopOnce  sync.Once
+	// pidCheck and podCheck space the checks that a stream's workload
+	// still runs (tests shorten them).
+	pidCheck, podCheck time.Duration
 }
 
 // New checks cfg, binds the Unix socket (agent.ListenBroker: a trusted
@@ -115,7 +118,8 @@ func New(cfg Config) (*Endpoint, error) {
 	if cfg.SendTimeout == 0 {
 		cfg.SendTimeout = workloadapi.DefaultSendTimeout
 	}
-	e := &Endpoint{cfg: cfg, policy: policies(cfg.Broker.Brokers), stopping: make(chan struct{})}
+	e := &Endpoint{cfg: cfg, policy: policies(cfg.Broker.Brokers), stopping: make(chan struct{}),
+		pidCheck: pidCheckInterval, podCheck: podCheckInterval}
 	if err := e.listen(); err != nil {
 		return nil, err
 	}

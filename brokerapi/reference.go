@@ -104,7 +104,7 @@ func (e *Endpoint) resolve(ctx context.Context, ref *broker.WorkloadReference) (
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the request has no workload reference")
 	}
 	p, ok := e.policy[b.id]
-	allowed, overTCP := p.overTCP[typeURL]
+	overTCP, allowed := p.overTCP[typeURL]
 	if p.any {
 		allowed, overTCP = true, p.anyOverTCP
 	}

@@ -176,9 +176,9 @@ func (e *Endpoint) follow(ctx context.Context, ref *broker.WorkloadReference, up
 	// Subscribed before the first update, so that no change is missed.
 	sub := e.cfg.Identities.Subscribe()
 	defer sub.Close()
-	interval := podCheckInterval
+	interval := e.podCheck
 	if w.pid != nil {
-		interval = pidCheckInterval
+		interval = e.pidCheck
 	}
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
