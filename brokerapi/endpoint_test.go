@@ -11,6 +11,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/attestkit"
 	"github.com/spiffe/go-spiffe/v2/exp/proto/spiffe/broker"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc/codes"
@@ -23,15 +24,15 @@ import (
 // PermissionDenied for callers that are not authorized brokers (refused
 // at the handshake, as spire-agent does).
 func TestSecurityHeader(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	ctx := testkit.Context(t, waitLimit)
 	for _, tcp := range []bool{false, true} {
 		c := env.client(t, remoteBroker, clientOpts{tcp: tcp, noHeader: true})
 		_, err := c.FetchJWTSVID(ctx, &broker.FetchJWTSVIDRequest{Reference: pidRef(t, pid), Audience: []string{"a"}})
 		wantStatus(t, err, codes.InvalidArgument, "", "FetchJWTSVID without the header")
 		s, err := c.SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: pidRef(t, pid)})
-		wantStatus(t, firstRecv(s, err), codes.InvalidArgument, "", "SubscribeToX509SVID without the header")
+		wantStatus(t, testkit.FirstRecv(s, err), codes.InvalidArgument, "", "SubscribeToX509SVID without the header")
 	}
 	// The value is case sensitive.
 	c := broker.NewAPIClient(env.dial(t, localBroker, clientOpts{noHeader: true}))
@@ -40,8 +41,8 @@ func TestSecurityHeader(t *testing.T) {
 }
 
 func TestUnauthorizedBrokerRefusedAtHandshake(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	ctx := testkit.Context(t, waitLimit)
 	req := &broker.FetchJWTSVIDRequest{Reference: pidRef(t, pid), Audience: []string{"a"}}
 	for _, tcp := range []bool{false, true} {
@@ -64,20 +65,20 @@ func TestUnauthorizedBrokerRefusedAtHandshake(t *testing.T) {
 
 func TestUnavailableBeforeTheFirstSync(t *testing.T) {
 	env := newEnv(t, nil) // no entries nor bundles yet
-	pid, _ := startSleeper(t)
+	pid, _ := testkit.StartSleeper(t)
 	c := env.client(t, localBroker, clientOpts{})
 	ctx := testkit.Context(t, waitLimit)
 	_, err := c.FetchJWTSVID(ctx, &broker.FetchJWTSVIDRequest{Reference: pidRef(t, pid), Audience: []string{"a"}})
 	wantStatus(t, err, codes.Unavailable, "", "FetchJWTSVID before the first sync")
 	s, err := c.SubscribeToX509Bundles(ctx, &broker.SubscribeToX509BundlesRequest{Reference: pidRef(t, pid)})
-	wantStatus(t, firstRecv(s, err), codes.Unavailable, "", "SubscribeToX509Bundles before the first sync")
+	wantStatus(t, testkit.FirstRecv(s, err), codes.Unavailable, "", "SubscribeToX509Bundles before the first sync")
 }
 
 func TestStopEndsStreamsUnavailable(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	s, err := env.client(t, localBroker, clientOpts{}).SubscribeToX509SVID(testkit.Context(t, waitLimit), &broker.SubscribeToX509SVIDRequest{Reference: pidRef(t, pid)})
-	if err := firstRecv(s, err); err != nil {
+	if err := testkit.FirstRecv(s, err); err != nil {
 		t.Fatal(err)
 	}
 	env.stop()
@@ -85,7 +86,7 @@ func TestStopEndsStreamsUnavailable(t *testing.T) {
 }
 
 func TestReflectionOnlyOverUnixSocket(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
 	ctx := testkit.Context(t, waitLimit)
 	list := func(tcp bool) ([]string, error) {
 		s, err := reflectionpb.NewServerReflectionClient(env.dial(t, localBroker, clientOpts{tcp: tcp})).ServerReflectionInfo(ctx)
@@ -114,7 +115,7 @@ func TestReflectionOnlyOverUnixSocket(t *testing.T) {
 }
 
 func TestSocketModes(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
 	for path, want := range map[string]os.FileMode{env.socket: 0o770, filepath.Dir(env.socket): 0o750} {
 		st, err := os.Lstat(path)
 		if err != nil {

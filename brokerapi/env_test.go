@@ -5,22 +5,18 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/attestkit"
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
-	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/exp/proto/spiffe/broker"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -53,17 +49,7 @@ var (
 
 const waitLimit = 10 * time.Second
 
-// mySelector is what the unix attestor reports for this test's processes,
-// the workloads named by PID.
-func mySelector() selector.Selector {
-	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
-}
-
 var podSelector = selector.Selector{Type: "k8s", Value: "pod-uid:0c3f5a5e-6f0e-4f5b-9a0a-1b2c3d4e5f60"}
-
-func entry(id spiffeid.ID, createdAt int64, sel selector.Selector, federatesWith ...spiffeid.TrustDomain) *agent.Entry {
-	return &agent.Entry{ID: "entry-" + id.Path()[1:], SPIFFEID: id, Selectors: []selector.Selector{sel}, CreatedAt: createdAt, FederatesWith: federatesWith}
-}
 
 func brokersConf() []conf.AuthorizedBroker {
 	return []conf.AuthorizedBroker{
@@ -139,20 +125,12 @@ func newEnv(t *testing.T, entries []*agent.Entry, opts ...envOption) *testEnv {
 		cache.SetEntries(entries)
 		cache.SetBundles(up.LocalBundle(t, td), []*spiffebundle.Bundle{caOther.Bundle(tdOther)})
 	}
-	section, err := conf.NewSection("test.conf", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wa, err := unixattestor.New(attestor.PluginConfig{Name: "unix", Data: section, Log: log.Named("unix"), TrustDomain: td})
-	if err != nil {
-		t.Fatal(err)
-	}
 	env := &testEnv{up: up, cache: cache, caOther: caOther, pods: &pods{byID: map[podRef][]selector.Selector{}}}
 	env.bundles = spiffebundle.NewSet(up.LocalBundle(t, td), caOther.Bundle(tdOther))
 	env.socket = filepath.Join(testkit.ShortDir(t, "brk-"), "broker", "broker.sock")
 	cfg := Config{
 		Log:          log.Named("broker"),
-		Attestor:     attestor.NewMultiAttestor(log.Named("attestor"), 0, attestor.Plugin{Name: "unix", Attestor: wa}),
+		Attestor:     attestkit.Unix(t, log, td),
 		Identities:   cache,
 		PodAttestor:  env.pods,
 		SVIDSource:   svidOf(t, up.CA(), agentID),
@@ -247,25 +225,9 @@ func ref(t *testing.T, m proto.Message) *broker.WorkloadReference {
 	return &broker.WorkloadReference{Reference: a}
 }
 
-// startSleeper starts a real process of this test's user, stopped and
-// reaped when the test ends (or by the returned stop).
-func startSleeper(t *testing.T) (pid int32, stop func()) {
-	t.Helper()
-	cmd := exec.Command("sleep", "600")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	stop = sync.OnceFunc(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	t.Cleanup(stop)
-	return int32(cmd.Process.Pid), stop
-}
-
 // goneProcess is the PID of a process that ran and was reaped.
 func goneProcess(t *testing.T) int32 {
-	pid, stop := startSleeper(t)
+	pid, stop := testkit.StartSleeper(t)
 	stop()
 	return pid
 }
@@ -287,15 +249,6 @@ func wantStatus(t *testing.T, err error, code codes.Code, reason, what string) {
 		}
 	}
 	t.Fatalf("%s: %v has no ErrorInfo with reason %s", what, err, reason)
-}
-
-// firstRecv is the error of a stream's first message.
-func firstRecv[T any](s interface{ Recv() (T, error) }, err error) error {
-	if err != nil {
-		return err
-	}
-	_, err = s.Recv()
-	return err
 }
 
 // recvUntilErr reads a stream until it ends, within the test's bound.

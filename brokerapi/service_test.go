@@ -9,6 +9,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/attestkit"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/exp/proto/spiffe/broker"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -18,8 +19,8 @@ import (
 )
 
 func TestSubscribeToX509SVIDByPID(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector(), tdOther)})
-	pid, stop := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector(), tdOther)})
+	pid, stop := testkit.StartSleeper(t)
 	ctx := testkit.Context(t, waitLimit)
 	stream, err := env.client(t, localBroker, clientOpts{}).SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: pidRef(t, pid)})
 	if err != nil {
@@ -83,8 +84,8 @@ func keys[V any](m map[string]V) []string {
 }
 
 func TestEveryRPCByPID(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	c := env.client(t, localBroker, clientOpts{})
 	ctx := testkit.Context(t, waitLimit)
 
@@ -140,49 +141,49 @@ func TestEveryRPCByPID(t *testing.T) {
 }
 
 func TestWorkloadNotEntitled(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(podID, 1, podSelector)})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)})
+	pid, _ := testkit.StartSleeper(t)
 	c := env.client(t, localBroker, clientOpts{})
 	ctx := testkit.Context(t, waitLimit)
 	s, err := c.SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: pidRef(t, pid)})
-	wantStatus(t, firstRecv(s, err), codes.PermissionDenied, reasonNotEntitled, "SubscribeToX509SVID for a process with no entry")
+	wantStatus(t, testkit.FirstRecv(s, err), codes.PermissionDenied, reasonNotEntitled, "SubscribeToX509SVID for a process with no entry")
 	_, err = c.FetchJWTSVID(ctx, &broker.FetchJWTSVIDRequest{Reference: pidRef(t, pid), Audience: []string{"a"}})
 	wantStatus(t, err, codes.PermissionDenied, reasonNotEntitled, "FetchJWTSVID for a process with no entry")
 }
 
 func TestEntryRemovedEndsStream(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	s, err := env.client(t, localBroker, clientOpts{}).SubscribeToX509SVID(testkit.Context(t, waitLimit), &broker.SubscribeToX509SVIDRequest{Reference: pidRef(t, pid)})
-	if err := firstRecv(s, err); err != nil {
+	if err := testkit.FirstRecv(s, err); err != nil {
 		t.Fatal(err)
 	}
-	env.cache.SetEntries([]*agent.Entry{entry(podID, 2, podSelector)})
+	env.cache.SetEntries([]*agent.Entry{attestkit.Entry(podID, 2, podSelector)})
 	wantStatus(t, recvUntilErr(s), codes.PermissionDenied, reasonNotEntitled, "the stream after its workload's entry went")
 }
 
 // Every RPC answers NotFound for a process that is gone, with the spec's
 // reason (spire-agent answers Internal).
 func TestPIDGoneIsNotFound(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
 	c := env.client(t, localBroker, clientOpts{})
 	ctx := testkit.Context(t, waitLimit)
 	gone := pidRef(t, goneProcess(t))
 	_, err := c.FetchJWTSVID(ctx, &broker.FetchJWTSVIDRequest{Reference: gone, Audience: []string{"a"}})
 	wantStatus(t, err, codes.NotFound, reasonNotFound, "FetchJWTSVID")
 	s1, err := c.SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: gone})
-	wantStatus(t, firstRecv(s1, err), codes.NotFound, reasonNotFound, "SubscribeToX509SVID")
+	wantStatus(t, testkit.FirstRecv(s1, err), codes.NotFound, reasonNotFound, "SubscribeToX509SVID")
 	s2, err := c.SubscribeToX509Bundles(ctx, &broker.SubscribeToX509BundlesRequest{Reference: gone})
-	wantStatus(t, firstRecv(s2, err), codes.NotFound, reasonNotFound, "SubscribeToX509Bundles")
+	wantStatus(t, testkit.FirstRecv(s2, err), codes.NotFound, reasonNotFound, "SubscribeToX509Bundles")
 	s3, err := c.SubscribeToJWTBundles(ctx, &broker.SubscribeToJWTBundlesRequest{Reference: gone})
-	wantStatus(t, firstRecv(s3, err), codes.NotFound, reasonNotFound, "SubscribeToJWTBundles")
+	wantStatus(t, testkit.FirstRecv(s3, err), codes.NotFound, reasonNotFound, "SubscribeToJWTBundles")
 }
 
 func TestPIDExitEndsBundleStream(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, stop := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, stop := testkit.StartSleeper(t)
 	s, err := env.client(t, localBroker, clientOpts{}).SubscribeToJWTBundles(testkit.Context(t, waitLimit), &broker.SubscribeToJWTBundlesRequest{Reference: pidRef(t, pid)})
-	if err := firstRecv(s, err); err != nil {
+	if err := testkit.FirstRecv(s, err); err != nil {
 		t.Fatal(err)
 	}
 	stop()
@@ -190,8 +191,8 @@ func TestPIDExitEndsBundleStream(t *testing.T) {
 }
 
 func TestMalformedRequests(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	c := env.client(t, remoteBroker, clientOpts{}) // "*": every type passes the policy
 	ctx := testkit.Context(t, waitLimit)
 	refs := map[string]*broker.WorkloadReference{
@@ -208,7 +209,7 @@ func TestMalformedRequests(t *testing.T) {
 	}
 	for name, r := range refs {
 		s, err := c.SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: r})
-		wantStatus(t, firstRecv(s, err), codes.InvalidArgument, reasonInvalid, "SubscribeToX509SVID "+name)
+		wantStatus(t, testkit.FirstRecv(s, err), codes.InvalidArgument, reasonInvalid, "SubscribeToX509SVID "+name)
 		_, err = c.FetchJWTSVID(ctx, &broker.FetchJWTSVIDRequest{Reference: r, Audience: []string{"a"}})
 		wantStatus(t, err, codes.InvalidArgument, reasonInvalid, "FetchJWTSVID "+name)
 	}
@@ -228,7 +229,7 @@ func TestMalformedRequests(t *testing.T) {
 var podType = &broker.KubernetesObjectType{Plural: "pods", Group: "core"}
 
 func TestPodReference(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(podID, 1, podSelector)})
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)})
 	pod := podRef{namespace: "shop", name: "checkout-7c9f", uid: "0c3f5a5e-6f0e-4f5b-9a0a-1b2c3d4e5f60"}
 	env.pods.set(pod, []selector.Selector{podSelector})
 	// Over TCP: localBroker may use pod references there.
@@ -257,7 +258,7 @@ func TestPodReference(t *testing.T) {
 }
 
 func TestPodReferenceWithoutPodAttestor(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(podID, 1, podSelector)}, withoutPods)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)}, withoutPods)
 	_, err := env.client(t, podBroker, clientOpts{}).FetchJWTSVID(testkit.Context(t, waitLimit), &broker.FetchJWTSVIDRequest{
 		Reference: ref(t, &broker.KubernetesObjectReference{Type: podType, Uid: "u"}), Audience: []string{"a"}})
 	wantStatus(t, err, codes.InvalidArgument, reasonInvalid, "a pod reference with no k8s attestor")
@@ -265,15 +266,15 @@ func TestPodReferenceWithoutPodAttestor(t *testing.T) {
 
 // The policy: reference types per broker, and over TCP only when allowed.
 func TestReferenceTypePolicy(t *testing.T) {
-	env := newEnv(t, []*agent.Entry{entry(workloadID, 1, mySelector())})
-	pid, _ := startSleeper(t)
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
 	ctx := testkit.Context(t, waitLimit)
 	req := &broker.FetchJWTSVIDRequest{Reference: pidRef(t, pid), Audience: []string{"a"}}
 
 	_, err := env.client(t, podBroker, clientOpts{}).FetchJWTSVID(ctx, req)
 	wantStatus(t, err, codes.PermissionDenied, "", "a PID reference from a broker allowed pods only")
 	s, err := env.client(t, podBroker, clientOpts{}).SubscribeToX509Bundles(ctx, &broker.SubscribeToX509BundlesRequest{Reference: pidRef(t, pid)})
-	wantStatus(t, firstRecv(s, err), codes.PermissionDenied, "", "bundles by a PID reference from a broker allowed pods only")
+	wantStatus(t, testkit.FirstRecv(s, err), codes.PermissionDenied, "", "bundles by a PID reference from a broker allowed pods only")
 	_, err = env.client(t, localBroker, clientOpts{tcp: true}).FetchJWTSVID(ctx, req)
 	wantStatus(t, err, codes.PermissionDenied, "", "a PID reference over TCP not allowed there")
 	if _, err := env.client(t, localBroker, clientOpts{}).FetchJWTSVID(ctx, req); err != nil {
