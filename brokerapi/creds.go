@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
@@ -66,4 +68,23 @@ func brokerOf(ctx context.Context) (*brokerInfo, error) {
 func overUnixSocket(ctx context.Context) bool {
 	p, ok := peer.FromContext(ctx)
 	return ok && p.Addr != nil && p.Addr.Network() == "unix"
+}
+
+// cacheBundles verifies brokers with the agent's bundles, its own and
+// every federated one (brokers of another trust domain are allowed, as in
+// SPIRE), read at each handshake, so that a CA rotation or a new
+// federation applies to the next connection.
+type cacheBundles struct{ ids Identities }
+
+func (c cacheBundles) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	snap, err := c.ids.AllBundles(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range append([]*agent.Bundle{snap.Local}, snap.Federated...) {
+		if b != nil && b.TrustDomain() == td {
+			return b.X509Bundle(), nil
+		}
+	}
+	return nil, fmt.Errorf("the agent has no bundle for trust domain %q: federate with it to serve its brokers", td.Name())
 }

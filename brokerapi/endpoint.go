@@ -57,10 +57,10 @@ type Config struct {
 	// PodAttestor resolves a KubernetesObjectReference to a pod; nil
 	// refuses that reference type as one this agent does not understand.
 	PodAttestor PodAttestor
-	// SVIDSource is the agent's own X509-SVID, which the endpoint presents;
-	// BundleSource verifies the brokers' SVIDs (federated bundles too, for
-	// brokers of another trust domain).
-	SVIDSource   x509svid.Source
+	// SVIDSource is the agent's own X509-SVID, which the endpoint presents.
+	SVIDSource x509svid.Source
+	// BundleSource verifies the brokers' SVIDs; nil means every bundle of
+	// Identities, the local one and the federated ones.
 	BundleSource x509bundle.Source
 	// Broker is agent.experimental.broker: where to listen and whom to
 	// serve.
@@ -112,8 +112,11 @@ func New(cfg Config) (*Endpoint, error) {
 		return nil, errors.New("the broker endpoint needs a socket path, a bind address, or both")
 	case len(cfg.Broker.Brokers) == 0:
 		return nil, errors.New("the broker endpoint needs at least one authorized broker")
-	case cfg.Attestor == nil || cfg.Identities == nil || cfg.SVIDSource == nil || cfg.BundleSource == nil:
-		return nil, errors.New("the broker endpoint needs an attestor, the identities, an SVID source and a bundle source (this is a bug in the caller)")
+	case cfg.Attestor == nil || cfg.Identities == nil || cfg.SVIDSource == nil:
+		return nil, errors.New("the broker endpoint needs an attestor, the identities and an SVID source (this is a bug in the caller)")
+	}
+	if cfg.BundleSource == nil {
+		cfg.BundleSource = cacheBundles{cfg.Identities}
 	}
 	if cfg.SendTimeout == 0 {
 		cfg.SendTimeout = workloadapi.DefaultSendTimeout

@@ -144,3 +144,19 @@ func TestSocketModes(t *testing.T) {
 func metadataContext(ctx context.Context, value string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, headerKey, value)
 }
+
+// Brokers are verified with the cache's bundles at each handshake: a
+// broker of a federated trust domain gets in while the agent federates
+// with it, and not once that bundle is gone.
+func TestBrokersVerifiedWithTheCachesBundles(t *testing.T) {
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
+	ctx := testkit.Context(t, waitLimit)
+	req := &broker.FetchJWTSVIDRequest{Reference: pidRef(t, pid), Audience: []string{"a"}}
+	if _, err := env.client(t, remoteBroker, clientOpts{tcp: true}).FetchJWTSVID(ctx, req); err != nil {
+		t.Fatalf("a broker of a federated trust domain: %v", err)
+	}
+	env.cache.SetBundles(env.up.LocalBundle(t, td), nil)
+	_, err := env.client(t, remoteBroker, clientOpts{tcp: true}).FetchJWTSVID(ctx, req)
+	wantStatus(t, err, codes.Unavailable, "", "a broker of a trust domain no longer federated")
+}

@@ -129,14 +129,17 @@ func newEnv(t *testing.T, entries []*agent.Entry, opts ...envOption) *testEnv {
 	env.bundles = spiffebundle.NewSet(up.LocalBundle(t, td), caOther.Bundle(tdOther))
 	env.socket = filepath.Join(testkit.ShortDir(t, "brk-"), "broker", "broker.sock")
 	cfg := Config{
-		Log:          log.Named("broker"),
-		Attestor:     attestkit.Unix(t, log, td),
-		Identities:   cache,
-		PodAttestor:  env.pods,
-		SVIDSource:   svidOf(t, up.CA(), agentID),
-		BundleSource: env.bundles,
-		Broker:       conf.Broker{SocketPath: env.socket, BindAddress: "127.0.0.1:0", Brokers: brokersConf()},
-		Grace:        2 * time.Second,
+		Log:         log.Named("broker"),
+		Attestor:    attestkit.Unix(t, log, td),
+		Identities:  cache,
+		PodAttestor: env.pods,
+		SVIDSource:  svidOf(t, up.CA(), agentID),
+		Broker:      conf.Broker{SocketPath: env.socket, BindAddress: "127.0.0.1:0", Brokers: brokersConf()},
+		Grace:       2 * time.Second,
+	}
+	if entries == nil {
+		// The cache has no bundles yet to verify brokers with.
+		cfg.BundleSource = env.bundles
 	}
 	for _, o := range opts {
 		o(&cfg)
