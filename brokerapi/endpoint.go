@@ -82,6 +82,13 @@ const (
 	maxTCPConns  = 256
 )
 
+// maxStreamsPerConn replaces the Workload API's 100: a broker holds a
+// stream or three per workload it serves (a node runs up to 110 pods by
+// Kubernetes' default, 250 at most), on one connection, and a client past
+// the cap waits for a stream to end, which these never do. Only a listed
+// broker gets past the handshake to open any.
+const maxStreamsPerConn = 2048
+
 const (
 	headerKey = "broker.spiffe.io"
 	// reflectionPrefix covers grpc.reflection.v1 and v1alpha.
@@ -135,6 +142,7 @@ func New(cfg Config) (*Endpoint, error) {
 	tlsConfig.SessionTicketsDisabled = true
 	e.grpc = grpc.NewServer(append(workloadapi.ServerLimits(),
 		grpc.Creds(brokerCreds{credentials.NewTLS(tlsConfig)}),
+		grpc.MaxConcurrentStreams(maxStreamsPerConn), // after ServerLimits: it wins
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
 			if err := checkCall(ctx, info.FullMethod); err != nil {
 				return nil, err

@@ -160,3 +160,18 @@ func TestBrokersVerifiedWithTheCachesBundles(t *testing.T) {
 	_, err := env.client(t, remoteBroker, clientOpts{tcp: true}).FetchJWTSVID(ctx, req)
 	wantStatus(t, err, codes.Unavailable, "", "a broker of a trust domain no longer federated")
 }
+
+// A broker serves many workloads on one connection: more streams than the
+// Workload API's 100 per connection all get their first message.
+func TestManyStreamsOnOneConnection(t *testing.T) {
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())})
+	pid, _ := testkit.StartSleeper(t)
+	c := env.client(t, localBroker, clientOpts{})
+	ctx := testkit.Context(t, waitLimit)
+	for i := range 150 {
+		s, err := c.SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: pidRef(t, pid)})
+		if err := testkit.FirstRecv(s, err); err != nil {
+			t.Fatalf("stream %d: %v", i, err)
+		}
+	}
+}
