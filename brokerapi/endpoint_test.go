@@ -2,11 +2,13 @@ package brokerapi
 
 import (
 	"context"
+	"crypto/x509"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
@@ -14,9 +16,11 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit/attestkit"
 	"github.com/spiffe/go-spiffe/v2/exp/proto/spiffe/broker"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/grpc/status"
 )
 
 // The Broker Endpoint spec's error table: InvalidArgument without the
@@ -173,5 +177,36 @@ func TestManyStreamsOnOneConnection(t *testing.T) {
 		if err := testkit.FirstRecv(s, err); err != nil {
 			t.Fatalf("stream %d: %v", i, err)
 		}
+	}
+}
+
+// A broker that stops reading its stream holds no send forever: past the
+// send timeout the agent closes its connection (a TLS one here, not a
+// peer-credential one as on the Workload API).
+func TestBrokerThatStopsReadingIsDisconnected(t *testing.T) {
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(workloadID, 1, attestkit.MySelector())}, func(c *Config) { c.SendTimeout = 200 * time.Millisecond })
+	pid, _ := testkit.StartSleeper(t)
+	// Fixed windows: no growth for a client that reads nothing.
+	c := env.client(t, localBroker, clientOpts{extra: []grpc.DialOption{grpc.WithInitialWindowSize(64 << 10), grpc.WithInitialConnWindowSize(64 << 10)}})
+	s, err := c.SubscribeToX509Bundles(testkit.Context(t, waitLimit), &broker.SubscribeToX509BundlesRequest{Reference: pidRef(t, pid)})
+	if err := testkit.FirstRecv(s, err); err != nil {
+		t.Fatal(err)
+	}
+	// Bundles that grow, none read: together far more than the windows
+	// and gRPC's send quota hold.
+	roots := []*x509.Certificate{env.up.CA().Cert}
+	for range 60 {
+		roots = append(roots, testkit.NewTrustDomainCA(t, td).Cert)
+		env.cache.SetBundles(env.up.LocalBundle(t, td, roots...), nil)
+	}
+	deadline := time.Now().Add(waitLimit)
+	for !strings.Contains(env.logs.String(), "Disconnecting a broker that stopped reading its stream") {
+		if time.Now().After(deadline) {
+			t.Fatal("the broker was not disconnected")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := recvUntilErr(s); status.Code(err) == codes.OK {
+		t.Fatalf("the stream ended with %v", err)
 	}
 }

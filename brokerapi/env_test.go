@@ -99,6 +99,7 @@ type testEnv struct {
 	socket   string
 	tcp      string
 	pods     *pods
+	logs     *testkit.Buffer
 	stop     func() // stops the endpoint; the test's end does too
 }
 
@@ -125,7 +126,7 @@ func newEnv(t *testing.T, entries []*agent.Entry, opts ...envOption) *testEnv {
 		cache.SetEntries(entries)
 		cache.SetBundles(up.LocalBundle(t, td), []*spiffebundle.Bundle{caOther.Bundle(tdOther)})
 	}
-	env := &testEnv{up: up, cache: cache, caOther: caOther, pods: &pods{byID: map[podRef][]selector.Selector{}}}
+	env := &testEnv{up: up, cache: cache, caOther: caOther, pods: &pods{byID: map[podRef][]selector.Selector{}}, logs: logs}
 	env.bundles = spiffebundle.NewSet(up.LocalBundle(t, td), caOther.Bundle(tdOther))
 	env.socket = filepath.Join(testkit.ShortDir(t, "brk-"), "broker", "broker.sock")
 	cfg := Config{
@@ -175,6 +176,7 @@ func svidOf(t *testing.T, ca *testkit.CA, id spiffeid.ID) *x509svid.SVID {
 type clientOpts struct {
 	tcp      bool
 	noHeader bool
+	extra    []grpc.DialOption
 }
 
 func (e *testEnv) dial(t *testing.T, id spiffeid.ID, o clientOpts) *grpc.ClientConn {
@@ -193,7 +195,7 @@ func (e *testEnv) dialTLS(t *testing.T, tlsConfig *tls.Config, o clientOpts) *gr
 	if o.tcp {
 		target = "passthrough:///" + e.tcp
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsConfig))}
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsConfig))}, o.extra...)
 	if !o.noHeader {
 		opts = append(opts,
 			grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
