@@ -100,8 +100,11 @@ func (e *Endpoint) resolve(ctx context.Context, ref *broker.WorkloadReference) (
 	}
 	anyRef := ref.GetReference()
 	typeURL := anyRef.GetTypeUrl()
-	if typeURL == "" {
+	switch {
+	case typeURL == "":
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the request has no workload reference")
+	case len(typeURL) > maxReferenceField:
+		return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the reference's type URL is %d bytes long, the limit is %d", len(typeURL), maxReferenceField)
 	}
 	p, ok := e.policy[b.id]
 	overTCP, allowed := p.overTCP[typeURL]
@@ -156,10 +159,20 @@ func withReason(err error, md map[string]string) error {
 	return err
 }
 
+// maxReferenceField bounds each string of a reference, which goes into
+// errors and the log: a Kubernetes name (a DNS subdomain) is at most 253
+// bytes, and type URLs are far shorter.
+const maxReferenceField = 253
+
 // resolvePod checks a KubernetesObjectReference as the spec asks and
 // resolves the pod it names.
 func (e *Endpoint) resolvePod(ctx context.Context, ref *broker.KubernetesObjectReference) (*workload, error) {
 	t, key, uid := ref.GetType(), ref.GetKey(), ref.GetUid()
+	for _, field := range []string{t.GetPlural(), t.GetGroup(), key.GetNamespace(), key.GetName(), uid} {
+		if len(field) > maxReferenceField {
+			return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "a field of the KubernetesObjectReference is %d bytes long, the limit is %d", len(field), maxReferenceField)
+		}
+	}
 	switch {
 	case t.GetPlural() == "" || t.GetGroup() == "":
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the KubernetesObjectReference needs a type with plural and group (\"pods\", \"core\")")

@@ -206,6 +206,8 @@ func TestMalformedRequests(t *testing.T) {
 		"k8s deployment":   ref(t, &broker.KubernetesObjectReference{Type: &broker.KubernetesObjectType{Plural: "deployments", Group: "apps"}, Uid: "u"}),
 		"k8s neither":      ref(t, &broker.KubernetesObjectReference{Type: podType}),
 		"k8s no namespace": ref(t, &broker.KubernetesObjectReference{Type: podType, Key: &broker.KubernetesObjectKey{Name: "p"}}),
+		"k8s long name":    ref(t, &broker.KubernetesObjectReference{Type: podType, Key: &broker.KubernetesObjectKey{Namespace: "ns", Name: strings.Repeat("p", 254)}}),
+		"long type URL":    {Reference: &anypb.Any{TypeUrl: "type.googleapis.com/" + strings.Repeat("x", 300)}},
 	}
 	for name, r := range refs {
 		s, err := c.SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: r})
