@@ -119,22 +119,30 @@ func (e *Endpoint) resolve(ctx context.Context, ref *broker.WorkloadReference) (
 		e.cfg.Log.Warn("Refusing a broker a reference type over TCP", "broker", b.id.String(), "type_url", typeURL)
 		return nil, status.Errorf(codes.PermissionDenied, "reference type %q is not allowed over TCP for broker %q: use the Unix socket, or set allow_over_tcp", typeURL, b.id)
 	}
+	var w *workload
 	switch typeURL {
 	case conf.PIDReferenceType:
 		var pidRef broker.WorkloadPIDReference
 		if err := anyRef.UnmarshalTo(&pidRef); err != nil {
 			return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the WorkloadPIDReference does not decode: %v", err)
 		}
-		return e.resolvePID(ctx, pidRef.GetPid())
+		w, err = e.resolvePID(ctx, pidRef.GetPid())
 	case conf.KubernetesReferenceType:
 		var objRef broker.KubernetesObjectReference
 		if err := anyRef.UnmarshalTo(&objRef); err != nil {
 			return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the KubernetesObjectReference does not decode: %v", err)
 		}
-		return e.resolvePod(ctx, &objRef)
+		w, err = e.resolvePod(ctx, &objRef)
+	default:
+		return nil, referenceError(codes.InvalidArgument, reasonInvalid, map[string]string{"type_url": typeURL},
+			"unknown reference type %q: this agent resolves %s and %s", typeURL, conf.PIDReferenceType, conf.KubernetesReferenceType)
 	}
-	return nil, referenceError(codes.InvalidArgument, reasonInvalid, map[string]string{"type_url": typeURL},
-		"unknown reference type %q: this agent resolves %s and %s", typeURL, conf.PIDReferenceType, conf.KubernetesReferenceType)
+	if err != nil {
+		e.cfg.Log.Debug("Could not resolve a broker's workload reference", "broker", b.id.String(), "error", err)
+		return nil, err
+	}
+	e.cfg.Log.Debug("Resolved a broker's workload reference", "broker", b.id.String(), "workload", w.desc, "selectors", len(w.sels))
+	return w, nil
 }
 
 // resolvePID attests a process on this node, pinned for the request
