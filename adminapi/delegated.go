@@ -217,7 +217,7 @@ func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, 
 // attestPID attests the process pid with the workload attestors, pinned
 // for the life of the request (workloadapi.AttestPID).
 func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
-	sels, c, err := workloadapi.AttestPID(ctx, e.cfg.Attestor, pid)
+	sels, c, err := workloadapi.AttestPID(ctx, e.cfg.Attestor, e.cfg.Log, pid)
 	if err != nil {
 		return target{}, err
 	}
@@ -271,7 +271,7 @@ func (e *Endpoint) waitChange(ctx context.Context, sub *agent.Subscription, pid 
 			return false, nil
 		case <-pidCheck:
 			if err := pid.Verify(); err != nil {
-				return true, workloadapi.PIDStatus(pid.PID, err)
+				return true, workloadapi.PIDStatus(e.cfg.Log, pid.PID, err)
 			}
 		case <-ctx.Done():
 			return true, nil

@@ -152,7 +152,7 @@ func (e *Endpoint) resolvePID(ctx context.Context, pid int32) (*workload, error)
 	if pid <= 0 {
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, md, "pid %d: a PID reference must be a positive integer", pid)
 	}
-	sels, c, err := workloadapi.AttestPID(ctx, e.cfg.Attestor, pid)
+	sels, c, err := workloadapi.AttestPID(ctx, e.cfg.Attestor, e.cfg.Log, pid)
 	if err != nil {
 		return nil, withReason(err, md)
 	}
@@ -237,7 +237,7 @@ func (e *Endpoint) attestPod(ctx context.Context, pod *podRef) ([]selector.Selec
 func (e *Endpoint) checkLive(ctx context.Context, w *workload) error {
 	if w.pid != nil {
 		if err := w.pid.Verify(); err != nil {
-			return withReason(workloadapi.PIDStatus(w.pid.PID, err), map[string]string{"pid": strconv.Itoa(int(w.pid.PID))})
+			return withReason(workloadapi.PIDStatus(e.cfg.Log, w.pid.PID, err), map[string]string{"pid": strconv.Itoa(int(w.pid.PID))})
 		}
 		return nil
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"google.golang.org/grpc/codes"
@@ -17,10 +18,10 @@ import (
 // that the process exited, and Release it when done. A process gone (or
 // never there) is NotFound, as the SPIFFE Broker API answers for a PID
 // reference.
-func AttestPID(ctx context.Context, a Attestor, pid int32) ([]selector.Selector, *attestor.Caller, error) {
+func AttestPID(ctx context.Context, a Attestor, log hclog.Logger, pid int32) ([]selector.Selector, *attestor.Caller, error) {
 	c, err := attestor.TrackPID(pid)
 	if err != nil {
-		return nil, nil, PIDStatus(pid, err)
+		return nil, nil, PIDStatus(log, pid, err)
 	}
 	sels, err := a.Attest(ctx, c.Process())
 	if verr := c.Verify(); verr != nil {
@@ -31,16 +32,22 @@ func AttestPID(ctx context.Context, a Attestor, pid int32) ([]selector.Selector,
 		if errors.Is(err, attestor.ErrAttestorTimeout) {
 			return nil, nil, status.Errorf(codes.Unavailable, "could not attest pid %d, retry: %v", pid, err)
 		}
-		return nil, nil, PIDStatus(pid, err)
+		return nil, nil, PIDStatus(log, pid, err)
 	}
 	return sels, c, nil
 }
 
-// PIDStatus is the status of a process that could not be attested or
-// verified: one gone (or never there) is NotFound.
-func PIDStatus(pid int32, err error) error {
-	if attestor.IsRefusal(err) {
-		return status.Errorf(codes.NotFound, "pid %d: no such process, or it exited or changed: %v", pid, err)
+// PIDStatus is the status of a process named by PID that could not be
+// attested or verified: one gone (or never there) or changed is NotFound.
+// The attestor's words are about a caller, not about a process named by
+// another, so the detail goes to the debug log.
+func PIDStatus(log hclog.Logger, pid int32, err error) error {
+	log.Debug("A process named by PID could not be attested", "pid", pid, "error", err)
+	switch {
+	case errors.Is(err, attestor.ErrCallerChanged):
+		return status.Errorf(codes.NotFound, "pid %d changed while it was attested (it executed another program, or its PID was reused)", pid)
+	case attestor.IsRefusal(err):
+		return status.Errorf(codes.NotFound, "pid %d is not running: it exited (or never existed), or its PID was reused", pid)
 	}
 	return status.Errorf(codes.Unavailable, "could not attest pid %d: %v", pid, err)
 }
