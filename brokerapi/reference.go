@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
@@ -200,7 +201,24 @@ func (e *Endpoint) resolvePod(ctx context.Context, ref *broker.KubernetesObjectR
 	if err != nil {
 		return nil, err
 	}
-	return &workload{sels: sels, pod: pod, desc: pod.String()}, nil
+	desc := pod.String()
+	// A pod named without its uid is pinned to the one resolved now, so
+	// that a pod deleted and made again under its name (a StatefulSet's)
+	// ends the stream rather than inherit it (the spec's 4.9).
+	if pod.uid == "" {
+		pod.uid = podUID(sels)
+	}
+	return &workload{sels: sels, pod: pod, desc: desc}, nil
+}
+
+// podUID is the uid in a pod's k8s:pod-uid selector, or "".
+func podUID(sels []selector.Selector) string {
+	for _, s := range sels {
+		if uid, ok := strings.CutPrefix(s.Value, "pod-uid:"); ok && s.Type == "k8s" {
+			return uid
+		}
+	}
+	return ""
 }
 
 func (p *podRef) String() string {

@@ -259,6 +259,23 @@ func TestPodReference(t *testing.T) {
 	wantStatus(t, recvUntilErr(stream), codes.NotFound, reasonNotFound, "the stream of a pod deleted")
 }
 
+// A pod named without its uid is pinned to the pod found: one made again
+// under that name ends the stream.
+func TestPodMadeAgainUnderItsNameEndsStream(t *testing.T) {
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)})
+	first := podRef{namespace: "db", name: "db-0", uid: "0c3f5a5e-6f0e-4f5b-9a0a-1b2c3d4e5f60"}
+	env.pods.set(first, []selector.Selector{podSelector})
+	byName := ref(t, &broker.KubernetesObjectReference{Type: podType, Key: &broker.KubernetesObjectKey{Namespace: "db", Name: "db-0"}})
+	stream, err := env.client(t, podBroker, clientOpts{}).SubscribeToX509SVID(testkit.Context(t, waitLimit), &broker.SubscribeToX509SVIDRequest{Reference: byName})
+	if err := testkit.FirstRecv(stream, err); err != nil {
+		t.Fatal(err)
+	}
+	second := podRef{namespace: "db", name: "db-0", uid: "1d4f5a5e-6f0e-4f5b-9a0a-1b2c3d4e5f60"}
+	env.pods.set(first, nil)
+	env.pods.set(second, []selector.Selector{{Type: "k8s", Value: "pod-uid:" + second.uid}})
+	wantStatus(t, recvUntilErr(stream), codes.NotFound, reasonNotFound, "the stream of a pod made again under its name")
+}
+
 func TestPodReferenceWithoutPodAttestor(t *testing.T) {
 	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)}, withoutPods)
 	_, err := env.client(t, podBroker, clientOpts{}).FetchJWTSVID(testkit.Context(t, waitLimit), &broker.FetchJWTSVIDRequest{
