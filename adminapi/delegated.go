@@ -9,6 +9,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
@@ -16,12 +17,9 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Bounds on a request, whose selectors are matched and whose audience keys
-// the token cache.
-const (
-	maxSelectors = 64
-	maxAudiences = 32
-)
+// maxSelectors bounds a request's selectors, which are matched against
+// every entry.
+const maxSelectors = 64
 
 // delegated is the Delegated Identity API, as spire-agent serves it.
 type delegated struct {
@@ -147,7 +145,7 @@ func (d *delegated) streamBundles(ctx context.Context, same func(a, b *agent.Bun
 }
 
 func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWTSVIDsRequest) (*delegatedv1.FetchJWTSVIDsResponse, error) {
-	if err := checkAudience(req.Audience); err != nil {
+	if err := workloadapi.CheckAudience(req.Audience); err != nil {
 		return nil, err
 	}
 	if _, _, err := d.e.authorize(ctx); err != nil {
@@ -176,21 +174,6 @@ func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWT
 		}
 	}
 	return resp, nil
-}
-
-func checkAudience(audience []string) error {
-	switch {
-	case len(audience) == 0:
-		return status.Error(codes.InvalidArgument, "audience must be specified")
-	case len(audience) > maxAudiences:
-		return status.Errorf(codes.InvalidArgument, "too many audiences: %d, the limit is %d", len(audience), maxAudiences)
-	}
-	for _, aud := range audience {
-		if aud == "" {
-			return status.Error(codes.InvalidArgument, "audience must not contain an empty string")
-		}
-	}
-	return nil
 }
 
 // target is what a delegate asks for: the selectors of the workloads it
@@ -231,36 +214,14 @@ func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, 
 	return target{sels: selector.Sort(out)}, nil
 }
 
-// attestPID attests the process pid with the workload attestors, pinned by
-// a pidfd so that a PID reused meanwhile is refused rather than attested
-// (spire-agent leaves that guard to the delegate).
+// attestPID attests the process pid with the workload attestors, pinned
+// for the life of the request (workloadapi.AttestPID).
 func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
-	c, err := attestor.TrackPID(pid)
+	sels, c, err := workloadapi.AttestPID(ctx, e.cfg.Attestor, e.cfg.Log, pid)
 	if err != nil {
-		return target{}, pidStatus(pid, err)
-	}
-	sels, err := e.cfg.Attestor.Attest(ctx, c.Process())
-	if verr := c.Verify(); verr != nil {
-		err = verr
-	}
-	if err != nil {
-		c.Release()
-		if errors.Is(err, attestor.ErrAttestorTimeout) {
-			return target{}, status.Errorf(codes.Unavailable, "could not attest pid %d, retry: %v", pid, err)
-		}
-		return target{}, pidStatus(pid, err)
+		return target{}, err
 	}
 	return target{sels: sels, pid: c}, nil
-}
-
-// pidStatus is the status of a process that could not be attested: one
-// gone (or never there) is NotFound, as the SPIFFE Broker API answers for
-// a PID reference.
-func pidStatus(pid int32, err error) error {
-	if attestor.IsRefusal(err) {
-		return status.Errorf(codes.NotFound, "pid %d: no such process, or it exited or changed: %v", pid, err)
-	}
-	return status.Errorf(codes.Unavailable, "could not attest pid %d: %v", pid, err)
 }
 
 func idProto(id spiffeid.ID) *types.SPIFFEID {
@@ -310,7 +271,7 @@ func (e *Endpoint) waitChange(ctx context.Context, sub *agent.Subscription, pid 
 			return false, nil
 		case <-pidCheck:
 			if err := pid.Verify(); err != nil {
-				return true, pidStatus(pid.PID, err)
+				return true, workloadapi.PIDStatus(e.cfg.Log, pid.PID, err)
 			}
 		case <-ctx.Done():
 			return true, nil
