@@ -223,6 +223,14 @@ func (a *Agent) SelfIdentity() SelfIdentity {
 	return id
 }
 
+// brokerText is the broker block as text, which == can compare.
+func brokerText(b *conf.Broker) string {
+	if b == nil {
+		return ""
+	}
+	return fmt.Sprintf("%+v", *b)
+}
+
 // UpstreamInUse names the upstream and, for one that talks to a server,
 // the server's address.
 func (a *Agent) UpstreamInUse() (name, server string) {
@@ -264,6 +272,7 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 		{"admin_socket_path", old.AdminSocketPath, cfg.Agent.AdminSocketPath},
 		// A list, which == cannot compare: its text can.
 		{"authorized_delegates", fmt.Sprint(old.AuthorizedDelegates), fmt.Sprint(cfg.Agent.AuthorizedDelegates)},
+		{"experimental.broker", brokerText(old.Broker), brokerText(cfg.Agent.Broker)},
 		{"NodeAttestor and KeyManager plugins", restartPlugins(a.cfg), restartPlugins(cfg)},
 	} {
 		if k.was != k.is {

@@ -184,6 +184,15 @@ func runAgent(args []string, stderr io.Writer) int {
 		}
 		listeners = append(listeners, admin)
 	}
+	if cfg.Agent.Broker != nil {
+		broker, err := newBrokerEndpoint(cfg, a, log)
+		if err != nil {
+			listener.Close()
+			fmt.Fprintln(stderr, "lanyard:", err)
+			return 1
+		}
+		listeners = append(listeners, broker)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
