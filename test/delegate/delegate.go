@@ -55,6 +55,31 @@ func Start(t testing.TB, bin string, uid, gid int, args ...string) *Client {
 	return &Client{child: testkit.StartChild(t, cmd)}
 }
 
+// StartWorkload runs a process of uid (and gid uid, with the
+// supplementary groups) that sleeps: a workload for a delegate to name by
+// PID or by selectors. It is killed when the test ends.
+func StartWorkload(t testing.TB, uid int, groups ...uint32) *testkit.Child {
+	t.Helper()
+	cmd := exec.Command("sleep", "600")
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), Groups: groups},
+		Pdeathsig:  syscall.SIGKILL,
+	}
+	return testkit.StartChild(t, cmd)
+}
+
+// ExitedPID is the PID of a process of uid that has exited and been
+// reaped.
+func ExitedPID(t testing.TB, uid int) int {
+	t.Helper()
+	cmd := exec.Command("true")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd.Process.Pid
+}
+
 // Msg is one line of the client's output: one response, or the end.
 type Msg struct {
 	// Kind is the call ("x509", "jwt", "x509bundles", "jwtbundles"),

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -95,18 +94,6 @@ func startAdminAgent(t *testing.T, ttl string) *adminAgent {
 	return &adminAgent{agentProc: a, admin: admin}
 }
 
-// startPod runs a process of the pod's user; it is killed when the test
-// ends.
-func startPod(t *testing.T) *testkit.Child {
-	t.Helper()
-	cmd := exec.Command("sleep", "600")
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Credential: &syscall.Credential{Uid: podUID, Gid: podUID},
-		Pdeathsig:  syscall.SIGKILL,
-	}
-	return testkit.StartChild(t, cmd)
-}
-
 // delegateBound bounds each wait for the client: a process start, an
 // attestation and a signing on a loaded 2-core machine.
 const delegateBound = 20 * time.Second
@@ -123,7 +110,7 @@ func TestDelegatedIdentityForAnotherUser(t *testing.T) {
 	testkit.RequireRoot(t, "to run the delegate and the workload under other uids")
 	a := startAdminAgent(t, "6s")
 	bin := delegate.Build(t)
-	pod := startPod(t)
+	pod := delegate.StartWorkload(t, podUID)
 	run := func(args ...string) *delegate.Client {
 		return delegate.Start(t, bin, delegateUID, agentGID, args...)
 	}
