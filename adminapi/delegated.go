@@ -237,7 +237,7 @@ func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, 
 func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
 	c, err := attestor.TrackPID(pid)
 	if err != nil {
-		return target{}, pidStatus(pid, err)
+		return target{}, e.pidStatus(pid, err)
 	}
 	sels, err := e.cfg.Attestor.Attest(ctx, c.Process())
 	if verr := c.Verify(); verr != nil {
@@ -248,17 +248,22 @@ func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
 		if errors.Is(err, attestor.ErrAttestorTimeout) {
 			return target{}, status.Errorf(codes.Unavailable, "could not attest pid %d, retry: %v", pid, err)
 		}
-		return target{}, pidStatus(pid, err)
+		return target{}, e.pidStatus(pid, err)
 	}
 	return target{sels: sels, pid: c}, nil
 }
 
 // pidStatus is the status of a process that could not be attested: one
 // gone (or never there) is NotFound, as the SPIFFE Broker API answers for
-// a PID reference.
-func pidStatus(pid int32, err error) error {
-	if attestor.IsRefusal(err) {
-		return status.Errorf(codes.NotFound, "pid %d: no such process, or it exited or changed: %v", pid, err)
+// a PID reference. The attestor's words are about a caller, not about a
+// process a delegate names, so the detail goes to the log.
+func (e *Endpoint) pidStatus(pid int32, err error) error {
+	e.cfg.Log.Debug("A process named by a delegate could not be attested", "pid", pid, "error", err)
+	switch {
+	case errors.Is(err, attestor.ErrCallerChanged):
+		return status.Errorf(codes.NotFound, "pid %d changed while it was attested (it executed another program, or its PID was reused)", pid)
+	case attestor.IsRefusal(err):
+		return status.Errorf(codes.NotFound, "pid %d is not running: it exited (or never existed), or its PID was reused", pid)
 	}
 	return status.Errorf(codes.Unavailable, "could not attest pid %d: %v", pid, err)
 }
@@ -310,7 +315,7 @@ func (e *Endpoint) waitChange(ctx context.Context, sub *agent.Subscription, pid 
 			return false, nil
 		case <-pidCheck:
 			if err := pid.Verify(); err != nil {
-				return true, pidStatus(pid.PID, err)
+				return true, e.pidStatus(pid.PID, err)
 			}
 		case <-ctx.Done():
 			return true, nil

@@ -168,7 +168,7 @@ func TestDelegatedIdentityForAnotherUser(t *testing.T) {
 	// A PID that exits ends its stream with NotFound.
 	_ = pod.Cmd.Process.Kill()
 	<-pod.Exited
-	if end := byPID.End(t, delegateBound); end.Code != codes.NotFound {
+	if end := byPID.End(t, delegateBound); end.Code != codes.NotFound || !strings.Contains(end.Message, "is not running") {
 		t.Fatalf("the stream of an exited PID ended with %s (%s), want NotFound", end.Code, end.Message)
 	}
 	gone := run(delegate.Args("", a.admin, "x509", pod.Cmd.Process.Pid)...)

@@ -101,7 +101,47 @@ func TestDelegatedIdentityAgreesWithSpireAgent(t *testing.T) {
 		seen[i] = observe(t, bin, a, pod.Cmd.Process.Pid, gonePID)
 	}
 	compareObservations(t, s, seen[0], seen[1])
+	rotateAuthorities(t, s, seen[:])
 }
+
+// rotateAuthorities rotates the server's X.509 CA and JWT key as SPIRE
+// documents it (prepare, activate, taint) and follows each agent's open
+// delegate streams: the new CA and key reach the bundle streams, then the
+// workload's SVID signed by the new CA reaches its stream, verified
+// against the bundles the stream of bundles sent.
+func rotateAuthorities(t *testing.T, s *spiretest.Server, seen []observation) {
+	t.Helper()
+	oldX509 := localAuthorities(t, s, "x509")["active"]
+	newX509, newJWT := s.PrepareX509Authority(t), s.PrepareJWTAuthority(t)
+	bundles := make([]*x509bundle.Set, len(seen))
+	for i, o := range seen {
+		m := o.x509BundleStream.Until(t, rotationBound, o.agent+"'s X.509 bundles with the prepared CA", func(m delegate.Msg) bool {
+			if m.Kind != "x509bundles" {
+				return false
+			}
+			b, ok := delegate.X509Bundles(t, m.X509Bundles).Get(td)
+			return ok && slices.ContainsFunc(b.X509Authorities(), func(c *x509.Certificate) bool { return skiHex(c) == newX509 })
+		})
+		bundles[i] = delegate.X509Bundles(t, m.X509Bundles)
+		o.jwtBundleStream.Until(t, rotationBound, o.agent+"'s JWT bundles with the prepared key", func(m delegate.Msg) bool {
+			return m.Kind == "jwtbundles" && jwksKeys(t, m.JWTBundles.Bundles[td.IDString()])[newJWT] != nil
+		})
+	}
+	s.ActivateX509Authority(t, newX509)
+	s.CLI(t, "localauthority", "x509", "taint", "-authorityID", oldX509)
+	for i, o := range seen {
+		m := o.svidStream.Until(t, rotationBound, o.agent+"'s SVID signed by the new CA", func(m delegate.Msg) bool {
+			return hasSVIDs(m) && issuedBy(delegate.SVIDs(t, m.X509, nil)[0].Certificates, newX509)
+		})
+		if svid := delegate.SVIDs(t, m.X509, bundles[i])[0]; svid.ID.String() != podID {
+			t.Errorf("%s: the re-signed SVID is for %s, want %s", o.agent, svid.ID, podID)
+		}
+	}
+}
+
+// rotationBound bounds each wait of the rotation: a sync of each agent
+// (every second here) and spire-agent's pass over tainted authorities.
+const rotationBound = 60 * time.Second
 
 // observation is what one agent answered.
 type observation struct {
@@ -117,7 +157,11 @@ type observation struct {
 	// gonePIDX509 is the first thing a subscription for an exited PID
 	// got: an "end" or an "x509" message.
 	gonePIDX509 delegate.Msg
+	// The streams left open, for the rotation.
+	svidStream, x509BundleStream, jwtBundleStream *delegate.Client
 }
+
+func hasSVIDs(m delegate.Msg) bool { return m.Kind == "x509" && len(m.X509.X509Svids) > 0 }
 
 // refusal is a call that an agent refuses, or answers with an error.
 type refusal struct {
@@ -149,16 +193,56 @@ func refusals(podPID, gonePID int) []refusal {
 		{"jwt without audience, not a delegate", strangerUID, sel, "jwt"},
 		{"jwt for selectors with no entry", delegateUID, []string{"-audience", "db", "-selector", uidSel(4242424)}, "jwt"},
 		{"jwt for an exited pid", delegateUID, []string{"-audience", "db", "-pid", strconv.Itoa(gonePID)}, "jwt"},
+		{"jwt for a negative pid", delegateUID, []string{"-audience", "db", "-pid", "-1"}, "jwt"},
+		{"jwt with an empty audience", delegateUID, append([]string{"-audience", ""}, sel...), "jwt"},
+		{"jwt with too many selectors", delegateUID, append(append([]string{"-audience", "db"}, sel...), manySelectors(maxSelectors+1-2)...), "jwt"},
+		{"jwt with too many audiences", delegateUID, append(manyAudiences(maxAudiences+1), sel...), "jwt"},
 	}
 }
 
-// deliberate are the refusals where Lanyard answers otherwise than
-// spire-agent 1.13.3, on purpose: spire-agent attests an exited PID to no
-// selectors (its unix attestor's error is only logged) and so answers as
-// for a workload with no entry; Lanyard says the process is not there, as
-// the SPIFFE Broker API does for a PID reference.
+// manySelectors are n selectors that no entry has, as client flags.
+func manySelectors(n int) []string {
+	var out []string
+	for i := range n {
+		out = append(out, "-selector", "unix:gid:"+strconv.Itoa(50000+i))
+	}
+	return out
+}
+
+// manyAudiences are n audiences, as client flags.
+func manyAudiences(n int) []string {
+	var out []string
+	for i := range n {
+		out = append(out, "-audience", "aud"+strconv.Itoa(i))
+	}
+	return out
+}
+
+// Lanyard's bounds on a request (adminapi's maxSelectors, maxAudiences):
+// a delegate names a workload by a few selectors (Cilium by one) or by
+// PID, and audiences key the token cache. spire-agent has none.
+const (
+	maxSelectors = 64
+	maxAudiences = 32
+)
+
+// deliberate are the calls where Lanyard answers otherwise than
+// spire-agent 1.13.3, on purpose (spire-agent's code first):
+//   - an exited PID: spire-agent attests it to no selectors (its unix
+//     attestor's error is only logged) and answers as for a workload with
+//     no entry; Lanyard says the process is not there, as the SPIFFE
+//     Broker API answers for a PID reference;
+//   - a negative PID: spire-agent attests it as it does an exited one;
+//     Lanyard refuses the malformed request;
+//   - an empty audience: spire-agent asks the server, which refuses, and
+//     answers Unavailable (retry: forever); Lanyard refuses the request;
+//   - too many selectors or audiences: spire-agent has no bound.
 var deliberate = map[string][2]codes.Code{
-	"jwt for an exited pid": {codes.PermissionDenied, codes.NotFound},
+	"jwt for an exited pid":       {codes.PermissionDenied, codes.NotFound},
+	"jwt for a negative pid":      {codes.PermissionDenied, codes.InvalidArgument},
+	"jwt with an empty audience":  {codes.Unavailable, codes.InvalidArgument},
+	"jwt with too many selectors": {codes.OK, codes.InvalidArgument},
+	"jwt with too many audiences": {codes.OK, codes.InvalidArgument},
 }
 
 const callBound = 30 * time.Second
@@ -172,12 +256,13 @@ func observe(t *testing.T, bin string, a adminAgent, podPID, gonePID int) observ
 	first := func(c *delegate.Client, kind string) delegate.Msg {
 		return c.Until(t, callBound, a.name+"'s first "+kind+" message", func(m delegate.Msg) bool { return m.Kind == kind })
 	}
-	c := run(delegateUID, "-workload", a.socket, "x509bundles")
-	o.self = c.Next(t, callBound).Self
-	o.x509Bundles = first(c, "x509bundles").X509Bundles
-	o.jwtBundles = first(run(delegateUID, "jwtbundles"), "jwtbundles").JWTBundles
-	hasSVIDs := func(m delegate.Msg) bool { return m.Kind == "x509" && len(m.X509.X509Svids) > 0 }
-	o.bySelectors = run(delegateUID, append(podSelectors, "x509")...).Until(t, callBound, a.name+"'s SVIDs by selectors", hasSVIDs).X509
+	o.x509BundleStream = run(delegateUID, "-workload", a.socket, "x509bundles")
+	o.self = o.x509BundleStream.Next(t, callBound).Self
+	o.x509Bundles = first(o.x509BundleStream, "x509bundles").X509Bundles
+	o.jwtBundleStream = run(delegateUID, "jwtbundles")
+	o.jwtBundles = first(o.jwtBundleStream, "jwtbundles").JWTBundles
+	o.svidStream = run(delegateUID, append(podSelectors, "x509")...)
+	o.bySelectors = o.svidStream.Until(t, callBound, a.name+"'s SVIDs by selectors", hasSVIDs).X509
 	o.byPID = run(delegateUID, "-pid", strconv.Itoa(podPID), "x509").Until(t, callBound, a.name+"'s SVIDs by PID", hasSVIDs).X509
 	o.noEntryFirst = first(run(delegateUID, "-selector", uidSel(4242424), "x509"), "x509").X509
 	o.jwtBySelectors = first(run(delegateUID, append([]string{"-audience", "db"}, append(podSelectors, "jwt")...)...), "jwt").JWT
