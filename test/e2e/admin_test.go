@@ -12,7 +12,9 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/test/delegate"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // The users of the Delegated Identity tests. None needs a passwd entry.
@@ -196,6 +198,14 @@ func TestAdminSocketRefusesOthers(t *testing.T) {
 			t.Fatalf("%s: mode %v owner %d:%d, want %v root:%d (the agent's user and group)", path, info.Mode(), st.Uid, st.Gid, mode, agentGID)
 		}
 	}
+	// Neither socket serves the other's API.
+	if end := delegate.Start(t, bin, delegateUID, agentGID, "-admin", a.socket, "x509bundles").End(t, delegateBound); end.Code != codes.Unimplemented {
+		t.Fatalf("the Delegated Identity API on the Workload API socket: %s (%s), want Unimplemented", end.Code, end.Message)
+	}
+	if _, err := workloadapi.FetchX509SVID(testContext(t), workloadapi.WithAddr("unix://"+a.admin)); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("the Workload API on the admin socket: %v, want Unimplemented", err)
+	}
+
 	podSelector := "unix:uid:" + strconv.Itoa(podUID)
 	cases := []struct {
 		name     string

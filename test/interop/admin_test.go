@@ -93,6 +93,22 @@ func TestDelegatedIdentityAgreesWithSpireAgent(t *testing.T) {
 		fetchID(t, a.socket, readyID)
 	}
 
+	// Both make the admin socket 0770 and its directory 0750: spire-agent
+	// asks MkdirAll for 0755 but runs under umask 0027, which it sets
+	// itself; Lanyard asks for 0750. Only the agent's user and group may
+	// even look in.
+	for _, c := range []struct {
+		path string
+		mode os.FileMode
+	}{
+		{spireAdmin, os.ModeSocket | 0o770}, {lyAdmin, os.ModeSocket | 0o770},
+		{filepath.Dir(spireAdmin), os.ModeDir | 0o750}, {filepath.Dir(lyAdmin), os.ModeDir | 0o750},
+	} {
+		if info, err := os.Lstat(c.path); err != nil || info.Mode()&(os.ModeType|os.ModePerm) != c.mode {
+			t.Errorf("%s: %v %v, want mode %v", c.path, info.Mode(), err, c.mode)
+		}
+	}
+
 	bin := delegate.Build(t)
 	pod := delegate.StartWorkload(t, podUID, podGroup)
 	gonePID := delegate.ExitedPID(t, podUID)
