@@ -69,13 +69,8 @@ type adminAgent struct {
 func TestDelegatedIdentityAgreesWithSpireAgent(t *testing.T) {
 	testkit.RequireRoot(t, "to run the delegate and the workload under other uids")
 	s := spiretest.StartServer(t, spiretest.WithCacheReloadInterval(time.Second))
-	otherCA := testkit.NewCA(t, "spiffe://other.org").Cert
-	otherPath := filepath.Join(t.TempDir(), "other.pem")
-	if err := os.WriteFile(otherPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: otherCA.Raw}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s.CLI(t, "bundle", "set", "-id", "spiffe://other.org", "-path", otherPath)
-	s.CreateEntry(t, nodeID, delegateID, uidSel(delegateUID))
+	setOtherBundle(t, s)
+	delegateEntry := s.CreateEntry(t, nodeID, delegateID, uidSel(delegateUID))
 	s.CreateEntry(t, nodeID, "spiffe://example.org/stranger", uidSel(strangerUID))
 	s.CLI(t, "entry", "create", "-parentID", nodeID, "-spiffeID", podID, "-selector", uidSel(podUID), "-selector", podSelectors[3],
 		"-federatesWith", "spiffe://other.org", "-hint", "pod", "-dns", "pod.example.org")
@@ -118,6 +113,43 @@ func TestDelegatedIdentityAgreesWithSpireAgent(t *testing.T) {
 	}
 	compareObservations(t, s, seen[0], seen[1])
 	rotateAuthorities(t, s, seen[:])
+	revokeDelegate(t, s, delegateEntry, seen[:], bin)
+}
+
+// setOtherBundle gives the server a new bundle of the federated trust
+// domain other.org.
+func setOtherBundle(t *testing.T, s *spiretest.Server) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "other.pem")
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: testkit.NewCA(t, "spiffe://other.org").Cert.Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.CLI(t, "bundle", "set", "-id", "spiffe://other.org", "-path", path)
+}
+
+// revokeDelegate deletes the delegate's entry: each agent re-checks the
+// delegate before the next update of each open stream and ends it with
+// PermissionDenied. spire-agent re-checks only when the stream has an
+// update to send, so the test waits until both agents know the entry is
+// gone and then changes a bundle; Lanyard re-checks on every change of
+// its cache and may end the streams before.
+func revokeDelegate(t *testing.T, s *spiretest.Server, entryID string, seen []observation, bin string) {
+	t.Helper()
+	s.DeleteEntry(t, entryID)
+	for _, o := range seen {
+		waitFor(t, rotationBound, o.agent+" to drop the delegate's entry", func() bool {
+			m := delegate.Start(t, bin, delegateUID, callerGID, "-workload", o.at.socket, "-admin", o.at.admin, "x509bundles").Next(t, callBound)
+			return m.Kind == "self-error" && m.Code == codes.PermissionDenied
+		})
+	}
+	setOtherBundle(t, s)
+	for _, o := range seen {
+		for name, c := range map[string]*delegate.Client{"X509-SVID": o.svidStream, "X.509 bundle": o.x509BundleStream, "JWT bundle": o.jwtBundleStream} {
+			if end := c.End(t, rotationBound); end.Code != codes.PermissionDenied {
+				t.Errorf("%s: the %s stream of a delegate whose entry is gone ended with %s (%s), want PermissionDenied", o.agent, name, end.Code, end.Message)
+			}
+		}
+	}
 }
 
 // rotateAuthorities rotates the server's X.509 CA and JWT key as SPIRE
@@ -162,6 +194,7 @@ const rotationBound = 60 * time.Second
 // observation is what one agent answered.
 type observation struct {
 	agent                  string
+	at                     adminAgent
 	self                   string
 	bySelectors, byPID     *delegatedv1.SubscribeToX509SVIDsResponse
 	noEntryFirst           *delegatedv1.SubscribeToX509SVIDsResponse
@@ -265,7 +298,7 @@ const callBound = 30 * time.Second
 
 func observe(t *testing.T, bin string, a adminAgent, podPID, gonePID int) observation {
 	t.Helper()
-	o := observation{agent: a.name, refusals: map[string]codes.Code{}}
+	o := observation{agent: a.name, at: a, refusals: map[string]codes.Code{}}
 	run := func(uid int, args ...string) *delegate.Client {
 		return delegate.Start(t, bin, uid, callerGID, append([]string{"-admin", a.admin}, args...)...)
 	}
