@@ -49,7 +49,9 @@ func uidSel(uid int) string { return "unix:uid:" + strconv.Itoa(uid) }
 // podSelectors are the client's flags for the workload's selectors: its
 // entry's, a supplementary group among them, which attestation by PID
 // must find too.
-var podSelectors = []string{"-selector", uidSel(podUID), "-selector", "unix:supplementary_gid:" + strconv.Itoa(podGroup)}
+var podSelectors = []string{"-selector", uidSel(podUID), "-selector", podGroupSelector}
+
+var podGroupSelector = "unix:supplementary_gid:" + strconv.Itoa(podGroup)
 
 func adminKeys(admin string) string {
 	return fmt.Sprintf("    admin_socket_path = %q\n    authorized_delegates = [%q]\n", admin, delegateID)
@@ -74,7 +76,7 @@ func TestDelegatedIdentityAgreesWithSpireAgent(t *testing.T) {
 	setOtherBundle(t, s)
 	delegateEntry := s.CreateEntry(t, nodeID, delegateID, uidSel(delegateUID))
 	s.CreateEntry(t, nodeID, "spiffe://example.org/stranger", uidSel(strangerUID))
-	s.CLI(t, "entry", "create", "-parentID", nodeID, "-spiffeID", podID, "-selector", uidSel(podUID), "-selector", podSelectors[3],
+	s.CLI(t, "entry", "create", "-parentID", nodeID, "-spiffeID", podID, "-selector", uidSel(podUID), "-selector", podGroupSelector,
 		"-federatesWith", "spiffe://other.org", "-hint", "pod", "-dns", "pod.example.org")
 	for _, flags := range [][]string{{"-spiffeID", multiID + "/a", "-hint", "a"}, {"-spiffeID", multiID + "/b", "-hint", "a"}, {"-spiffeID", multiID + "/admin", "-admin"}} {
 		s.CLI(t, append([]string{"entry", "create", "-parentID", nodeID, "-selector", uidSel(multiUID)}, flags...)...)
@@ -104,8 +106,12 @@ func TestDelegatedIdentityAgreesWithSpireAgent(t *testing.T) {
 		{spireAdmin, os.ModeSocket | 0o770}, {lyAdmin, os.ModeSocket | 0o770},
 		{filepath.Dir(spireAdmin), os.ModeDir | 0o750}, {filepath.Dir(lyAdmin), os.ModeDir | 0o750},
 	} {
-		if info, err := os.Lstat(c.path); err != nil || info.Mode()&(os.ModeType|os.ModePerm) != c.mode {
-			t.Errorf("%s: %v %v, want mode %v", c.path, info.Mode(), err, c.mode)
+		info, err := os.Lstat(c.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Mode()&(os.ModeType|os.ModePerm) != c.mode {
+			t.Errorf("%s: mode %v, want %v", c.path, info.Mode(), c.mode)
 		}
 	}
 
