@@ -41,7 +41,7 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 	var last *agent.X509Snapshot
 	sentOnce := false
 	return d.e.follow(ctx, caller, callerSels, w.pid, func(sub *agent.Subscription) error {
-		snap, err := d.e.cfg.Identities.X509Identities(ctx, w.sels)
+		snap, err := d.e.cfg.Identities.DelegatedX509Identities(ctx, w.sels)
 		switch {
 		case errors.Is(err, agent.ErrNoIdentity):
 			// As spire-agent: workloads with no entry yet get an empty
@@ -156,7 +156,7 @@ func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWT
 		return nil, err
 	}
 	defer w.release()
-	svids, err := d.e.cfg.Identities.JWTSVIDs(ctx, w.sels, req.Audience, spiffeid.ID{})
+	svids, err := d.e.cfg.Identities.DelegatedJWTSVIDs(ctx, w.sels, req.Audience)
 	if errors.Is(err, agent.ErrNoIdentity) {
 		return nil, status.Error(codes.PermissionDenied, "no identity issued: no registration entry matches the selectors")
 	}

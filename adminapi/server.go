@@ -35,9 +35,9 @@ import (
 type Identities interface {
 	// EntryIDs are the SPIFFE IDs of the entries sels match.
 	EntryIDs(ctx context.Context, sels []selector.Selector) ([]spiffeid.ID, error)
-	X509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
+	DelegatedX509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
 	AllBundles(ctx context.Context) (*agent.BundleSnapshot, error)
-	JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
+	DelegatedJWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string) ([]*agent.JWTSVID, error)
 	Subscribe() *agent.Subscription
 	// Health gives the cache sizes the Debug API reports.
 	Health() agent.Health

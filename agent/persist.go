@@ -52,6 +52,8 @@ type storedEntry struct {
 	FederatesWith  []string      `json:"federates_with,omitempty"`
 	CreatedAt      int64         `json:"created_at"`
 	RevisionNumber int64         `json:"revision_number"`
+	Admin          bool          `json:"admin,omitempty"`
+	Downstream     bool          `json:"downstream,omitempty"`
 }
 
 type storedSVID struct {
@@ -191,6 +193,7 @@ func (se storedEntry) entry() (*Entry, error) {
 	e := &Entry{
 		ID: se.ID, SPIFFEID: id, X509SVIDTTL: se.X509SVIDTTL, JWTSVIDTTL: se.JWTSVIDTTL,
 		Hint: se.Hint, DNSNames: se.DNSNames, CreatedAt: se.CreatedAt, RevisionNumber: se.RevisionNumber,
+		Admin: se.Admin, Downstream: se.Downstream,
 	}
 	if se.ID == "" || len(se.Selectors) == 0 {
 		return nil, errors.New("no ID or no selectors")
@@ -217,6 +220,7 @@ func storeEntry(e *Entry) storedEntry {
 	se := storedEntry{
 		ID: e.ID, SPIFFEID: e.SPIFFEID.String(), X509SVIDTTL: e.X509SVIDTTL, JWTSVIDTTL: e.JWTSVIDTTL,
 		Hint: e.Hint, DNSNames: e.DNSNames, CreatedAt: e.CreatedAt, RevisionNumber: e.RevisionNumber,
+		Admin: e.Admin, Downstream: e.Downstream,
 	}
 	for _, s := range e.Selectors {
 		se.Selectors = append(se.Selectors, s.String())

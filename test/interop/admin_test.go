@@ -402,10 +402,8 @@ func compareObservations(t *testing.T, s *spiretest.Server, spire, lanyard obser
 // whose entries share a hint, one of them an admin entry: every entry's
 // SVID but the admin one's (the Workload API's rule that a hint is unique
 // in a response does not apply here), and a JWT-SVID for every entry, the
-// admin one's too. Lanyard does not yet: its cache drops entries sharing
-// a hint for every reader, and it does not know admin entries (see
-// /work/notes/delegtests.md); its answer is logged, for the fix to turn
-// into an assertion.
+// admin one's too; Lanyard must answer the same (its Workload API keeps
+// one SVID per hint, its Delegated Identity API does not).
 func compareMultipleEntries(t *testing.T, spire, lanyard observation) {
 	t.Helper()
 	a, b, admin := multiID+"/a", multiID+"/b", multiID+"/admin"
@@ -416,7 +414,7 @@ func compareMultipleEntries(t *testing.T, spire, lanyard observation) {
 		t.Errorf("spire-agent's JWT-SVIDs for a workload with entries sharing a hint and an admin entry: %v, want %v", spire.multiJWT, want)
 	}
 	if !slices.Equal(lanyard.multiX509, spire.multiX509) || !slices.Equal(lanyard.multiJWT, spire.multiJWT) {
-		t.Logf("KNOWN DIFFERENCE, to fix: for entries sharing a hint and an admin entry, spire-agent sends X509-SVIDs %v and JWT-SVIDs %v, lanyard %v and %v",
+		t.Errorf("for entries sharing a hint and an admin entry, spire-agent sends X509-SVIDs %v and JWT-SVIDs %v, lanyard %v and %v",
 			spire.multiX509, spire.multiJWT, lanyard.multiX509, lanyard.multiJWT)
 	}
 }
