@@ -7,7 +7,8 @@ import (
 
 // The Delegated Identity API serves what spire-agent's does: every entry a
 // workload matches, entries sharing a hint included, but for admin and
-// downstream entries' X509-SVIDs; the Workload API keeps one per hint.
+// downstream entries' X509-SVIDs; the Workload API keeps one per hint; the
+// Broker API one per hint, and no admin or downstream entry's.
 func TestDelegatedViewOfEntries(t *testing.T) {
 	c, up, _ := newClockedCache(t)
 	a := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
@@ -36,6 +37,9 @@ func TestDelegatedViewOfEntries(t *testing.T) {
 	}
 	if got := ids(c.DelegatedX509Identities(t.Context(), sels)); !slices.Equal(got, []string{"/a", "/b"}) {
 		t.Errorf("a delegate's X509-SVIDs: %v, want both entries sharing the hint and no admin or downstream entry", got)
+	}
+	if got := ids(c.BrokerX509Identities(t.Context(), sels)); !slices.Equal(got, []string{"/a"}) {
+		t.Errorf("a broker's X509-SVIDs: %v, want one per hint and no admin or downstream entry", got)
 	}
 	jwts, err := c.DelegatedJWTSVIDs(t.Context(), sels, []string{"x"})
 	if err != nil || len(jwts) != 4 {

@@ -190,8 +190,13 @@ func (s *entryStore) matchLocked(sels []selector.Selector) []*Entry {
 // a delegate of a workload with sels: every matching entry, hints shared
 // or not, but for admin and downstream entries.
 func (s *entryStore) matchDelegatedLocked(sels []selector.Selector) []*Entry {
-	return slices.DeleteFunc(s.matchAllLocked(sels), func(e *Entry) bool { return e.Admin || e.Downstream })
+	return slices.DeleteFunc(s.matchAllLocked(sels), (*Entry).adminOrDownstream)
 }
+
+// adminOrDownstream reports whether e is an entry whose X509-SVID
+// spire-agent keeps from delegates and brokers: it manages the SPIRE
+// Server, or it signs a downstream CA.
+func (e *Entry) adminOrDownstream() bool { return e.Admin || e.Downstream }
 
 // matchAllLocked returns every entry whose selectors are all among sels,
 // oldest first.
@@ -379,9 +384,12 @@ func (s *entryStore) lookupX509(sels []selector.Selector, view entryView, now ti
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	var entries []*Entry
-	if view == delegatedView {
+	switch view {
+	case delegatedView:
 		entries = s.matchDelegatedLocked(sels)
-	} else {
+	case brokerView:
+		entries = slices.DeleteFunc(s.matchLocked(sels), (*Entry).adminOrDownstream)
+	default:
 		entries = s.matchLocked(sels)
 	}
 	if len(entries) == 0 {

@@ -142,12 +142,20 @@ func (m *SVIDManager) DelegatedX509Identities(ctx context.Context, sels []select
 	return m.x509Identities(ctx, sels, delegatedView)
 }
 
+// BrokerX509Identities is X509Identities as spire-agent's SPIFFE Broker
+// API serves a broker: one entry per hint, as to the workload itself, but
+// for admin and downstream entries.
+func (m *SVIDManager) BrokerX509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
+	return m.x509Identities(ctx, sels, brokerView)
+}
+
 // entryView says which of the entries a caller matches it is served.
 type entryView int
 
 const (
 	workloadView  entryView = iota // one per hint
 	delegatedView                  // all but admin and downstream entries
+	brokerView                     // one per hint, then all but admin and downstream entries
 )
 
 func (m *SVIDManager) x509Identities(ctx context.Context, sels []selector.Selector, view entryView) (*X509Snapshot, error) {

@@ -38,7 +38,7 @@ import (
 // Identities is what the Broker API needs of the agent's cache;
 // *agent.SVIDManager is the real one.
 type Identities interface {
-	X509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
+	BrokerX509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
 	JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
 	AllBundles(ctx context.Context) (*agent.BundleSnapshot, error)
 	// AwaitIdentity holds a new request whose workload matched no entry

@@ -25,13 +25,13 @@ func (s *service) SubscribeToX509SVID(req *broker.SubscribeToX509SVIDRequest, st
 	var last *agent.X509Snapshot
 	awaited := false
 	return s.e.follow(ctx, req.GetReference(), func(w *workload, sub *agent.Subscription) error {
-		snap, err := ids.X509Identities(ctx, w.sels)
+		snap, err := ids.BrokerX509Identities(ctx, w.sels)
 		// Only a new request waits for its entry, as a workload's own
 		// fetch does; a stream whose entries went is told at once.
 		if errors.Is(err, agent.ErrNoIdentity) && last == nil && !awaited {
 			awaited = true
 			if ids.AwaitIdentity(ctx, w.sels, spiffeid.ID{}) {
-				snap, err = ids.X509Identities(ctx, w.sels)
+				snap, err = ids.BrokerX509Identities(ctx, w.sels)
 			}
 		}
 		switch {
