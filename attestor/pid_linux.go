@@ -1,6 +1,10 @@
 package attestor
 
-import "fmt"
+import (
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
 
 // TrackPID pins the process pid that a delegate names, as the handshake
 // pins a caller, so that attestation and Verify apply to that process: a
@@ -24,6 +28,14 @@ func TrackPID(pid int32) (*Caller, error) {
 		return nil, c.err
 	}
 	return c, nil
+}
+
+// pidfdExited reports whether the process of a pidfd has exited, reaped or
+// not: the kernel makes a pidfd readable then.
+func pidfdExited(fd int) bool {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0 && fds[0].Revents&(unix.POLLIN|unix.POLLHUP) != 0
 }
 
 // Release stops tracking a caller made by TrackPID.
