@@ -33,7 +33,7 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 	if err != nil {
 		return err
 	}
-	w, err := d.e.requestWorkload(ctx, req.Selectors, req.Pid)
+	w, err := d.e.requestWorkload(ctx, caller, req.Selectors, req.Pid)
 	if err != nil {
 		return err
 	}
@@ -148,10 +148,11 @@ func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWT
 	if err := workloadapi.CheckAudience(req.Audience); err != nil {
 		return nil, err
 	}
-	if _, _, err := d.e.authorize(ctx); err != nil {
+	_, caller, err := d.e.authorize(ctx)
+	if err != nil {
 		return nil, err
 	}
-	w, err := d.e.requestWorkload(ctx, req.Selectors, req.Pid)
+	w, err := d.e.requestWorkload(ctx, caller, req.Selectors, req.Pid)
 	if err != nil {
 		return nil, err
 	}
@@ -193,13 +194,16 @@ func (w target) release() {
 
 // requestWorkload checks a request's selectors or PID, never both, and
 // attests a PID.
-func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, pid int32) (target, error) {
+func (e *Endpoint) requestWorkload(ctx context.Context, caller *attestor.Caller, sels []*types.Selector, pid int32) (target, error) {
 	switch {
 	case (len(sels) == 0) == (pid == 0):
 		return target{}, status.Error(codes.InvalidArgument, "must provide either selectors or non-zero PID, but not both")
 	case pid < 0:
 		return target{}, status.Errorf(codes.InvalidArgument, "pid %d is negative", pid)
 	case pid != 0:
+		if err := samePIDNamespace(caller); err != nil {
+			return target{}, err
+		}
 		return e.attestPID(ctx, pid)
 	case len(sels) > maxSelectors:
 		return target{}, status.Errorf(codes.InvalidArgument, "too many selectors: %d, the limit is %d", len(sels), maxSelectors)
@@ -212,6 +216,20 @@ func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, 
 		out = append(out, selector.Selector{Type: s.GetType(), Value: s.GetValue()})
 	}
 	return target{sels: selector.Sort(out)}, nil
+}
+
+// samePIDNamespace refuses a PID from a delegate in a PID namespace below
+// the agent's (a pod without hostPID): its PID numbers another process
+// here, whose identity it would get. spire-agent does not check.
+func samePIDNamespace(caller *attestor.Caller) error {
+	depth, err := caller.PIDNamespaceDepth()
+	if err != nil {
+		return workloadapi.StatusOf(err)
+	}
+	if depth > 0 {
+		return status.Error(codes.FailedPrecondition, "the caller runs in a PID namespace of its own, and PIDs are read in the agent's: run the delegate in the host's PID namespace (hostPID), or name the workload by selectors")
+	}
+	return nil
 }
 
 // attestPID attests the process pid with the workload attestors, pinned

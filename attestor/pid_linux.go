@@ -2,7 +2,10 @@ package attestor
 
 import (
 	"fmt"
+	"os"
+	"strconv"
 
+	"github.com/lanyard-dev/lanyard/attestor/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -40,3 +43,20 @@ func pidfdExited(fd int) bool {
 
 // Release stops tracking a caller made by TrackPID.
 func (c *Caller) Release() { c.releaseFD() }
+
+// PIDNamespaceDepth is how many PID namespaces below the agent's the
+// caller's process runs in: 0 in the agent's own (or when the kernel does
+// not say). A PID such a caller names is a number in its namespace, which
+// means another process in the agent's.
+func (c *Caller) PIDNamespaceDepth() (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(int(c.PID)) + "/status")
+	if err != nil {
+		return 0, fmt.Errorf("%w: reading pid %d's PID namespaces: %v", ErrCallerGone, c.PID, err)
+	}
+	depth, _ := procfs.NSpidDepth(b)
+	// The file read must have been the caller's.
+	if err := c.Verify(); err != nil {
+		return 0, err
+	}
+	return depth, nil
+}
