@@ -17,9 +17,15 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// maxSelectors bounds a request's selectors, which are matched against
-// every entry.
-const maxSelectors = 64
+// Bounds on a request's selectors, which a stream keeps and matches on
+// every change: in count, and in bytes (real selectors are under 300:
+// a docker label, a k8s image digest).
+const (
+	maxSelectors      = 64
+	maxSelectorType   = 64
+	maxSelectorValue  = 1024
+	maxSelectorsBytes = 8 << 10
+)
 
 // delegated is the Delegated Identity API, as spire-agent serves it.
 type delegated struct {
@@ -209,11 +215,20 @@ func (e *Endpoint) requestWorkload(ctx context.Context, caller *attestor.Caller,
 		return target{}, status.Errorf(codes.InvalidArgument, "too many selectors: %d, the limit is %d", len(sels), maxSelectors)
 	}
 	out := make([]selector.Selector, 0, len(sels))
+	total := 0
 	for i, s := range sels {
-		if s.GetType() == "" || s.GetValue() == "" || strings.Contains(s.GetType(), ":") {
-			return target{}, status.Errorf(codes.InvalidArgument, "could not parse provided selectors: selector %d (%q, %q) needs a type without \":\" and a value", i, s.GetType(), s.GetValue())
+		typ, value := s.GetType(), s.GetValue()
+		total += len(typ) + len(value)
+		switch {
+		case len(typ) > maxSelectorType || len(value) > maxSelectorValue:
+			return target{}, status.Errorf(codes.InvalidArgument, "selector %d is too long: types are limited to %d bytes and values to %d", i, maxSelectorType, maxSelectorValue)
+		case total > maxSelectorsBytes:
+			return target{}, status.Errorf(codes.InvalidArgument, "the selectors are too long: %d bytes at most in all", maxSelectorsBytes)
+		case typ == "" || value == "" || strings.Contains(typ, ":"):
+			return target{}, status.Errorf(codes.InvalidArgument, "could not parse provided selectors: selector %d (%q, %q) needs a type without \":\" and a value", i, typ, value)
 		}
-		out = append(out, selector.Selector{Type: s.GetType(), Value: s.GetValue()})
+		// Copies: the request's buffer is not kept for the stream's life.
+		out = append(out, selector.Selector{Type: strings.Clone(typ), Value: strings.Clone(value)})
 	}
 	return target{sels: selector.Sort(out)}, nil
 }

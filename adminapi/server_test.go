@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -240,6 +242,9 @@ func TestMalformedRequests(t *testing.T) {
 		"both":                {Selectors: podSelectors(), Pid: 1},
 		"selector with colon": {Selectors: []*types.Selector{{Type: "k8s:ns", Value: "x"}}},
 		"empty value":         {Selectors: []*types.Selector{{Type: "k8s"}}},
+		"long value":          {Selectors: []*types.Selector{{Type: "k8s", Value: strings.Repeat("v", 2<<10)}}},
+		"long type":           {Selectors: []*types.Selector{{Type: strings.Repeat("t", 65), Value: "v"}}},
+		"long in all":         {Selectors: slices.Repeat([]*types.Selector{{Type: "k8s", Value: strings.Repeat("v", 1000)}}, 9)},
 	}
 	for name, req := range x509 {
 		s, err := c.SubscribeToX509SVIDs(ctx, req)
