@@ -245,6 +245,8 @@ func TestMalformedRequests(t *testing.T) {
 		"long value":          {Selectors: []*types.Selector{{Type: "k8s", Value: strings.Repeat("v", 2<<10)}}},
 		"long type":           {Selectors: []*types.Selector{{Type: strings.Repeat("t", 65), Value: "v"}}},
 		"long in all":         {Selectors: slices.Repeat([]*types.Selector{{Type: "k8s", Value: strings.Repeat("v", 1000)}}, 9)},
+		"too many":            {Selectors: slices.Repeat(podSelectors(), 65)},
+		"negative pid":        {Pid: -1},
 	}
 	for name, req := range x509 {
 		s, err := c.SubscribeToX509SVIDs(ctx, req)
@@ -255,6 +257,8 @@ func TestMalformedRequests(t *testing.T) {
 		"empty audience": {Audience: []string{""}, Selectors: podSelectors()},
 		"neither":        {Audience: []string{"a"}},
 		"both":           {Audience: []string{"a"}, Selectors: podSelectors(), Pid: 1},
+		"too many":       {Audience: slices.Repeat([]string{"a"}, 33), Selectors: podSelectors()},
+		"long audience":  {Audience: []string{strings.Repeat("a", 5<<10)}, Selectors: podSelectors()},
 	}
 	for name, req := range jwt {
 		_, err := c.FetchJWTSVIDs(ctx, req)
