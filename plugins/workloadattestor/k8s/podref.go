@@ -1,0 +1,211 @@
+package k8s
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/attestor/selector"
+)
+
+// The errors of AttestPod, for the SPIFFE Broker API's codes.
+var (
+	// ErrInvalidPodReference: the reference is malformed (InvalidArgument,
+	// WORKLOAD_REFERENCE_INVALID). Nothing was fetched.
+	ErrInvalidPodReference = errors.New("invalid pod reference")
+	// ErrPodNotFound: the kubelet of this node does not list the pod
+	// (NotFound, WORKLOAD_NOT_FOUND). A pod on another node is not found.
+	ErrPodNotFound = errors.New("pod not found on this node")
+	// ErrPodMismatch: the pod named by namespace and name has another UID
+	// than the reference's (NotFound, as SPIRE answers; for the Broker API
+	// spec that workload has stopped).
+	ErrPodMismatch = errors.New("the pod of that name has another UID")
+)
+
+// Bounds of the names Kubernetes accepts (RFC 1123, as
+// k8s.io/apimachinery/pkg/util/validation checks them; its regexps are not
+// used here so that the agent does not link klog).
+const (
+	maxNamespaceLength = 63  // a DNS label
+	maxPodNameLength   = 253 // a DNS subdomain
+)
+
+// AttestPod returns the selectors of the pod that namespace and name, uid,
+// or all three name: the pod-level selectors of Attest (sa, ns, node-name,
+// pod-uid, pod-name, pod-image-count, pod-init-image-count, pod-image,
+// pod-init-image, pod-label, pod-owner, pod-owner-uid), without any
+// container's, as SPIRE answers a Broker API KubernetesObjectReference to a
+// pod (pod_reference_scope "agent_node").
+//
+// Only pods that the kubelet of this node lists can be attested. uid is
+// the UID the kubelet lists: an API pod's UUID, or a static pod's config
+// hash (32 hex digits), not its mirror pod's UID. namespace and name go
+// together (name without namespace, or namespace without name, is
+// invalid); when uid is given as well, the pod named must have it.
+//
+// The errors, for the caller to map to gRPC codes:
+//   - ErrInvalidPodReference (InvalidArgument): neither name nor uid, a
+//     namespace that is not a DNS label, a name that is not a DNS
+//     subdomain, a uid that is neither a lowercase UUID nor 32 lowercase hex digits. It is
+//     returned before any fetch.
+//   - ErrPodNotFound (NotFound): no pod of that namespace and name, or of
+//     that uid, in a kubelet list fetched after the call began.
+//   - ErrPodMismatch (NotFound): the pod of that namespace and name has
+//     another UID.
+//   - ctx's error (errors.Is context.Canceled or DeadlineExceeded).
+//   - any other error (Unavailable): the kubelet's list could not be had,
+//     or lists two pods under the reference.
+//
+// The pod list is the one Attest shares: a list younger than
+// poll_retry_interval answers, else the next fetch's does. A pod that a
+// list fetched before the call began does not show is looked for once more
+// in the next list, so a pod created just before the call is found. When
+// the kubelet fails, a pod in the last good list (at most two minutes old)
+// still answers, as for Attest; its absence there is the kubelet's error,
+// not ErrPodNotFound. AttestPod returns when ctx ends; the kubelet call
+// runs on a goroutine of its own, bounded by its own timeout.
+func (a *Attestor) AttestPod(ctx context.Context, namespace, name, uid string) ([]selector.Selector, error) {
+	if err := validatePodReference(namespace, name, uid); err != nil {
+		return nil, err
+	}
+	begin := time.Now()
+	var searched uint64
+	var lastErr, resolveErr error
+	// At most two lists: the current one, and a newer one when the current
+	// one is older than the call.
+	for range 2 {
+		list, err := a.lists.next(ctx, searched)
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("pod %s: %w", describePodReference(namespace, name, uid), ctx.Err())
+		}
+		lastErr = err
+		if list == nil {
+			break
+		}
+		if list.version > searched {
+			searched = list.version
+			p, err := list.resolve(namespace, name, uid)
+			if err == nil {
+				return podSelectors(p), nil
+			}
+			resolveErr = err
+		}
+		if err == nil && !list.fetched.Before(begin) {
+			break
+		}
+	}
+	if lastErr != nil {
+		return nil, fmt.Errorf("pod %s: the kubelet's pod list is unavailable: %w", describePodReference(namespace, name, uid), lastErr)
+	}
+	a.log.Debug("A pod reference names no pod of the kubelet's list", "namespace", namespace, "name", name, "uid", uid, "error", resolveErr)
+	return nil, resolveErr
+}
+
+// resolve finds the pod a reference names: by namespace and name when they
+// are given (then checking uid), else by uid.
+func (l *podList) resolve(namespace, name, uid string) (*pod, error) {
+	what := describePodReference(namespace, name, uid)
+	var p *pod
+	var twice bool
+	if name != "" {
+		p, twice = l.lookup(l.byName, namespacedName(namespace, name))
+	} else {
+		p, twice = l.lookup(l.byUID, podKey(uid))
+	}
+	switch {
+	case twice:
+		return nil, fmt.Errorf("pod %s: the kubelet lists two pods under it: refusing to choose one", what)
+	case p == nil:
+		return nil, fmt.Errorf("pod %s: %w", what, ErrPodNotFound)
+	case uid != "" && podKey(p.Metadata.UID) != podKey(uid):
+		return nil, fmt.Errorf("pod %s: %w: it is %s", what, ErrPodMismatch, p.Metadata.UID)
+	}
+	return p, nil
+}
+
+// namespacedName is the byName key; a namespace has no "/".
+func namespacedName(namespace, name string) string {
+	return namespace + "/" + name
+}
+
+func describePodReference(namespace, name, uid string) string {
+	switch {
+	case name == "":
+		return "with UID " + uid
+	case uid == "":
+		return namespacedName(namespace, name)
+	}
+	return namespacedName(namespace, name) + " with UID " + uid
+}
+
+// validatePodReference checks a reference as Kubernetes bounds its parts,
+// before anything is fetched. The values are not quoted back when too long
+// or malformed: they come from the caller.
+func validatePodReference(namespace, name, uid string) error {
+	switch {
+	case name == "" && uid == "":
+		return fmt.Errorf("%w: a pod reference needs a namespace and name, a UID, or both", ErrInvalidPodReference)
+	case name != "" && namespace == "":
+		return fmt.Errorf("%w: a pod name needs its namespace", ErrInvalidPodReference)
+	case name == "" && namespace != "":
+		return fmt.Errorf("%w: a namespace needs a pod name", ErrInvalidPodReference)
+	case name != "" && !isDNSSubdomain(name):
+		return fmt.Errorf("%w: the pod name is not a lowercase RFC 1123 subdomain of at most %d characters", ErrInvalidPodReference, maxPodNameLength)
+	case namespace != "" && !isDNSLabel(namespace):
+		return fmt.Errorf("%w: the namespace is not a lowercase RFC 1123 label of at most %d characters", ErrInvalidPodReference, maxNamespaceLength)
+	case uid != "" && !isPodUID(uid):
+		return fmt.Errorf("%w: the UID is neither a lowercase UUID nor 32 lowercase hex digits (a static pod's)", ErrInvalidPodReference)
+	}
+	return nil
+}
+
+// isDNSLabel: 1-63 of [a-z0-9-], starting and ending alphanumeric.
+func isDNSLabel(s string) bool {
+	if len(s) == 0 || len(s) > maxNamespaceLength {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !isLowerAlnum(c) && (c != '-' || i == 0 || i == len(s)-1) {
+			return false
+		}
+	}
+	return true
+}
+
+// isDNSSubdomain: at most 253 characters of labels joined by dots, each
+// label as isDNSLabel but of any length (as Kubernetes checks names).
+func isDNSSubdomain(s string) bool {
+	if len(s) == 0 || len(s) > maxPodNameLength {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if isLowerAlnum(c) {
+			continue
+		}
+		// '-' and '.' only between alphanumerics or hyphens, a dot only
+		// between alphanumerics.
+		first, last := i == 0, i == len(s)-1
+		switch {
+		case first || last:
+			return false
+		case c == '-' && s[i-1] != '.' && s[i+1] != '.':
+		case c == '.' && isLowerAlnum(s[i-1]) && isLowerAlnum(s[i+1]):
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// isPodUID: a UUID in its dashed form, or the 32 hex digits of a static
+// pod's UID as the kubelet lists it; lowercase, as Kubernetes writes them.
+func isPodUID(s string) bool {
+	_, ok := parsePodUID([]byte(s))
+	return ok && !strings.Contains(s, "_")
+}
+
+func isLowerAlnum(c byte) bool { return 'a' <= c && c <= 'z' || '0' <= c && c <= '9' }
