@@ -59,9 +59,11 @@ const (
 //     or lists two pods under the reference.
 //
 // The pod list is the one Attest shares: a list younger than
-// poll_retry_interval answers, else the next fetch's does. A pod that a
-// list fetched before the call began does not show is looked for once more
-// in the next list, so a pod created just before the call is found. When
+// poll_retry_interval answers, else the next fetch's does, so a pod
+// deleted less than poll_retry_interval ago may still be found, as in
+// SPIRE. A pod that a list fetched before the call began does not show is
+// looked for once more in the next list, so a pod created just before the
+// call is found. When
 // the kubelet fails, a pod in the last good list (at most two minutes old)
 // still answers, as for Attest; its absence there is the kubelet's error,
 // not ErrPodNotFound. AttestPod returns when ctx ends; the kubelet call
