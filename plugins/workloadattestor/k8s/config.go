@@ -54,12 +54,12 @@ type Config struct {
 // refusedKeys are SPIRE's keys for features Lanyard does not build, with
 // what to tell a user who sets them.
 var refusedKeys = map[string]string{
-	"experimental":            "the experimental block (sigstore image signature verification) is not supported by Lanyard; remove it, and the k8s:image-signature selectors with it",
+	"experimental":            "the experimental block (sigstore image signature verification, the api_server cache, the broker block) is not supported by Lanyard; remove it, and any k8s:image-signature selectors. Broker API pod references need no block: the k8s attestor answers them from the kubelet's pod list (SPIRE's pod_reference_scope \"agent_node\") for every broker the Broker endpoint (agent.experimental.broker) authorizes",
 	"sigstore":                "sigstore image signature verification is not supported by Lanyard; remove the block, and the k8s:image-signature selectors with it",
 	"enable_namespace_labels": "enable_namespace_labels (k8s:ns-label selectors, from a SPIRE release after 1.13) is not supported by Lanyard",
 	"disable_kubelet_client":  "disable_kubelet_client (from a SPIRE release after 1.13) is not supported by Lanyard: the k8s attestor needs the kubelet",
 	"api_server":              "the api_server block (from a SPIRE release after 1.13) is not supported by Lanyard: the k8s attestor asks only the kubelet",
-	"broker":                  "the broker block (SPIFFE Broker API, from a SPIRE release after 1.13) is not supported by Lanyard",
+	"broker":                  "the broker block (SPIFFE Broker API access policy, from a SPIRE release after 1.13) is not supported in the k8s attestor's plugin_data: remove it; brokers are authorized by the Broker endpoint (agent.experimental.broker), and pod references are answered from the kubelet's pod list",
 }
 
 // settings is the validated configuration.

@@ -87,9 +87,10 @@ func TestConfigErrors(t *testing.T) {
 		{"bad node name variable", "", map[string]string{"MY_NODE_NAME": "x y"}, `node_name_env: environment variable MY_NODE_NAME holds "x y"`},
 		{"a typo", "kubelet_secure_prot = 1", nil, `kubelet_secure_prot: unknown key; did you mean "kubelet_secure_port"?`},
 		{"a wrong type", `skip_kubelet_verification = "maybe"`, nil, "skip_kubelet_verification"},
-		{"sigstore", "experimental {\n  sigstore {\n    rekor_url = \"https://rekor.example\"\n  }\n}", nil, "agent.conf:1:1: experimental: the experimental block (sigstore image signature verification) is not supported by Lanyard"},
+		{"sigstore", "experimental {\n  sigstore {\n    rekor_url = \"https://rekor.example\"\n  }\n}", nil, "agent.conf:1:1: experimental: the experimental block (sigstore image signature verification, the api_server cache, the broker block) is not supported by Lanyard"},
 		{"namespace labels", "\n\nenable_namespace_labels = true", nil, "agent.conf:3:1: enable_namespace_labels: enable_namespace_labels (k8s:ns-label selectors, from a SPIRE release after 1.13) is not supported"},
 		{"broker", "broker {}", nil, "broker: the broker block (SPIFFE Broker API"},
+		{"experimental broker", "experimental {\n  broker {\n    access_policy = \"permissive\"\n  }\n}", nil, "experimental: the experimental block (sigstore image signature verification, the api_server cache, the broker block) is not supported by Lanyard"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := tc.env
