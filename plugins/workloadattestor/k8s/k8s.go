@@ -7,7 +7,9 @@
 // fetch starts are spaced by poll_retry_interval, and an attestation
 // whose container is not listed yet waits for the next list until its
 // deadline (podLists). The list is decoded as a stream that keeps only the
-// fields the selectors need (decodePodList).
+// fields the selectors need (decodePodList). AttestPod answers from the
+// same lists for a pod named by namespace/name and/or UID (a Broker API
+// KubernetesObjectReference).
 package k8s
 
 import (

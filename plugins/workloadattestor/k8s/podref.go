@@ -163,18 +163,10 @@ func validatePodReference(namespace, name, uid string) error {
 	return nil
 }
 
-// isDNSLabel: 1-63 of [a-z0-9-], starting and ending alphanumeric.
+// isDNSLabel: 1-63 of [a-z0-9-], starting and ending alphanumeric: a
+// subdomain of one label.
 func isDNSLabel(s string) bool {
-	if len(s) == 0 || len(s) > maxNamespaceLength {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !isLowerAlnum(c) && (c != '-' || i == 0 || i == len(s)-1) {
-			return false
-		}
-	}
-	return true
+	return len(s) <= maxNamespaceLength && !strings.Contains(s, ".") && isDNSSubdomain(s)
 }
 
 // isDNSSubdomain: at most 253 characters of labels joined by dots, each

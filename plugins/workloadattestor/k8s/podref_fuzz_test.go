@@ -3,6 +3,7 @@ package k8s
 import (
 	"errors"
 	"regexp"
+	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -20,6 +21,9 @@ func FuzzValidatePodReference(f *testing.F) {
 	f.Add("", "", "0123456789abcdef0123456789abcdef")
 	f.Add("a-", "a.-b", "7279e37c_ebf9_a9b8_e62c_8cb2027dc6fa")
 	f.Add("A", "web..x", "{7279e37c-ebf9-a9b8-e62c-8cb2027dc6fa}")
+	f.Add(strings.Repeat("a", 64), strings.Repeat("a", 64)+".b", "")
+	f.Add(strings.Repeat("a", 63), strings.Repeat("a.", 126)+"a", "")
+	f.Add("a.b", strings.Repeat("a.", 126)+"ab", "")
 	f.Fuzz(func(t *testing.T, namespace, name, uid string) {
 		if got, want := isDNSLabel(namespace), len(validation.IsDNS1123Label(namespace)) == 0; got != want {
 			t.Fatalf("isDNSLabel(%q) = %v, Kubernetes says %v", namespace, got, want)
