@@ -63,12 +63,10 @@ type podList struct {
 	fetched time.Time
 	size    int64 // bytes read from the kubelet
 	pods    []pod
-	// byUID, byContainer and byName give the index into pods by canonical
-	// pod UID, by runtime container ID and by namespace/name; ambiguous
-	// when two pods claim one.
+	// byUID and byContainer give the index into pods by canonical pod UID
+	// and by runtime container ID; ambiguous when two pods claim one.
 	byUID       map[string]int
 	byContainer map[string]int
-	byName      map[string]int
 }
 
 const ambiguous = -1
@@ -231,9 +229,9 @@ func describeToken(tok json.Token) string {
 	return fmt.Sprintf("%T %v", tok, tok)
 }
 
-// index drops pods without a UID and indexes the rest by pod UID, by
-// namespace/name, and by the runtime ID of every container, init container
-// and ephemeral container.
+// index drops pods without a UID and indexes the rest by pod UID and by
+// the runtime ID of every container, init container and ephemeral
+// container.
 func (l *podList) index(warn func(msg string, args ...any)) {
 	kept := l.pods[:0]
 	for i := range l.pods {
@@ -247,11 +245,9 @@ func (l *podList) index(warn func(msg string, args ...any)) {
 	l.pods = kept
 	l.byUID = make(map[string]int, len(kept))
 	l.byContainer = make(map[string]int, 2*len(kept))
-	l.byName = make(map[string]int, len(kept))
 	for i := range kept {
 		p := &kept[i]
 		put(l.byUID, podKey(p.Metadata.UID), i)
-		put(l.byName, namespacedName(p.Metadata.Namespace, p.Metadata.Name), i)
 		for _, statuses := range [][]containerStatus{p.Status.ContainerStatuses, p.Status.InitContainerStatuses, p.Status.EphemeralContainerStatuses} {
 			for _, st := range statuses {
 				if id, ok := runtimeID(st.ContainerID); ok {

@@ -1,6 +1,7 @@
 package k8s
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"slices"
@@ -228,5 +229,21 @@ func TestAttestPodContextEnds(t *testing.T) {
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+}
+
+// BenchmarkResolveByName500 is the scan by namespace and name of a
+// 500-pod list, for its last pod.
+func BenchmarkResolveByName500(b *testing.B) {
+	pods := testPods(500)
+	list, err := decodePodList(bytes.NewReader(podListJSON(pods)), func(string, ...any) {})
+	if err != nil {
+		b.Fatal(err)
+	}
+	last := pods[len(pods)-1]
+	for b.Loop() {
+		if _, err := list.resolve(last.Namespace, last.Name, ""); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
