@@ -47,8 +47,9 @@ const (
 //
 // The errors, for the caller to map to gRPC codes:
 //   - ErrInvalidPodReference (InvalidArgument): neither name nor uid, a
-//     namespace that is not a DNS label, a name that is not a DNS
-//     subdomain, a uid that is neither a lowercase UUID nor 32 lowercase hex digits. It is
+//     name without namespace or a namespace without name, a namespace
+//     that is not a DNS label, a name that is not a DNS subdomain, a uid
+//     that is neither a lowercase UUID nor 32 lowercase hex digits. It is
 //     returned before any fetch.
 //   - ErrPodNotFound (NotFound): no pod of that namespace and name, or of
 //     that uid, in a kubelet list fetched after the call began.
@@ -56,27 +57,29 @@ const (
 //     another UID.
 //   - ctx's error (errors.Is context.Canceled or DeadlineExceeded).
 //   - any other error (Unavailable): the kubelet's list could not be had,
-//     or lists two pods under the reference.
+//     or it lists two pods under the reference.
 //
 // The pod list is the one Attest shares: a list younger than
 // poll_retry_interval answers, else the next fetch's does, so a pod
 // deleted less than poll_retry_interval ago may still be found, as in
-// SPIRE. A pod that a list fetched before the call began does not show is
-// looked for once more in the next list, so a pod created just before the
-// call is found. When
-// the kubelet fails, a pod in the last good list (at most two minutes old)
-// still answers, as for Attest; its absence there is the kubelet's error,
-// not ErrPodNotFound. AttestPod returns when ctx ends; the kubelet call
-// runs on a goroutine of its own, bounded by its own timeout.
+// SPIRE. A pod missing from a list whose fetch began before the call is
+// looked for in the next list, fetched after the call began, so a pod
+// created just before the call is found. While the kubelet fails, a
+// pod in the last good list (at most two minutes old) still answers, as
+// for Attest, and its absence there is the kubelet's error, not
+// ErrPodNotFound. AttestPod returns when ctx ends; the kubelet call runs
+// on a goroutine of its own, bounded by its own timeout.
 func (a *Attestor) AttestPod(ctx context.Context, namespace, name, uid string) ([]selector.Selector, error) {
 	if err := validatePodReference(namespace, name, uid); err != nil {
 		return nil, err
 	}
 	begin := time.Now()
 	var searched uint64
-	var lastErr, resolveErr error
-	// At most two lists: the current one, and a newer one when the current
-	// one is older than the call.
+	var lastErr error
+	resolveErr := fmt.Errorf("pod %s: %w", describePodReference(namespace, name, uid), ErrPodNotFound)
+	// At most two lists: the cached one or one whose fetch began before
+	// the call (a fetch starts only once the cached list is stale), then
+	// one fetched after the call began.
 	for range 2 {
 		list, err := a.lists.next(ctx, searched)
 		if ctx.Err() != nil {

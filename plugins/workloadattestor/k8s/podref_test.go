@@ -126,6 +126,47 @@ func TestAttestPodListedByTheNextList(t *testing.T) {
 	}
 }
 
+// A fetch that began before the call is joined, and its list, which may
+// predate the pod, is not the last word: the next list is searched.
+func TestAttestPodFetchBegunBeforeTheCall(t *testing.T) {
+	e := newReadOnlyEnv(t, `poll_retry_interval = "10ms"`)
+	pods := testPods(3)
+	e.kubelet.pods = func(n int) []corev1.Pod {
+		if n == 1 {
+			return pods[:2]
+		}
+		return pods
+	}
+	gate := make(chan struct{})
+	e.kubelet.gate = gate
+	ctx := testkit.Context(t, time.Minute)
+	type result struct {
+		got []string
+		err error
+	}
+	first, second := make(chan result, 1), make(chan result, 1)
+	go func() {
+		got, err := e.attestPod(ctx, "", "", string(pods[0].UID))
+		first <- result{got, err}
+	}()
+	testkit.WaitFor(t, 10*time.Second, "the first fetch to reach the kubelet", func() bool { return e.kubelet.count() == 1 })
+	go func() {
+		got, err := e.attestPod(ctx, pods[2].Namespace, pods[2].Name, "")
+		second <- result{got, err}
+	}()
+	testkit.WaitFor(t, 10*time.Second, "the second call to join the first fetch", func() bool { return e.a.lists.waiting() == 2 })
+	close(gate)
+	if r := <-first; r.err != nil || !slices.Contains(r.got, "k8s:pod-uid:"+string(pods[0].UID)) {
+		t.Errorf("first call: got %q, %v; want pod 0's selectors", r.got, r.err)
+	}
+	if r := <-second; r.err != nil || !slices.Contains(r.got, "k8s:pod-uid:"+string(pods[2].UID)) {
+		t.Errorf("second call: got %q, %v; want pod 2's selectors from the second list", r.got, r.err)
+	}
+	if n := e.kubelet.count(); n != 2 {
+		t.Errorf("kubelet requests = %d, want 2", n)
+	}
+}
+
 // Malformed references fail before any fetch.
 func TestAttestPodInvalidReference(t *testing.T) {
 	e := newReadOnlyEnv(t, "")
@@ -169,8 +210,9 @@ func TestAttestPodInvalidReference(t *testing.T) {
 	}
 }
 
-// The kubelet lists two pods under one name (as it may while a pod of a
-// StatefulSet is replaced): no choice is made.
+// A list with two pods under one name (the kubelet drops a deleted pod
+// before it lists its namesake, but a list is no proof): no choice is
+// made.
 func TestAttestPodTwoPodsOfOneName(t *testing.T) {
 	e := newReadOnlyEnv(t, `poll_retry_interval = "1ms"`)
 	pods := testPods(3)
