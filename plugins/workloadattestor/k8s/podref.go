@@ -2,26 +2,29 @@ package k8s
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
-// The errors of AttestPod, for the SPIFFE Broker API's codes.
+// The errors of AttestPod, for the SPIFFE Broker API's codes. Each is
+// also the attestor package's error of its class, which the Broker
+// endpoint maps: errors.Is(ErrPodNotFound, attestor.ErrWorkloadNotFound).
 var (
 	// ErrInvalidPodReference: the reference is malformed (InvalidArgument,
 	// WORKLOAD_REFERENCE_INVALID). Nothing was fetched.
-	ErrInvalidPodReference = errors.New("invalid pod reference")
-	// ErrPodNotFound: the kubelet of this node does not list the pod
-	// (NotFound, WORKLOAD_NOT_FOUND). A pod on another node is not found.
-	ErrPodNotFound = errors.New("pod not found on this node")
+	ErrInvalidPodReference error = &attestor.ReferenceError{Msg: "invalid pod reference", Kind: attestor.ErrInvalidReference}
+	// ErrPodNotFound: no such pod where the broker's pod_reference_scope
+	// looks (NotFound, WORKLOAD_NOT_FOUND): with "agent_node" a pod on
+	// another node is not found.
+	ErrPodNotFound error = &attestor.ReferenceError{Msg: "pod not found", Kind: attestor.ErrWorkloadNotFound}
 	// ErrPodMismatch: the pod named by namespace and name has another UID
 	// than the reference's (NotFound, as SPIRE answers; for the Broker API
 	// spec that workload has stopped).
-	ErrPodMismatch = errors.New("the pod of that name has another UID")
+	ErrPodMismatch error = &attestor.ReferenceError{Msg: "the pod of that name has another UID", Kind: attestor.ErrWorkloadNotFound}
 )
 
 // Bounds of the names Kubernetes accepts (RFC 1123, as
