@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/attestor"
-	"github.com/lanyard-dev/lanyard/attestor/selector"
 )
 
 // The errors of AttestPod, for the SPIFFE Broker API's codes. Each is
@@ -35,32 +34,20 @@ const (
 	maxPodNameLength   = 253 // a DNS subdomain
 )
 
-// AttestPod returns the selectors of the pod that namespace and name, uid,
-// or all three name: the pod-level selectors of Attest (sa, ns, node-name,
-// pod-uid, pod-name, pod-image-count, pod-init-image-count, pod-image,
-// pod-init-image, pod-label, pod-owner, pod-owner-uid), without any
-// container's, as SPIRE answers a Broker API KubernetesObjectReference to a
-// pod (pod_reference_scope "agent_node").
+// findPodOnNode finds the pod that namespace and name, uid, or all three
+// name among the pods the kubelet of this node lists (the
+// pod_reference_scope "agent_node"; AttestPod checks the reference and
+// the broker first).
 //
-// Only pods that the kubelet of this node lists can be attested. uid is
-// the UID the kubelet lists: an API pod's UUID, or a static pod's config
-// hash (32 hex digits), not its mirror pod's UID. namespace and name go
-// together (name without namespace, or namespace without name, is
-// invalid); when uid is given as well, the pod named must have it.
+// uid is the UID the kubelet lists: an API pod's UUID, or a static pod's
+// config hash (32 hex digits), not its mirror pod's UID. When uid is given
+// with a name, the pod named must have it.
 //
-// The errors, for the caller to map to gRPC codes:
-//   - ErrInvalidPodReference (InvalidArgument): neither name nor uid, a
-//     name without namespace or a namespace without name, a namespace
-//     that is not a DNS label, a name that is not a DNS subdomain, a uid
-//     that is neither a lowercase UUID nor 32 lowercase hex digits. It is
-//     returned before any fetch.
-//   - ErrPodNotFound (NotFound): no pod of that namespace and name, or of
-//     that uid, in a kubelet list fetched after the call began.
-//   - ErrPodMismatch (NotFound): the pod of that namespace and name has
-//     another UID.
-//   - ctx's error (errors.Is context.Canceled or DeadlineExceeded).
-//   - any other error (Unavailable): the kubelet's list could not be had,
-//     or it lists two pods under the reference.
+// The errors: ErrPodNotFound, no pod of that namespace and name, or of
+// that uid, in a kubelet list fetched after the call began;
+// ErrPodMismatch, the pod of that name has another UID; ctx's error; any
+// other (Unavailable): the kubelet's list could not be had, or it lists
+// two pods under the reference.
 //
 // The pod list is the one Attest shares: a list younger than
 // poll_retry_interval answers, else the next fetch's does, so a pod
@@ -70,16 +57,13 @@ const (
 // created just before the call is found. While the kubelet fails, a
 // pod in the last good list (at most two minutes old) still answers, as
 // for Attest, and its absence there is the kubelet's error, not
-// ErrPodNotFound. AttestPod returns when ctx ends; the kubelet call runs
-// on a goroutine of its own, bounded by its own timeout.
-func (a *Attestor) AttestPod(ctx context.Context, namespace, name, uid string) ([]selector.Selector, error) {
-	if err := validatePodReference(namespace, name, uid); err != nil {
-		return nil, err
-	}
+// ErrPodNotFound. It returns when ctx ends; the kubelet call runs on a
+// goroutine of its own, bounded by its own timeout.
+func (a *Attestor) findPodOnNode(ctx context.Context, namespace, name, uid string) (*pod, error) {
 	begin := time.Now()
 	var searched uint64
 	var lastErr error
-	resolveErr := fmt.Errorf("pod %s: %w", describePodReference(namespace, name, uid), ErrPodNotFound)
+	resolveErr := fmt.Errorf("pod %s: %w on this node", describePodReference(namespace, name, uid), ErrPodNotFound)
 	// At most two lists: the cached one or one whose fetch began before
 	// the call (a fetch starts only once the cached list is stale), then
 	// one fetched after the call began.
@@ -96,7 +80,7 @@ func (a *Attestor) AttestPod(ctx context.Context, namespace, name, uid string) (
 			searched = list.version
 			p, err := list.resolve(namespace, name, uid)
 			if err == nil {
-				return podSelectors(p), nil
+				return p, nil
 			}
 			resolveErr = err
 		}
@@ -125,7 +109,7 @@ func (l *podList) resolve(namespace, name, uid string) (*pod, error) {
 	case twice:
 		return nil, fmt.Errorf("pod %s: the kubelet lists two pods under it: refusing to choose one", describePodReference(namespace, name, uid))
 	case p == nil:
-		return nil, fmt.Errorf("pod %s: %w", describePodReference(namespace, name, uid), ErrPodNotFound)
+		return nil, fmt.Errorf("pod %s: %w on this node", describePodReference(namespace, name, uid), ErrPodNotFound)
 	case uid != "" && podKey(p.Metadata.UID) != podKey(uid):
 		return nil, fmt.Errorf("pod %s: %w: it is %s", describePodReference(namespace, name, uid), ErrPodMismatch, p.Metadata.UID)
 	}

@@ -10,12 +10,23 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 )
 
+// testBroker is listed with scope agent_node and access_policy permissive
+// in nodeBroker, the plugin_data of AttestPod's kubelet-only tests.
+var testBroker = spiffeid.RequireFromString("spiffe://example.org/broker")
+
+const nodeBroker = `experimental { broker {
+	access_policy = "permissive"
+	brokers = [{ id = "spiffe://example.org/broker" }]
+} }
+`
+
 func (e *testEnv) attestPod(ctx context.Context, namespace, name, uid string) ([]string, error) {
-	sels, err := e.a.AttestPod(ctx, namespace, name, uid)
+	sels, err := e.a.AttestPod(ctx, testBroker, namespace, name, uid)
 	return values(sels), err
 }
 
@@ -23,7 +34,7 @@ func (e *testEnv) attestPod(ctx context.Context, namespace, name, uid string) ([
 // as SPIRE answers a pod reference: by namespace and name, by UID, and by
 // all three.
 func TestAttestPodByReference(t *testing.T) {
-	e := newSecureEnv(t, "")
+	e := newSecureEnv(t, nodeBroker)
 	pods := testPods(3)
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
 	p := pods[1]
@@ -46,7 +57,7 @@ func TestAttestPodByReference(t *testing.T) {
 
 // A static pod is named by the UID the kubelet lists: its config hash.
 func TestAttestPodStaticUID(t *testing.T) {
-	e := newReadOnlyEnv(t, "")
+	e := newReadOnlyEnv(t, nodeBroker)
 	pods := testPods(2)
 	static := hexID("manifest")[:32]
 	pods[1].UID = types.UID(static)
@@ -61,7 +72,8 @@ func TestAttestPodStaticUID(t *testing.T) {
 // The pod of that name has another UID: ErrPodMismatch (NotFound), also
 // when the UID is another listed pod's.
 func TestAttestPodUIDMismatch(t *testing.T) {
-	e := newSecureEnv(t, `poll_retry_interval = "1ms"`)
+	e := newSecureEnv(t, nodeBroker+`
+poll_retry_interval = "1ms"`)
 	pods := testPods(3)
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
 	ctx := testkit.Context(t, time.Minute)
@@ -81,7 +93,8 @@ func TestAttestPodUIDMismatch(t *testing.T) {
 // A pod that no list shows: ErrPodNotFound, after one list fetched for the
 // call.
 func TestAttestPodAbsent(t *testing.T) {
-	e := newReadOnlyEnv(t, `poll_retry_interval = "1ms"`)
+	e := newReadOnlyEnv(t, nodeBroker+`
+poll_retry_interval = "1ms"`)
 	pods := testPods(3)
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
 	ctx := testkit.Context(t, time.Minute)
@@ -105,7 +118,8 @@ func TestAttestPodAbsent(t *testing.T) {
 // A pod the cached list, older than the call, does not show is looked for
 // in the next list: a pod created just before the call is found.
 func TestAttestPodListedByTheNextList(t *testing.T) {
-	e := newReadOnlyEnv(t, `poll_retry_interval = "500ms"`)
+	e := newReadOnlyEnv(t, nodeBroker+`
+poll_retry_interval = "500ms"`)
 	pods := testPods(3)
 	e.kubelet.pods = func(n int) []corev1.Pod {
 		if n == 1 {
@@ -129,7 +143,8 @@ func TestAttestPodListedByTheNextList(t *testing.T) {
 // A fetch that began before the call is joined, and its list, which may
 // predate the pod, is not the last word: the next list is searched.
 func TestAttestPodFetchBegunBeforeTheCall(t *testing.T) {
-	e := newReadOnlyEnv(t, `poll_retry_interval = "10ms"`)
+	e := newReadOnlyEnv(t, nodeBroker+`
+poll_retry_interval = "10ms"`)
 	pods := testPods(3)
 	e.kubelet.pods = func(n int) []corev1.Pod {
 		if n == 1 {
@@ -169,7 +184,7 @@ func TestAttestPodFetchBegunBeforeTheCall(t *testing.T) {
 
 // Malformed references fail before any fetch.
 func TestAttestPodInvalidReference(t *testing.T) {
-	e := newReadOnlyEnv(t, "")
+	e := newReadOnlyEnv(t, nodeBroker)
 	uid := podUID(1)
 	for _, ref := range []struct{ what, namespace, name, uid string }{
 		{"nothing", "", "", ""},
@@ -193,7 +208,7 @@ func TestAttestPodInvalidReference(t *testing.T) {
 		{"a good name with a bad UID", "team-1", "web", "not-a-uid"},
 		{"a long UID", "", "", strings.Repeat("a", 1<<20)},
 	} {
-		_, err := e.a.AttestPod(context.Background(), ref.namespace, ref.name, ref.uid)
+		_, err := e.a.AttestPod(context.Background(), testBroker, ref.namespace, ref.name, ref.uid)
 		if !errors.Is(err, ErrInvalidPodReference) {
 			t.Errorf("%s: err = %v, want ErrInvalidPodReference", ref.what, err)
 		} else if len(err.Error()) > 200 {
@@ -214,19 +229,20 @@ func TestAttestPodInvalidReference(t *testing.T) {
 // before it lists its namesake, but a list is no proof): no choice is
 // made.
 func TestAttestPodTwoPodsOfOneName(t *testing.T) {
-	e := newReadOnlyEnv(t, `poll_retry_interval = "1ms"`)
+	e := newReadOnlyEnv(t, nodeBroker+`
+poll_retry_interval = "1ms"`)
 	pods := testPods(3)
 	pods[2].Namespace, pods[2].Name = pods[1].Namespace, pods[1].Name
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
 	ctx := testkit.Context(t, time.Minute)
 	for _, uid := range []string{"", string(pods[1].UID)} {
-		_, err := e.a.AttestPod(ctx, pods[1].Namespace, pods[1].Name, uid)
+		_, err := e.a.AttestPod(ctx, testBroker, pods[1].Namespace, pods[1].Name, uid)
 		if err == nil || errors.Is(err, ErrPodNotFound) || errors.Is(err, ErrPodMismatch) || !strings.Contains(err.Error(), "two pods") {
 			t.Errorf("uid %q: err = %v, want a refusal to choose", uid, err)
 		}
 	}
 	// By UID alone the pod is one.
-	if _, err := e.a.AttestPod(ctx, "", "", string(pods[2].UID)); err != nil {
+	if _, err := e.a.AttestPod(ctx, testBroker, "", "", string(pods[2].UID)); err != nil {
 		t.Error(err)
 	}
 }
@@ -234,7 +250,8 @@ func TestAttestPodTwoPodsOfOneName(t *testing.T) {
 // While the kubelet fails, a pod in the last good list still answers, and
 // one not in it is the kubelet's error, not ErrPodNotFound.
 func TestAttestPodKubeletFailing(t *testing.T) {
-	e := newReadOnlyEnv(t, `poll_retry_interval = "1ms"`)
+	e := newReadOnlyEnv(t, nodeBroker+`
+poll_retry_interval = "1ms"`)
 	pods := testPods(3)
 	e.kubelet.pods = func(int) []corev1.Pod { return pods }
 	ctx := testkit.Context(t, time.Minute)
@@ -258,13 +275,13 @@ func TestAttestPodKubeletFailing(t *testing.T) {
 // A kubelet that does not answer: AttestPod returns when ctx ends, with
 // its error.
 func TestAttestPodContextEnds(t *testing.T) {
-	e := newReadOnlyEnv(t, "")
+	e := newReadOnlyEnv(t, nodeBroker)
 	e.kubelet.gate = make(chan struct{})
 	t.Cleanup(func() { close(e.kubelet.gate) })
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		_, err := e.a.AttestPod(ctx, "", "", podUID(1))
+		_, err := e.a.AttestPod(ctx, testBroker, "", "", podUID(1))
 		done <- err
 	}()
 	testkit.WaitFor(t, 10*time.Second, "the kubelet to be asked", func() bool { return e.kubelet.count() == 1 })
