@@ -58,7 +58,7 @@ func TestConfigBroker(t *testing.T) {
 			"agent.conf:4:5: experimental.broker.brokers[0].id: missing",
 			"agent.conf:6:7: experimental.broker.brokers[2].id: broker spiffe://example.org/a is listed twice",
 			`agent.conf:7:7: experimental.broker.brokers[3].id: "example.org/c" is not a SPIFFE ID: scheme is missing or invalid`,
-			`agent.conf:8:39: experimental.broker.brokers[4].pod_reference_scope: "node" is not a pod reference scope`,
+			`agent.conf:8:38: experimental.broker.brokers[4].pod_reference_scope: "node" is not a pod reference scope`,
 			`agent.conf:9:38: experimental.broker.brokers[5].scope: unknown key`,
 		}},
 		{name: "unknown key", hcl: "experimental { broker {\n  access_policy = \"permissive\"\n  policy = 1\n  brokers = [{ id = \"spiffe://example.org/a\" }]\n} }", errs: []string{
