@@ -17,6 +17,7 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	k8sattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
 	"github.com/lanyard-dev/lanyard/test/k8s/k8stest"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // TestK8sAttestPodByReference runs AttestPod, the attestation of a Broker
@@ -36,7 +37,11 @@ func TestK8sAttestPodByReference(t *testing.T) {
             kubelet_ca_path = %q
             token_path = %q
             node_name = "localhost"
-            poll_retry_interval = "100ms"`, c.KubeletPort, c.KubeletCAPath(), token))
+            poll_retry_interval = "100ms"
+            experimental { broker {
+                access_policy = "permissive"
+                brokers = [{ id = %q }]
+            } }`, c.KubeletPort, c.KubeletCAPath(), token, refBroker))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +82,7 @@ func TestK8sAttestPodByReference(t *testing.T) {
 			}
 		}
 		for _, ref := range [][3]string{{"default", "podref", ""}, {"", "", api.UID}, {"default", "podref", api.UID}} {
-			sels, err := a.AttestPod(ctx, ref[0], ref[1], ref[2])
+			sels, err := a.AttestPod(ctx, refBroker, ref[0], ref[1], ref[2])
 			if got := selectorStrings(sels); err != nil || !slices.Equal(got, want) {
 				t.Errorf("AttestPod(%q): got %q, %v; want %q", ref, got, err, want)
 			}
@@ -86,7 +91,7 @@ func TestK8sAttestPodByReference(t *testing.T) {
 
 	t.Run("a static pod", func(t *testing.T) {
 		for _, ref := range [][3]string{{"default", static.Name, ""}, {"", "", static.UID}, {"default", static.Name, static.UID}} {
-			sels, err := a.AttestPod(ctx, ref[0], ref[1], ref[2])
+			sels, err := a.AttestPod(ctx, refBroker, ref[0], ref[1], ref[2])
 			if got := selectorStrings(sels); err != nil || !slices.Contains(got, "k8s:pod-uid:"+static.UID) || !slices.Contains(got, "k8s:pod-name:"+static.Name) {
 				t.Errorf("AttestPod(%q): got %q, %v; want the static pod's selectors", ref, got, err)
 			}
@@ -104,10 +109,10 @@ func TestK8sAttestPodByReference(t *testing.T) {
 		if mirror.Metadata.UID == static.UID {
 			t.Fatalf("the mirror pod has the static pod's UID %s", static.UID)
 		}
-		if _, err := a.AttestPod(ctx, "", "", mirror.Metadata.UID); !errors.Is(err, k8sattestor.ErrPodNotFound) {
+		if _, err := a.AttestPod(ctx, refBroker, "", "", mirror.Metadata.UID); !errors.Is(err, k8sattestor.ErrPodNotFound) {
 			t.Errorf("by the mirror pod's UID: %v, want ErrPodNotFound", err)
 		}
-		if _, err := a.AttestPod(ctx, "default", static.Name, mirror.Metadata.UID); !errors.Is(err, k8sattestor.ErrPodMismatch) {
+		if _, err := a.AttestPod(ctx, refBroker, "default", static.Name, mirror.Metadata.UID); !errors.Is(err, k8sattestor.ErrPodMismatch) {
 			t.Errorf("by name and the mirror pod's UID: %v, want ErrPodMismatch", err)
 		}
 	})
@@ -123,7 +128,7 @@ func TestK8sAttestPodByReference(t *testing.T) {
 			{"another pod's UID", [3]string{"default", "podref", static.UID}, k8sattestor.ErrPodMismatch},
 			{"a namespace that is no DNS label", [3]string{"Default", "podref", ""}, k8sattestor.ErrInvalidPodReference},
 		} {
-			if _, err := a.AttestPod(ctx, tc.ref[0], tc.ref[1], tc.ref[2]); !errors.Is(err, tc.want) {
+			if _, err := a.AttestPod(ctx, refBroker, tc.ref[0], tc.ref[1], tc.ref[2]); !errors.Is(err, tc.want) {
 				t.Errorf("%s: %v, want %v", tc.what, err, tc.want)
 			}
 		}
@@ -134,16 +139,19 @@ func TestK8sAttestPodByReference(t *testing.T) {
 		// The kubelet no longer lists it; a list cached before that still
 		// answers for up to poll_retry_interval, as in SPIRE.
 		testkit.WaitFor(t, 30*time.Second, "AttestPod to refuse the deleted pod", func() bool {
-			_, err := a.AttestPod(ctx, "default", "podref", "")
+			_, err := a.AttestPod(ctx, refBroker, "default", "podref", "")
 			return errors.Is(err, k8sattestor.ErrPodNotFound)
 		})
-		if _, err := a.AttestPod(ctx, "", "", api.UID); !errors.Is(err, k8sattestor.ErrPodNotFound) {
+		if _, err := a.AttestPod(ctx, refBroker, "", "", api.UID); !errors.Is(err, k8sattestor.ErrPodNotFound) {
 			t.Errorf("by UID after deletion: %v, want ErrPodNotFound", err)
 		}
 	})
 	c.DeletePod(staticRef)
 	c.DeletePod(k8stest.PodRef{Namespace: "default", Name: "elsewhere"})
 }
+
+// refBroker is the broker of the pod_reference_scope "agent_node" tests.
+var refBroker = spiffeid.RequireFromString("spiffe://example.org/broker")
 
 // podLevel drops the selectors of the workload's own container.
 func podLevel(sels []selector.Selector) []string {
