@@ -49,8 +49,20 @@ func TestK8sBrokerPolicy(t *testing.T) {
 		}
 	}
 	c.BindClusterRole("lanyard-agent-broker-reviews", "ServiceAccount", k8stest.AgentNamespace, k8stest.AgentServiceAccount)
-	c.BindClusterRole("spire-broker-impersonation", "User", "", allowed.String())
-	c.BindClusterRole("spire-broker-impersonation", "User", "", nodeScope.String())
+	// One binding for both brokers (a SPIFFE ID cannot be in an object's
+	// name, as BindClusterRole would put it).
+	binding := map[string]any{
+		"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+		"metadata": map[string]any{"name": "spire-broker-impersonation"},
+		"roleRef":  map[string]any{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "spire-broker-impersonation"},
+		"subjects": []any{
+			map[string]any{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": allowed.String()},
+			map[string]any{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": nodeScope.String()},
+		},
+	}
+	if err := c.Do("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", binding, nil); err != nil {
+		t.Fatal(err)
+	}
 
 	// The agent as in its pod: its service account's token, the cluster CA,
 	// the API server's address in the environment.
