@@ -21,8 +21,9 @@ import (
 // As in SPIRE, the k8s plugin_data's experimental.broker block decides:
 //   - broker must be listed in its brokers;
 //   - its pod_reference_scope "agent_node" looks only among the pods the
-//     kubelet of this node lists; "cluster" looks there first, then (the
-//     pod not there, or the kubelet failing) asks the API server: by
+//     kubelet of this node lists; "cluster" looks there first (unless
+//     disable_kubelet_client), then (the pod not there, or the kubelet
+//     failing) asks the API server: by
 //     namespace and name a GET, by uid alone a paged list of the pods'
 //     metadata (there is no field selector on a pod's UID) and then a GET;
 //   - with access_policy "enforced", a SubjectAccessReview must allow user
@@ -83,8 +84,9 @@ func (a *Attestor) AttestPod(ctx context.Context, broker spiffeid.ID, namespace,
 //     (attestor.ErrBrokerNotAuthorized otherwise), and with access_policy
 //     "enforced" a SubjectAccessReview must allow it impersonate-via-spire
 //     on the process's pod, found as Attest finds it (cgroup, then the
-//     kubelet's list). A denial is attestor.ErrBrokerNotAuthorized with
-//     the reviewer's reason.
+//     kubelet's list; with disable_kubelet_client it cannot be, an error).
+//     A denial is attestor.ErrBrokerNotAuthorized with the reviewer's
+//     reason.
 //
 // A process that does not exist is attestor.ErrWorkloadNotFound; ctx's
 // error is returned when it ends; any other error means Unavailable.
@@ -115,6 +117,9 @@ func (a *Attestor) AuthorizeBrokerPID(ctx context.Context, broker spiffeid.ID, p
 	if !a.s.broker.enforced {
 		return nil
 	}
+	if a.s.noKubelet {
+		return fmt.Errorf("pid %d: cannot find its pod to review broker %s: %w", pid, broker, errKubeletDisabled)
+	}
 	_, p, err := a.attestContainer(ctx, podKey(podUID), containerID)
 	if err != nil {
 		return fmt.Errorf("pid %d: finding its pod to review broker %s: %w", pid, broker, err)
@@ -137,17 +142,19 @@ func (a *Attestor) brokerScope(broker spiffeid.ID) (string, error) {
 
 // findPod finds the pod a reference names in scope.
 func (a *Attestor) findPod(ctx context.Context, scope, namespace, name, uid string) (*pod, error) {
-	p, err := a.findPodOnNode(ctx, namespace, name, uid)
-	if err == nil || scope != scopeCluster || ctx.Err() != nil || errors.Is(err, ErrPodMismatch) {
-		return p, err
+	if !a.s.noKubelet { // with it, every scope is "cluster"
+		p, err := a.findPodOnNode(ctx, namespace, name, uid)
+		if err == nil || scope != scopeCluster || ctx.Err() != nil || errors.Is(err, ErrPodMismatch) {
+			return p, err
+		}
+		// Not on this node, or the kubelet failing: the API server knows
+		// every pod, as SPIRE falls back to it.
+		a.log.Debug("A pod reference is not answered by the kubelet; asking the API server", "namespace", namespace, "name", name, "uid", uid, "kubelet", err)
 	}
-	// Not on this node, or the kubelet failing: the API server knows every
-	// pod, as SPIRE falls back to it.
-	a.log.Debug("A pod reference is not answered by the kubelet; asking the API server", "namespace", namespace, "name", name, "uid", uid, "kubelet", err)
 	if name == "" {
 		return a.api.findPodByUID(ctx, uid)
 	}
-	p, err = a.api.getPod(ctx, namespace, name)
+	p, err := a.api.getPod(ctx, namespace, name)
 	if err == nil && uid != "" && p.Metadata.UID != uid {
 		return nil, fmt.Errorf("pod %s: %w: it is %s", describePodReference(namespace, name, uid), ErrPodMismatch, p.Metadata.UID)
 	}

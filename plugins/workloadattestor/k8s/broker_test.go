@@ -310,3 +310,41 @@ func TestAuthorizeBrokerPID(t *testing.T) {
 		t.Errorf("a PID that does not exist: %v", err)
 	}
 }
+
+// disable_kubelet_client: the kubelet is never asked; "cluster" brokers
+// are answered by the API server alone, processes in pods get an error.
+func TestDisableKubeletClient(t *testing.T) {
+	e, api := newBrokerEnv(t, brokerBlock("enforced", map[spiffeid.ID]string{brokerA: scopeCluster}))
+	s := e.a.s
+	// The kubelet settings are refused with disable_kubelet_client: build
+	// it bare, then give its API client the test's token (in a pod it is
+	// the service account's, token_path's default).
+	a, _, err := buildAttestor("disable_kubelet_client = true\napi_server_ca_path = \""+e.path("api-ca.crt")+"\"\n"+brokerBlock("enforced", map[spiffeid.ID]string{brokerA: scopeCluster}), e.env, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.noKubelet, s.tokenPath = true, e.path("token")
+	a.api = newAPIClient(s, nil)
+	onNode, all := clusterPods(3)
+	e.kubelet.pods = func(int) []corev1.Pod { return onNode }
+	api.set(func(s *fakeAPIServer) {
+		s.pods = all
+		s.allow = func(authorizationv1.SubjectAccessReviewSpec) (bool, string) { return true, "" }
+	})
+	ctx := testkit.Context(t, time.Minute)
+	for _, ref := range [][3]string{{onNode[0].Namespace, onNode[0].Name, ""}, {"", "", string(all[2].UID)}} {
+		if _, err := a.AttestPod(ctx, brokerA, ref[0], ref[1], ref[2]); err != nil {
+			t.Errorf("%q: %v", ref, err)
+		}
+	}
+	proc := e.inPod(4242, string(onNode[0].UID), containerOf(onNode[0], "app"))
+	if _, err := a.Attest(ctx, proc); !errors.Is(err, errKubeletDisabled) {
+		t.Errorf("Attest of a process in a pod: %v", err)
+	}
+	if err := a.AuthorizeBrokerPID(ctx, brokerA, proc.PID); !errors.Is(err, errKubeletDisabled) {
+		t.Errorf("AuthorizeBrokerPID: %v", err)
+	}
+	if n := e.kubelet.count(); n != 0 {
+		t.Errorf("%d kubelet requests, want none", n)
+	}
+}

@@ -112,6 +112,44 @@ func parseBroker(sec *conf.Section, exp *experimentalConfig, errs []error) (*bro
 	return p, errs
 }
 
+// checkNoKubelet refuses what disable_kubelet_client contradicts, as SPIRE
+// does: every kubelet setting, and a broker of scope "agent_node".
+func checkNoKubelet(sec *conf.Section, c Config, b *brokerPolicy, errs []error) []error {
+	if !c.DisableKubeletClient {
+		return errs
+	}
+	for _, k := range []struct {
+		key string
+		set bool
+	}{
+		{"kubelet_read_only_port", c.KubeletReadOnlyPort != 0},
+		{"kubelet_secure_port", c.KubeletSecurePort != 0},
+		{"kubelet_ca_path", c.KubeletCAPath != ""},
+		{"skip_kubelet_verification", c.SkipKubeletVerification},
+		{"token_path", c.TokenPath != ""},
+		{"certificate_path", c.CertificatePath != ""},
+		{"private_key_path", c.PrivateKeyPath != ""},
+		{"use_anonymous_authentication", c.UseAnonymousAuthentication},
+		{"node_name_env", c.NodeNameEnv != ""},
+		{"node_name", c.NodeName != ""},
+		{"reload_interval", c.ReloadInterval != ""},
+	} {
+		if k.set {
+			errs = append(errs, sec.Errorf(k.key, "cannot be used with disable_kubelet_client = true, which turns the kubelet client off: remove one of them"))
+		}
+	}
+	if b == nil {
+		return errs
+	}
+	for i, e := range c.Experimental.Broker.Brokers {
+		id, err := spiffeid.FromString(e.ID)
+		if err == nil && b.scopes[id] == scopeAgentNode {
+			errs = append(errs, sec.Errorf("experimental.broker.brokers["+strconv.Itoa(i)+"].pod_reference_scope", "must be \"cluster\" with disable_kubelet_client = true: without the kubelet client only the API server can find pods"))
+		}
+	}
+	return errs
+}
+
 // apiServerURL is the kube-apiserver's address in a pod, as client-go's
 // rest.InClusterConfig forms it; empty outside a pod.
 func apiServerURL(getenv func(string) string) string {

@@ -112,3 +112,44 @@ func TestConfigBrokerOutsideAPod(t *testing.T) {
 		}
 	}
 }
+
+// disable_kubelet_client refuses every kubelet setting and a broker of
+// scope agent_node, as SPIRE does.
+func TestConfigDisableKubeletClient(t *testing.T) {
+	att, _, err := buildAttestor(`disable_kubelet_client = true
+		experimental { broker {
+			access_policy = "permissive"
+			brokers = [{ id = "spiffe://example.org/a", pod_reference_scope = "cluster" }]
+		} }`, map[string]string{}, nil)
+	if err != nil || !att.s.noKubelet {
+		t.Fatalf("%v, noKubelet %v", err, att != nil && att.s.noKubelet)
+	}
+	_, _, err = buildAttestor(`disable_kubelet_client = true
+kubelet_secure_port = 10250
+token_path = "/t"
+reload_interval = "1m"
+experimental { broker {
+  access_policy = "permissive"
+  brokers = [
+    { id = "spiffe://example.org/a" },
+    { id = "spiffe://example.org/b", pod_reference_scope = "cluster" },
+  ]
+} }`, map[string]string{}, nil)
+	want := []string{
+		"agent.conf:2:1: kubelet_secure_port: cannot be used with disable_kubelet_client = true",
+		"agent.conf:3:1: token_path: cannot be used with disable_kubelet_client = true",
+		"agent.conf:4:1: reload_interval: cannot be used with disable_kubelet_client = true",
+		`agent.conf:8:5: experimental.broker.brokers[0].pod_reference_scope: must be "cluster" with disable_kubelet_client = true`,
+	}
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error\n%v\nlacks %q", err, w)
+		}
+	}
+	if n := strings.Count(err.Error(), "\n") + 1; n != len(want) {
+		t.Errorf("%d errors, want %d:\n%v", n, len(want), err)
+	}
+}

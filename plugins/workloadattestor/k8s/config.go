@@ -53,6 +53,8 @@ type Config struct {
 	// account's ca.crt for the API server.
 	APIServerCAPath string              `hcl:"api_server_ca_path"`
 	Experimental    *experimentalConfig `hcl:"experimental"`
+	// DisableKubeletClient is SPIRE's (after 1.13), for broker-only agents.
+	DisableKubeletClient bool `hcl:"disable_kubelet_client"`
 }
 
 // refusedKeys are SPIRE's keys for features Lanyard does not build, with
@@ -62,7 +64,6 @@ var refusedKeys = map[string]string{
 	"experimental.sigstore":   "sigstore image signature verification is not supported by Lanyard; remove the block, and any k8s:image-signature selectors",
 	"sigstore":                "sigstore image signature verification is not supported by Lanyard; remove the block, and the k8s:image-signature selectors with it",
 	"enable_namespace_labels": "enable_namespace_labels (k8s:ns-label selectors, from a SPIRE release after 1.13) is not supported by Lanyard",
-	"disable_kubelet_client":  "disable_kubelet_client (from a SPIRE release after 1.13) is not supported by Lanyard: the k8s attestor needs the kubelet",
 	"api_server":              "the api_server block (from a SPIRE release after 1.13) is not supported by Lanyard: remove it; the API server is found from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT",
 	"broker":                  "the broker block belongs inside the experimental block: write experimental { broker { access_policy = ... brokers = [...] } }",
 }
@@ -98,6 +99,10 @@ type settings struct {
 
 	// broker is experimental.broker; nil without the block.
 	broker *brokerPolicy
+	// noKubelet is disable_kubelet_client: the kubelet is never asked, so
+	// processes get no k8s selectors and only "cluster" brokers are
+	// answered, from the API server.
+	noKubelet bool
 	// apiServer is the kube-apiserver's URL from KUBERNETES_SERVICE_HOST
 	// and _PORT (empty outside a pod), apiCAPath the CA it is checked with.
 	apiServer string
@@ -153,6 +158,7 @@ func parseConfig(sec *conf.Section, getenv func(string) string, log hclog.Logger
 		apiCAPath:                 orDefault(c.APIServerCAPath, defaultKubeletCAPath),
 	}
 	s.broker, errs = parseBroker(sec, c.Experimental, errs)
+	s.noKubelet, errs = c.DisableKubeletClient, checkNoKubelet(sec, c, s.broker, errs)
 
 	for _, p := range []struct {
 		key  string

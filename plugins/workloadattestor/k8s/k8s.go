@@ -97,6 +97,9 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]selector.S
 		// another container engine. SPIRE gives no selectors either.
 		return nil, nil
 	}
+	if a.s.noKubelet {
+		return nil, errKubeletDisabled
+	}
 	sels, _, err := a.attestContainer(ctx, podKey(podUID), containerID)
 	return sels, err
 }
@@ -192,6 +195,10 @@ func findContainer(p *pod, containerID string) (containerStatus, []specContainer
 	}
 	return containerStatus{}, nil, notListed
 }
+
+// errKubeletDisabled: disable_kubelet_client is set (SPIRE answers
+// FailedPrecondition).
+var errKubeletDisabled = errors.New("disable_kubelet_client is set: the k8s attestor does not ask the kubelet, so processes in pods get no k8s selectors")
 
 // errNotListed: the pod or container never appeared in the pod list.
 var errNotListed = errors.New("not in the kubelet's pod list")
