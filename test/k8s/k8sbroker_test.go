@@ -64,25 +64,16 @@ func TestK8sBrokerPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The agent as in its pod: its service account's token, the cluster CA,
-	// the API server's address in the environment.
-	token := filepath.Join(t.TempDir(), "token")
-	if err := os.WriteFile(token, []byte(c.Token(k8stest.AgentNamespace, k8stest.AgentServiceAccount, "", "")), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	// The agent as in its pod: the API server's address in the
+	// environment.
 	u, err := url.Parse(c.APIServer)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("KUBERNETES_SERVICE_HOST", u.Hostname())
 	t.Setenv("KUBERNETES_SERVICE_PORT", u.Port())
-	sec, err := conf.NewSection("agent.conf", fmt.Sprintf(`
-            kubelet_secure_port = %d
-            kubelet_ca_path = %q
-            token_path = %q
+	a := agentAttestor(t, c, fmt.Sprintf(`
             api_server_ca_path = %q
-            node_name = "localhost"
-            poll_retry_interval = "100ms"
             experimental {
                 broker {
                     access_policy = "enforced"
@@ -92,15 +83,7 @@ func TestK8sBrokerPolicy(t *testing.T) {
                         { id = %q },
                     ]
                 }
-            }`, c.KubeletPort, c.KubeletCAPath(), token, c.ClusterCAPath(), allowed, denied, nodeScope))
-	if err != nil {
-		t.Fatal(err)
-	}
-	plugin, err := k8sattestor.New(attestor.PluginConfig{Name: k8sattestor.PluginName, Data: sec, Log: hclog.NewNullLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := plugin.(*k8sattestor.Attestor)
+            }`, c.ClusterCAPath(), allowed, denied, nodeScope))
 	ctx := testkit.Context(t, 2*time.Minute)
 
 	localRef := c.CreatePod(k8stest.PodSpec{Name: "brokered", ServiceAccount: "default", Labels: map[string]string{"app": "brokered"}, Args: []string{"sleep"}}.Manifest())
@@ -178,4 +161,30 @@ func TestK8sBrokerPolicy(t *testing.T) {
 			t.Errorf("a process in no pod: %v", err)
 		}
 	})
+}
+
+// agentAttestor is the k8s attestor as the agent's DaemonSet runs it on
+// c's node (its service account's token, the kubelet by node name), with
+// more plugin_data.
+func agentAttestor(t *testing.T, c *k8stest.Cluster, more string) *k8sattestor.Attestor {
+	t.Helper()
+	token := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(token, []byte(c.Token(k8stest.AgentNamespace, k8stest.AgentServiceAccount, "", "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sec, err := conf.NewSection("agent.conf", fmt.Sprintf(`
+            kubelet_secure_port = %d
+            kubelet_ca_path = %q
+            token_path = %q
+            node_name = "localhost"
+            poll_retry_interval = "100ms"
+            %s`, c.KubeletPort, c.KubeletCAPath(), token, more))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plugin, err := k8sattestor.New(attestor.PluginConfig{Name: k8sattestor.PluginName, Data: sec, Log: hclog.NewNullLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return plugin.(*k8sattestor.Attestor)
 }

@@ -3,17 +3,13 @@ package k8s_test
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
-	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	k8sattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/k8s"
 	"github.com/lanyard-dev/lanyard/test/k8s/k8stest"
@@ -28,28 +24,10 @@ import (
 // another node, a UID of another pod and a deleted pod are refused.
 func TestK8sAttestPodByReference(t *testing.T) {
 	c := k8stest.Start(t)
-	token := filepath.Join(t.TempDir(), "token")
-	if err := os.WriteFile(token, []byte(c.Token(k8stest.AgentNamespace, k8stest.AgentServiceAccount, "", "")), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	sec, err := conf.NewSection("agent.conf", fmt.Sprintf(`
-            kubelet_secure_port = %d
-            kubelet_ca_path = %q
-            token_path = %q
-            node_name = "localhost"
-            poll_retry_interval = "100ms"
-            experimental { broker {
-                access_policy = "permissive"
-                brokers = [{ id = %q }]
-            } }`, c.KubeletPort, c.KubeletCAPath(), token, refBroker))
-	if err != nil {
-		t.Fatal(err)
-	}
-	plugin, err := k8sattestor.New(attestor.PluginConfig{Name: k8sattestor.PluginName, Data: sec, Log: hclog.NewNullLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := plugin.(*k8sattestor.Attestor)
+	a := agentAttestor(t, c, fmt.Sprintf(`experimental { broker {
+		access_policy = "permissive"
+		brokers = [{ id = %q }]
+	} }`, refBroker))
 	ctx := testkit.Context(t, 2*time.Minute)
 
 	apiRef := c.CreatePod(k8stest.PodSpec{Name: "podref", ServiceAccount: "default", Labels: map[string]string{"app": "web"}, Args: []string{"sleep"}}.Manifest())
