@@ -56,6 +56,9 @@ type apiClient struct {
 	http      *http.Client
 	transport *http.Transport
 
+	reviews reviewCache
+	names   podNames
+
 	mu     sync.Mutex
 	token  watchedFile
 	ca     watchedFile
@@ -260,7 +263,18 @@ type podMetadataList struct {
 // findPodByUID finds a pod of the whole cluster by UID. The API server has
 // no field selector on metadata.uid for pods, so, as SPIRE does, it lists
 // the pods' metadata (in bounded pages here) and then reads the pod found.
+// Where a UID was found is remembered: the next time one GET answers.
 func (c *apiClient) findPodByUID(ctx context.Context, uid string) (*pod, error) {
+	if ns, name, ok := c.names.get(uid); ok {
+		p, err := c.getPod(ctx, ns, name)
+		switch {
+		case err == nil && p.Metadata.UID == uid:
+			return p, nil
+		case err == nil || errors.Is(err, ErrPodNotFound):
+			return nil, fmt.Errorf("pod with UID %s: %w in the cluster (it was %s/%s)", uid, ErrPodNotFound, ns, name)
+		}
+		return nil, err
+	}
 	next := ""
 	for page := 0; page < maxPodMetadataPages; page++ {
 		path := "/api/v1/pods?limit=" + strconv.Itoa(podMetadataPageSize)
@@ -275,6 +289,7 @@ func (c *apiClient) findPodByUID(ctx context.Context, uid string) (*pod, error) 
 			if it.Metadata.UID != uid {
 				continue
 			}
+			c.names.put(uid, it.Metadata.Namespace, it.Metadata.Name)
 			p, err := c.getPod(ctx, it.Metadata.Namespace, it.Metadata.Name)
 			if err != nil {
 				return nil, err
@@ -317,8 +332,12 @@ type subjectAccessReview struct {
 
 // reviewImpersonation asks whether user may impersonate-via-spire the pod
 // namespace/name, as SPIRE asks it: that user, no groups, the core group's
-// pods.
+// pods. An allowed answer stands for reviewTTL.
 func (c *apiClient) reviewImpersonation(ctx context.Context, user, namespace, name string) (allowed bool, reason string, err error) {
+	key := reviewKey{user, namespace, name}
+	if c.reviews.has(key, time.Now()) {
+		return true, "", nil
+	}
 	var req subjectAccessReview
 	req.APIVersion, req.Kind = "authorization.k8s.io/v1", "SubjectAccessReview"
 	req.Spec.User = user
@@ -332,5 +351,9 @@ func (c *apiClient) reviewImpersonation(ctx context.Context, user, namespace, na
 	if resp.Status.EvaluationError != "" {
 		reason += " (evaluation error: " + resp.Status.EvaluationError + ")"
 	}
-	return resp.Status.Allowed && !resp.Status.Denied, printable(reason, maxErrorBodySize), nil
+	allowed = resp.Status.Allowed && !resp.Status.Denied
+	if allowed {
+		c.reviews.remember(key, time.Now())
+	}
+	return allowed, printable(reason, maxErrorBodySize), nil
 }

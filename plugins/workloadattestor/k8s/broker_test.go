@@ -348,3 +348,67 @@ func TestDisableKubeletClient(t *testing.T) {
 		t.Errorf("%d kubelet requests, want none", n)
 	}
 }
+
+// A streamed pod is checked again every few seconds: an allowed review
+// stands for reviewTTL, a denial is asked again; a UID found once is read
+// by one GET, and its pod gone is NotFound without a list.
+func TestAPIServerCaches(t *testing.T) {
+	e, api := newBrokerEnv(t, brokerBlock("enforced", map[spiffeid.ID]string{brokerA: scopeCluster, brokerB: scopeCluster}))
+	_, all := clusterPods(600)
+	api.set(func(s *fakeAPIServer) {
+		s.pods = all
+		s.allow = func(spec authorizationv1.SubjectAccessReviewSpec) (bool, string) { return spec.User == brokerA.String(), "" }
+	})
+	ctx := testkit.Context(t, time.Minute)
+	far := all[555]
+	for range 3 {
+		if _, err := e.a.AttestPod(ctx, brokerA, "", "", string(far.UID)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.a.AttestPod(ctx, brokerB, "", "", string(far.UID)); !errors.Is(err, attestor.ErrBrokerNotAuthorized) {
+			t.Fatal(err)
+		}
+	}
+	reqs, reviews := api.log()
+	lists := 0
+	for _, r := range reqs {
+		if strings.HasPrefix(r, "GET /api/v1/pods?") {
+			lists++
+		}
+	}
+	if lists != 3 || len(reviews) != 4 {
+		t.Errorf("%d list pages, %d reviews; want 3 (one lookup) and 4 (brokerA once, brokerB every time):\n%q", lists, len(reviews), reqs)
+	}
+
+	// The pod deleted: one GET says so.
+	api.set(func(s *fakeAPIServer) { s.pods = slices.Delete(slices.Clone(all), 555, 556); s.requests = nil })
+	if _, err := e.a.AttestPod(ctx, brokerA, "", "", string(far.UID)); !errors.Is(err, ErrPodNotFound) {
+		t.Errorf("deleted: %v", err)
+	}
+	if reqs, _ := api.log(); !slices.Equal(reqs, []string{"GET /api/v1/namespaces/" + far.Namespace + "/pods/" + far.Name}) {
+		t.Errorf("requests for a deleted pod: %q", reqs)
+	}
+}
+
+func TestReviewCacheExpiresAndBounds(t *testing.T) {
+	var c reviewCache
+	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	k := reviewKey{"spiffe://example.org/a", "ns", "pod"}
+	c.remember(k, now)
+	if !c.has(k, now.Add(reviewTTL-time.Nanosecond)) || c.has(k, now.Add(reviewTTL)) {
+		t.Error("an allowed review stands for reviewTTL exactly")
+	}
+	for i := range 2 * maxCached {
+		c.remember(reviewKey{"u", "ns", fmt.Sprint(i)}, now)
+	}
+	if n := len(c.allowed); n > maxCached {
+		t.Errorf("%d cached, bound %d", n, maxCached)
+	}
+	var names podNames
+	for i := range 2 * maxCached {
+		names.put(fmt.Sprint(i), "ns", "pod")
+	}
+	if n := len(names.byUID); n > maxCached {
+		t.Errorf("%d names cached, bound %d", n, maxCached)
+	}
+}
