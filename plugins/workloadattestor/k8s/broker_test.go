@@ -357,7 +357,9 @@ func TestAPIServerCaches(t *testing.T) {
 	_, all := clusterPods(600)
 	api.set(func(s *fakeAPIServer) {
 		s.pods = all
-		s.allow = func(spec authorizationv1.SubjectAccessReviewSpec) (bool, string) { return spec.User == brokerA.String(), "" }
+		s.allow = func(spec authorizationv1.SubjectAccessReviewSpec) (bool, string) {
+			return spec.User == brokerA.String(), ""
+		}
 	})
 	ctx := testkit.Context(t, time.Minute)
 	far := all[555]
