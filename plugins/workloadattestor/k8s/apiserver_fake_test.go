@@ -39,6 +39,8 @@ type fakeAPIServer struct {
 	sarStatus int
 	// pageBytes, when set, pads each page of the list to that size.
 	pageBytes int
+	// redirect, when set, is where every request is sent (307).
+	redirect string
 	reviews   []authorizationv1.SubjectAccessReview
 	requests  []string // "METHOD path?query"
 }
@@ -93,6 +95,10 @@ func (s *fakeAPIServer) serve(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.requests = append(s.requests, r.Method+" "+r.URL.RequestURI())
+	if s.redirect != "" {
+		http.Redirect(w, r, s.redirect+r.URL.RequestURI(), http.StatusTemporaryRedirect)
+		return
+	}
 	if r.Header.Get("Authorization") != "Bearer "+s.token {
 		status(w, http.StatusUnauthorized, metav1.StatusReasonUnauthorized, "Unauthorized")
 		return

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"slices"
 	"strings"
@@ -181,6 +183,16 @@ func TestAttestPodAPIServerFailures(t *testing.T) {
 	if _, err := e.a.AttestPod(ctx, brokerA, all[2].Namespace, all[2].Name, ""); err != nil {
 		t.Errorf("after the token's rotation: %v", err)
 	}
+
+	// A redirect is not followed: the token goes to the API server only.
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t.Errorf("the redirect was followed, with Authorization %q", r.Header.Get("Authorization"))
+	}))
+	defer elsewhere.Close()
+	api.set(func(s *fakeAPIServer) { s.redirect = elsewhere.URL })
+	_, err = e.a.AttestPod(ctx, brokerA, all[2].Namespace, all[2].Name, "")
+	unavailable("a redirect", err, "307 Temporary Redirect")
+	api.set(func(s *fakeAPIServer) { s.redirect = "" })
 
 	e.env["KUBERNETES_SERVICE_HOST"] = ""
 	e.build(brokerBlock("permissive", map[spiffeid.ID]string{brokerA: scopeCluster}) + "\npoll_retry_interval = \"1ms\"\nkubelet_secure_port = " + fmt.Sprint(e.kubelet.port()) + "\nkubelet_ca_path = \"" + e.path("ca.crt") + "\"\ntoken_path = \"" + e.path("token") + "\"")

@@ -7,9 +7,15 @@
 // fetch starts are spaced by poll_retry_interval, and an attestation
 // whose container is not listed yet waits for the next list until its
 // deadline (podLists). The list is decoded as a stream that keeps only the
-// fields the selectors need (decodePodList). AttestPod answers from the
-// same lists for a pod named by namespace/name and/or UID (a Broker API
-// KubernetesObjectReference).
+// fields the selectors need (decodePodList).
+//
+// For the SPIFFE Broker API, AttestPod answers a pod named by
+// namespace/name and/or UID (a KubernetesObjectReference) and
+// AuthorizeBrokerPID decides a WorkloadPIDReference, both as the
+// plugin_data's experimental.broker block says (brokerconfig.go): from the
+// same lists, or from the API server (apiserver.go) for a broker whose
+// pod_reference_scope is "cluster" and for access_policy "enforced"'s
+// SubjectAccessReviews.
 package k8s
 
 import (
