@@ -240,6 +240,12 @@ func (a *Agent) UpstreamInUse() (name, server string) {
 	return a.upstreamName, server
 }
 
+// WorkloadAttestor returns the workload attestor configured now under
+// name, or nil; a reload may replace it, so callers ask each time.
+func (a *Agent) WorkloadAttestor(name string) attestor.WorkloadAttestor {
+	return a.attestors.Load().Plugin(name)
+}
+
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	return a.attestors.Load().Attest(ctx, p)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
@@ -62,8 +63,15 @@ func brokersConf() []conf.AuthorizedBroker {
 // pods is a PodAttestor over pods the test sets: the k8s attestor's
 // contract, without a kubelet.
 type pods struct {
-	mu   sync.Mutex
-	byID map[podRef][]selector.Selector
+	mu     sync.Mutex
+	byID   map[podRef][]selector.Selector
+	denied map[spiffeid.ID]bool // brokers the k8s policy refuses
+}
+
+func (p *pods) deny(broker spiffeid.ID) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.denied[broker] = true
 }
 
 func (p *pods) set(ref podRef, sels []selector.Selector) {
@@ -76,18 +84,21 @@ func (p *pods) set(ref podRef, sels []selector.Selector) {
 	p.byID[ref] = sels
 }
 
-func (p *pods) AttestPod(_ context.Context, namespace, name, uid string) ([]selector.Selector, error) {
+func (p *pods) AttestPod(_ context.Context, broker spiffeid.ID, namespace, name, uid string) ([]selector.Selector, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if name == "" && uid == "" {
-		return nil, fmt.Errorf("%w: neither name nor uid", ErrInvalidReference)
+		return nil, fmt.Errorf("%w: neither name nor uid", attestor.ErrInvalidReference)
+	}
+	if p.denied[broker] {
+		return nil, fmt.Errorf("%w: %s may not impersonate pods", attestor.ErrBrokerNotAuthorized, broker)
 	}
 	for ref, sels := range p.byID {
 		if (name == "" || ref.namespace == namespace && ref.name == name) && (uid == "" || ref.uid == uid) {
 			return sels, nil
 		}
 	}
-	return nil, fmt.Errorf("%w: no such pod on this node", ErrWorkloadNotFound)
+	return nil, fmt.Errorf("%w: no such pod on this node", attestor.ErrWorkloadNotFound)
 }
 
 type testEnv struct {
@@ -126,7 +137,7 @@ func newEnv(t *testing.T, entries []*agent.Entry, opts ...envOption) *testEnv {
 		cache.SetEntries(entries)
 		cache.SetBundles(up.LocalBundle(t, td), []*spiffebundle.Bundle{caOther.Bundle(tdOther)})
 	}
-	env := &testEnv{up: up, cache: cache, caOther: caOther, pods: &pods{byID: map[podRef][]selector.Selector{}}, logs: logs}
+	env := &testEnv{up: up, cache: cache, caOther: caOther, pods: &pods{byID: map[podRef][]selector.Selector{}, denied: map[spiffeid.ID]bool{}}, logs: logs}
 	env.bundles = spiffebundle.NewSet(up.LocalBundle(t, td), caOther.Bundle(tdOther))
 	env.socket = filepath.Join(testkit.ShortDir(t, "brk-"), "broker", "broker.sock")
 	cfg := Config{

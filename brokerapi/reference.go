@@ -20,18 +20,20 @@ import (
 
 // PodAttestor resolves a pod named by namespace and name, by uid, or by
 // all three (then the pod of that name must have that uid), to its
-// selectors; the k8s workload attestor is the real one. Its errors wrap
-// ErrInvalidReference (answered InvalidArgument) or ErrWorkloadNotFound
-// (NotFound); any other is answered Unavailable.
+// selectors, for broker; the k8s workload attestor is the real one, and
+// applies its own broker policy (its experimental.broker block). Its
+// errors wrap attestor.ErrInvalidReference (answered InvalidArgument),
+// attestor.ErrWorkloadNotFound (NotFound) or attestor.ErrBrokerNotAuthorized
+// (PermissionDenied); any other is answered Unavailable.
 type PodAttestor interface {
-	AttestPod(ctx context.Context, namespace, name, uid string) ([]selector.Selector, error)
+	AttestPod(ctx context.Context, broker spiffeid.ID, namespace, name, uid string) ([]selector.Selector, error)
 }
 
-// The errors a PodAttestor wraps, for the Broker API's codes.
-var (
-	ErrInvalidReference = errors.New("invalid workload reference")
-	ErrWorkloadNotFound = errors.New("workload not found")
-)
+// PIDAuthorizer, when the PodAttestor is one, says whether broker may act
+// for the process pid: the k8s attestor's policy for a process in a pod.
+type PIDAuthorizer interface {
+	AuthorizeBrokerPID(ctx context.Context, broker spiffeid.ID, pid int32) error
+}
 
 // The reasons of the google.rpc.ErrorInfo that the Broker API spec (4.8)
 // attaches to the errors about a workload reference.
@@ -80,9 +82,15 @@ type workload struct {
 	desc string           // "pid 123", "pod ns/name"
 	pid  *attestor.Caller // pinned, for a PID reference
 	pod  *podRef          // for a pod reference
+	// broker asked for a PID reference; its authorization for the
+	// process's pod is checked again on each update.
+	broker spiffeid.ID
 }
 
-type podRef struct{ namespace, name, uid string }
+type podRef struct {
+	namespace, name, uid string
+	broker               spiffeid.ID // who asked: the attestor's policy is per broker
+}
 
 func (w *workload) release() {
 	if w.pid != nil {
@@ -127,13 +135,13 @@ func (e *Endpoint) resolve(ctx context.Context, ref *broker.WorkloadReference) (
 		if err := anyRef.UnmarshalTo(&pidRef); err != nil {
 			return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the WorkloadPIDReference does not decode: %v", err)
 		}
-		w, err = e.resolvePID(ctx, pidRef.GetPid())
+		w, err = e.resolvePID(ctx, b.id, pidRef.GetPid())
 	case conf.KubernetesReferenceType:
 		var objRef broker.KubernetesObjectReference
 		if err := anyRef.UnmarshalTo(&objRef); err != nil {
 			return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil, "the KubernetesObjectReference does not decode: %v", err)
 		}
-		w, err = e.resolvePod(ctx, &objRef)
+		w, err = e.resolvePod(ctx, b.id, &objRef)
 	default:
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, map[string]string{"type_url": typeURL},
 			"unknown reference type %q: this agent resolves %s and %s", typeURL, conf.PIDReferenceType, conf.KubernetesReferenceType)
@@ -148,7 +156,7 @@ func (e *Endpoint) resolve(ctx context.Context, ref *broker.WorkloadReference) (
 
 // resolvePID attests a process on this node, pinned for the request
 // (workloadapi.AttestPID): its PID cannot be reused under the request.
-func (e *Endpoint) resolvePID(ctx context.Context, pid int32) (*workload, error) {
+func (e *Endpoint) resolvePID(ctx context.Context, brokerID spiffeid.ID, pid int32) (*workload, error) {
 	md := map[string]string{"pid": strconv.Itoa(int(pid))}
 	if pid <= 0 {
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, md, "pid %d: a PID reference must be a positive integer", pid)
@@ -157,7 +165,13 @@ func (e *Endpoint) resolvePID(ctx context.Context, pid int32) (*workload, error)
 	if err != nil {
 		return nil, withReason(err, md)
 	}
-	return &workload{sels: sels, pid: c, desc: "pid " + md["pid"]}, nil
+	if authz, ok := e.cfg.PodAttestor.(PIDAuthorizer); ok {
+		if err := authz.AuthorizeBrokerPID(ctx, brokerID, pid); err != nil {
+			c.Release()
+			return nil, referenceStatus(ctx, "pid "+md["pid"], md, err)
+		}
+	}
+	return &workload{sels: sels, pid: c, desc: "pid " + md["pid"], broker: brokerID}, nil
 }
 
 // withReason adds the ErrorInfo of a NotFound status.
@@ -175,7 +189,7 @@ const maxReferenceField = 253
 
 // resolvePod checks a KubernetesObjectReference as the spec asks and
 // resolves the pod it names.
-func (e *Endpoint) resolvePod(ctx context.Context, ref *broker.KubernetesObjectReference) (*workload, error) {
+func (e *Endpoint) resolvePod(ctx context.Context, brokerID spiffeid.ID, ref *broker.KubernetesObjectReference) (*workload, error) {
 	t, key, uid := ref.GetType(), ref.GetKey(), ref.GetUid()
 	for _, field := range []string{t.GetPlural(), t.GetGroup(), key.GetNamespace(), key.GetName(), uid} {
 		if len(field) > maxReferenceField {
@@ -196,7 +210,7 @@ func (e *Endpoint) resolvePod(ctx context.Context, ref *broker.KubernetesObjectR
 		return nil, referenceError(codes.InvalidArgument, reasonInvalid, nil,
 			"this agent does not resolve %s: configure the k8s workload attestor", conf.KubernetesReferenceType)
 	}
-	pod := &podRef{namespace: key.GetNamespace(), name: key.GetName(), uid: uid}
+	pod := &podRef{namespace: key.GetNamespace(), name: key.GetName(), uid: uid, broker: brokerID}
 	sels, err := e.attestPod(ctx, pod)
 	if err != nil {
 		return nil, err
@@ -234,19 +248,27 @@ func (p *podRef) String() string {
 // attestPod asks the PodAttestor for the pod's selectors, with the spec's
 // codes for its errors.
 func (e *Endpoint) attestPod(ctx context.Context, pod *podRef) ([]selector.Selector, error) {
-	sels, err := e.cfg.PodAttestor.AttestPod(ctx, pod.namespace, pod.name, pod.uid)
-	md := map[string]string{"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}
-	switch {
-	case err == nil:
-		return sels, nil
-	case errors.Is(err, ErrInvalidReference):
-		return nil, referenceError(codes.InvalidArgument, reasonInvalid, md, "%s: %v", pod, err)
-	case errors.Is(err, ErrWorkloadNotFound):
-		return nil, referenceError(codes.NotFound, reasonNotFound, md, "%s: %v", pod, err)
-	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
-		return nil, status.Error(codes.Canceled, "the call ended")
+	sels, err := e.cfg.PodAttestor.AttestPod(ctx, pod.broker, pod.namespace, pod.name, pod.uid)
+	if err != nil {
+		return nil, referenceStatus(ctx, pod.String(), map[string]string{"namespace": pod.namespace, "name": pod.name, "uid": pod.uid}, err)
 	}
-	return nil, status.Errorf(codes.Unavailable, "could not resolve %s, retry: %v", pod, err)
+	return sels, nil
+}
+
+// referenceStatus is the Broker API's status of an attestor's error about
+// the workload what.
+func referenceStatus(ctx context.Context, what string, md map[string]string, err error) error {
+	switch {
+	case errors.Is(err, attestor.ErrInvalidReference):
+		return referenceError(codes.InvalidArgument, reasonInvalid, md, "%s: %v", what, err)
+	case errors.Is(err, attestor.ErrWorkloadNotFound):
+		return referenceError(codes.NotFound, reasonNotFound, md, "%s: %v", what, err)
+	case errors.Is(err, attestor.ErrBrokerNotAuthorized):
+		return status.Errorf(codes.PermissionDenied, "%s: %v", what, err)
+	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
+		return status.Error(codes.Canceled, "the call ended")
+	}
+	return status.Errorf(codes.Unavailable, "could not resolve %s, retry: %v", what, err)
 }
 
 // checkLive reports, as a status ending the stream, that the workload
@@ -254,16 +276,26 @@ func (e *Endpoint) attestPod(ctx context.Context, pod *podRef) ([]selector.Selec
 // its name).
 func (e *Endpoint) checkLive(ctx context.Context, w *workload) error {
 	if w.pid != nil {
+		md := map[string]string{"pid": strconv.Itoa(int(w.pid.PID))}
 		if err := w.pid.Verify(); err != nil {
-			return withReason(workloadapi.PIDStatus(e.cfg.Log, w.pid.PID, err), map[string]string{"pid": strconv.Itoa(int(w.pid.PID))})
+			return withReason(workloadapi.PIDStatus(e.cfg.Log, w.pid.PID, err), md)
+		}
+		authz, ok := e.cfg.PodAttestor.(PIDAuthorizer)
+		if !ok {
+			return nil
+		}
+		err := authz.AuthorizeBrokerPID(ctx, w.broker, w.pid.PID)
+		if err != nil && errors.Is(err, attestor.ErrBrokerNotAuthorized) {
+			return referenceStatus(ctx, w.desc, md, err)
 		}
 		return nil
 	}
 	_, err := e.attestPod(ctx, w.pod)
-	if status.Code(err) == codes.NotFound {
+	// A pod gone, or a grant revoked, ends the stream; anything else (the
+	// kubelet unreachable) is no proof of either.
+	if code := status.Code(err); code == codes.NotFound || code == codes.PermissionDenied {
 		return err
 	}
-	// Anything else (the kubelet unreachable) is no proof that it stopped.
 	return nil
 }
 

@@ -276,6 +276,25 @@ func TestPodMadeAgainUnderItsNameEndsStream(t *testing.T) {
 	wantStatus(t, recvUntilErr(stream), codes.NotFound, reasonNotFound, "the stream of a pod made again under its name")
 }
 
+// The k8s attestor's broker policy (its experimental.broker block, a
+// SubjectAccessReview) refusing a broker is PermissionDenied, and a grant
+// revoked ends an open pod stream.
+func TestPodReferenceRefusedByTheAttestorPolicy(t *testing.T) {
+	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)})
+	pod := podRef{namespace: "shop", name: "cart-0", uid: "2e5f5a5e-6f0e-4f5b-9a0a-1b2c3d4e5f60"}
+	env.pods.set(pod, []selector.Selector{podSelector})
+	byUID := ref(t, &broker.KubernetesObjectReference{Type: podType, Uid: pod.uid})
+	ctx := testkit.Context(t, waitLimit)
+	stream, err := env.client(t, podBroker, clientOpts{}).SubscribeToX509SVID(ctx, &broker.SubscribeToX509SVIDRequest{Reference: byUID})
+	if err := testkit.FirstRecv(stream, err); err != nil {
+		t.Fatal(err)
+	}
+	env.pods.deny(podBroker)
+	wantStatus(t, recvUntilErr(stream), codes.PermissionDenied, "", "the stream of a broker whose grant was revoked")
+	_, err = env.client(t, podBroker, clientOpts{}).FetchJWTSVID(ctx, &broker.FetchJWTSVIDRequest{Reference: byUID, Audience: []string{"a"}})
+	wantStatus(t, err, codes.PermissionDenied, "", "a pod reference the attestor's policy refuses")
+}
+
 func TestPodReferenceWithoutPodAttestor(t *testing.T) {
 	env := newEnv(t, []*agent.Entry{attestkit.Entry(podID, 1, podSelector)}, withoutPods)
 	_, err := env.client(t, podBroker, clientOpts{}).FetchJWTSVID(testkit.Context(t, waitLimit), &broker.FetchJWTSVIDRequest{
