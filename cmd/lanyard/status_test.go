@@ -121,7 +121,9 @@ func TestStatusWithoutAnAdminSocket(t *testing.T) {
 	}
 }
 
-type watcher struct{ update func(*workloadapi.X509Context) }
+type watcher struct {
+	update func(*workloadapi.X509Context)
+}
 
 func (w watcher) OnX509ContextUpdate(c *workloadapi.X509Context) { w.update(c) }
 func (watcher) OnX509ContextWatchError(error)                    {}

@@ -41,8 +41,8 @@ type fakeAPIServer struct {
 	pageBytes int
 	// redirect, when set, is where every request is sent (307).
 	redirect string
-	reviews   []authorizationv1.SubjectAccessReview
-	requests  []string // "METHOD path?query"
+	reviews  []authorizationv1.SubjectAccessReview
+	requests []string // "METHOD path?query"
 }
 
 func newFakeAPIServer(t testing.TB, token string) *fakeAPIServer {
