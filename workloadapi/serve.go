@@ -65,9 +65,10 @@ func NewServer(cfg Config) *Server {
 	if cfg.SendTimeout == 0 {
 		cfg.SendTimeout = DefaultSendTimeout
 	}
+	rpc := cfg.Metrics.ServerRPC(CallerUID)
 	s := grpc.NewServer(append(ServerOptions(),
-		grpc.ChainUnaryInterceptor(unaryHeaderCheck),
-		grpc.ChainStreamInterceptor(streamHeaderCheck),
+		grpc.ChainUnaryInterceptor(append(UnaryMetrics(rpc), unaryHeaderCheck)...),
+		grpc.ChainStreamInterceptor(append(StreamMetrics(rpc), streamHeaderCheck)...),
 		grpc.ForceServerCodecV2(newSharedCodec()),
 	)...)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
@@ -77,6 +78,7 @@ func NewServer(cfg Config) *Server {
 	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(s, h)
 	reflection.Register(s)
+	rpc.Index(s)
 	return &Server{GRPC: s, Health: h, handler: wh}
 }
 
@@ -156,7 +158,8 @@ func (e *Endpoint) Name() string { return "workload-api" }
 // (its listener failed) is shut down too, and its error returned.
 func (e *Endpoint) Run(ctx context.Context) error {
 	served := make(chan error, 1)
-	go func() { served <- e.srv.GRPC.Serve(e.listener) }()
+	l := e.srv.handler.cfg.Metrics.CountConns(e.listener, "workload")
+	go func() { served <- e.srv.GRPC.Serve(l) }()
 	ready := e.ready
 	for {
 		select {

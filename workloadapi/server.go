@@ -14,6 +14,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -59,6 +60,8 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// SDS names Envoy's SDS resources; empty names take spire-agent's.
 	SDS SDSConfig
+	// Metrics records calls, streams and connections; nil records nothing.
+	Metrics *telemetry.Metrics
 }
 
 // Limits on what a client may make the agent hold.
