@@ -131,6 +131,7 @@ type handler struct {
 	cfg      Config
 	stopping chan struct{} // closed on shutdown
 	stopOnce sync.Once
+	denials  denialLimiter
 }
 
 // attest identifies the caller (see AttestCaller).
@@ -189,7 +190,8 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			// one encoding.
 			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
 		},
-		sent: (*agent.Subscription).Watch,
+		sent:     (*agent.Subscription).Watch,
+		describe: describeX509,
 	})
 }
 
@@ -245,7 +247,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 			return nil, status.Errorf(codes.InvalidArgument, "invalid requested SPIFFE ID %q: %v", req.SpiffeId, err)
 		}
 	}
-	sels, _, err := h.attest(ctx)
+	sels, caller, err := h.attest(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -254,7 +256,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 		svids, err = h.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, id)
 	}
 	if err != nil {
-		return nil, statusOf(err)
+		return nil, h.denied(ctx, caller, sels, statusOf(err))
 	}
 	resp := &workload.JWTSVIDResponse{Svids: make([]*workload.JWTSVID, len(svids))}
 	for i, svid := range svids {
