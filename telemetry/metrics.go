@@ -72,7 +72,7 @@ func New() *Metrics {
 	m.reg.MustRegister(m.rpcHandled, m.rpcDuration, m.rpcFirstResponse, m.openStreams, m.connections, m.connectionsTotal,
 		m.attestation, m.attestorDuration, m.attestorFailures, m.renewals, m.renewalFailures,
 		m.upstreamHandled, m.upstreamDuration, m.upstreamServer, m.upstreamFailovers,
-		m.caRotations, m.caExpiry, m.saveFailures)
+		m.caRotations, m.saveFailures)
 	return m
 }
 
