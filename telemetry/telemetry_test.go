@@ -184,3 +184,50 @@ func TestUpstreamDialOptionsRecordCalls(t *testing.T) {
 		t.Errorf("Check latency observed %v times, want 2", v)
 	}
 }
+
+// stubStream is the least of a server stream the interceptor reads.
+type stubStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *stubStream) Context() context.Context { return s.ctx }
+func (s *stubStream) SendMsg(any) error        { return nil }
+
+// The fetch path pays no allocation for metrics on a unary call, and one
+// (the wrapper that times the first response) on a stream.
+func TestServerInterceptorsAllocateOnlyTheStreamWrapper(t *testing.T) {
+	m := New()
+	srv := grpc.NewServer()
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	rpc := m.ServerRPC(func(context.Context) (uint32, bool) { return 1000, true })
+	rpc.Index(srv)
+	unary := rpc.WrapUnary(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+		return next(ctx, req)
+	})
+	info := &grpc.UnaryServerInfo{FullMethod: "/grpc.health.v1.Health/Check"}
+	ctx := context.Background()
+	handler := func(context.Context, any) (any, error) { return nil, nil }
+	if n := testing.AllocsPerRun(100, func() { _, _ = unary(ctx, nil, info, handler) }); n != 0 {
+		t.Errorf("a unary call allocates %v times for its metrics", n)
+	}
+	stream := rpc.WrapStream(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, next grpc.StreamHandler) error {
+		return next(srv, ss)
+	})
+	sinfo := &grpc.StreamServerInfo{FullMethod: "/grpc.health.v1.Health/Watch"}
+	var ss grpc.ServerStream = &stubStream{ctx: ctx}
+	send := func(_ any, ss grpc.ServerStream) error { return ss.SendMsg(nil) }
+	if n := testing.AllocsPerRun(100, func() { _ = stream(nil, ss, sinfo, send) }); n != 1 {
+		t.Errorf("a stream allocates %v times for its metrics, want 1", n)
+	}
+	f := metrictest.Gather(t, m.Registry())
+	if v, _ := f.Value(OpenStreams.Name, map[string]string{"uid_class": UIDUser}); v != 0 {
+		t.Errorf("%v streams still open", v)
+	}
+	if v, _ := f.Value(RPCFirstResponse.Name, map[string]string{"method": "Watch"}); v != 101 {
+		t.Errorf("first responses timed: %v, want 101", v)
+	}
+	if v, _ := f.Value(RPCHandled.Name, map[string]string{"method": "Check", "code": "OK"}); v != 101 {
+		t.Errorf("Check calls counted: %v, want 101", v)
+	}
+}

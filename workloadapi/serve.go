@@ -67,8 +67,8 @@ func NewServer(cfg Config) *Server {
 	}
 	rpc := cfg.Metrics.ServerRPC(CallerUID)
 	s := grpc.NewServer(append(ServerOptions(),
-		grpc.ChainUnaryInterceptor(append(UnaryMetrics(rpc), unaryHeaderCheck)...),
-		grpc.ChainStreamInterceptor(append(StreamMetrics(rpc), streamHeaderCheck)...),
+		grpc.ChainUnaryInterceptor(rpc.WrapUnary(unaryHeaderCheck)),
+		grpc.ChainStreamInterceptor(rpc.WrapStream(streamHeaderCheck)),
 		grpc.ForceServerCodecV2(newSharedCodec()),
 	)...)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
