@@ -62,24 +62,51 @@ type rpcMethod struct {
 // numCodes covers gRPC's codes, OK (0) to Unauthenticated (16).
 const numCodes = int(codes.Unauthenticated) + 1
 
-// load returns what p holds, resolving it with make the first time.
-func load[T any](p *atomic.Pointer[T], make func() T) T {
-	if v := p.Load(); v != nil {
-		return *v
-	}
-	v := make()
-	p.Store(&v)
-	return v
-}
+// The series of a method, each resolved the first time it is used. No
+// closures: one passed on every call would be allocated on every call.
+// Two calls racing to resolve one store the same child of the vector.
 
 func (r *rpcMethod) done(err error) {
 	code := status.Code(err)
 	if int(code) >= numCodes {
 		code = codes.Unknown
 	}
-	load(&r.handled[code], func() prometheus.Counter {
-		return r.m.rpcHandled.WithLabelValues(r.service, r.method, code.String())
-	}).Inc()
+	if c := r.handled[code].Load(); c != nil {
+		(*c).Inc()
+		return
+	}
+	c := prometheus.Counter(r.m.rpcHandled.WithLabelValues(r.service, r.method, code.String()))
+	r.handled[code].Store(&c)
+	c.Inc()
+}
+
+func (r *rpcMethod) observeDuration(since time.Time) {
+	o := r.duration.Load()
+	if o == nil {
+		v := r.m.rpcDuration.WithLabelValues(r.service, r.method)
+		o = &v
+		r.duration.Store(o)
+	}
+	(*o).Observe(time.Since(since).Seconds())
+}
+
+func (r *rpcMethod) observeFirstResponse(since time.Time) {
+	o := r.firstResponse.Load()
+	if o == nil {
+		v := r.m.rpcFirstResponse.WithLabelValues(r.service, r.method)
+		o = &v
+		r.firstResponse.Store(o)
+	}
+	(*o).Observe(time.Since(since).Seconds())
+}
+
+func (r *rpcMethod) openStreams(class int) prometheus.Gauge {
+	if g := r.streams[class].Load(); g != nil {
+		return *g
+	}
+	g := r.m.openStreams.WithLabelValues(r.service, uidClassNames[class])
+	r.streams[class].Store(&g)
+	return g
 }
 
 // WrapUnary returns the unary interceptor that records the calls inner
@@ -97,9 +124,7 @@ func (s *ServerRPC) WrapUnary(inner grpc.UnaryServerInterceptor) grpc.UnaryServe
 		}
 		start := time.Now()
 		resp, err := inner(ctx, req, info, next)
-		load(&r.duration, func() prometheus.Observer {
-			return r.m.rpcDuration.WithLabelValues(r.service, r.method)
-		}).Observe(time.Since(start).Seconds())
+		r.observeDuration(start)
 		r.done(err)
 		return resp, err
 	}
@@ -121,11 +146,13 @@ func (s *ServerRPC) WrapStream(inner grpc.StreamServerInterceptor) grpc.StreamSe
 		if uid, ok := s.uidOf(ss.Context()); ok {
 			class = uidClassIndex(uid)
 		}
-		open := load(&r.streams[class], func() prometheus.Gauge {
-			return r.m.openStreams.WithLabelValues(r.service, uidClassNames[class])
-		})
+		open := r.openStreams(class)
 		open.Inc()
 		defer open.Dec()
+		// One allocation a stream. Not pooled: a handler may leave a
+		// goroutine that still calls the stream's RecvMsg after it returns
+		// (SDS's reader), which a reused wrapper would hand another
+		// stream's messages.
 		err := inner(srv, &timedStream{ServerStream: ss, r: r, start: time.Now()}, info, next)
 		r.done(err)
 		return err
@@ -143,9 +170,7 @@ type timedStream struct {
 func (t *timedStream) SendMsg(msg any) error {
 	if !t.sent {
 		t.sent = true
-		load(&t.r.firstResponse, func() prometheus.Observer {
-			return t.r.m.rpcFirstResponse.WithLabelValues(t.r.service, t.r.method)
-		}).Observe(time.Since(t.start).Seconds())
+		t.r.observeFirstResponse(t.start)
 	}
 	return t.ServerStream.SendMsg(msg)
 }
