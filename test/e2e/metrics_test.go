@@ -60,6 +60,12 @@ telemetry {
 		_, saved := f.Value(telemetry.CacheLastSave.Name, nil)
 		return renewed >= 1 && saved
 	})
+	// The renewed SVID counts in the earliest expiry once a workload has
+	// it: only those are renewed.
+	if _, err := c.FetchX509SVID(ctx); err != nil {
+		t.Fatal(err)
+	}
+	f = metrictest.Scrape(t, url)
 
 	type want struct {
 		def    telemetry.Def
