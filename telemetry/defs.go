@@ -93,8 +93,8 @@ var (
 // The upstream.
 var (
 	UpstreamRPCHandled  = Def{Name: "lanyard_upstream_rpc_handled_total", Kind: Counter, Labels: []string{"service", "method", "code"}, Help: "Calls to the SPIRE Server, by gRPC method and status code; a stream counts when it ends."}
-	UpstreamRPCDuration = Def{Name: "lanyard_upstream_rpc_duration_seconds", Kind: Histogram, Labels: []string{"service", "method"}, Help: "How long unary calls to the SPIRE Server took."}
-	UpstreamServer      = Def{Name: "lanyard_upstream_server", Kind: Gauge, Labels: []string{"address"}, Help: "1 for the SPIRE Server address the agent is connected to."}
+	UpstreamRPCDuration = Def{Name: "lanyard_upstream_rpc_duration_seconds", Kind: Histogram, Labels: []string{"service", "method"}, Help: "How long calls to the SPIRE Server took (a stream: from its start to its end)."}
+	UpstreamServer      = Def{Name: "lanyard_upstream_server_connections", Kind: Gauge, Labels: []string{"address"}, Help: "Connections open to each SPIRE Server address (normally one, to the server in use); a server no longer connected has no series."}
 	UpstreamFailovers   = Def{Name: "lanyard_upstream_failovers_total", Kind: Counter, Help: "Times the agent moved to another SPIRE Server address after a failure."}
 	UpstreamSyncAge     = Def{Name: "lanyard_upstream_last_sync_age_seconds", Kind: Gauge, Help: "Seconds since the upstream last delivered entries and bundles with success (absent before the first).", SPIRE: "manager.sync.fetch_entries_updates (calls)"}
 )

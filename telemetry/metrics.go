@@ -30,7 +30,8 @@ type Metrics struct {
 	upstreamHandled   *prometheus.CounterVec
 	upstreamDuration  *prometheus.HistogramVec
 	upstreamServer    *prometheus.GaugeVec
-	serverMu          sync.Mutex // one server in upstreamServer at a time
+	serverMu          sync.Mutex     // serverConns and upstreamServer together
+	serverConns       map[string]int // connections open by server address
 	upstreamFailovers prometheus.Counter
 
 	caRotations  prometheus.Counter
@@ -47,6 +48,7 @@ type Metrics struct {
 func New() *Metrics {
 	m := &Metrics{
 		reg:              prometheus.NewRegistry(),
+		serverConns:      map[string]int{},
 		rpcHandled:       RPCHandled.counterVec(),
 		rpcDuration:      RPCDuration.histogramVec(),
 		rpcFirstResponse: RPCFirstResponse.histogramVec(),

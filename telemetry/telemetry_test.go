@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/telemetry/metrictest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
@@ -66,8 +67,7 @@ func TestRegisteredMetricsAreDefined(t *testing.T) {
 	m.SVIDRenewed("example.org", nil)
 	m.SVIDRenewed("example.org", errors.New("down"))
 	m.CacheSaved(time.Now(), errors.New("full"))
-	m.Upstream().Connected("127.0.0.1:8081")
-	m.Upstream().FailedOver()
+	m.FailedOver()
 	for name, mf := range metrictest.Gather(t, m.Registry()) {
 		d, ok := byName[name]
 		if !ok {
@@ -104,9 +104,8 @@ func TestNilMetricsRecordNothing(t *testing.T) {
 	m.SVIDRenewed("example.org", nil)
 	m.CacheSaved(time.Now(), nil)
 	m.LocalCAActive(time.Now(), true)
-	m.Upstream().Connected("x:1")
-	m.Upstream().FailedOver()
-	if m.ServerRPC(nil) != nil || m.UpstreamDialOptions() != nil || m.Registry() != nil {
+	m.FailedOver()
+	if _, empty := m.UpstreamDialOption().(grpc.EmptyDialOption); !empty || m.ServerRPC(nil) != nil || m.Registry() != nil {
 		t.Fatal("nil Metrics built something")
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -119,23 +118,10 @@ func TestNilMetricsRecordNothing(t *testing.T) {
 	}
 }
 
-// Only the server in use has a series.
-func TestUpstreamConnectedKeepsOneServer(t *testing.T) {
-	m := New()
-	m.Upstream().Connected("127.0.0.2:8081")
-	m.Upstream().Connected("127.0.0.3:8081")
-	f := metrictest.Gather(t, m.Registry())
-	if _, ok := f.Value(UpstreamServer.Name, map[string]string{"address": "127.0.0.2:8081"}); ok {
-		t.Fatalf("the old server is still reported: %s", f.Labels(UpstreamServer.Name))
-	}
-	if v, ok := f.Value(UpstreamServer.Name, map[string]string{"address": "127.0.0.3:8081"}); !ok || v != 1 {
-		t.Fatalf("the server in use is not reported: %s", f.Labels(UpstreamServer.Name))
-	}
-}
-
-// The upstream's dial options record unary calls and streams by method
-// and code, against a real gRPC server on loopback.
-func TestUpstreamDialOptionsRecordCalls(t *testing.T) {
+// The upstream's dial option records unary calls and streams by method
+// and code, and the connection to the server, against a real gRPC server
+// on loopback.
+func TestUpstreamDialOptionRecordsCallsAndConnections(t *testing.T) {
 	m := New()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -145,7 +131,7 @@ func TestUpstreamDialOptionsRecordCalls(t *testing.T) {
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 	go func() { _ = srv.Serve(l) }()
 	t.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient(l.Addr().String(), append(m.UpstreamDialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	conn, err := grpc.NewClient(l.Addr().String(), m.UpstreamDialOption(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,6 +152,10 @@ func TestUpstreamDialOptionsRecordCalls(t *testing.T) {
 	if _, err := watch.Recv(); err != nil {
 		t.Fatal(err)
 	}
+	server := map[string]string{"address": l.Addr().String()}
+	if v, _ := metrictest.Gather(t, m.Registry()).Value(UpstreamServer.Name, server); v != 1 {
+		t.Fatalf("connections to the server: %v, want 1", v)
+	}
 	srv.Stop() // ends the stream: Unavailable
 	if _, err := watch.Recv(); err == nil {
 		t.Fatal("the stream outlived the server")
@@ -183,6 +173,11 @@ func TestUpstreamDialOptionsRecordCalls(t *testing.T) {
 	if v, _ := f.Value(UpstreamRPCDuration.Name, map[string]string{"method": "Check"}); v != 2 {
 		t.Errorf("Check latency observed %v times, want 2", v)
 	}
+	conn.Close()
+	testkit.WaitFor(t, 10*time.Second, "the closed connection to leave the metrics", func() bool {
+		_, ok := metrictest.Gather(t, m.Registry()).Value(UpstreamServer.Name, server)
+		return !ok
+	})
 }
 
 // stubStream is the least of a server stream the interceptor reads.

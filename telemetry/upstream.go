@@ -2,103 +2,83 @@ package telemetry
 
 import (
 	"context"
-	"io"
-	"sync/atomic"
-	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 )
 
-// What the SPIRE Server upstream records: its calls through the dial
-// options, and which server it uses through Upstream.
+// What the SPIRE Server upstream records: its calls and connections
+// through one dial option, and its failovers through FailedOver.
 
-// UpstreamDialOptions are the dial options that record every call to the
-// SPIRE Server by method and code, with the latency of unary calls; none
-// on nil Metrics.
-func (m *Metrics) UpstreamDialOptions() []grpc.DialOption {
+// UpstreamDialOption is the dial option that records every call to the
+// SPIRE Server by method and code with its latency, and the connections
+// open to each server address; it does nothing on nil Metrics.
+func (m *Metrics) UpstreamDialOption() grpc.DialOption {
 	if m == nil {
-		return nil
+		return grpc.EmptyDialOption{}
 	}
-	return []grpc.DialOption{
-		grpc.WithChainUnaryInterceptor(m.upstreamUnary),
-		grpc.WithChainStreamInterceptor(m.upstreamStream),
+	return grpc.WithStatsHandler((*upstreamStats)(m))
+}
+
+// FailedOver records a move to another SPIRE Server address after a
+// failure (refused, a broken stream, Unavailable).
+func (m *Metrics) FailedOver() {
+	if m != nil {
+		m.upstreamFailovers.Inc()
 	}
 }
 
-func (m *Metrics) upstreamUnary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-	start := time.Now()
-	err := invoker(ctx, method, req, reply, cc, opts...)
-	service, name := splitMethod(method)
-	m.upstreamDuration.WithLabelValues(service, name).Observe(time.Since(start).Seconds())
-	m.upstreamDone(service, name, err)
-	return err
+// upstreamStats is a gRPC client stats handler. The upstream's calls are
+// few (a sync every few seconds), so it may allocate.
+type upstreamStats Metrics
+
+type methodKey struct{}
+
+func (u *upstreamStats) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
+	return context.WithValue(ctx, methodKey{}, info.FullMethodName)
 }
 
-func (m *Metrics) upstreamDone(service, method string, err error) {
-	m.upstreamHandled.WithLabelValues(service, method, status.Code(err).String()).Inc()
-}
-
-func (m *Metrics) upstreamStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	service, name := splitMethod(method)
-	cs, err := streamer(ctx, desc, cc, method, opts...)
-	if err != nil {
-		m.upstreamDone(service, name, err)
-		return nil, err
+func (u *upstreamStats) HandleRPC(ctx context.Context, s stats.RPCStats) {
+	end, ok := s.(*stats.End)
+	if !ok {
+		return
 	}
-	return &endedStream{ClientStream: cs, m: m, service: service, method: name}, nil
+	full, _ := ctx.Value(methodKey{}).(string)
+	service, method := splitMethod(full)
+	u.upstreamDuration.WithLabelValues(service, method).Observe(end.EndTime.Sub(end.BeginTime).Seconds())
+	u.upstreamHandled.WithLabelValues(service, method, status.Code(end.Error).String()).Inc()
 }
 
-// endedStream counts a client stream when its receive ends: io.EOF is OK.
-// A stream its caller abandons without reading to the end is not counted.
-type endedStream struct {
-	grpc.ClientStream
-	m               *Metrics
-	service, method string
-	ended           atomic.Bool
-}
+type connAddrKey struct{}
 
-func (s *endedStream) RecvMsg(msg any) error {
-	err := s.ClientStream.RecvMsg(msg)
-	if err != nil && s.ended.CompareAndSwap(false, true) {
-		code := err
-		if err == io.EOF {
-			code = nil
-		}
-		s.m.upstreamDone(s.service, s.method, code)
+func (u *upstreamStats) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
+	if info.RemoteAddr == nil {
+		return ctx
 	}
-	return err
+	return context.WithValue(ctx, connAddrKey{}, info.RemoteAddr.String())
 }
 
-// Upstream records which SPIRE Server the agent uses: the spire upstream
-// calls it as it connects and fails over. Safe on nil Metrics.
-type Upstream interface {
-	// Connected records addr ("host:port" as dialed) as the server in
-	// use; "" when none is.
-	Connected(addr string)
-	// FailedOver records a move to another server after a failure.
-	FailedOver()
-}
-
-// Upstream returns the recorder of the server in use.
-func (m *Metrics) Upstream() Upstream { return (*upstreamRecorder)(m) }
-
-type upstreamRecorder Metrics
-
-func (u *upstreamRecorder) Connected(addr string) {
-	if u == nil {
+func (u *upstreamStats) HandleConn(ctx context.Context, s stats.ConnStats) {
+	addr, ok := ctx.Value(connAddrKey{}).(string)
+	if !ok {
 		return
 	}
 	u.serverMu.Lock()
 	defer u.serverMu.Unlock()
-	u.upstreamServer.Reset()
-	if addr != "" {
-		u.upstreamServer.WithLabelValues(addr).Set(1)
+	switch s.(type) {
+	case *stats.ConnBegin:
+		u.serverConns[addr]++
+	case *stats.ConnEnd:
+		u.serverConns[addr]--
+	default:
+		return
 	}
-}
-
-func (u *upstreamRecorder) FailedOver() {
-	if u != nil {
-		u.upstreamFailovers.Inc()
+	if n := u.serverConns[addr]; n > 0 {
+		u.upstreamServer.WithLabelValues(addr).Set(float64(n))
+		return
 	}
+	// A server no longer connected leaves the metrics.
+	delete(u.serverConns, addr)
+	u.upstreamServer.DeleteLabelValues(addr)
 }
