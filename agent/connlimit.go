@@ -212,6 +212,16 @@ func (l *limitListener) warnNewcomerLocked(key peerKey, share int) {
 	l.lastNewcomerWarn = now
 }
 
+// PeerUID is the connecting process's effective uid at connect
+// (SO_PEERCRED), for the metrics' uid classes.
+func PeerUID(conn net.Conn) (uint32, error) {
+	cred, err := peerCred(conn)
+	if err != nil {
+		return 0, err
+	}
+	return cred.Uid, nil
+}
+
 // peerCred reads the connecting process's pid and uid (SO_PEERCRED): one
 // getsockopt per connection.
 func peerCred(conn net.Conn) (*unix.Ucred, error) {

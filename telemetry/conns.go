@@ -7,7 +7,6 @@ import (
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 )
 
 // The uid classes by index, with one for a peer whose credentials could
@@ -34,13 +33,14 @@ func uidClassIndex(uid uint32) int {
 }
 
 // CountConns counts the connections l accepts on the socket named socket
-// ("workload", "admin"), open and in all, by the kind of user of the peer.
-// It returns l itself on nil Metrics.
-func (m *Metrics) CountConns(l net.Listener, socket string) net.Listener {
+// ("workload", "admin"), open and in all, by the kind of user of the peer,
+// whose uid uidOf reads (agent.PeerUID). It returns l itself on nil
+// Metrics.
+func (m *Metrics) CountConns(l net.Listener, socket string, uidOf func(net.Conn) (uint32, error)) net.Listener {
 	if m == nil {
 		return l
 	}
-	c := &countingListener{Listener: l}
+	c := &countingListener{Listener: l, uidOf: uidOf}
 	for i, name := range uidClassNames {
 		c.open[i] = m.connections.WithLabelValues(socket, name)
 		c.total[i] = m.connectionsTotal.WithLabelValues(socket, name)
@@ -50,6 +50,7 @@ func (m *Metrics) CountConns(l net.Listener, socket string) net.Listener {
 
 type countingListener struct {
 	net.Listener
+	uidOf func(net.Conn) (uint32, error)
 	open  [numUIDClasses]prometheus.Gauge
 	total [numUIDClasses]prometheus.Counter
 }
@@ -60,35 +61,12 @@ func (l *countingListener) Accept() (net.Conn, error) {
 		return conn, err
 	}
 	class := uidClassUnknown
-	if uid, err := peerUID(conn); err == nil {
+	if uid, err := l.uidOf(conn); err == nil {
 		class = uidClassIndex(uid)
 	}
 	l.open[class].Inc()
 	l.total[class].Inc()
 	return &countedConn{Conn: conn, open: l.open[class]}, nil
-}
-
-// peerUID reads the peer's effective uid at connect (SO_PEERCRED).
-func peerUID(conn net.Conn) (uint32, error) {
-	sc, ok := conn.(syscall.Conn)
-	if !ok {
-		return 0, errors.New("not a socket")
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var cred *unix.Ucred
-	var credErr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return 0, err
-	}
-	if credErr != nil {
-		return 0, credErr
-	}
-	return cred.Uid, nil
 }
 
 // countedConn is open until its first Close. It passes SyscallConn

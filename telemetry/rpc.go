@@ -80,22 +80,14 @@ func (r *rpcMethod) done(err error) {
 	c.Inc()
 }
 
-func (r *rpcMethod) observeDuration(since time.Time) {
-	o := r.duration.Load()
+// observe observes the time since since in the series *p holds,
+// resolving it from vec the first time.
+func (r *rpcMethod) observe(p *atomic.Pointer[prometheus.Observer], vec *prometheus.HistogramVec, since time.Time) {
+	o := p.Load()
 	if o == nil {
-		v := r.m.rpcDuration.WithLabelValues(r.service, r.method)
+		v := vec.WithLabelValues(r.service, r.method)
 		o = &v
-		r.duration.Store(o)
-	}
-	(*o).Observe(time.Since(since).Seconds())
-}
-
-func (r *rpcMethod) observeFirstResponse(since time.Time) {
-	o := r.firstResponse.Load()
-	if o == nil {
-		v := r.m.rpcFirstResponse.WithLabelValues(r.service, r.method)
-		o = &v
-		r.firstResponse.Store(o)
+		p.Store(o)
 	}
 	(*o).Observe(time.Since(since).Seconds())
 }
@@ -124,7 +116,7 @@ func (s *ServerRPC) WrapUnary(inner grpc.UnaryServerInterceptor) grpc.UnaryServe
 		}
 		start := time.Now()
 		resp, err := inner(ctx, req, info, next)
-		r.observeDuration(start)
+		r.observe(&r.duration, r.m.rpcDuration, start)
 		r.done(err)
 		return resp, err
 	}
@@ -170,7 +162,7 @@ type timedStream struct {
 func (t *timedStream) SendMsg(msg any) error {
 	if !t.sent {
 		t.sent = true
-		t.r.observeFirstResponse(t.start)
+		t.r.observe(&t.r.firstResponse, t.r.m.rpcFirstResponse, t.start)
 	}
 	return t.ServerStream.SendMsg(msg)
 }

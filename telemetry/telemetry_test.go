@@ -113,7 +113,7 @@ func TestNilMetricsRecordNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	if m.CountConns(l, "workload") != l {
+	if m.CountConns(l, "workload", nil) != l {
 		t.Fatal("nil Metrics wrapped the listener")
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
@@ -158,7 +159,7 @@ func (e *Endpoint) Name() string { return "workload-api" }
 // (its listener failed) is shut down too, and its error returned.
 func (e *Endpoint) Run(ctx context.Context) error {
 	served := make(chan error, 1)
-	l := e.srv.handler.cfg.Metrics.CountConns(e.listener, "workload")
+	l := e.srv.handler.cfg.Metrics.CountConns(e.listener, "workload", agent.PeerUID)
 	go func() { served <- e.srv.GRPC.Serve(l) }()
 	ready := e.ready
 	for {
