@@ -259,7 +259,7 @@ type limitConn struct {
 	net.Conn
 	l      *limitListener
 	key    peerKey
-	uid    uint32 // the peer's, read at accept
+	uid    uint32       // the peer's, read at accept
 	seq    uint64       // accept order; set under l.mu
 	active atomic.Int64 // coarseNow of the last byte read or written
 	// released is set under l.mu once the connection no longer counts.

@@ -175,3 +175,19 @@ func splitMethod(full string) (service, method string) {
 	}
 	return "unknown", full
 }
+
+// ServerOptions are the interceptors for a server with none of its own
+// (the admin socket's); none on nil s.
+func (s *ServerRPC) ServerOptions() []grpc.ServerOption {
+	if s == nil {
+		return nil
+	}
+	return []grpc.ServerOption{
+		grpc.UnaryInterceptor(s.WrapUnary(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+			return next(ctx, req)
+		})),
+		grpc.StreamInterceptor(s.WrapStream(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, next grpc.StreamHandler) error {
+			return next(srv, ss)
+		})),
+	}
+}

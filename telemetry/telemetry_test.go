@@ -200,6 +200,9 @@ func TestServerInterceptorsAllocateOnlyTheStreamWrapper(t *testing.T) {
 	unary := rpc.WrapUnary(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
 		return next(ctx, req)
 	})
+	if len(rpc.ServerOptions()) != 2 || (*ServerRPC)(nil).ServerOptions() != nil {
+		t.Error("ServerOptions: want the two interceptors, none without metrics")
+	}
 	info := &grpc.UnaryServerInfo{FullMethod: "/grpc.health.v1.Health/Check"}
 	ctx := context.Background()
 	handler := func(context.Context, any) (any, error) { return nil, nil }
