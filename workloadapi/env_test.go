@@ -98,6 +98,8 @@ type envOptions struct {
 	// persistDir, when set, is where the cache is saved, by its persister
 	// staged first, as lanyard run stages it.
 	persistDir string
+	// streams, when set, records the open streams.
+	streams *Streams
 	// metrics, when set, is what the server and the attestor record into.
 	metrics *telemetry.Metrics
 }
@@ -156,6 +158,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 		Identities:                    cache,
 		AllowUnauthenticatedVerifiers: opt.allowUnauthenticated,
 		SendTimeout:                   opt.sendTimeout,
+		Streams:                       opt.streams,
 	})
 
 	t.Cleanup(func() {
