@@ -4,13 +4,16 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/lanyard-dev/lanyard/telemetry/metrictest"
+	debugv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/debug/v1"
 )
 
 // workloadAPIMetricsWired says that `lanyard run` hands the agent's
@@ -24,7 +27,11 @@ const workloadAPIMetricsWired = false
 // the embedded CA and the saved cache, with bounded labels.
 func TestMetricsAfterRealCalls(t *testing.T) {
 	port := freePort(t)
-	cfg := strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "4s"`, 1) + fmt.Sprintf(`
+	dir := newAgentDir(t)
+	admin := filepath.Join(dir, "private", "admin.sock")
+	cfg := strings.Replace(baseConfig, `x509_svid_ttl = "1h"`, `x509_svid_ttl = "4s"`, 1)
+	cfg = strings.Replace(cfg, `socket_path  = "@SOCKET@"`, `socket_path  = "@SOCKET@"
+  admin_socket_path = "`+admin+`"`, 1) + fmt.Sprintf(`
 telemetry {
   Prometheus {
     host = "127.0.0.1"
@@ -32,7 +39,7 @@ telemetry {
   }
 }
 `, port)
-	a := startAgent(t, cfg)
+	a := startAgentIn(t, dir, cfg)
 	url := fmt.Sprintf("http://127.0.0.1:%d/metrics", port)
 	ctx := testContext(t)
 	c := a.client(t)
@@ -40,6 +47,10 @@ telemetry {
 		t.Fatal(err)
 	}
 	if _, err := c.FetchJWTSVID(ctx, jwtParams("metrics")); err != nil {
+		t.Fatal(err)
+	}
+	// The admin socket's Debug API, as an operator's grpcurl calls it.
+	if _, err := debugv1.NewDebugClient(testkit.Dial(t, admin)).GetInfo(ctx, &debugv1.GetInfoRequest{}); err != nil {
 		t.Fatal(err)
 	}
 	denied := os.Getuid() == 0
@@ -101,6 +112,8 @@ telemetry {
 			want{telemetry.RPCDuration, map[string]string{"service": svc, "method": "FetchJWTSVID"}, positive, "> 0"},
 			want{telemetry.RPCFirstResponse, map[string]string{"service": svc, "method": "FetchX509SVID"}, positive, "> 0"},
 			want{telemetry.ConnectionsTotal, map[string]string{"socket": "workload", "uid_class": telemetry.UIDClass(uint32(os.Getuid()))}, positive, "> 0"},
+			want{telemetry.RPCHandled, map[string]string{"service": "spire.agent.debug.v1.Debug", "method": "GetInfo", "code": "OK"}, positive, "> 0"},
+			want{telemetry.ConnectionsTotal, map[string]string{"socket": "admin", "uid_class": telemetry.UIDClass(uint32(os.Getuid()))}, positive, "> 0"},
 		)
 		if denied {
 			wants = append(wants, want{telemetry.RPCHandled, map[string]string{"service": svc, "method": "FetchX509SVID", "code": "PermissionDenied"}, positive, "> 0"},
