@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/telemetry"
@@ -139,4 +141,30 @@ func logLine(logs, msg string) string {
 		}
 	}
 	return ""
+}
+
+// SDS calls are recorded under their own service, and an SDS denial is
+// logged like the Workload API's.
+func TestMetricsAndDenialsOfSDS(t *testing.T) {
+	m := telemetry.New()
+	e := newTestEnv(t, envOptions{entries: []*agent.Entry{newEntry("/other", 1, otherSelector())}, noJWTKey: true, metrics: m})
+	client := secretv3.NewSecretDiscoveryServiceClient(testkit.Dial(t, e.socket))
+	_, err := client.FetchSecrets(t.Context(), &discoveryv3.DiscoveryRequest{TypeUrl: secretType, ResourceNames: []string{"default"}})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("SDS for a caller without an entry: %v", err)
+	}
+	if _, err := client.FetchSecrets(t.Context(), &discoveryv3.DiscoveryRequest{TypeUrl: secretType, ResourceNames: []string{"ROOTCA"}}); err != nil {
+		t.Fatalf("the trust bundle, which needs no entry: %v", err)
+	}
+	f := metrictest.Gather(t, m.Registry())
+	for code, want := range map[string]float64{"PermissionDenied": 1, "OK": 1} {
+		labels := map[string]string{"service": "envoy.service.secret.v3.SecretDiscoveryService", "method": "FetchSecrets", "code": code}
+		if v, _ := f.Value(telemetry.RPCHandled.Name, labels); v != want {
+			t.Errorf("%v: %v, want %v; series: %s", labels, v, want, f.Labels(telemetry.RPCHandled.Name))
+		}
+	}
+	line := logLine(e.logs.String(), "No registration entry matches the caller's selectors")
+	if !strings.Contains(line, "method=/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets") || !strings.Contains(line, mySelector().String()) {
+		t.Errorf("the SDS denial line: %q", line)
+	}
 }
