@@ -135,6 +135,14 @@ lint: packaging-module
 packaging-module:
 	cd deploy/packaging && $(GO) vet . && $(GO) run $(STATICCHECK) . && $(GO) test -count=1 .
 
+# deploy/monitoring/check is a Go module of its own too (Prometheus's PromQL
+# parser stays out of go.mod): the alert rules and the dashboard parse and
+# name only metrics Lanyard exposes.
+lint: monitoring-module
+.PHONY: monitoring-module
+monitoring-module:
+	cd deploy/monitoring/check && $(GO) vet . && $(GO) run $(STATICCHECK) . && $(GO) test -count=1 .
+
 # nginx and HAProxy from Debian for the tests of apps that read their
 # certificates from files (test/files), installed once before the unit
 # tests. Needs root when missing; without it those tests skip (outside CI).

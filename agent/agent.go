@@ -12,6 +12,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/telemetry"
 )
 
 // Plugin types as written in the config.
@@ -42,6 +43,7 @@ type Agent struct {
 	upstream     Upstream
 	upstreamName string
 	attestors    atomic.Pointer[attestor.MultiAttestor]
+	metrics      *telemetry.Metrics // nil without a telemetry block
 
 	reloadMu sync.Mutex
 	cfg      *conf.Config
@@ -70,19 +72,31 @@ func Check(cfg *conf.Config, log hclog.Logger) error {
 }
 
 func build(cfg *conf.Config, log hclog.Logger) (*Agent, error) {
+	var metrics *telemetry.Metrics
+	if cfg.Telemetry.PrometheusEnabled {
+		metrics = telemetry.New()
+	}
 	set, err := buildAttestors(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	name, up, err := buildUpstream(cfg, log)
+	set.Observe(metrics)
+	name, up, err := buildUpstream(cfg, log, metrics)
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{log: log, upstream: up, upstreamName: name, cfg: cfg}
+	a := &Agent{log: log, upstream: up, upstreamName: name, cfg: cfg, metrics: metrics}
 	a.svids = NewSVIDManager(log.Named("cache"), up)
+	a.svids.observe(metrics)
 	a.attestors.Store(set)
+	metrics.Register(a.newCollectors()...)
 	return a, nil
 }
+
+// Metrics returns what the agent records into and the metrics endpoint
+// serves; nil when the config has no telemetry block. The Workload API
+// and the admin socket record into it too (their Config.Metrics).
+func (a *Agent) Metrics() *telemetry.Metrics { return a.metrics }
 
 func (a *Agent) openDataDir() error {
 	dir := a.cfg.Agent.DataDir
@@ -105,11 +119,11 @@ func (a *Agent) openDataDir() error {
 // BuildUpstream builds the upstream cfg names, as New does; for the
 // upstreams' tests.
 func BuildUpstream(cfg *conf.Config, log hclog.Logger) (Upstream, error) {
-	_, up, err := buildUpstream(cfg, log)
+	_, up, err := buildUpstream(cfg, log, nil)
 	return up, err
 }
 
-func buildUpstream(cfg *conf.Config, log hclog.Logger) (string, Upstream, error) {
+func buildUpstream(cfg *conf.Config, log hclog.Logger, metrics *telemetry.Metrics) (string, Upstream, error) {
 	name, plugin, err := upstreamPlugin(cfg)
 	if err != nil {
 		return "", nil, err
@@ -143,6 +157,7 @@ func buildUpstream(cfg *conf.Config, log hclog.Logger) (string, Upstream, error)
 		TrustDomain: cfg.Agent.TrustDomain,
 		DataDir:     cfg.Agent.DataDir,
 		Server:      server,
+		Metrics:     metrics,
 	})
 	if err != nil {
 		return "", nil, err
@@ -289,6 +304,7 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 	if err != nil {
 		return err
 	}
+	set.Observe(a.metrics)
 	name, plugin, err := upstreamPlugin(cfg)
 	if err != nil {
 		return err

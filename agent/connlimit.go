@@ -81,7 +81,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			conn.Close()
 			continue
 		}
-		c := &limitConn{Conn: conn, l: l, key: l.keys.key(cred.Pid, cred.Uid)}
+		c := &limitConn{Conn: conn, l: l, key: l.keys.key(cred.Pid, cred.Uid), uid: cred.Uid}
 		evicted, ok := l.admit(c)
 		if evicted != nil {
 			evicted.Conn.Close()
@@ -212,6 +212,19 @@ func (l *limitListener) warnNewcomerLocked(key peerKey, share int) {
 	l.lastNewcomerWarn = now
 }
 
+// PeerUID is the connecting process's effective uid at connect
+// (SO_PEERCRED), for the metrics' uid classes.
+func PeerUID(conn net.Conn) (uint32, error) {
+	if c, ok := conn.(*limitConn); ok {
+		return c.uid, nil // read at accept: no second getsockopt
+	}
+	cred, err := peerCred(conn)
+	if err != nil {
+		return 0, err
+	}
+	return cred.Uid, nil
+}
+
 // peerCred reads the connecting process's pid and uid (SO_PEERCRED): one
 // getsockopt per connection.
 func peerCred(conn net.Conn) (*unix.Ucred, error) {
@@ -246,6 +259,7 @@ type limitConn struct {
 	net.Conn
 	l      *limitListener
 	key    peerKey
+	uid    uint32       // the peer's, read at accept
 	seq    uint64       // accept order; set under l.mu
 	active atomic.Int64 // coarseNow of the last byte read or written
 	// released is set under l.mu once the connection no longer counts.

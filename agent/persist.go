@@ -15,6 +15,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/time/rate"
@@ -77,6 +78,8 @@ type Persister struct {
 
 	saved atomic.Uint64 // the store's gen when last saved
 	warn  rate.Sometimes
+	// metrics records saves; set before Run, nil records nothing.
+	metrics *telemetry.Metrics
 }
 
 func newPersister(log hclog.Logger, now func() time.Time, store *entryStore, report func(string, error)) *Persister {
@@ -290,6 +293,7 @@ func (p *Persister) persist() {
 	}
 	err := WriteFileAtomicFunc(p.path, snap.encode)
 	p.report(p.path, err)
+	p.metrics.CacheSaved(p.now(), err)
 	if err != nil {
 		p.warn.Do(func() {
 			p.log.Warn("Could not save the cache; retrying every second (this warning repeats once a minute while it fails)", "path", p.path, "error", err)

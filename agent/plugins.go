@@ -4,6 +4,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/registry"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -18,6 +19,9 @@ type UpstreamConfig struct {
 	// Server is the SPIRE Server to use and the node attestor to attest
 	// to it with; set only for the ServerUpstream.
 	Server *ServerConfig
+	// Metrics records the upstream's calls, the server it uses and the
+	// embedded CA's rotations; nil records nothing.
+	Metrics *telemetry.Metrics
 }
 
 // UpstreamFactory builds a configured upstream. Errors about plugin_data

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/telemetry"
 )
 
 // svidState is where an X509-SVID stands in its life, which decides what
@@ -73,6 +74,8 @@ type Rotator struct {
 	// detach) ends with it, so that no signing outlives the agent's stop.
 	stopped context.Context
 	stop    context.CancelFunc
+	// metrics records renewals; set before Run, nil records nothing.
+	metrics *telemetry.Metrics
 }
 
 func newRotator(log hclog.Logger, now func() time.Time, store *entryStore, signer *signer) *Rotator {
@@ -236,6 +239,7 @@ func (r *Rotator) renew(ctx context.Context, due []*Entry) bool {
 		if call.err != nil {
 			ok = false
 		}
+		r.metrics.SVIDRenewed(call.entry.SPIFFEID.TrustDomain().Name(), call.err)
 	}
 	if len(mine) > 0 {
 		r.log.Debug("Renewed X509-SVIDs", "count", len(mine), "all_ok", ok)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -51,6 +52,13 @@ func NewSVIDManager(log hclog.Logger, upstream Upstream) *SVIDManager {
 	m.jwts = newJWTIssuer(log, upstream, m.store, now, m.health.reportUpstream)
 	m.persister = newPersister(log, now, m.store, m.health.reportSave)
 	return m
+}
+
+// observe has the manager's parts record into metrics; call it before
+// they run.
+func (m *SVIDManager) observe(metrics *telemetry.Metrics) {
+	m.rotator.metrics = metrics
+	m.persister.metrics = metrics
 }
 
 // delivered stores what a signing batch produced.

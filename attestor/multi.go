@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/telemetry"
 )
 
 // DefaultTimeout is how long each workload attestor may take when the
@@ -57,6 +58,41 @@ type MultiAttestor struct {
 	// since an attestor that answers ends the wait at once.
 	lateGrace time.Duration
 	log       hclog.Logger
+	metrics   *telemetry.Metrics
+	observers []*telemetry.AttestorObserver // by plugin; nil without metrics
+}
+
+// Observe has m record its attestations into metrics; call it before the
+// first.
+func (m *MultiAttestor) Observe(metrics *telemetry.Metrics) {
+	if metrics == nil {
+		return
+	}
+	m.metrics = metrics
+	m.observers = make([]*telemetry.AttestorObserver, len(m.plugins))
+	for i, p := range m.plugins {
+		m.observers[i] = metrics.Attestor(p.Name)
+	}
+}
+
+// observer is plugin i's, nil without metrics.
+func (m *MultiAttestor) observer(i int) *telemetry.AttestorObserver {
+	if m.observers == nil {
+		return nil
+	}
+	return m.observers[i]
+}
+
+// callPlugin runs plugin i, timed when there are metrics.
+func (m *MultiAttestor) callPlugin(ctx context.Context, i int, p Process) ([]selector.Selector, error) {
+	o := m.observer(i)
+	if o == nil {
+		return m.plugins[i].Attestor.Attest(ctx, p)
+	}
+	start := time.Now()
+	sels, err := m.plugins[i].Attestor.Attest(ctx, p)
+	o.Answered(time.Since(start))
+	return sels, err
 }
 
 // failureLogEvery spaces the warnings of an attestor that keeps failing for
@@ -143,6 +179,16 @@ func (m *MultiAttestor) Plugin(name string) WorkloadAttestor {
 // still identify the workload. An attestor that is not InProcess and
 // ignores ctx is not waited for past the deadline.
 func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selector, error) {
+	if m.metrics == nil {
+		return m.attest(ctx, p)
+	}
+	start := time.Now()
+	sels, err := m.attest(ctx, p)
+	m.metrics.Attestation(time.Since(start))
+	return sels, err
+}
+
+func (m *MultiAttestor) attest(ctx context.Context, p Process) ([]selector.Selector, error) {
 	if len(m.plugins) == 0 {
 		return nil, ErrNoSelectors
 	}
@@ -169,7 +215,7 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 		calls[i] = c
 		waiting++
 		workers.run(func() {
-			sels, err := pl.Attestor.Attest(actx, p)
+			sels, err := m.callPlugin(actx, i, p)
 			if !c.state.CompareAndSwap(callRunning, callFinished) {
 				m.stuck[i].n.Add(-1)
 			}
@@ -189,7 +235,7 @@ func (m *MultiAttestor) Attest(ctx context.Context, p Process) ([]selector.Selec
 	}
 	for i, pl := range m.plugins {
 		if pl.InProcess {
-			sels, err := pl.Attestor.Attest(actx, p)
+			sels, err := m.callPlugin(actx, i, p)
 			if err := g.add(pluginResult{plugin: i, sels: sels, err: err}); err != nil {
 				return nil, err
 			}
@@ -259,6 +305,7 @@ func (m *MultiAttestor) admit(i int) error {
 		}
 		return nil
 	}
+	m.observer(i).Failed(telemetry.AttestorTimeout)
 	if s.capped.CompareAndSwap(false, true) {
 		m.log.Error("Workload attestor has too many calls stuck past their deadline; failing its calls until they return", "attestor", m.plugins[i].Name, "stuck", MaxStuckCalls)
 	}
@@ -300,6 +347,7 @@ func (g *merge) add(r pluginResult) error {
 			g.all = append(g.all, r.sels...)
 		}
 	case IsRefusal(r.err):
+		g.m.observer(r.plugin).Failed(telemetry.AttestorRefused)
 		// Nothing the others find can be trusted.
 		return fmt.Errorf("%s: %w", name, r.err)
 	case g.actx.Err() != nil:
@@ -308,6 +356,7 @@ func (g *merge) add(r pluginResult) error {
 		return g.ended()
 	default:
 		g.answered[r.plugin] = true
+		g.m.observer(r.plugin).Failed(telemetry.AttestorError)
 		g.m.logFailure(r.plugin, g.p, r.err)
 		g.failed = append(g.failed, fmt.Sprintf("%s: %v", name, r.err))
 	}
@@ -344,6 +393,7 @@ func (m *MultiAttestor) timedOut(p Process, answered []bool) error {
 	for i, ok := range answered {
 		if !ok {
 			name := m.plugins[i].Name
+			m.observer(i).Failed(telemetry.AttestorTimeout)
 			m.log.Warn("Workload attestor did not answer within its deadline", "attestor", name, "pid", p.PID, "timeout", m.timeout)
 			late = append(late, name)
 		}

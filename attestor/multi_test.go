@@ -12,6 +12,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/telemetry"
+	"github.com/lanyard-dev/lanyard/telemetry/metrictest"
 )
 
 // attestorFunc adapts a function to WorkloadAttestor.
@@ -311,5 +313,45 @@ func TestMultiAttestorLogsAFailureOncePerCause(t *testing.T) {
 	}
 	if got := strings.Count(logs.String(), "Workload attestor failed"); got != 2 || !strings.Contains(logs.String(), "another PID") {
 		t.Fatalf("a new cause was not logged at once:\n%s", logs)
+	}
+}
+
+// Each attestor's answers are timed and its failures counted by reason;
+// the attestation as a whole is timed too.
+func TestMultiAttestorMetrics(t *testing.T) {
+	log := hclog.NewNullLogger()
+	metrics := telemetry.New()
+	release := make(chan struct{})
+	defer close(release)
+	m := NewMultiAttestor(log, time.Minute,
+		Plugin{Name: "unix", Attestor: answering(selector.Selector{Type: "unix", Value: "uid:1"}), InProcess: true},
+		Plugin{Name: "docker", Attestor: failing(errors.New("engine unreachable"))})
+	m.Observe(metrics)
+	if _, err := m.Attest(context.Background(), Process{PID: 42}); err != nil {
+		t.Fatal(err)
+	}
+	slow := NewMultiAttestor(log, 10*time.Millisecond, Plugin{Name: "k8s", Attestor: stuck(release)})
+	slow.Observe(metrics)
+	if _, err := slow.Attest(context.Background(), Process{PID: 42}); !errors.Is(err, ErrAttestorTimeout) {
+		t.Fatalf("a stuck attestor: %v", err)
+	}
+	f := metrictest.Gather(t, metrics.Registry())
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{telemetry.AttestorDuration.Name, map[string]string{"attestor": "unix"}, 1},
+		{telemetry.AttestorDuration.Name, map[string]string{"attestor": "docker"}, 1},
+		{telemetry.AttestorFailures.Name, map[string]string{"attestor": "docker", "reason": telemetry.AttestorError}, 1},
+		{telemetry.AttestorFailures.Name, map[string]string{"attestor": "k8s", "reason": telemetry.AttestorTimeout}, 1},
+		{telemetry.AttestationDuration.Name, nil, 2},
+	} {
+		if v, _ := f.Value(c.name, c.labels); v != c.want {
+			t.Errorf("%s%v = %v, want %v; series: %s", c.name, c.labels, v, c.want, f.Labels(c.name))
+		}
+	}
+	if _, ok := f.Value(telemetry.AttestorFailures.Name, map[string]string{"attestor": "unix"}); ok {
+		t.Error("the attestor that answered has failures")
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 	"github.com/lanyard-dev/lanyard/supervisor"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -99,6 +100,8 @@ type envOptions struct {
 	persistDir string
 	// streams, when set, records the open streams.
 	streams *Streams
+	// metrics, when set, is what the server and the attestor record into.
+	metrics *telemetry.Metrics
 }
 
 // testEnv is a Workload API server on a real Unix socket, over a real cache
@@ -146,9 +149,12 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 	if opt.attestor != nil {
 		wa = opt.attestor(wa)
 	}
+	multi := attestor.NewMultiAttestor(log.Named("attestor"), opt.attestorTimeout, attestor.Plugin{Name: "unix", Attestor: wa})
+	multi.Observe(opt.metrics)
 	e.srv = NewServer(Config{
 		Log:                           log.Named("workloadapi"),
-		Attestor:                      attestor.NewMultiAttestor(log.Named("attestor"), opt.attestorTimeout, attestor.Plugin{Name: "unix", Attestor: wa}),
+		Attestor:                      multi,
+		Metrics:                       opt.metrics,
 		Identities:                    cache,
 		AllowUnauthenticatedVerifiers: opt.allowUnauthenticated,
 		SendTimeout:                   opt.sendTimeout,

@@ -60,9 +60,15 @@ func benchServer(b *testing.B) string {
 // benchAgent is benchServer that also returns the agent.
 func benchAgent(b *testing.B) (string, *agent.Agent) {
 	b.Helper()
+	return benchAgentWith(b, benchConf)
+}
+
+// benchAgentWith is benchAgent with the config text (benchConf's shape).
+func benchAgentWith(b *testing.B, text string) (string, *agent.Agent) {
+	b.Helper()
 	dir := testkit.ShortDir(b, "wab-")
 	path := filepath.Join(dir, "agent.conf")
-	if err := os.WriteFile(path, fmt.Appendf(nil, benchConf, dir, os.Getuid()), 0o600); err != nil {
+	if err := os.WriteFile(path, fmt.Appendf(nil, text, dir, os.Getuid()), 0o600); err != nil {
 		b.Fatal(err)
 	}
 	cfg, err := conf.Load(path, false)
@@ -74,7 +80,7 @@ func benchAgent(b *testing.B) (string, *agent.Agent) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := NewServer(Config{Log: log, Attestor: a, Identities: a.SVIDManager()})
+	srv := NewServer(Config{Log: log, Attestor: a, Identities: a.SVIDManager(), Metrics: a.Metrics()})
 	serve(b, log, cfg.Agent.SocketPath, srv, []supervisor.Service{supervisor.Func("agent", a.Run)})
 	select {
 	case <-a.SVIDManager().Ready():
@@ -129,7 +135,10 @@ func fetchJWT(ctx context.Context, c workload.SpiffeWorkloadAPIClient) error {
 // message on a kept connection, the same on a new connection each time,
 // and FetchJWTSVID on a kept connection.
 func BenchmarkFetch(b *testing.B) {
-	socket := benchServer(b)
+	benchFetch(b, benchServer(b))
+}
+
+func benchFetch(b *testing.B, socket string) {
 	ctx := headerCtx()
 	b.Run("x509-reused-conn", func(b *testing.B) {
 		c, done := benchClient(b, socket)

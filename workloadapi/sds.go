@@ -223,7 +223,7 @@ func (s *sdsHandler) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.D
 		}
 		resp, err := s.response(lastReq, view)
 		if err != nil {
-			return err
+			return s.h.denied(ctx, caller, sels, err)
 		}
 		resp.VersionInfo = strconv.Itoa(version)
 		resp.Nonce = rand.Text()
@@ -252,7 +252,7 @@ func (s *sdsHandler) FetchSecrets(ctx context.Context, req *discoveryv3.Discover
 	if err := checkTypeURL(req.TypeUrl); err != nil {
 		return nil, err
 	}
-	sels, _, err := s.h.attest(ctx)
+	sels, caller, err := s.h.attest(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -260,7 +260,8 @@ func (s *sdsHandler) FetchSecrets(ctx context.Context, req *discoveryv3.Discover
 	if err != nil {
 		return nil, statusOf(err)
 	}
-	return s.response(req, view)
+	resp, err := s.response(req, view)
+	return resp, s.h.denied(ctx, caller, sels, err)
 }
 
 func (s *sdsHandler) DeltaSecrets(grpc.BidiStreamingServer[discoveryv3.DeltaDiscoveryRequest, discoveryv3.DeltaDiscoveryResponse]) error {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
@@ -65,9 +66,10 @@ func NewServer(cfg Config) *Server {
 	if cfg.SendTimeout == 0 {
 		cfg.SendTimeout = DefaultSendTimeout
 	}
+	rpc := cfg.Metrics.ServerRPC(CallerUID)
 	s := grpc.NewServer(append(ServerOptions(),
-		grpc.ChainUnaryInterceptor(unaryHeaderCheck),
-		grpc.ChainStreamInterceptor(streamHeaderCheck),
+		grpc.ChainUnaryInterceptor(rpc.WrapUnary(unaryHeaderCheck)),
+		grpc.ChainStreamInterceptor(rpc.WrapStream(streamHeaderCheck)),
 		grpc.ForceServerCodecV2(newSharedCodec()),
 	)...)
 	wh := &handler{cfg: cfg, stopping: make(chan struct{})}
@@ -77,6 +79,7 @@ func NewServer(cfg Config) *Server {
 	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(s, h)
 	reflection.Register(s)
+	rpc.Index(s)
 	return &Server{GRPC: s, Health: h, handler: wh}
 }
 
@@ -161,7 +164,8 @@ func (e *Endpoint) Name() string { return "workload-api" }
 // (its listener failed) is shut down too, and its error returned.
 func (e *Endpoint) Run(ctx context.Context) error {
 	served := make(chan error, 1)
-	go func() { served <- e.srv.GRPC.Serve(e.listener) }()
+	l := e.srv.handler.cfg.Metrics.CountConns(e.listener, "workload", agent.PeerUID)
+	go func() { served <- e.srv.GRPC.Serve(l) }()
 	ready := e.ready
 	for {
 		select {

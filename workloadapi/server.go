@@ -14,6 +14,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -62,6 +63,8 @@ type Config struct {
 	// Streams, when not nil, records the open X509-SVID and SDS streams
 	// for `lanyard status`.
 	Streams *Streams
+	// Metrics records calls, streams and connections; nil records nothing.
+	Metrics *telemetry.Metrics
 }
 
 // Limits on what a client may make the agent hold.
@@ -131,6 +134,7 @@ type handler struct {
 	cfg      Config
 	stopping chan struct{} // closed on shutdown
 	stopOnce sync.Once
+	denials  denialLimiter
 }
 
 // attest identifies the caller (see AttestCaller).
@@ -189,8 +193,9 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			// one encoding.
 			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
 		},
-		sent: (*agent.Subscription).Watch,
-		api:  "x509",
+		sent:     (*agent.Subscription).Watch,
+		describe: describeX509,
+		api:      "x509",
 		svids: func(snap *agent.X509Snapshot) ([]*agent.X509SVID, []string) {
 			return snap.SVIDs, snap.Hints
 		},
@@ -230,7 +235,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 			return nil, status.Errorf(codes.InvalidArgument, "invalid requested SPIFFE ID %q: %v", req.SpiffeId, err)
 		}
 	}
-	sels, _, err := h.attest(ctx)
+	sels, caller, err := h.attest(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -239,7 +244,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 		svids, err = h.cfg.Identities.JWTSVIDs(ctx, sels, req.Audience, id)
 	}
 	if err != nil {
-		return nil, statusOf(err)
+		return nil, h.denied(ctx, caller, sels, statusOf(err))
 	}
 	resp := &workload.JWTSVIDResponse{Svids: make([]*workload.JWTSVID, len(svids))}
 	for i, svid := range svids {

@@ -3,8 +3,11 @@ package workloadapi
 import (
 	"context"
 	"errors"
+	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -55,6 +58,8 @@ type streamOf[S any] struct {
 	// with the SVIDs svids says each message sent.
 	api   string
 	svids func(S) ([]*agent.X509SVID, []string)
+	// describe says what a response holds, for the debug log; optional.
+	describe func(S) []any
 }
 
 // runStream runs a stream: the caller's state first, then again on every
@@ -85,13 +90,16 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 		}
 		switch {
 		case errors.Is(err, agent.ErrNoIdentity) || (err != nil && !sentOnce):
-			return statusOf(err)
+			return h.denied(ctx, caller, sels, statusOf(err))
 		case err != nil:
 			// Keep what the client has; the next change tries again.
 			h.cfg.Log.Warn("Could not update "+s.what, "error", err)
 		case !sentOnce || !s.same(last, snap):
 			if err := h.send(caller, func() error { return s.send(snap) }); err != nil {
 				return err
+			}
+			if h.cfg.Log.IsDebug() {
+				logSent(h.cfg.Log, caller, s, snap, sentOnce)
 			}
 			last, sentOnce = snap, true
 			if s.sent != nil {
@@ -110,4 +118,32 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 			return errShuttingDown
 		}
 	}
+}
+
+// logSent logs a response sent on a stream at DEBUG: a workload's first
+// SVIDs, and each rotation pushed to it.
+func logSent[S any](log hclog.Logger, caller *attestor.Caller, s streamOf[S], snap S, pushed bool) {
+	msg := "Sent the first response on " + s.what
+	if pushed {
+		msg = "Pushed a change on " + s.what
+	}
+	args := []any{"pid", caller.PID, "uid", caller.UID}
+	if s.describe != nil {
+		args = append(args, s.describe(snap)...)
+	}
+	log.Debug(msg, args...)
+}
+
+// describeX509 names the SVIDs of a response and when the first expires;
+// never their keys.
+func describeX509(snap *agent.X509Snapshot) []any {
+	ids := make([]string, len(snap.SVIDs))
+	var first time.Time
+	for i, svid := range snap.SVIDs {
+		ids[i] = svid.ID.String()
+		if first.IsZero() || svid.NotAfter.Before(first) {
+			first = svid.NotAfter
+		}
+	}
+	return []any{"spiffe_ids", ids, "first_expiry", first}
 }

@@ -16,7 +16,6 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/supervisor"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -139,8 +138,10 @@ func metricsListener(cfg *conf.Config, a *agent.Agent, log hclog.Logger) (*httpS
 	if !t.PrometheusEnabled {
 		return nil, nil
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), a.NewCollector())
+	// The agent's registry (with its own metrics and those of the Workload
+	// API and the upstream that record into it) plus the runtime's.
+	reg := a.Metrics().Registry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	addr := net.JoinHostPort(t.PrometheusHost, strconv.Itoa(t.PrometheusPort))

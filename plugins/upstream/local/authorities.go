@@ -68,6 +68,7 @@ func (l *Local) loadAuthorities() error {
 		l.log.Info("Loaded the local CA", "trust_domain", l.td, "not_after", auths[active].notAfter, "state", l.statePath, "fingerprint", agent.Fingerprint(auths[active].root))
 	}
 	l.authorities, l.active = pruneExpired(auths, active, now)
+	l.metrics.LocalCAActive(l.authorities[l.active].notAfter, false)
 	l.dirty = true
 	// A CA that cannot be saved yet does not sign (see signerLocked); Run
 	// retries the save.
@@ -239,6 +240,7 @@ func (l *Local) ensureCALocked() (reloaded bool, err error) {
 		a.saved = true
 	}
 	l.authorities, l.active, l.stamp, l.caErr = auths, active, st, nil
+	l.metrics.LocalCAActive(auths[active].notAfter, previous != "" && previous != agent.Fingerprint(auths[active].root))
 	l.seq = max(l.seq, seq)
 	l.changedLocked()
 	// What is in memory is what is on disk, but for the sequence number.
@@ -320,6 +322,7 @@ func (l *Local) rotate() (next time.Time, changed bool, err error) {
 		active, prepared, changed = l.authorities[l.active], false, true
 		l.changedLocked()
 		l.log.Info("Activated the next local CA", "not_after", active.notAfter, "fingerprint", agent.Fingerprint(active.root))
+		l.metrics.LocalCAActive(active.notAfter, true)
 	}
 	before := len(l.authorities)
 	l.authorities, l.active = pruneExpired(l.authorities, l.active, now)

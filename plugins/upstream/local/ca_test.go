@@ -20,6 +20,8 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/telemetry"
+	"github.com/lanyard-dev/lanyard/telemetry/metrictest"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
@@ -161,6 +163,8 @@ func TestRotation(t *testing.T) {
 x509_svid_ttl = "10m"
 ` + webEntry
 	l := newLocal(t, dir, body)
+	metrics := telemetry.New()
+	l.metrics = metrics
 	old := l.authorities[0]
 	base := time.Now()
 	move := setClock(l, base)
@@ -210,6 +214,13 @@ x509_svid_ttl = "10m"
 	}
 	if l.active != 1 || l.authorities[1] != nextCA {
 		t.Fatalf("active %d; want the prepared CA", l.active)
+	}
+	f := metrictest.Gather(t, metrics.Registry())
+	if v, _ := f.Value(telemetry.LocalCARotations.Name, nil); v != 1 {
+		t.Errorf("rotations counted: %v, want 1", v)
+	}
+	if v, _ := f.Value(telemetry.LocalCAExpiry.Name, nil); v != float64(nextCA.notAfter.Unix()) {
+		t.Errorf("CA expiry reported %v, want the new CA's %d", v, nextCA.notAfter.Unix())
 	}
 	// The new CA was created at the old one's half-life, so its own
 	// half-life comes just before the old one ends.

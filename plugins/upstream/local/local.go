@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/time/rate"
@@ -61,6 +62,7 @@ type settings struct {
 // Local is the embedded CA.
 type Local struct {
 	log       hclog.Logger
+	metrics   *telemetry.Metrics // rotations; nil records nothing
 	td        spiffeid.TrustDomain
 	statePath string
 	now       func() time.Time
@@ -110,6 +112,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 	}
 	l := &Local{
 		log:       cfg.Log,
+		metrics:   cfg.Metrics,
 		td:        cfg.TrustDomain,
 		statePath: filepath.Join(cfg.DataDir, stateFileName),
 		now:       time.Now,
