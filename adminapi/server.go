@@ -20,6 +20,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	adminv1 "github.com/lanyard-dev/lanyard/proto/lanyard/admin/v1"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	debugv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/debug/v1"
@@ -67,6 +68,9 @@ type Config struct {
 	// cache.
 	TrustDomain spiffeid.TrustDomain
 	Status      StatusInfo
+	// Metrics records the admin socket's calls, streams and connections;
+	// nil records nothing.
+	Metrics *telemetry.Metrics
 }
 
 // maxConns bounds the admin socket's connections. Only the agent's user
@@ -100,7 +104,8 @@ func New(cfg Config, path string) (*Endpoint, error) {
 		return nil, err
 	}
 	e := &Endpoint{cfg: cfg, listener: l, stopping: make(chan struct{})}
-	e.grpc = grpc.NewServer(workloadapi.ServerOptions()...)
+	rpc := cfg.Metrics.ServerRPC(workloadapi.CallerUID)
+	e.grpc = grpc.NewServer(append(workloadapi.ServerOptions(), rpc.ServerOptions()...)...)
 	delegatedv1.RegisterDelegatedIdentityServer(e.grpc, &delegated{e: e})
 	e.debug = &debug{e: e, now: time.Now}
 	debugv1.RegisterDebugServer(e.grpc, e.debug)
@@ -108,6 +113,7 @@ func New(cfg Config, path string) (*Endpoint, error) {
 	// Operators explore the admin socket with grpcurl; only the agent's
 	// user and group reach it.
 	reflection.Register(e.grpc)
+	rpc.Index(e.grpc)
 	return e, nil
 }
 
@@ -117,7 +123,7 @@ func (e *Endpoint) Name() string { return "admin-api" }
 // Run serves until ctx ends, then shuts down within the grace.
 func (e *Endpoint) Run(ctx context.Context) error {
 	served := make(chan error, 1)
-	go func() { served <- e.grpc.Serve(e.listener) }()
+	go func() { served <- e.grpc.Serve(e.cfg.Metrics.CountConns(e.listener, "admin", agent.PeerUID)) }()
 	e.cfg.Log.Info("Serving the admin API", "socket", e.listener.Addr().String(), "delegates", len(e.cfg.Delegates))
 	select {
 	case <-ctx.Done():

@@ -176,6 +176,7 @@ func runAgent(args []string, stderr io.Writer) int {
 			Started:     started,
 			TrustDomain: cfg.Agent.TrustDomain,
 			Status:      adminapi.StatusInfo{Version: version, Upstream: a.UpstreamInUse, Streams: streams},
+			Metrics:     a.Metrics(),
 		}, cfg.Agent.AdminSocketPath)
 		if err != nil {
 			listener.Close()
@@ -204,6 +205,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		TrustDomain:                   cfg.Agent.TrustDomain,
 		SDS:                           workloadapi.SDSConfig(cfg.Agent.SDS),
 		Streams:                       streams,
+		Metrics:                       a.Metrics(),
 	})
 	// What accepts requests stops first (the Workload API ending its
 	// streams with Unavailable), then what feeds the cache, and the cache

@@ -20,7 +20,7 @@ import (
 // metrics to the Workload API (workloadapi.Config.Metrics in
 // cmd/lanyard/run.go); until then its call, stream and connection series
 // are not checked here (see workloadapi/metrics_test.go for them).
-const workloadAPIMetricsWired = false
+const workloadAPIMetricsWired = true
 
 // The real agent's /metrics, scraped after real Workload API calls, has
 // the series of the calls, the attestations, the SVIDs and their renewal,

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/telemetry"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -52,6 +53,9 @@ type serverClient struct {
 		x509bundle.Source
 	}
 	refused func(error)
+	// metrics records the calls and connections to the server; nil
+	// records nothing.
+	metrics *telemetry.Metrics
 
 	mu   sync.Mutex
 	conn *serverConn
@@ -133,6 +137,7 @@ func (c *serverClient) dial(cfg *tls.Config) (*grpc.ClientConn, error) {
 		grpc.WithTransportCredentials(grpccreds.NewTLS(cfg)),
 		grpc.WithDefaultServiceConfig(roundRobin),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxRecvMsgSize)),
+		c.metrics.UpstreamDialOption(),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to the SPIRE Server at %s: %w", c.addr, err)

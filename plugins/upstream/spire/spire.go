@@ -77,6 +77,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 		insecureBootstrap: server.InsecureBootstrap,
 		creds:             identity,
 		refused:           identity.refused,
+		metrics:           cfg.Metrics,
 	}
 	identity.client = client
 	return &Spire{
