@@ -386,8 +386,14 @@ func TestAttestThroughMultiAttestor(t *testing.T) {
 	if _, err := m.Attest(ctx, e.inPod(4002, podUID(99), hexID("c"))); !errors.Is(err, attestor.ErrAttestorTimeout) {
 		t.Errorf("never listed: %v; want ErrAttestorTimeout", err)
 	}
-	pods[2].Status.EphemeralContainerStatuses = []corev1.ContainerStatus{{Name: "dbg", ContainerID: "containerd://" + hexID("dbg")}}
-	e.kubelet.set(func(k *fakeKubelet) { k.allowed = map[string]bool{} })
+	// A fetch of the attestation that timed out may still be reading the
+	// list: the next list is a copy, handed over under the kubelet's lock.
+	next := slices.Clone(pods)
+	next[2].Status.EphemeralContainerStatuses = []corev1.ContainerStatus{{Name: "dbg", ContainerID: "containerd://" + hexID("dbg")}}
+	e.kubelet.set(func(k *fakeKubelet) {
+		k.pods = func(int) []corev1.Pod { return next }
+		k.allowed = map[string]bool{}
+	})
 	if _, err := m.Attest(ctx, e.inPod(4003, podUID(98), hexID("c"))); !errors.Is(err, attestor.ErrAttestorTimeout) {
 		t.Errorf("kubelet refusing: %v; want ErrAttestorTimeout", err)
 	}
