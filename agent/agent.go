@@ -245,6 +245,7 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 		{"socket_path", old.SocketPath, cfg.Agent.SocketPath},
 		{"data_dir", old.DataDir, cfg.Agent.DataDir},
 		{"trust_bundle_path", old.TrustBundlePath, cfg.Agent.TrustBundlePath},
+		{"trust_bundle_format", old.TrustBundleFormat, cfg.Agent.TrustBundleFormat},
 		{"insecure_bootstrap", old.InsecureBootstrap, cfg.Agent.InsecureBootstrap},
 		{"join_token", old.JoinToken, cfg.Agent.JoinToken},
 		{"sds", old.SDS, cfg.Agent.SDS},
