@@ -134,21 +134,37 @@ func twoServers(t *testing.T) (*serverClient, [2]*fakeServer, func() *serverClie
 	ca := testkit.NewTrustDomainCA(t, td)
 	servers := [2]*fakeServer{newFakeServer(t, ca, "127.0.0.2"), newFakeServer(t, ca, "127.0.0.3")}
 	newClient := func() *serverClient {
-		r := manual.NewBuilderWithScheme("servers")
-		r.InitialState(resolver.State{Addresses: []resolver.Address{{Addr: servers[0].addr}, {Addr: servers[1].addr}}})
-		id := &agentIdentity{td: td, creds: newCreds(t, ca), roots: []*x509.Certificate{ca.Cert}}
-		c := &serverClient{
-			log:         hclog.NewNullLogger(),
-			addr:        "servers:///spire-server",
-			serverID:    spiffeid.RequireFromPath(td, "/spire/server"),
-			creds:       id,
-			refused:     func(error) {},
-			dialOptions: []grpc.DialOption{grpc.WithResolvers(r)},
-		}
-		t.Cleanup(c.retire)
+		c, _ := resolvingClient(t, ca, servers[0].addr, servers[1].addr)
 		return c
 	}
 	return newClient(), servers, newClient
+}
+
+// resolvingClient is a client of a name that resolves to addrs, with an
+// agent SVID from ca; the resolver is returned to change what the name
+// resolves to.
+func resolvingClient(t *testing.T, ca *testkit.CA, addrs ...string) (*serverClient, *manual.Resolver) {
+	t.Helper()
+	r := manual.NewBuilderWithScheme("servers")
+	r.InitialState(resolved(addrs...))
+	c := &serverClient{
+		log:         hclog.NewNullLogger(),
+		addr:        "servers:///spire-server",
+		serverID:    spiffeid.RequireFromPath(td, "/spire/server"),
+		creds:       &agentIdentity{td: td, creds: newCreds(t, ca), roots: []*x509.Certificate{ca.Cert}},
+		refused:     func(error) {},
+		dialOptions: []grpc.DialOption{grpc.WithResolvers(r)},
+	}
+	t.Cleanup(c.retire)
+	return c, r
+}
+
+func resolved(addrs ...string) resolver.State {
+	var st resolver.State
+	for _, a := range addrs {
+		st.Addresses = append(st.Addresses, resolver.Address{Addr: a})
+	}
+	return st
 }
 
 // check calls the servers' health service and returns the address that
@@ -244,5 +260,22 @@ func TestRecoveryAfterFullOutage(t *testing.T) {
 	servers[1].start()
 	if got := mustCheck(t, c); got != servers[1].addr {
 		t.Fatalf("the call went to %s, want %s", got, servers[1].addr)
+	}
+}
+
+// A server replaced by one at another address is found: the call after the
+// failure resolves the name again.
+func TestReplacedServerIsFound(t *testing.T) {
+	ca := testkit.NewTrustDomainCA(t, td)
+	old, replacement := newFakeServer(t, ca, "127.0.0.2"), newFakeServer(t, ca, "127.0.0.3")
+	c, r := resolvingClient(t, ca, old.addr)
+	if got := mustCheck(t, c); got != old.addr {
+		t.Fatalf("the call went to %s, want %s", got, old.addr)
+	}
+	// The name now names the replacement only (the DNS record changed).
+	r.InitialState(resolved(replacement.addr))
+	old.stop()
+	if got := mustCheck(t, c); got != replacement.addr {
+		t.Fatalf("after the server was replaced the call went to %s, want %s", got, replacement.addr)
 	}
 }
