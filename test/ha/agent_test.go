@@ -204,7 +204,8 @@ type fetcher struct {
 	mu       sync.Mutex
 	ok       int
 	failures []string
-	serial   string // of the last SVID fetched
+	serial   string          // of the last SVID fetched for webID
+	ids      map[string]bool // the SPIFFE IDs of the last fetch
 }
 
 func startFetcher(t *testing.T, socket string) *fetcher {
@@ -227,7 +228,7 @@ func (f *fetcher) run(ctx context.Context, socket string) {
 		case <-tick.C:
 		}
 		fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		svid, err := workloadapi.FetchX509SVID(fctx, workloadapi.WithAddr("unix://"+socket))
+		svids, err := workloadapi.FetchX509SVIDs(fctx, workloadapi.WithAddr("unix://"+socket))
 		cancel()
 		if ctx.Err() != nil {
 			return
@@ -237,7 +238,13 @@ func (f *fetcher) run(ctx context.Context, socket string) {
 			f.failures = append(f.failures, time.Now().Format(time.TimeOnly)+": "+err.Error())
 		} else {
 			f.ok++
-			f.serial = svid.Certificates[0].SerialNumber.String()
+			f.ids = map[string]bool{}
+			for _, svid := range svids {
+				f.ids[svid.ID.String()] = true
+				if svid.ID.String() == webID {
+					f.serial = svid.Certificates[0].SerialNumber.String()
+				}
+			}
 		}
 		f.mu.Unlock()
 	}
@@ -254,6 +261,13 @@ func (f *fetcher) state() (int, []string, string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.ok, append([]string(nil), f.failures...), f.serial
+}
+
+// has reports whether the last fetch had an SVID for id.
+func (f *fetcher) has(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.ids[id]
 }
 
 // freePort returns a TCP port free on ip.

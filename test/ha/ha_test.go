@@ -35,6 +35,7 @@ func TestMain(m *testing.M) {
 const (
 	nodeID = "spiffe://example.org/ha/node"
 	webID  = "spiffe://example.org/ha/web"
+	web2ID = "spiffe://example.org/ha/web2"
 	// SVID lifetimes: renewed at half-life, so each phase sees a renewal
 	// within 50 s; long enough that SVIDs renewed just before the 20 s
 	// outage outlive it, and the join-token agent, which cannot attest
@@ -82,10 +83,15 @@ func TestServersBehindOneName(t *testing.T) {
 	}
 	c.servers[second].Start()
 	back := time.Now()
+	// A new entry for the running workload, which asks for nothing: only
+	// the agent's own syncs bring it. Then a new workload's.
+	c.servers[second].CreateEntry(t, nodeID, web2ID, "unix:uid:0")
 	c.createEntry(t, second, 10003)
-	c.agent.fetchAs(t, 10003, 10*time.Second)
-	t.Logf("both servers down for %s; after %s returned, a new entry reached a new workload within %s",
+	testkit.WaitFor(t, 10*time.Second-time.Since(back), "a new entry to reach the running workload", func() bool { return c.web.has(web2ID) })
+	t.Logf("both servers down for %s; %s returned, and a new entry reached the running workload %s later",
 		back.Sub(down).Round(time.Second), second, time.Since(back).Round(100*time.Millisecond))
+	c.agent.fetchAs(t, 10003, 10*time.Second-time.Since(back))
+	t.Logf("and another reached a new workload %s after the return", time.Since(back).Round(100*time.Millisecond))
 	c.waitConnectedTo(t, second, 10*time.Second)
 
 	// SIGHUP with a server_address that names the server the agent does
