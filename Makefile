@@ -93,6 +93,16 @@ bench-micro:
 clean:
 	rm -rf bin .data
 
+# The generated Go code of Lanyard's own protos (proto/), committed: only
+# a change to a .proto needs this. protoc from Debian's protobuf-compiler.
+.PHONY: proto
+proto:
+	@echo "Regenerating proto/ (protoc, protoc-gen-go, protoc-gen-go-grpc)"
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
+	PATH="$$($(GO) env GOPATH)/bin:$$PATH" protoc -I proto --go_out=. --go_opt=module=github.com/lanyard-dev/lanyard \
+		--go-grpc_out=. --go-grpc_opt=module=github.com/lanyard-dev/lanyard proto/lanyard/admin/v1/*.proto
+
 # The Debian package bin/lanyard_<version>_<arch>.deb (deploy/packaging):
 # the static binary stamped with VERSION (git describe), the unit, the
 # sysusers.d and tmpfiles.d files and /etc/lanyard/agent.conf as a conffile.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/attestkit"
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -43,7 +44,7 @@ func TestDebugGetInfo(t *testing.T) {
 	var ca *testkit.CA
 	env := newTestEnvWith(t, func(c *Config, up *fakeagent.Upstream) {
 		c.Self, c.Started, ca = self, started, up.CA()
-	}, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	}, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()))
 	client := debugv1.NewDebugClient(testkit.Dial(t, env.socket))
 	ctx, cancel := context.WithTimeout(context.Background(), waitLimit)
 	defer cancel()
@@ -55,7 +56,7 @@ func TestDebugGetInfo(t *testing.T) {
 	leaf, key := ca.SVID(t, agentID.String(), time.Hour)
 	self.svid.Store(&x509svid.SVID{ID: agentID, Certificates: []*x509.Certificate{leaf}, PrivateKey: key})
 	// A workload's SVID in the cache, so that the count is not zero.
-	if _, err := env.cache.X509Identities(ctx, []selector.Selector{mySelector()}); err != nil {
+	if _, err := env.cache.X509Identities(ctx, []selector.Selector{attestkit.MySelector()}); err != nil {
 		t.Fatal(err)
 	}
 	info, err := client.GetInfo(ctx, &debugv1.GetInfoRequest{})

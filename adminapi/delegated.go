@@ -9,6 +9,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
@@ -16,11 +17,14 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Bounds on a request, whose selectors are matched and whose audience keys
-// the token cache.
+// Bounds on a request's selectors, which a stream keeps and matches on
+// every change: in count, and in bytes (real selectors are under 300:
+// a docker label, a k8s image digest).
 const (
-	maxSelectors = 64
-	maxAudiences = 32
+	maxSelectors      = 64
+	maxSelectorType   = 64
+	maxSelectorValue  = 1024
+	maxSelectorsBytes = 8 << 10
 )
 
 // delegated is the Delegated Identity API, as spire-agent serves it.
@@ -35,7 +39,7 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 	if err != nil {
 		return err
 	}
-	w, err := d.e.requestWorkload(ctx, req.Selectors, req.Pid)
+	w, err := d.e.requestWorkload(ctx, caller, req.Selectors, req.Pid)
 	if err != nil {
 		return err
 	}
@@ -43,7 +47,7 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 	var last *agent.X509Snapshot
 	sentOnce := false
 	return d.e.follow(ctx, caller, callerSels, w.pid, func(sub *agent.Subscription) error {
-		snap, err := d.e.cfg.Identities.X509Identities(ctx, w.sels)
+		snap, err := d.e.cfg.Identities.DelegatedX509Identities(ctx, w.sels)
 		switch {
 		case errors.Is(err, agent.ErrNoIdentity):
 			// As spire-agent: workloads with no entry yet get an empty
@@ -147,18 +151,19 @@ func (d *delegated) streamBundles(ctx context.Context, same func(a, b *agent.Bun
 }
 
 func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWTSVIDsRequest) (*delegatedv1.FetchJWTSVIDsResponse, error) {
-	if err := checkAudience(req.Audience); err != nil {
+	if err := workloadapi.CheckAudience(req.Audience); err != nil {
 		return nil, err
 	}
-	if _, _, err := d.e.authorize(ctx); err != nil {
+	_, caller, err := d.e.authorize(ctx)
+	if err != nil {
 		return nil, err
 	}
-	w, err := d.e.requestWorkload(ctx, req.Selectors, req.Pid)
+	w, err := d.e.requestWorkload(ctx, caller, req.Selectors, req.Pid)
 	if err != nil {
 		return nil, err
 	}
 	defer w.release()
-	svids, err := d.e.cfg.Identities.JWTSVIDs(ctx, w.sels, req.Audience, spiffeid.ID{})
+	svids, err := d.e.cfg.Identities.DelegatedJWTSVIDs(ctx, w.sels, req.Audience)
 	if errors.Is(err, agent.ErrNoIdentity) {
 		return nil, status.Error(codes.PermissionDenied, "no identity issued: no registration entry matches the selectors")
 	}
@@ -178,21 +183,6 @@ func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWT
 	return resp, nil
 }
 
-func checkAudience(audience []string) error {
-	switch {
-	case len(audience) == 0:
-		return status.Error(codes.InvalidArgument, "audience must be specified")
-	case len(audience) > maxAudiences:
-		return status.Errorf(codes.InvalidArgument, "too many audiences: %d, the limit is %d", len(audience), maxAudiences)
-	}
-	for _, aud := range audience {
-		if aud == "" {
-			return status.Error(codes.InvalidArgument, "audience must not contain an empty string")
-		}
-	}
-	return nil
-}
-
 // target is what a delegate asks for: the selectors of the workloads it
 // serves (trusted as attested, as spire-agent trusts them), or a process
 // by PID, attested here and pinned for the life of the request.
@@ -210,57 +200,61 @@ func (w target) release() {
 
 // requestWorkload checks a request's selectors or PID, never both, and
 // attests a PID.
-func (e *Endpoint) requestWorkload(ctx context.Context, sels []*types.Selector, pid int32) (target, error) {
+func (e *Endpoint) requestWorkload(ctx context.Context, caller *attestor.Caller, sels []*types.Selector, pid int32) (target, error) {
 	switch {
 	case (len(sels) == 0) == (pid == 0):
 		return target{}, status.Error(codes.InvalidArgument, "must provide either selectors or non-zero PID, but not both")
 	case pid < 0:
 		return target{}, status.Errorf(codes.InvalidArgument, "pid %d is negative", pid)
 	case pid != 0:
+		if err := samePIDNamespace(caller); err != nil {
+			return target{}, err
+		}
 		return e.attestPID(ctx, pid)
 	case len(sels) > maxSelectors:
 		return target{}, status.Errorf(codes.InvalidArgument, "too many selectors: %d, the limit is %d", len(sels), maxSelectors)
 	}
 	out := make([]selector.Selector, 0, len(sels))
+	total := 0
 	for i, s := range sels {
-		if s.GetType() == "" || s.GetValue() == "" || strings.Contains(s.GetType(), ":") {
-			return target{}, status.Errorf(codes.InvalidArgument, "could not parse provided selectors: selector %d (%q, %q) needs a type without \":\" and a value", i, s.GetType(), s.GetValue())
+		typ, value := s.GetType(), s.GetValue()
+		total += len(typ) + len(value)
+		switch {
+		case len(typ) > maxSelectorType || len(value) > maxSelectorValue:
+			return target{}, status.Errorf(codes.InvalidArgument, "selector %d is too long: types are limited to %d bytes and values to %d", i, maxSelectorType, maxSelectorValue)
+		case total > maxSelectorsBytes:
+			return target{}, status.Errorf(codes.InvalidArgument, "the selectors are too long: %d bytes at most in all", maxSelectorsBytes)
+		case typ == "" || value == "" || strings.Contains(typ, ":"):
+			return target{}, status.Errorf(codes.InvalidArgument, "could not parse provided selectors: selector %d (%q, %q) needs a type without \":\" and a value", i, typ, value)
 		}
-		out = append(out, selector.Selector{Type: s.GetType(), Value: s.GetValue()})
+		// Copies: the request's buffer is not kept for the stream's life.
+		out = append(out, selector.Selector{Type: strings.Clone(typ), Value: strings.Clone(value)})
 	}
 	return target{sels: selector.Sort(out)}, nil
 }
 
-// attestPID attests the process pid with the workload attestors, pinned by
-// a pidfd so that a PID reused meanwhile is refused rather than attested
-// (spire-agent leaves that guard to the delegate).
-func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
-	c, err := attestor.TrackPID(pid)
+// samePIDNamespace refuses a PID from a delegate in a PID namespace below
+// the agent's (a pod without hostPID): its PID numbers another process
+// here, whose identity it would get. spire-agent does not check.
+func samePIDNamespace(caller *attestor.Caller) error {
+	depth, err := caller.PIDNamespaceDepth()
 	if err != nil {
-		return target{}, pidStatus(pid, err)
+		return workloadapi.StatusOf(err)
 	}
-	sels, err := e.cfg.Attestor.Attest(ctx, c.Process())
-	if verr := c.Verify(); verr != nil {
-		err = verr
+	if depth > 0 {
+		return status.Error(codes.FailedPrecondition, "the caller runs in a PID namespace of its own, and PIDs are read in the agent's: run the delegate in the host's PID namespace (hostPID), or name the workload by selectors")
 	}
-	if err != nil {
-		c.Release()
-		if errors.Is(err, attestor.ErrAttestorTimeout) {
-			return target{}, status.Errorf(codes.Unavailable, "could not attest pid %d, retry: %v", pid, err)
-		}
-		return target{}, pidStatus(pid, err)
-	}
-	return target{sels: sels, pid: c}, nil
+	return nil
 }
 
-// pidStatus is the status of a process that could not be attested: one
-// gone (or never there) is NotFound, as the SPIFFE Broker API answers for
-// a PID reference.
-func pidStatus(pid int32, err error) error {
-	if attestor.IsRefusal(err) {
-		return status.Errorf(codes.NotFound, "pid %d: no such process, or it exited or changed: %v", pid, err)
+// attestPID attests the process pid with the workload attestors, pinned
+// for the life of the request (workloadapi.AttestPID).
+func (e *Endpoint) attestPID(ctx context.Context, pid int32) (target, error) {
+	sels, c, err := workloadapi.AttestPID(ctx, e.cfg.Attestor, e.cfg.Log, pid)
+	if err != nil {
+		return target{}, err
 	}
-	return status.Errorf(codes.Unavailable, "could not attest pid %d: %v", pid, err)
+	return target{sels: sels, pid: c}, nil
 }
 
 func idProto(id spiffeid.ID) *types.SPIFFEID {
@@ -310,7 +304,7 @@ func (e *Endpoint) waitChange(ctx context.Context, sub *agent.Subscription, pid 
 			return false, nil
 		case <-pidCheck:
 			if err := pid.Verify(); err != nil {
-				return true, pidStatus(pid.PID, err)
+				return true, workloadapi.PIDStatus(e.cfg.Log, pid.PID, err)
 			}
 		case <-ctx.Done():
 			return true, nil

@@ -19,6 +19,7 @@ import (
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
+	adminv1 "github.com/lanyard-dev/lanyard/proto/lanyard/admin/v1"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	debugv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/debug/v1"
@@ -34,9 +35,9 @@ import (
 type Identities interface {
 	// EntryIDs are the SPIFFE IDs of the entries sels match.
 	EntryIDs(ctx context.Context, sels []selector.Selector) ([]spiffeid.ID, error)
-	X509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
+	DelegatedX509Identities(ctx context.Context, sels []selector.Selector) (*agent.X509Snapshot, error)
 	AllBundles(ctx context.Context) (*agent.BundleSnapshot, error)
-	JWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string, id spiffeid.ID) ([]*agent.JWTSVID, error)
+	DelegatedJWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string) ([]*agent.JWTSVID, error)
 	Subscribe() *agent.Subscription
 	// Health gives the cache sizes the Debug API reports.
 	Health() agent.Health
@@ -62,6 +63,10 @@ type Config struct {
 	Self agent.SelfIdentity
 	// Started is when the agent started, for the Debug API's uptime.
 	Started time.Time
+	// TrustDomain and Status are what `lanyard status` reads beyond the
+	// cache.
+	TrustDomain spiffeid.TrustDomain
+	Status      StatusInfo
 }
 
 // maxConns bounds the admin socket's connections. Only the agent's user
@@ -99,6 +104,7 @@ func New(cfg Config, path string) (*Endpoint, error) {
 	delegatedv1.RegisterDelegatedIdentityServer(e.grpc, &delegated{e: e})
 	e.debug = &debug{e: e, now: time.Now}
 	debugv1.RegisterDebugServer(e.grpc, e.debug)
+	adminv1.RegisterStatusServer(e.grpc, &statusService{e: e})
 	// Operators explore the admin socket with grpcurl; only the agent's
 	// user and group reach it.
 	reflection.Register(e.grpc)

@@ -5,22 +5,18 @@ import (
 	"crypto/x509"
 	"errors"
 	"io"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
-	"sync"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
-	"github.com/lanyard-dev/lanyard/conf"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/attestkit"
 	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
-	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -41,19 +37,9 @@ var (
 
 const waitLimit = 10 * time.Second
 
-// mySelector is what the unix attestor reports for this test process, the
-// caller of every call: the delegate's selector.
-func mySelector() selector.Selector {
-	return selector.Selector{Type: "unix", Value: "uid:" + strconv.Itoa(os.Getuid())}
-}
-
 // podSelector stands for the workload a delegate serves; no process here
 // has it, so only a delegate can get its identity.
 var podSelector = selector.Selector{Type: "k8s", Value: "pod-uid:1234"}
-
-func entry(id spiffeid.ID, createdAt int64, sel selector.Selector, federatesWith ...spiffeid.TrustDomain) *agent.Entry {
-	return &agent.Entry{ID: "entry-" + id.Path()[1:], SPIFFEID: id, Selectors: []selector.Selector{sel}, CreatedAt: createdAt, FederatesWith: federatesWith}
-}
 
 type testEnv struct {
 	admin  *Endpoint
@@ -86,18 +72,10 @@ func newTestEnvWith(t *testing.T, tune func(*Config, *fakeagent.Upstream), deleg
 	fed := testkit.NewTrustDomainCA(t, tdFed, testkit.WithCommonName("other ca")).Bundle(tdFed)
 	cache.SetBundles(up.LocalBundle(t, td), []*spiffebundle.Bundle{fed})
 
-	section, err := conf.NewSection("test.conf", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wa, err := unixattestor.New(attestor.PluginConfig{Name: "unix", Data: section, Log: log.Named("unix"), TrustDomain: td})
-	if err != nil {
-		t.Fatal(err)
-	}
 	socket := filepath.Join(testkit.ShortDir(t, "adm-"), "private", "admin.sock")
 	cfg := Config{
 		Log:        log.Named("admin"),
-		Attestor:   attestor.NewMultiAttestor(log.Named("attestor"), 0, attestor.Plugin{Name: "unix", Attestor: wa}),
+		Attestor:   attestkit.Unix(t, log, td),
 		Identities: cache,
 		Delegates:  delegates,
 		Grace:      2 * time.Second,
@@ -148,8 +126,8 @@ func recvX509(t *testing.T, s delegatedv1.DelegatedIdentity_SubscribeToX509SVIDs
 
 func TestDelegateGetsWorkloadX509SVIDs(t *testing.T) {
 	env := newTestEnv(t, []spiffeid.ID{delegateID},
-		entry(delegateID, 1, mySelector()),
-		entry(workloadID, 2, podSelector, tdFed))
+		attestkit.Entry(delegateID, 1, attestkit.MySelector()),
+		attestkit.Entry(workloadID, 2, podSelector, tdFed))
 	stream, err := env.client(t).SubscribeToX509SVIDs(testkit.Context(t, waitLimit), &delegatedv1.SubscribeToX509SVIDsRequest{Selectors: podSelectors()})
 	if err != nil {
 		t.Fatal(err)
@@ -178,14 +156,14 @@ func TestDelegateGetsWorkloadX509SVIDs(t *testing.T) {
 
 	// A new entry for the workload reaches the delegate's stream.
 	second := spiffeid.RequireFromPath(td, "/workload-2")
-	env.cache.SetEntries([]*agent.Entry{entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector, tdFed), entry(second, 3, podSelector)})
+	env.cache.SetEntries([]*agent.Entry{attestkit.Entry(delegateID, 1, attestkit.MySelector()), attestkit.Entry(workloadID, 2, podSelector, tdFed), attestkit.Entry(second, 3, podSelector)})
 	if resp := recvX509(t, stream); len(resp.X509Svids) != 2 {
 		t.Fatalf("after a second entry: %d SVIDs, want 2", len(resp.X509Svids))
 	}
 
 	// Dropping the delegate's entry ends the stream: it is re-checked on
 	// every update.
-	env.cache.SetEntries([]*agent.Entry{entry(workloadID, 2, podSelector)})
+	env.cache.SetEntries([]*agent.Entry{attestkit.Entry(workloadID, 2, podSelector)})
 	for {
 		_, err := stream.Recv()
 		if err != nil {
@@ -204,7 +182,7 @@ func concat(chain [][]byte) []byte {
 }
 
 func TestWorkloadWithNoEntryGetsEmptyUpdate(t *testing.T) {
-	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()))
 	stream, err := env.client(t).SubscribeToX509SVIDs(testkit.Context(t, waitLimit), &delegatedv1.SubscribeToX509SVIDsRequest{Selectors: podSelectors()})
 	if err != nil {
 		t.Fatal(err)
@@ -212,7 +190,7 @@ func TestWorkloadWithNoEntryGetsEmptyUpdate(t *testing.T) {
 	if resp := recvX509(t, stream); len(resp.X509Svids) != 0 {
 		t.Fatalf("got %d SVIDs for a workload with no entry", len(resp.X509Svids))
 	}
-	env.cache.SetEntries([]*agent.Entry{entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector)})
+	env.cache.SetEntries([]*agent.Entry{attestkit.Entry(delegateID, 1, attestkit.MySelector()), attestkit.Entry(workloadID, 2, podSelector)})
 	if resp := recvX509(t, stream); len(resp.X509Svids) != 1 {
 		t.Fatalf("after its entry came: %d SVIDs, want 1", len(resp.X509Svids))
 	}
@@ -224,8 +202,8 @@ func TestNonDelegatesAreRefused(t *testing.T) {
 		name    string
 		entries []*agent.Entry
 	}{
-		{"no entry", []*agent.Entry{entry(workloadID, 2, podSelector)}},
-		{"entry not authorized", []*agent.Entry{entry(other, 1, mySelector()), entry(workloadID, 2, podSelector)}},
+		{"no entry", []*agent.Entry{attestkit.Entry(workloadID, 2, podSelector)}},
+		{"entry not authorized", []*agent.Entry{attestkit.Entry(other, 1, attestkit.MySelector()), attestkit.Entry(workloadID, 2, podSelector)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -237,15 +215,15 @@ func TestNonDelegatesAreRefused(t *testing.T) {
 			streams := map[string]func() error{
 				"SubscribeToX509SVIDs": func() error {
 					s, err := c.SubscribeToX509SVIDs(ctx, &delegatedv1.SubscribeToX509SVIDsRequest{Selectors: podSelectors()})
-					return firstRecv(s, err)
+					return testkit.FirstRecv(s, err)
 				},
 				"SubscribeToX509Bundles": func() error {
 					s, err := c.SubscribeToX509Bundles(ctx, &delegatedv1.SubscribeToX509BundlesRequest{})
-					return firstRecv(s, err)
+					return testkit.FirstRecv(s, err)
 				},
 				"SubscribeToJWTBundles": func() error {
 					s, err := c.SubscribeToJWTBundles(ctx, &delegatedv1.SubscribeToJWTBundlesRequest{})
-					return firstRecv(s, err)
+					return testkit.FirstRecv(s, err)
 				},
 			}
 			for name, call := range streams {
@@ -255,17 +233,8 @@ func TestNonDelegatesAreRefused(t *testing.T) {
 	}
 }
 
-// firstRecv is the error of a stream's first message.
-func firstRecv[T any](s interface{ Recv() (T, error) }, err error) error {
-	if err != nil {
-		return err
-	}
-	_, err = s.Recv()
-	return err
-}
-
 func TestMalformedRequests(t *testing.T) {
-	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector))
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()), attestkit.Entry(workloadID, 2, podSelector))
 	c := env.client(t)
 	ctx := testkit.Context(t, waitLimit)
 	x509 := map[string]*delegatedv1.SubscribeToX509SVIDsRequest{
@@ -273,16 +242,23 @@ func TestMalformedRequests(t *testing.T) {
 		"both":                {Selectors: podSelectors(), Pid: 1},
 		"selector with colon": {Selectors: []*types.Selector{{Type: "k8s:ns", Value: "x"}}},
 		"empty value":         {Selectors: []*types.Selector{{Type: "k8s"}}},
+		"long value":          {Selectors: []*types.Selector{{Type: "k8s", Value: strings.Repeat("v", 2<<10)}}},
+		"long type":           {Selectors: []*types.Selector{{Type: strings.Repeat("t", 65), Value: "v"}}},
+		"long in all":         {Selectors: slices.Repeat([]*types.Selector{{Type: "k8s", Value: strings.Repeat("v", 1000)}}, 9)},
+		"too many":            {Selectors: slices.Repeat(podSelectors(), 65)},
+		"negative pid":        {Pid: -1},
 	}
 	for name, req := range x509 {
 		s, err := c.SubscribeToX509SVIDs(ctx, req)
-		wantCode(t, firstRecv(s, err), codes.InvalidArgument, "SubscribeToX509SVIDs "+name)
+		wantCode(t, testkit.FirstRecv(s, err), codes.InvalidArgument, "SubscribeToX509SVIDs "+name)
 	}
 	jwt := map[string]*delegatedv1.FetchJWTSVIDsRequest{
 		"no audience":    {Selectors: podSelectors()},
 		"empty audience": {Audience: []string{""}, Selectors: podSelectors()},
 		"neither":        {Audience: []string{"a"}},
 		"both":           {Audience: []string{"a"}, Selectors: podSelectors(), Pid: 1},
+		"too many":       {Audience: slices.Repeat([]string{"a"}, 33), Selectors: podSelectors()},
+		"long audience":  {Audience: []string{strings.Repeat("a", 5<<10)}, Selectors: podSelectors()},
 	}
 	for name, req := range jwt {
 		_, err := c.FetchJWTSVIDs(ctx, req)
@@ -291,7 +267,7 @@ func TestMalformedRequests(t *testing.T) {
 }
 
 func TestFetchJWTSVIDs(t *testing.T) {
-	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()), entry(workloadID, 2, podSelector))
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()), attestkit.Entry(workloadID, 2, podSelector))
 	resp, err := env.client(t).FetchJWTSVIDs(testkit.Context(t, waitLimit), &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"spire-test"}, Selectors: podSelectors()})
 	if err != nil {
 		t.Fatal(err)
@@ -304,7 +280,7 @@ func TestFetchJWTSVIDs(t *testing.T) {
 }
 
 func TestBundleStreams(t *testing.T) {
-	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()))
 	c := env.client(t)
 	ctx := testkit.Context(t, waitLimit)
 	xs, err := c.SubscribeToX509Bundles(ctx, &delegatedv1.SubscribeToX509BundlesRequest{})
@@ -360,7 +336,7 @@ func keys[V any](m map[string]V) []string {
 }
 
 func TestAdminSocketServesNoWorkloadAPI(t *testing.T) {
-	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()))
 	c := workload.NewSpiffeWorkloadAPIClient(testkit.Dial(t, env.socket))
 	ctx := metadata.AppendToOutgoingContext(testkit.Context(t, waitLimit), "workload.spiffe.io", "true")
 	s, err := c.FetchX509SVID(ctx, &workload.X509SVIDRequest{})
@@ -372,26 +348,10 @@ func TestAdminSocketServesNoWorkloadAPI(t *testing.T) {
 	}
 }
 
-// startSleeper starts a real process of this test's user, stopped and
-// reaped when the test ends (or by the returned stop).
-func startSleeper(t *testing.T) (pid int32, stop func()) {
-	t.Helper()
-	cmd := exec.Command("sleep", "600")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	stop = sync.OnceFunc(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	t.Cleanup(stop)
-	return int32(cmd.Process.Pid), stop
-}
-
 func TestDelegateByPID(t *testing.T) {
 	// The child has the test's uid, and so the delegate's selector too.
-	env := newTestEnv(t, []spiffeid.ID{delegateID}, entry(delegateID, 1, mySelector()))
-	pid, stop := startSleeper(t)
+	env := newTestEnv(t, []spiffeid.ID{delegateID}, attestkit.Entry(delegateID, 1, attestkit.MySelector()))
+	pid, stop := testkit.StartSleeper(t)
 	c := env.client(t)
 	ctx := testkit.Context(t, waitLimit)
 
@@ -414,5 +374,5 @@ func TestDelegateByPID(t *testing.T) {
 	_, err = c.FetchJWTSVIDs(ctx, &delegatedv1.FetchJWTSVIDsRequest{Audience: []string{"a"}, Pid: pid})
 	wantCode(t, err, codes.NotFound, "FetchJWTSVIDs for a process that exited")
 	s, err := c.SubscribeToX509SVIDs(ctx, &delegatedv1.SubscribeToX509SVIDsRequest{Pid: pid})
-	wantCode(t, firstRecv(s, err), codes.NotFound, "SubscribeToX509SVIDs for a process that exited")
+	wantCode(t, testkit.FirstRecv(s, err), codes.NotFound, "SubscribeToX509SVIDs for a process that exited")
 }

@@ -223,6 +223,29 @@ func (a *Agent) SelfIdentity() SelfIdentity {
 	return id
 }
 
+// brokerText is the broker block as text, which == can compare.
+func brokerText(b *conf.Broker) string {
+	if b == nil {
+		return ""
+	}
+	return fmt.Sprintf("%+v", *b)
+}
+
+// UpstreamInUse names the upstream and, for one that talks to a server,
+// the server's address.
+func (a *Agent) UpstreamInUse() (name, server string) {
+	if c, ok := a.upstream.(ServerConnection); ok {
+		server = c.ServerAddress()
+	}
+	return a.upstreamName, server
+}
+
+// WorkloadAttestor returns the workload attestor configured now under
+// name, or nil; a reload may replace it, so callers ask each time.
+func (a *Agent) WorkloadAttestor(name string) attestor.WorkloadAttestor {
+	return a.attestors.Load().Plugin(name)
+}
+
 // Attest runs the configured workload attestors.
 func (a *Agent) Attest(ctx context.Context, p attestor.Process) ([]selector.Selector, error) {
 	return a.attestors.Load().Attest(ctx, p)
@@ -253,6 +276,7 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 		{"admin_socket_path", old.AdminSocketPath, cfg.Agent.AdminSocketPath},
 		// A list, which == cannot compare: its text can.
 		{"authorized_delegates", fmt.Sprint(old.AuthorizedDelegates), fmt.Sprint(cfg.Agent.AuthorizedDelegates)},
+		{"experimental.broker", brokerText(old.Broker), brokerText(cfg.Agent.Broker)},
 		{"NodeAttestor and KeyManager plugins", restartPlugins(a.cfg), restartPlugins(cfg)},
 	} {
 		if k.was != k.is {

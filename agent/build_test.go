@@ -176,37 +176,47 @@ plugins {
 	}
 }
 
-// The admin socket is bound once, at start: SIGHUP refuses a change to it
-// or to its delegates by name rather than ignoring it.
+// The admin socket and the broker endpoint are bound once, at start:
+// SIGHUP refuses a change to them or to whom they serve by name rather
+// than ignoring it.
 func TestReloadRefusesAdminChanges(t *testing.T) {
 	dir := t.TempDir()
-	body := func(admin, delegates string) string {
+	const brokerA = `"spiffe://example.org/broker-a"`
+	body := func(admin, delegates, broker string) string {
 		return fmt.Sprintf(`agent {
   trust_domain = "example.org"
   data_dir = %q
   socket_path = %q
   admin_socket_path = %q
   authorized_delegates = [%s]
+  experimental {
+    broker {
+      socket_path = %q
+      brokers = [ { id = %s, allowed_reference_types = [ { type_url = "type.googleapis.com/spiffe.broker.WorkloadPIDReference" } ] } ]
+    }
+  }
 }
 plugins {
   WorkloadAttestor "build_test" { plugin_data {} }
-}`, filepath.Join(dir, "data"), filepath.Join(dir, "public", "api.sock"), admin, delegates)
+}`, filepath.Join(dir, "data"), filepath.Join(dir, "public", "api.sock"), admin, delegates, filepath.Join(dir, "broker", "broker.sock"), broker)
 	}
 	adminPath := filepath.Join(dir, "private", "admin.sock")
-	a, err := New(parseConfig(t, body(adminPath, `"spiffe://example.org/cilium"`)), hclog.NewNullLogger())
+	const cilium = `"spiffe://example.org/cilium"`
+	a, err := New(parseConfig(t, body(adminPath, cilium, brokerA)), hclog.NewNullLogger())
 	if err != nil {
 		t.Fatal(err)
 	}
 	for key, changed := range map[string]string{
-		"admin_socket_path":    body(adminPath+"2", `"spiffe://example.org/cilium"`),
-		"authorized_delegates": body(adminPath, `"spiffe://example.org/cilium", "spiffe://example.org/ztunnel"`),
+		"admin_socket_path":    body(adminPath+"2", cilium, brokerA),
+		"authorized_delegates": body(adminPath, cilium+`, "spiffe://example.org/ztunnel"`, brokerA),
+		"experimental.broker":  body(adminPath, cilium, `"spiffe://example.org/broker-b"`),
 	} {
 		err := a.Reload(parseConfig(t, changed))
 		if err == nil || !strings.Contains(err.Error(), key+" changed: that needs a restart") {
 			t.Errorf("reload with a new %s: %v", key, err)
 		}
 	}
-	if err := a.Reload(parseConfig(t, body(adminPath, `"spiffe://example.org/cilium"`))); err != nil {
-		t.Errorf("reload with the same admin settings: %v", err)
+	if err := a.Reload(parseConfig(t, body(adminPath, cilium, brokerA))); err != nil {
+		t.Errorf("reload with the same admin and broker settings: %v", err)
 	}
 }

@@ -16,8 +16,13 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 )
 
-// maxJWTCache bounds the cached JWT-SVIDs.
-const maxJWTCache = 8192
+// maxJWTCache bounds the cached JWT-SVIDs, and maxJWTPerEntry those of one
+// entry: a caller asking for ever new audiences (a delegate may name any
+// workload) churns the tokens of that entry only, not every workload's.
+const (
+	maxJWTCache    = 8192
+	maxJWTPerEntry = 64
+)
 
 // jwtIssuer has the upstream sign JWT-SVIDs, caches them until half their
 // lifetime has passed, and validates tokens against the bundles.
@@ -28,8 +33,9 @@ type jwtIssuer struct {
 	now      func() time.Time
 	report   func(error) // the health source
 
-	mu     sync.Mutex
-	tokens map[jwtKey]*cachedJWT
+	mu       sync.Mutex
+	tokens   map[jwtKey]*cachedJWT
+	perEntry map[string]int // tokens cached by entry ID
 }
 
 type jwtKey struct {
@@ -45,7 +51,7 @@ type cachedJWT struct {
 }
 
 func newJWTIssuer(log hclog.Logger, upstream Upstream, store *entryStore, now func() time.Time, report func(error)) *jwtIssuer {
-	return &jwtIssuer{log: log, upstream: upstream, store: store, now: now, report: report, tokens: map[jwtKey]*cachedJWT{}}
+	return &jwtIssuer{log: log, upstream: upstream, store: store, now: now, report: report, tokens: map[jwtKey]*cachedJWT{}, perEntry: map[string]int{}}
 }
 
 // audienceKey encodes an audience list so that distinct lists never share
@@ -193,23 +199,55 @@ func (j *jwtIssuer) put(key jwtKey, svid *JWTSVID, e *Entry, now time.Time) bool
 		return false
 	}
 	if j.store.entry(e.ID) == e {
-		if len(j.tokens) >= maxJWTCache {
-			j.pruneLocked(now)
+		if _, replaced := j.tokens[key]; !replaced {
+			j.makeRoomLocked(key.entryID, now)
+			j.perEntry[key.entryID]++
 		}
 		j.tokens[key] = &cachedJWT{svid: svid, entry: e}
 	}
 	return true
 }
 
-// pruneLocked drops expired tokens, and everything if that is not enough.
-func (j *jwtIssuer) pruneLocked(now time.Time) {
-	for k, c := range j.tokens {
-		if !now.Before(halfLife(c.svid)) {
-			delete(j.tokens, k)
+// makeRoomLocked makes room for one more token of entryID: it drops one of
+// that entry's tokens at its cap, and prunes the whole cache at its own.
+func (j *jwtIssuer) makeRoomLocked(entryID string, now time.Time) {
+	if j.perEntry[entryID] >= maxJWTPerEntry {
+		for k := range j.tokens {
+			if k.entryID == entryID {
+				j.deleteLocked(k) // map order is random
+				break
+			}
 		}
 	}
 	if len(j.tokens) >= maxJWTCache {
-		clear(j.tokens)
+		j.pruneLocked(now)
+	}
+}
+
+func (j *jwtIssuer) deleteLocked(k jwtKey) {
+	if _, ok := j.tokens[k]; !ok {
+		return
+	}
+	delete(j.tokens, k)
+	if j.perEntry[k.entryID]--; j.perEntry[k.entryID] <= 0 {
+		delete(j.perEntry, k.entryID)
+	}
+}
+
+// pruneLocked drops tokens past half their life and, if that is not
+// enough, an eighth of the rest at random (many entries, each within its
+// cap, filled the cache).
+func (j *jwtIssuer) pruneLocked(now time.Time) {
+	for k, c := range j.tokens {
+		if !now.Before(halfLife(c.svid)) {
+			j.deleteLocked(k)
+		}
+	}
+	for k := range j.tokens {
+		if len(j.tokens) < maxJWTCache-maxJWTCache/8 {
+			break
+		}
+		j.deleteLocked(k) // map order is random
 	}
 }
 
@@ -226,6 +264,7 @@ func (j *jwtIssuer) dropAll() int {
 	defer j.mu.Unlock()
 	n := len(j.tokens)
 	clear(j.tokens)
+	clear(j.perEntry)
 	return n
 }
 
@@ -235,7 +274,7 @@ func (j *jwtIssuer) dropChanged() {
 	defer j.mu.Unlock()
 	for k, c := range j.tokens {
 		if j.store.entry(k.entryID) != c.entry {
-			delete(j.tokens, k)
+			j.deleteLocked(k)
 		}
 	}
 }

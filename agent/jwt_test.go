@@ -319,3 +319,30 @@ func TestValidateJWTSVID(t *testing.T) {
 		t.Error("a token validated after its trust domain's bundle was removed")
 	}
 }
+
+// A caller that asks for ever new audiences churns its own entry's cached
+// tokens only: another workload's token stays cached, and the cache holds
+// at most maxJWTPerEntry of one entry.
+func TestJWTCacheBoundsOneEntry(t *testing.T) {
+	c, up, _ := newClockedCache(t)
+	victim := testEntry("victim", "spiffe://example.org/victim", 1, "unix:uid:1")
+	flood := testEntry("flood", "spiffe://example.org/flood", 2, "unix:uid:2")
+	hold(c, up, victim, flood)
+	first, err := c.JWTSVIDs(t.Context(), mustSels("unix:uid:1"), []string{"db"}, spiffeid.ID{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 * maxJWTPerEntry {
+		if _, err := c.JWTSVIDs(t.Context(), mustSels("unix:uid:2"), []string{fmt.Sprint("aud-", i)}, spiffeid.ID{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := c.jwts.count(); n != maxJWTPerEntry+1 {
+		t.Errorf("%d tokens cached, want %d of the flooding entry and the victim's", n, maxJWTPerEntry+1)
+	}
+	calls := up.jwtCalls.Load()
+	again, err := c.JWTSVIDs(t.Context(), mustSels("unix:uid:1"), []string{"db"}, spiffeid.ID{})
+	if err != nil || again[0].Token != first[0].Token || up.jwtCalls.Load() != calls {
+		t.Error("the victim's cached token was evicted by another entry's audiences")
+	}
+}

@@ -52,6 +52,12 @@ type storedEntry struct {
 	FederatesWith  []string      `json:"federates_with,omitempty"`
 	CreatedAt      int64         `json:"created_at"`
 	RevisionNumber int64         `json:"revision_number"`
+	Admin          bool          `json:"admin,omitempty"`
+	Downstream     bool          `json:"downstream,omitempty"`
+	// FlagsKnown is set by agents that save Admin and Downstream. An entry
+	// saved before them may be either: it is loaded as admin, withheld from
+	// delegates and brokers until the next sync says what it is.
+	FlagsKnown bool `json:"flags_known,omitempty"`
 }
 
 type storedSVID struct {
@@ -191,6 +197,7 @@ func (se storedEntry) entry() (*Entry, error) {
 	e := &Entry{
 		ID: se.ID, SPIFFEID: id, X509SVIDTTL: se.X509SVIDTTL, JWTSVIDTTL: se.JWTSVIDTTL,
 		Hint: se.Hint, DNSNames: se.DNSNames, CreatedAt: se.CreatedAt, RevisionNumber: se.RevisionNumber,
+		Admin: se.Admin || !se.FlagsKnown, Downstream: se.Downstream,
 	}
 	if se.ID == "" || len(se.Selectors) == 0 {
 		return nil, errors.New("no ID or no selectors")
@@ -217,6 +224,7 @@ func storeEntry(e *Entry) storedEntry {
 	se := storedEntry{
 		ID: e.ID, SPIFFEID: e.SPIFFEID.String(), X509SVIDTTL: e.X509SVIDTTL, JWTSVIDTTL: e.JWTSVIDTTL,
 		Hint: e.Hint, DNSNames: e.DNSNames, CreatedAt: e.CreatedAt, RevisionNumber: e.RevisionNumber,
+		Admin: e.Admin, Downstream: e.Downstream, FlagsKnown: true,
 	}
 	for _, s := range e.Selectors {
 		se.Selectors = append(se.Selectors, s.String())

@@ -62,3 +62,20 @@ func TestPersisterWritesOnlyChanges(t *testing.T) {
 		t.Fatalf("not saved after the entries changed: %v", err)
 	}
 }
+
+// Admin and downstream flags survive a save; an entry saved by an agent
+// that did not save them loads as admin, withheld from delegates and
+// brokers until a sync says what it is.
+func TestSavedEntryFlags(t *testing.T) {
+	e := testEntry("a", "spiffe://example.org/a", 1, "unix:uid:1")
+	e.Downstream = true
+	back, err := storeEntry(e).entry()
+	if err != nil || back.Admin || !back.Downstream {
+		t.Fatalf("a downstream entry saved and loaded: %+v, %v", back, err)
+	}
+	old := storeEntry(testEntry("b", "spiffe://example.org/b", 1, "unix:uid:1"))
+	old.FlagsKnown = false
+	if back, err := old.entry(); err != nil || !back.Admin {
+		t.Fatalf("an entry saved without flags loads as %+v, %v; want admin (withheld from delegates)", back, err)
+	}
+}

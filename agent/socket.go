@@ -41,6 +41,14 @@ func ListenAdmin(path string, maxConns int, log hclog.Logger) (net.Listener, err
 	return listenAt(path, adminDirUse, 0o770, maxConns, log)
 }
 
+// ListenBroker opens the SPIFFE Broker Endpoint's socket at path as
+// ListenAdmin opens the admin socket: spire-agent makes it 0770 too. Its
+// callers are authenticated by mutual TLS; the mode keeps the rest of the
+// node from even reaching the handshake.
+func ListenBroker(path string, maxConns int, log hclog.Logger) (net.Listener, error) {
+	return listenAt(path, brokerDirUse, 0o770, maxConns, log)
+}
+
 func listenAt(path string, use dirUse, mode uint32, maxConns int, log hclog.Logger) (net.Listener, error) {
 	if err := refuseDotDot(path, use); err != nil {
 		return nil, err

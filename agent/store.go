@@ -181,8 +181,26 @@ func (s *entryStore) markReadyLocked() {
 }
 
 // matchLocked returns the entries whose selectors are all among sels,
-// oldest first.
+// oldest first, one per hint: what a workload is served.
 func (s *entryStore) matchLocked(sels []selector.Selector) []*Entry {
+	return dropDuplicateHints(s.matchAllLocked(sels))
+}
+
+// matchDelegatedLocked is what spire-agent's Delegated Identity API serves
+// a delegate of a workload with sels: every matching entry, hints shared
+// or not, but for admin and downstream entries.
+func (s *entryStore) matchDelegatedLocked(sels []selector.Selector) []*Entry {
+	return slices.DeleteFunc(s.matchAllLocked(sels), (*Entry).adminOrDownstream)
+}
+
+// adminOrDownstream reports whether e is an entry whose X509-SVID
+// spire-agent keeps from delegates and brokers: it manages the SPIRE
+// Server, or it signs a downstream CA.
+func (e *Entry) adminOrDownstream() bool { return e.Admin || e.Downstream }
+
+// matchAllLocked returns every entry whose selectors are all among sels,
+// oldest first.
+func (s *entryStore) matchAllLocked(sels []selector.Selector) []*Entry {
 	var matched []*Entry
 	if len(sels) == 0 {
 		return nil
@@ -203,7 +221,7 @@ func (s *entryStore) matchLocked(sels []selector.Selector) []*Entry {
 	slices.SortFunc(matched, func(a, b *Entry) int {
 		return cmp.Or(cmp.Compare(a.CreatedAt, b.CreatedAt), strings.Compare(a.ID, b.ID))
 	})
-	return dropDuplicateHints(matched)
+	return matched
 }
 
 // match returns the entries that match sels, keeping those for id only
@@ -216,6 +234,13 @@ func (s *entryStore) match(sels []selector.Selector, id spiffeid.ID) []*Entry {
 		entries = slices.DeleteFunc(entries, func(e *Entry) bool { return e.SPIFFEID != id })
 	}
 	return entries
+}
+
+// matchAll returns every entry that matches sels, hints shared or not.
+func (s *entryStore) matchAll(sels []selector.Selector) []*Entry {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.matchAllLocked(sels)
 }
 
 // dropDuplicateHints keeps, of entries sharing a hint, only the oldest: a
@@ -354,11 +379,19 @@ type x509Lookup struct {
 // lookupX509 matches sels and reports what must be signed before they can
 // be served, or the snapshot to serve. It returns ErrNoIdentity when no
 // entry matches.
-func (s *entryStore) lookupX509(sels []selector.Selector, now time.Time, refresh, resigned bool) (x509Lookup, error) {
+func (s *entryStore) lookupX509(sels []selector.Selector, view entryView, now time.Time, refresh, resigned bool) (x509Lookup, error) {
 	var out x509Lookup
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	entries := s.matchLocked(sels)
+	var entries []*Entry
+	switch view {
+	case delegatedView:
+		entries = s.matchDelegatedLocked(sels)
+	case brokerView:
+		entries = slices.DeleteFunc(s.matchLocked(sels), (*Entry).adminOrDownstream)
+	default:
+		entries = s.matchLocked(sels)
+	}
 	if len(entries) == 0 {
 		return out, ErrNoIdentity
 	}

@@ -132,6 +132,33 @@ func (m *SVIDManager) Subscribe() *Subscription { return m.store.notifier.subscr
 // hold yet. It returns ErrNoIdentity when no entry matches. Callers that
 // match the same entries share one snapshot until something changes.
 func (m *SVIDManager) X509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
+	return m.x509Identities(ctx, sels, workloadView)
+}
+
+// DelegatedX509Identities is X509Identities as spire-agent's Delegated
+// Identity API serves a delegate: every entry the workload matches, even
+// those that share a hint, but for admin and downstream entries.
+func (m *SVIDManager) DelegatedX509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
+	return m.x509Identities(ctx, sels, delegatedView)
+}
+
+// BrokerX509Identities is X509Identities as spire-agent's SPIFFE Broker
+// API serves a broker: one entry per hint, as to the workload itself, but
+// for admin and downstream entries.
+func (m *SVIDManager) BrokerX509Identities(ctx context.Context, sels []selector.Selector) (*X509Snapshot, error) {
+	return m.x509Identities(ctx, sels, brokerView)
+}
+
+// entryView says which of the entries a caller matches it is served.
+type entryView int
+
+const (
+	workloadView  entryView = iota // one per hint
+	delegatedView                  // all but admin and downstream entries
+	brokerView                     // one per hint, then all but admin and downstream entries
+)
+
+func (m *SVIDManager) x509Identities(ctx context.Context, sels []selector.Selector, view entryView) (*X509Snapshot, error) {
 	if err := m.waitReady(ctx); err != nil {
 		return nil, err
 	}
@@ -139,7 +166,7 @@ func (m *SVIDManager) X509Identities(ctx context.Context, sels []selector.Select
 	// more may refresh SVIDs whose renewal was skipped.
 	refreshed, resigned := false, false
 	for range 4 {
-		look, err := m.store.lookupX509(sels, m.now(), !refreshed && m.health.upstreamUp(), resigned)
+		look, err := m.store.lookupX509(sels, view, m.now(), !refreshed && m.health.upstreamUp(), resigned)
 		switch {
 		case err != nil:
 			return nil, err
@@ -261,13 +288,14 @@ func (m *SVIDManager) AllBundles(ctx context.Context) (*BundleSnapshot, error) {
 	return m.store.allBundles(), nil
 }
 
-// EntryIDs returns the SPIFFE IDs of the entries that match sels, and
-// signs nothing: the admin API tells a delegate by them.
+// EntryIDs returns the SPIFFE IDs of every entry that matches sels, hints
+// shared or not, and signs nothing: the admin API tells a delegate by
+// them, as spire-agent does.
 func (m *SVIDManager) EntryIDs(ctx context.Context, sels []selector.Selector) ([]spiffeid.ID, error) {
 	if err := m.waitReady(ctx); err != nil {
 		return nil, err
 	}
-	entries := m.store.match(sels, spiffeid.ID{})
+	entries := m.store.matchAll(sels)
 	ids := make([]spiffeid.ID, len(entries))
 	for i, e := range entries {
 		ids[i] = e.SPIFFEID
@@ -283,6 +311,20 @@ func (m *SVIDManager) JWTSVIDs(ctx context.Context, sels []selector.Selector, au
 		return nil, err
 	}
 	entries := m.store.match(sels, id)
+	if len(entries) == 0 {
+		return nil, ErrNoIdentity
+	}
+	return m.jwts.forEntries(ctx, entries, audience)
+}
+
+// DelegatedJWTSVIDs is JWTSVIDs as spire-agent's Delegated Identity API
+// serves a delegate: a JWT-SVID for every entry the workload matches,
+// hints shared or not, admin entries too.
+func (m *SVIDManager) DelegatedJWTSVIDs(ctx context.Context, sels []selector.Selector, audience []string) ([]*JWTSVID, error) {
+	if err := m.waitReady(ctx); err != nil {
+		return nil, err
+	}
+	entries := m.store.matchAll(sels)
 	if len(entries) == 0 {
 		return nil, ErrNoIdentity
 	}

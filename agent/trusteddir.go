@@ -48,6 +48,15 @@ var (
 		strictLast: true,
 		dirMode:    0o750,
 	}
+	// brokerDirUse is for the SPIFFE Broker Endpoint's socket: as the
+	// admin socket's, since SPIRE makes both 0770.
+	brokerDirUse = dirUse{
+		what:       "broker socket directory",
+		key:        "experimental.broker.socket_path",
+		risk:       "replace the broker socket with one of their own",
+		strictLast: true,
+		dirMode:    0o750,
+	}
 	dataDirUse = dirUse{
 		what: "data directory",
 		key:  "data_dir",

@@ -35,6 +35,10 @@ type Entry struct {
 	CreatedAt int64
 	// RevisionNumber changes whenever the upstream changes the entry.
 	RevisionNumber int64
+	// Admin and Downstream mark SPIRE's admin and downstream entries: the
+	// Delegated Identity API leaves their X509-SVIDs out, as spire-agent
+	// does; workloads get them as any other.
+	Admin, Downstream bool
 }
 
 // sameSVIDShape reports whether an SVID minted for a may be served for b.
@@ -47,6 +51,7 @@ func (a *Entry) sameSVIDShape(b *Entry) bool {
 func (a *Entry) equal(b *Entry) bool {
 	return a.sameSVIDShape(b) && a.JWTSVIDTTL == b.JWTSVIDTTL && a.Hint == b.Hint &&
 		a.CreatedAt == b.CreatedAt && a.RevisionNumber == b.RevisionNumber &&
+		a.Admin == b.Admin && a.Downstream == b.Downstream &&
 		slices.Equal(a.Selectors, b.Selectors) && slices.Equal(a.FederatesWith, b.FederatesWith)
 }
 
@@ -172,6 +177,14 @@ type SelfIdentity interface {
 	// LastSync is when the upstream last delivered entries and bundles
 	// with success; zero before the first.
 	LastSync() time.Time
+}
+
+// ServerConnection is an upstream that talks to a server: `lanyard status`
+// shows which.
+type ServerConnection interface {
+	// ServerAddress is the address (host:port) of the server in use, or
+	// the configured one before the first connection.
+	ServerAddress() string
 }
 
 // Sink receives the upstream's state and tells the agent's health how the

@@ -172,6 +172,13 @@ func (c *Caller) Verify() error {
 	if c.kind == kindNone {
 		return fmt.Errorf("%w: pid %d is no longer tracked: its connection was closed", ErrCallerGone, c.PID)
 	}
+	// A process named by PID (no connection) may have exited and not been
+	// reaped: a zombie keeps its /proc entry, its credentials and its
+	// start time, but its pidfd is readable. A caller on a connection
+	// cannot be a zombie and call, so the fetch path skips this.
+	if c.conn == nil && c.kind == kindPidfd && pidfdExited(c.fd) {
+		return fmt.Errorf("%w: pid %d exited", ErrCallerGone, c.PID)
+	}
 	if c.kind == kindPidfd && !noPidfdInfo.Load() {
 		if done, err := c.verifyPidfdInfo(); done {
 			return err

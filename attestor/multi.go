@@ -123,6 +123,16 @@ type pluginResult struct {
 	err    error
 }
 
+// Plugin returns the attestor configured under name, or nil.
+func (m *MultiAttestor) Plugin(name string) WorkloadAttestor {
+	for _, p := range m.plugins {
+		if p.Name == name {
+			return p.Attestor
+		}
+	}
+	return nil
+}
+
 // Attest runs every attestor at once and merges their selectors, sorted and
 // without duplicates. An attestor that finds the caller changed or gone
 // fails the whole attestation with that error (IsRefusal). One that does

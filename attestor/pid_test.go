@@ -3,7 +3,12 @@ package attestor
 import (
 	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 func TestTrackPID(t *testing.T) {
@@ -40,4 +45,43 @@ func TestTrackPID(t *testing.T) {
 	} else if !IsRefusal(err) {
 		t.Errorf("TrackPID of a reaped process: %v, want ErrCallerGone", err)
 	}
+}
+
+// A named process that exits but is not reaped (a zombie keeps its /proc
+// entry, credentials and start time) fails Verify: its pidfd says so.
+func TestTrackPIDSeesAZombie(t *testing.T) {
+	cmd := exec.Command("sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	c, err := TrackPID(int32(cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Release()
+	if err := c.Verify(); err != nil {
+		t.Fatalf("Verify of a live process: %v", err)
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	// Not reaped until Cleanup's Wait: a zombie. The kernel's exit is not
+	// instant after the signal; wait for it rather than for a time.
+	testkit.WaitFor(t, 10*time.Second, "the zombie to fail Verify", func() bool { return IsRefusal(c.Verify()) })
+	if state := procState(t, cmd.Process.Pid); state != "Z" {
+		t.Errorf("the process is in state %q, want a zombie (Z): the test did not test one", state)
+	}
+}
+
+func procState(t *testing.T, pid int) string {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return "gone"
+	}
+	s := string(b)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2 : i+3]
+	}
+	return "?"
 }

@@ -52,6 +52,10 @@ type Agent struct {
 	AdminSocketPath     string
 	AuthorizedDelegates []spiffeid.ID
 
+	// Broker, when not nil, serves the SPIFFE Broker Endpoint
+	// (experimental.broker, as in spire-agent).
+	Broker *Broker
+
 	// ProfilingPort, when not 0, serves net/http/pprof on localhost at
 	// this port (spire-agent's profiling_enabled and profiling_port).
 	ProfilingPort int
@@ -84,26 +88,27 @@ func (a *Agent) Errorf(key string, format string, args ...any) error {
 
 // Pointers tell "left out" (take the default) from "set to the zero value".
 type rawAgent struct {
-	TrustDomain                   *string  `hcl:"trust_domain"`
-	DataDir                       *string  `hcl:"data_dir"`
-	SocketPath                    *string  `hcl:"socket_path"`
-	LogLevel                      *string  `hcl:"log_level"`
-	LogFormat                     *string  `hcl:"log_format"`
-	LogFile                       string   `hcl:"log_file"`
-	AllowUnauthenticatedVerifiers bool     `hcl:"allow_unauthenticated_verifiers"`
-	ServerAddress                 *string  `hcl:"server_address"`
-	ServerPort                    *int     `hcl:"server_port"`
-	TrustBundlePath               *string  `hcl:"trust_bundle_path"`
-	TrustBundleFormat             *string  `hcl:"trust_bundle_format"`
-	InsecureBootstrap             bool     `hcl:"insecure_bootstrap"`
-	JoinToken                     string   `hcl:"join_token"`
-	SyncInterval                  *string  `hcl:"sync_interval"`
-	WorkloadAttestorTimeout       *string  `hcl:"workload_attestor_timeout"`
-	AdminSocketPath               *string  `hcl:"admin_socket_path"`
-	AuthorizedDelegates           []string `hcl:"authorized_delegates"`
-	ProfilingEnabled              bool     `hcl:"profiling_enabled"`
-	ProfilingPort                 *int     `hcl:"profiling_port"`
-	SDS                           *rawSDS  `hcl:"sds"`
+	TrustDomain                   *string          `hcl:"trust_domain"`
+	DataDir                       *string          `hcl:"data_dir"`
+	SocketPath                    *string          `hcl:"socket_path"`
+	LogLevel                      *string          `hcl:"log_level"`
+	LogFormat                     *string          `hcl:"log_format"`
+	LogFile                       string           `hcl:"log_file"`
+	AllowUnauthenticatedVerifiers bool             `hcl:"allow_unauthenticated_verifiers"`
+	ServerAddress                 *string          `hcl:"server_address"`
+	ServerPort                    *int             `hcl:"server_port"`
+	TrustBundlePath               *string          `hcl:"trust_bundle_path"`
+	TrustBundleFormat             *string          `hcl:"trust_bundle_format"`
+	InsecureBootstrap             bool             `hcl:"insecure_bootstrap"`
+	JoinToken                     string           `hcl:"join_token"`
+	SyncInterval                  *string          `hcl:"sync_interval"`
+	WorkloadAttestorTimeout       *string          `hcl:"workload_attestor_timeout"`
+	AdminSocketPath               *string          `hcl:"admin_socket_path"`
+	AuthorizedDelegates           []string         `hcl:"authorized_delegates"`
+	ProfilingEnabled              bool             `hcl:"profiling_enabled"`
+	ProfilingPort                 *int             `hcl:"profiling_port"`
+	SDS                           *rawSDS          `hcl:"sds"`
+	Experimental                  *rawExperimental `hcl:"experimental"`
 }
 
 type rawSDS struct {
@@ -239,6 +244,9 @@ func buildAgent(top *Section, r *rawAgent, errs *errList) Agent {
 		}
 	}
 	a.AuthorizedDelegates = buildDelegates(top, a.TrustDomain, r.AuthorizedDelegates, errs)
+	if r.Experimental != nil && r.Experimental.Broker != nil {
+		a.Broker = buildBroker(top, &a, r.Experimental.Broker, errs)
+	}
 	return a
 }
 

@@ -150,12 +150,11 @@ var refusedKeys = func() map[string]map[string]string {
 		"log_source_location", "workload_x509_svid_key_type",
 		"trust_bundle_url", "trust_bundle_unix_socket", "allowed_foreign_jwt_claims",
 		"availability_target", "x509_svid_cache_max_size", "jwt_svid_cache_max_size",
-		"profiling_freq", "profiling_names", "experimental",
+		"profiling_freq", "profiling_names",
 		"umask", "plugin_dir")
 	for _, k := range []string{"profiling_freq", "profiling_names"} {
 		agent[k] += " (it writes profiles to files; take them from the profiling_port endpoint instead)"
 	}
-	agent["experimental"] += " (for experimental.sync_interval, set sync_interval in the agent block)"
 
 	telemetry := notSupported("spire-agent telemetry key",
 		"MetricPrefix", "EnableTaggedMetrics", "EnableHostnameLabel",
@@ -167,8 +166,9 @@ var refusedKeys = func() map[string]map[string]string {
 		"": {
 			"server": "this is a spire-server block; Lanyard is an agent and reads spire-agent's config (agent, plugins, health_checks, telemetry)",
 		},
-		"agent":     agent,
-		"telemetry": telemetry,
+		"agent":              agent,
+		"agent.experimental": refusedExperimentalKeys,
+		"telemetry":          telemetry,
 	}
 }()
 

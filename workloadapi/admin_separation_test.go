@@ -5,6 +5,8 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	adminv1 "github.com/lanyard-dev/lanyard/proto/lanyard/admin/v1"
+	debugv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/debug/v1"
 	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -26,5 +28,12 @@ func TestWorkloadSocketServesNoAdminAPI(t *testing.T) {
 	}
 	if status.Code(err) != codes.Unimplemented {
 		t.Fatalf("SubscribeToX509Bundles on the Workload API socket: %v, want Unimplemented", err)
+	}
+	conn := testkit.Dial(t, e.socket)
+	if _, err := debugv1.NewDebugClient(conn).GetInfo(callCtx(t), &debugv1.GetInfoRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("Debug GetInfo on the Workload API socket: %v, want Unimplemented", err)
+	}
+	if _, err := adminv1.NewStatusClient(conn).GetStatus(callCtx(t), &adminv1.GetStatusRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("Status GetStatus on the Workload API socket: %v, want Unimplemented", err)
 	}
 }

@@ -37,10 +37,16 @@ func (h *handler) send(caller *attestor.Caller, send func() error) error {
 // so a client that stops reading has its connection closed, which ends the
 // Send; nothing else waits on it.
 func SendWithin(log hclog.Logger, caller *attestor.Caller, timeout time.Duration, send func() error) error {
-	timer := time.AfterFunc(timeout, func() {
+	return SendOrClose(timeout, func() {
 		log.Warn("Disconnecting a client that stopped reading its stream", "pid", caller.PID, "timeout", timeout)
 		caller.CloseConn()
-	})
+	}, send)
+}
+
+// SendOrClose is SendWithin for any connection: closeConn closes the
+// connection of a client that did not read within timeout.
+func SendOrClose(timeout time.Duration, closeConn func(), send func() error) error {
+	timer := time.AfterFunc(timeout, closeConn)
 	err := send()
 	if !timer.Stop() {
 		return status.Errorf(codes.DeadlineExceeded, "the client did not read a message within %s", timeout)

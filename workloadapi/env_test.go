@@ -97,6 +97,8 @@ type envOptions struct {
 	// persistDir, when set, is where the cache is saved, by its persister
 	// staged first, as lanyard run stages it.
 	persistDir string
+	// streams, when set, records the open streams.
+	streams *Streams
 }
 
 // testEnv is a Workload API server on a real Unix socket, over a real cache
@@ -150,6 +152,7 @@ func newTestEnv(t *testing.T, opt envOptions) *testEnv {
 		Identities:                    cache,
 		AllowUnauthenticatedVerifiers: opt.allowUnauthenticated,
 		SendTimeout:                   opt.sendTimeout,
+		Streams:                       opt.streams,
 	})
 
 	t.Cleanup(func() {

@@ -84,8 +84,13 @@ func NewServer(cfg Config) *Server {
 // server.go, for every server on a socket that any local user may reach:
 // the Workload API's, and the admin API's.
 func ServerOptions() []grpc.ServerOption {
+	return append([]grpc.ServerOption{grpc.Creds(attestor.Credentials())}, ServerLimits()...)
+}
+
+// ServerLimits are the limits of server.go without the transport, for a
+// server with credentials of its own (the broker endpoint's mutual TLS).
+func ServerLimits() []grpc.ServerOption {
 	return []grpc.ServerOption{
-		grpc.Creds(attestor.Credentials()),
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.ConnectionTimeout(handshakeTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),

@@ -59,6 +59,9 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// SDS names Envoy's SDS resources; empty names take spire-agent's.
 	SDS SDSConfig
+	// Streams, when not nil, records the open X509-SVID and SDS streams
+	// for `lanyard status`.
+	Streams *Streams
 }
 
 // Limits on what a client may make the agent hold.
@@ -187,6 +190,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			return stream.SendMsg(&encodedMessage{data: snap.Encoded(encodeX509Response)})
 		},
 		sent: (*agent.Subscription).Watch,
+		api:  "x509",
+		svids: func(snap *agent.X509Snapshot) ([]*agent.X509SVID, []string) {
+			return snap.SVIDs, snap.Hints
+		},
 	})
 }
 
@@ -213,27 +220,8 @@ func (h *handler) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.Ser
 }
 
 func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest) (*workload.JWTSVIDResponse, error) {
-	if len(req.Audience) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
-	}
-	if len(req.Audience) > maxAudiences {
-		return nil, status.Errorf(codes.InvalidArgument, "too many audiences: %d, the limit is %d", len(req.Audience), maxAudiences)
-	}
-	// An audience may hold any character, control ones included, as in
-	// spire-agent and SPIRE Server, which refuse only an empty list: RFC
-	// 7519 makes aud a StringOrURI, any JSON string, and a caller only
-	// chooses whom its own token is for. What an audience cannot do is
-	// reach a token signed for another list: the cache keys lists
-	// unambiguously and checks each token's aud claim (agent.SVIDManager.JWTSVIDs).
-	total := 0
-	for _, aud := range req.Audience {
-		if aud == "" {
-			return nil, status.Error(codes.InvalidArgument, "audience must not contain an empty string")
-		}
-		total += len(aud)
-	}
-	if total > maxAudienceBytes {
-		return nil, status.Errorf(codes.InvalidArgument, "audiences are %d bytes long together, the limit is %d", total, maxAudienceBytes)
+	if err := CheckAudience(req.Audience); err != nil {
+		return nil, err
 	}
 	var id spiffeid.ID
 	if req.SpiffeId != "" {

@@ -51,6 +51,10 @@ type streamOf[S any] struct {
 	same  func(last, next S) bool // next would send what last did
 	send  func(S) error
 	sent  func(*agent.Subscription, S) // optional: told what was sent
+	// api, when set, records the stream in Config.Streams as that API,
+	// with the SVIDs svids says each message sent.
+	api   string
+	svids func(S) ([]*agent.X509SVID, []string)
 }
 
 // runStream runs a stream: the caller's state first, then again on every
@@ -62,6 +66,11 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 	}
 	sub := h.cfg.Identities.Subscribe()
 	defer sub.Close()
+	var tracked uint64
+	if s.api != "" {
+		tracked = h.cfg.Streams.add(caller, s.api)
+		defer h.cfg.Streams.remove(tracked)
+	}
 	var last S
 	sentOnce, awaited := false, false
 	for {
@@ -87,6 +96,10 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 			last, sentOnce = snap, true
 			if s.sent != nil {
 				s.sent(sub, snap)
+			}
+			if s.api != "" {
+				svids, hints := s.svids(snap)
+				h.cfg.Streams.sent(tracked, svids, hints)
 			}
 		}
 		select {

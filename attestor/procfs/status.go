@@ -143,3 +143,25 @@ func ParseID(b []byte) (uint32, bool) {
 	}
 	return uint32(v), true
 }
+
+var nspidPrefix = []byte("\nNSpid:")
+
+// NSpidDepth reads the NSpid line of a status file: the process's PID in
+// each PID namespace from the reader's down to its own. It returns how
+// many namespaces below the reader's the process is in (0: the reader's
+// own), and false when the file has no NSpid line (Linux before 4.1).
+func NSpidDepth(b []byte) (int, bool) {
+	i := bytes.Index(b, nspidPrefix)
+	if i < 0 {
+		return 0, false
+	}
+	line := b[i+len(nspidPrefix):]
+	if end := bytes.IndexByte(line, '\n'); end >= 0 {
+		line = line[:end]
+	}
+	fields := len(bytes.Fields(line))
+	if fields == 0 {
+		return 0, false
+	}
+	return fields - 1, true
+}

@@ -44,3 +44,21 @@ func TestParseStatus(t *testing.T) {
 		t.Errorf("own status: %+v complete=%v err=%v", st, complete, err)
 	}
 }
+
+func TestNSpidDepth(t *testing.T) {
+	for _, c := range []struct {
+		in    string
+		depth int
+		ok    bool
+	}{
+		{"Name:\tsh\nNStgid:\t14504\nNSpid:\t14504\nNSpgid:\t1\n", 0, true},
+		{"Name:\tsh\nNSpid:\t14504\t7\t1\nNSpgid:\t1\n", 2, true},
+		{"Name:\tsh\nNSpid:\t14504\t1", 1, true},
+		{"Name:\tsh\nPid:\t14504\n", 0, false},
+		{"Name:\tsh\nNSpid:\t\n", 0, false},
+	} {
+		if depth, ok := NSpidDepth([]byte(c.in)); depth != c.depth || ok != c.ok {
+			t.Errorf("NSpidDepth(%q) = %d, %v; want %d, %v", c.in, depth, ok, c.depth, c.ok)
+		}
+	}
+}

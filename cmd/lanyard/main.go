@@ -23,6 +23,7 @@ Commands:
   api watch            watch X.509-SVID updates
   helper               keep SVIDs as files, spiffe-helper's config (-config FILE)
   healthcheck          check that the agent is serving
+  status               the agent's identity, upstream and the workloads it serves (-json)
   version              print the version
 
 Run 'lanyard <command> -h' for a command's flags.
@@ -51,6 +52,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runHelper(args[1:], stdout, stderr)
 	case "healthcheck":
 		return runHealthcheck(args[1:], stdout, stderr)
+	case "status":
+		return runStatus(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "lanyard", version)
 		return 0

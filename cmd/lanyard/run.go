@@ -162,15 +162,20 @@ func runAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "lanyard:", err)
 		return 1
 	}
+	// The open streams are recorded only for the admin socket's status.
+	var streams *workloadapi.Streams
 	if cfg.Agent.AdminSocketPath != "" {
+		streams = workloadapi.NewStreams()
 		admin, err := adminapi.New(adminapi.Config{
-			Log:        log.Named("admin"),
-			Attestor:   a,
-			Identities: a.SVIDManager(),
-			Delegates:  cfg.Agent.AuthorizedDelegates,
-			Grace:      shutdownGrace,
-			Self:       a.SelfIdentity(),
-			Started:    started,
+			Log:         log.Named("admin"),
+			Attestor:    a,
+			Identities:  a.SVIDManager(),
+			Delegates:   cfg.Agent.AuthorizedDelegates,
+			Grace:       shutdownGrace,
+			Self:        a.SelfIdentity(),
+			Started:     started,
+			TrustDomain: cfg.Agent.TrustDomain,
+			Status:      adminapi.StatusInfo{Version: version, Upstream: a.UpstreamInUse, Streams: streams},
 		}, cfg.Agent.AdminSocketPath)
 		if err != nil {
 			listener.Close()
@@ -178,6 +183,15 @@ func runAgent(args []string, stderr io.Writer) int {
 			return 1
 		}
 		listeners = append(listeners, admin)
+	}
+	if cfg.Agent.Broker != nil {
+		broker, err := newBrokerEndpoint(cfg, a, log)
+		if err != nil {
+			listener.Close()
+			fmt.Fprintln(stderr, "lanyard:", err)
+			return 1
+		}
+		listeners = append(listeners, broker)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -189,6 +203,7 @@ func runAgent(args []string, stderr io.Writer) int {
 		AllowUnauthenticatedVerifiers: cfg.Agent.AllowUnauthenticatedVerifiers,
 		TrustDomain:                   cfg.Agent.TrustDomain,
 		SDS:                           workloadapi.SDSConfig(cfg.Agent.SDS),
+		Streams:                       streams,
 	})
 	// What accepts requests stops first (the Workload API ending its
 	// streams with Unavailable), then what feeds the cache, and the cache

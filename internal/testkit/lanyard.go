@@ -58,10 +58,16 @@ type Process struct {
 // cleanup is stopped with SIGTERM and must exit 0; its logs are shown if
 // the test failed.
 func Start(t testing.TB, bin string, args ...string) (*Process, error) {
+	return StartWith(t, &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}, bin, args...)
+}
+
+// StartWith is Start with the process's attributes (its credentials, say);
+// attr should ask for SIGKILL as the parent-death signal, as Start does.
+func StartWith(t testing.TB, attr *syscall.SysProcAttr, bin string, args ...string) (*Process, error) {
 	p := &Process{t: t, Logs: &Buffer{}, Exited: make(chan struct{})}
 	p.Cmd = exec.Command(bin, args...)
 	p.Cmd.Stdout, p.Cmd.Stderr = p.Logs, p.Logs
-	p.Cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p.Cmd.SysProcAttr = attr
 	if err := p.Cmd.Start(); err != nil {
 		return nil, err
 	}

@@ -54,6 +54,11 @@ func parseEntries(data *conf.Section, td spiffeid.TrustDomain, cfgs []entryConfi
 		if id.Path() == "" {
 			return nil, data.Errorf(key("spiffe_id"), "%s has no path: a workload's SPIFFE ID needs one, e.g. %s/web", id, td.IDString())
 		}
+		// SPIRE reserves /spire for its servers and agents; the agent's own
+		// SVID is one of them, and a workload must not hold it.
+		if p := id.Path(); p == "/spire" || strings.HasPrefix(p, "/spire/") {
+			return nil, data.Errorf(key("spiffe_id"), "%s is under /spire, which SPIRE reserves for its servers and agents (the agent's own SVID is %s<host>): give the workload another path", id, SelfPathPrefix)
+		}
 		if len(ec.Selectors) == 0 {
 			return nil, data.Errorf(fmt.Sprintf("entry[%d]", i), "the entry for %s has no selectors: give at least one, e.g. selectors = [\"unix:uid:1000\"]", id)
 		}

@@ -464,6 +464,10 @@ func TestConfigErrors(t *testing.T) {
   spiffe_id = "spiffe://example.org"
   selectors = ["unix:uid:1"]
 }`, 2, "entry[0].spiffe_id", "has no path"},
+		{"reserved path", `entry {
+  spiffe_id = "spiffe://example.org/spire/agent/local/node1"
+  selectors = ["unix:uid:1"]
+}`, 2, "entry[0].spiffe_id", "SPIRE reserves"},
 		{"missing spiffe_id", `entry {
   spiffe_id = "spiffe://example.org/ok"
   selectors = ["unix:uid:1"]

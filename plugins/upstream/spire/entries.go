@@ -32,6 +32,8 @@ var entryMask = &types.EntryMask{
 	StoreSvid:      true,
 	Hint:           true,
 	CreatedAt:      true,
+	Admin:          true,
+	Downstream:     true,
 }
 
 // syncedEntry is what the agent keeps of an authorized entry.
@@ -246,6 +248,8 @@ func (s *syncer) entryFromProto(e *types.Entry) (*agent.Entry, error) {
 		Hint:           e.Hint,
 		CreatedAt:      e.CreatedAt,
 		RevisionNumber: e.RevisionNumber,
+		Admin:          e.Admin,
+		Downstream:     e.Downstream,
 	}
 	for _, sel := range e.Selectors {
 		if sel.Type == "" || sel.Value == "" {

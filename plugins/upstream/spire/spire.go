@@ -41,7 +41,10 @@ func init() {
 	agent.RegisterUpstream(Name, New)
 }
 
-var _ agent.SelfIdentity = (*Spire)(nil)
+var (
+	_ agent.SelfIdentity     = (*Spire)(nil)
+	_ agent.ServerConnection = (*Spire)(nil)
+)
 
 // Spire is the SPIRE Server upstream.
 type Spire struct {
@@ -87,6 +90,9 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 
 // GetX509SVID returns the agent SVID: the broker endpoint presents it.
 func (s *Spire) GetX509SVID() (*x509svid.SVID, error) { return s.identity.GetX509SVID() }
+
+// ServerAddress is the SPIRE Server's address.
+func (s *Spire) ServerAddress() string { return s.client.addr }
 
 // LastSync is when a sync with the server last succeeded.
 func (s *Spire) LastSync() time.Time {

@@ -351,9 +351,9 @@ func TestMatchByContainerID(t *testing.T) {
 	e := newReadOnlyEnv(t, "")
 	pods := testPods(3)
 	list := decodeTestList(t, podListJSON(pods))
-	sels, ok, err := e.a.match(list, "", containerOf(pods[1], "app"))
-	if err != nil || !ok || !slices.Equal(values(sels), wantPod1(true)) {
-		t.Errorf("without pod UID: got %q, %v, %v", values(sels), ok, err)
+	sels, p, err := e.a.match(list, "", containerOf(pods[1], "app"))
+	if err != nil || p == nil || p.Metadata.UID != string(pods[1].UID) || !slices.Equal(values(sels), wantPod1(true)) {
+		t.Errorf("without pod UID: got %q, %v, %v", values(sels), p, err)
 	}
 	pods[2].Status.ContainerStatuses[0].ContainerID = pods[1].Status.ContainerStatuses[0].ContainerID
 	list = decodeTestList(t, podListJSON(pods))

@@ -49,17 +49,23 @@ type Config struct {
 	VerboseContainerLocatorLogs bool   `hcl:"verbose_container_locator_logs"`
 	// MaxPodListSize (bytes) is Lanyard's own: SPIRE reads any size.
 	MaxPodListSize int64 `hcl:"max_pod_list_size"`
+	// APIServerCAPath is Lanyard's own: SPIRE always trusts the service
+	// account's ca.crt for the API server.
+	APIServerCAPath string              `hcl:"api_server_ca_path"`
+	Experimental    *experimentalConfig `hcl:"experimental"`
+	// DisableKubeletClient is SPIRE's (after 1.13), for broker-only agents.
+	DisableKubeletClient bool `hcl:"disable_kubelet_client"`
 }
 
 // refusedKeys are SPIRE's keys for features Lanyard does not build, with
 // what to tell a user who sets them.
 var refusedKeys = map[string]string{
-	"experimental":            "the experimental block (sigstore image signature verification) is not supported by Lanyard; remove it, and the k8s:image-signature selectors with it",
+	"experimental.api_server": "the api_server block (a controller-runtime cache for object references) is not supported by Lanyard: remove it; Lanyard asks the API server directly, and only for pods",
+	"experimental.sigstore":   "sigstore image signature verification is not supported by Lanyard; remove the block, and any k8s:image-signature selectors",
 	"sigstore":                "sigstore image signature verification is not supported by Lanyard; remove the block, and the k8s:image-signature selectors with it",
 	"enable_namespace_labels": "enable_namespace_labels (k8s:ns-label selectors, from a SPIRE release after 1.13) is not supported by Lanyard",
-	"disable_kubelet_client":  "disable_kubelet_client (from a SPIRE release after 1.13) is not supported by Lanyard: the k8s attestor needs the kubelet",
-	"api_server":              "the api_server block (from a SPIRE release after 1.13) is not supported by Lanyard: the k8s attestor asks only the kubelet",
-	"broker":                  "the broker block (SPIFFE Broker API, from a SPIRE release after 1.13) is not supported by Lanyard",
+	"api_server":              "the api_server block (from a SPIRE release after 1.13) is not supported by Lanyard: remove it; the API server is found from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT",
+	"broker":                  "the broker block belongs inside the experimental block: write experimental { broker { access_policy = ... brokers = [...] } }",
 }
 
 // settings is the validated configuration.
@@ -90,6 +96,17 @@ type settings struct {
 
 	disableContainerSelectors bool
 	verboseLocatorLogs        bool
+
+	// broker is experimental.broker; nil without the block.
+	broker *brokerPolicy
+	// noKubelet is disable_kubelet_client: the kubelet is never asked, so
+	// processes get no k8s selectors and only "cluster" brokers are
+	// answered, from the API server.
+	noKubelet bool
+	// apiServer is the kube-apiserver's URL from KUBERNETES_SERVICE_HOST
+	// and _PORT (empty outside a pod), apiCAPath the CA it is checked with.
+	apiServer string
+	apiCAPath string
 }
 
 type authMode int
@@ -137,7 +154,11 @@ func parseConfig(sec *conf.Section, getenv func(string) string, log hclog.Logger
 		maxPodListSize:            defaultMaxPodListSize,
 		disableContainerSelectors: c.DisableContainerSelectors,
 		verboseLocatorLogs:        c.VerboseContainerLocatorLogs,
+		apiServer:                 apiServerURL(getenv),
+		apiCAPath:                 orDefault(c.APIServerCAPath, defaultKubeletCAPath),
 	}
+	s.broker, errs = parseBroker(sec, c.Experimental, errs)
+	s.noKubelet, errs = c.DisableKubeletClient, checkNoKubelet(sec, c, s.broker, errs)
 
 	for _, p := range []struct {
 		key  string
@@ -259,6 +280,9 @@ func warnIgnored(c Config, s settings, log hclog.Logger) {
 	}
 	if s.secure && c.SkipKubeletVerification && c.KubeletCAPath != "" {
 		log.Warn("skip_kubelet_verification is set: kubelet_ca_path is not used and the kubelet's certificate is not checked")
+	}
+	if s.broker.needsAPIServer() && s.apiServer == "" {
+		log.Warn("experimental.broker needs the API server (access_policy \"enforced\" or a broker with pod_reference_scope \"cluster\"), but KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set: those references will fail until the agent runs in a pod")
 	}
 	if c.UseNewContainerLocator != nil && !*c.UseNewContainerLocator {
 		log.Warn("use_new_container_locator = false has no effect: Lanyard has one container locator, which reads cgroup v1 and v2")

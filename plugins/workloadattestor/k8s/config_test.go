@@ -19,6 +19,7 @@ func TestConfigDefaults(t *testing.T) {
 	want := settings{
 		secure: true, port: 10250, caPath: defaultKubeletCAPath, tokenPath: defaultTokenPath, auth: authToken,
 		pollInterval: 500 * time.Millisecond, reloadInterval: time.Minute, maxPodListSize: 64 << 20,
+		apiCAPath: defaultKubeletCAPath,
 	}
 	if s != want {
 		t.Errorf("defaults:\n got %+v\nwant %+v", s, want)
@@ -46,7 +47,8 @@ func TestConfigEveryKey(t *testing.T) {
 		use_new_container_locator = true
 		verbose_container_locator_logs = true
 		max_pod_list_size = 1048576
-	`, map[string]string{"NODE": "node-7.example", "HOST_PROC": "/host/proc"}, nil)
+		api_server_ca_path = "/etc/k/api-ca.pem"
+	`, map[string]string{"NODE": "node-7.example", "HOST_PROC": "/host/proc", "KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,6 +57,7 @@ func TestConfigEveryKey(t *testing.T) {
 		auth: authCertificate, certPath: "/etc/k/cert.pem", keyPath: "/etc/k/key.pem",
 		pollInterval: 250 * time.Millisecond, maxPolls: 8, reloadInterval: 5 * time.Minute, maxPodListSize: 1 << 20,
 		disableContainerSelectors: true, verboseLocatorLogs: true,
+		apiCAPath: "/etc/k/api-ca.pem", apiServer: "https://[fd00::1]:443",
 	}
 	if a.s != want {
 		t.Errorf("settings:\n got %+v\nwant %+v", a.s, want)
@@ -87,9 +90,11 @@ func TestConfigErrors(t *testing.T) {
 		{"bad node name variable", "", map[string]string{"MY_NODE_NAME": "x y"}, `node_name_env: environment variable MY_NODE_NAME holds "x y"`},
 		{"a typo", "kubelet_secure_prot = 1", nil, `kubelet_secure_prot: unknown key; did you mean "kubelet_secure_port"?`},
 		{"a wrong type", `skip_kubelet_verification = "maybe"`, nil, "skip_kubelet_verification"},
-		{"sigstore", "experimental {\n  sigstore {\n    rekor_url = \"https://rekor.example\"\n  }\n}", nil, "agent.conf:1:1: experimental: the experimental block (sigstore image signature verification) is not supported by Lanyard"},
+		{"sigstore", "experimental {\n  sigstore {\n    rekor_url = \"https://rekor.example\"\n  }\n}", nil, "agent.conf:2:3: experimental.sigstore: sigstore image signature verification is not supported by Lanyard"},
 		{"namespace labels", "\n\nenable_namespace_labels = true", nil, "agent.conf:3:1: enable_namespace_labels: enable_namespace_labels (k8s:ns-label selectors, from a SPIRE release after 1.13) is not supported"},
-		{"broker", "broker {}", nil, "broker: the broker block (SPIFFE Broker API"},
+		{"broker outside experimental", "broker {}", nil, "agent.conf:1:1: broker: the broker block belongs inside the experimental block"},
+		{"api_server cache", "experimental {\n  api_server {\n    cache { enabled = true }\n  }\n}", nil, "agent.conf:2:3: experimental.api_server: the api_server block (a controller-runtime cache for object references) is not supported by Lanyard"},
+		{"unknown experimental key", "experimental {\n  brokr {}\n}", nil, `agent.conf:2:3: experimental.brokr: unknown key; did you mean "broker"?`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := tc.env

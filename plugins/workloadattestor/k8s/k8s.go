@@ -8,6 +8,14 @@
 // whose container is not listed yet waits for the next list until its
 // deadline (podLists). The list is decoded as a stream that keeps only the
 // fields the selectors need (decodePodList).
+//
+// For the SPIFFE Broker API, AttestPod answers a pod named by
+// namespace/name and/or UID (a KubernetesObjectReference) and
+// AuthorizeBrokerPID decides a WorkloadPIDReference, both as the
+// plugin_data's experimental.broker block says (brokerconfig.go): from the
+// same lists, or from the API server (apiserver.go) for a broker whose
+// pod_reference_scope is "cluster" and for access_policy "enforced"'s
+// SubjectAccessReviews.
 package k8s
 
 import (
@@ -37,6 +45,9 @@ type Attestor struct {
 	procRoot string
 	kubelet  *kubeletClient
 	lists    *podLists
+	// api asks the API server for experimental.broker; it connects at
+	// first use.
+	api *apiClient
 }
 
 // New builds the k8s attestor from its plugin_data. It reads no file and
@@ -63,6 +74,7 @@ func newAttestor(cfg attestor.PluginConfig, getenv func(string) string, dial dia
 	a := &Attestor{s: s, log: log, procRoot: procRoot}
 	a.kubelet = newKubeletClient(s, dial, log.Warn)
 	a.lists = newPodLists(a.kubelet.fetch, s.pollInterval, log)
+	a.api = newAPIClient(s, nil)
 	log.Debug("k8s attestor configured", "kubelet", s.kubeletURL(), "poll_retry_interval", s.pollInterval, "max_poll_attempts", s.maxPolls)
 	return a, nil
 }
@@ -91,31 +103,36 @@ func (a *Attestor) Attest(ctx context.Context, p attestor.Process) ([]selector.S
 		// another container engine. SPIRE gives no selectors either.
 		return nil, nil
 	}
-	return a.attestContainer(ctx, podKey(podUID), containerID)
+	if a.s.noKubelet {
+		return nil, errKubeletDisabled
+	}
+	sels, _, err := a.attestContainer(ctx, podKey(podUID), containerID)
+	return sels, err
 }
 
 // attestContainer polls the shared pod list until the container is in it,
-// ctx ends, or max_poll_attempts lists were searched when it is set.
-func (a *Attestor) attestContainer(ctx context.Context, podUID, containerID string) ([]selector.Selector, error) {
+// ctx ends, or max_poll_attempts lists were searched when it is set. It
+// returns the container's selectors and its pod.
+func (a *Attestor) attestContainer(ctx context.Context, podUID, containerID string) ([]selector.Selector, *pod, error) {
 	start := time.Now()
 	var searched uint64
 	var lastErr error
 	for poll := 1; ; poll++ {
 		list, err := a.lists.next(ctx, searched)
 		if ctx.Err() != nil {
-			return nil, a.notFound(ctx.Err(), podUID, containerID, poll-1, start, lastErr)
+			return nil, nil, a.notFound(ctx.Err(), podUID, containerID, poll-1, start, lastErr)
 		}
 		lastErr = err
 		if list != nil && list.version > searched {
 			searched = list.version
-			sels, ok, err := a.match(list, podUID, containerID)
-			if err != nil || ok {
-				return sels, err
+			sels, p, err := a.match(list, podUID, containerID)
+			if err != nil || p != nil {
+				return sels, p, err
 			}
 			a.log.Debug("The workload's container is not in the kubelet's pod list yet; polling again", "pod_uid", podUID, "container_id", containerID, "poll", poll)
 		}
 		if a.s.maxPolls > 0 && poll >= a.s.maxPolls {
-			return nil, a.notFound(nil, podUID, containerID, poll, start, lastErr)
+			return nil, nil, a.notFound(nil, podUID, containerID, poll, start, lastErr)
 		}
 	}
 }
@@ -131,8 +148,8 @@ const (
 
 // match finds the container in list: by pod UID when the cgroup path names
 // the pod, else by container ID among all pods (CRI-O without pod UID in
-// the path). ok is false when the list does not have it yet.
-func (a *Attestor) match(list *podList, podUID, containerID string) (sels []selector.Selector, ok bool, err error) {
+// the path). The pod is nil when the list does not have it yet.
+func (a *Attestor) match(list *podList, podUID, containerID string) (sels []selector.Selector, found *pod, err error) {
 	var p *pod
 	var twice bool
 	if podUID != "" {
@@ -142,11 +159,11 @@ func (a *Attestor) match(list *podList, podUID, containerID string) (sels []sele
 	}
 	switch {
 	case twice && podUID != "":
-		return nil, false, fmt.Errorf("the kubelet lists two pods with UID %s: refusing to choose one", podUID)
+		return nil, nil, fmt.Errorf("the kubelet lists two pods with UID %s: refusing to choose one", podUID)
 	case twice:
-		return nil, false, fmt.Errorf("the kubelet lists container %s in two pods: refusing to choose one", containerID)
+		return nil, nil, fmt.Errorf("the kubelet lists container %s in two pods: refusing to choose one", containerID)
 	case p == nil:
-		return nil, false, nil
+		return nil, nil, nil
 	}
 	cs, spec, kind := findContainer(p, containerID)
 	switch {
@@ -155,15 +172,15 @@ func (a *Attestor) match(list *podList, podUID, containerID string) (sels []sele
 		if !a.s.disableContainerSelectors {
 			sels = containerSelectors(sels, cs, spec)
 		}
-		return sels, true, nil
+		return sels, p, nil
 	case a.s.disableContainerSelectors && podUID != "":
 		// The pod is known but the container not (yet): with container
 		// selectors disabled the pod's are enough, as in SPIRE.
-		return podSelectors(p), true, nil
+		return podSelectors(p), p, nil
 	case kind == ephemeralContainer:
-		return nil, false, fmt.Errorf("container %s is an ephemeral container (kubectl debug) of pod %s/%s: ephemeral containers get no k8s selectors", containerID, p.Metadata.Namespace, p.Metadata.Name)
+		return nil, nil, fmt.Errorf("container %s is an ephemeral container (kubectl debug) of pod %s/%s: ephemeral containers get no k8s selectors", containerID, p.Metadata.Namespace, p.Metadata.Name)
 	}
-	return nil, false, nil
+	return nil, nil, nil
 }
 
 func findContainer(p *pod, containerID string) (containerStatus, []specContainer, containerKind) {
@@ -184,6 +201,10 @@ func findContainer(p *pod, containerID string) (containerStatus, []specContainer
 	}
 	return containerStatus{}, nil, notListed
 }
+
+// errKubeletDisabled: disable_kubelet_client is set (SPIRE answers
+// FailedPrecondition).
+var errKubeletDisabled = errors.New("disable_kubelet_client is set: the k8s attestor does not ask the kubelet, so processes in pods get no k8s selectors")
 
 // errNotListed: the pod or container never appeared in the pod list.
 var errNotListed = errors.New("not in the kubelet's pod list")

@@ -197,11 +197,20 @@ func (k *kubeletClient) statusError(resp *http.Response) error {
 // it goes into logs and errors.
 func quoteBody(r io.Reader) string {
 	b, _ := io.ReadAll(io.LimitReader(r, maxErrorBodySize))
-	s := strings.Map(func(r rune) rune {
+	return printable(string(b), maxErrorBodySize)
+}
+
+// printable is s cut to limit bytes with every unprintable character a
+// space, for logs and errors.
+func printable(s string, limit int) string {
+	if len(s) > limit {
+		s = s[:limit]
+	}
+	s = strings.Map(func(r rune) rune {
 		if unicode.IsPrint(r) {
 			return r
 		}
 		return ' '
-	}, string(b))
+	}, s)
 	return strings.TrimSpace(s)
 }

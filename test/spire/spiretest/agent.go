@@ -32,6 +32,7 @@ type agentConfig struct {
 	syncInterval time.Duration
 	logLevel     string
 	plugins      string
+	keys         string
 }
 
 // AgentOption configures StartAgent.
@@ -47,6 +48,12 @@ func WithAgentPlugins(plugins string) AgentOption {
 // pulls entries and SVIDs from the server (SPIRE's default is 5s).
 func WithSyncInterval(d time.Duration) AgentOption {
 	return func(c *agentConfig) { c.syncInterval = d }
+}
+
+// WithAgentKeys adds keys (HCL lines) to the agent block, such as
+// admin_socket_path.
+func WithAgentKeys(keys string) AgentOption {
+	return func(c *agentConfig) { c.keys += keys }
 }
 
 // WithAgentLogLevel sets log_level (default "DEBUG").
@@ -74,9 +81,9 @@ func (s *Server) StartAgent(t testing.TB, joinToken string, opts ...AgentOption)
 	if err != nil {
 		t.Fatalf("splitting server address %q: %v", s.Addr, err)
 	}
-	var extra string
+	extra := cfg.keys
 	if cfg.syncInterval > 0 {
-		extra = fmt.Sprintf("    experimental {\n        sync_interval = %q\n    }\n", cfg.syncInterval.String())
+		extra += fmt.Sprintf("    experimental {\n        sync_interval = %q\n    }\n", cfg.syncInterval.String())
 	}
 	conf := fmt.Sprintf(`agent {
     data_dir = %q
