@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	grpccreds "google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -62,6 +63,8 @@ type serverClient struct {
 	mu   sync.Mutex
 	addr string // host:port; a SIGHUP may change it
 	conn *serverConn
+	// peer is the address (ip:port) of the server that answered last.
+	peer string
 }
 
 // serverConn is a gRPC connection and the calls on it.
@@ -182,6 +185,28 @@ func (c *serverClient) address() string {
 	return c.addr
 }
 
+// serverInUse is the address of the server that answered last, or the
+// configured one before any did.
+func (c *serverClient) serverInUse() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.peer != "" {
+		return c.peer
+	}
+	return c.addr
+}
+
+// notePeer records which server answered a call (the name may resolve to
+// several).
+func (c *serverClient) notePeer(p *peer.Peer) {
+	if p.Addr == nil {
+		return
+	}
+	c.mu.Lock()
+	c.peer = p.Addr.String()
+	c.mu.Unlock()
+}
+
 // setAddress points new connections at addr (after a SIGHUP); calls in
 // flight finish on the old one. It reports whether addr is new.
 func (c *serverClient) setAddress(addr string) bool {
@@ -190,7 +215,7 @@ func (c *serverClient) setAddress(addr string) bool {
 	if addr == c.addr {
 		return false
 	}
-	c.addr = addr
+	c.addr, c.peer = addr, ""
 	if c.conn != nil {
 		c.retireLocked(c.conn)
 	}
@@ -205,6 +230,12 @@ func (c *serverClient) dial(addr string, cfg *tls.Config) (*grpc.ClientConn, err
 		// records), which could undo onePerAgent; the default applies.
 		grpc.WithDisableServiceConfig(),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxRecvMsgSize)),
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoke grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			var p peer.Peer
+			err := invoke(ctx, method, req, reply, cc, append(opts, grpc.Peer(&p))...)
+			c.notePeer(&p)
+			return err
+		}),
 	}, c.dialOptions...)
 	cc, err := grpc.NewClient(addr, opts...)
 	if err != nil {

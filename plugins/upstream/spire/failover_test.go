@@ -236,6 +236,9 @@ func TestFailoverToTheOtherServer(t *testing.T) {
 	if got := mustCheck(t, c); got != other.addr {
 		t.Fatalf("after %s stopped the call went to %s, want %s", first, got, other.addr)
 	}
+	if got := c.serverInUse(); got != other.addr {
+		t.Fatalf("the server in use is %s, want %s", got, other.addr)
+	}
 	// And back, once the first returns and the second goes.
 	dead.start()
 	other.stop()

@@ -91,8 +91,10 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 // GetX509SVID returns the agent SVID: the broker endpoint presents it.
 func (s *Spire) GetX509SVID() (*x509svid.SVID, error) { return s.identity.GetX509SVID() }
 
-// ServerAddress is the SPIRE Server's address.
-func (s *Spire) ServerAddress() string { return s.client.addr }
+// ServerAddress is the address (ip:port) of the SPIRE Server that answered
+// last, since server_address may name several; server_address:server_port
+// before any answered.
+func (s *Spire) ServerAddress() string { return s.client.serverInUse() }
 
 // LastSync is when a sync with the server last succeeded.
 func (s *Spire) LastSync() time.Time {
