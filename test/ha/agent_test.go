@@ -79,6 +79,7 @@ func (n *agentNode) writeConfig(t *testing.T, serverAddress string) {
     trust_bundle_path = "%[1]s/bundle.pem"
     trust_domain = "example.org"
     join_token = %[4]q
+    sync_interval = %[5]q
 }
 
 plugins {
@@ -94,7 +95,7 @@ plugins {
         plugin_data {}
     }
 }
-`, n.dir, serverAddress, n.port, n.token))
+`, n.dir, serverAddress, n.port, n.token, syncInterval.String()))
 }
 
 // reload points the agent at serverAddress with SIGHUP and waits until it

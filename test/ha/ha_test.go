@@ -44,6 +44,12 @@ const (
 	agentTTL = 90 * time.Second
 	// outage is how long both servers stay down.
 	outage = 20 * time.Second
+	// syncInterval is the agent's. An entry made when a server returns
+	// reaches the agent after the server's next entry cache reload (5 s)
+	// and the agent's next sync: with spire-agent's default of 5 s that is
+	// 10 s at worst without any outage, the whole bound; 2 s leaves room
+	// for the outage's own cost, reconnecting (at most 2 s apart then).
+	syncInterval = 2 * time.Second
 )
 
 // cluster is the servers by address, the agent and the workload.
