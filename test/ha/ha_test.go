@@ -67,6 +67,7 @@ type cluster struct {
 // within 10 s of one's return new entries reach workloads again. Last, a
 // SIGHUP with a new server_address moves the agent to that server.
 func TestServersBehindOneName(t *testing.T) {
+	spiretest.Binaries(t) // skips with LANYARD_SKIP_INTEROP=1
 	testkit.RequireRoot(t, "the agent runs in a mount namespace of its own; PostgreSQL runs as nobody")
 	began := time.Now()
 	c := startCluster(t)
