@@ -78,8 +78,9 @@ type serverConn struct {
 // server refusing the agent SVID. When the connection fails or no server
 // answers, the next call gets a new one, which resolves the server name
 // again and tries every address it gets without waiting out gRPC's
-// reconnect backoff; a call that broke on a connection that had worked is
-// retried once on it at once, so that losing a server costs no call.
+// reconnect backoff. A call that broke on a connection it did not dial
+// (one that may have worked) is retried at once on a new one, so that
+// losing a server costs no call; every call here is safe to repeat.
 func (c *serverClient) call(ctx context.Context, fn func(context.Context, *grpc.ClientConn) error) error {
 	fresh, err := c.callOnce(ctx, fn)
 	if !fresh && unreachable(err) && ctx.Err() == nil {
