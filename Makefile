@@ -150,3 +150,13 @@ monitoring-module:
 file-apps:
 	./scripts/install-debian.sh nginx-light:nginx haproxy:haproxy
 unit: file-apps
+
+# PostgreSQL from Debian for the test of several SPIRE Servers on one
+# database (test/ha), installed once before the unit tests; the test starts
+# its own private cluster. Needs root when missing; without it that test
+# skips (outside CI). Debian keeps initdb off PATH: the package's
+# pg_ctlcluster says whether it is there.
+.PHONY: postgres
+postgres:
+	./scripts/install-debian.sh postgresql:pg_ctlcluster
+unit: postgres

@@ -282,12 +282,10 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 	}{
 		{"socket_path", old.SocketPath, cfg.Agent.SocketPath},
 		{"data_dir", old.DataDir, cfg.Agent.DataDir},
-		{"server_address", old.ServerAddress, cfg.Agent.ServerAddress},
-		{"server_port", old.ServerPort, cfg.Agent.ServerPort},
 		{"trust_bundle_path", old.TrustBundlePath, cfg.Agent.TrustBundlePath},
+		{"trust_bundle_format", old.TrustBundleFormat, cfg.Agent.TrustBundleFormat},
 		{"insecure_bootstrap", old.InsecureBootstrap, cfg.Agent.InsecureBootstrap},
 		{"join_token", old.JoinToken, cfg.Agent.JoinToken},
-		{"sync_interval", old.SyncInterval, cfg.Agent.SyncInterval},
 		{"sds", old.SDS, cfg.Agent.SDS},
 		{"profiling_port (or profiling_enabled)", old.ProfilingPort, cfg.Agent.ProfilingPort},
 		{"admin_socket_path", old.AdminSocketPath, cfg.Agent.AdminSocketPath},
@@ -314,6 +312,11 @@ func (a *Agent) Reload(cfg *conf.Config) error {
 	}
 	if err := a.upstream.Reconfigure(pluginData(plugin)); err != nil {
 		return err
+	}
+	// server_address, server_port and sync_interval: the SPIRE Server
+	// upstream reconnects or re-times its syncs.
+	if server, ok := a.upstream.(ServerReloader); ok {
+		server.ReloadServer(serverSettings(&cfg.Agent))
 	}
 	a.attestors.Store(set)
 	a.cfg = cfg

@@ -25,16 +25,40 @@ const joinTokenAttestor = "join_token"
 // agent block's server settings, the node attestor it built and the key
 // manager's directory.
 type ServerConfig struct {
-	Address           string              // host:port
+	ServerSettings
 	Bootstrap         []*x509.Certificate // from trust_bundle_path; empty with insecure_bootstrap
 	InsecureBootstrap bool
-	SyncInterval      time.Duration // never 0
 
 	NodeAttestorName string
 	NodeAttestor     NodeAttestor
 	// KeyDir holds the agent key: the disk key manager's directory, or
 	// data_dir; "" for the memory key manager.
 	KeyDir string
+}
+
+// ServerSettings are the agent block's server settings that a SIGHUP may
+// change while the SPIRE Server upstream runs.
+type ServerSettings struct {
+	Address      string        // host:port
+	SyncInterval time.Duration // never 0
+}
+
+// ServerReloader is the SPIRE Server upstream's side of a SIGHUP: Reload
+// hands it the new ServerSettings after refusing what needs a restart.
+type ServerReloader interface {
+	ReloadServer(ServerSettings)
+}
+
+func serverSettings(a *conf.Agent) ServerSettings {
+	port := a.ServerPort
+	if port == 0 {
+		port = conf.DefaultServerPort
+	}
+	s := ServerSettings{Address: net.JoinHostPort(a.ServerAddress, strconv.Itoa(port)), SyncInterval: a.SyncInterval}
+	if s.SyncInterval <= 0 {
+		s.SyncInterval = conf.DefaultSyncInterval
+	}
+	return s
 }
 
 // serverConfig reads the agent block, the NodeAttestor and the KeyManager
@@ -45,18 +69,7 @@ func serverConfig(cfg *conf.Config, log hclog.Logger) (*ServerConfig, error) {
 	if a.ServerAddress == "" {
 		return nil, a.Errorf("server_address", "server_address is not set: the spire upstream needs the SPIRE Server's host name or IP")
 	}
-	port := a.ServerPort
-	if port == 0 {
-		port = conf.DefaultServerPort
-	}
-	sc := &ServerConfig{
-		Address:           net.JoinHostPort(a.ServerAddress, strconv.Itoa(port)),
-		InsecureBootstrap: a.InsecureBootstrap,
-		SyncInterval:      a.SyncInterval,
-	}
-	if sc.SyncInterval <= 0 {
-		sc.SyncInterval = conf.DefaultSyncInterval
-	}
+	sc := &ServerConfig{ServerSettings: serverSettings(a), InsecureBootstrap: a.InsecureBootstrap}
 	var err error
 	switch {
 	case a.TrustBundlePath != "":

@@ -151,18 +151,52 @@ func (s *syncer) applyTaints(sink agent.Sink) {
 	s.identity.taint(x509s)
 }
 
-// signedBy reports whether chain verifies up to one of roots.
+// signedBy reports whether chain verifies up to one of roots. It verifies
+// at a time the chain and the root are all valid: now, clamped into their
+// common validity. (At the leaf's NotBefore a root made moments before the
+// agent started is not valid yet: SPIRE backdates NotBefore by 10 s.)
 func signedBy(chain []*x509.Certificate, roots []*x509.Certificate) bool {
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
 	inter := x509.NewCertPool()
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	_, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}, CurrentTime: chain[0].NotBefore.Add(time.Second)})
-	return err == nil
+	now := time.Now()
+	for _, r := range roots {
+		at, ok := commonValidity(now, append(slices.Clone(chain), r))
+		if !ok {
+			continue
+		}
+		pool := x509.NewCertPool()
+		pool.AddCert(r)
+		_, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}, CurrentTime: at})
+		if err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// commonValidity returns t clamped into the time when every cert is valid;
+// false when there is no such time.
+func commonValidity(t time.Time, certs []*x509.Certificate) (time.Time, bool) {
+	from, until := certs[0].NotBefore, certs[0].NotAfter
+	for _, c := range certs[1:] {
+		if c.NotBefore.After(from) {
+			from = c.NotBefore
+		}
+		if c.NotAfter.Before(until) {
+			until = c.NotAfter
+		}
+	}
+	switch {
+	case from.After(until):
+		return time.Time{}, false
+	case t.Before(from):
+		return from, true
+	case t.After(until):
+		return until, true
+	}
+	return t, true
 }
 
 // bundleFromProto converts a server bundle.

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	grpccreds "google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -31,9 +32,13 @@ const (
 	// maxRecvMsgSize lets large entry lists through (SPIRE #2675): the
 	// fallback GetAuthorizedEntries sends them in one message.
 	maxRecvMsgSize = 64 << 20
-	// roundRobin spreads agents over the addresses a server name resolves
-	// to, as spire-agent does for HA servers behind one DNS name.
-	roundRobin = `{"loadBalancingConfig": [{"round_robin": {}}]}`
+	// onePerAgent holds one server connection at a time (gRPC's pick_first)
+	// rather than one to every address a name resolves to (spire-agent's
+	// round_robin, which makes every server pay for every agent: SPIRE
+	// #4696), and shuffles the addresses at every resolution so that agents
+	// spread over the servers. A connection that fails moves on to the next
+	// address at once.
+	onePerAgent = `{"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": true}}]}`
 )
 
 // serverClient is the agent's connection to the SPIRE Server, authenticated
@@ -43,7 +48,6 @@ const (
 // closes when its last call returns.
 type serverClient struct {
 	log               hclog.Logger
-	addr              string // host:port
 	serverID          spiffeid.ID
 	insecureBootstrap bool
 	// creds presents the agent SVID and verifies the server; refused is
@@ -56,9 +60,15 @@ type serverClient struct {
 	// metrics records the calls and connections to the server; nil
 	// records nothing.
 	metrics *telemetry.Metrics
+	// dialOptions are added to every dial: tests resolve the name with
+	// their own resolver.
+	dialOptions []grpc.DialOption
 
 	mu   sync.Mutex
+	addr string // host:port; a SIGHUP may change it
 	conn *serverConn
+	// peer is the address (ip:port) of the server that answered last.
+	peer string
 }
 
 // serverConn is a gRPC connection and the calls on it.
@@ -69,18 +79,44 @@ type serverConn struct {
 }
 
 // call runs fn on the mTLS connection with a timeout, and reports the
-// server refusing the agent SVID.
+// server refusing the agent SVID. When the connection fails or no server
+// answers, the next call gets a new one, which resolves the server name
+// again and tries every address it gets without waiting out gRPC's
+// reconnect backoff. A call that broke on a connection it did not dial
+// (one that may have worked) is retried at once on a new one, so that
+// losing a server costs no call; every call here is safe to repeat.
 func (c *serverClient) call(ctx context.Context, fn func(context.Context, *grpc.ClientConn) error) error {
-	conn, err := c.acquire()
+	fresh, err := c.callOnce(ctx, fn)
+	if !fresh && unreachable(err) && ctx.Err() == nil {
+		_, err = c.callOnce(ctx, fn)
+	}
+	return err
+}
+
+// callOnce runs fn once; fresh reports whether it dialed the connection
+// it used, which then tried every address already.
+func (c *serverClient) callOnce(ctx context.Context, fn func(context.Context, *grpc.ClientConn) error) (fresh bool, err error) {
+	conn, fresh, err := c.acquire()
 	if err != nil {
-		return err
+		return fresh, err
 	}
 	defer c.release(conn)
-	ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+	rctx, cancel := context.WithTimeout(ctx, rpcTimeout)
 	defer cancel()
-	err = fn(ctx, conn.cc)
+	err = fn(rctx, conn.cc)
 	if err == nil {
-		return nil
+		return fresh, nil
+	}
+	// No answer within rpcTimeout: the server may be gone without a word
+	// (a host powered off), which the connection cannot tell.
+	silent := status.Code(err) == codes.DeadlineExceeded && ctx.Err() == nil
+	if unreachable(err) || silent {
+		c.retireConn(conn)
+		if !fresh {
+			// The connection in use failed: the next call moves on.
+			c.metrics.FailedOver()
+		}
+		return fresh, err
 	}
 	c.mu.Lock()
 	stale := conn.retired
@@ -89,23 +125,31 @@ func (c *serverClient) call(ctx context.Context, fn func(context.Context, *grpc.
 	if !stale {
 		c.refused(err)
 	}
-	return err
+	return fresh, err
 }
 
-// acquire returns the current mTLS connection, creating it if needed.
-func (c *serverClient) acquire() (*serverConn, error) {
+// unreachable reports whether no server answered the call: the connection
+// broke, or none of the addresses took it.
+func unreachable(err error) bool {
+	return status.Code(err) == codes.Unavailable
+}
+
+// acquire returns the current mTLS connection, creating it if needed;
+// fresh reports whether it did.
+func (c *serverClient) acquire() (conn *serverConn, fresh bool, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.conn == nil {
 		cfg := tlsconfig.MTLSClientConfig(c.creds, c.creds, tlsconfig.AuthorizeID(c.serverID))
-		cc, err := c.dial(cfg)
+		cc, err := c.dial(c.addr, cfg)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		c.conn = &serverConn{cc: cc}
+		fresh = true
 	}
 	c.conn.refs++
-	return c.conn, nil
+	return c.conn, fresh, nil
 }
 
 func (c *serverClient) release(conn *serverConn) {
@@ -121,10 +165,21 @@ func (c *serverClient) release(conn *serverConn) {
 func (c *serverClient) retire() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	conn := c.conn
-	if conn == nil {
-		return
+	if c.conn != nil {
+		c.retireLocked(c.conn)
 	}
+}
+
+// retireConn retires conn unless another call did already.
+func (c *serverClient) retireConn(conn *serverConn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn == conn {
+		c.retireLocked(conn)
+	}
+}
+
+func (c *serverClient) retireLocked(conn *serverConn) {
 	c.conn = nil
 	conn.retired = true
 	if conn.refs == 0 {
@@ -132,15 +187,69 @@ func (c *serverClient) retire() {
 	}
 }
 
-func (c *serverClient) dial(cfg *tls.Config) (*grpc.ClientConn, error) {
-	cc, err := grpc.NewClient(c.addr,
+// address is the server's host:port.
+func (c *serverClient) address() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.addr
+}
+
+// serverInUse is the address of the server that answered last, or the
+// configured one before any did.
+func (c *serverClient) serverInUse() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.peer != "" {
+		return c.peer
+	}
+	return c.addr
+}
+
+// notePeer records which server answered a call (the name may resolve to
+// several).
+func (c *serverClient) notePeer(p *peer.Peer) {
+	if p.Addr == nil {
+		return
+	}
+	c.mu.Lock()
+	c.peer = p.Addr.String()
+	c.mu.Unlock()
+}
+
+// setAddress points new connections at addr (after a SIGHUP); calls in
+// flight finish on the old one. It reports whether addr is new.
+func (c *serverClient) setAddress(addr string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if addr == c.addr {
+		return false
+	}
+	c.addr, c.peer = addr, ""
+	if c.conn != nil {
+		c.retireLocked(c.conn)
+	}
+	return true
+}
+
+func (c *serverClient) dial(addr string, cfg *tls.Config) (*grpc.ClientConn, error) {
+	opts := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(grpccreds.NewTLS(cfg)),
-		grpc.WithDefaultServiceConfig(roundRobin),
+		grpc.WithDefaultServiceConfig(onePerAgent),
+		// As spire-agent: no service config from DNS (_grpc_config TXT
+		// records), which could undo onePerAgent; the default applies.
+		grpc.WithDisableServiceConfig(),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxRecvMsgSize)),
 		c.metrics.UpstreamDialOption(),
-	)
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoke grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			var p peer.Peer
+			err := invoke(ctx, method, req, reply, cc, append(opts, grpc.Peer(&p))...)
+			c.notePeer(&p)
+			return err
+		}),
+	}, c.dialOptions...)
+	cc, err := grpc.NewClient(addr, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connecting to the SPIRE Server at %s: %w", c.addr, err)
+		return nil, fmt.Errorf("connecting to the SPIRE Server at %s: %w", addr, err)
 	}
 	return cc, nil
 }
@@ -150,15 +259,16 @@ func (c *serverClient) dial(cfg *tls.Config) (*grpc.ClientConn, error) {
 // insecure_bootstrap and none yet, only asked to present the server's
 // SPIFFE ID.
 func (c *serverClient) dialAttest(haveRoots bool) (*grpc.ClientConn, error) {
+	addr := c.address()
 	if haveRoots {
-		return c.dial(tlsconfig.TLSClientConfig(c.creds, tlsconfig.AuthorizeID(c.serverID)))
+		return c.dial(addr, tlsconfig.TLSClientConfig(c.creds, tlsconfig.AuthorizeID(c.serverID)))
 	}
 	if !c.insecureBootstrap {
 		return nil, errors.New("no trust bundle to verify the SPIRE Server with: set trust_bundle_path, or insecure_bootstrap = true")
 	}
 	c.log.Warn("Insecure bootstrap: the SPIRE Server's certificate is not verified for this attestation")
 	want := c.serverID.String()
-	return c.dial(&tls.Config{
+	return c.dial(addr, &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		// Nothing to verify against yet; the server's bundle fetched on
 		// this connection becomes the trust anchor (trust on first use).

@@ -40,7 +40,7 @@ func denied(reason types.PermissionDeniedDetails_Reason) error {
 // last one; the next call gets a new connection.
 func TestConnectionHandOver(t *testing.T) {
 	c := newTestClient(t, func(error) {})
-	old, err := c.acquire()
+	old, _, err := c.acquire()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,7 +48,7 @@ func TestConnectionHandOver(t *testing.T) {
 	if old.cc.GetState() == connectivity.Shutdown {
 		t.Fatal("a retired connection closed under a call in progress")
 	}
-	next, err := c.acquire()
+	next, _, err := c.acquire()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -111,7 +111,7 @@ func (id *agentIdentity) start(ctx context.Context) error {
 // attestUntilDone attests the node, retrying while the server is out of
 // reach, and installs the SVID it gets.
 func (id *agentIdentity) attestUntilDone(ctx context.Context, why string) error {
-	id.log.Info("Attesting the node", "reason", why, "node_attestor", id.attestorName, "server", id.client.addr)
+	id.log.Info("Attesting the node", "reason", why, "node_attestor", id.attestorName, "server", id.client.address())
 	bo := agent.NewBackoff(time.Second, time.Minute)
 	for {
 		creds, err := id.attest(ctx)

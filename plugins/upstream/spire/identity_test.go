@@ -105,3 +105,29 @@ func TestSetRoots(t *testing.T) {
 		t.Fatalf("the server is not verified with the new authorities: %v", err)
 	}
 }
+
+// A trust anchor made moments before the agent starts is newer than the
+// agent SVID's NotBefore, which SPIRE backdates by 10 s: the SVID is still
+// signed by it, and no renewal is asked for.
+func TestSetRootsFreshCA(t *testing.T) {
+	id := newTestIdentity(t)
+	now := time.Now()
+	ca := testkit.NewTrustDomainCA(t, td, testkit.WithValidity(now, now.Add(24*time.Hour)))
+	creds := newCreds(t, ca)
+	if err := id.install(id.current(), creds); err != nil {
+		t.Fatal(err)
+	}
+	id.setRoots([]*x509.Certificate{ca.Cert})
+	select {
+	case <-id.renewKick:
+		t.Fatal("the SVID's CA is in the bundle, yet a renewal was asked for")
+	default:
+	}
+	// Another root still asks for one.
+	id.setRoots([]*x509.Certificate{testkit.NewTrustDomainCA(t, td, testkit.WithValidity(now, now.Add(time.Hour))).Cert})
+	select {
+	case <-id.renewKick:
+	default:
+		t.Fatal("the SVID's CA left the bundle and no renewal was asked for")
+	}
+}

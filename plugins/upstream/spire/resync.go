@@ -27,6 +27,7 @@ const (
 // token bucket; the spacing grows while they find nothing new. Guarded by
 // syncer.lock (the limiter guards itself).
 type resyncPolicy struct {
+	interval     time.Duration // the sync_interval the rest follows
 	budget       *rate.Limiter
 	firstSpacing time.Duration
 	spacing      time.Duration
@@ -36,10 +37,21 @@ type resyncPolicy struct {
 
 func newResyncPolicy(interval time.Duration) resyncPolicy {
 	return resyncPolicy{
+		interval:     interval,
 		budget:       rate.NewLimiter(rate.Every(resyncEarnEvery*interval), resyncBurst),
 		firstSpacing: interval / resyncFirstSpacingDivisor,
 		spacing:      interval / resyncSpacingDivisor,
 	}
+}
+
+// retune follows a new sync_interval (SIGHUP).
+func (p *resyncPolicy) retune(interval time.Duration) {
+	if interval == p.interval {
+		return
+	}
+	fresh := newResyncPolicy(interval)
+	p.interval, p.firstSpacing, p.spacing = interval, fresh.firstSpacing, fresh.spacing
+	p.budget.SetLimit(fresh.budget.Limit())
 }
 
 // minGap is how long after the previous sync the next sync on demand may

@@ -16,6 +16,9 @@ var errPermanent = errors.New("the agent cannot get a new SVID")
 // authority is tainted, and attests again when the server asks.
 func (id *agentIdentity) runRotation(ctx context.Context) {
 	bo := agent.NewBackoff(time.Second, time.Minute)
+	// While no server answers, as the syncs do: back within
+	// maxOutageRetry of a server's return, with the SVID still valid.
+	outage := agent.NewBackoff(time.Second, maxOutageRetry)
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -39,6 +42,7 @@ func (id *agentIdentity) runRotation(ctx context.Context) {
 			err := id.rotate(ctx, reattest)
 			if err == nil {
 				bo.Reset()
+				outage.Reset()
 				break
 			}
 			if ctx.Err() != nil {
@@ -49,6 +53,9 @@ func (id *agentIdentity) runRotation(ctx context.Context) {
 				return
 			}
 			d := bo.Next()
+			if unreachable(err) {
+				d = outage.Next()
+			}
 			logRetry(id.log, "Could not renew the agent SVID (it expires at "+c.svid[0].NotAfter.Format(time.RFC3339)+"); retrying", d, err)
 			if !sleep(ctx, d) {
 				return

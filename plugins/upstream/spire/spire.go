@@ -48,6 +48,7 @@ var (
 
 // Spire is the SPIRE Server upstream.
 type Spire struct {
+	log      hclog.Logger
 	identity *agentIdentity
 	client   *serverClient
 	syncer   *syncer
@@ -81,6 +82,7 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 	}
 	identity.client = client
 	return &Spire{
+		log:      cfg.Log,
 		identity: identity,
 		client:   client,
 		syncer:   newSyncer(cfg.Log, cfg.TrustDomain, serverID, server.SyncInterval, client, identity),
@@ -90,8 +92,10 @@ func New(cfg agent.UpstreamConfig) (agent.Upstream, error) {
 // GetX509SVID returns the agent SVID: the broker endpoint presents it.
 func (s *Spire) GetX509SVID() (*x509svid.SVID, error) { return s.identity.GetX509SVID() }
 
-// ServerAddress is the SPIRE Server's address.
-func (s *Spire) ServerAddress() string { return s.client.addr }
+// ServerAddress is the address (ip:port) of the SPIRE Server that answered
+// last, since server_address may name several; server_address:server_port
+// before any answered.
+func (s *Spire) ServerAddress() string { return s.client.serverInUse() }
 
 // LastSync is when a sync with the server last succeeded.
 func (s *Spire) LastSync() time.Time {
@@ -136,10 +140,26 @@ func (s *Spire) Run(ctx context.Context, sink agent.Sink) error {
 // Resync syncs now for a workload that found no identity; see syncer.Resync.
 func (s *Spire) Resync(ctx context.Context) (bool, error) { return s.syncer.Resync(ctx) }
 
-// Reconfigure accepts a SIGHUP: the spire upstream has no plugin_data, and
-// the agent refuses changes to its agent-block settings, which need a
-// restart.
+// Reconfigure accepts a SIGHUP: the spire upstream has no plugin_data; the
+// agent block's server settings come through ReloadServer.
 func (s *Spire) Reconfigure(*conf.Section) error { return nil }
+
+var _ agent.ServerReloader = (*Spire)(nil)
+
+// ReloadServer takes the server settings of a SIGHUP. A new address
+// retires the connection: calls in flight finish on it, the next ones go
+// to the new address. A new sync_interval times the next periodic sync.
+// The agent SVID, entries and bundles stay: the agent block refuses a new
+// trust domain, so the new servers are the same deployment's.
+func (s *Spire) ReloadServer(settings agent.ServerSettings) {
+	if s.client.setAddress(settings.Address) {
+		s.log.Info("The SPIRE Server's address changed; reconnecting", "server", settings.Address)
+	}
+	if s.syncer.interval() != settings.SyncInterval {
+		s.syncer.setInterval(settings.SyncInterval)
+		s.log.Info("sync_interval changed", "sync_interval", settings.SyncInterval)
+	}
+}
 
 func logRetry(log hclog.Logger, msg string, wait time.Duration, err error) {
 	args := []any{"retry_in", wait, "error", err}

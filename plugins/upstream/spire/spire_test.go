@@ -105,8 +105,8 @@ func TestSPIREAgentConfigLoads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.client.addr != "spire-server.example:8081" || s.identity.attestorName != "join_token" || s.syncer.interval != 5*time.Second {
-		t.Fatalf("addr %q attestor %q sync %s", s.client.addr, s.identity.attestorName, s.syncer.interval)
+	if s.client.addr != "spire-server.example:8081" || s.identity.attestorName != "join_token" || s.syncer.interval() != 5*time.Second {
+		t.Fatalf("addr %q attestor %q sync %s", s.client.addr, s.identity.attestorName, s.syncer.interval())
 	}
 	if s.identity.store.keyDir != filepath.Join(dir, "keys") || s.identity.store.statePath != filepath.Join(dir, "data", stateFileName) {
 		t.Fatalf("key dir %q, state %q", s.identity.store.keyDir, s.identity.store.statePath)
@@ -172,7 +172,7 @@ func TestUpstreamAuthorityDataIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	server := &agent.ServerConfig{Address: "x:8081", InsecureBootstrap: true, SyncInterval: time.Second, NodeAttestorName: "join_token"}
+	server := &agent.ServerConfig{ServerSettings: agent.ServerSettings{Address: "x:8081", SyncInterval: time.Second}, InsecureBootstrap: true, NodeAttestorName: "join_token"}
 	_, err = New(agent.UpstreamConfig{Name: Name, Data: data, Server: server, Log: hclog.NewNullLogger(), TrustDomain: td, DataDir: t.TempDir()})
 	if err == nil || !strings.Contains(err.Error(), "server_address") {
 		t.Fatalf("err = %v, want plugin_data's key refused", err)

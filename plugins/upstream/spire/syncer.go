@@ -21,10 +21,11 @@ type syncer struct {
 	log      hclog.Logger
 	td       spiffeid.TrustDomain
 	serverID spiffeid.ID
-	interval time.Duration
-	client   *serverClient
-	identity *agentIdentity
-	now      func() time.Time
+	// intervalNs is sync_interval; a SIGHUP may change it.
+	intervalNs atomic.Int64
+	client     *serverClient
+	identity   *agentIdentity
+	now        func() time.Time
 
 	// lock serializes syncs, periodic and on demand, and guards the fields
 	// below it. A caller of Resync stops waiting for it when its context
@@ -53,7 +54,6 @@ func newSyncer(log hclog.Logger, td spiffeid.TrustDomain, serverID spiffeid.ID, 
 		log:      log,
 		td:       td,
 		serverID: serverID,
-		interval: interval,
 		client:   client,
 		identity: identity,
 		now:      time.Now,
@@ -61,9 +61,27 @@ func newSyncer(log hclog.Logger, td spiffeid.TrustDomain, serverID spiffeid.ID, 
 		resync:   newResyncPolicy(interval),
 		resynced: make(chan struct{}, 1),
 	}
+	s.intervalNs.Store(int64(interval))
 	s.view.init()
 	return s
 }
+
+// interval is sync_interval.
+func (s *syncer) interval() time.Duration { return time.Duration(s.intervalNs.Load()) }
+
+// setInterval takes a new sync_interval (SIGHUP): the next periodic sync
+// is one new interval away.
+func (s *syncer) setInterval(d time.Duration) {
+	if time.Duration(s.intervalNs.Swap(int64(d))) != d {
+		kick(s.resynced)
+	}
+}
+
+// maxOutageRetry bounds the wait between syncs while no server answers,
+// so that the agent is back within it of the first server's return. Each
+// try costs a refused connection per address, while no server is up to
+// pay for it.
+const maxOutageRetry = 5 * time.Second
 
 // serverView is the server's entries and bundles as the last syncs
 // brought them; guarded by syncer.lock.
@@ -109,7 +127,8 @@ func (s *syncer) attach(ctx context.Context, sink agent.Sink) bool {
 // until ctx ends or the agent loses its identity for good. A sync on
 // demand restarts the interval.
 func (s *syncer) run(ctx context.Context, sink agent.Sink) error {
-	bo := agent.NewBackoff(time.Second, max(30*time.Second, s.interval))
+	bo := agent.NewBackoff(time.Second, max(30*time.Second, s.interval()))
+	outage := agent.NewBackoff(time.Second, min(maxOutageRetry, s.interval()))
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
@@ -120,11 +139,11 @@ func (s *syncer) run(ctx context.Context, sink agent.Sink) error {
 			sink.ReportUpstream(err)
 			return err
 		case <-s.resynced:
-			timer.Reset(s.interval)
+			timer.Reset(s.interval())
 			continue
 		case <-timer.C:
 		}
-		wait := s.interval
+		wait := s.interval()
 		if s.lock.Acquire(ctx, 1) != nil {
 			return nil // ctx ended
 		}
@@ -134,11 +153,17 @@ func (s *syncer) run(ctx context.Context, sink agent.Sink) error {
 			return nil
 		}
 		sink.ReportUpstream(err)
-		if err != nil {
+		switch {
+		case err == nil:
+			bo.Reset()
+			outage.Reset()
+		case unreachable(err):
+			// No server answered: trying again costs them nothing.
+			wait = outage.Next()
+			logRetry(s.log, "Could not reach the SPIRE Server to sync; retrying", wait, err)
+		default:
 			wait = bo.Next()
 			logRetry(s.log, "Could not sync with the SPIRE Server; retrying", wait, err)
-		} else {
-			bo.Reset()
 		}
 		timer.Reset(wait)
 	}
@@ -164,6 +189,7 @@ func (s *syncer) Resync(ctx context.Context) (bool, error) {
 	if err := s.lock.Acquire(ctx, 1); err != nil {
 		return false, err
 	}
+	s.resync.retune(s.interval())
 	for {
 		if s.sink == nil {
 			s.lock.Release(1)
@@ -175,7 +201,7 @@ func (s *syncer) Resync(ctx context.Context) (bool, error) {
 			s.lock.Release(1)
 			return true, nil
 		}
-		wait := s.lastSync.Add(s.resync.minGap(s.now(), s.interval)).Sub(s.now())
+		wait := s.lastSync.Add(s.resync.minGap(s.now(), s.interval())).Sub(s.now())
 		if wait <= 0 {
 			break
 		}
@@ -188,7 +214,7 @@ func (s *syncer) Resync(ctx context.Context) (bool, error) {
 		}
 	}
 	defer s.lock.Release(1)
-	if !s.resync.begin(s.now(), s.interval) {
+	if !s.resync.begin(s.now(), s.interval()) {
 		return false, nil
 	}
 	sets := s.entrySets
