@@ -29,11 +29,12 @@ const serverName = "spire-ha.test"
 // loopback nameserver: it runs in a mount namespace of its own where both
 // are bind-mounted (unshare -m), so the rest of the machine is untouched.
 type agentNode struct {
-	dir    string
-	socket string
-	port   int
-	token  string
-	proc   *testkit.Process
+	dir     string
+	socket  string
+	port    int
+	token   string
+	metrics int // the Prometheus port
+	proc    *testkit.Process
 }
 
 // hostName is a name that resolves to server ip alone.
@@ -44,7 +45,7 @@ func hostName(ip string) string {
 func startAgent(t *testing.T, serverIPs []string, port int, bundlePEM []byte, token string) *agentNode {
 	t.Helper()
 	dir := testkit.ShortDir(t, "lyha-")
-	n := &agentNode{dir: dir, socket: filepath.Join(dir, "api.sock"), port: port, token: token}
+	n := &agentNode{dir: dir, socket: filepath.Join(dir, "api.sock"), port: port, token: token, metrics: testkit.FreePort(t)}
 	hosts := "127.0.0.1 localhost\n"
 	for _, ip := range serverIPs {
 		hosts += ip + " " + serverName + " " + hostName(ip) + "\n"
@@ -82,6 +83,13 @@ func (n *agentNode) writeConfig(t *testing.T, serverAddress string) {
     sync_interval = %[5]q
 }
 
+telemetry {
+    Prometheus {
+        host = "127.0.0.1"
+        port = %[6]d
+    }
+}
+
 plugins {
     NodeAttestor "join_token" {
         plugin_data {}
@@ -95,7 +103,7 @@ plugins {
         plugin_data {}
     }
 }
-`, n.dir, serverAddress, n.port, n.token, syncInterval.String()))
+`, n.dir, serverAddress, n.port, n.token, syncInterval.String(), n.metrics))
 }
 
 // reload points the agent at serverAddress with SIGHUP and waits until it

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/telemetry/metrictest"
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -117,6 +118,18 @@ func TestServersBehindOneName(t *testing.T) {
 	}
 	if logs := c.agent.proc.Logs.String(); strings.Contains(logs, "left the bundle") {
 		t.Error("the agent took its SVID's CA, a root made moments before, for one that left the bundle")
+	}
+	// What an operator sees: the failovers counted, one connection, to the
+	// server in use, and the server's answers.
+	f := metrictest.Scrape(t, fmt.Sprintf("http://127.0.0.1:%d/metrics", c.agent.metrics))
+	if v, _ := f.Value("lanyard_upstream_failovers_total", nil); v < 2 {
+		t.Errorf("lanyard_upstream_failovers_total = %v after two servers were killed under the agent, want at least 2", v)
+	}
+	if v, ok := f.Value("lanyard_upstream_server_connections", map[string]string{"address": fmt.Sprintf("%s:%d", first, c.port)}); !ok || v != 1 {
+		t.Errorf("lanyard_upstream_server_connections for %s = %v (%v), want 1; series: %s", first, v, ok, f.Labels("lanyard_upstream_server_connections"))
+	}
+	if v, _ := f.Value("lanyard_upstream_rpc_handled_total", map[string]string{"code": "OK"}); v == 0 {
+		t.Errorf("no upstream call counted as OK; series: %s", f.Labels("lanyard_upstream_rpc_handled_total"))
 	}
 	t.Logf("%d fetches, none failed; the test took %s", ok, time.Since(began).Round(time.Second))
 }

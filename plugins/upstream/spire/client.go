@@ -67,7 +67,8 @@ type serverClient struct {
 	mu   sync.Mutex
 	addr string // host:port; a SIGHUP may change it
 	conn *serverConn
-	// peer is the address (ip:port) of the server that answered last.
+	// peer is the address (ip:port) of the server that answered last;
+	// "" after a deliberate move (a new SVID's connection, a new address).
 	peer string
 }
 
@@ -112,10 +113,6 @@ func (c *serverClient) callOnce(ctx context.Context, fn func(context.Context, *g
 	silent := status.Code(err) == codes.DeadlineExceeded && ctx.Err() == nil
 	if unreachable(err) || silent {
 		c.retireConn(conn)
-		if !fresh {
-			// The connection in use failed: the next call moves on.
-			c.metrics.FailedOver()
-		}
 		return fresh, err
 	}
 	c.mu.Lock()
@@ -161,10 +158,12 @@ func (c *serverClient) release(conn *serverConn) {
 	}
 }
 
-// retire makes the next call open a new connection.
+// retire makes the next call open a new connection, deliberately (a new
+// agent SVID): the server it reaches may differ without a failure.
 func (c *serverClient) retire() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.peer = ""
 	if c.conn != nil {
 		c.retireLocked(c.conn)
 	}
@@ -211,9 +210,17 @@ func (c *serverClient) notePeer(p *peer.Peer) {
 	if p.Addr == nil {
 		return
 	}
+	addr := p.Addr.String()
 	c.mu.Lock()
-	c.peer = p.Addr.String()
+	// Another server answering, without a deliberate move, means the one in
+	// use failed: a call here found no server, or gRPC's pick_first moved
+	// the connection itself.
+	failedOver := c.peer != "" && c.peer != addr
+	c.peer = addr
 	c.mu.Unlock()
+	if failedOver {
+		c.metrics.FailedOver()
+	}
 }
 
 // setAddress points new connections at addr (after a SIGHUP); calls in
