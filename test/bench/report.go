@@ -50,7 +50,9 @@ type Report struct {
 	FreshProbe map[string]*EntriesStats `json:"fresh_server_probe,omitempty"`
 	// K8sBurst is the burst of new workloads on a Kubernetes node.
 	K8sBurst map[string]*K8sBurstStats `json:"k8s_burst,omitempty"`
-	Checks   []Check                   `json:"targets_checked"`
+	// HA is the SPIRE-HA section: two servers behind one name.
+	HA     *HAStats `json:"ha,omitempty"`
+	Checks []Check  `json:"targets_checked"`
 }
 
 func newReport(cfg Config) *Report {
@@ -277,6 +279,9 @@ func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprint(tw, "\n")
 	// line writes one figure; get reports false where a target has none.
 	line := func(label, unit string, get func(target string) (float64, bool)) {
+		if !slices.ContainsFunc(r.Targets, func(n string) bool { _, ok := get(n); return ok }) {
+			return // e.g. an -ha-only run
+		}
 		fmt.Fprintf(tw, "%s\t", label)
 		for _, n := range r.Targets {
 			if v, ok := get(n); ok {
@@ -359,6 +364,9 @@ func (r *Report) WriteTable(w io.Writer) {
 		line(p+": time to SVID p99 (ms)", "ms", burst(func(s *K8sBurstStats) float64 { return msf(s.TimeToSVID.P99) }))
 	}
 	tw.Flush()
+	if r.HA != nil {
+		r.HA.writeTable(w)
+	}
 	if len(r.Checks) > 0 {
 		fmt.Fprintln(w, "\nTargets:")
 		for _, c := range r.Checks {
