@@ -47,10 +47,11 @@ var haServerIPs = []string{"127.0.0.2", "127.0.0.3"}
 
 // haAgentConf is the agent.conf of both kinds (Lanyard runs spire-agent's
 // config unchanged): %[1]s the agent's dir, %[2]d the servers' port, %[3]s
-// the join token, %[4]s the plugins block.
+// the join token, %[4]s the plugins block, %[5]s the log level.
 const haAgentConf = `agent {
     data_dir = "%[1]s/data"
-    log_level = "INFO"
+    log_level = "%[5]s"
+    log_format = "json"
     server_address = "` + haServerName + `"
     server_port = "%[2]d"
     socket_path = "%[1]s/api.sock"
@@ -170,7 +171,7 @@ type haAgent struct {
 // startAgent starts an agent of kind attesting with token, in a mount
 // namespace where haServerName resolves to both servers. unshare execs sh,
 // which execs the agent: one pid throughout.
-func (c *haCluster) startAgent(kind, lanyardBin, token string) (*haAgent, error) {
+func (c *haCluster) startAgent(kind, lanyardBin, token, logLevel string) (*haAgent, error) {
 	dir, err := os.MkdirTemp("", "lyha-")
 	if err != nil {
 		return nil, err
@@ -183,7 +184,7 @@ func (c *haCluster) startAgent(kind, lanyardBin, token string) (*haAgent, error)
 		return nil, err
 	}
 	conf := filepath.Join(dir, "agent.conf")
-	if err := os.WriteFile(conf, fmt.Appendf(nil, haAgentConf, dir, c.port, token, spiretest.AgentPlugins), 0o600); err != nil {
+	if err := os.WriteFile(conf, fmt.Appendf(nil, haAgentConf, dir, c.port, token, spiretest.AgentPlugins, logLevel), 0o600); err != nil {
 		return nil, err
 	}
 	bin := lanyardBin
@@ -240,14 +241,14 @@ func (a *haAgent) waitServing() error {
 
 // startAgents starts n agents of kind and waits until every one serves an
 // SVID.
-func (c *haCluster) startAgents(kind, lanyardBin string, n int) []*haAgent {
+func (c *haCluster) startAgents(kind, lanyardBin string, n int, logLevel string) []*haAgent {
 	tokens, err := c.joinTokens(n)
 	if err != nil {
 		c.tb.Fatal(err)
 	}
 	agents := make([]*haAgent, n)
 	for i, tok := range tokens {
-		if agents[i], err = c.startAgent(kind, lanyardBin, tok); err != nil {
+		if agents[i], err = c.startAgent(kind, lanyardBin, tok, logLevel); err != nil {
 			c.tb.Fatal(err)
 		}
 	}
@@ -305,7 +306,7 @@ func (r *run) haLoad(h *haShared, kind string, n int) (*haCluster, []*haAgent) {
 	}
 	r.logf("HA: attesting %d %s agents to the servers on a fresh database", n, kind)
 	start := time.Now()
-	agents := c.startAgents(kind, h.lanyardBin, n)
+	agents := c.startAgents(kind, h.lanyardBin, n, "INFO")
 	load.AttestedIn = time.Since(start)
 	r.logf("HA: %d %s agents serve SVIDs after %s; letting them sync for %s", n, kind, load.AttestedIn.Round(100*time.Millisecond), haSettle)
 	time.Sleep(haSettle)

@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"sync"
 	"time"
 )
@@ -33,13 +34,13 @@ func (r *run) haFailover(c *haCluster) {
 	r.logf("HA failover: one agent of each kind, a workload fetching from each every %s", haFetchEvery)
 	var agents []*haAgent
 	for _, kind := range []string{NameLanyard, NameSpire} {
-		agents = append(agents, c.startAgents(kind, r.cfg.LanyardBin, 1)...)
+		agents = append(agents, c.startAgents(kind, r.cfg.LanyardBin, 1, "INFO")...)
 		r.report.HA.Failover[kind] = &HAFailover{}
 	}
 	defer stopAgents(agents)
 	lanyard := agents[0]
 	// Both agents sync with the servers before the first kill.
-	time.Sleep(haSettle)
+	time.Sleep(haSettle + rand.N(haSyncInterval))
 
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -68,7 +69,9 @@ func (r *run) haFailover(c *haCluster) {
 		}
 		r.logf("HA failover round %d: killed %s, first answer from %s after:%s", round+1, used, survivor, line)
 		c.servers[used].Start()
-		time.Sleep(haRoundPause)
+		// A random part, so that the kills fall at independent points of
+		// the agents' sync periods.
+		time.Sleep(haRoundPause + rand.N(haSyncInterval))
 	}
 	cancel()
 	wg.Wait()
