@@ -240,12 +240,13 @@ func (a *haAgent) waitServing() error {
 }
 
 // startAgents starts n agents of kind and waits until every one serves an
-// SVID.
-func (c *haCluster) startAgents(kind, lanyardBin string, n int, logLevel string) []*haAgent {
+// SVID; it returns them and when the first started.
+func (c *haCluster) startAgents(kind, lanyardBin string, n int, logLevel string) ([]*haAgent, time.Time) {
 	tokens, err := c.joinTokens(n)
 	if err != nil {
 		c.tb.Fatal(err)
 	}
+	launched := time.Now()
 	agents := make([]*haAgent, n)
 	for i, tok := range tokens {
 		if agents[i], err = c.startAgent(kind, lanyardBin, tok, logLevel); err != nil {
@@ -259,7 +260,7 @@ func (c *haCluster) startAgents(kind, lanyardBin string, n int, logLevel string)
 	if err := g.Wait(); err != nil {
 		c.tb.Fatal(err)
 	}
-	return agents
+	return agents, launched
 }
 
 func stopAgents(agents []*haAgent) {
@@ -297,7 +298,7 @@ func (c *haCluster) conns(agents []*haAgent) (conns, agentsOn map[string]int, er
 func (r *run) haLoad(h *haShared, kind string, n int) (*haCluster, []*haAgent) {
 	tb := r.tb
 	c := h.cluster(tb)
-	load := &HALoad{Agents: n, Conns: map[string]int{}, AgentsOn: map[string]int{}, ServerIdleRSS: map[string]uint64{}, ServerRSS: map[string]uint64{}}
+	load := &HALoad{Agents: n, Conns: map[string]int{}, AgentsOn: map[string]int{}, ServerIdleRSS: map[string]uint64{}, ServerRSS: map[string]uint64{}, ServerCPU: map[string]float64{}}
 	r.report.HA.Load[kind] = load
 	// The servers' RSS before any agent, after their start-up settled.
 	time.Sleep(idleSettle)
@@ -305,11 +306,14 @@ func (r *run) haLoad(h *haShared, kind string, n int) (*haCluster, []*haAgent) {
 		load.ServerIdleRSS[ip] = c.serverRSS(ip)
 	}
 	r.logf("HA: attesting %d %s agents to the servers on a fresh database", n, kind)
-	start := time.Now()
-	agents := c.startAgents(kind, h.lanyardBin, n, "INFO")
-	load.AttestedIn = time.Since(start)
-	r.logf("HA: %d %s agents serve SVIDs after %s; letting them sync for %s", n, kind, load.AttestedIn.Round(100*time.Millisecond), haSettle)
+	agents, launched := c.startAgents(kind, h.lanyardBin, n, "INFO")
+	load.AttestedIn = time.Since(launched)
+	r.logf("HA: %d %s agents serve SVIDs %s after they started; letting them sync for %s", n, kind, load.AttestedIn.Round(100*time.Millisecond), haSettle)
+	cpu0 := c.serverCPU()
 	time.Sleep(haSettle)
+	for ip, after := range c.serverCPU() {
+		load.ServerCPU[ip] = after - cpu0[ip]
+	}
 	var err error
 	if load.Conns, load.AgentsOn, err = c.conns(agents); err != nil {
 		tb.Fatal(err)
@@ -341,6 +345,21 @@ func (c *haCluster) serverRSS(ip string) uint64 {
 		c.tb.Fatalf("spire-server %s: %v", ip, err)
 	}
 	return v
+}
+
+// serverCPU reads each server's CPU time so far.
+func (c *haCluster) serverCPU() map[string]float64 {
+	out := map[string]float64{}
+	for ip := range c.servers {
+		p, err := c.serverProc(ip)
+		if err == nil {
+			out[ip], err = p.CPUSeconds()
+		}
+		if err != nil {
+			c.tb.Fatalf("spire-server %s: %v", ip, err)
+		}
+	}
+	return out
 }
 
 func rssList(m map[string]uint64) string {

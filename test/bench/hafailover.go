@@ -20,6 +20,9 @@ const (
 	// (gRPC's reconnect backoff, from 1 s) and both agents sync once
 	// before the next kill.
 	haRoundPause = 6 * time.Second
+	// haSlowFetch: slower fetches are logged with their time, to be
+	// matched with the kills and restarts.
+	haSlowFetch = 100 * time.Millisecond
 )
 
 // haFailover kills the server the Lanyard agent uses, rounds times, with
@@ -34,7 +37,8 @@ func (r *run) haFailover(c *haCluster) {
 	r.logf("HA failover: one agent of each kind, a workload fetching from each every %s", haFetchEvery)
 	var agents []*haAgent
 	for _, kind := range []string{NameLanyard, NameSpire} {
-		agents = append(agents, c.startAgents(kind, r.cfg.LanyardBin, 1, "INFO")...)
+		a, _ := c.startAgents(kind, r.cfg.LanyardBin, 1, "INFO")
+		agents = append(agents, a...)
 		r.report.HA.Failover[kind] = &HAFailover{}
 	}
 	defer stopAgents(agents)
@@ -45,6 +49,7 @@ func (r *run) haFailover(c *haCluster) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	workloads := make([]*haWorkload, len(agents))
+	windows := make([][]haWindow, len(agents))
 	for i, a := range agents {
 		workloads[i] = &haWorkload{}
 		wg.Go(func() { workloads[i].run(ctx, a.socket) })
@@ -55,7 +60,7 @@ func (r *run) haFailover(c *haCluster) {
 		if survivor == used {
 			survivor = haServerIPs[1]
 		}
-		took, err := c.killAndWatch(used, survivor, agents)
+		killed, took, err := c.killAndWatch(used, survivor, agents)
 		if err != nil {
 			cancel()
 			wg.Wait()
@@ -65,6 +70,7 @@ func (r *run) haFailover(c *haCluster) {
 		for i, a := range agents {
 			f := r.report.HA.Failover[a.kind]
 			f.Rounds = append(f.Rounds, took[i])
+			windows[i] = append(windows[i], haWindow{killed, killed.Add(took[i])})
 			line += fmt.Sprintf("  %s %s", a.kind, took[i].Round(time.Millisecond))
 		}
 		r.logf("HA failover round %d: killed %s, first answer from %s after:%s", round+1, used, survivor, line)
@@ -76,7 +82,12 @@ func (r *run) haFailover(c *haCluster) {
 	cancel()
 	wg.Wait()
 	for i, a := range agents {
-		workloads[i].into(r.report.HA.Failover[a.kind])
+		summarize(workloads[i].fetches, windows[i], r.report.HA.Failover[a.kind])
+		for _, x := range workloads[i].fetches {
+			if x.lat > haSlowFetch {
+				r.logf("HA failover: %s: a fetch at %s took %s", a.kind, x.at.Format("15:04:05.000"), x.lat.Round(time.Millisecond))
+			}
+		}
 	}
 }
 
@@ -101,13 +112,13 @@ func (c *haCluster) usedServer(a *haAgent) string {
 	}
 }
 
-// killAndWatch kills server dead and returns, per agent, how long after
-// the kill survivor first answered it.
-func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) ([]time.Duration, error) {
+// killAndWatch kills server dead and returns when, and per agent how
+// long after the kill survivor first answered it.
+func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) (time.Time, []time.Duration, error) {
 	to := netAddr{IP: survivor, Port: c.port}
 	before, err := receivedFrom(to)
 	if err != nil {
-		return nil, err
+		return time.Time{}, nil, err
 	}
 	c.servers[dead].Stop()
 	killed := time.Now()
@@ -115,12 +126,12 @@ func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) ([]ti
 	left := len(agents)
 	for left > 0 {
 		if time.Since(killed) > haFailoverBound {
-			return nil, fmt.Errorf("not every agent got an answer from %s within %s of the kill: %v", survivor, haFailoverBound, took)
+			return killed, nil, fmt.Errorf("not every agent got an answer from %s within %s of the kill: %v", survivor, haFailoverBound, took)
 		}
 		time.Sleep(haPoll)
 		now, err := receivedFrom(to)
 		if err != nil {
-			return nil, err
+			return killed, nil, err
 		}
 		at := time.Since(killed)
 		for i, a := range agents {
@@ -129,7 +140,7 @@ func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) ([]ti
 			}
 			inodes, err := socketInodes(a.proc.PID)
 			if err != nil {
-				return nil, err
+				return killed, nil, err
 			}
 			if answered(before, now, inodes) {
 				took[i] = at
@@ -137,7 +148,7 @@ func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) ([]ti
 			}
 		}
 	}
-	return took, nil
+	return killed, took, nil
 }
 
 // answered reports whether one of inodes' connections received bytes
@@ -154,9 +165,13 @@ func answered(before, now map[string]uint64, inodes map[string]bool) bool {
 // haWorkload fetches an X509-SVID every haFetchEvery, each time on a new
 // connection.
 type haWorkload struct {
-	lat      []time.Duration
-	failures int
-	firstErr string
+	fetches []haFetch
+}
+
+type haFetch struct {
+	at  time.Time
+	lat time.Duration
+	err error
 }
 
 func (w *haWorkload) run(ctx context.Context, socket string) {
@@ -173,19 +188,35 @@ func (w *haWorkload) run(ctx context.Context, socket string) {
 		if ctx.Err() != nil {
 			return
 		}
-		if err != nil {
-			w.failures++
-			if w.firstErr == "" {
-				w.firstErr = time.Now().Format(time.TimeOnly) + ": " + err.Error()
-			}
-			continue
-		}
-		w.lat = append(w.lat, time.Since(start))
+		w.fetches = append(w.fetches, haFetch{at: start, lat: time.Since(start), err: err})
 	}
 }
 
-func (w *haWorkload) into(f *HAFailover) {
-	f.Fetches = len(w.lat) + w.failures
-	f.Failed, f.FirstFailure = w.failures, w.firstErr
-	f.Latency = PercentilesOf(w.lat)
+// haWindow is one failover: from the kill to the agent's first answer
+// from the other server.
+type haWindow struct{ from, to time.Time }
+
+// summarize puts the fetches' figures into f: failures over the whole
+// section, latencies over it and over the failover windows alone.
+func summarize(fetches []haFetch, windows []haWindow, f *HAFailover) {
+	var all, during []time.Duration
+	for _, x := range fetches {
+		f.Fetches++
+		if x.err != nil {
+			f.Failed++
+			if f.FirstFailure == "" {
+				f.FirstFailure = x.at.Format(time.TimeOnly) + ": " + x.err.Error()
+			}
+			continue
+		}
+		all = append(all, x.lat)
+		for _, w := range windows {
+			if !x.at.Before(w.from) && x.at.Before(w.to) {
+				during = append(during, x.lat)
+				break
+			}
+		}
+	}
+	f.Latency, f.DuringFailover = PercentilesOf(all), PercentilesOf(during)
+	f.FetchesDuringFailover = len(during)
 }

@@ -29,8 +29,11 @@ type HALoad struct {
 	AgentsOn      map[string]int    `json:"agents_by_server"`
 	ServerIdleRSS map[string]uint64 `json:"server_idle_rss_bytes"` // before any agent
 	ServerRSS     map[string]uint64 `json:"server_rss_bytes"`      // with every agent attested and synced
-	AgentRSS      uint64            `json:"agent_rss_median_bytes"`
-	AttestedIn    time.Duration     `json:"all_serving_ns"` // from the first start to the last agent's SVID
+	// ServerCPU is each server's CPU time over haSettle, with every agent
+	// serving.
+	ServerCPU  map[string]float64 `json:"server_cpu_seconds"`
+	AgentRSS   uint64             `json:"agent_rss_median_bytes"`
+	AttestedIn time.Duration      `json:"all_serving_ns"` // from the first agent's start to the last one's SVID
 }
 
 // TotalConns is the agents' connections to every server.
@@ -69,7 +72,11 @@ type HAFailover struct {
 	Fetches      int             `json:"fetches"`
 	Failed       int             `json:"failed_fetches"`
 	FirstFailure string          `json:"first_failure,omitempty"`
-	Latency      Percentiles     `json:"fetch_latency"`
+	Latency      Percentiles     `json:"fetch_latency"` // every fetch of the section
+	// DuringFailover is the fetches that started between a kill and this
+	// agent's first answer from the other server.
+	DuringFailover        Percentiles `json:"fetch_latency_during_failover"`
+	FetchesDuringFailover int         `json:"fetches_during_failover"`
 }
 
 func (f *HAFailover) median() time.Duration {
@@ -120,6 +127,13 @@ func (h *HAStats) writeTable(w io.Writer) {
 			line(fmt.Sprintf("%s: %s RSS (MB)", p, ip), "MB", load(func(l *HALoad) float64 { return float64(l.ServerRSS[ip]) / 1e6 }))
 		}
 		line(p+": servers' RSS growth (MB)", "MB", load(func(l *HALoad) float64 { return float64(l.ServerGrowth()) / 1e6 }))
+		line(fmt.Sprintf("%s: servers' CPU over %s (s)", p, haSettle), "s", load(func(l *HALoad) float64 {
+			sum := 0.0
+			for _, v := range l.ServerCPU {
+				sum += v
+			}
+			return sum
+		}))
 		line(p+": agent RSS median (MB)", "MB", load(func(l *HALoad) float64 { return float64(l.AgentRSS) / 1e6 }))
 		line(p+": all serving after (s)", "s", load(func(l *HALoad) float64 { return l.AttestedIn.Seconds() }))
 	}
@@ -132,9 +146,13 @@ func (h *HAStats) writeTable(w io.Writer) {
 		line(p+": to other server max (s)", "s", fo(func(f *HAFailover) float64 { return slices.Max(f.Rounds).Seconds() }))
 		line(p+": fetches", "", fo(func(f *HAFailover) float64 { return float64(f.Fetches) }))
 		line(p+": failed fetches", "", fo(func(f *HAFailover) float64 { return float64(f.Failed) }))
-		line(p+": fetch p50 (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.Latency.P50) }))
-		line(p+": fetch p99 (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.Latency.P99) }))
-		line(p+": fetch max (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.Latency.Max) }))
+		line(p+": fetches during failovers", "", fo(func(f *HAFailover) float64 { return float64(f.FetchesDuringFailover) }))
+		line(p+": during failovers, fetch p50 (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.DuringFailover.P50) }))
+		line(p+": during failovers, fetch p99 (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.DuringFailover.P99) }))
+		line(p+": during failovers, fetch max (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.DuringFailover.Max) }))
+		line(p+": all fetches p50 (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.Latency.P50) }))
+		line(p+": all fetches p99 (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.Latency.P99) }))
+		line(p+": all fetches max (ms)", "ms", fo(func(f *HAFailover) float64 { return msf(f.Latency.Max) }))
 	}
 	tw.Flush()
 }

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -63,5 +64,28 @@ func TestHATableWithoutLoad(t *testing.T) {
 	h.writeTable(&b)
 	if strings.Contains(b.String(), "agents:") || !strings.Contains(b.String(), "failover, 1 kills") {
 		t.Errorf("unexpected table:\n%s", b.String())
+	}
+}
+
+func TestSummarizeFetches(t *testing.T) {
+	t0 := time.Date(2026, 11, 30, 21, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	fetches := []haFetch{
+		{at: at(0), lat: 2 * time.Millisecond},
+		{at: at(100), lat: 3 * time.Millisecond},  // in the window
+		{at: at(200), lat: 40 * time.Millisecond}, // in the window
+		{at: at(300), lat: 5 * time.Millisecond, err: errors.New("rpc error: code = Unavailable")},
+		{at: at(400), lat: 90 * time.Millisecond}, // the window has closed
+	}
+	var f HAFailover
+	summarize(fetches, []haWindow{{at(100), at(300)}}, &f)
+	if f.Fetches != 5 || f.Failed != 1 || !strings.Contains(f.FirstFailure, "Unavailable") {
+		t.Errorf("fetches %d, failed %d (%q)", f.Fetches, f.Failed, f.FirstFailure)
+	}
+	if f.FetchesDuringFailover != 2 || f.DuringFailover.Max != 40*time.Millisecond {
+		t.Errorf("during the failover: %d fetches, %+v", f.FetchesDuringFailover, f.DuringFailover)
+	}
+	if f.Latency.Max != 90*time.Millisecond || f.Latency.P50 != 3*time.Millisecond {
+		t.Errorf("all fetches: %+v", f.Latency)
 	}
 }
