@@ -60,7 +60,7 @@ func (r *run) haFailover(c *haCluster) {
 		if survivor == used {
 			survivor = haServerIPs[1]
 		}
-		killed, took, err := c.killAndWatch(used, survivor, agents)
+		k, err := c.killAndWatch(used, survivor, agents)
 		if err != nil {
 			cancel()
 			wg.Wait()
@@ -69,9 +69,13 @@ func (r *run) haFailover(c *haCluster) {
 		line := ""
 		for i, a := range agents {
 			f := r.report.HA.Failover[a.kind]
-			f.Rounds = append(f.Rounds, took[i])
-			windows[i] = append(windows[i], haWindow{killed, killed.Add(took[i])})
-			line += fmt.Sprintf("  %s %s", a.kind, took[i].Round(time.Millisecond))
+			f.Rounds = append(f.Rounds, k.took[i])
+			windows[i] = append(windows[i], haWindow{k.at, k.at.Add(k.took[i])})
+			line += fmt.Sprintf("  %s %s", a.kind, k.took[i].Round(time.Millisecond))
+			if k.due[i] >= 0 {
+				f.AfterDue = append(f.AfterDue, k.took[i]-k.due[i])
+				line += fmt.Sprintf(" (%s after its sync was due)", (k.took[i] - k.due[i]).Round(time.Millisecond))
+			}
 		}
 		r.logf("HA failover round %d: killed %s, first answer from %s after:%s", round+1, used, survivor, line)
 		c.servers[used].Start()
@@ -112,54 +116,91 @@ func (c *haCluster) usedServer(a *haAgent) string {
 	}
 }
 
-// killAndWatch kills server dead and returns when, and per agent how
-// long after the kill survivor first answered it.
-func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) (time.Time, []time.Duration, error) {
-	to := netAddr{IP: survivor, Port: c.port}
-	before, err := receivedFrom(to)
+// haKill is one kill's readings, per agent.
+type haKill struct {
+	at time.Time
+	// took is how long after the kill the survivor first answered.
+	took []time.Duration
+	// due is how long after the kill the agent's next sync was due: one
+	// sync_interval after a server last answered it (both agents time
+	// their syncs from the end of the last one), or -1 when unknown.
+	due []time.Duration
+}
+
+// killAndWatch kills server dead and watches the agents' connections to
+// survivor until it answered every agent.
+func (c *haCluster) killAndWatch(dead, survivor string, agents []*haAgent) (*haKill, error) {
+	k := &haKill{took: make([]time.Duration, len(agents)), due: make([]time.Duration, len(agents))}
+	to := []string{"dst", netAddr{IP: survivor, Port: c.port}.String()}
+	before, err := sockets(to...)
 	if err != nil {
-		return time.Time{}, nil, err
+		return nil, err
+	}
+	all, err := sockets("dport", "=", fmt.Sprintf(":%d", c.port))
+	if err != nil {
+		return nil, err
+	}
+	inodes := make([]map[string]bool, len(agents))
+	for i, a := range agents {
+		if inodes[i], err = socketInodes(a.proc.PID); err != nil {
+			return nil, err
+		}
+		k.due[i] = -1
+		if last, ok := lastAnswer(all, inodes[i]); ok {
+			k.due[i] = max(0, haSyncInterval-last)
+		}
 	}
 	c.servers[dead].Stop()
-	killed := time.Now()
-	took := make([]time.Duration, len(agents))
+	k.at = time.Now()
 	left := len(agents)
 	for left > 0 {
-		if time.Since(killed) > haFailoverBound {
-			return killed, nil, fmt.Errorf("not every agent got an answer from %s within %s of the kill: %v", survivor, haFailoverBound, took)
+		if time.Since(k.at) > haFailoverBound {
+			return nil, fmt.Errorf("not every agent got an answer from %s within %s of the kill: %v", survivor, haFailoverBound, k.took)
 		}
 		time.Sleep(haPoll)
-		now, err := receivedFrom(to)
+		now, err := sockets(to...)
 		if err != nil {
-			return killed, nil, err
+			return nil, err
 		}
-		at := time.Since(killed)
+		at := time.Since(k.at)
 		for i, a := range agents {
-			if took[i] > 0 {
+			if k.took[i] > 0 {
 				continue
 			}
-			inodes, err := socketInodes(a.proc.PID)
-			if err != nil {
-				return killed, nil, err
+			// New connections since the kill count too.
+			if inodes[i], err = socketInodes(a.proc.PID); err != nil {
+				return nil, err
 			}
-			if answered(before, now, inodes) {
-				took[i] = at
+			if answered(before, now, inodes[i]) {
+				k.took[i] = at
 				left--
 			}
 		}
 	}
-	return killed, took, nil
+	return k, nil
 }
 
 // answered reports whether one of inodes' connections received bytes
 // between the two readings.
-func answered(before, now map[string]uint64, inodes map[string]bool) bool {
+func answered(before, now map[string]ssSocket, inodes map[string]bool) bool {
 	for ino, n := range now {
-		if inodes[ino] && n > before[ino] {
+		if inodes[ino] && n.Received > before[ino].Received {
 			return true
 		}
 	}
 	return false
+}
+
+// lastAnswer is how long ago a server last sent the agent data, on any of
+// inodes' connections (false: none shows).
+func lastAnswer(socks map[string]ssSocket, inodes map[string]bool) (time.Duration, bool) {
+	last, ok := time.Duration(0), false
+	for ino, s := range socks {
+		if inodes[ino] && s.LastData >= 0 && (!ok || s.LastData < last) {
+			last, ok = s.LastData, true
+		}
+	}
+	return last, ok
 }
 
 // haWorkload fetches an X509-SVID every haFetchEvery, each time on a new

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Which server each agent is connected to, read from the kernel: the
@@ -108,12 +109,18 @@ func readTCPTable() ([]tcpConn, error) {
 	return parseProcNetTCP(f)
 }
 
-// parseSSReceived reads `ss -tinHe` output: per socket inode, the bytes
-// the connection received. A socket's summary line carries "ino:N"; its
-// tcp_info follows on the next, indented, line, where bytes_received is
-// left out while it is 0.
-func parseSSReceived(out string) map[string]uint64 {
-	got := map[string]uint64{}
+// ssSocket is one connection's tcp_info, as ss prints it.
+type ssSocket struct {
+	Received uint64 // bytes_received, left out by ss while 0
+	// LastData is how long ago data last arrived (lastrcv, left out while
+	// 0); -1 when ss printed no tcp_info for the socket.
+	LastData time.Duration
+}
+
+// parseSS reads `ss -tinHe` output, per socket inode. A socket's summary
+// line carries "ino:N"; its tcp_info follows on the next, indented, line.
+func parseSS(out string) map[string]ssSocket {
+	got := map[string]ssSocket{}
 	inode := ""
 	for _, line := range strings.Split(out, "\n") {
 		if line == "" {
@@ -122,16 +129,28 @@ func parseSSReceived(out string) map[string]uint64 {
 		indented := line[0] == ' ' || line[0] == '\t'
 		if !indented {
 			inode = ""
+		} else if inode != "" {
+			// ss leaves lastrcv out while it is 0 ms.
+			got[inode] = ssSocket{LastData: 0}
 		}
 		for _, f := range strings.Fields(line) {
+			key, val, _ := strings.Cut(f, ":")
 			switch {
-			case !indented && strings.HasPrefix(f, "ino:"):
-				inode = strings.TrimPrefix(f, "ino:")
-				got[inode] = 0
-			case indented && inode != "" && strings.HasPrefix(f, "bytes_received:"):
-				n, err := strconv.ParseUint(strings.TrimPrefix(f, "bytes_received:"), 10, 64)
-				if err == nil {
-					got[inode] = n
+			case !indented && key == "ino":
+				inode = val
+				got[inode] = ssSocket{LastData: -1}
+			case !indented || inode == "":
+			case key == "bytes_received":
+				if n, err := strconv.ParseUint(val, 10, 64); err == nil {
+					s := got[inode]
+					s.Received = n
+					got[inode] = s
+				}
+			case key == "lastrcv":
+				if n, err := strconv.ParseUint(val, 10, 32); err == nil {
+					s := got[inode]
+					s.LastData = time.Duration(n) * time.Millisecond
+					got[inode] = s
 				}
 			}
 		}
@@ -139,12 +158,13 @@ func parseSSReceived(out string) map[string]uint64 {
 	return got
 }
 
-// receivedFrom returns, per socket inode, the bytes received on every
-// established connection to server.
-func receivedFrom(server netAddr) (map[string]uint64, error) {
-	out, err := exec.Command("ss", "-tinHe", "state", "established", "dst", server.String()).Output()
+// sockets returns the tcp_info of every established connection ss's
+// filter (e.g. "dst", "127.0.0.2:8081") selects.
+func sockets(filter ...string) (map[string]ssSocket, error) {
+	args := append([]string{"-tinHe", "state", "established"}, filter...)
+	out, err := exec.Command("ss", args...).Output()
 	if err != nil {
-		return nil, fmt.Errorf("ss: %w", err)
+		return nil, fmt.Errorf("ss %s: %w", strings.Join(args, " "), err)
 	}
-	return parseSSReceived(string(out)), nil
+	return parseSS(string(out)), nil
 }

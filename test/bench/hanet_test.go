@@ -60,24 +60,43 @@ func TestParseProcAddrRejects(t *testing.T) {
 // ssOutput is `ss -tinHe state established dst 127.0.0.2:56313` as
 // iproute2 6.1 prints it: per socket a summary line with ino: and an
 // indented tcp_info line; the second socket has received nothing yet, so
-// its line has no bytes_received.
+// its line has no bytes_received; the third received data under 1 ms ago,
+// so its line has no lastrcv.
 const ssOutput = "11     0      127.0.0.1:37256 127.0.0.2:56313 ino:13141515 sk:1009 cgroup:/ <->\n" +
 	"\t ts sack bbr wscale:10,10 rto:200 rtt:0.024/0.012 ato:40 mss:32768 pmtu:65535 rcvmss:536 advmss:65483 cwnd:10 bytes_acked:1 bytes_received:11 segs_out:3 segs_in:2 data_segs_in:1 bbr:(bw:0bps,mrtt:0.024,pacing_gain:1,cwnd_gain:1) send 109226666667bps lastsnd:12 lastrcv:12 lastack:12 pacing_rate 311896363608bps delivered:1 app_limited rcv_space:65495 rcv_ssthresh:65495 minrtt:0.024 snd_wnd:65536\n" +
 	"0      0      127.0.0.1:44764 127.0.0.2:56313 ino:13053170 sk:1002 cgroup:/ <->\n" +
-	"\t ts sack bbr wscale:10,10 rto:200 rtt:0.025/0.012 mss:32741 pmtu:65535 rcvmss:536 advmss:65483 cwnd:10 bytes_acked:1 segs_out:2 segs_in:1 bbr:(bw:0bps,mrtt:0.025,pacing_gain:1,cwnd_gain:1) send 104771200000bps lastsnd:4 lastrcv:4 lastack:4 pacing_rate 299420519776bps delivered:1 app_limited rcv_space:65495 rcv_ssthresh:65495 minrtt:0.025 snd_wnd:65483                                         \n"
+	"\t ts sack bbr wscale:10,10 rto:200 rtt:0.025/0.012 mss:32741 pmtu:65535 rcvmss:536 advmss:65483 cwnd:10 bytes_acked:1 segs_out:2 segs_in:1 bbr:(bw:0bps,mrtt:0.025,pacing_gain:1,cwnd_gain:1) send 104771200000bps lastsnd:4 lastrcv:4 lastack:4 pacing_rate 299420519776bps delivered:1 app_limited rcv_space:65495 rcv_ssthresh:65495 minrtt:0.025 snd_wnd:65483                                         \n" +
+	"0      0      127.0.0.1:44770 127.0.0.2:56313 ino:13053180 sk:1003 cgroup:/ <->\n" +
+	"\t ts sack bbr wscale:10,10 rto:200 rtt:0.025/0.012 mss:32741 pmtu:65535 rcvmss:536 advmss:65483 cwnd:10 bytes_acked:1 bytes_received:6 segs_out:2 segs_in:2 data_segs_in:1 bbr:(bw:0bps,mrtt:0.025,pacing_gain:1,cwnd_gain:1) send 104771200000bps pacing_rate 299420519776bps delivered:1 app_limited rcv_space:65495 rcv_ssthresh:65495 minrtt:0.025 snd_wnd:65483\n"
 
-func TestParseSSReceived(t *testing.T) {
-	got := parseSSReceived(ssOutput)
-	if len(got) != 2 || got["13141515"] != 11 || got["13053170"] != 0 {
-		t.Fatalf("parseSSReceived = %v, want map[13053170:0 13141515:11]", got)
+func TestParseSS(t *testing.T) {
+	got := parseSS(ssOutput)
+	want := map[string]ssSocket{
+		"13141515": {Received: 11, LastData: 12 * time.Millisecond},
+		"13053170": {Received: 0, LastData: 4 * time.Millisecond},
+		"13053180": {Received: 6, LastData: 0},
 	}
-	if got := parseSSReceived(""); len(got) != 0 {
+	if len(got) != len(want) || got["13141515"] != want["13141515"] || got["13053170"] != want["13053170"] || got["13053180"] != want["13053180"] {
+		t.Fatalf("parseSS = %+v, want %+v", got, want)
+	}
+	if got := parseSS(""); len(got) != 0 {
 		t.Errorf("no sockets: got %v", got)
+	}
+	// A summary line without its tcp_info line.
+	if got := parseSS("0      0      127.0.0.1:37256 127.0.0.2:56313 ino:42 sk:1 cgroup:/ <->\n"); got["42"] != (ssSocket{LastData: -1}) {
+		t.Errorf("no tcp_info: got %+v", got)
 	}
 }
 
 func TestAnswered(t *testing.T) {
-	before := map[string]uint64{"1": 100, "2": 50}
+	rx := func(m map[string]uint64) map[string]ssSocket {
+		out := map[string]ssSocket{}
+		for k, v := range m {
+			out[k] = ssSocket{Received: v, LastData: -1}
+		}
+		return out
+	}
+	before := rx(map[string]uint64{"1": 100, "2": 50})
 	mine := map[string]bool{"1": true, "3": true}
 	for _, c := range []struct {
 		name string
@@ -90,9 +109,24 @@ func TestAnswered(t *testing.T) {
 		{"its new connection received", map[string]uint64{"1": 100, "3": 7}, true},
 		{"its new connection, nothing received yet", map[string]uint64{"3": 0}, false},
 	} {
-		if got := answered(before, c.now, mine); got != c.want {
+		if got := answered(before, rx(c.now), mine); got != c.want {
 			t.Errorf("%s: answered = %v, want %v", c.name, got, c.want)
 		}
+	}
+}
+
+func TestLastAnswer(t *testing.T) {
+	socks := map[string]ssSocket{
+		"1": {LastData: 3 * time.Second},
+		"2": {LastData: 800 * time.Millisecond}, // another agent's
+		"3": {LastData: 1200 * time.Millisecond},
+		"4": {LastData: -1},
+	}
+	if got, ok := lastAnswer(socks, map[string]bool{"1": true, "3": true, "4": true}); !ok || got != 1200*time.Millisecond {
+		t.Errorf("lastAnswer = %s %v, want 1.2s", got, ok)
+	}
+	if _, ok := lastAnswer(socks, map[string]bool{"4": true, "9": true}); ok {
+		t.Error("lastAnswer found an answer where ss showed none")
 	}
 }
 
@@ -140,8 +174,8 @@ func TestConnsFromTheKernel(t *testing.T) {
 		t.Fatalf("serverConns = %v, want map[127.0.0.1:1]", got)
 	}
 
-	to := netAddr{IP: "127.0.0.1", Port: port}
-	before, err := receivedFrom(to)
+	to := []string{"dst", netAddr{IP: "127.0.0.1", Port: port}.String()}
+	before, err := sockets(to...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,11 +189,14 @@ func TestConnsFromTheKernel(t *testing.T) {
 	if _, err := io.ReadFull(c, buf); err != nil {
 		t.Fatal(err)
 	}
-	now, err := receivedFrom(to)
+	now, err := sockets(to...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !answered(before, now, inodes) {
 		t.Errorf("the server's answer was not seen: before %v, now %v", before, now)
+	}
+	if last, ok := lastAnswer(now, inodes); !ok || last > 10*time.Second {
+		t.Errorf("lastAnswer = %s %v, want the answer just read", last, ok)
 	}
 }

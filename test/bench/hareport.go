@@ -68,7 +68,10 @@ func (l *HALoad) ServerGrowth() int64 {
 type HAFailover struct {
 	// Rounds is, per kill of the server Lanyard used, the time until the
 	// other server first answered this agent.
-	Rounds       []time.Duration `json:"failover_ns"`
+	Rounds []time.Duration `json:"failover_ns"`
+	// AfterDue is, per kill, Rounds less the time until the agent's
+	// next sync was due: what the agent adds to its sync schedule.
+	AfterDue     []time.Duration `json:"failover_after_due_sync_ns"`
 	Fetches      int             `json:"fetches"`
 	Failed       int             `json:"failed_fetches"`
 	FirstFailure string          `json:"first_failure,omitempty"`
@@ -81,6 +84,10 @@ type HAFailover struct {
 
 func (f *HAFailover) median() time.Duration {
 	return median(f.Rounds, func(d time.Duration) time.Duration { return d })
+}
+
+func (f *HAFailover) afterDueMedian() time.Duration {
+	return median(f.AfterDue, func(d time.Duration) time.Duration { return d })
 }
 
 func newHAStats() *HAStats {
@@ -144,6 +151,11 @@ func (h *HAStats) writeTable(w io.Writer) {
 		p := fmt.Sprintf("failover, %d kills", len(f.Rounds))
 		line(p+": to other server median (s)", "s", fo(func(f *HAFailover) float64 { return f.median().Seconds() }))
 		line(p+": to other server max (s)", "s", fo(func(f *HAFailover) float64 { return slices.Max(f.Rounds).Seconds() }))
+		afterDue := func(f func(*HAFailover) float64) func(string) (float64, bool) {
+			return ofTarget(h.Failover, func(f *HAFailover) bool { return len(f.AfterDue) > 0 }, f)
+		}
+		line(p+": after the sync was due, median (ms)", "ms", afterDue(func(f *HAFailover) float64 { return msf(f.afterDueMedian()) }))
+		line(p+": after the sync was due, max (ms)", "ms", afterDue(func(f *HAFailover) float64 { return msf(slices.Max(f.AfterDue)) }))
 		line(p+": fetches", "", fo(func(f *HAFailover) float64 { return float64(f.Fetches) }))
 		line(p+": failed fetches", "", fo(func(f *HAFailover) float64 { return float64(f.Failed) }))
 		line(p+": fetches during failovers", "", fo(func(f *HAFailover) float64 { return float64(f.FetchesDuringFailover) }))
