@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -84,7 +85,6 @@ type haShared struct {
 
 func (r *run) newHAShared() *haShared {
 	tb := r.tb
-	testkit.RequireRoot(tb, "agents run in mount namespaces of their own; PostgreSQL runs as nobody")
 	r.logf("HA: starting PostgreSQL")
 	h := &haShared{pg: spiretest.StartPostgres(tb), lanyardBin: r.cfg.LanyardBin, binDir: spiretest.Binaries(tb)}
 	h.rootCert, h.rootKey, h.bundle = spiretest.WriteUpstreamRoot(tb, "example.org")
@@ -375,6 +375,15 @@ func rssList(m map[string]uint64) string {
 // the last pair.
 func (r *run) haSection() {
 	start := time.Now()
+	if err := haPrerequisites(); err != nil {
+		if r.cfg.HAOnly {
+			r.tb.Fatalf("HA: %v", err)
+		}
+		// The sections before stand: report the skip as a missed target.
+		r.logf("HA: skipped: %v", err)
+		r.report.HA.Skipped = err.Error()
+		return
+	}
 	h := r.newHAShared()
 	r.report.HA.Servers = len(haServerIPs)
 	var last *haCluster
@@ -396,6 +405,20 @@ func (r *run) haSection() {
 	last.stop()
 	r.report.HA.Duration = time.Since(start).Round(time.Second).String()
 	r.logf("HA: the section took %s", r.report.HA.Duration)
+}
+
+// haPrerequisites tells why the section cannot run here, if it cannot.
+func haPrerequisites() error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: agents run in mount namespaces of their own, PostgreSQL as nobody")
+	}
+	for _, cmd := range []string{"unshare", "ss"} {
+		if _, err := exec.LookPath(cmd); err != nil {
+			return fmt.Errorf("%s is not installed (util-linux, iproute2)", cmd)
+		}
+	}
+	_, err := spiretest.FindPostgres()
+	return err
 }
 
 func writeFile(tb testing.TB, path, body string) {

@@ -20,24 +20,26 @@ func TestHAChecks(t *testing.T) {
 	r.HA.Servers = 2
 	r.HA.Load[NameLanyard] = haLoadOf(map[string]int{"127.0.0.2": 27, "127.0.0.3": 23}, 90e6, 95e6)
 	r.HA.Load[NameSpire] = haLoadOf(map[string]int{"127.0.0.2": 50, "127.0.0.3": 50}, 90e6, 100e6)
-	r.HA.Failover[NameLanyard] = &HAFailover{Rounds: []time.Duration{4 * time.Second, time.Second, 2 * time.Second}, Fetches: 400}
-	r.HA.Failover[NameSpire] = &HAFailover{Rounds: []time.Duration{3 * time.Second, time.Second, 5 * time.Second}, Fetches: 400}
+	ms := time.Millisecond
+	r.HA.Failover[NameLanyard] = &HAFailover{Rounds: []time.Duration{4 * time.Second, time.Second, 2 * time.Second}, AfterDue: []time.Duration{20 * ms, 30 * ms, 10 * ms}, Fetches: 400}
+	r.HA.Failover[NameSpire] = &HAFailover{Rounds: []time.Duration{3 * time.Second, time.Second, 5 * time.Second}, AfterDue: []time.Duration{-100 * ms, 400 * ms, 50 * ms}, Fetches: 400}
 	r.checkHA()
-	if len(r.Checks) != 4 || len(r.Missed()) != 0 {
-		t.Fatalf("want 4 targets met, got %+v", r.Checks)
+	if len(r.Checks) != 5 || len(r.Missed()) != 0 {
+		t.Fatalf("want 5 targets met, got %+v", r.Checks)
 	}
 	if l := r.HA.Load[NameLanyard]; l.TotalConns() != 50 || l.MaxConns() != 27 || l.ServerGrowth() != 10e6 {
 		t.Errorf("lanyard: total %d, max %d, growth %d", l.TotalConns(), l.MaxConns(), l.ServerGrowth())
 	}
 
 	// Every agent on one server, a failed fetch, a failover slower than a
-	// sync interval: all missed but the RSS.
+	// sync interval and than spire-agent's: all missed but the RSS.
 	r.HA.Load[NameLanyard].Conns = map[string]int{"127.0.0.2": 50}
 	r.HA.Failover[NameLanyard].Failed = 1
 	r.HA.Failover[NameLanyard].Rounds[0] = haSyncInterval + 2*time.Second
+	r.HA.Failover[NameLanyard].AfterDue = []time.Duration{200 * ms, 300 * ms, 2 * time.Second}
 	r.Checks = nil
 	r.checkHA()
-	if got := len(r.Missed()); got != 3 {
+	if got := len(r.Missed()); got != 4 {
 		t.Errorf("want 3 targets missed, got %+v", r.Checks)
 	}
 

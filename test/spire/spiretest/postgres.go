@@ -1,6 +1,7 @@
 package spiretest
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -107,29 +108,39 @@ func (pg *Postgres) Database(t testing.TB, name string) string {
 	return fmt.Sprintf("dbname=%s user=spire host=127.0.0.1 port=%d sslmode=disable", name, pg.port)
 }
 
-// postgresBinDir finds Debian's PostgreSQL programs: on PATH, or in
-// /usr/lib/postgresql/<version>/bin, where the package puts them.
+// postgresBinDir is FindPostgres for a test, which skips (fails in CI)
+// without it.
 func postgresBinDir(t testing.TB) string {
 	t.Helper()
+	dir, err := FindPostgres()
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal(err)
+		}
+		t.Skip(err.Error())
+	}
+	return dir
+}
+
+// FindPostgres finds Debian's PostgreSQL programs: on PATH, or in
+// /usr/lib/postgresql/<version>/bin, where the package puts them (the
+// newest version).
+func FindPostgres() (binDir string, err error) {
 	if p, err := exec.LookPath("initdb"); err == nil {
 		if real, err := filepath.EvalSymlinks(p); err == nil {
-			return filepath.Dir(real)
+			return filepath.Dir(real), nil
 		}
 	}
 	found, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb")
 	if len(found) == 0 {
-		const why = "PostgreSQL is not installed: make postgres (apt-get install postgresql)"
-		if os.Getenv("CI") != "" {
-			t.Fatal(why)
-		}
-		t.Skip(why)
+		return "", errors.New("PostgreSQL is not installed: make postgres (apt-get install postgresql)")
 	}
 	version := func(initdb string) int {
 		v, _ := strconv.Atoi(filepath.Base(filepath.Dir(filepath.Dir(initdb))))
 		return v
 	}
 	slices.SortFunc(found, func(a, b string) int { return version(a) - version(b) })
-	return filepath.Dir(found[len(found)-1])
+	return filepath.Dir(found[len(found)-1]), nil
 }
 
 // WriteUpstreamRoot writes a root for UpstreamAuthority "disk", made now
