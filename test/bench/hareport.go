@@ -124,6 +124,9 @@ func (h *HAStats) writeTable(w io.Writer) {
 		r := ""
 		if lok && sok {
 			r = ratio(l, s)
+			if l < 0 || s < 0 {
+				r = "-" // a ratio of signed times says nothing
+			}
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", label, cell(l, lok), cell(s, sok), r)
 	}
@@ -184,9 +187,9 @@ const (
 	// haFailoverSlack is the polling granularity and scheduling noise
 	// allowed beyond one sync interval.
 	haFailoverSlack = time.Second
-	// haDueSlack: spire-agent jitters its sync period by up to 10 %
-	// early (4.5 s to 5 s), which makes it look faster than its failover
-	// is, by up to 500 ms; half its periods are a full 5 s.
+	// haDueSlack is what a new connection's dial, TLS handshake and
+	// first call may take on a loaded 2-core machine, even where
+	// spire-agent's slowest came out lower.
 	haDueSlack = 100 * time.Millisecond
 )
 
@@ -215,16 +218,19 @@ func (r *Report) checkHA() {
 		// Both agents notice a dead server at their next sync, and each
 		// kill falls at a random point of their sync periods: so the
 		// bound is one interval, and the comparison is of the time after
-		// the sync was due.
+		// the sync was due. spire-agent draws each period from 4.5 s to
+		// 5 s (10 % jitter, capped at sync_interval), which only makes
+		// its figures lower, so its slowest is a lower bound of the delay
+		// it adds; a median would be mostly its jitter.
 		lmax := slices.Max(lf.Rounds)
 		r.addCheck("HA failover: the other server answers Lanyard within one sync_interval of every kill", lmax <= haSyncInterval+haFailoverSlack,
 			"slowest %s, median %s (spire-agent slowest %s, median %s)", lmax.Round(time.Millisecond), lf.median().Round(time.Millisecond),
 			slices.Max(sf.Rounds).Round(time.Millisecond), sf.median().Round(time.Millisecond))
 		if len(lf.AfterDue) > 0 && len(sf.AfterDue) > 0 {
-			ld, sd := lf.afterDueMedian(), sf.afterDueMedian()
-			r.addCheck("HA failover at least as fast as spire-agent's, counted from when each agent's sync was due", ld <= sd+haDueSlack,
-				"median %s after it was due, slowest %s (spire-agent median %s, slowest %s)", ld.Round(time.Millisecond),
-				slices.Max(lf.AfterDue).Round(time.Millisecond), sd.Round(time.Millisecond), slices.Max(sf.AfterDue).Round(time.Millisecond))
+			ld, sd := slices.Max(lf.AfterDue), slices.Max(sf.AfterDue)
+			r.addCheck("HA failover at least as fast as spire-agent's: the slowest answer after the agent's sync was due", ld <= max(sd, haDueSlack),
+				"%s (median %s) vs spire-agent %s (median %s)", ld.Round(time.Millisecond), lf.afterDueMedian().Round(time.Millisecond),
+				sd.Round(time.Millisecond), sf.afterDueMedian().Round(time.Millisecond))
 		}
 	}
 }
