@@ -3,8 +3,9 @@
 // serving the same entries on their own socket, and a floor server (the
 // least a Workload API server can do), all driven by the same load
 // generator in alternating rounds on one machine, so that the ratios hold
-// on a noisy machine. cmd/lanyard-bench is the program; `make bench` runs
-// it.
+// on a noisy machine; then (ha.go) both kinds of agent on two spire-servers
+// that share a PostgreSQL database behind one name. cmd/lanyard-bench is
+// the program; `make bench` runs it.
 package bench
 
 import (

@@ -2,7 +2,7 @@
 // (see package bench) and prints a table, with JSON and an SVG chart under
 // -out.
 //
-//	go run ./test/bench/cmd/lanyard-bench            # full run, ~12 min on 2 cores
+//	go run ./test/bench/cmd/lanyard-bench            # full run, ~15 min on 2 cores (as root: the SPIRE-HA section)
 //	go run ./test/bench/cmd/lanyard-bench -quick     # under 2 min
 //	go run ./test/bench/cmd/lanyard-bench -local     # Lanyard on its own CA vs the floor, no SPIRE
 //	go run ./test/bench/cmd/lanyard-bench -ha-only   # the SPIRE-HA section alone, ~4 min
