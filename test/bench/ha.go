@@ -88,7 +88,7 @@ func (r *run) newHAShared() *haShared {
 	r.logf("HA: starting PostgreSQL")
 	h := &haShared{pg: spiretest.StartPostgres(tb), lanyardBin: r.cfg.LanyardBin, binDir: spiretest.Binaries(tb)}
 	h.rootCert, h.rootKey, h.bundle = spiretest.WriteUpstreamRoot(tb, "example.org")
-	h.dnsDir = testkit.ShortDir(tb, "lyhadns-")
+	h.dnsDir = testkit.ShortDir(tb, "lyhabdns-")
 	hosts := "127.0.0.1 localhost\n"
 	for _, ip := range haServerIPs {
 		hosts += ip + " " + haServerName + "\n"
@@ -172,7 +172,7 @@ type haAgent struct {
 // namespace where haServerName resolves to both servers. unshare execs sh,
 // which execs the agent: one pid throughout.
 func (c *haCluster) startAgent(kind, lanyardBin, token, logLevel string) (*haAgent, error) {
-	dir, err := os.MkdirTemp("", "lyha-")
+	dir, err := os.MkdirTemp("", "lyhab-")
 	if err != nil {
 		return nil, err
 	}
