@@ -3,8 +3,9 @@
 // serving the same entries on their own socket, and a floor server (the
 // least a Workload API server can do), all driven by the same load
 // generator in alternating rounds on one machine, so that the ratios hold
-// on a noisy machine. cmd/lanyard-bench is the program; `make bench` runs
-// it.
+// on a noisy machine; then (ha.go) both kinds of agent on two spire-servers
+// that share a PostgreSQL database behind one name. cmd/lanyard-bench is
+// the program; `make bench` runs it.
 package bench
 
 import (
@@ -70,6 +71,12 @@ type Config struct {
 	// K8sBurst workloads attest at once with the k8s workload attestor, on
 	// a node whose kubelet lists K8sPods pods (0 skips it).
 	K8sBurst, K8sPods int
+
+	// The SPIRE-HA section (ha.go): HAAgents agents of each kind on two
+	// spire-servers behind one name, then HAFailoverRounds kills of the
+	// server in use (0 and 0 skip it). HAOnly runs nothing else.
+	HAAgents, HAFailoverRounds int
+	HAOnly                     bool
 }
 
 // DefaultConfig is the full run, or the -quick one.
@@ -90,6 +97,9 @@ func DefaultConfig(quick bool) Config {
 		K8sBurst:     100,
 		K8sPods:      500,
 
+		HAAgents:         50,
+		HAFailoverRounds: 5,
+
 		FreshServerReload: 100 * time.Millisecond,
 	}
 	if quick {
@@ -97,6 +107,7 @@ func DefaultConfig(quick bool) Config {
 		c.StreamRounds = 1
 		c.Entries, c.Live, c.ProbeRounds = 2000, 20, 1
 		c.K8sBurst, c.K8sPods = 20, 100
+		c.HAAgents, c.HAFailoverRounds = 10, 2
 	}
 	return c
 }
@@ -130,7 +141,22 @@ func Run(tb testing.TB, cfg Config) *Report {
 	}
 	ctx := context.Background()
 	start := time.Now()
+	if !cfg.HAOnly {
+		r.mainSections(ctx)
+	}
+	if (cfg.HAAgents > 0 || cfg.HAFailoverRounds > 0) && !cfg.LocalOnly {
+		r.report.HA = newHAStats()
+		r.haSection()
+	}
+	r.report.Duration = time.Since(start).Round(time.Second).String()
+	r.report.check()
+	return r.report
+}
 
+// mainSections measures the agents on one spire-server (or Lanyard on its
+// embedded CA) against the floor.
+func (r *run) mainSections(ctx context.Context) {
+	tb, cfg := r.tb, r.cfg
 	r.startAgents()
 	r.startFloor()
 	if cfg.BaselineBin != "" {
@@ -157,9 +183,6 @@ func Run(tb testing.TB, cfg Config) *Report {
 	if cfg.K8sBurst > 0 && r.spire != nil {
 		r.k8sBurstWorkload()
 	}
-	r.report.Duration = time.Since(start).Round(time.Second).String()
-	r.report.check()
-	return r.report
 }
 
 func (r *run) startAgents() {

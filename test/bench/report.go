@@ -37,6 +37,8 @@ type Report struct {
 		// FreshServerReload is the entry cache reload interval of the
 		// second server of the fresh-server probe; empty: no such probe.
 		FreshServerReload string `json:"fresh_server_reload,omitempty"`
+		// HAOnly: only the SPIRE-HA section ran.
+		HAOnly bool `json:"ha_only,omitempty"`
 	} `json:"config"`
 	Targets []string `json:"targets"`
 
@@ -50,7 +52,9 @@ type Report struct {
 	FreshProbe map[string]*EntriesStats `json:"fresh_server_probe,omitempty"`
 	// K8sBurst is the burst of new workloads on a Kubernetes node.
 	K8sBurst map[string]*K8sBurstStats `json:"k8s_burst,omitempty"`
-	Checks   []Check                   `json:"targets_checked"`
+	// HA is the SPIRE-HA section: two servers behind one name.
+	HA     *HAStats `json:"ha,omitempty"`
+	Checks []Check  `json:"targets_checked"`
 }
 
 func newReport(cfg Config) *Report {
@@ -69,6 +73,7 @@ func newReport(cfg Config) *Report {
 	c.Warmup, c.Window, c.Clients = cfg.Warmup.String(), cfg.Window.String(), cfg.Clients
 	c.Streams, c.StreamRounds = cfg.Streams, cfg.StreamRounds
 	c.Entries, c.Live, c.ProbeRounds = cfg.Entries, cfg.Live, cfg.ProbeRounds
+	c.HAOnly = cfg.HAOnly
 	if cfg.ServerCacheReload > 0 {
 		c.ServerCacheReload = cfg.ServerCacheReload.String()
 	}
@@ -265,6 +270,26 @@ func (r *Report) WriteFiles(dir string) ([]string, error) {
 // one), with Lanyard's ratio to each of the others; then the targets.
 func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "Lanyard vs spire-agent %s, %d CPUs, %s, Go %s; %s\n", r.Host.SPIRE, r.Host.CPUs, r.Host.Kernel, r.Host.GoVersion, r.describe())
+	if !r.Config.HAOnly {
+		r.writeMainTable(w)
+	}
+	if r.HA != nil {
+		r.HA.writeTable(w)
+	}
+	if len(r.Checks) > 0 {
+		fmt.Fprintln(w, "\nTargets:")
+		for _, c := range r.Checks {
+			mark := "MET   "
+			if !c.Met {
+				mark = "MISSED"
+			}
+			fmt.Fprintf(w, "  %s %s: %s\n", mark, c.Name, c.Detail)
+		}
+	}
+}
+
+// writeMainTable writes the figures of the sections on one spire-server.
+func (r *Report) writeMainTable(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	others := slices.DeleteFunc(slices.Clone(r.Targets), func(n string) bool { return n == NameLanyard })
 	fmt.Fprint(tw, "figure\t")
@@ -359,16 +384,6 @@ func (r *Report) WriteTable(w io.Writer) {
 		line(p+": time to SVID p99 (ms)", "ms", burst(func(s *K8sBurstStats) float64 { return msf(s.TimeToSVID.P99) }))
 	}
 	tw.Flush()
-	if len(r.Checks) > 0 {
-		fmt.Fprintln(w, "\nTargets:")
-		for _, c := range r.Checks {
-			mark := "MET   "
-			if !c.Met {
-				mark = "MISSED"
-			}
-			fmt.Fprintf(w, "  %s %s: %s\n", mark, c.Name, c.Detail)
-		}
-	}
 }
 
 func shortName(target string) string {
@@ -386,6 +401,9 @@ func (r *Report) describe() string {
 	mode := "full"
 	if c.Quick {
 		mode = "quick"
+	}
+	if c.HAOnly {
+		return fmt.Sprintf("%s run of the SPIRE-HA section only, took %s", mode, r.Duration)
 	}
 	d := fmt.Sprintf("%s run: %d round(s) of %s (after %s warm-up) per target and workload, took %s", mode, c.Rounds, c.Window, c.Warmup, r.Duration)
 	if c.ServerCacheReload != "" {

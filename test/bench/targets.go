@@ -85,6 +85,7 @@ func (r *Report) check() {
 		r.addCheck(p+" time to SVID p99 no worse than spire-agent's", lk.TimeToSVID.P99 <= sk.TimeToSVID.P99,
 			"%s vs %s", ms(lk.TimeToSVID.P99), ms(sk.TimeToSVID.P99))
 	}
+	r.checkHA()
 }
 
 // Missed lists the targets not met.

@@ -2,9 +2,10 @@
 // (see package bench) and prints a table, with JSON and an SVG chart under
 // -out.
 //
-//	go run ./test/bench/cmd/lanyard-bench            # full run, ~12 min on 2 cores
+//	go run ./test/bench/cmd/lanyard-bench            # full run, ~15 min on 2 cores (as root: the SPIRE-HA section)
 //	go run ./test/bench/cmd/lanyard-bench -quick     # under 2 min
 //	go run ./test/bench/cmd/lanyard-bench -local     # Lanyard on its own CA vs the floor, no SPIRE
+//	go run ./test/bench/cmd/lanyard-bench -ha-only   # the SPIRE-HA section alone, ~4 min
 //	go run ./test/bench/cmd/lanyard-bench load -socket S -kind x509-reused-conn -clients 16
 //	go run ./test/bench/cmd/lanyard-bench profile -config agent.conf   # pprof of the agent under load
 package main
@@ -82,6 +83,10 @@ func run() int {
 	freshReload := flag.Duration("fresh-server-reload", 100*time.Millisecond, "entry-to-SVID probe against a second spire-server with this entry cache reload interval (0: skip)")
 	k8sBurst := flag.Int("k8s-burst", -1, "workloads attesting at once with the k8s attestor (0: skip; default 100, quick 20)")
 	k8sPods := flag.Int("k8s-pods", -1, "pods the kubelet lists in the k8s burst (default 500, quick 100)")
+	ha := flag.Bool("ha", true, "the SPIRE-HA section: two spire-servers on one PostgreSQL behind one name (needs root and PostgreSQL: make postgres)")
+	haOnly := flag.Bool("ha-only", false, "run the SPIRE-HA section alone")
+	haAgents := flag.Int("ha-agents", -1, "agents of each kind attested to the HA pair (0: skip; default 50, quick 10)")
+	haRounds := flag.Int("ha-rounds", -1, "kills of the server in use in the HA failover (0: skip; default 5, quick 2)")
 	flag.Parse()
 
 	cfg := bench.DefaultConfig(*quick)
@@ -130,6 +135,16 @@ func run() int {
 	if *k8sPods >= 0 {
 		cfg.K8sPods = max(*k8sPods, cfg.K8sBurst+1)
 	}
+	if *haAgents >= 0 {
+		cfg.HAAgents = *haAgents
+	}
+	if *haRounds >= 0 {
+		cfg.HAFailoverRounds = *haRounds
+	}
+	if !*ha {
+		cfg.HAAgents, cfg.HAFailoverRounds = 0, 0
+	}
+	cfg.HAOnly = *haOnly
 
 	prog := spiretest.NewProgram("lanyard-bench", os.Stderr)
 	var report *bench.Report
