@@ -76,13 +76,14 @@ interop: spire
 	$(GO) test -race -count=1 -timeout 15m ./test/spire/... ./test/interop/...
 
 # Lanyard against spire-agent and a floor server, side by side on this
-# machine (test/bench; docs/performance.md): about 10 minutes on 2 cores,
-# bench-quick under 2. Table on stdout; JSON, table and SVG chart in results/.
+# machine (test/bench; docs/performance.md), with a SPIRE-HA section on two
+# spire-servers over PostgreSQL: about 13 minutes on 2 cores, bench-quick
+# under 4. Table on stdout; JSON, table and SVG chart in results/.
 .PHONY: bench-quick bench-micro
-bench: build spire
+bench: build spire postgres
 	$(GO) run ./test/bench/cmd/lanyard-bench -lanyard $(BIN) -out results
 
-bench-quick: build spire
+bench-quick: build spire postgres
 	$(GO) run ./test/bench/cmd/lanyard-bench -quick -lanyard $(BIN) -out results
 
 # Micro-benchmarks of the fetch path; compare runs with

@@ -278,14 +278,3 @@ func (f *fetcher) has(id string) bool {
 	defer f.mu.Unlock()
 	return f.ids[id]
 }
-
-// freePort returns a TCP port free on ip.
-func freePort(t *testing.T, ip string) int {
-	t.Helper()
-	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}

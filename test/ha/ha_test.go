@@ -6,9 +6,7 @@ package ha
 
 import (
 	"fmt"
-	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -17,7 +15,6 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testkit"
 	"github.com/lanyard-dev/lanyard/telemetry/metrictest"
 	"github.com/lanyard-dev/lanyard/test/spire/spiretest"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // lanyardBin is the binary under test, built once by TestMain.
@@ -136,11 +133,11 @@ func TestServersBehindOneName(t *testing.T) {
 
 func startCluster(t *testing.T) *cluster {
 	t.Helper()
-	postgres := startPostgres(t)
-	certPath, keyPath, bundle := writeRoot(t)
+	postgres := spiretest.StartPostgres(t).Database(t, "spire")
+	certPath, keyPath, bundle := spiretest.WriteUpstreamRoot(t, "example.org")
 	c := &cluster{servers: map[string]*spiretest.Server{}}
 	ips := []string{"127.0.0.2", "127.0.0.3"}
-	c.port = sharedPort(t, ips)
+	c.port = spiretest.SharedPort(t, ips)
 	// One at a time: the first creates the datastore's schema.
 	for _, ip := range ips {
 		c.servers[ip] = spiretest.StartSharedServer(t, spiretest.SharedServer{
@@ -156,42 +153,6 @@ func startCluster(t *testing.T) *cluster {
 	c.agent.fetchAs(t, 0, 30*time.Second)
 	c.web = startFetcher(t, c.agent.socket)
 	return c
-}
-
-// writeRoot writes the UpstreamAuthority's root, made now as an operator
-// would just before starting the servers, and returns its cert and key
-// paths and the bundle (PEM) that agents trust.
-func writeRoot(t *testing.T) (certPath, keyPath string, bundle []byte) {
-	t.Helper()
-	now := time.Now()
-	root := testkit.NewTrustDomainCA(t, spiffeid.RequireTrustDomainFromString("example.org"), testkit.WithValidity(now, now.Add(30*24*time.Hour)))
-	dir := t.TempDir()
-	certPath, keyPath = filepath.Join(dir, "root.pem"), filepath.Join(dir, "root.key")
-	testkit.WritePEM(t, certPath, "CERTIFICATE", root.Cert.Raw)
-	testkit.WritePEM(t, keyPath, "PRIVATE KEY", testkit.PKCS8(t, root.Key))
-	return certPath, keyPath, testkit.PEM("CERTIFICATE", root.Cert.Raw)
-}
-
-// sharedPort returns a port free on every ip.
-func sharedPort(t *testing.T, ips []string) int {
-	t.Helper()
-	for range 20 {
-		port := freePort(t, ips[0])
-		free := true
-		for _, ip := range ips[1:] {
-			l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
-			if err != nil {
-				free = false
-				break
-			}
-			l.Close()
-		}
-		if free {
-			return port
-		}
-	}
-	t.Fatalf("no port free on all of %v", ips)
-	return 0
 }
 
 func (c *cluster) other(ip string) string {
