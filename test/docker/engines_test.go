@@ -199,11 +199,19 @@ default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
 	removeIfNew(t, cgroupDirs("libpod_parent")...)
 	removeIfNew(t, cgroupDirs("libpod_parent/conmon")...)
 	// containers/storage's overlay driver makes its dir a bind mount of
-	// its own and leaves it for the next podman command.
+	// its own and leaves it for the next podman command; two commands at
+	// once may each mount it, so unmount until it is no mount point.
 	t.Cleanup(func() {
 		overlay := filepath.Join(dir, "root", "overlay")
-		if err := syscall.Unmount(overlay, 0); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-			t.Errorf("unmounting %s: %v", overlay, err)
+		for range 8 {
+			err := syscall.Unmount(overlay, 0)
+			if errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.ENOENT) {
+				return
+			}
+			if err != nil {
+				t.Errorf("unmounting %s: %v", overlay, err)
+				return
+			}
 		}
 	})
 	e.startService()
