@@ -3,6 +3,7 @@ package adminapi
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"time"
 
@@ -44,6 +45,9 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 		return err
 	}
 	defer w.release()
+	// `lanyard status` lists the stream under the delegate, for the workload.
+	tracked := d.e.cfg.Status.Streams.Add(caller, "delegated", w.describe())
+	defer d.e.cfg.Status.Streams.Remove(tracked)
 	var last *agent.X509Snapshot
 	sentOnce := false
 	return d.e.follow(ctx, caller, callerSels, w.pid, func(sub *agent.Subscription) error {
@@ -66,9 +70,12 @@ func (d *delegated) SubscribeToX509SVIDs(req *delegatedv1.SubscribeToX509SVIDsRe
 			return err
 		}
 		last, sentOnce = snap, true
-		if snap != nil {
-			sub.Watch(snap)
+		if snap == nil {
+			d.e.cfg.Status.Streams.Sent(tracked, nil, nil)
+			return nil
 		}
+		sub.Watch(snap)
+		d.e.cfg.Status.Streams.Sent(tracked, snap.SVIDs, snap.Hints)
 		return nil
 	})
 }
@@ -189,6 +196,25 @@ func (d *delegated) FetchJWTSVIDs(ctx context.Context, req *delegatedv1.FetchJWT
 type target struct {
 	sels []selector.Selector
 	pid  *attestor.Caller // nil for selectors
+}
+
+// describe names the workload for `lanyard status`: its PID, or its
+// selectors (cut short: a request may carry 8 KiB of them).
+func (w target) describe() string {
+	if w.pid != nil {
+		return "pid " + strconv.Itoa(int(w.pid.PID))
+	}
+	var b strings.Builder
+	for i, s := range w.sels {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(s.String())
+		if b.Len() > 200 {
+			return strings.ToValidUTF8(b.String()[:200], "") + "…"
+		}
+	}
+	return b.String()
 }
 
 // release stops tracking the process of a request by PID.

@@ -57,7 +57,7 @@ func (s *statusService) GetStatus(ctx context.Context, _ *adminv1.GetStatusReque
 		return resp, nil
 	}
 	for _, o := range cfg.Status.Streams.List() {
-		w := &adminv1.Workload{Pid: o.PID, Uid: o.UID, Gid: o.GID, Api: o.API, ConnectedAt: o.Since.Unix()}
+		w := &adminv1.Workload{Pid: o.PID, Uid: o.UID, Gid: o.GID, Api: o.API, ConnectedAt: o.Since.Unix(), OnBehalfOf: o.For}
 		for i, svid := range o.SVIDs {
 			id := &adminv1.Identity{SpiffeId: svid.ID.String(), ExpiresAt: svid.NotAfter.Unix()}
 			if i < len(o.Hints) {

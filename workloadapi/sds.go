@@ -131,8 +131,8 @@ func (s *sdsHandler) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.D
 	log := s.h.cfg.Log.With("pid", caller.PID)
 	sub := s.h.cfg.Identities.Subscribe()
 	defer sub.Close()
-	tracked := s.h.cfg.Streams.add(caller, "sds")
-	defer s.h.cfg.Streams.remove(tracked)
+	tracked := s.h.cfg.Streams.Add(caller, "sds", "")
+	defer s.h.cfg.Streams.Remove(tracked)
 
 	reqs := make(chan *discoveryv3.DiscoveryRequest)
 	recvErr := make(chan error, 1)
@@ -232,7 +232,7 @@ func (s *sdsHandler) StreamSecrets(stream grpc.BidiStreamingServer[discoveryv3.D
 			return err
 		}
 		lastNonce = resp.Nonce
-		s.h.cfg.Streams.sent(tracked, view.svids, nil)
+		s.h.cfg.Streams.Sent(tracked, view.svids, nil)
 	}
 }
 

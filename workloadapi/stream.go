@@ -73,8 +73,8 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 	defer sub.Close()
 	var tracked uint64
 	if s.api != "" {
-		tracked = h.cfg.Streams.add(caller, s.api)
-		defer h.cfg.Streams.remove(tracked)
+		tracked = h.cfg.Streams.Add(caller, s.api, "")
+		defer h.cfg.Streams.Remove(tracked)
 	}
 	var last S
 	sentOnce, awaited := false, false
@@ -107,7 +107,7 @@ func runStream[S any](h *handler, ctx context.Context, s streamOf[S]) error {
 			}
 			if s.api != "" {
 				svids, hints := s.svids(snap)
-				h.cfg.Streams.sent(tracked, svids, hints)
+				h.cfg.Streams.Sent(tracked, svids, hints)
 			}
 		}
 		select {

@@ -25,8 +25,11 @@ type Streams struct {
 type OpenStream struct {
 	PID      int32
 	UID, GID uint32
-	API      string // "x509" or "sds"
-	Since    time.Time
+	API      string // "x509", "sds", or "delegated"
+	// For is the workload a delegate's stream serves (its PID or
+	// selectors); "" for a workload's own stream.
+	For   string
+	Since time.Time
 	// SVIDs and Hints are what the stream last sent; Hints[i] belongs to
 	// SVIDs[i], and is empty on SDS streams.
 	SVIDs []*agent.X509SVID
@@ -38,21 +41,22 @@ func NewStreams() *Streams {
 	return &Streams{now: time.Now, open: map[uint64]*OpenStream{}}
 }
 
-// add records a stream and returns its key; on a nil Streams it does
-// nothing.
-func (t *Streams) add(caller *attestor.Caller, api string) uint64 {
+// Add records a stream of caller and returns its key; on a nil Streams it
+// does nothing. For is who the stream serves, when not the caller itself
+// (a delegate's stream for a workload).
+func (t *Streams) Add(caller *attestor.Caller, api, forWorkload string) uint64 {
 	if t == nil {
 		return 0
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.next++
-	t.open[t.next] = &OpenStream{PID: caller.PID, UID: caller.UID, GID: caller.GID, API: api, Since: t.now()}
+	t.open[t.next] = &OpenStream{PID: caller.PID, UID: caller.UID, GID: caller.GID, API: api, For: forWorkload, Since: t.now()}
 	return t.next
 }
 
-// sent records what stream key was last sent.
-func (t *Streams) sent(key uint64, svids []*agent.X509SVID, hints []string) {
+// Sent records what stream key was last sent.
+func (t *Streams) Sent(key uint64, svids []*agent.X509SVID, hints []string) {
 	if t == nil {
 		return
 	}
@@ -63,7 +67,8 @@ func (t *Streams) sent(key uint64, svids []*agent.X509SVID, hints []string) {
 	}
 }
 
-func (t *Streams) remove(key uint64) {
+// Remove forgets a stream that ended.
+func (t *Streams) Remove(key uint64) {
 	if t == nil {
 		return
 	}

@@ -124,7 +124,11 @@ func printStatus(w io.Writer, s *adminv1.GetStatusResponse, now time.Time) {
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PID\tUID\tAPI\tCONNECTED\tSPIFFE ID\tEXPIRES")
 	for _, wl := range s.GetWorkloads() {
-		head := fmt.Sprintf("%d\t%d\t%s\t%s", wl.GetPid(), wl.GetUid(), wl.GetApi(), at(wl.GetConnectedAt(), now))
+		api := wl.GetApi()
+		if wl.GetOnBehalfOf() != "" {
+			api += " for " + wl.GetOnBehalfOf()
+		}
+		head := fmt.Sprintf("%d\t%d\t%s\t%s", wl.GetPid(), wl.GetUid(), api, at(wl.GetConnectedAt(), now))
 		if len(wl.GetIdentities()) == 0 {
 			fmt.Fprintf(tw, "%s\t(nothing sent yet)\t\n", head)
 			continue

@@ -274,11 +274,16 @@ type Workload struct {
 	Pid   int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
 	Uid   uint32                 `protobuf:"varint,2,opt,name=uid,proto3" json:"uid,omitempty"`
 	Gid   uint32                 `protobuf:"varint,3,opt,name=gid,proto3" json:"gid,omitempty"`
-	// "x509" (Workload API X509-SVID stream) or "sds" (Envoy SDS).
+	// "x509" (Workload API X509-SVID stream), "sds" (Envoy SDS), or
+	// "delegated" (a delegate's Delegated Identity stream: pid, uid and gid
+	// are the delegate's).
 	Api         string `protobuf:"bytes,4,opt,name=api,proto3" json:"api,omitempty"`
 	ConnectedAt int64  `protobuf:"varint,5,opt,name=connected_at,json=connectedAt,proto3" json:"connected_at,omitempty"`
 	// What the stream last sent.
-	Identities    []*Identity `protobuf:"bytes,6,rep,name=identities,proto3" json:"identities,omitempty"`
+	Identities []*Identity `protobuf:"bytes,6,rep,name=identities,proto3" json:"identities,omitempty"`
+	// For a delegated stream, the workload it serves: "pid 123", or its
+	// selectors.
+	OnBehalfOf    string `protobuf:"bytes,7,opt,name=on_behalf_of,json=onBehalfOf,proto3" json:"on_behalf_of,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -353,6 +358,13 @@ func (x *Workload) GetIdentities() []*Identity {
 		return x.Identities
 	}
 	return nil
+}
+
+func (x *Workload) GetOnBehalfOf() string {
+	if x != nil {
+		return x.OnBehalfOf
+	}
+	return ""
 }
 
 type Identity struct {
@@ -440,7 +452,7 @@ const file_lanyard_admin_v1_status_proto_rawDesc = "" +
 	"\aentries\x18\v \x01(\x05R\aentries\x12*\n" +
 	"\x11cached_x509_svids\x18\f \x01(\x05R\x0fcachedX509Svids\x12(\n" +
 	"\x10cached_jwt_svids\x18\r \x01(\x05R\x0ecachedJwtSvids\x12!\n" +
-	"\ffirst_expiry\x18\x0e \x01(\x03R\vfirstExpiry\"\xb1\x01\n" +
+	"\ffirst_expiry\x18\x0e \x01(\x03R\vfirstExpiry\"\xd3\x01\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x10\n" +
 	"\x03uid\x18\x02 \x01(\rR\x03uid\x12\x10\n" +
@@ -449,7 +461,9 @@ const file_lanyard_admin_v1_status_proto_rawDesc = "" +
 	"\fconnected_at\x18\x05 \x01(\x03R\vconnectedAt\x12:\n" +
 	"\n" +
 	"identities\x18\x06 \x03(\v2\x1a.lanyard.admin.v1.IdentityR\n" +
-	"identities\"Z\n" +
+	"identities\x12 \n" +
+	"\fon_behalf_of\x18\a \x01(\tR\n" +
+	"onBehalfOf\"Z\n" +
 	"\bIdentity\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x1d\n" +
 	"\n" +
