@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lanyard-dev/lanyard/internal/testkit"
 )
 
 // procNetTCP is /proc/net/tcp as this machine's kernel (6.x) writes it:
@@ -134,7 +136,7 @@ func TestLastAnswer(t *testing.T) {
 // /proc and ss, as the HA section reads the agents'.
 func TestConnsFromTheKernel(t *testing.T) {
 	if _, err := exec.LookPath("ss"); err != nil {
-		t.Skip("ss (iproute2) is not installed")
+		testkit.Missing(t, "ss (iproute2) is not installed")
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
