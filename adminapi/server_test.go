@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/internal/testkit"
@@ -59,15 +58,8 @@ func newTestEnv(t *testing.T, delegates []spiffeid.ID, entries ...*agent.Entry) 
 // and to the fake upstream it made.
 func newTestEnvWith(t *testing.T, tune func(*Config, *fakeagent.Upstream), delegates []spiffeid.ID, entries ...*agent.Entry) *testEnv {
 	t.Helper()
-	log, logs := testkit.NewLogger(hclog.Debug)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("agent log:\n%s", logs.String())
-		}
-	})
-	up := fakeagent.NewUpstream(t, td)
-	up.SetCA(testkit.NewTrustDomainCA(t, td, testkit.WithCommonName("ca 1")))
-	cache := agent.NewSVIDManager(log.Named("cache"), up)
+	log, _ := testkit.AgentLogger(t)
+	up, cache := attestkit.Cache(t, log, td)
 	cache.SetEntries(entries)
 	fed := testkit.NewTrustDomainCA(t, tdFed, testkit.WithCommonName("other ca")).Bundle(tdFed)
 	cache.SetBundles(up.LocalBundle(t, td), []*spiffebundle.Bundle{fed})

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
@@ -123,15 +122,8 @@ func withoutPods(c *Config) { c.PodAttestor = nil }
 // SVID of the local upstream's CA.
 func newEnv(t *testing.T, entries []*agent.Entry, opts ...envOption) *testEnv {
 	t.Helper()
-	log, logs := testkit.NewLogger(hclog.Debug)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("agent log:\n%s", logs.String())
-		}
-	})
-	up := fakeagent.NewUpstream(t, td)
-	up.SetCA(testkit.NewTrustDomainCA(t, td, testkit.WithCommonName("ca 1")))
-	cache := agent.NewSVIDManager(log.Named("cache"), up)
+	log, logs := testkit.AgentLogger(t)
+	up, cache := attestkit.Cache(t, log, td)
 	caOther := testkit.NewTrustDomainCA(t, tdOther, testkit.WithCommonName("other ca"))
 	if entries != nil {
 		cache.SetEntries(entries)

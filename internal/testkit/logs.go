@@ -3,6 +3,7 @@ package testkit
 import (
 	"bytes"
 	"sync"
+	"testing"
 
 	"github.com/hashicorp/go-hclog"
 )
@@ -44,4 +45,15 @@ func (b *Buffer) Reset() {
 func NewLogger(level hclog.Level) (hclog.Logger, *Buffer) {
 	buf := &Buffer{}
 	return hclog.New(&hclog.LoggerOptions{Name: "test", Level: level, Output: buf}), buf
+}
+
+// AgentLogger is a debug logger whose output the test prints if it fails.
+func AgentLogger(t testing.TB) (hclog.Logger, *Buffer) {
+	log, logs := NewLogger(hclog.Debug)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("agent log:\n%s", logs.String())
+		}
+	})
+	return log, logs
 }

@@ -14,6 +14,8 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/attestor/selector"
 	"github.com/lanyard-dev/lanyard/conf"
+	"github.com/lanyard-dev/lanyard/internal/testkit"
+	"github.com/lanyard-dev/lanyard/internal/testkit/fakeagent"
 	unixattestor "github.com/lanyard-dev/lanyard/plugins/workloadattestor/unix"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -31,6 +33,15 @@ func Unix(t testing.TB, log hclog.Logger, td spiffeid.TrustDomain) *attestor.Mul
 		t.Fatal(err)
 	}
 	return attestor.NewMultiAttestor(log.Named("attestor"), 0, attestor.Plugin{Name: "unix", Attestor: wa})
+}
+
+// Cache is a real SVID cache over a fake upstream whose CA is "ca 1" of td,
+// logging to log.
+func Cache(t testing.TB, log hclog.Logger, td spiffeid.TrustDomain) (*fakeagent.Upstream, *agent.SVIDManager) {
+	t.Helper()
+	up := fakeagent.NewUpstream(t, td)
+	up.SetCA(testkit.NewTrustDomainCA(t, td, testkit.WithCommonName("ca 1")))
+	return up, agent.NewSVIDManager(log.Named("cache"), up)
 }
 
 // MySelector is what Unix reports for the test's processes: its uid.
