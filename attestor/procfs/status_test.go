@@ -1,6 +1,7 @@
 package procfs
 
 import (
+	"bytes"
 	"os"
 	"strings"
 	"testing"
@@ -61,4 +62,17 @@ func TestNSpidDepth(t *testing.T) {
 			t.Errorf("NSpidDepth(%q) = %d, %v; want %d, %v", c.in, depth, ok, c.depth, c.ok)
 		}
 	}
+}
+
+// NSpidDepth never panics, and a depth it reports comes from an NSpid line.
+func FuzzNSpidDepth(f *testing.F) {
+	f.Add([]byte("Name:\tsh\nNSpid:\t14504\t7\t1\nNSpgid:\t1\n"))
+	f.Add([]byte("Name:\tx\\nNSpid:\t1\t2\nPid:\t3\n"))
+	f.Add([]byte("\nNSpid:"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		depth, ok := NSpidDepth(b)
+		if depth < 0 || (!ok && depth != 0) || (ok && !bytes.Contains(b, nspidPrefix)) {
+			t.Fatalf("NSpidDepth(%q) = %d, %v", b, depth, ok)
+		}
+	})
 }
