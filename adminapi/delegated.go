@@ -264,8 +264,11 @@ func (e *Endpoint) requestWorkload(ctx context.Context, caller *attestor.Caller,
 // here, whose identity it would get. spire-agent does not check.
 func samePIDNamespace(caller *attestor.Caller) error {
 	depth, err := caller.PIDNamespaceDepth()
-	if err != nil {
-		return workloadapi.StatusOf(err)
+	switch {
+	case attestor.IsRefusal(err):
+		return status.Errorf(codes.Unauthenticated, "the calling process exited or changed while its PID namespace was read: %v", err)
+	case err != nil:
+		return status.Errorf(codes.Unavailable, "could not read the caller's PID namespaces, retry: %v", err)
 	}
 	if depth > 0 {
 		return status.Error(codes.FailedPrecondition, "the caller runs in a PID namespace of its own, and PIDs are read in the agent's: run the delegate in the host's PID namespace (hostPID), or name the workload by selectors")

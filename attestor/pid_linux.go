@@ -1,6 +1,7 @@
 package attestor
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -50,8 +51,11 @@ func (c *Caller) Release() { c.releaseFD() }
 // means another process in the agent's.
 func (c *Caller) PIDNamespaceDepth() (int, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(int(c.PID)) + "/status")
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("%w: pid %d exited", ErrCallerGone, c.PID)
+	}
 	if err != nil {
-		return 0, fmt.Errorf("%w: reading pid %d's PID namespaces: %v", ErrCallerGone, c.PID, err)
+		return 0, fmt.Errorf("reading pid %d's PID namespaces: %w", c.PID, err)
 	}
 	depth, _ := procfs.NSpidDepth(b)
 	// The file read must have been the caller's.

@@ -170,6 +170,12 @@ func (e *Endpoint) resolvePID(ctx context.Context, brokerID spiffeid.ID, pid int
 			c.Release()
 			return nil, referenceStatus(ctx, "pid "+md["pid"], md, err)
 		}
+		// The policy read the PID's pod from /proc: it must still be the
+		// process attested, not one that took its number since.
+		if err := c.Verify(); err != nil {
+			c.Release()
+			return nil, withReason(workloadapi.PIDStatus(e.cfg.Log, pid, err), md)
+		}
 	}
 	return &workload{sels: sels, pid: c, desc: "pid " + md["pid"], broker: brokerID}, nil
 }
@@ -287,6 +293,10 @@ func (e *Endpoint) checkLive(ctx context.Context, w *workload) error {
 		err := authz.AuthorizeBrokerPID(ctx, w.broker, w.pid.PID)
 		if err != nil && errors.Is(err, attestor.ErrBrokerNotAuthorized) {
 			return referenceStatus(ctx, w.desc, md, err)
+		}
+		// The answer was about the process attested only if it still runs.
+		if err := w.pid.Verify(); err != nil {
+			return withReason(workloadapi.PIDStatus(e.cfg.Log, w.pid.PID, err), md)
 		}
 		return nil
 	}

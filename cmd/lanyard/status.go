@@ -5,13 +5,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/lanyard-dev/lanyard/conf"
 	adminv1 "github.com/lanyard-dev/lanyard/proto/lanyard/admin/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
@@ -49,7 +52,7 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	}
 	resp, err := fetchStatus(socketPath, timeout)
 	if err != nil {
-		fmt.Fprintf(stderr, "lanyard status: %s: %v\n", socketPath, err)
+		fmt.Fprintf(stderr, "lanyard status: %s\n", describeStatusError(socketPath, err))
 		return 1
 	}
 	if asJSON {
@@ -63,6 +66,22 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 	}
 	printStatus(stdout, resp, time.Now())
 	return 0
+}
+
+// describeStatusError says what failed and what to do, in one line.
+func describeStatusError(socketPath string, err error) string {
+	st := status.Convert(err)
+	switch {
+	case st.Code() == codes.Unavailable && strings.Contains(st.Message(), "permission denied"):
+		return fmt.Sprintf("cannot open the admin socket %s: permission denied; run as the agent's user or a member of its group (the socket is 0770)", socketPath)
+	case st.Code() == codes.Unavailable:
+		return fmt.Sprintf("cannot reach the admin socket %s: %s; is the agent running with this admin_socket_path?", socketPath, st.Message())
+	case st.Code() == codes.DeadlineExceeded:
+		return fmt.Sprintf("no answer from the admin socket %s in time; the agent may be starting or overloaded (raise -timeout)", socketPath)
+	case st.Code() == codes.Unimplemented:
+		return fmt.Sprintf("%s serves no Lanyard status: is it a Lanyard agent's admin socket (spire-agent's has none)?", socketPath)
+	}
+	return fmt.Sprintf("%s: %s: %s", socketPath, st.Code(), st.Message())
 }
 
 func fetchStatus(socketPath string, timeout time.Duration) (*adminv1.GetStatusResponse, error) {

@@ -127,3 +127,13 @@ type watcher struct {
 
 func (w watcher) OnX509ContextUpdate(c *workloadapi.X509Context) { w.update(c) }
 func (watcher) OnX509ContextWatchError(error)                    {}
+
+// An admin socket that is not there is told in words that say what to do.
+func TestStatusErrors(t *testing.T) {
+	dir := testkit.ShortDir(t, "stat-")
+	var out, errOut bytes.Buffer
+	if code := runStatus([]string{"-adminSocketPath", filepath.Join(dir, "none.sock"), "-timeout", "2s"}, &out, &errOut); code != 1 ||
+		!strings.Contains(errOut.String(), "is the agent running with this admin_socket_path?") {
+		t.Errorf("no socket: exit %d, %q", code, errOut.String())
+	}
+}

@@ -3,6 +3,7 @@ package testkit
 import (
 	"os/exec"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -12,6 +13,8 @@ import (
 func StartSleeper(t testing.TB) (pid int32, stop func()) {
 	t.Helper()
 	cmd := exec.Command("sleep", "600")
+	// Killed with the test binary too, should a timeout end it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -52,9 +52,12 @@ func (id *agentIdentity) runRotation(ctx context.Context) {
 				id.fail(id.forget(err))
 				return
 			}
-			d := bo.Next()
+			// Each backoff grows only with its own kind of failure.
+			var d time.Duration
 			if unreachable(err) {
 				d = outage.Next()
+			} else {
+				d = bo.Next()
 			}
 			logRetry(id.log, "Could not renew the agent SVID (it expires at "+c.svid[0].NotAfter.Format(time.RFC3339)+"); retrying", d, err)
 			if !sleep(ctx, d) {
