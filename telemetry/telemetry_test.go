@@ -219,8 +219,8 @@ func TestServerInterceptorsAllocateOnlyTheStreamWrapper(t *testing.T) {
 		t.Errorf("a stream allocates %v times for its metrics, want 1", n)
 	}
 	f := metrictest.Gather(t, m.Registry())
-	if v, _ := f.Value(OpenStreams.Name, map[string]string{"uid_class": UIDUser}); v != 0 {
-		t.Errorf("%v streams still open", v)
+	if v, ok := f.Value(OpenStreams.Name, map[string]string{"uid_class": UIDUser}); !ok || v != 0 {
+		t.Errorf("open streams of the user class: %v (series present: %v), want a series at 0", v, ok)
 	}
 	if v, _ := f.Value(RPCFirstResponse.Name, map[string]string{"method": "Watch"}); v != 101 {
 		t.Errorf("first responses timed: %v, want 101", v)

@@ -213,6 +213,7 @@ default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
 				return
 			}
 		}
+		t.Errorf("%s is still a mount point after 8 unmounts", overlay)
 	})
 	e.startService()
 	t.Cleanup(e.removeContainers)

@@ -19,8 +19,7 @@ import (
 )
 
 // Postgres is a private PostgreSQL cluster for StartSharedServer's
-// datastore (the part of test/ha's harness that the benchmark shares; it
-// lives here because test/ha keeps its copy in a _test.go file).
+// datastore, shared by test/ha and the benchmark's HA section.
 type Postgres struct {
 	bin  string // the cluster's programs
 	port int
